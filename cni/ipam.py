@@ -1,0 +1,103 @@
+"""IP allocation with the on-disk layout of the CNI host-local plugin.
+
+<data_dir>/<network>/ holds one file per allocated IP, named by the IP, containing
+"<containerID>\\r\\n<ifname>"; last_reserved_ip.0 holds the last IP handed out (allocation goes
+round robin after it); `lock` is flock-ed for every change, so separate processes (a runtime
+calling the plugin in parallel) never hand out the same address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+
+from netaddr import IPAddress, IPNetwork
+
+from netsim.errors import NetsimError
+
+
+class IpamError(NetsimError):
+    pass
+
+
+class HostLocal:
+    def __init__(self, data_dir: str, network: str, subnet: str, gateway: str | None = None,
+                 range_start: str | None = None, range_end: str | None = None):
+        self.dir = os.path.join(data_dir, network)
+        self.subnet = IPNetwork(subnet)
+        self.gateway = IPAddress(gateway) if gateway else self.subnet.network + 1
+        self.start = IPAddress(range_start) if range_start else self.subnet.network + 1
+        self.end = IPAddress(range_end) if range_end else self.subnet.broadcast - 1
+        self._taken: set[IPAddress] | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[HostLocal]:
+        """Hold the store's lock across several allocations or releases."""
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._taken = {IPAddress(name) for name in os.listdir(self.dir) if _is_ip(name)}
+            yield self
+        finally:
+            self._taken = None
+            os.close(fd)
+
+    def _path(self, ip: IPAddress | str) -> str:
+        return os.path.join(self.dir, str(ip))
+
+    def _last(self) -> IPAddress | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            with open(self._path("last_reserved_ip.0")) as fh:
+                return IPAddress(fh.read().strip())
+        return None
+
+    def allocate(self, container_id: str, ifname: str, requested: str | None = None) -> str:
+        assert self._taken is not None, "allocate() needs an open session()"
+        if requested:
+            ip = IPAddress(requested)
+            if not self.start <= ip <= self.end or ip == self.gateway:
+                raise IpamError(f"requested IP {ip} is outside the range {self.start}-{self.end}")
+            if ip in self._taken:
+                raise IpamError(f"requested IP {ip} is already allocated")
+        else:
+            ip = self._next()
+        with open(self._path(ip), "x") as fh:
+            fh.write(f"{container_id}\r\n{ifname}")
+        with open(self._path("last_reserved_ip.0"), "w") as fh:
+            fh.write(str(ip))
+        self._taken.add(ip)
+        return str(ip)
+
+    def _next(self) -> IPAddress:
+        size = int(self.end) - int(self.start) + 1
+        last = self._last()
+        offset = (int(last) - int(self.start) + 1) if last and self.start <= last <= self.end else 0
+        for step in range(size):
+            ip = IPAddress(int(self.start) + (offset + step) % size)
+            if ip != self.gateway and ip not in self._taken:
+                return ip
+        raise IpamError(f"no IP addresses available in range {self.start}-{self.end}")
+
+    def release(self, container_id: str, ifname: str) -> list[str]:
+        """Free every IP held by this attachment; nothing held is not an error."""
+        assert self._taken is not None, "release() needs an open session()"
+        freed = []
+        for ip in list(self._taken):
+            try:
+                with open(self._path(ip)) as fh:
+                    owner = fh.read().split("\r\n")
+            except FileNotFoundError:
+                continue
+            if owner[0] == container_id and (len(owner) < 2 or owner[1] == ifname):
+                os.unlink(self._path(ip))
+                self._taken.discard(ip)
+                freed.append(str(ip))
+        return freed
+
+
+def _is_ip(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)

@@ -1,0 +1,183 @@
+"""The node agent: one process per node, in the kubelet's place.
+
+It serves every pod of its node: the built-in hostname server (like agnhost serve-hostname:
+each HTTP request and each UDP datagram on the pod's ports is answered with the pod's name) and
+the pod's own container commands, started inside the pod's namespace. A socket opened after
+entering a pod's namespace stays in that namespace, so one process serves all pods.
+
+netsim talks to it over a unix socket in the node's state directory, one JSON line each way:
+{"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}} makes the agent serve
+exactly those pods and answers {"ok": true, "serving": [...], "pids": {...}}.
+It deliberately imports only the standard library and netsim.kernel.netns to stay small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+
+from netsim.kernel import netns as nsmod
+
+HTTP_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n" \
+            "Connection: close\r\n\r\n"
+
+
+class Agent:
+    def __init__(self, control: socket.socket, log_dir: str):
+        self.sel = selectors.DefaultSelector()
+        self.pods: dict[str, dict] = {}  # name -> spec, sockets, procs
+        self.control, self.log_dir = control, log_dir
+        self.sel.register(self.control, selectors.EVENT_READ, ("control-accept", None))
+
+    # -- pods ----------------------------------------------------------------------------------
+
+    def sync(self, wanted: dict[str, dict]) -> dict:
+        for name in list(self.pods):
+            if name not in wanted or wanted[name] != self.pods[name]["spec"]:
+                self._stop_pod(name)
+        errors = {}
+        for name, spec in wanted.items():
+            if name not in self.pods:
+                try:
+                    self._start_pod(name, spec)
+                except OSError as exc:
+                    errors[name] = str(exc)
+        return {"ok": not errors, "errors": errors, "serving": sorted(self.pods),
+                "pids": {n: [p.pid for p in p_["procs"]] for n, p_ in self.pods.items()}}
+
+    def _start_pod(self, name: str, spec: dict) -> None:
+        socks = []
+        body = name.encode()
+        try:
+            with nsmod.entered(spec["netns"]):
+                for port in spec.get("ports", []):
+                    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    tcp.bind(("0.0.0.0", port))
+                    tcp.listen(512)
+                    tcp.setblocking(False)
+                    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    udp.bind(("0.0.0.0", port))
+                    udp.setblocking(False)
+                    socks += [tcp, udp]
+        except OSError:
+            for s in socks:
+                s.close()
+            raise
+        for s in socks:
+            kind = "tcp-accept" if s.type == socket.SOCK_STREAM else "udp"
+            self.sel.register(s, selectors.EVENT_READ, (kind, body))
+        procs = []
+        for command in spec.get("commands", []):
+            log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+            procs.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT,
+                                          preexec_fn=lambda ns=spec["netns"]:
+                                          nsmod.enter_for_exec(ns)))
+            log.close()
+        self.pods[name] = {"spec": spec, "socks": socks, "procs": procs}
+
+    def _stop_pod(self, name: str) -> None:
+        pod = self.pods.pop(name)
+        for s in pod["socks"]:
+            self.sel.unregister(s)
+            s.close()
+        for proc in pod["procs"]:
+            proc.terminate()
+        for proc in pod["procs"]:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def shutdown(self, *_: object) -> None:
+        for name in list(self.pods):
+            self._stop_pod(name)
+        sys.exit(0)
+
+    # -- event loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.shutdown)
+        while True:
+            for key, _ in self.sel.select():
+                kind, data = key.data
+                try:
+                    getattr(self, "_on_" + kind.replace("-", "_"))(key.fileobj, data)
+                except (BlockingIOError, ConnectionError):
+                    pass
+
+    def _on_tcp_accept(self, listener: socket.socket, body: bytes) -> None:
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ, ("tcp-request", body))
+
+    def _on_tcp_request(self, conn: socket.socket, body: bytes) -> None:
+        self.sel.unregister(conn)
+        try:
+            conn.recv(65536)
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            conn.sendall(HTTP_HEAD.format(len(body)).encode() + body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _on_udp(self, sock: socket.socket, body: bytes) -> None:
+        _, peer = sock.recvfrom(65536)
+        sock.sendto(body, peer)
+
+    def _on_control_accept(self, listener: socket.socket, _: object) -> None:
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        with conn, conn.makefile("rwb") as stream:
+            for line in stream:
+                request = json.loads(line)
+                reply = self.sync(request["pods"])
+                stream.write(json.dumps(reply).encode() + b"\n")
+                stream.flush()
+
+
+def request(control_path: str, pods: dict[str, dict], timeout: float = 30.0) -> dict:
+    """Ask a running agent to serve exactly these pods; return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(control_path)
+        sock.sendall(json.dumps({"pods": pods}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def listen(control_path: str) -> socket.socket:
+    """The control socket, bound by netsim before the agent starts so that requests can be
+    sent at once (they queue in the backlog) without waiting for the agent to come up."""
+    if os.path.exists(control_path):
+        os.unlink(control_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(control_path)
+    sock.listen(64)
+    return sock
+
+
+def main() -> None:
+    """python -m netsim.agent FD CLUSTER NODE (FD: the inherited control socket)."""
+    fd, cluster, node = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    control = socket.socket(fileno=fd)
+    print(f"netsim agent {os.getpid()} for node {node} of cluster {cluster}", flush=True)
+    Agent(control, os.path.dirname(control.getsockname())).run()
+
+
+if __name__ == "__main__":
+    main()

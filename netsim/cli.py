@@ -1,0 +1,375 @@
+"""The netsim command: kubectl-like verbs over a cluster built from kernel objects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from netsim import cluster as clustermod
+from netsim import probe, state, topology
+from netsim.errors import NetsimError, TopologyError
+from netsim.kernel import netns as nsmod
+
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns aligned as kubectl aligns them: three spaces between, no borders."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header] + rows]
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def pick_cluster(name: str | None) -> tuple[str, dict]:
+    if name:
+        record = state.load(name)
+        if record is None:
+            raise NetsimError(f"no cluster named {name}; `netsim get clusters` lists them")
+        return name, record
+    names = [n for n in state.clusters() if state.load(n) is not None]
+    if not names:
+        raise NetsimError("no cluster exists; create one with netsim apply -f FILE")
+    if len(names) > 1:
+        raise NetsimError(f"several clusters exist ({', '.join(names)}): add --cluster NAME")
+    return names[0], state.load(names[0])
+
+
+def resolve(record: dict, target: str) -> tuple[str, str, str]:
+    """A pod, node or external client name, or an IP -> (kind, netns, ip)."""
+    for kind, group in (("pod", record["pods"]), ("node", record["nodes"]),
+                        ("client", record["clients"])):
+        if target in group:
+            return kind, group[target]["netns"], group[target]["ip"]
+    for kind, group in (("pod", record["pods"]), ("node", record["nodes"]),
+                        ("client", record["clients"])):
+        for entry in group.values():
+            if entry["ip"] == target:
+                return kind, entry["netns"], target
+    svc = record["services"].get(target)
+    if svc:
+        return "service", "", svc["clusterIP"]
+    if target.count(".") == 3 and all(p.isdigit() for p in target.split(".")):
+        return "ip", "", target
+    raise NetsimError(f"no pod, node, client or service named {target!r} in cluster "
+                      f"{record['cluster']}; `netsim get pods` lists them")
+
+
+# -- verbs ------------------------------------------------------------------------------------
+
+
+def cmd_apply(args) -> int:
+    model, notes = topology.load(args.file)
+    for note in notes:
+        print(f"netsim: {note}", file=sys.stderr)
+    start = time.monotonic()
+    changes = clustermod.apply(model, progress)
+    print(f"cluster/{model.name} {changes.summary()} ({model.mode}, "
+          f"{len(model.nodes)} nodes, {len(model.pods)} pods) in "
+          f"{time.monotonic() - start:.2f}s")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    if args.file:
+        name = topology.load(args.file)[0].name
+    else:
+        name = args.name
+    if state.load(name) is None and not any(n.startswith(state.netns_prefix(name))
+                                            for n in nsmod.names()):
+        print(f"cluster/{name} not found (nothing to delete)")
+        return 0
+    start = time.monotonic()
+    removed = clustermod.delete(name)
+    print(f"cluster/{name} deleted ({len(removed)} namespaces and processes) in "
+          f"{time.monotonic() - start:.2f}s")
+    return 0
+
+
+def cmd_get(args) -> int:
+    if args.what in ("clusters", "cluster"):
+        rows = []
+        for name in state.clusters():
+            record = state.load(name)
+            if record:
+                rows.append([name, record["mode"], str(len(record["nodes"])),
+                             str(len(record["pods"])), record.get("source", "")])
+        print(table(rows, ["NAME", "MODE", "NODES", "PODS", "SOURCE"]))
+        return 0
+    _, record = pick_cluster(args.cluster)
+    what = {"no": "nodes", "node": "nodes", "po": "pods", "pod": "pods", "svc": "services",
+            "service": "services", "ep": "endpoints"}.get(args.what, args.what)
+    if what == "nodes":
+        items = [{"name": n, "netns": e["netns"], "ip": e["ip"], "podCIDR": e["subnet"],
+                  "segment": e["segment"], "mode": record["mode"],
+                  "pods": sum(p["node"] == n for p in record["pods"].values())}
+                 for n, e in record["nodes"].items()]
+        header = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "PODS"]
+        rows = [[i["name"], _status(i["netns"]), i["ip"], i["podCIDR"], str(i["pods"])]
+                for i in items]
+        if args.output == "wide":
+            header += ["SEGMENT", "MODE", "NETNS"]
+            rows = [r + [i["segment"], i["mode"], i["netns"]]
+                    for r, i in zip(rows, items, strict=True)]
+    elif what == "pods":
+        items = [{"name": n, "node": p["node"], "ip": p["ip"], "netns": p["netns"],
+                  "veth": p["veth"], "labels": p["labels"]} for n, p in record["pods"].items()]
+        header = ["NAME", "STATUS", "IP", "NODE"]
+        rows = [[i["name"], _status(i["netns"]), i["ip"], i["node"]] for i in items]
+        if args.output == "wide":
+            header += ["VETH", "NETNS"]
+            rows = [r + [i["veth"], i["netns"]] for r, i in zip(rows, items, strict=True)]
+    elif what in ("services", "endpoints"):
+        items = []
+        for n, s in record["services"].items():
+            eps = clustermod.endpoints(record, s)
+            items.append({"name": n, "type": s["type"], "clusterIP": s["clusterIP"],
+                          "ports": s["ports"], "selector": s["selector"],
+                          "endpoints": [{"pod": p, "ip": ip} for p, ip in eps]})
+        if what == "services":
+            header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
+            rows = [[i["name"], i["type"], i["clusterIP"], _ports(i["ports"])] for i in items]
+            if args.output == "wide":
+                header.append("SELECTOR")
+                rows = [r + [",".join(f"{k}={v}" for k, v in i["selector"].items())]
+                        for r, i in zip(rows, items, strict=True)]
+        else:
+            header = ["NAME", "ENDPOINTS"]
+            rows = [[i["name"], ",".join(f"{e['ip']}:{_target(i['ports'])}"
+                                          for e in i["endpoints"]) or "<none>"] for i in items]
+    else:
+        raise NetsimError(f"cannot get {args.what!r}: use nodes, pods, services, endpoints or "
+                          "clusters")
+    if args.output == "json":
+        print(json.dumps({"cluster": record["cluster"], "items": items}, indent=2))
+    else:
+        print(table(rows, header))
+    return 0
+
+
+def _status(netns: str) -> str:
+    return "Ready" if nsmod.exists(netns) else "Lost"
+
+
+def _ports(ports: list[dict]) -> str:
+    return ",".join(f"{p['port']}" + (f":{p['node_port']}" if p.get("node_port") else "")
+                    + f"/{p['protocol']}" for p in ports)
+
+
+def _target(ports: list[dict]) -> str:
+    return str(ports[0]["target_port"]) if ports else ""
+
+
+def cmd_describe(args) -> int:
+    name, record = pick_cluster(args.cluster)
+    from netsim import describe
+
+    if args.what in ("node", "no", "nodes"):
+        print(describe.node(record, args.name))
+    elif args.what in ("pod", "po", "pods"):
+        print(describe.pod(record, args.name))
+    else:
+        raise NetsimError(f"cannot describe {args.what!r}: use node or pod")
+    return 0
+
+
+def cmd_exec(args) -> int:
+    _, record = pick_cluster(args.cluster)
+    _, netns, _ = resolve(record, args.target)
+    if not netns:
+        raise NetsimError(f"{args.target} is not a pod, node or client")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise NetsimError("give a command after --, e.g. netsim exec web-0 -- ip route")
+    nsmod.enter_for_exec(netns)
+    try:
+        os.execvp(command[0], command)
+    except FileNotFoundError:
+        raise NetsimError(f"command not found: {command[0]}") from None
+
+
+def cmd_ping(args) -> int:
+    _, record = pick_cluster(args.cluster)
+    src_kind, netns, src_ip = resolve(record, args.src)
+    if not netns:
+        raise NetsimError(f"{args.src} is not a pod, node or client to ping from")
+    _, _, dst_ip = resolve(record, args.dst)
+    result = probe.ping(netns, dst_ip, count=args.count)
+    rtt = ("rtt min/avg/max {:.3f}/{:.3f}/{:.3f} ms".format(*result.rtt) if result.rtt
+           else "no replies")
+    print(f"{args.src} ({src_ip}) -> {args.dst} ({dst_ip}): {result.received}/{result.sent} "
+          f"replies, {result.loss:.0f}% loss, {rtt}")
+    return 0 if result.received else 1
+
+
+def cmd_curl(args) -> int:
+    _, record = pick_cluster(args.cluster)
+    _, netns, _ = resolve(record, args.src)
+    if not netns:
+        raise NetsimError(f"{args.src} is not a pod, node or client to connect from")
+    host, port, path = probe.parse_url(args.url)
+    _, _, ip = resolve(record, host)
+    failures = 0
+    for i in range(args.count):
+        reply = probe.http_get(netns, ip, port, path)
+        if reply.error:
+            failures += 1
+            print(f"{i + 1}: error: {reply.error} ({ip}:{port})")
+        else:
+            print(f"{i + 1}: {reply.body.strip()}" if args.count > 1 else reply.body.strip())
+    return 1 if failures else 0
+
+
+def cmd_gc(args) -> int:
+    report = clustermod.gc(args.cluster)
+    if not any(report.values()):
+        print("nothing to collect")
+    for name, items in report.items():
+        for item in items:
+            print(f"cluster/{name}: {item}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from netsim.kernel import features
+
+    kinds = features.link_kinds()
+    print("kernel link kinds:")
+    print(table([[k, "yes" if v else "MISSING"] for k, v in kinds.items()], ["KIND", "PRESENT"]))
+    print("\ntools:")
+    print(table([[t, p or f"MISSING (apt-get install {features.TOOLS[t]})"]
+                 for t, p in features.tools().items()], ["TOOL", "PATH"]))
+    print("\nmodes:")
+    rows = [["flannel-vxlan", "kernel vxlan" if kinds["vxlan"] else "unavailable: no vxlan"],
+            ["flannel-host-gw", "kernel routing"]]
+    print(table(rows, ["MODE", "DATA PATH"]))
+    return 0 if kinds["veth"] and kinds["bridge"] else 1
+
+
+def cmd_demo(args) -> int:
+    """The README's first command: apply, look, ping across nodes, curl a pod, delete."""
+    file = args.file or str(DEFAULT_TOPOLOGY)
+    model, _ = topology.load(file)
+    steps = [
+        ["apply", "-f", file], ["get", "nodes", "-o", "wide"], ["get", "pods", "-o", "wide"],
+    ]
+    status = 0
+    try:
+        for step in steps:
+            status |= _run_step(step)
+        _, record = pick_cluster(model.name)
+        pods = list(record["pods"].items())
+        a = pods[0]
+        b = next((p for p in pods if p[1]["node"] != a[1]["node"]), pods[-1])
+        status |= _run_step(["--cluster", model.name, "ping", a[0], b[0]])
+        status |= _run_step(["--cluster", model.name, "curl", a[0],
+                             f"http://{b[0]}:9376/", "--count", "2"])
+        status |= _run_step(["--cluster", model.name, "exec", "--fork", a[0], "--", "ip", "route"])
+    finally:
+        status |= _run_step(["delete", "-f", file])
+    print("\ndemo " + ("passed" if status == 0 else "FAILED"))
+    return status
+
+
+def _run_step(argv: list[str]) -> int:
+    print(f"\n$ netsim {' '.join(argv)}", flush=True)
+    return main(argv, exit=False)
+
+
+# -- entry ------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netsim", description="A Kubernetes data plane (flannel, "
+                                "Calico, kube-proxy) built from Linux kernel objects.")
+    p.add_argument("--cluster", help="the cluster to act on (default: the only one)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    a = sub.add_parser("apply", help="create or converge a cluster from a topology file")
+    a.add_argument("-f", "--file", required=True)
+    a.set_defaults(func=cmd_apply)
+    d = sub.add_parser("delete", help="remove the cluster a topology file names")
+    d.add_argument("-f", "--file", required=True)
+    d.set_defaults(func=cmd_delete, name=None)
+    d = sub.add_parser("down", help="remove a cluster by name")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_delete, file=None)
+    g = sub.add_parser("get", help="list nodes, pods, services, endpoints or clusters")
+    g.add_argument("what")
+    g.add_argument("-o", "--output", choices=["wide", "json"])
+    g.set_defaults(func=cmd_get)
+    ds = sub.add_parser("describe", help="show a node or pod in detail, read from the kernel")
+    ds.add_argument("what")
+    ds.add_argument("name")
+    ds.set_defaults(func=cmd_describe)
+    e = sub.add_parser("exec", help="run a command in a pod's (or node's) namespace")
+    e.add_argument("--fork", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("target")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_exec)
+    pi = sub.add_parser("ping", help="ping from a pod/node/client to a pod/node/client or IP")
+    pi.add_argument("src")
+    pi.add_argument("dst")
+    pi.add_argument("-c", "--count", type=int, default=3)
+    pi.set_defaults(func=cmd_ping)
+    c = sub.add_parser("curl", help="HTTP GET from a pod over fresh connections")
+    c.add_argument("src")
+    c.add_argument("url")
+    c.add_argument("--count", type=int, default=1)
+    c.set_defaults(func=cmd_curl)
+    gc = sub.add_parser("gc", help="remove what crashed or killed runs left behind")
+    gc.set_defaults(func=cmd_gc)
+    doc = sub.add_parser("doctor", help="kernel features, tools, and which data paths apply")
+    doc.set_defaults(func=cmd_doctor)
+    demo = sub.add_parser("demo", help="apply the default topology, ping, curl, delete")
+    demo.add_argument("-f", "--file")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None, exit: bool = True) -> int:
+    args = parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("netsim: must run as root (it creates network namespaces): sudo netsim ...",
+              file=sys.stderr)
+        code = 1
+    else:
+        try:
+            if args.verb == "exec" and args.fork:
+                code = _exec_forked(args)
+            else:
+                code = args.func(args)
+        except TopologyError as exc:
+            print(f"netsim: error: {exc}", file=sys.stderr)
+            code = exc.exit_code
+        except NetsimError as exc:
+            print(f"netsim: error: {exc}", file=sys.stderr)
+            code = exc.exit_code
+        except KeyboardInterrupt:
+            code = 130
+    if exit:
+        sys.exit(code)
+    return code
+
+
+def _exec_forked(args) -> int:
+    """exec, but in a child, so the demo can go on afterwards."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            cmd_exec(args)
+        except NetsimError as exc:
+            print(f"netsim: error: {exc}", file=sys.stderr)
+        os._exit(127)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+if __name__ == "__main__":
+    main()

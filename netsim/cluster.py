@@ -1,0 +1,496 @@
+"""Reconcile a topology against the cluster's record: compute what differs, then make exactly
+those kernel changes, in order, undoing this call's own work if any step fails.
+
+The first apply builds the underlay, the nodes (with their mode's devices, peers, masquerade
+rules and agent) and the pods; later applies add and remove only the pods that differ. Cluster-
+level changes (mode, CIDRs, MTU, segments, nodes) are refused with the fix: delete, then apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from netaddr import IPNetwork
+
+from cni import modes
+from cni.ipam import HostLocal
+from cni.modes import bridge, flannel
+from netsim import agent as agentmod
+from netsim import state
+from netsim.errors import NetsimError
+from netsim.kernel import netns as nsmod
+from netsim.kernel import nft, proc, sysctl
+from netsim.kernel.netlink import IFINDEX, Rtnl
+from netsim.model import Cluster, Pod
+from netsim.topology import allocate_cluster_ips, schedule
+
+CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config
+
+Progress = Callable[[str], None]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def ns_name(cluster: str, role: str, name: str = "") -> str:
+    """netsim.<cluster>.underlay | .node.<name> | .pod.<name> | .ext.<name>"""
+    return f"{state.PREFIX}.{cluster}.{role}" + (f".{name}" if name else "")
+
+
+def port_name(host: str) -> str:
+    """The host's port on its segment bridge in the underlay namespace (alias: the host)."""
+    import hashlib
+
+    name = f"p-{host}"
+    return name if len(name) <= 15 else "p-" + hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
+def spec_of(cluster: Cluster) -> dict:
+    """The cluster-level part of a topology, which an apply may not change in place."""
+    return {"mode": cluster.mode, "pod_network": cluster.pod_network,
+            "subnet_len": cluster.subnet_len, "service_cidr": cluster.service_cidr,
+            "mtu": cluster.mtu, "segments": [asdict(s) for s in cluster.segments],
+            "nodes": [asdict(n) for n in cluster.nodes],
+            "clients": [asdict(c) for c in cluster.clients]}
+
+
+@dataclass
+class Changes:
+    """What an apply did, for the summary line and for tests of idempotence."""
+
+    created: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.created or self.removed or self.updated)
+
+    def summary(self) -> str:
+        if not self:
+            return "unchanged"
+        parts = [f"{len(v)} {k}" for k, v in (("created", self.created),
+                                              ("removed", self.removed),
+                                              ("updated", self.updated)) if v]
+        return ", ".join(parts)
+
+
+class Transaction:
+    """Journals every namespace and process before creating it, and keeps the undo steps of
+    this call so a failure leaves nothing of it behind."""
+
+    def __init__(self, cluster: str):
+        self.cluster = cluster
+        self.undo: list[tuple[str, Callable[[], None]]] = []
+
+    def netns(self, name: str) -> None:
+        state.journal(self.cluster, {"netns": name})
+        nsmod.create(name)
+        self.undo.append((f"netns {name}", lambda: nsmod.remove(name)))
+
+    def on_undo(self, what: str, step: Callable[[], None]) -> None:
+        self.undo.append((what, step))
+
+    def rollback(self) -> list[str]:
+        """Undo in reverse; report steps that failed instead of hiding them."""
+        problems = []
+        for what, step in reversed(self.undo):
+            try:
+                step()
+            except Exception as exc:  # keep undoing the rest
+                problems.append(f"{what}: {exc}")
+        self.undo.clear()
+        return problems
+
+
+# -- apply ------------------------------------------------------------------------------------
+
+
+def preflight(cluster: Cluster) -> None:
+    """Checks that need the host but change nothing, run before the first kernel change."""
+    if nft.available() is None:
+        raise NetsimError("nft not found: flannel's masquerade rules need nftables "
+                          "(apt-get install nftables, or run ./bootstrap)")
+    taken = [n for n in nsmod.names() if n.startswith(state.netns_prefix(cluster.name))]
+    if taken and state.load(cluster.name) is None:
+        raise NetsimError(f"namespaces of cluster {cluster.name} exist but it has no record "
+                          f"({taken[0]} ...): run `netsim gc` first")
+
+
+def apply(cluster: Cluster, progress: Progress = quiet) -> Changes:
+    preflight(cluster)
+    with state.locked(cluster.name):
+        record = state.load(cluster.name)
+        if record is not None and record["spec"] != spec_of(cluster):
+            raise NetsimError(
+                f"cluster {cluster.name} exists with a different mode, CIDRs, MTU, segments or "
+                f"nodes; netsim changes pods and services in place, not those: run `netsim "
+                f"delete -f {cluster.source}` with the old file (or `netsim down "
+                f"{cluster.name}`), then apply again")
+        fresh = record is None
+        tx = Transaction(cluster.name)
+        changes = Changes()
+        try:
+            if fresh:
+                record = _build_base(cluster, tx, progress, changes)
+            _reconcile_pods(cluster, record, tx, progress, changes)
+            _reconcile_services(cluster, record, changes)
+            record["source"] = os.path.abspath(cluster.source) if cluster.source else ""
+            if changes or fresh:
+                state.save(record)
+        except BaseException as exc:
+            problems = tx.rollback()
+            if fresh:
+                _stop_agents(record or {})
+                state.remove(cluster.name)
+            else:
+                committed = state.load(cluster.name)
+                _sync_agents(committed, cluster.name, list(committed["nodes"]))
+            detail = ("; rollback also failed for: " + "; ".join(problems)) if problems else ""
+            if isinstance(exc, NetsimError):
+                raise NetsimError(f"apply failed, this apply's changes were undone: {exc}"
+                                  f"{detail}") from exc
+            raise
+        return changes
+
+
+def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
+                changes: Changes) -> dict:
+    mode = modes.get(cluster.mode)
+    name = cluster.name
+    state.journal(name, {"apply": os.getpid()})
+    subnets = flannel.allocate_subnets(cluster.pod_network, cluster.subnet_len,
+                                       [n.name for n in cluster.nodes], {})
+    record: dict = {
+        "cluster": name, "spec": spec_of(cluster), "mode": cluster.mode,
+        "underlay": {"netns": ns_name(name, "underlay"), "bridges": {}},
+        "nodes": {}, "clients": {}, "pods": {}, "services": {},
+    }
+    progress(f"underlay: {len(cluster.segments)} segment(s)")
+    underlay = record["underlay"]["netns"]
+    tx.netns(underlay)
+    changes.created.append(f"netns {underlay}")
+    bridges = {}
+    with Rtnl(underlay) as ul:
+        ul.link_up(IFINDEX.LO, "lo")
+        for i, seg in enumerate(cluster.segments):
+            bridges[seg.name] = IFINDEX.ETH0 + i
+            ul.bridge(f"br-{seg.name}", bridges[seg.name], mtu=cluster.mtu)
+        ul.commit()
+        record["underlay"]["bridges"] = {s: f"br-{s}" for s in bridges}
+        hosts = [("node", n) for n in cluster.nodes] + [("ext", c) for c in cluster.clients]
+        for i, (role, host) in enumerate(hosts):
+            netns = ns_name(name, role, host.name)
+            tx.netns(netns)
+            changes.created.append(f"netns {netns}")
+            fd = nsmod.open_fd(netns)
+            try:
+                ul.veth(port_name(host.name), IFINDEX.FIRST_DYNAMIC + i, "eth0", IFINDEX.ETH0, fd,
+                        cluster.mtu, master=bridges[host.segment], alias=host.name)
+                ul.commit()
+            finally:
+                os.close(fd)
+            prefix = IPNetwork(cluster.segment(host.segment).subnet).prefixlen
+            entry = {"netns": netns, "ip": host.ip, "segment": host.segment,
+                     "prefixlen": prefix, "port": port_name(host.name)}
+            if role == "node":
+                entry.update(subnet=subnets[host.name], next_ifindex=IFINDEX.FIRST_DYNAMIC,
+                             **mode.node_facts(name, host.name))
+                record["nodes"][host.name] = entry
+            else:
+                record["clients"][host.name] = entry
+    progress(f"nodes: {len(cluster.nodes)} in mode {cluster.mode}")
+    for host in list(record["nodes"].values()) + list(record["clients"].values()):
+        with Rtnl(host["netns"]) as rt:
+            rt.link_up(IFINDEX.LO, "lo")
+            rt.link_up(IFINDEX.ETH0, "eth0")
+            rt.address(IFINDEX.ETH0, host["ip"], host["prefixlen"], "eth0")
+            if "subnet" in host:
+                mode.setup_node(rt, host, cluster.mtu)
+            rt.commit()
+    for node_name, node in record["nodes"].items():
+        sysctl.set_in(node["netns"], {"net.ipv4.ip_forward": "1"})
+        with Rtnl(node["netns"]) as rt:
+            for peer_name, peer in record["nodes"].items():
+                if peer_name != node_name:
+                    mode.add_peer(rt, node, peer)
+            rt.commit()
+        nft.apply(node["netns"], flannel.masquerade_ruleset(name, cluster.pod_network,
+                                                            node["subnet"]))
+        _write_node_files(cluster, node_name, node, mode)
+    _write_etcd(cluster, record, mode)
+    for node_name, node in record["nodes"].items():
+        _start_agent(name, node_name, node, tx)
+    return record
+
+
+def _write_node_files(cluster: Cluster, node_name: str, node: dict, mode) -> None:
+    directory = state.node_dir(cluster.name, node_name)
+    state.write_file(os.path.join(directory, "subnet.env"),
+                     flannel.subnet_env(cluster.pod_network, node["subnet"],
+                                        mode.pod_mtu(cluster.mtu)))
+
+
+def _write_etcd(cluster: Cluster, record: dict, mode) -> None:
+    """flannel's etcd keys and values, one file per key under etcd/."""
+    root = os.path.join(state.cluster_dir(cluster.name), "etcd")
+    state.write_file(root + "/coreos.com/network/config",
+                     flannel.network_config(cluster.pod_network, cluster.subnet_len,
+                                            mode.backend))
+    for node in record["nodes"].values():
+        state.write_file(root + flannel.lease_key(node["subnet"]),
+                         flannel.lease_value(node["ip"], mode.backend, mode.backend_data(node)))
+
+
+def _start_agent(cluster: str, node_name: str, node: dict, tx: Transaction) -> None:
+    directory = state.node_dir(cluster, node_name)
+    os.makedirs(directory, exist_ok=True)
+    control = agentmod.listen(os.path.join(directory, "agent.sock"))
+    try:
+        argv = [sys.executable, "-m", "netsim.agent", str(control.fileno()), cluster, node_name]
+        pid, started = proc.spawn(argv, os.path.join(directory, "agent.log"),
+                                  pass_fds=(control.fileno(),))
+    finally:
+        control.close()
+    state.journal(cluster, {"pid": pid, "start": started})
+    node["agent"] = {"pid": pid, "start": started}
+    tx.on_undo(f"agent of {node_name}", lambda: proc.stop([(pid, started)]))
+
+
+def _stop_agents(record: dict) -> None:
+    proc.stop([(n["agent"]["pid"], n["agent"]["start"]) for n in record.get("nodes", {}).values()
+               if "agent" in n])
+
+
+# -- pods -------------------------------------------------------------------------------------
+
+
+def _pod_fingerprint(pod: Pod) -> dict:
+    """What, if changed, needs the pod rebuilt; in its JSON form, to compare with the record."""
+    return json.loads(json.dumps({"node": pod.node,
+                                  "containers": [asdict(c) for c in pod.containers]}))
+
+
+def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: Progress,
+                    changes: Changes) -> None:
+    recorded = record["pods"]
+    desired = {p.name: p for p in schedule(cluster, {n: r["node"] for n, r in recorded.items()})}
+    stale = [n for n, r in recorded.items()
+             if n not in desired or r["spec"] != _pod_fingerprint(desired[n])]
+    new = [p for n, p in desired.items() if n not in recorded or n in stale]
+    for name, pod in desired.items():
+        if name in recorded and name not in stale and recorded[name]["labels"] != pod.labels:
+            recorded[name]["labels"] = pod.labels
+            changes.updated.append(f"pod {name} labels")
+    removing = {n: recorded.pop(n) for n in stale}
+    if removing:
+        # a replaced pod keeps its name: take the old one down before building the new one
+        _sync_agents(record, cluster.name, sorted({e["node"] for e in removing.values()}))
+        _remove_pods(cluster.name, record, removing, progress)
+        changes.removed += [f"pod {n}" for n in removing]
+        state.save(record)  # removals are done: a later failure rolls back to this record
+    if new:
+        _add_pods(cluster, record, new, tx, progress, changes)
+        _sync_agents(record, cluster.name, sorted({p.node for p in new}))
+
+
+def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
+              progress: Progress, changes: Changes) -> None:
+    mode = modes.get(cluster.mode)
+    mtu = mode.pod_mtu(cluster.mtu)
+    by_node: dict[str, list[Pod]] = {}
+    for pod in pods:
+        by_node.setdefault(pod.node, []).append(pod)
+    done = 0
+    for node_name, node_pods in by_node.items():
+        node = record["nodes"][node_name]
+        ipam = _ipam(cluster.name, node_name, node["subnet"])
+        entries = {}
+        with ipam.session():
+            for pod in node_pods:
+                ip = ipam.allocate(pod.name, "eth0")
+                tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
+                entries[pod.name] = {
+                    "node": node_name, "netns": ns_name(cluster.name, "pod", pod.name), "ip": ip,
+                    "veth": bridge.veth_name(cluster.name, pod.name),
+                    "ifindex": node["next_ifindex"], "labels": pod.labels, "owner": pod.owner,
+                    "spec": _pod_fingerprint(pod), "ports": list(pod.serve_ports),
+                    "commands": [list(c.command) for c in pod.containers if c.command]}
+                node["next_ifindex"] += 1
+        for entry in entries.values():
+            tx.netns(entry["netns"])
+        fds = []
+        try:
+            with Rtnl(node["netns"]) as rt:
+                for pod_name, entry in entries.items():
+                    fds.append(nsmod.open_fd(entry["netns"]))
+                    bridge.attach_host_side(rt, fds[-1], entry["veth"], entry["ifindex"], mtu,
+                                            pod_name)
+                rt.commit()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for pod_name, entry in entries.items():
+            with Rtnl(entry["netns"]) as rt:
+                bridge.attach_pod_side(rt, entry["ip"], node["subnet"], cluster.pod_network)
+                rt.commit()
+            record["pods"][pod_name] = entry
+            tx.on_undo(f"record of {pod_name}", lambda p=pod_name: record["pods"].pop(p, None))
+            changes.created.append(f"pod {pod_name}")
+        done += len(entries)
+        progress(f"pods: {done}/{len(pods)}")
+
+
+def _ipam(cluster: str, node: str, subnet: str) -> HostLocal:
+    return HostLocal(os.path.join(state.node_dir(cluster, node), "ipam"), CNI_NETWORK, subnet)
+
+
+def _release(ipam: HostLocal, pod: str) -> None:
+    with ipam.session():
+        ipam.release(pod, "eth0")
+
+
+def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
+    """Tell each node's agent the exact set of pods it serves, and wait for it to confirm."""
+    for node_name in nodes:
+        pods = {n: {"netns": p["netns"], "ports": p["ports"], "commands": p["commands"]}
+                for n, p in record["pods"].items() if p["node"] == node_name}
+        path = os.path.join(state.node_dir(cluster, node_name), "agent.sock")
+        try:
+            reply = agentmod.request(path, pods)
+        except OSError as exc:
+            raise NetsimError(f"the agent of node {node_name} did not answer ({exc}); see "
+                              f"{os.path.dirname(path)}/agent.log") from None
+        if not reply.get("ok"):
+            raise NetsimError(f"the agent of node {node_name} could not serve pods: "
+                              f"{reply.get('errors')}")
+        for pod_name, pids in reply.get("pids", {}).items():
+            record["pods"][pod_name]["pids"] = pids
+
+
+def _remove_pods(cluster: str, record: dict, removing: dict, progress: Progress) -> None:
+    """Delete the host veth first (synchronous, takes the peer with it), then the namespace,
+    then release the address."""
+    by_node: dict[str, list[tuple[str, dict]]] = {}
+    for name, entry in removing.items():
+        by_node.setdefault(entry["node"], []).append((name, entry))
+    for node_name, items in by_node.items():
+        node = record["nodes"][node_name]
+        with Rtnl(node["netns"]) as rt:
+            for _, entry in items:
+                rt.link_delete(entry["ifindex"], entry["veth"])
+            rt.commit()
+        ipam = _ipam(cluster, node_name, node["subnet"])
+        with ipam.session():
+            for name, entry in items:
+                nsmod.remove(entry["netns"])
+                ipam.release(name, "eth0")
+    progress(f"pods: removed {len(removing)}")
+
+
+def _reconcile_services(cluster: Cluster, record: dict, changes: Changes) -> None:
+    """Services are recorded with their ClusterIPs; kube-proxy programming comes with issue 5."""
+    ips = allocate_cluster_ips(cluster, {n: s["clusterIP"] for n, s in record["services"].items()})
+    wanted = {}
+    for svc in cluster.services:
+        wanted[svc.name] = {"clusterIP": ips[svc.name], "type": svc.type,
+                            "selector": svc.selector,
+                            "ports": [asdict(p) for p in svc.ports],
+                            "sessionAffinity": svc.session_affinity,
+                            "affinityTimeout": svc.affinity_timeout}
+    for name in set(record["services"]) | set(wanted):
+        before, after = record["services"].get(name), wanted.get(name)
+        if before != after:
+            (changes.created if before is None else
+             changes.removed if after is None else changes.updated).append(f"service {name}")
+    record["services"] = wanted
+
+
+def endpoints(record: dict, service: dict) -> list[tuple[str, str]]:
+    """(pod, ip) of the pods the selector matches, ordered by IP as kube-proxy orders them."""
+    pods = [(n, p["ip"]) for n, p in record["pods"].items()
+            if all(p["labels"].get(k) == v for k, v in service["selector"].items())]
+    return sorted(pods, key=lambda x: tuple(int(o) for o in x[1].split(".")))
+
+
+# -- delete and gc ----------------------------------------------------------------------------
+
+
+def delete(name: str, progress: Progress = quiet) -> list[str]:
+    """Remove everything the cluster's record and journal name; True if anything existed."""
+    with state.locked(name):
+        record = state.load(name)
+        removed = _remove_everything(name, record)
+        state.remove(name)
+    progress(f"removed {len(removed)} objects")
+    return removed
+
+
+def _remove_everything(name: str, record: dict | None) -> list[str]:
+    processes, namespaces = [], []
+    journal = state.journal_entries(name)
+    if record:
+        processes += [(n["agent"]["pid"], n["agent"]["start"])
+                      for n in record["nodes"].values() if "agent" in n]
+        namespaces += [p["netns"] for p in record["pods"].values()]
+        namespaces += [h["netns"] for h in list(record["clients"].values())
+                       + list(record["nodes"].values())]
+        namespaces.append(record["underlay"]["netns"])
+    processes += [(e["pid"], e["start"]) for e in journal if "pid" in e]
+    namespaces += [e["netns"] for e in journal if "netns" in e]
+    prefix = state.netns_prefix(name)
+    namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
+    removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
+    proc.stop(list(set(processes)))
+    for netns in dict.fromkeys(namespaces):
+        if netns.startswith(prefix) and nsmod.remove(netns):
+            removed.append(f"netns {netns}")
+    return removed
+
+
+def gc(only: str | None = None) -> dict[str, list[str]]:
+    """Remove what crashed or killed runs left: for a cluster with no committed record,
+    everything with its name; for a committed one, what its journal names beyond the record.
+    A cluster another netsim run is changing is left alone."""
+    names = set(state.clusters())
+    names |= {n.split(".")[1] for n in nsmod.names()
+              if n.startswith(state.PREFIX + ".") and n.count(".") >= 2}
+    names.discard("probe")
+    report: dict[str, list[str]] = {}
+    for name in sorted(names):
+        if only and name != only:
+            continue
+        try:
+            with state.locked(name, wait=False):
+                record = state.load(name)
+                if record is None:
+                    report[name] = _remove_everything(name, None)
+                    state.remove(name)
+                else:
+                    report[name] = _collect_leftovers(name, record)
+        except NetsimError as exc:
+            report[name] = [f"skipped: {exc}"]
+    return report
+
+
+def _collect_leftovers(name: str, record: dict) -> list[str]:
+    keep = {record["underlay"]["netns"]}
+    keep |= {h["netns"] for h in list(record["nodes"].values()) + list(record["clients"].values())}
+    keep |= {p["netns"] for p in record["pods"].values()}
+    keep_pids = {(n["agent"]["pid"], n["agent"]["start"]) for n in record["nodes"].values()}
+    removed = []
+    for entry in state.journal_entries(name):
+        if "pid" in entry and (entry["pid"], entry["start"]) not in keep_pids and \
+                proc.alive(entry["pid"], entry["start"]):
+            proc.stop([(entry["pid"], entry["start"])])
+            removed.append(f"process {entry['pid']}")
+    for netns in nsmod.names():
+        if netns.startswith(state.netns_prefix(name)) and netns not in keep:
+            nsmod.remove(netns)
+            removed.append(f"netns {netns}")
+    state.save(record)  # clears the journal
+    return removed

@@ -1,0 +1,31 @@
+"""nftables, as kube-proxy and flannel drive it: a whole ruleset as one `nft -f` transaction,
+run inside a node's namespace (the host's own ruleset is never touched)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from netsim.errors import NetsimError
+from netsim.kernel import netns as nsmod
+
+
+def available() -> str | None:
+    return shutil.which("nft")
+
+
+def apply(netns: str, ruleset: str) -> None:
+    """Apply the ruleset atomically in the namespace; nothing changes if any line fails."""
+    nft = available()
+    if nft is None:
+        raise NetsimError("nft not found: install nftables (apt-get install nftables)")
+    result = subprocess.run([nft, "-f", "-"], input=ruleset, text=True, capture_output=True,
+                            preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    if result.returncode != 0:
+        raise NetsimError(f"nft -f in netns {netns} failed: {result.stderr.strip()}")
+
+
+def ruleset(netns: str) -> str:
+    result = subprocess.run([available() or "nft", "list", "ruleset"], text=True,
+                            capture_output=True, preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    return result.stdout

@@ -1,0 +1,103 @@
+"""The desired cluster as plain data: what the topology file asks for. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HOSTNAME_PORT = 9376  # agnhost serve-hostname's port
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One L2 underlay segment (a bridge in the cluster's underlay namespace)."""
+
+    name: str
+    subnet: str  # CIDR, e.g. 172.18.0.0/24
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    segment: str
+    ip: str = ""  # filled by the topology loader when not given
+
+
+@dataclass(frozen=True)
+class ExternalClient:
+    """A host outside the cluster on an underlay segment (for NodePort traffic)."""
+
+    name: str
+    segment: str
+    ip: str = ""
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    ports: tuple[int, ...] = ()
+    command: tuple[str, ...] = ()  # empty: the built-in hostname server
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    labels: dict[str, str]
+    containers: tuple[Container, ...]
+    node: str = ""  # nodeName, or the scheduler's choice
+    owner: str = ""  # the Deployment that made it, if any
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @property
+    def serve_ports(self) -> tuple[int, ...]:
+        """Ports the built-in hostname server answers on for this pod."""
+        ports = [p for c in self.containers if not c.command for p in (c.ports or (HOSTNAME_PORT,))]
+        return tuple(sorted(set(ports)))
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    protocol: str = "TCP"
+    name: str = ""
+    node_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    selector: dict[str, str]
+    ports: tuple[ServicePort, ...]
+    type: str = "ClusterIP"
+    cluster_ip: str = ""  # given in the file, or allocated
+    session_affinity: str = "None"
+    affinity_timeout: int = 10800
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+@dataclass
+class Cluster:
+    """Everything one topology file declares."""
+
+    name: str
+    mode: str
+    pod_network: str  # flannel Network
+    subnet_len: int
+    service_cidr: str
+    mtu: int
+    segments: list[Segment]
+    nodes: list[Node]
+    clients: list[ExternalClient] = field(default_factory=list)
+    pods: list[Pod] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+    source: str = ""  # the file it came from
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def segment(self, name: str) -> Segment:
+        return next(s for s in self.segments if s.name == name)

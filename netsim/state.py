@@ -1,0 +1,108 @@
+"""The cluster's record under /run/netsim/<cluster>/: what netsim made, so it can change or
+remove exactly that.
+
+- state.json: the committed record, replaced atomically when an apply or delete finishes.
+- journal: one JSON line per namespace or process, written *before* it is created by a run
+  that has not committed yet; `gc` reads it after a crash.
+- lock: flock-ed by the run that is changing the cluster, so gc never races a live apply.
+- etcd/coreos.com/network/...: flannel's keys and values, as flannel stores them in etcd.
+- nodes/<node>/: subnet.env, the CNI IPAM store, the agent's socket and log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+from netsim.errors import NetsimError
+
+ROOT = os.environ.get("NETSIM_STATE_ROOT", "/run/netsim")
+PREFIX = "netsim"  # every namespace is netsim.<cluster>.<role>[.<name>]
+
+
+def cluster_dir(cluster: str) -> str:
+    return os.path.join(ROOT, cluster)
+
+
+def node_dir(cluster: str, node: str) -> str:
+    return os.path.join(ROOT, cluster, "nodes", node)
+
+
+def netns_prefix(cluster: str) -> str:
+    """Names are DNS-1123 labels (no dots), so this prefix belongs to one cluster only."""
+    return f"{PREFIX}.{cluster}."
+
+
+def clusters() -> list[str]:
+    try:
+        return sorted(d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d)))
+    except FileNotFoundError:
+        return []
+
+
+def load(cluster: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(cluster_dir(cluster), "state.json")) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+
+
+def save(record: dict[str, Any]) -> None:
+    """Commit the record atomically; the journal of this run is no longer needed."""
+    directory = cluster_dir(record["cluster"])
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, "state.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, "state.json"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, "journal"))
+
+
+def remove(cluster: str) -> None:
+    shutil.rmtree(cluster_dir(cluster), ignore_errors=True)
+
+
+def journal(cluster: str, entry: dict[str, Any]) -> None:
+    """Note an object about to be created, so a crash cannot hide it from gc."""
+    directory = cluster_dir(cluster)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "journal"), "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def journal_entries(cluster: str) -> list[dict[str, Any]]:
+    try:
+        with open(os.path.join(cluster_dir(cluster), "journal")) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def locked(cluster: str, wait: bool = True) -> Iterator[None]:
+    """Hold the cluster's lock; with wait=False raise at once if another run holds it."""
+    directory = cluster_dir(cluster)
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise NetsimError(f"cluster {cluster} is being changed by another netsim run; "
+                              "wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)

@@ -1,0 +1,470 @@
+"""Topology files (Kubernetes-shaped multi-document YAML) -> model.Cluster, validated.
+
+Every rejection names the file, the document, the field and what to change, and happens before
+anything touches the kernel. Fields netsim does not model are collected and reported once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+import yaml
+from netaddr import IPAddress, IPNetwork
+
+from netsim.errors import TopologyError
+from netsim.model import (
+    HOSTNAME_PORT,
+    Cluster,
+    Container,
+    ExternalClient,
+    Node,
+    Pod,
+    Segment,
+    Service,
+    ServicePort,
+)
+
+MODES = ("flannel-vxlan", "flannel-host-gw")
+DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
+            "mtu": 1500}
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
+NODE_PORT_RANGE = (30000, 32767)
+
+_KNOWN = {
+    "Cluster": {"apiVersion", "kind", "metadata", "metadata.name", "spec", "spec.cni",
+                "spec.cni.mode", "spec.cni.flannel", "spec.cni.flannel.Network",
+                "spec.cni.flannel.SubnetLen", "spec.serviceCIDR", "spec.underlay",
+                "spec.underlay.mtu", "spec.underlay.segments", "spec.nodes",
+                "spec.externalClients"},
+    "Pod": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
+            "spec.nodeName", "spec.containers"},
+    "Deployment": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
+                   "spec.replicas", "spec.selector", "spec.selector.matchLabels",
+                   "spec.template", "spec.template.metadata", "spec.template.metadata.labels",
+                   "spec.template.spec", "spec.template.spec.nodeName",
+                   "spec.template.spec.containers"},
+    "Service": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
+                "spec.type", "spec.selector", "spec.ports", "spec.clusterIP",
+                "spec.sessionAffinity", "spec.sessionAffinityConfig",
+                "spec.sessionAffinityConfig.clientIP",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds"},
+}
+_CONTAINER_KEYS = {"name", "ports", "command", "args"}
+
+
+class _Doc:
+    """One YAML document being read: knows how to phrase an error about itself."""
+
+    def __init__(self, file: str, index: int, body: dict, ignored: set[str]):
+        self.file, self.index, self.body, self.ignored = file, index, body, ignored
+        self.kind = body.get("kind", "")
+        name = (body.get("metadata") or {}).get("name", "") if isinstance(
+            body.get("metadata"), dict) else ""
+        self.label = f"document {index} ({self.kind or 'no kind'}{' ' + name if name else ''})"
+        self._note_ignored(body, "")
+
+    def _note_ignored(self, node: Any, prefix: str) -> None:
+        known = _KNOWN.get(self.kind, set())
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path not in known:
+                self.ignored.add(f"{self.kind}.{path}")
+            elif any(k.startswith(path + ".") for k in known):
+                self._note_ignored(value, path + ".")
+
+    def fail(self, field: str, problem: str, fix: str = "") -> TopologyError:
+        return TopologyError(self.file, self.label, field, problem, fix)
+
+    def get(self, path: str, default: Any = None, kind: type | tuple = object) -> Any:
+        node: Any = self.body
+        for part in path.split("."):
+            if not isinstance(node, dict):
+                raise self.fail(path, f"expected a mapping above '{part}'")
+            if part not in node or node[part] is None:
+                return default
+            node = node[part]
+        if kind is not object and not isinstance(node, kind) or (
+                isinstance(node, bool) and kind in (int, (int,))):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.fail(path, f"expected {_noun(names)}, got {node!r}")
+        return node
+
+    def name(self, value: Any, field: str) -> str:
+        if not isinstance(value, str) or not DNS1123_LABEL.match(value):
+            raise self.fail(field, f"{value!r} is not a DNS-1123 label",
+                            "use lowercase letters, digits and '-', start and end with a letter "
+                            "or digit, at most 63 characters")
+        return value
+
+    def cidr(self, value: Any, field: str) -> IPNetwork:
+        try:
+            net = IPNetwork(str(value))
+            if net.version != 4 or "/" not in str(value):
+                raise ValueError
+        except (ValueError, TypeError, Exception):
+            raise self.fail(field, f"{value!r} is not an IPv4 CIDR",
+                            "write it as address/prefix, e.g. 10.244.0.0/16") from None
+        if net.ip != net.network:
+            raise self.fail(field, f"{value} has host bits set", f"use {net.cidr}")
+        return net
+
+
+def _noun(name: str) -> str:
+    return {"dict": "a mapping", "list": "a list", "str": "a string", "int": "an integer"}.get(
+        name, name)
+
+
+def load(file: str) -> tuple[Cluster, list[str]]:
+    """Read and validate a topology file; return the cluster and the notes about ignored fields."""
+    try:
+        with open(file) as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise TopologyError(file, "file", "", f"cannot read it: {exc.strerror}",
+                            "check the path given to -f") from None
+    return parse(text, file)
+
+
+def parse(text: str, file: str = "<topology>") -> tuple[Cluster, list[str]]:
+    try:
+        bodies = [b for b in yaml.safe_load_all(text) if b is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TopologyError(file, f"YAML at {where}", "", f"malformed YAML: {problem}",
+                            "fix the syntax there (indentation, a missing ':' or quote)") from None
+    ignored: set[str] = set()
+    docs = []
+    for i, body in enumerate(bodies, 1):
+        if not isinstance(body, dict):
+            raise TopologyError(file, f"document {i}", "", "a document must be a mapping",
+                                "start it with apiVersion:, kind:, metadata:")
+        docs.append(_Doc(file, i, body, ignored))
+    for doc in docs:
+        if doc.kind not in _KNOWN:
+            raise doc.fail("kind", f"unknown kind {doc.kind!r}",
+                           "netsim reads Cluster, Pod, Deployment and Service documents")
+    clusters = [d for d in docs if d.kind == "Cluster"]
+    if len(clusters) != 1:
+        raise TopologyError(file, "file", "kind", f"found {len(clusters)} Cluster documents",
+                            "a topology file holds exactly one Cluster document")
+    cluster = _cluster(clusters[0])
+    pods: list[Pod] = []
+    for doc in docs:
+        if doc.kind == "Pod":
+            pods.append(_pod(doc, cluster))
+        elif doc.kind == "Deployment":
+            pods.extend(_deployment(doc, cluster))
+        elif doc.kind == "Service":
+            cluster.services.append(_service(doc, cluster))
+    _unique([(p.name, d) for p, d in zip(pods, _doc_of_pods(docs, pods), strict=True)],
+            "metadata.name", "pod")
+    cluster.pods = pods
+    _unique([(s.name, d) for s, d in zip(cluster.services,
+                                          [d for d in docs if d.kind == "Service"], strict=True)],
+            "metadata.name", "service")
+    for svc, doc in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True):
+        if not any(all(p.labels.get(k) == v for k, v in svc.selector.items()) for p in pods):
+            raise doc.fail("spec.selector", f"selector {svc.selector} matches no pod",
+                           "make it match the labels of a Pod or a Deployment's template")
+    _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
+    cluster.source = file
+    notes = ([f"ignoring fields netsim does not model: {', '.join(sorted(ignored))}"]
+             if ignored else [])
+    return cluster, notes
+
+
+def _doc_of_pods(docs: list[_Doc], pods: list[Pod]) -> list[_Doc]:
+    by_name = {d.body.get("metadata", {}).get("name"): d for d in docs
+               if d.kind in ("Pod", "Deployment")}
+    return [by_name.get(p.owner or p.name) for p in pods]
+
+
+def _unique(items: list[tuple[str, _Doc]], field: str, what: str) -> None:
+    seen: dict[str, _Doc] = {}
+    for name, doc in items:
+        if name in seen:
+            raise doc.fail(field, f"duplicate {what} name {name!r} (also in "
+                           f"{seen[name].label})", f"give each {what} its own name")
+        seen[name] = doc
+
+
+def _cluster(doc: _Doc) -> Cluster:
+    name = doc.name(doc.get("metadata.name", kind=str), "metadata.name")
+    mode = doc.get("spec.cni.mode", "flannel-vxlan", str)
+    if mode not in MODES:
+        raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
+                       f"use one of: {', '.join(MODES)}")
+    network = doc.cidr(doc.get("spec.cni.flannel.Network", DEFAULTS["network"]),
+                       "spec.cni.flannel.Network")
+    subnet_len = doc.get("spec.cni.flannel.SubnetLen", DEFAULTS["subnet_len"], int)
+    if not network.prefixlen < subnet_len <= 28:
+        raise doc.fail("spec.cni.flannel.SubnetLen", f"{subnet_len} does not fit Network {network}",
+                       f"use a length between {network.prefixlen + 1} and 28")
+    service_cidr = doc.cidr(doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]),
+                            "spec.serviceCIDR")
+    mtu = doc.get("spec.underlay.mtu", DEFAULTS["mtu"], int)
+    if not 1280 <= mtu <= 9000:
+        raise doc.fail("spec.underlay.mtu", f"{mtu} is out of range", "use 1280 to 9000")
+    segments = _segments(doc)
+    nets = [(f"spec.underlay.segments[{i}].subnet", IPNetwork(s.subnet))
+            for i, s in enumerate(segments)]
+    nets += [("spec.cni.flannel.Network", network), ("spec.serviceCIDR", service_cidr)]
+    for i, (field_a, a) in enumerate(nets):
+        for field_b, b in nets[i + 1:]:
+            if a.first <= b.last and b.first <= a.last:
+                raise doc.fail(field_b, f"{b} overlaps {a} ({field_a})",
+                               "choose ranges that do not overlap")
+    nodes = _hosts(doc, "spec.nodes", segments, Node)
+    if not nodes:
+        raise doc.fail("spec.nodes", "a cluster needs at least one node",
+                       "add nodes: [{name: worker-1, segment: ...}]")
+    clients = _hosts(doc, "spec.externalClients", segments, ExternalClient)
+    _unique([(h.name, doc) for h in nodes + clients], "spec.nodes", "node or external client")
+    _assign_ips(doc, segments, nodes, clients)
+    available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
+    if len(nodes) > available:
+        raise doc.fail("spec.cni.flannel.Network", f"{network} holds {available} /{subnet_len} "
+                       f"subnets for {len(nodes)} nodes", "use a larger Network or SubnetLen")
+    if mode == "flannel-host-gw" and len({n.segment for n in nodes}) > 1:
+        raise doc.fail("spec.nodes", "host-gw needs every node on one L2 segment",
+                       "put all nodes on one segment, or use mode flannel-vxlan")
+    return Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
+                   service_cidr=str(service_cidr), mtu=mtu, segments=segments,
+                   nodes=[replace(n) for n in nodes], clients=clients)
+
+
+def _segments(doc: _Doc) -> list[Segment]:
+    raw = doc.get("spec.underlay.segments", [{"name": "underlay", "subnet": "172.18.0.0/24"}],
+                  list)
+    segments = []
+    for i, item in enumerate(raw):
+        field = f"spec.underlay.segments[{i}]"
+        if not isinstance(item, dict):
+            raise doc.fail(field, "expected a mapping with name and subnet")
+        name = doc.name(item.get("name"), f"{field}.name")
+        if len(name) > MAX_SEGMENT_NAME:
+            raise doc.fail(f"{field}.name", f"{name!r} is longer than {MAX_SEGMENT_NAME} "
+                           "characters", "shorten it (its bridge is named br-<name>)")
+        subnet = doc.cidr(item.get("subnet"), f"{field}.subnet")
+        segments.append(Segment(name, str(subnet)))
+    _unique([(s.name, doc) for s in segments], "spec.underlay.segments", "segment")
+    return segments
+
+
+def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type) -> list:
+    hosts = []
+    for i, item in enumerate(doc.get(path, [], list)):
+        field = f"{path}[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise doc.fail(field, "expected a mapping with name and segment")
+        name = doc.name(item.get("name"), f"{field}.name")
+        segment = item.get("segment", segments[0].name)
+        if segment not in {s.name for s in segments}:
+            raise doc.fail(f"{field}.segment", f"no segment named {segment!r}",
+                           f"use one of: {', '.join(s.name for s in segments)}")
+        ip = item.get("ip", "")
+        if ip:
+            try:
+                addr = IPAddress(str(ip))
+            except Exception:
+                raise doc.fail(f"{field}.ip", f"{ip!r} is not an IPv4 address") from None
+            net = IPNetwork(next(s.subnet for s in segments if s.name == segment))
+            if addr not in net or addr in (net.network, net.broadcast, net.network + 1):
+                raise doc.fail(f"{field}.ip", f"{ip} is not a usable host of {net}",
+                               f"pick an address from {net.network + 2} to {net.broadcast - 1}")
+        hosts.append(cls(name=name, segment=segment, ip=str(ip)))
+    return hosts
+
+
+def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) -> None:
+    """Give hosts without an ip the next free address; .1 of each segment stays for a router."""
+    for seg in segments:
+        net = IPNetwork(seg.subnet)
+        members = [h for h in nodes + clients if h.segment == seg.name]
+        if len(members) > net.size - 3:
+            raise doc.fail("spec.underlay.segments", f"segment {seg.name} ({net}) has room for "
+                           f"{max(net.size - 3, 0)} hosts, not {len(members)}",
+                           "use a larger subnet or spread the nodes over more segments")
+        taken = {h.ip for h in members if h.ip}
+        if len(taken) < len([h for h in members if h.ip]):
+            raise doc.fail("spec.nodes", f"two hosts on segment {seg.name} share an ip",
+                           "give each node and client its own address")
+        free = (str(a) for a in net.iter_hosts() if a != net.network + 1 and str(a) not in taken)
+        for group in (nodes, clients):
+            for i, host in enumerate(group):
+                if host.segment == seg.name and not host.ip:
+                    group[i] = replace(host, ip=next(free))
+
+
+def _labels(doc: _Doc, path: str) -> dict[str, str]:
+    labels = doc.get(path, {}, dict)
+    return {str(k): str(v) for k, v in labels.items()}
+
+
+def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
+    raw = doc.get(path, [{"name": "hostname"}], list)
+    containers = []
+    for i, item in enumerate(raw):
+        field = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise doc.fail(field, "expected a mapping with name (and ports)")
+        for key in item:
+            if key not in _CONTAINER_KEYS:
+                doc.ignored.add(f"{doc.kind}.{path}[].{key}")
+        name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
+        ports = []
+        for j, port in enumerate(item.get("ports") or []):
+            value = port.get("containerPort") if isinstance(port, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+                raise doc.fail(f"{field}.ports[{j}].containerPort", f"{value!r} is not a port",
+                               "use an integer from 1 to 65535")
+            ports.append(value)
+        command = [str(c) for c in (item.get("command") or []) + (item.get("args") or [])]
+        containers.append(Container(name, tuple(ports), tuple(command)))
+    if not containers:
+        raise doc.fail(path, "a pod needs at least one container", "add {name: hostname}")
+    return tuple(containers)
+
+
+def _node_name(doc: _Doc, path: str, cluster: Cluster) -> str:
+    node = doc.get(path, "", str)
+    if node and node not in {n.name for n in cluster.nodes}:
+        raise doc.fail(path, f"no node named {node!r}",
+                       f"use one of: {', '.join(n.name for n in cluster.nodes)}")
+    return node
+
+
+def _pod(doc: _Doc, cluster: Cluster) -> Pod:
+    return Pod(name=doc.name(doc.get("metadata.name"), "metadata.name"),
+               labels=_labels(doc, "metadata.labels"),
+               containers=_containers(doc, "spec.containers"),
+               node=_node_name(doc, "spec.nodeName", cluster))
+
+
+def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
+    name = doc.name(doc.get("metadata.name"), "metadata.name")
+    replicas = doc.get("spec.replicas", 1, int)
+    if not 0 <= replicas <= 10000:
+        raise doc.fail("spec.replicas", f"{replicas} is out of range", "use 0 to 10000")
+    selector = _labels(doc, "spec.selector.matchLabels")
+    labels = _labels(doc, "spec.template.metadata.labels")
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        raise doc.fail("spec.selector.matchLabels", f"selector {selector} does not match the "
+                       f"template labels {labels}", "make spec.selector.matchLabels a subset of "
+                       "spec.template.metadata.labels")
+    containers = _containers(doc, "spec.template.spec.containers")
+    node = _node_name(doc, "spec.template.spec.nodeName", cluster)
+    return [Pod(f"{name}-{i}", labels, containers, node, owner=name) for i in range(replicas)]
+
+
+def _service(doc: _Doc, cluster: Cluster) -> Service:
+    name = doc.name(doc.get("metadata.name"), "metadata.name")
+    kind = doc.get("spec.type", "ClusterIP", str)
+    if kind not in ("ClusterIP", "NodePort"):
+        raise doc.fail("spec.type", f"unsupported type {kind!r}", "use ClusterIP or NodePort")
+    selector = _labels(doc, "spec.selector")
+    if not selector:
+        raise doc.fail("spec.selector", "a Service needs a selector (netsim has no manual "
+                       "Endpoints)", "add spec.selector with the pods' labels")
+    ports = []
+    raw_ports = doc.get("spec.ports", [], list)
+    if not raw_ports:
+        raise doc.fail("spec.ports", "a Service needs at least one port",
+                       f"add ports: [{{port: 80, targetPort: {HOSTNAME_PORT}}}]")
+    for i, item in enumerate(raw_ports):
+        field = f"spec.ports[{i}]"
+        if not isinstance(item, dict):
+            raise doc.fail(field, "expected a mapping with port and targetPort")
+        port = item.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise doc.fail(f"{field}.port", f"{port!r} is not a port", "use 1 to 65535")
+        target = item.get("targetPort", port)
+        if isinstance(target, int) and not 1 <= target <= 65535:
+            raise doc.fail(f"{field}.targetPort", f"{target} is not a port", "use 1 to 65535")
+        protocol = item.get("protocol", "TCP")
+        if protocol not in ("TCP", "UDP"):
+            raise doc.fail(f"{field}.protocol", f"unsupported protocol {protocol!r}",
+                           "use TCP or UDP")
+        node_port = item.get("nodePort")
+        if node_port is not None:
+            if kind != "NodePort":
+                raise doc.fail(f"{field}.nodePort", "nodePort is set on a ClusterIP Service",
+                               "set spec.type: NodePort or remove nodePort")
+            low, high = NODE_PORT_RANGE
+            if not isinstance(node_port, int) or not low <= node_port <= high:
+                raise doc.fail(f"{field}.nodePort", f"{node_port!r} is outside {low}-{high}",
+                               f"pick a port from {low} to {high}")
+        ports.append(ServicePort(port, target, protocol, str(item.get("name", "")), node_port))
+    cluster_ip = doc.get("spec.clusterIP", "", str)
+    if cluster_ip:
+        try:
+            if IPAddress(cluster_ip) not in IPNetwork(cluster.service_cidr):
+                raise ValueError
+        except Exception:
+            raise doc.fail("spec.clusterIP", f"{cluster_ip} is not in the service CIDR "
+                           f"{cluster.service_cidr}", "pick an address inside it or leave "
+                           "clusterIP out") from None
+    affinity = doc.get("spec.sessionAffinity", "None", str)
+    if affinity not in ("None", "ClientIP"):
+        raise doc.fail("spec.sessionAffinity", f"{affinity!r} is not valid", "use None or ClientIP")
+    timeout = doc.get("spec.sessionAffinityConfig.clientIP.timeoutSeconds", 10800, int)
+    if not 1 <= timeout <= 86400:
+        raise doc.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                       f"{timeout} is out of range", "use 1 to 86400 seconds")
+    return Service(name, selector, tuple(ports), kind, cluster_ip, affinity, timeout)
+
+
+def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
+    seen: dict[int, str] = {}
+    for svc, doc in zip(cluster.services, docs, strict=True):
+        for port in svc.ports:
+            if port.node_port is None:
+                continue
+            if port.node_port in seen:
+                raise doc.fail("spec.ports.nodePort", f"nodePort {port.node_port} is already "
+                               f"taken by Service {seen[port.node_port]}", "pick another port")
+            seen[port.node_port] = svc.name
+
+
+def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
+    """Place each pod: nodeName wins, a pod already running stays, others go to the emptiest
+    node (ties broken by node order) — a simple spreading scheduler."""
+    nodes = [n.name for n in cluster.nodes]
+    load = dict.fromkeys(nodes, 0)
+    result: dict[str, Pod] = {}
+    for pod in cluster.pods:
+        node = pod.node or (placed.get(pod.name) if placed.get(pod.name) in load else "")
+        if node:
+            result[pod.name] = replace(pod, node=node)
+            load[node] += 1
+    for pod in cluster.pods:
+        if pod.name not in result:
+            node = min(nodes, key=lambda n: (load[n], nodes.index(n)))
+            result[pod.name] = replace(pod, node=node)
+            load[node] += 1
+    return [result[p.name] for p in cluster.pods]
+
+
+def allocate_cluster_ips(cluster: Cluster, allocated: dict[str, str]) -> dict[str, str]:
+    """ClusterIPs: as written, else as before, else the next free from .10 of the CIDR."""
+    net = IPNetwork(cluster.service_cidr)
+    result = {s.name: s.cluster_ip for s in cluster.services if s.cluster_ip}
+    for svc in cluster.services:
+        if svc.name not in result and allocated.get(svc.name) and \
+                allocated[svc.name] not in result.values():
+            result[svc.name] = allocated[svc.name]
+    used = set(result.values())
+    candidates = (str(net.network + i) for i in range(10, net.size - 1))
+    for svc in cluster.services:
+        if svc.name not in result:
+            result[svc.name] = next(ip for ip in candidates if ip not in used)
+    return result
