@@ -64,7 +64,7 @@ class HostLocal:
                 raise IpamError(f"requested IP {ip} is already allocated")
         else:
             ip = self._next()
-        with open(self._path(ip), "x") as fh:
+        with open(self._path(ip), "x", newline="") as fh:
             fh.write(f"{container_id}\r\n{ifname}")
         with open(self._path("last_reserved_ip.0"), "w") as fh:
             fh.write(str(ip))
@@ -87,7 +87,7 @@ class HostLocal:
         freed = []
         for ip in list(self._taken):
             try:
-                with open(self._path(ip)) as fh:
+                with open(self._path(ip), newline="") as fh:
                     owner = fh.read().split("\r\n")
             except FileNotFoundError:
                 continue
