@@ -177,6 +177,21 @@ def test_rejected(edits, field, phrase):
     assert f": {err.field}: " in str(err) and phrase in str(err)
 
 
+
+CRASHES = {  # wrongly shaped input that escapes as a Python exception instead of TopologyError
+    "no-segments": put(CLUSTER, {"spec.underlay.segments": []}),
+    "segment-is-a-list": put(CLUSTER, {"spec.nodes": [{"name": "n1", "segment": ["lan"]}]}),
+    "ports-not-a-list": put(POD, {"spec.containers": [{"name": "c", "ports": 80}]}),
+    "command-a-string": put(POD, {"spec.containers": [{"name": "c", "command": "sh"}]}),
+}
+
+
+@pytest.mark.xfail(strict=True, raises=(IndexError, TypeError),
+                   reason="topology.py bug: these shapes are not validated before use")
+@pytest.mark.parametrize("edit", CRASHES.values(), ids=CRASHES.keys())
+def test_bad_shape_is_a_topology_error(edit):
+    fail(build(edit))
+
 # ---- scheduler ----------------------------------------------------------------------------
 
 def cluster_of(pods: list[Pod] = (), services: list[Service] = ()) -> Cluster:

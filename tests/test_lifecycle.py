@@ -1,0 +1,105 @@
+"""Failure paths: bad input changes nothing, a failed apply undoes itself, a killed apply is
+collected by gc, and the host's own namespace is untouched by everything the suite did."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import NETSIM, ROOT, SNAPSHOT_BEFORE, agent_pids, host_snapshot, needs_root, run_netsim
+
+from cni.modes import bridge
+from netsim import cluster as clustermod
+from netsim import state, topology
+from netsim.errors import NetsimError
+from netsim.kernel import netns as nsmod
+
+pytestmark = needs_root
+
+
+def test_invalid_topology_exits_2_and_creates_nothing(cluster, tmp_path):
+    text = open(cluster.write()).read().replace("10.96.0.0/12", "10.244.0.0/16")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    result = run_netsim("apply", "-f", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"netsim: error: {bad}: document 1 (Cluster {cluster.name})"
+                                    ": spec.serviceCIDR: 10.244.0.0/16 overlaps")
+    assert cluster.namespaces() == [] and state.load(cluster.name) is None
+
+
+def test_failed_first_apply_rolls_back_everything(cluster, monkeypatch):
+    model, _ = topology.parse(open(cluster.write()).read(), cluster.file)
+    calls = []
+
+    def fail_on_third_pod(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise NetsimError("injected failure")
+        return original(*args, **kwargs)
+
+    original = bridge.attach_pod_side
+    monkeypatch.setattr(bridge, "attach_pod_side", fail_on_third_pod)
+    with pytest.raises(NetsimError, match="apply failed, this apply's changes were undone: "
+                                          "injected failure"):
+        clustermod.apply(model)
+    assert cluster.namespaces() == []
+    assert agent_pids(cluster.name) == []
+    assert not os.path.exists(state.cluster_dir(cluster.name))
+
+
+def test_failed_scale_up_keeps_the_running_cluster(cluster):
+    cluster.apply()
+    before = cluster.record()
+    squatter = f"{state.netns_prefix(cluster.name)}pod.web-3"
+    nsmod.create(squatter)  # the name the next pod needs is taken
+    try:
+        cluster.write(replicas=4)
+        result = run_netsim("apply", "-f", cluster.file)
+        assert result.returncode == 1
+        assert f"create netns {squatter}" in result.stderr and "undone" in result.stderr
+        after = cluster.record()
+        assert after["pods"].keys() == before["pods"].keys()
+        ipam = f"{state.node_dir(cluster.name, 'worker-1')}/ipam/cbr0"
+        assert sorted(f for f in os.listdir(ipam) if f[0].isdigit()) == \
+            [before["pods"]["web-0"]["ip"]]
+        assert run_netsim("curl", "web-0", "http://web-1:9376/").stdout.strip() == "web-1"
+    finally:
+        nsmod.remove(squatter)
+
+
+def test_gc_collects_a_killed_apply(cluster):
+    cluster.write(replicas=150)
+    proc = subprocess.Popen([*NETSIM, "apply", "-f", cluster.file], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(".pod." in n for n in cluster.namespaces()) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("apply finished before it could be killed")
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cluster.namespaces(), "the killed apply should have left namespaces"
+    assert state.load(cluster.name) is None  # it never committed
+    result = run_netsim("gc", check=True)
+    assert f"cluster/{cluster.name}: netns" in result.stdout
+    assert cluster.namespaces() == []
+    assert agent_pids(cluster.name) == []
+    assert not os.path.exists(state.cluster_dir(cluster.name))
+
+
+def test_gc_leaves_a_healthy_cluster_alone(cluster):
+    cluster.apply()
+    namespaces = cluster.namespaces()
+    run_netsim("gc", check=True)
+    assert cluster.namespaces() == namespaces
+    assert run_netsim("ping", "web-0", "web-1").returncode == 0
+
+
+def test_zz_host_namespace_untouched():
+    """Runs last (by name): the root namespace is as the suite found it."""
+    assert SNAPSHOT_BEFORE, "no snapshot was taken at session start"
+    assert host_snapshot() == SNAPSHOT_BEFORE
