@@ -16,17 +16,18 @@ from dataclasses import asdict, dataclass, field
 
 from netaddr import IPNetwork
 
-from cni import modes
 from cni.ipam import HostLocal
-from cni.modes import bridge, flannel
+from cni.modes import flannel
 from netsim import agent as agentmod
 from netsim import state
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
 from netsim.kernel import nft, proc, sysctl
-from netsim.kernel.netlink import IFINDEX, Rtnl
 from netsim.model import Cluster, Pod
 from netsim.topology import allocate_cluster_ips, schedule
+
+# pyroute2 takes ~130 ms to import; delete, gc and get do not need it, so the modules that
+# use it (netsim.kernel.netlink, cni.modes) are imported by the functions that build.
 
 CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config
 
@@ -160,6 +161,9 @@ def apply(cluster: Cluster, progress: Progress = quiet) -> Changes:
 
 def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
                 changes: Changes) -> dict:
+    from cni import modes
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
     mode = modes.get(cluster.mode)
     name = cluster.name
     state.journal(name, {"apply": os.getpid()})
@@ -300,6 +304,10 @@ def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: P
 
 def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
               progress: Progress, changes: Changes) -> None:
+    from cni import modes
+    from cni.modes import bridge
+    from netsim.kernel.netlink import Rtnl
+
     mode = modes.get(cluster.mode)
     mtu = mode.pod_mtu(cluster.mtu)
     by_node: dict[str, list[Pod]] = {}
@@ -375,6 +383,8 @@ def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
 def _remove_pods(cluster: str, record: dict, removing: dict, progress: Progress) -> None:
     """Delete the host veth first (synchronous, takes the peer with it), then the namespace,
     then release the address."""
+    from netsim.kernel.netlink import Rtnl
+
     by_node: dict[str, list[tuple[str, dict]]] = {}
     for name, entry in removing.items():
         by_node.setdefault(entry["node"], []).append((name, entry))

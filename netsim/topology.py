@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from netaddr import IPAddress, IPNetwork
 
+from cni.modes import MODES  # noqa: E402  (names only; no pyroute2)
 from netsim.errors import TopologyError
 from netsim.model import (
     HOSTNAME_PORT,
@@ -26,7 +27,6 @@ from netsim.model import (
     ServicePort,
 )
 
-MODES = ("flannel-vxlan", "flannel-host-gw")
 DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
             "mtu": 1500}
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -155,16 +155,16 @@ def parse(text: str, file: str = "<topology>") -> tuple[Cluster, list[str]]:
         raise TopologyError(file, "file", "kind", f"found {len(clusters)} Cluster documents",
                             "a topology file holds exactly one Cluster document")
     cluster = _cluster(clusters[0])
-    pods: list[Pod] = []
+    pods: list[tuple[Pod, _Doc]] = []
     for doc in docs:
         if doc.kind == "Pod":
-            pods.append(_pod(doc, cluster))
+            pods.append((_pod(doc, cluster), doc))
         elif doc.kind == "Deployment":
-            pods.extend(_deployment(doc, cluster))
+            pods.extend((p, doc) for p in _deployment(doc, cluster))
         elif doc.kind == "Service":
             cluster.services.append(_service(doc, cluster))
-    _unique([(p.name, d) for p, d in zip(pods, _doc_of_pods(docs, pods), strict=True)],
-            "metadata.name", "pod")
+    _unique([(p.name, d) for p, d in pods], "metadata.name", "pod")
+    pods = [p for p, _ in pods]
     cluster.pods = pods
     _unique([(s.name, d) for s, d in zip(cluster.services,
                                           [d for d in docs if d.kind == "Service"], strict=True)],
@@ -174,16 +174,11 @@ def parse(text: str, file: str = "<topology>") -> tuple[Cluster, list[str]]:
             raise doc.fail("spec.selector", f"selector {svc.selector} matches no pod",
                            "make it match the labels of a Pod or a Deployment's template")
     _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
+    _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"])
     cluster.source = file
     notes = ([f"ignoring fields netsim does not model: {', '.join(sorted(ignored))}"]
              if ignored else [])
     return cluster, notes
-
-
-def _doc_of_pods(docs: list[_Doc], pods: list[Pod]) -> list[_Doc]:
-    by_name = {d.body.get("metadata", {}).get("name"): d for d in docs
-               if d.kind in ("Pod", "Deployment")}
-    return [by_name.get(p.owner or p.name) for p in pods]
 
 
 def _unique(items: list[tuple[str, _Doc]], field: str, what: str) -> None:
@@ -243,6 +238,9 @@ def _cluster(doc: _Doc) -> Cluster:
 def _segments(doc: _Doc) -> list[Segment]:
     raw = doc.get("spec.underlay.segments", [{"name": "underlay", "subnet": "172.18.0.0/24"}],
                   list)
+    if not raw:
+        raise doc.fail("spec.underlay.segments", "no segments",
+                       "add at least one: [{name: underlay, subnet: 172.18.0.0/24}]")
     segments = []
     for i, item in enumerate(raw):
         field = f"spec.underlay.segments[{i}]"
@@ -267,8 +265,10 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type) -> list:
         if not isinstance(item, dict):
             raise doc.fail(field, "expected a mapping with name and segment")
         name = doc.name(item.get("name"), f"{field}.name")
+        doc.ignored.update(f"Cluster.{path}[].{k}" for k in item if k not in ("name", "segment",
+                                                                             "ip"))
         segment = item.get("segment", segments[0].name)
-        if segment not in {s.name for s in segments}:
+        if not isinstance(segment, str) or segment not in {s.name for s in segments}:
             raise doc.fail(f"{field}.segment", f"no segment named {segment!r}",
                            f"use one of: {', '.join(s.name for s in segments)}")
         ip = item.get("ip", "")
@@ -290,7 +290,7 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
     for seg in segments:
         net = IPNetwork(seg.subnet)
         members = [h for h in nodes + clients if h.segment == seg.name]
-        if len(members) > net.size - 3:
+        if len(members) > max(net.size - 3, 0):
             raise doc.fail("spec.underlay.segments", f"segment {seg.name} ({net}) has room for "
                            f"{max(net.size - 3, 0)} hosts, not {len(members)}",
                            "use a larger subnet or spread the nodes over more segments")
@@ -322,6 +322,12 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
                 doc.ignored.add(f"{doc.kind}.{path}[].{key}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
         ports = []
+        if not isinstance(item.get("ports") or [], list):
+            raise doc.fail(f"{field}.ports", "expected a list of {containerPort: N}")
+        for key in ("command", "args"):
+            if not isinstance(item.get(key) or [], list):
+                raise doc.fail(f"{field}.{key}", f"expected a list of strings, got "
+                               f"{item.get(key)!r}", f'write it as {key}: ["..."]')
         for j, port in enumerate(item.get("ports") or []):
             value = port.get("containerPort") if isinstance(port, dict) else None
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
@@ -353,6 +359,9 @@ def _pod(doc: _Doc, cluster: Cluster) -> Pod:
 def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
     name = doc.name(doc.get("metadata.name"), "metadata.name")
     replicas = doc.get("spec.replicas", 1, int)
+    if len(f"{name}-{max(replicas - 1, 0)}") > 63:
+        raise doc.fail("metadata.name", f"pod names {name}-N would be longer than 63 characters",
+                       "shorten the Deployment's name")
     if not 0 <= replicas <= 10000:
         raise doc.fail("spec.replicas", f"{replicas} is out of range", "use 0 to 10000")
     selector = _labels(doc, "spec.selector.matchLabels")
@@ -388,7 +397,8 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise doc.fail(f"{field}.port", f"{port!r} is not a port", "use 1 to 65535")
         target = item.get("targetPort", port)
-        if isinstance(target, int) and not 1 <= target <= 65535:
+        if isinstance(target, bool) or not isinstance(target, int | str) or (
+                isinstance(target, int) and not 1 <= target <= 65535):
             raise doc.fail(f"{field}.targetPort", f"{target} is not a port", "use 1 to 65535")
         protocol = item.get("protocol", "TCP")
         if protocol not in ("TCP", "UDP"):
@@ -433,6 +443,16 @@ def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
                 raise doc.fail("spec.ports.nodePort", f"nodePort {port.node_port} is already "
                                f"taken by Service {seen[port.node_port]}", "pick another port")
             seen[port.node_port] = svc.name
+
+
+def _check_cluster_ips(cluster: Cluster, docs: list[_Doc]) -> None:
+    seen: dict[str, str] = {}
+    for svc, doc in zip(cluster.services, docs, strict=True):
+        if svc.cluster_ip and svc.cluster_ip in seen:
+            raise doc.fail("spec.clusterIP", f"{svc.cluster_ip} is already the clusterIP of "
+                           f"Service {seen[svc.cluster_ip]}", "pick another address or leave "
+                           "clusterIP out")
+        seen[svc.cluster_ip] = svc.name
 
 
 def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:

@@ -63,6 +63,10 @@ class ClusterUnderTest:
         self.write(**kw)
         return run_netsim("apply", "-f", self.file, check=True)
 
+    def netsim(self, *argv: str, check: bool = False) -> subprocess.CompletedProcess:
+        """A netsim command aimed at this cluster (other clusters may exist on the machine)."""
+        return run_netsim("--cluster", self.name, *argv, check=check)
+
     def record(self) -> dict:
         from netsim import state
 

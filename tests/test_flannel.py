@@ -67,9 +67,9 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
                      "BackendData": {"VNI": 1, "VtepMAC": w1["vtep_mac"]}}
 
     other = _pod_on_other_node(record, "web-0")
-    ping = run_netsim("ping", "web-0", other)
+    ping = cluster.netsim("ping", "web-0", other)
     assert ping.returncode == 0 and "0% loss" in ping.stdout, ping.stdout + ping.stderr
-    curl = run_netsim("curl", "web-0", f"http://{other}:9376/", "--count", "2")
+    curl = cluster.netsim("curl", "web-0", f"http://{other}:9376/", "--count", "2")
     assert curl.returncode == 0 and curl.stdout.split() == ["1:", other, "2:", other]
 
 
@@ -82,7 +82,7 @@ def test_host_gw_routes_via_peer_node_ip(cluster):
     assert routes == [{"dst": w2["subnet"], "gateway": w2["ip"], "dev": "eth0", "flags": []}]
     assert not ip_json(w1["netns"], "link", "show", "type", "vxlan")
     assert ip_json(record["pods"]["web-0"]["netns"], "link", "show", "eth0")[0]["mtu"] == 1500
-    ping = run_netsim("ping", "web-0", _pod_on_other_node(record, "web-0"))
+    ping = cluster.netsim("ping", "web-0", _pod_on_other_node(record, "web-0"))
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
 
@@ -112,7 +112,7 @@ def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cl
     record = cluster.record()
     assert sorted(record["pods"]) == [f"web-{i}" for i in range(5)]
     assert {p: i for p, i in _inodes(record).items() if p in inodes} == inodes
-    assert run_netsim("curl", "web-4", "http://web-3:9376/").stdout.strip() == "web-3"
+    assert cluster.netsim("curl", "web-4", "http://web-3:9376/").stdout.strip() == "web-3"
 
     cluster.apply(replicas=2)
     record = cluster.record()

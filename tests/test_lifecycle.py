@@ -9,7 +9,15 @@ import subprocess
 import time
 
 import pytest
-from conftest import NETSIM, ROOT, SNAPSHOT_BEFORE, agent_pids, host_snapshot, needs_root, run_netsim
+from conftest import (
+    NETSIM,
+    ROOT,
+    SNAPSHOT_BEFORE,
+    agent_pids,
+    host_snapshot,
+    needs_root,
+    run_netsim,
+)
 
 from cni.modes import bridge
 from netsim import cluster as clustermod
@@ -66,7 +74,7 @@ def test_failed_scale_up_keeps_the_running_cluster(cluster):
         ipam = f"{state.node_dir(cluster.name, 'worker-1')}/ipam/cbr0"
         assert sorted(f for f in os.listdir(ipam) if f[0].isdigit()) == \
             [before["pods"]["web-0"]["ip"]]
-        assert run_netsim("curl", "web-0", "http://web-1:9376/").stdout.strip() == "web-1"
+        assert cluster.netsim("curl", "web-0", "http://web-1:9376/").stdout.strip() == "web-1"
     finally:
         nsmod.remove(squatter)
 
@@ -96,7 +104,7 @@ def test_gc_leaves_a_healthy_cluster_alone(cluster):
     namespaces = cluster.namespaces()
     run_netsim("gc", check=True)
     assert cluster.namespaces() == namespaces
-    assert run_netsim("ping", "web-0", "web-1").returncode == 0
+    assert cluster.netsim("ping", "web-0", "web-1").returncode == 0
 
 
 def test_zz_host_namespace_untouched():

@@ -178,7 +178,7 @@ def test_rejected(edits, field, phrase):
 
 
 
-CRASHES = {  # wrongly shaped input that escapes as a Python exception instead of TopologyError
+CRASHES = {  # wrongly shaped input: a TopologyError, never a Python exception
     "no-segments": put(CLUSTER, {"spec.underlay.segments": []}),
     "segment-is-a-list": put(CLUSTER, {"spec.nodes": [{"name": "n1", "segment": ["lan"]}]}),
     "ports-not-a-list": put(POD, {"spec.containers": [{"name": "c", "ports": 80}]}),
@@ -186,8 +186,6 @@ CRASHES = {  # wrongly shaped input that escapes as a Python exception instead o
 }
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, TypeError),
-                   reason="topology.py bug: these shapes are not validated before use")
 @pytest.mark.parametrize("edit", CRASHES.values(), ids=CRASHES.keys())
 def test_bad_shape_is_a_topology_error(edit):
     fail(build(edit))

@@ -1,13 +1,17 @@
 """One module per CNI mode. Each mode says how a node is set up, how a peer node is reached and
-how a pod is attached; `MODES` maps the topology's `spec.cni.mode` to it."""
+how a pod is attached; `get()` maps the topology's `spec.cni.mode` to it. Modules are imported
+on demand: they pull in pyroute2, which commands that only read or delete do not need."""
 
 from __future__ import annotations
 
-from cni.modes.flannel_host_gw import FlannelHostGw
-from cni.modes.flannel_vxlan import FlannelVxlan
+import importlib
 
-MODES = {m.name: m for m in (FlannelVxlan(), FlannelHostGw())}
+MODES = {
+    "flannel-vxlan": ("cni.modes.flannel_vxlan", "FlannelVxlan"),
+    "flannel-host-gw": ("cni.modes.flannel_host_gw", "FlannelHostGw"),
+}
 
 
 def get(name: str):
-    return MODES[name]
+    module, cls = MODES[name]
+    return getattr(importlib.import_module(module), cls)()

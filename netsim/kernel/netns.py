@@ -22,21 +22,15 @@ MS_REC, MS_BIND, MS_SHARED = 0x4000, 0x1000, 1 << 20
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_home_fd: int | None = None
+# The namespace this process started in, to return to after every visit. Opened at import,
+# before any thread could have moved, so it can never be mistaken for a visited namespace.
+_HOME_FD = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 _run_dir_ready = False
 
 
 def _check(result: int, what: str, name: str | None) -> None:
     if result != 0:
         raise KernelError(ctypes.get_errno(), what, name)
-
-
-def _home() -> int:
-    """The namespace this process started in, to return to after every visit."""
-    global _home_fd
-    if _home_fd is None:
-        _home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    return _home_fd
 
 
 def path(name: str) -> str:
@@ -70,7 +64,7 @@ def names() -> list[str]:
 def create(name: str) -> None:
     """Create the named namespace; EEXIST if the name is taken."""
     _prepare_run_dir()
-    home = _home()
+    home = _HOME_FD
     target = path(name)
     try:
         os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
@@ -117,7 +111,7 @@ def entered(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _check(_libc.setns(_home(), CLONE_NEWNET), "return to home netns", None)
+        _check(_libc.setns(_HOME_FD, CLONE_NEWNET), "return to home netns", None)
 
 
 def enter_for_exec(name: str) -> None:
