@@ -97,9 +97,17 @@ class Agent:
                 proc.wait()
 
     def shutdown(self, *_: object) -> None:
-        for name in list(self.pods):
-            self._stop_pod(name)
-        sys.exit(0)
+        """Stop the pods' container processes; the kernel closes the sockets as we exit."""
+        for pod in self.pods.values():
+            for proc in pod["procs"]:
+                proc.terminate()
+        for pod in self.pods.values():
+            for proc in pod["procs"]:
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        os._exit(0)
 
     # -- event loop ----------------------------------------------------------------------------
 

@@ -434,13 +434,13 @@ def delete(name: str, progress: Progress = quiet) -> list[str]:
     """Remove everything the cluster's record and journal name; True if anything existed."""
     with state.locked(name):
         record = state.load(name)
-        removed = _remove_everything(name, record)
-        state.remove(name)
+        removed = _remove_everything(name, record, before_namespaces=lambda: state.remove(name))
     progress(f"removed {len(removed)} objects")
     return removed
 
 
-def _remove_everything(name: str, record: dict | None) -> list[str]:
+def _remove_everything(name: str, record: dict | None,
+                       before_namespaces: Callable[[], None] = lambda: None) -> list[str]:
     processes, namespaces = [], []
     journal = state.journal_entries(name)
     if record:
@@ -456,6 +456,10 @@ def _remove_everything(name: str, record: dict | None) -> list[str]:
     namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
     removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
     proc.stop(list(set(processes)))
+    # the kernel tears namespaces down in the background and that competes for the CPU, so
+    # whatever else is to be removed goes first; a crash from here leaves only namespaces
+    # that carry the cluster's name, which gc finds by name
+    before_namespaces()
     for netns in dict.fromkeys(namespaces):
         if netns.startswith(prefix) and nsmod.remove(netns):
             removed.append(f"netns {netns}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -45,20 +46,39 @@ def _state(pid: int) -> str | None:
 def stop(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
     """SIGTERM to each (pid, start time) that is still the process we started, then SIGKILL
     what is left after the grace period."""
-    running = [(pid, t) for pid, t in processes if alive(pid, t)]
-    for pid, _ in running:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while running and time.monotonic() < deadline:
-        for pid, _ in running:
-            _reap(pid)
-        running = [(pid, t) for pid, t in running if alive(pid, t)]
-        if running:
-            time.sleep(0.005)
-    for pid, t in running:
-        if alive(pid, t):
-            os.kill(pid, signal.SIGKILL)
+    # a pidfd names exactly this process, even if the PID is reused later, and polls readable
+    # when it exits: no sleeping loop, no signal to a stranger
+    fds = {}
+    for pid, started in processes:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        if alive(pid, started):
+            fds[fd] = pid
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+        else:
+            os.close(fd)
+    _wait_exit(fds, grace)
+    for fd in list(fds):
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    _wait_exit(fds, grace)
+    for fd, pid in fds.items():
+        os.close(fd)
         _reap(pid)
+
+
+def _wait_exit(fds: dict[int, int], timeout: float) -> None:
+    """Wait until every pidfd in `fds` reports exit (those are removed) or the time is up."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while fds and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            poller.unregister(fd)
+            _reap(fds.pop(fd))
+            os.close(fd)
 
 
 def _reap(pid: int) -> None:

@@ -1,0 +1,94 @@
+"""Apply and delete of a flannel-vxlan cluster of 10 nodes x 50 pods (500 pods with their
+hostname servers), beside the same kernel work done with ip -batch files.
+
+    .venv/bin/python -m pytest bench/ --benchmark-columns=min,median,max
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reference_ipbatch  # noqa: E402
+
+from netsim import cluster as clustermod  # noqa: E402
+from netsim import state, topology  # noqa: E402
+
+NODES, PODS_PER_NODE, ROUNDS = 10, 50, 3
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def _model():
+    path = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
+    docs = list(yaml.safe_load_all(path.read_text()))
+    docs[0]["metadata"]["name"] = "bench" + uuid.uuid4().hex[:6]
+    docs[0]["spec"]["nodes"] = [{"name": f"worker-{i}"} for i in range(1, NODES + 1)]
+    docs[1]["spec"]["replicas"] = NODES * PODS_PER_NODE
+    return topology.parse(yaml.safe_dump_all(docs))[0]
+
+
+def _agents_rss_mib(name: str) -> float:
+    total = 0
+    for node in state.load(name)["nodes"].values():
+        with open(f"/proc/{node['agent']['pid']}/status") as fh:
+            total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
+    return total / 1024
+
+
+@pytest.fixture
+def model():
+    m = _model()
+    yield m
+    clustermod.delete(m.name)
+
+
+@pytest.mark.benchmark(group="apply 10x50")
+def test_apply_netsim(benchmark, model):
+    def setup():
+        clustermod.delete(model.name)
+        return (model,), {}
+
+    benchmark.pedantic(clustermod.apply, setup=setup, rounds=ROUNDS, iterations=1)
+    assert len(state.load(model.name)["pods"]) == NODES * PODS_PER_NODE
+    benchmark.extra_info["agents_rss_mib"] = round(_agents_rss_mib(model.name), 1)
+
+
+@pytest.mark.benchmark(group="delete 10x50")
+def test_delete_netsim(benchmark, model):
+    def setup():
+        clustermod.apply(model)
+        return (model.name,), {}
+
+    benchmark.pedantic(clustermod.delete, setup=setup, rounds=ROUNDS, iterations=1)
+    assert state.load(model.name) is None
+
+
+@pytest.fixture
+def ref_tag():
+    tag = f"ref{uuid.uuid4().hex[:6]}"
+    yield tag
+    clustermod.gc(tag)
+
+
+@pytest.mark.benchmark(group="apply 10x50")
+def test_apply_reference(benchmark, ref_tag):
+    def setup():
+        clustermod.gc(ref_tag)
+        return (ref_tag, NODES, PODS_PER_NODE), {}
+
+    benchmark.pedantic(reference_ipbatch.build, setup=setup, rounds=ROUNDS, iterations=1)
+
+
+@pytest.mark.benchmark(group="delete 10x50")
+def test_delete_reference(benchmark, ref_tag):
+    def setup():
+        reference_ipbatch.build(ref_tag, NODES, PODS_PER_NODE)
+        return (ref_tag, NODES, PODS_PER_NODE), {}
+
+    benchmark.pedantic(reference_ipbatch.teardown, setup=setup, rounds=ROUNDS, iterations=1)
