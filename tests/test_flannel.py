@@ -151,3 +151,29 @@ def test_non_root_gets_one_clear_line(verb):
         + " 2>&1; echo rc=$?").read()
     assert result.splitlines() == ["netsim: must run as root (it creates network namespaces): "
                                    "sudo netsim ...", "rc=1"]
+
+
+def test_pod_containers_share_the_pod_namespace(cluster):
+    cluster.write()
+    extra = """---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sidecar
+spec:
+  nodeName: worker-2
+  containers:
+    - name: hostname
+    - name: sleeper
+      command: ["sleep", "300"]
+"""
+    with open(cluster.file, "a") as fh:
+        fh.write(extra)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    pod = cluster.record()["pods"]["sidecar"]
+    (pid,) = pod["pids"]
+    assert open(f"/proc/{pid}/cmdline").read().split("\0")[0] == "sleep"
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{pod['netns']}").st_ino
+    assert cluster.netsim("curl", "web-0", "http://sidecar:9376/").stdout.strip() == "sidecar"
+    run_netsim("delete", "-f", cluster.file, check=True)
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
