@@ -5,9 +5,10 @@ from __future__ import annotations
 
 def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
-    medians = {b.name.split("[")[0]: b.stats.median for b in getattr(session, "benchmarks", [])
-               if getattr(b, "stats", None)}
-    lines = []
+    benches = [b for b in getattr(session, "benchmarks", []) if getattr(b, "stats", None)]
+    medians = {b.name.split("[")[0]: b.stats.median for b in benches}
+    lines = [f"{b.name}: agents' RSS {b.extra_info['agents_rss_mib']} MiB" for b in benches
+             if "agents_rss_mib" in b.extra_info]
     for verb in ("apply", "delete"):
         ours, ref = medians.get(f"test_{verb}_netsim"), medians.get(f"test_{verb}_reference")
         if ours and ref:

@@ -87,26 +87,11 @@ class Agent:
         for s in pod["socks"]:
             self.sel.unregister(s)
             s.close()
-        for proc in pod["procs"]:
-            proc.terminate()
-        for proc in pod["procs"]:
-            try:
-                proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _end(pod["procs"])
 
     def shutdown(self, *_: object) -> None:
         """Stop the pods' container processes; the kernel closes the sockets as we exit."""
-        for pod in self.pods.values():
-            for proc in pod["procs"]:
-                proc.terminate()
-        for pod in self.pods.values():
-            for proc in pod["procs"]:
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _end([proc for pod in self.pods.values() for proc in pod["procs"]])
         os._exit(0)
 
     # -- event loop ----------------------------------------------------------------------------
@@ -151,6 +136,18 @@ class Agent:
                 reply = self.sync(request["pods"])
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM all, then SIGKILL whatever has not exited within two seconds."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def request(control_path: str, pods: dict[str, dict], timeout: float = 30.0) -> dict:

@@ -431,7 +431,7 @@ def endpoints(record: dict, service: dict) -> list[tuple[str, str]]:
 
 
 def delete(name: str, progress: Progress = quiet) -> list[str]:
-    """Remove everything the cluster's record and journal name; True if anything existed."""
+    """Remove everything the cluster's record, journal and names hold; list what was removed."""
     with state.locked(name):
         record = state.load(name)
         removed = _remove_everything(name, record, before_namespaces=lambda: state.remove(name))

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from netaddr import IPAddress, IPNetwork
 
-from cni.modes import MODES  # noqa: E402  (names only; no pyroute2)
+from cni.modes import MODES  # mode names only: importing it does not load pyroute2
 from netsim.errors import TopologyError
 from netsim.model import (
     HOSTNAME_PORT,

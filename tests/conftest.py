@@ -105,6 +105,15 @@ def cluster(tmp_path):
     assert not c.namespaces(), f"cleanup left namespaces: {c.namespaces()}"
 
 
+def assert_nothing_left(cluster: ClusterUnderTest) -> None:
+    """No namespace, agent process or state file of the cluster remains."""
+    from netsim import state
+
+    assert cluster.namespaces() == []
+    assert agent_pids(cluster.name) == []
+    assert not os.path.exists(state.cluster_dir(cluster.name))
+
+
 def host_snapshot() -> dict[str, str]:
     """The root namespace's links, addresses, routes, rules, nftables ruleset, forwarding."""
     def out(*argv):

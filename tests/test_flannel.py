@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from conftest import agent_pids, ip_json, needs_root, run_netsim
+from conftest import ROOT, agent_pids, assert_nothing_left, ip_json, needs_root, run_netsim
 
 from netsim import state
 from netsim.kernel import nft, sysctl
@@ -139,18 +141,16 @@ def test_delete_leaves_nothing(cluster):
     assert agent_pids(cluster.name)
     result = run_netsim("delete", "-f", cluster.file, check=True)
     assert "deleted" in result.stdout
-    assert cluster.namespaces() == []
-    assert agent_pids(cluster.name) == []
-    assert not os.path.exists(state.cluster_dir(cluster.name))
+    assert_nothing_left(cluster)
 
 
 @pytest.mark.parametrize("verb", [["get", "pods"], ["apply", "-f", "x.yaml"]])
 def test_non_root_gets_one_clear_line(verb):
-    result = os.popen("runuser -u nobody -- " + " ".join(
-        [os.environ.get("PYTHON", __import__("sys").executable), "-m", "netsim", *verb])
-        + " 2>&1; echo rc=$?").read()
-    assert result.splitlines() == ["netsim: must run as root (it creates network namespaces): "
-                                   "sudo netsim ...", "rc=1"]
+    result = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "netsim",
+                             *verb], capture_output=True, text=True, cwd=ROOT)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("netsim: must run as root (it creates network namespaces): "
+                             "sudo netsim ...\n")
 
 
 def test_pod_containers_share_the_pod_namespace(cluster):

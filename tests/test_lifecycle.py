@@ -13,7 +13,7 @@ from conftest import (
     NETSIM,
     ROOT,
     SNAPSHOT_BEFORE,
-    agent_pids,
+    assert_nothing_left,
     host_snapshot,
     needs_root,
     run_netsim,
@@ -54,9 +54,7 @@ def test_failed_first_apply_rolls_back_everything(cluster, monkeypatch):
     with pytest.raises(NetsimError, match="apply failed, this apply's changes were undone: "
                                           "injected failure"):
         clustermod.apply(model)
-    assert cluster.namespaces() == []
-    assert agent_pids(cluster.name) == []
-    assert not os.path.exists(state.cluster_dir(cluster.name))
+    assert_nothing_left(cluster)
 
 
 def test_failed_scale_up_keeps_the_running_cluster(cluster):
@@ -94,9 +92,7 @@ def test_gc_collects_a_killed_apply(cluster):
     assert state.load(cluster.name) is None  # it never committed
     result = run_netsim("gc", check=True)
     assert f"cluster/{cluster.name}: netns" in result.stdout
-    assert cluster.namespaces() == []
-    assert agent_pids(cluster.name) == []
-    assert not os.path.exists(state.cluster_dir(cluster.name))
+    assert_nothing_left(cluster)
 
 
 def test_gc_leaves_a_healthy_cluster_alone(cluster):
