@@ -12,24 +12,24 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
-
-from netaddr import IPAddress, IPNetwork
+from ipaddress import IPv4Address as IPAddress
+from ipaddress import IPv4Network
 
 from netsim.errors import NetsimError
 
 
 class IpamError(NetsimError):
-    pass
+    """The range is exhausted or a requested address cannot be had."""
 
 
 class HostLocal:
     def __init__(self, data_dir: str, network: str, subnet: str, gateway: str | None = None,
                  range_start: str | None = None, range_end: str | None = None):
         self.dir = os.path.join(data_dir, network)
-        self.subnet = IPNetwork(subnet)
-        self.gateway = IPAddress(gateway) if gateway else self.subnet.network + 1
-        self.start = IPAddress(range_start) if range_start else self.subnet.network + 1
-        self.end = IPAddress(range_end) if range_end else self.subnet.broadcast - 1
+        self.subnet = IPv4Network(subnet, strict=False)
+        self.gateway = IPAddress(gateway) if gateway else self.subnet.network_address + 1
+        self.start = IPAddress(range_start) if range_start else self.subnet.network_address + 1
+        self.end = IPAddress(range_end) if range_end else self.subnet.broadcast_address - 1
         self._taken: set[IPAddress] | None = None
 
     @contextlib.contextmanager
@@ -76,10 +76,26 @@ class HostLocal:
         last = self._last()
         offset = (int(last) - int(self.start) + 1) if last and self.start <= last <= self.end else 0
         for step in range(size):
-            ip = IPAddress(int(self.start) + (offset + step) % size)
+            ip = self.start + (offset + step) % size
             if ip != self.gateway and ip not in self._taken:
                 return ip
         raise IpamError(f"no IP addresses available in range {self.start}-{self.end}")
+
+    def allocations(self) -> list[tuple[str, str, str]]:
+        """Every allocation as (ip, containerID, ifname)."""
+        assert self._taken is not None, "allocations() needs an open session()"
+        found = []
+        for ip in sorted(self._taken):
+            with contextlib.suppress(FileNotFoundError), open(self._path(ip), newline="") as fh:
+                owner = fh.read().split("\r\n") + [""]
+                found.append((str(ip), owner[0].strip(), owner[1].strip()))
+        return found
+
+    def release_ip(self, ip: str) -> None:
+        assert self._taken is not None, "release_ip() needs an open session()"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(ip))
+        self._taken.discard(IPAddress(ip))
 
     def release(self, container_id: str, ifname: str) -> list[str]:
         """Free every IP held by this attachment; nothing held is not an error."""

@@ -66,12 +66,29 @@ def resolve(record: dict, target: str) -> tuple[str, str, str]:
 # -- verbs ------------------------------------------------------------------------------------
 
 
+def cmd_cni_install(args) -> int:
+    """A symlink to the virtualenv's netsim-cni, named as a config's "type" names it."""
+    target = clustermod.plugin_executable()
+    os.makedirs(args.bin_dir, exist_ok=True)
+    link = os.path.join(args.bin_dir, "netsim")
+    if os.path.lexists(link):
+        if os.path.realpath(link) == os.path.realpath(target):
+            print(f"{link} -> {target} (already installed)")
+            return 0
+        if not os.path.islink(link):
+            raise NetsimError(f"{link} exists and is not netsim's: remove it first")
+        os.unlink(link)
+    os.symlink(target, link)
+    print(f"{link} -> {target}")
+    return 0
+
+
 def cmd_apply(args) -> int:
     model, notes = topology.load(args.file)
     for note in notes:
         print(f"netsim: {note}", file=sys.stderr)
     start = time.monotonic()
-    changes = clustermod.apply(model, progress)
+    changes = clustermod.apply(model, progress, cni_exec=args.cni == "exec")
     print(f"cluster/{model.name} {changes.summary()} ({model.mode}, "
           f"{len(model.nodes)} nodes, {len(model.pods)} pods) in "
           f"{time.monotonic() - start:.2f}s")
@@ -294,7 +311,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     a = sub.add_parser("apply", help="create or converge a cluster from a topology file")
     a.add_argument("-f", "--file", required=True)
+    a.add_argument("--cni", choices=("in-process", "exec"), default="in-process",
+                   help="wire new pods in-process (fast), or by executing each node's CNI "
+                        "config list as a container runtime does (runs chained plugins)")
     a.set_defaults(func=cmd_apply)
+    cni = sub.add_parser("cni", help="the CNI plugin executable")
+    cni_sub = cni.add_subparsers(dest="cni_command", required=True)
+    inst = cni_sub.add_parser("install", help="install netsim's plugin into a CNI bin directory "
+                              "under its type name, netsim")
+    inst.add_argument("--bin-dir", default="/opt/cni/bin")
+    inst.set_defaults(func=cmd_cni_install)
     d = sub.add_parser("delete", help="remove the cluster a topology file names")
     d.add_argument("-f", "--file", required=True)
     d.set_defaults(func=cmd_delete, name=None)

@@ -57,7 +57,8 @@ def spec_of(cluster: Cluster) -> dict:
             "subnet_len": cluster.subnet_len, "service_cidr": cluster.service_cidr,
             "mtu": cluster.mtu, "segments": [asdict(s) for s in cluster.segments],
             "nodes": [asdict(n) for n in cluster.nodes],
-            "clients": [asdict(c) for c in cluster.clients]}
+            "clients": [asdict(c) for c in cluster.clients],
+            "cni_version": cluster.cni_version, "cni_plugins": cluster.cni_plugins}
 
 
 @dataclass
@@ -122,7 +123,9 @@ def preflight(cluster: Cluster) -> None:
                           f"({taken[0]} ...): run `netsim gc` first")
 
 
-def apply(cluster: Cluster, progress: Progress = quiet) -> Changes:
+def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False) -> Changes:
+    """Converge the kernel to the topology. With cni_exec, new pods are wired by executing each
+    node's CNI config list as a runtime would, instead of in-process."""
     preflight(cluster)
     with state.locked(cluster.name):
         record = state.load(cluster.name)
@@ -138,7 +141,7 @@ def apply(cluster: Cluster, progress: Progress = quiet) -> Changes:
         try:
             if fresh:
                 record = _build_base(cluster, tx, progress, changes)
-            _reconcile_pods(cluster, record, tx, progress, changes)
+            _reconcile_pods(cluster, record, tx, progress, changes, cni_exec)
             _reconcile_services(cluster, record, changes)
             record["source"] = os.path.abspath(cluster.source) if cluster.source else ""
             if changes or fresh:
@@ -233,10 +236,52 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
 
 
 def _write_node_files(cluster: Cluster, node_name: str, node: dict, mode) -> None:
+    """subnet.env, and net.d/10-<mode>.conflist: the CNI config list a real node holds in
+    /etc/cni/net.d, usable as it is by a runtime run inside the node's namespace."""
     directory = state.node_dir(cluster.name, node_name)
     state.write_file(os.path.join(directory, "subnet.env"),
                      flannel.subnet_env(cluster.pod_network, node["subnet"],
                                         mode.pod_mtu(cluster.mtu)))
+    own = mode.cni_config(cluster.pod_network, node, cluster.mtu,
+                          os.path.join(directory, "ipam"))
+    conflist = {"cniVersion": cluster.cni_version, "name": CNI_NETWORK,
+                "plugins": [own] + cluster.cni_plugins}
+    state.write_file(conflist_path(cluster.name, node_name, cluster.mode),
+                     json.dumps(conflist, indent=2) + "\n")
+
+
+def conflist_path(cluster: str, node: str, mode: str) -> str:
+    return os.path.join(state.node_dir(cluster, node), "net.d", f"10-{mode}.conflist")
+
+
+def cni_bin_dir(cluster: str) -> str:
+    """A CNI bin directory holding netsim's plugin under its type name, `netsim`."""
+    directory = os.path.join(state.cluster_dir(cluster), "bin")
+    link = os.path.join(directory, "netsim")
+    if not os.path.exists(link):
+        os.makedirs(directory, exist_ok=True)
+        os.symlink(plugin_executable(), link)
+    return directory
+
+
+def plugin_executable() -> str:
+    """netsim-cni beside the interpreter running netsim (the virtualenv's bin)."""
+    path = os.path.join(os.path.dirname(sys.executable), "netsim-cni")
+    if not os.access(path, os.X_OK):
+        raise NetsimError(f"{path} not found: reinstall netsim (./bootstrap) to get the CNI "
+                          "executable")
+    return path
+
+
+def runtime(cluster: str, record: dict, node_name: str):
+    """A CNI runtime for one node: its config list, run inside the node's namespace, results
+    cached in the node's state."""
+    from cni.runtime import DEFAULT_PATH, Runtime
+
+    return Runtime(conflist_path(cluster, node_name, record["mode"]),
+                   [cni_bin_dir(cluster)] + DEFAULT_PATH,
+                   os.path.join(state.node_dir(cluster, node_name), "cni-cache"),
+                   run_in=record["nodes"][node_name]["netns"])
 
 
 def _write_etcd(cluster: Cluster, record: dict, mode) -> None:
@@ -280,7 +325,7 @@ def _pod_fingerprint(pod: Pod) -> dict:
 
 
 def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: Progress,
-                    changes: Changes) -> None:
+                    changes: Changes, cni_exec: bool = False) -> None:
     recorded = record["pods"]
     desired = {p.name: p for p in schedule(cluster, {n: r["node"] for n, r in recorded.items()})}
     stale = [n for n, r in recorded.items()
@@ -298,7 +343,7 @@ def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: P
         changes.removed += [f"pod {n}" for n in removing]
         state.save(record)  # removals are done: a later failure rolls back to this record
     if new:
-        _add_pods(cluster, record, new, tx, progress, changes)
+        (_exec_pods if cni_exec else _add_pods)(cluster, record, new, tx, progress, changes)
         _sync_agents(record, cluster.name, sorted({p.node for p in new}))
 
 
@@ -306,7 +351,7 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
               progress: Progress, changes: Changes) -> None:
     from cni import modes
     from cni.modes import bridge
-    from netsim.kernel.netlink import Rtnl
+    from netsim.kernel.netlink import IFINDEX, Rtnl
 
     mode = modes.get(cluster.mode)
     mtu = mode.pod_mtu(cluster.mtu)
@@ -317,6 +362,7 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
     for node_name, node_pods in by_node.items():
         node = record["nodes"][node_name]
         ipam = _ipam(cluster.name, node_name, node["subnet"])
+        routes = bridge.pod_routes(cluster.pod_network, node["subnet"])
         entries = {}
         with ipam.session():
             for pod in node_pods:
@@ -324,7 +370,7 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
                 tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
                 entries[pod.name] = {
                     "node": node_name, "netns": ns_name(cluster.name, "pod", pod.name), "ip": ip,
-                    "veth": bridge.veth_name(cluster.name, pod.name),
+                    "veth": bridge.veth_name(pod.name, "eth0"),
                     "ifindex": node["next_ifindex"], "labels": pod.labels, "owner": pod.owner,
                     "spec": _pod_fingerprint(pod), "ports": list(pod.serve_ports),
                     "commands": [list(c.command) for c in pod.containers if c.command]}
@@ -344,13 +390,53 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
                 os.close(fd)
         for pod_name, entry in entries.items():
             with Rtnl(entry["netns"]) as rt:
-                bridge.attach_pod_side(rt, entry["ip"], node["subnet"], cluster.pod_network)
+                rt.link_up(IFINDEX.LO, "lo")  # what a runtime's loopback plugin does
+                bridge.attach_pod_side(rt, entry["ip"], IPNetwork(node["subnet"]).prefixlen,
+                                       routes)
                 rt.commit()
             record["pods"][pod_name] = entry
             tx.on_undo(f"record of {pod_name}", lambda p=pod_name: record["pods"].pop(p, None))
             changes.created.append(f"pod {pod_name}")
         done += len(entries)
         progress(f"pods: {done}/{len(pods)}")
+
+
+def _exec_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
+               progress: Progress, changes: Changes) -> None:
+    """Wire each pod by executing its node's CNI chain, as containerd would: ADD through every
+    plugin, the result cached; a failure runs DEL through the chain."""
+    from cni.spec import CniError
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    for done, pod in enumerate(pods, 1):
+        netns = ns_name(cluster.name, "pod", pod.name)
+        tx.netns(netns)
+        rt = runtime(cluster.name, record, pod.node)
+        path = nsmod.path(netns)
+        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name}"
+        try:
+            result = rt.add(pod.name, path, "eth0", args)
+        except CniError as exc:
+            try:
+                rt.delete(pod.name, path, "eth0")
+            except CniError:
+                pass  # the ADD's own failure is the one to report
+            raise NetsimError(f"CNI ADD for pod {pod.name} failed (code {exc.code}): {exc.msg}"
+                              + (f" ({exc.details})" if exc.details else "")) from None
+        tx.on_undo(f"CNI DEL of {pod.name}", lambda r=rt, p=pod.name, n=path: r.delete(p, n))
+        with Rtnl(netns) as pod_rt:
+            pod_rt.link_up(IFINDEX.LO, "lo")  # the runtime's loopback plugin
+            pod_rt.commit()
+        address = next(ip["address"] for ip in result["ips"])
+        record["pods"][pod.name] = {
+            "node": pod.node, "netns": netns, "ip": address.split("/")[0],
+            "veth": result["interfaces"][0]["name"], "via": "cni-exec",
+            "labels": pod.labels, "owner": pod.owner, "spec": _pod_fingerprint(pod),
+            "ports": list(pod.serve_ports),
+            "commands": [list(c.command) for c in pod.containers if c.command]}
+        tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record["pods"].pop(p, None))
+        changes.created.append(f"pod {pod.name}")
+        progress(f"pods: {done}/{len(pods)} (CNI exec)")
 
 
 def _ipam(cluster: str, node: str, subnet: str) -> HostLocal:
@@ -390,9 +476,13 @@ def _remove_pods(cluster: str, record: dict, removing: dict, progress: Progress)
         by_node.setdefault(entry["node"], []).append((name, entry))
     for node_name, items in by_node.items():
         node = record["nodes"][node_name]
+        for name, entry in items:
+            if entry.get("via") == "cni-exec":  # DEL through the chain, as it was added
+                runtime(cluster, record, node_name).delete(name, nsmod.path(entry["netns"]))
         with Rtnl(node["netns"]) as rt:
             for _, entry in items:
-                rt.link_delete(entry["ifindex"], entry["veth"])
+                if entry.get("via") != "cni-exec":
+                    rt.link_delete(entry["ifindex"], entry["veth"])
             rt.commit()
         ipam = _ipam(cluster, node_name, node["subnet"])
         with ipam.session():

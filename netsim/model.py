@@ -94,6 +94,8 @@ class Cluster:
     clients: list[ExternalClient] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
+    cni_version: str = "1.0.0"  # of the node's CNI config list
+    cni_plugins: list[dict] = field(default_factory=list)  # chained after netsim's plugin
     source: str = ""  # the file it came from
 
     def node(self, name: str) -> Node:

@@ -6,6 +6,7 @@ anything touches the kernel. Fields netsim does not model are collected and repo
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from typing import Any
@@ -14,6 +15,7 @@ import yaml
 from netaddr import IPAddress, IPNetwork
 
 from cni.modes import MODES  # mode names only: importing it does not load pyroute2
+from cni.spec import VERSIONS as CNI_VERSIONS
 from netsim.errors import TopologyError
 from netsim.model import (
     HOSTNAME_PORT,
@@ -32,10 +34,12 @@ DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
 NODE_PORT_RANGE = (30000, 32767)
+CNI_VERSION = "1.0.0"  # the newest that Debian's reference plugins accept in a chain
 
 _KNOWN = {
     "Cluster": {"apiVersion", "kind", "metadata", "metadata.name", "spec", "spec.cni",
-                "spec.cni.mode", "spec.cni.flannel", "spec.cni.flannel.Network",
+                "spec.cni.mode", "spec.cni.cniVersion", "spec.cni.plugins", "spec.cni.flannel",
+                "spec.cni.flannel.Network",
                 "spec.cni.flannel.SubnetLen", "spec.serviceCIDR", "spec.underlay",
                 "spec.underlay.mtu", "spec.underlay.segments", "spec.nodes",
                 "spec.externalClients"},
@@ -230,9 +234,27 @@ def _cluster(doc: _Doc) -> Cluster:
     if mode == "flannel-host-gw" and len({n.segment for n in nodes}) > 1:
         raise doc.fail("spec.nodes", "host-gw needs every node on one L2 segment",
                        "put all nodes on one segment, or use mode flannel-vxlan")
+    cni_version, plugins = _chain(doc)
     return Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
                    service_cidr=str(service_cidr), mtu=mtu, segments=segments,
-                   nodes=[replace(n) for n in nodes], clients=clients)
+                   nodes=[replace(n) for n in nodes], clients=clients, cni_version=cni_version,
+                   cni_plugins=plugins)
+
+
+def _chain(doc: _Doc) -> tuple[str, list[dict]]:
+    """The node's CNI config list: its version, and plugins to run after netsim's own."""
+    version = doc.get("spec.cni.cniVersion", CNI_VERSION, str)
+    if version not in CNI_VERSIONS:
+        raise doc.fail("spec.cni.cniVersion", f"unsupported version {version!r}",
+                       f"use one of {', '.join(CNI_VERSIONS)} (Debian's reference plugins "
+                       "take up to 1.0.0)")
+    plugins = doc.get("spec.cni.plugins", [], list)
+    for i, plugin in enumerate(plugins):
+        if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) or \
+                not plugin["type"] or "/" in plugin["type"]:
+            raise doc.fail(f"spec.cni.plugins[{i}]", "each plugin needs a \"type\": the name "
+                           "of its executable", "for example {type: tuning, sysctl: {...}}")
+    return version, json.loads(json.dumps(plugins))
 
 
 def _segments(doc: _Doc) -> list[Segment]:

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Network
 
-from netaddr import IPNetwork
+
+class FlannelBackend:
+    """What every flannel backend's mode shares: the node's CNI network config."""
+
+    name = ""
+
+    def pod_mtu(self, underlay_mtu: int) -> int:
+        return underlay_mtu
+
+    def cni_config(self, network: str, node: dict, underlay_mtu: int, data_dir: str) -> dict:
+        """netsim's plugin entry of the node's config list: what subnet.env carries (network,
+        subnet, MTU) and a host-local compatible store whose routes reach the whole network."""
+        return {"type": "netsim", "mode": self.name,
+                "node": {"network": network, "subnet": node["subnet"],
+                         "mtu": self.pod_mtu(underlay_mtu)},
+                "isDefaultGateway": True,
+                "ipam": {"type": "netsim-host-local", "ranges": [[{"subnet": node["subnet"]}]],
+                         "routes": [{"dst": network}], "dataDir": data_dir}}
 
 
 def lease_key(subnet: str) -> str:
@@ -28,7 +46,7 @@ def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
                      leased: dict[str, str]) -> dict[str, str]:
     """A /SubnetLen per node, starting at SubnetMin (the network's second subnet) as flannel
     does; a node keeps the lease it already holds."""
-    subnets = [str(s) for s in IPNetwork(network).subnet(subnet_len)][1:]
+    subnets = [str(s) for s in IPv4Network(network).subnets(new_prefix=subnet_len)][1:]
     result = {n: leased[n] for n in nodes if leased.get(n) in subnets}
     free = (s for s in subnets if s not in result.values())
     for node in nodes:
@@ -39,8 +57,8 @@ def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
 
 def subnet_env(network: str, subnet: str, mtu: int) -> str:
     """/run/flannel/subnet.env as flannel writes it on a node."""
-    net = IPNetwork(subnet)
-    return (f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={net.network + 1}/{net.prefixlen}\n"
+    net = IPv4Network(subnet)
+    return (f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={net.network_address + 1}/{net.prefixlen}\n"
             f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
 
 

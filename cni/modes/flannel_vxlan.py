@@ -10,10 +10,9 @@ The order matters: with the route first the kernel would ARP for the gateway ove
 from __future__ import annotations
 
 import hashlib
+from ipaddress import IPv4Network
 
-from netaddr import IPNetwork
-
-from cni.modes import bridge
+from cni.modes import bridge, flannel
 from netsim.kernel.netlink import IFINDEX, Rtnl
 
 VNI = 1
@@ -22,7 +21,7 @@ DEVICE = f"flannel.{VNI}"
 OVERHEAD = 50
 
 
-class FlannelVxlan:
+class FlannelVxlan(flannel.FlannelBackend):
     name = "flannel-vxlan"
     backend = "vxlan"
     tunnel = DEVICE
@@ -40,14 +39,21 @@ class FlannelVxlan:
         return {"vtep_mac": ":".join(f"{b:02x}" for b in (0x02,) + tuple(digest[:5]))}
 
     def setup_node(self, rtnl: Rtnl, node: dict, underlay_mtu: int) -> None:
-        vtep = str(IPNetwork(node["subnet"]).network)
+        vtep = str(IPv4Network(node["subnet"]).network_address)
         rtnl.vxlan(DEVICE, IFINDEX.TUNNEL, VNI, node["ip"], IFINDEX.ETH0, PORT,
                    self.pod_mtu(underlay_mtu), node["vtep_mac"])
         rtnl.address(IFINDEX.TUNNEL, vtep, 32, DEVICE)
         bridge.setup_bridge(rtnl, node["subnet"], self.pod_mtu(underlay_mtu))
 
+    def ready(self, rtnl: Rtnl) -> str | None:
+        """Why pods cannot be wired on this node yet (CNI STATUS), or None."""
+        link = rtnl.link(DEVICE)
+        if link is None or not link["up"]:
+            return f"{DEVICE} is {'down' if link else 'missing'}: flanneld has not set up this node"
+        return None
+
     def add_peer(self, rtnl: Rtnl, node: dict, peer: dict) -> None:
-        vtep = str(IPNetwork(peer["subnet"]).network)
+        vtep = str(IPv4Network(peer["subnet"]).network_address)
         rtnl.neighbour(IFINDEX.TUNNEL, vtep, peer["vtep_mac"], DEVICE)
         rtnl.fdb(IFINDEX.TUNNEL, peer["vtep_mac"], peer["ip"], DEVICE)
         rtnl.route(peer["subnet"], IFINDEX.TUNNEL, gateway=vtep, onlink=True)

@@ -16,10 +16,12 @@ import struct
 from dataclasses import dataclass, field
 from socket import AF_BRIDGE, AF_INET
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETROUTE,
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWNEIGH,
@@ -32,6 +34,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
+from netsim.kernel import pyroute2_light  # noqa: I001 (before any pyroute2 import)
 
 IFF_UP = 0x1
 NUD_PERMANENT = 0x80
@@ -40,7 +43,7 @@ RTNH_F_ONLINK = 0x04
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 RTPROT_BOOT, RTPROT_STATIC = 3, 4
 RTN_UNICAST, RTN_BLACKHOLE = 1, 6
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
 NLMSGERR_ATTR_MSG = 1
@@ -69,10 +72,10 @@ class _Request:
 class Rtnl:
     """Queue changes, then `commit()` sends them; `ipr` answers queries."""
 
-    netns: str
+    netns: str | None  # a name under /run/netns, a netns path, or None for this namespace
     _pending: list[_Request] = field(default_factory=list)
     _sock: socket.socket | None = None
-    _ipr: IPRoute | None = None
+    _ipr: object | None = None
     _seq: int = 0
 
     def __post_init__(self) -> None:
@@ -82,11 +85,12 @@ class Rtnl:
         self._sock.bind((0, 0))
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self):
         """A pyroute2 IPRoute in the same namespace, opened on first use."""
         if self._ipr is None:
+            pyroute2 = pyroute2_light.full()
             with nsmod.entered(self.netns):
-                self._ipr = IPRoute()
+                self._ipr = pyroute2.IPRoute()
         return self._ipr
 
     def close(self) -> None:
@@ -114,12 +118,14 @@ class Rtnl:
         self._pending.append(_Request(self._seq, bytes(msg.data), what, tuple(tolerate)))
 
     @staticmethod
-    def _link(index: int, flags: int = 0, family: int = 0) -> ifinfmsg:
+    def _link(index: int, flags: int = 0, family: int = 0, ifname: str | None = None) -> ifinfmsg:
+        """A link message; index 0 with a name lets the kernel find the link by name."""
         msg = ifinfmsg()
         msg["family"] = family
         msg["index"] = index
         msg["flags"] = flags
         msg["change"] = IFF_UP if flags & IFF_UP else 0
+        msg["attrs"] = [("IFLA_IFNAME", ifname)] if ifname and not index else []
         return msg
 
     def _add_link(self, index: int, ifname: str, kind: int | None, info, up: bool, what: str,
@@ -175,20 +181,18 @@ class Rtnl:
                        mtu=mtu, mac=mac)
 
     def link_up(self, index: int, what: str) -> None:
-        msg = self._link(index, IFF_UP)
-        msg["attrs"] = []
-        self._queue(msg, RTM_NEWLINK, 0, f"set {what} up")
+        """Set a link up, by index, or by name (`what`) with index 0."""
+        self._queue(self._link(index, IFF_UP, ifname=what), RTM_NEWLINK, 0, f"set {what} up")
 
     def link_delete(self, index: int, what: str) -> None:
-        """Delete a link; a link already gone is not an error."""
-        msg = self._link(index)
-        msg["attrs"] = []
-        self._queue(msg, RTM_DELLINK, 0, f"delete {what}", tolerate=(19,))  # ENODEV
+        """Delete a link (by index, or by name with index 0); one already gone is no error."""
+        self._queue(self._link(index, ifname=what), RTM_DELLINK, 0, f"delete {what}",
+                    tolerate=(19,))  # ENODEV
 
     def hairpin(self, index: int, what: str) -> None:
         """Let a bridge port send a frame back out where it came in (pod -> own Service)."""
-        msg = self._link(index)
-        msg["attrs"] = [("IFLA_LINKINFO", {"attrs": [
+        msg = self._link(index, ifname=what)
+        msg["attrs"] += [("IFLA_LINKINFO", {"attrs": [
             ("IFLA_INFO_SLAVE_KIND", "bridge"),
             ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_MODE", 1)]}),
         ]})]
@@ -244,6 +248,73 @@ class Rtnl:
         self._queue(msg, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL,
                     f"add fdb {mac} dst {dst} on {what}")
 
+    # -- queries -------------------------------------------------------------------------------
+
+    def _dump(self, msg, kind: int, cls, flags: int = NLM_F_DUMP) -> list:
+        """Send one request and decode every answer with pyroute2's message class."""
+        self._seq += 1
+        seq = self._seq
+        msg["header"]["type"], msg["header"]["flags"] = kind, NLM_F_REQUEST | flags
+        msg["header"]["sequence_number"], msg["header"]["pid"] = seq, 0
+        msg.encode()
+        self._sock.send(bytes(msg.data))
+        found = []
+        while True:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, _, mseq, _ = struct.unpack_from("=IHHII", data, offset)
+                if mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        return found
+                    if mtype == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", data, offset + 16)[0]
+                        if err == 19:  # ENODEV: asked by name for a link that is not there
+                            return found
+                        if err:
+                            raise KernelError(err, "query", self.netns)
+                        return found
+                    answer = cls(data[offset:offset + length])
+                    answer.decode()
+                    found.append(answer)
+                    if not flags & NLM_F_DUMP:
+                        return found
+                offset += (length + 3) & ~3
+
+    def link(self, ifname: str) -> dict | None:
+        """The link with this name: index, mac, mtu, up, master, kind; None if absent."""
+        msg = ifinfmsg()
+        msg["family"], msg["index"] = 0, 0
+        msg["attrs"] = [("IFLA_IFNAME", ifname)]
+        found = self._dump(msg, RTM_GETLINK, ifinfmsg, flags=0)
+        return _link_dict(found[0]) if found else None
+
+    def links(self) -> list[dict]:
+        """Every link, as `link()` describes one."""
+        msg = ifinfmsg()
+        msg["family"] = 0
+        return [_link_dict(answer) for answer in self._dump(msg, RTM_GETLINK, ifinfmsg)]
+
+    def addresses(self) -> list[tuple[int, str, int]]:
+        """Every IPv4 address as (ifindex, address, prefixlen)."""
+        msg = ifaddrmsg()
+        msg["family"] = AF_INET
+        return [(a["index"], a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                for a in self._dump(msg, RTM_GETADDR, ifaddrmsg)]
+
+    def routes(self, table: int = 254) -> list[dict]:
+        """IPv4 routes of a table as {dst ('a.b.c.d/n' or 'default'), gateway, oif, scope}."""
+        msg = rtmsg()
+        msg["family"] = AF_INET
+        found = []
+        for r in self._dump(msg, RTM_GETROUTE, rtmsg):
+            if (r.get_attr("RTA_TABLE") or r["table"]) != table:
+                continue
+            dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}" if r["dst_len"] else "default"
+            found.append({"dst": dst, "gateway": r.get_attr("RTA_GATEWAY"),
+                          "oif": r.get_attr("RTA_OIF"), "scope": r["scope"]})
+        return found
+
     # -- sending -------------------------------------------------------------------------------
 
     def commit(self) -> int:
@@ -276,6 +347,15 @@ class Rtnl:
                 offset += (length + 3) & ~3
         if failure is not None:
             raise failure
+
+
+def _link_dict(answer: ifinfmsg) -> dict:
+    info = answer.get_attr("IFLA_LINKINFO")
+    return {"index": answer["index"], "name": answer.get_attr("IFLA_IFNAME"),
+            "mac": answer.get_attr("IFLA_ADDRESS"), "mtu": answer.get_attr("IFLA_MTU"),
+            "up": bool(answer["flags"] & IFF_UP), "master": answer.get_attr("IFLA_MASTER"),
+            "alias": answer.get_attr("IFLA_IFALIAS"),
+            "kind": info.get_attr("IFLA_INFO_KIND") if info else None}
 
 
 def _extack(data: bytes, offset: int, length: int, flags: int) -> str:

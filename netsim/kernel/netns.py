@@ -34,7 +34,8 @@ def _check(result: int, what: str, name: str | None) -> None:
 
 
 def path(name: str) -> str:
-    return os.path.join(RUN_DIR, name)
+    """A netns name under /run/netns, or any absolute path to a netns file as CNI passes."""
+    return name if name.startswith("/") else os.path.join(RUN_DIR, name)
 
 
 def _prepare_run_dir() -> None:
@@ -98,8 +99,11 @@ def remove(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def entered(name: str) -> Iterator[None]:
-    """Run the block with this thread inside the namespace; always come back."""
+def entered(name: str | None) -> Iterator[None]:
+    """Run the block with this thread inside the namespace (None: stay); always come back."""
+    if name is None:
+        yield
+        return
     try:
         fd = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

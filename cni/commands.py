@@ -1,0 +1,237 @@
+"""One entry function per CNI command, for one attachment (containerID, ifname).
+
+The executable calls these from the node's namespace (host_netns None); netsim can call them
+in-process for a node namespace by name. ADD undoes its own work on any failure; DEL succeeds
+when the namespace, the interface or the allocation is already gone, and always releases the
+address; CHECK compares prevResult with the kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from cni import invoke, spec
+from cni.ipam import HostLocal, IpamError
+from cni.modes import bridge
+from cni.spec import CniError, Env, NetConf
+from netsim.errors import KernelError
+from netsim.kernel import netns as nsmod
+from netsim.kernel.netlink import Rtnl
+
+# -- IPAM -------------------------------------------------------------------------------------
+
+
+def _store(conf: NetConf) -> HostLocal:
+    """netsim's built-in host-local compatible store, from the ipam section."""
+    ipam = conf.ipam
+    ranges = ipam.get("ranges") or [[{"subnet": ipam.get("subnet") or conf.subnet}]]
+    if (not isinstance(ranges, list) or len(ranges) != 1 or not isinstance(ranges[0], list)
+            or len(ranges[0]) != 1 or not isinstance(ranges[0][0], dict)):
+        raise CniError(spec.INVALID_CONFIG, "invalid field ipam.ranges: netsim-host-local takes "
+                       "one range set with one range", "use [[{\"subnet\": \"10.244.1.0/24\"}]], "
+                       "or ipam type host-local for more")
+    rng = ranges[0][0]
+    try:
+        return HostLocal(ipam.get("dataDir") or spec.DEFAULT_DATA_DIR, conf.name,
+                         str(ipaddress.IPv4Network(rng.get("subnet") or conf.subnet,
+                                                   strict=False)),
+                         rng.get("gateway"), rng.get("rangeStart"), rng.get("rangeEnd"))
+    except ValueError as exc:
+        raise CniError(spec.INVALID_CONFIG, f"invalid field ipam.ranges: {exc}") from None
+
+
+def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
+    """(ips, routes) for the attachment, from the built-in store or the delegated plugin."""
+    if conf.ipam["type"] != spec.BUILTIN_IPAM:
+        answer = invoke.execute(conf.ipam["type"], "ADD", env.path, conf.raw, env.container_id,
+                                env.netns, env.ifname, env.args_text) or {}
+        ips = [ip for ip in answer.get("ips", []) if ":" not in ip.get("address", ":")]
+        if not ips:
+            _ipam_del(conf, env)
+            raise CniError(spec.IPAM_FAILURE, f"IPAM plugin {conf.ipam['type']} returned no "
+                           f"IPv4 address")
+        return ips, answer.get("routes") or []
+    store = _store(conf)
+    wanted = spec.requested_ips(conf, env)
+    try:
+        with store.session():
+            ip = store.allocate(env.container_id, env.ifname, wanted[0] if wanted else None)
+    except IpamError as exc:
+        raise CniError(spec.IPAM_FAILURE, str(exc)) from None
+    except OSError as exc:
+        raise CniError(spec.IO_FAILURE, f"IPAM store {store.dir}: {exc}") from None
+    routes = [r for r in conf.ipam.get("routes") or [] if isinstance(r, dict) and "dst" in r]
+    return ([{"address": f"{ip}/{store.subnet.prefixlen}", "gateway": str(store.gateway)}],
+            routes)
+
+
+def _ipam_del(conf: NetConf, env: Env) -> None:
+    if conf.ipam["type"] != spec.BUILTIN_IPAM:
+        invoke.execute(conf.ipam["type"], "DEL", env.path, conf.raw, env.container_id,
+                       env.netns, env.ifname, env.args_text)
+        return
+    store = _store(conf)
+    try:
+        with store.session():
+            store.release(env.container_id, env.ifname)
+    except OSError as exc:
+        raise CniError(spec.IO_FAILURE, f"IPAM store {store.dir}: {exc}") from None
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def add(conf: NetConf, env: Env, host_netns: str | None = None) -> dict:
+    try:
+        pod_fd = nsmod.open_fd(env.netns)
+    except KernelError:
+        raise CniError(spec.UNKNOWN_CONTAINER, f"netns {env.netns} does not exist",
+                       "CNI_NETNS must name the container's network namespace") from None
+    veth = bridge.veth_name(env.container_id, env.ifname)
+    try:
+        with Rtnl(env.netns) as pod, Rtnl(host_netns) as node:
+            if pod.link(env.ifname) is not None:
+                raise CniError(spec.INTERFACE_EXISTS, f"interface {env.ifname} already exists "
+                               f"in netns {env.netns}")
+            if node.link(veth) is not None:
+                raise CniError(spec.INTERFACE_EXISTS, f"host interface {veth} for container "
+                               f"{env.container_id} {env.ifname} already exists")
+            ips, routes = _ipam_add(conf, env)
+            try:
+                return _wire(conf, env, pod, node, pod_fd, veth, ips, routes)
+            except BaseException:
+                node.link_delete(0, veth)
+                node.commit()
+                _ipam_del(conf, env)
+                raise
+    except KernelError as exc:
+        raise CniError(spec.KERNEL_FAILURE, str(exc)) from None
+    finally:
+        os.close(pod_fd)
+
+
+def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str,
+          ips: list[dict], routes: list[dict]) -> dict:
+    gateway = ips[0].get("gateway") or conf.gateway
+    address = ipaddress.IPv4Interface(ips[0]["address"])
+    pairs = [(r["dst"] if r["dst"] != "0.0.0.0/0" else "default", r.get("gw") or gateway)
+             for r in routes]
+    if conf.is_default_gateway and not any(dst == "default" for dst, _ in pairs):
+        pairs.append(("default", gateway))
+    bridge_index = bridge.ensure_bridge(node, conf.subnet, conf.mtu)
+    bridge.attach_host_side(node, pod_fd, veth, 0, conf.mtu, f"{env.container_id}/{env.ifname}",
+                            pod_ifname=env.ifname, pod_index=0, bridge=bridge_index)
+    node.commit()
+    inside = pod.link(env.ifname)
+    bridge.attach_pod_side(pod, str(address.ip), address.network.prefixlen, pairs,
+                           ifname=env.ifname, index=inside["index"])
+    pod.commit()
+    host = node.link(veth)
+    interfaces = [{"name": veth, "mac": host["mac"]},
+                  {"name": env.ifname, "mac": inside["mac"], "sandbox": env.netns}]
+    return spec.extend(conf.prev_result, conf.version, interfaces,
+                       [{"address": str(address), "gateway": gateway, "interface": 1}],
+                       [{"dst": "0.0.0.0/0" if dst == "default" else dst, "gw": via}
+                        for dst, via in pairs])
+
+
+def delete(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
+    """Remove the veth (the kernel takes the pod's end with it) and release the address; what
+    is already gone is not an error, and the address is released even if the first part fails."""
+    problem = None
+    try:
+        with Rtnl(host_netns) as node:
+            node.link_delete(0, bridge.veth_name(env.container_id, env.ifname))
+            node.commit()
+    except KernelError as exc:
+        problem = CniError(spec.KERNEL_FAILURE, str(exc))
+    _ipam_del(conf, env)
+    if problem:
+        raise problem
+
+
+def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
+    prev = conf.prev_result
+    if not prev:
+        raise CniError(spec.INVALID_CONFIG, "missing field prevResult: CHECK compares the ADD "
+                       "result the runtime cached with the kernel")
+    if not nsmod.exists(env.netns):
+        raise CniError(spec.UNKNOWN_CONTAINER, f"netns {env.netns} does not exist")
+    interfaces = prev.get("interfaces") or []
+    mine = [i for i, itf in enumerate(interfaces)
+            if itf.get("name") == env.ifname and itf.get("sandbox") == env.netns]
+    if not mine:
+        raise CniError(spec.CHECK_FAILED, f"prevResult has no interface {env.ifname} in sandbox "
+                       f"{env.netns}")
+    wanted = interfaces[mine[0]]
+    veth = bridge.veth_name(env.container_id, env.ifname)
+    try:
+        with Rtnl(env.netns) as pod, Rtnl(host_netns) as node:
+            link = pod.link(env.ifname)
+            if link is None:
+                _fail(f"interface {env.ifname} is missing in netns {env.netns}")
+            if wanted.get("mac") and wanted["mac"].lower() != (link["mac"] or "").lower():
+                _fail(f"interface {env.ifname} has MAC {link['mac']}, prevResult says "
+                      f"{wanted['mac']}")
+            host = node.link(veth)
+            if host is None:
+                _fail(f"host interface {veth} of {env.ifname} is missing")
+            if host["master"] != (node.link(bridge.BRIDGE) or {}).get("index"):
+                _fail(f"host interface {veth} is not attached to {bridge.BRIDGE}")
+            have = {f"{a}/{p}" for index, a, p in pod.addresses() if index == link["index"]}
+            for ip in prev.get("ips") or []:
+                if ip.get("interface") == mine[0] and ip["address"] not in have:
+                    _fail(f"address {ip['address']} is missing on {env.ifname} in netns "
+                          f"{env.netns}")
+            routes = {(r["dst"], r["gateway"]) for r in pod.routes()}
+            for route in prev.get("routes") or []:
+                dst = "default" if route["dst"] == "0.0.0.0/0" else route["dst"]
+                if (dst, route.get("gw")) not in routes and not (
+                        not route.get("gw") and any(d == dst for d, _ in routes)):
+                    via = f" via {route['gw']}" if route.get("gw") else ""
+                    _fail(f"route {route['dst']}{via} is missing in netns {env.netns}")
+    except KernelError as exc:
+        raise CniError(spec.KERNEL_FAILURE, str(exc)) from None
+
+
+def _fail(message: str) -> None:
+    raise CniError(spec.CHECK_FAILED, message)
+
+
+def _check_ready(conf: NetConf, node: Rtnl) -> None:
+    from cni import modes
+
+    problem = modes.get(conf.mode).ready(node)
+    if problem:
+        raise CniError(spec.NOT_AVAILABLE, f"{conf.mode} is not ready: {problem}")
+
+
+def status(conf: NetConf, host_netns: str | None = None) -> None:
+    """Ready when the node's mode is set up (code 50 otherwise)."""
+    with Rtnl(host_netns) as node:
+        _check_ready(conf, node)
+
+
+def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
+    """Release every allocation, and remove every veth this plugin made, whose attachment is
+    not in cni.dev/valid-attachments (or the older cni.dev/attachments)."""
+    valid_list = conf.raw.get("cni.dev/valid-attachments", conf.raw.get("cni.dev/attachments"))
+    if not isinstance(valid_list, list):
+        raise CniError(spec.INVALID_CONFIG, "missing field cni.dev/valid-attachments",
+                       "GC needs the list of attachments to keep")
+    valid = {(a.get("containerID"), a.get("ifname")) for a in valid_list if isinstance(a, dict)}
+    keep = {bridge.veth_name(cid, ifname) for cid, ifname in valid}
+    with Rtnl(host_netns) as node:
+        cni0 = (node.link(bridge.BRIDGE) or {}).get("index")
+        for link in node.links():
+            if (cni0 and link["master"] == cni0 and "/" in (link["alias"] or "")
+                    and link["name"] not in keep):
+                node.link_delete(link["index"], link["name"])
+        node.commit()
+    if conf.ipam["type"] == spec.BUILTIN_IPAM:
+        store = _store(conf)
+        with store.session():
+            for ip, container_id, ifname in store.allocations():
+                if (container_id, ifname) not in valid:
+                    store.release_ip(ip)
