@@ -1,1 +1,3 @@
-"""The only code that talks to the kernel: namespaces, netlink, sysctls, nftables, processes."""
+"""The only code that talks to the kernel. pyroute2_light goes first: see its docstring."""
+
+from netsim.kernel import pyroute2_light  # noqa: F401

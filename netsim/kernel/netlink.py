@@ -34,7 +34,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
-from netsim.kernel import pyroute2_light  # noqa: I001 (before any pyroute2 import)
+from netsim.kernel import pyroute2_light
 
 IFF_UP = 0x1
 NUD_PERMANENT = 0x80
@@ -139,11 +139,13 @@ class Rtnl:
             attrs.append(("IFLA_ADDRESS", mac))
         if master:
             attrs.append(("IFLA_MASTER", master))
-        if alias:
-            attrs.append(("IFLA_IFALIAS", alias))
         attrs.append(("IFLA_LINKINFO", {"attrs": info}))
         msg["attrs"] = attrs
         self._queue(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL | (kind or 0), what)
+        if alias:  # the kernel ignores IFLA_IFALIAS when it creates a link: set it after
+            alias_msg = self._link(index, ifname=ifname)
+            alias_msg["attrs"].append(("IFLA_IFALIAS", alias))
+            self._queue(alias_msg, RTM_NEWLINK, 0, f"set alias of {ifname}")
 
     # -- links ---------------------------------------------------------------------------------
 

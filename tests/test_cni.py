@@ -1,0 +1,330 @@
+"""The CNI executable driven as a runtime drives it: CNI_* environment, config on stdin, result
+or error on stdout, exit status; in throwaway node and pod namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from netsim.kernel import netns as nsmod
+from tests.conftest import ip_json, needs_root, run_netsim
+
+pytestmark = needs_root
+PLUGIN = str(Path(sys.executable).parent / "netsim-cni")
+DEBIAN_CNI = "/usr/lib/cni"
+SUBNET = "10.244.1.0/24"
+
+
+class Node:
+    """A throwaway node namespace, pods in their own namespaces, an IPAM store in tmp."""
+
+    def __init__(self, tmp_path: Path, mode: str = "flannel-host-gw", version: str = "1.0.0"):
+        self.prefix = f"netsim.tc{uuid.uuid4().hex[:8]}"
+        self.netns = f"{self.prefix}.node"
+        self.data_dir = str(tmp_path / "ipam")
+        self.made = [self.netns]
+        nsmod.create(self.netns)
+        self.conf = {"cniVersion": version, "name": "cbr0", "type": "netsim", "mode": mode,
+                     "node": {"network": "10.244.0.0/16", "subnet": SUBNET, "mtu": 1450},
+                     "ipam": {"type": "netsim-host-local", "ranges": [[{"subnet": SUBNET}]],
+                              "routes": [{"dst": "10.244.0.0/16"}], "dataDir": self.data_dir}}
+
+    def pod(self, name: str) -> str:
+        netns = f"{self.prefix}.{name}"
+        nsmod.create(netns)
+        self.made.append(netns)
+        return nsmod.path(netns)
+
+    def cni(self, command: str, container: str = "c1", netns: str = "", ifname: str = "eth0",
+            conf: dict | bytes | None = None, drop: str = "", **extra: str):
+        """Run the plugin in the node's namespace; (exit status, decoded stdout)."""
+        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": container,
+               "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": DEBIAN_CNI, **extra}
+        env.pop(drop, None)
+        stdin = conf if isinstance(conf, bytes) else json.dumps(conf or self.conf).encode()
+        done = subprocess.run([PLUGIN], input=stdin, env=env, capture_output=True, timeout=30,
+                              preexec_fn=lambda: nsmod.enter_for_exec(self.netns))
+        out = done.stdout.decode()
+        return done.returncode, (json.loads(out) if out.strip() else None)
+
+    def allocated(self) -> list[str]:
+        store = Path(self.data_dir) / "cbr0"
+        return sorted(p.name for p in store.iterdir() if p.name[0].isdigit()) \
+            if store.exists() else []
+
+    def veths(self) -> list[str]:
+        return [link["ifname"] for link in ip_json(self.netns, "link")
+                if link["ifname"].startswith("veth")]
+
+    def remove(self) -> None:
+        for netns in self.made:
+            nsmod.remove(netns)
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = Node(tmp_path)
+    yield n
+    n.remove()
+
+
+def with_prev(conf: dict, result: dict) -> dict:
+    return {**conf, "prevResult": result}
+
+
+def test_version_lists_every_supported_version(node):
+    code, out = node.cni("VERSION", conf={"cniVersion": "1.1.0"})
+    assert code == 0
+    assert out == {"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+
+
+@pytest.mark.parametrize("mode,version", [("flannel-host-gw", "0.4.0"),
+                                          ("flannel-vxlan", "1.0.0"),
+                                          ("flannel-host-gw", "1.1.0")])
+def test_add_check_del_del(tmp_path, mode, version):
+    node = Node(tmp_path, mode, version)
+    try:
+        pod = node.pod("p1")
+        code, result = node.cni("ADD", netns=pod)
+        assert code == 0, result
+        assert result["cniVersion"] == version
+        host, inside = result["interfaces"]
+        assert inside == {"name": "eth0", "mac": inside["mac"], "sandbox": pod}
+        ip = result["ips"][0]
+        assert ip["address"] == "10.244.1.2/24" and ip["gateway"] == "10.244.1.1"
+        assert ip["interface"] == 1
+        assert ("version" in ip) == (version == "0.4.0")
+        assert {"dst": "10.244.0.0/16", "gw": "10.244.1.1"} in result["routes"]
+        assert {"dst": "0.0.0.0/0", "gw": "10.244.1.1"} in result["routes"]
+        # the kernel agrees: address, routes, the veth on cni0 with hairpin, the IPAM file
+        pod_ns = os.path.basename(pod)
+        addrs = ip_json(pod_ns, "addr", "show", "eth0")[0]["addr_info"]
+        assert _pairs(addrs) == {"local": "10.244.1.2", "prefixlen": 24}
+        routes = {(r["dst"], r.get("gateway")) for r in ip_json(pod_ns, "route")}
+        assert {("default", "10.244.1.1"), ("10.244.0.0/16", "10.244.1.1")} <= routes
+        veth = ip_json(node.netns, "-d", "link", "show", host["name"])[0]
+        assert veth["master"] == "cni0" and veth["linkinfo"]["info_slave_data"]["hairpin"]
+        assert (Path(node.data_dir) / "cbr0" / "10.244.1.2").read_bytes() == b"c1\r\neth0"
+        ping = subprocess.run(["ip", "netns", "exec", pod_ns, "ping", "-c1", "-W1",
+                               "10.244.1.1"], capture_output=True)
+        assert ping.returncode == 0
+        code, out = node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result))
+        assert (code, out) == (0, None)
+        assert node.cni("DEL", netns=pod, conf=with_prev(node.conf, result)) == (0, None)
+        assert node.veths() == [] and node.allocated() == []
+        assert node.cni("DEL", netns=pod, conf=with_prev(node.conf, result)) == (0, None)
+    finally:
+        node.remove()
+
+
+def _pairs(addr_info: list[dict]) -> dict:
+    """The IPv4 address of `ip -j addr` as {local, prefixlen}."""
+    return {k: v for a in addr_info if a.get("family") == "inet" for k, v in a.items()
+            if k in ("local", "prefixlen")}
+
+
+def test_del_after_the_namespace_is_gone_releases_the_address(node):
+    pod = node.pod("p1")
+    code, result = node.cni("ADD", netns=pod)
+    assert code == 0 and node.allocated() == ["10.244.1.2"]
+    nsmod.remove(os.path.basename(pod))
+    assert node.cni("DEL", netns=pod) == (0, None)
+    assert node.allocated() == [] and node.veths() == []
+
+
+def test_check_names_the_missing_route(node):
+    pod = node.pod("p1")
+    _, result = node.cni("ADD", netns=pod)
+    subprocess.run(["ip", "-n", os.path.basename(pod), "route", "del", "10.244.0.0/16"],
+                   check=True)
+    code, out = node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result))
+    assert code == 1 and out["code"] == 103
+    assert out["msg"] == f"route 10.244.0.0/16 via 10.244.1.1 is missing in netns {pod}"
+
+
+def test_64_parallel_adds_get_distinct_addresses_and_dels_release_them(node):
+    pods = [node.pod(f"p{i}") for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        added = list(pool.map(lambda i: node.cni("ADD", f"c{i}", pods[i]), range(64)))
+    assert all(code == 0 for code, _ in added), [o for c, o in added if c]
+    ips = {out["ips"][0]["address"] for _, out in added}
+    assert len(ips) == 64 and len(node.allocated()) == 64 and len(node.veths()) == 64
+    with ThreadPoolExecutor(16) as pool:
+        deleted = list(pool.map(lambda i: node.cni("DEL", f"c{i}", pods[i]), range(64)))
+    assert all(d == (0, None) for d in deleted)
+    assert node.allocated() == [] and node.veths() == []
+
+
+def test_gc_releases_what_is_not_in_the_valid_list(tmp_path):
+    node = Node(tmp_path, version="1.1.0")
+    try:
+        pods = [node.pod(f"p{i}") for i in range(3)]
+        for i, pod in enumerate(pods):
+            assert node.cni("ADD", f"c{i}", pod)[0] == 0
+        keep = [{"containerID": "c0", "ifname": "eth0"}]
+        code, out = node.cni("GC", conf={**node.conf, "cni.dev/valid-attachments": keep})
+        assert (code, out) == (0, None)
+        assert node.allocated() == ["10.244.1.2"] and len(node.veths()) == 1
+        # the older key is accepted too, and an empty list releases the rest
+        assert node.cni("GC", conf={**node.conf, "cni.dev/attachments": []}) == (0, None)
+        assert node.allocated() == [] and node.veths() == []
+    finally:
+        node.remove()
+
+
+def test_status_reports_code_50_until_the_node_is_set_up(tmp_path):
+    from netsim.kernel import sysctl
+
+    node = Node(tmp_path, version="1.1.0")
+    try:
+        code, out = node.cni("STATUS")
+        assert code == 1 and out["code"] == 50 and "forwarding is off" in out["msg"]
+        sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
+        assert node.cni("STATUS") == (0, None)
+    finally:
+        node.remove()
+
+
+def test_prev_result_is_kept_and_extended(node):
+    pod = node.pod("p1")
+    earlier = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": pod}],
+               "ips": [{"address": "127.0.0.1/8", "interface": 0}], "routes": [], "dns": {}}
+    code, result = node.cni("ADD", netns=pod, conf=with_prev(node.conf, earlier))
+    assert code == 0
+    assert result["interfaces"][0] == {"name": "lo", "sandbox": pod}
+    assert result["ips"][0] == {"address": "127.0.0.1/8", "interface": 0}
+    assert result["ips"][1]["interface"] == 2  # our eth0, after lo and the host veth
+
+
+def test_cni_args_requested_ip_and_ignore_unknown(node):
+    pod = node.pod("p1")
+    code, out = node.cni("ADD", netns=pod, CNI_ARGS="IgnoreUnknown=1;FOO=bar;IP=10.244.1.77")
+    assert code == 0 and out["ips"][0]["address"] == "10.244.1.77/24"
+    code, out = node.cni("ADD", "c2", node.pod("p2"), CNI_ARGS="FOO=bar")
+    assert code == 1 and out["code"] == 4 and "unknown args FOO" in out["msg"]
+    conf = {**node.conf, "args": {"cni": {"ips": ["10.244.1.88"]}}}
+    code, out = node.cni("ADD", "c3", node.pod("p3"), conf=conf)
+    assert code == 0 and out["ips"][0]["address"] == "10.244.1.88/24"
+
+
+def test_interface_that_exists_is_refused_and_nothing_leaks(node):
+    pod = node.pod("p1")
+    assert node.cni("ADD", "c1", pod)[0] == 0
+    code, out = node.cni("ADD", "c2", pod)
+    assert code == 1 and out["code"] == 100
+    assert out["msg"] == f"interface eth0 already exists in netns {pod}"
+    assert node.allocated() == ["10.244.1.2"] and len(node.veths()) == 1
+
+
+BAD = [
+    ("not JSON", dict(conf=b"{nope"), 6, "network config on stdin is not JSON"),
+    ("missing field", dict(conf="drop-node"), 7, "missing field node"),
+    ("invalid field", dict(conf="bad-subnet"), 7, "invalid field node.subnet"),
+    ("unsupported version", dict(conf="version-9"), 1, "unsupported cniVersion '9.9.9'"),
+    ("missing variable", dict(drop="CNI_NETNS"), 4, "CNI_NETNS is not set"),
+    ("no such netns", dict(netns="/run/netns/netsim.none-such"), 3,
+     "netns /run/netns/netsim.none-such does not exist"),
+    ("long ifname", dict(ifname="a-very-long-ifname0"), 4, "longer than 15 characters"),
+    ("slash in ifname", dict(ifname="eth/0"), 4, "contains '/'"),
+]
+
+
+@pytest.mark.parametrize("what,kw,code,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_the_right_code_and_leaves_nothing(node, what, kw, code, msg):
+    conf = dict(node.conf, node=dict(node.conf["node"]))
+    change = kw.pop("conf", None)
+    if change == "drop-node":
+        del conf["node"]
+    elif change == "bad-subnet":
+        conf["node"]["subnet"] = "10.300.0.0/24"
+    elif change == "version-9":
+        conf["cniVersion"] = "9.9.9"
+    elif isinstance(change, bytes):
+        conf = change
+    kw.setdefault("netns", node.pod("p1"))
+    rc, out = node.cni("ADD", conf=conf, **kw)
+    assert rc == 1 and out["code"] == code, out
+    assert msg in out["msg"] + out["details"]
+    assert node.allocated() == [] and node.veths() == []
+
+
+def test_exhausted_range_and_unavailable_requested_ips(node):
+    conf = dict(node.conf, ipam=dict(node.conf["ipam"], ranges=[[{
+        "subnet": SUBNET, "rangeStart": "10.244.1.10", "rangeEnd": "10.244.1.10"}]]))
+    assert node.cni("ADD", "c1", node.pod("p1"), conf=conf)[0] == 0
+    code, out = node.cni("ADD", "c2", node.pod("p2"), conf=conf)
+    assert code == 1 and out["code"] == 102
+    assert out["msg"] == "no IP addresses available in range 10.244.1.10-10.244.1.10"
+    code, out = node.cni("ADD", "c3", node.pod("p3"), CNI_ARGS="IP=10.244.9.9")
+    assert code == 1 and "outside the range" in out["msg"]
+    code, out = node.cni("ADD", "c4", node.pod("p4"), CNI_ARGS="IP=10.244.1.10", conf=conf)
+    assert code == 1 and out["msg"] == "requested IP 10.244.1.10 is already allocated"
+    assert node.allocated() == ["10.244.1.10"] and len(node.veths()) == 1
+
+
+@pytest.mark.skipif(not os.path.exists(f"{DEBIAN_CNI}/host-local"),
+                    reason="Debian's containernetworking-plugins is not installed")
+def test_ipam_delegated_to_debian_host_local(node):
+    conf = dict(node.conf, ipam={"type": "host-local", "ranges": [[{"subnet": SUBNET}]],
+                                 "routes": [{"dst": "10.244.0.0/16"}],
+                                 "dataDir": node.data_dir})
+    pod = node.pod("p1")
+    code, out = node.cni("ADD", netns=pod, conf=conf)
+    assert code == 0, out
+    assert out["ips"][0]["address"] == "10.244.1.2/24"
+    # host-local's own file: the same layout netsim's store writes
+    assert (Path(node.data_dir) / "cbr0" / "10.244.1.2").read_bytes() == b"c1\r\neth0"
+    assert node.cni("DEL", netns=pod, conf=conf) == (0, None)
+    assert node.allocated() == []
+
+
+@pytest.mark.skipif(not os.path.exists(f"{DEBIAN_CNI}/tuning"),
+                    reason="Debian's containernetworking-plugins is not installed")
+def test_apply_cni_exec_runs_a_chain_with_debian_tuning(cluster):
+    cluster.write("flannel-host-gw.yaml", replicas=2)
+    text = Path(cluster.file).read_text().replace(
+        "mode: flannel-host-gw",
+        "mode: flannel-host-gw\n    plugins:\n    - type: tuning\n"
+        "      sysctl: {net.ipv4.conf.eth0.rp_filter: '2'}", 1)
+    Path(cluster.file).write_text(text)
+    run_netsim("apply", "-f", cluster.file, "--cni", "exec", check=True)
+    record = cluster.record()
+    pod = record["pods"]["web-0"]
+    assert pod["via"] == "cni-exec"
+    sysctl = subprocess.run(["ip", "netns", "exec", pod["netns"], "sysctl", "-n",
+                             "net.ipv4.conf.eth0.rp_filter"], capture_output=True, text=True)
+    assert sysctl.stdout.strip() == "2"  # tuning parsed netsim's prevResult and applied it
+    node_dir = Path("/run/netsim") / cluster.name / "nodes" / pod["node"]
+    conflist = json.loads((node_dir / "net.d" / "10-flannel-host-gw.conflist").read_text())
+    assert [p["type"] for p in conflist["plugins"]] == ["netsim", "tuning"]
+    cache = json.loads((node_dir / "cni-cache" / "results" / "cbr0-web-0-eth0").read_text())
+    assert cache["result"]["ips"][0]["address"] == pod["ip"] + "/24"
+    pong = cluster.netsim("curl", "web-0", f"http://{record['pods']['web-1']['ip']}:9376")
+    assert pong.returncode == 0 and "web-1" in pong.stdout
+    # scaling down runs DEL through the chain: the cache entry and the address go
+    Path(cluster.file).write_text(text.replace("replicas: 2", "replicas: 1"))
+    run_netsim("apply", "-f", cluster.file, "--cni", "exec", check=True)
+    gone = record["pods"]["web-1"]
+    gone_dir = Path("/run/netsim") / cluster.name / "nodes" / gone["node"]
+    assert (gone_dir / "net.d").exists()
+    assert not (gone_dir / "cni-cache" / "results" / "cbr0-web-1-eth0").exists()
+    assert not (gone_dir / "ipam" / "cbr0" / gone["ip"]).exists()
+    assert not nsmod.exists(gone["netns"])
+
+
+def test_cni_install_puts_the_plugin_under_its_type_name(tmp_path):
+    bin_dir = tmp_path / "bin"
+    done = run_netsim("cni", "install", "--bin-dir", str(bin_dir), check=True)
+    assert "netsim ->" in done.stdout
+    installed = bin_dir / "netsim"
+    version = subprocess.run([str(installed)], input=b'{"cniVersion":"1.0.0"}',
+                             env={"CNI_COMMAND": "VERSION"}, capture_output=True)
+    assert json.loads(version.stdout)["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
+    assert os.path.realpath(installed) == os.path.realpath(PLUGIN)
