@@ -8,10 +8,11 @@ address; CHECK compares prevResult with the kernel.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 
-from cni import invoke, spec
+from cni import spec
 from cni.ipam import HostLocal, IpamError
 from cni.modes import bridge
 from cni.spec import CniError, Env, NetConf
@@ -44,6 +45,8 @@ def _store(conf: NetConf) -> HostLocal:
 def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
     """(ips, routes) for the attachment, from the built-in store or the delegated plugin."""
     if conf.ipam["type"] != spec.BUILTIN_IPAM:
+        from cni import invoke  # subprocess: only for a delegated IPAM plugin
+
         answer = invoke.execute(conf.ipam["type"], "ADD", env.path, conf.raw, env.container_id,
                                 env.netns, env.ifname, env.args_text) or {}
         ips = [ip for ip in answer.get("ips", []) if ":" not in ip.get("address", ":")]
@@ -68,6 +71,8 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
 
 def _ipam_del(conf: NetConf, env: Env) -> None:
     if conf.ipam["type"] != spec.BUILTIN_IPAM:
+        from cni import invoke
+
         invoke.execute(conf.ipam["type"], "DEL", env.path, conf.raw, env.container_id,
                        env.netns, env.ifname, env.args_text)
         return
@@ -94,21 +99,29 @@ def add(conf: NetConf, env: Env, host_netns: str | None = None) -> dict:
             if pod.link(env.ifname) is not None:
                 raise CniError(spec.INTERFACE_EXISTS, f"interface {env.ifname} already exists "
                                f"in netns {env.netns}")
-            if node.link(veth) is not None:
-                raise CniError(spec.INTERFACE_EXISTS, f"host interface {veth} for container "
-                               f"{env.container_id} {env.ifname} already exists")
             ips, routes = _ipam_add(conf, env)
             try:
                 return _wire(conf, env, pod, node, pod_fd, veth, ips, routes)
+            except KernelError as exc:
+                _ipam_del(conf, env)
+                if exc.errno == errno.EEXIST and node.link(veth) is not None:
+                    raise CniError(spec.INTERFACE_EXISTS, f"host interface {veth} for container "
+                                   f"{env.container_id} {env.ifname} already exists") from None
+                _unwire(node, veth)
+                raise
             except BaseException:
-                node.link_delete(0, veth)
-                node.commit()
+                _unwire(node, veth)
                 _ipam_del(conf, env)
                 raise
     except KernelError as exc:
         raise CniError(spec.KERNEL_FAILURE, str(exc)) from None
     finally:
         os.close(pod_fd)
+
+
+def _unwire(node: Rtnl, veth: str) -> None:
+    node.link_delete(0, veth)
+    node.commit()
 
 
 def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str,

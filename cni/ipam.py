@@ -66,8 +66,7 @@ class HostLocal:
             ip = self._next()
         with open(self._path(ip), "x", newline="") as fh:
             fh.write(f"{container_id}\r\n{ifname}")
-        with open(self._path("last_reserved_ip.0"), "w") as fh:
-            fh.write(str(ip))
+        _overwrite(self._path("last_reserved_ip.0"), str(ip))
         self._taken.add(ip)
         return str(ip)
 
@@ -112,6 +111,18 @@ class HostLocal:
                 self._taken.discard(ip)
                 freed.append(str(ip))
         return freed
+
+
+def _overwrite(path: str, text: str) -> None:
+    """Replace a small file's content in place. Opening with O_TRUNC would make ext4 flush the
+    file (its auto_da_alloc guard against truncate-then-write), about 1 ms every allocation."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        data = text.encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _is_ip(name: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
 
 VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
@@ -49,17 +48,18 @@ class CniError(Exception):
                 "details": self.details}
 
 
-@dataclass
 class Env:
-    """The CNI_* variables of one invocation."""
+    """The CNI_* variables of one invocation. (No dataclasses in the plugin's import path:
+    that module pulls in inspect and ast, ~8 ms of every plugin start.)"""
 
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: dict[str, str] = field(default_factory=dict)
-    path: list[str] = field(default_factory=list)
-    args_text: str = ""  # CNI_ARGS as it came, passed on to a delegated plugin
+    def __init__(self, command: str, container_id: str = "", netns: str = "", ifname: str = "",
+                 args: dict[str, str] | None = None, path: list[str] | None = None,
+                 args_text: str = ""):
+        self.command, self.container_id, self.netns, self.ifname = (command, container_id,
+                                                                    netns, ifname)
+        self.args = args or {}
+        self.path = path or []
+        self.args_text = args_text  # CNI_ARGS as it came, passed on to a delegated plugin
 
 
 REQUIRED = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
@@ -120,21 +120,18 @@ def parse_args(text: str) -> dict[str, str]:
 # -- network configuration --------------------------------------------------------------------
 
 
-@dataclass
 class NetConf:
     """One plugin's network configuration as it arrived on stdin."""
 
-    version: str
-    name: str
-    type: str
-    raw: dict
-    mode: str = ""
-    network: str = ""  # the cluster's pod network (FLANNEL_NETWORK)
-    subnet: str = ""  # this node's subnet (FLANNEL_SUBNET's network)
-    mtu: int = 1500
-    is_default_gateway: bool = True
-    ipam: dict = field(default_factory=dict)
-    prev_result: dict | None = None
+    def __init__(self, version: str, name: str, type_: str, raw: dict):
+        self.version, self.name, self.type, self.raw = version, name, type_, raw
+        self.mode = ""
+        self.network = ""  # the cluster's pod network (FLANNEL_NETWORK)
+        self.subnet = ""  # this node's subnet (FLANNEL_SUBNET's network)
+        self.mtu = 1500
+        self.is_default_gateway = True
+        self.ipam: dict = {}
+        self.prev_result: dict | None = None
 
     @property
     def gateway(self) -> str:

@@ -256,21 +256,12 @@ def conflist_path(cluster: str, node: str, mode: str) -> str:
 
 def cni_bin_dir(cluster: str) -> str:
     """A CNI bin directory holding netsim's plugin under its type name, `netsim`."""
+    from cni import plugin
+
     directory = os.path.join(state.cluster_dir(cluster), "bin")
-    link = os.path.join(directory, "netsim")
-    if not os.path.exists(link):
-        os.makedirs(directory, exist_ok=True)
-        os.symlink(plugin_executable(), link)
+    if not os.path.exists(os.path.join(directory, "netsim")):
+        plugin.install(directory)
     return directory
-
-
-def plugin_executable() -> str:
-    """netsim-cni beside the interpreter running netsim (the virtualenv's bin)."""
-    path = os.path.join(os.path.dirname(sys.executable), "netsim-cni")
-    if not os.access(path, os.X_OK):
-        raise NetsimError(f"{path} not found: reinstall netsim (./bootstrap) to get the CNI "
-                          "executable")
-    return path
 
 
 def runtime(cluster: str, record: dict, node_name: str):

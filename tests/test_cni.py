@@ -322,9 +322,14 @@ def test_apply_cni_exec_runs_a_chain_with_debian_tuning(cluster):
 def test_cni_install_puts_the_plugin_under_its_type_name(tmp_path):
     bin_dir = tmp_path / "bin"
     done = run_netsim("cni", "install", "--bin-dir", str(bin_dir), check=True)
-    assert "netsim ->" in done.stdout
     installed = bin_dir / "netsim"
+    assert done.stdout.strip() == f"installed {installed}"
     version = subprocess.run([str(installed)], input=b'{"cniVersion":"1.0.0"}',
                              env={"CNI_COMMAND": "VERSION"}, capture_output=True)
     assert json.loads(version.stdout)["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
-    assert os.path.realpath(installed) == os.path.realpath(PLUGIN)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "netsim").write_text("#!/bin/sh\n")
+    refused = run_netsim("cni", "install", "--bin-dir", str(other))
+    assert refused.returncode == 1
+    assert "exists and is not netsim's: remove it first" in refused.stderr
