@@ -24,10 +24,12 @@ class IpamError(NetsimError):
 
 class HostLocal:
     def __init__(self, data_dir: str, network: str, subnet: str, gateway: str | None = None,
-                 range_start: str | None = None, range_end: str | None = None):
+                 range_start: str | None = None, range_end: str | None = None,
+                 skip_gateway: bool = True):
         self.dir = os.path.join(data_dir, network)
         self.subnet = IPv4Network(subnet, strict=False)
         self.gateway = IPAddress(gateway) if gateway else self.subnet.network_address + 1
+        self.skip_gateway = skip_gateway  # Calico's blocks have none: every address is a pod's
         self.start = IPAddress(range_start) if range_start else self.subnet.network_address + 1
         self.end = IPAddress(range_end) if range_end else self.subnet.broadcast_address - 1
         self._taken: set[IPAddress] | None = None
@@ -58,7 +60,7 @@ class HostLocal:
         assert self._taken is not None, "allocate() needs an open session()"
         if requested:
             ip = IPAddress(requested)
-            if not self.start <= ip <= self.end or ip == self.gateway:
+            if not self.start <= ip <= self.end or (self.skip_gateway and ip == self.gateway):
                 raise IpamError(f"requested IP {ip} is outside the range {self.start}-{self.end}")
             if ip in self._taken:
                 raise IpamError(f"requested IP {ip} is already allocated")
@@ -76,7 +78,7 @@ class HostLocal:
         offset = (int(last) - int(self.start) + 1) if last and self.start <= last <= self.end else 0
         for step in range(size):
             ip = self.start + (offset + step) % size
-            if ip != self.gateway and ip not in self._taken:
+            if (ip != self.gateway or not self.skip_gateway) and ip not in self._taken:
                 return ip
         raise IpamError(f"no IP addresses available in range {self.start}-{self.end}")
 

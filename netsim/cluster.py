@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 from netaddr import IPNetwork
 
-from cni.ipam import HostLocal
-from cni.modes import flannel
 from netsim import agent as agentmod
 from netsim import state
 from netsim.errors import NetsimError
@@ -29,7 +27,7 @@ from netsim.topology import allocate_cluster_ips, schedule
 # pyroute2 takes ~130 ms to import; delete, gc and get do not need it, so the modules that
 # use it (netsim.kernel.netlink, cni.modes) are imported by the functions that build.
 
-CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config
+CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config (Calico's: k8s-pod-network)
 
 Progress = Callable[[str], None]
 
@@ -170,14 +168,14 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
     mode = modes.get(cluster.mode)
     name = cluster.name
     state.journal(name, {"apply": os.getpid()})
-    subnets = flannel.allocate_subnets(cluster.pod_network, cluster.subnet_len,
-                                       [n.name for n in cluster.nodes], {})
+    plan = mode.plan_nodes(cluster, state.cluster_dir(name))
     record: dict = {
         "cluster": name, "spec": spec_of(cluster), "mode": cluster.mode,
         "underlay": {"netns": ns_name(name, "underlay"), "bridges": {}},
+        "router": {"netns": ns_name(name, "router"), "legs": {}},
         "nodes": {}, "clients": {}, "pods": {}, "services": {},
     }
-    progress(f"underlay: {len(cluster.segments)} segment(s)")
+    progress(f"underlay: {len(cluster.segments)} segment(s) and their router")
     underlay = record["underlay"]["netns"]
     tx.netns(underlay)
     changes.created.append(f"netns {underlay}")
@@ -189,6 +187,7 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
             ul.bridge(f"br-{seg.name}", bridges[seg.name], mtu=cluster.mtu)
         ul.commit()
         record["underlay"]["bridges"] = {s: f"br-{s}" for s in bridges}
+        _build_router(cluster, record, tx, ul, bridges, changes)
         hosts = [("node", n) for n in cluster.nodes] + [("ext", c) for c in cluster.clients]
         for i, (role, host) in enumerate(hosts):
             netns = ns_name(name, role, host.name)
@@ -203,20 +202,26 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
                 os.close(fd)
             prefix = IPNetwork(cluster.segment(host.segment).subnet).prefixlen
             entry = {"netns": netns, "ip": host.ip, "segment": host.segment,
-                     "prefixlen": prefix, "port": port_name(host.name)}
+                     "prefixlen": prefix, "port": port_name(host.name),
+                     "gateway": _router_ip(cluster, host.segment)}
             if role == "node":
-                entry.update(subnet=subnets[host.name], next_ifindex=IFINDEX.FIRST_DYNAMIC,
+                entry.update(next_ifindex=IFINDEX.FIRST_DYNAMIC, **plan[host.name],
                              **mode.node_facts(name, host.name))
                 record["nodes"][host.name] = entry
             else:
+                entry["asn"] = getattr(host, "asn", 0)
                 record["clients"][host.name] = entry
     progress(f"nodes: {len(cluster.nodes)} in mode {cluster.mode}")
-    for host in list(record["nodes"].values()) + list(record["clients"].values()):
+    for role, host in [("node", h) for h in record["nodes"].values()] + \
+            [("ext", h) for h in record["clients"].values()]:
         with Rtnl(host["netns"]) as rt:
             rt.link_up(IFINDEX.LO, "lo")
             rt.link_up(IFINDEX.ETH0, "eth0")
             rt.address(IFINDEX.ETH0, host["ip"], host["prefixlen"], "eth0")
-            if "subnet" in host:
+            # the segment's router is every host's gateway: it joins the racks, and a node's
+            # default route is what makes Calico's proxy ARP answer for 169.254.1.1
+            rt.route("default", IFINDEX.ETH0, gateway=host["gateway"])
+            if role == "node":
                 mode.setup_node(rt, host, cluster.mtu)
             rt.commit()
     for node_name, node in record["nodes"].items():
@@ -226,24 +231,61 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
                 if peer_name != node_name:
                     mode.add_peer(rt, node, peer)
             rt.commit()
-        nft.apply(node["netns"], flannel.masquerade_ruleset(name, cluster.pod_network,
-                                                            node["subnet"]))
+        nft.apply(node["netns"], mode.masquerade(cluster, node))
         _write_node_files(cluster, node_name, node, mode)
-    _write_etcd(cluster, record, mode)
+    for path, text in mode.cluster_files(cluster, record).items():
+        state.write_file(os.path.join(state.cluster_dir(name), path), text)
     for node_name, node in record["nodes"].items():
         _start_agent(name, node_name, node, tx)
     return record
 
 
+def _router_ip(cluster: Cluster, segment: str) -> str:
+    """.1 of each segment belongs to the router."""
+    return str(IPNetwork(cluster.segment(segment).subnet).network + 1)
+
+
+def _build_router(cluster: Cluster, record: dict, tx: Transaction, ul, bridges: dict,
+                  changes: Changes) -> None:
+    """One router namespace with a leg on every segment holding the segment's .1: it routes
+    between the racks' subnets, as a top-of-rack / spine pair would."""
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    netns = record["router"]["netns"]
+    tx.netns(netns)
+    changes.created.append(f"netns {netns}")
+    fd = nsmod.open_fd(netns)
+    legs = {}
+    try:
+        for i, seg in enumerate(cluster.segments):
+            legs[seg.name] = {"ifname": f"r-{seg.name}", "index": IFINDEX.FIRST_DYNAMIC + i,
+                              "port": f"rp-{seg.name}"}
+            ul.veth(legs[seg.name]["port"], IFINDEX.FIRST_DYNAMIC + 500 + i,
+                    legs[seg.name]["ifname"], legs[seg.name]["index"], fd, cluster.mtu,
+                    master=bridges[seg.name], alias=f"router leg on {seg.name}")
+        ul.commit()
+    finally:
+        os.close(fd)
+    with Rtnl(netns) as rt:
+        rt.link_up(IFINDEX.LO, "lo")
+        for seg in cluster.segments:
+            leg = legs[seg.name]
+            rt.link_up(leg["index"], leg["ifname"])
+            rt.address(leg["index"], _router_ip(cluster, seg.name),
+                       IPNetwork(seg.subnet).prefixlen, leg["ifname"])
+        rt.commit()
+    sysctl.set_in(netns, {"net.ipv4.ip_forward": "1"})
+    record["router"]["legs"] = legs
+
+
 def _write_node_files(cluster: Cluster, node_name: str, node: dict, mode) -> None:
-    """subnet.env, and net.d/10-<mode>.conflist: the CNI config list a real node holds in
-    /etc/cni/net.d, usable as it is by a runtime run inside the node's namespace."""
+    """The mode's node files (flannel's subnet.env), and net.d/10-<mode>.conflist: the CNI
+    config list a real node holds in /etc/cni/net.d, usable as it is by a runtime run inside
+    the node's namespace."""
     directory = state.node_dir(cluster.name, node_name)
-    state.write_file(os.path.join(directory, "subnet.env"),
-                     flannel.subnet_env(cluster.pod_network, node["subnet"],
-                                        mode.pod_mtu(cluster.mtu)))
-    own = mode.cni_config(cluster.pod_network, node, cluster.mtu,
-                          os.path.join(directory, "ipam"))
+    for name, text in mode.node_files(cluster, node).items():
+        state.write_file(os.path.join(directory, name), text)
+    own = mode.cni_config(cluster, node, state.cluster_dir(cluster.name), directory)
     conflist = {"cniVersion": cluster.cni_version, "name": CNI_NETWORK,
                 "plugins": [own] + cluster.cni_plugins}
     state.write_file(conflist_path(cluster.name, node_name, cluster.mode),
@@ -273,17 +315,6 @@ def runtime(cluster: str, record: dict, node_name: str):
                    [cni_bin_dir(cluster)] + DEFAULT_PATH,
                    os.path.join(state.node_dir(cluster, node_name), "cni-cache"),
                    run_in=record["nodes"][node_name]["netns"])
-
-
-def _write_etcd(cluster: Cluster, record: dict, mode) -> None:
-    """flannel's etcd keys and values, one file per key under etcd/."""
-    root = os.path.join(state.cluster_dir(cluster.name), "etcd")
-    state.write_file(root + "/coreos.com/network/config",
-                     flannel.network_config(cluster.pod_network, cluster.subnet_len,
-                                            mode.backend))
-    for node in record["nodes"].values():
-        state.write_file(root + flannel.lease_key(node["subnet"]),
-                         flannel.lease_value(node["ip"], mode.backend, mode.backend_data(node)))
 
 
 def _start_agent(cluster: str, node_name: str, node: dict, tx: Transaction) -> None:
@@ -330,7 +361,7 @@ def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: P
     if removing:
         # a replaced pod keeps its name: take the old one down before building the new one
         _sync_agents(record, cluster.name, sorted({e["node"] for e in removing.values()}))
-        _remove_pods(cluster.name, record, removing, progress)
+        _remove_pods(cluster, record, removing, progress)
         changes.removed += [f"pod {n}" for n in removing]
         state.save(record)  # removals are done: a later failure rolls back to this record
     if new:
@@ -340,6 +371,8 @@ def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: P
 
 def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
               progress: Progress, changes: Changes) -> None:
+    """The in-process path: per node one IPAM session, one netlink batch for the host sides,
+    one small batch inside each pod."""
     from cni import modes
     from cni.modes import bridge
     from netsim.kernel.netlink import IFINDEX, Rtnl
@@ -352,8 +385,9 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
     done = 0
     for node_name, node_pods in by_node.items():
         node = record["nodes"][node_name]
-        ipam = _ipam(cluster.name, node_name, node["subnet"])
-        routes = bridge.pod_routes(cluster.pod_network, node["subnet"])
+        ipam = _ipam(cluster, record, node_name, mode)
+        routes = mode.pod_routes(cluster.pod_network, node)
+        prefixlen = mode.pod_prefixlen(node)
         entries = {}
         with ipam.session():
             for pod in node_pods:
@@ -361,7 +395,7 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
                 tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
                 entries[pod.name] = {
                     "node": node_name, "netns": ns_name(cluster.name, "pod", pod.name), "ip": ip,
-                    "veth": bridge.veth_name(pod.name, "eth0"),
+                    "veth": mode.host_veth(pod.name),
                     "ifindex": node["next_ifindex"], "labels": pod.labels, "owner": pod.owner,
                     "spec": _pod_fingerprint(pod), "ports": list(pod.serve_ports),
                     "commands": [list(c.command) for c in pod.containers if c.command]}
@@ -373,23 +407,50 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
             with Rtnl(node["netns"]) as rt:
                 for pod_name, entry in entries.items():
                     fds.append(nsmod.open_fd(entry["netns"]))
-                    bridge.attach_host_side(rt, fds[-1], entry["veth"], entry["ifindex"], mtu,
-                                            pod_name)
+                    mode.attach_host(rt, fds[-1], entry["veth"], entry["ifindex"], mtu, pod_name,
+                                     entry["ip"])
                 rt.commit()
         finally:
             for fd in fds:
                 os.close(fd)
+        mode.after_host(node["netns"], [e["veth"] for e in entries.values()])
         for pod_name, entry in entries.items():
             with Rtnl(entry["netns"]) as rt:
                 rt.link_up(IFINDEX.LO, "lo")  # what a runtime's loopback plugin does
-                bridge.attach_pod_side(rt, entry["ip"], IPNetwork(node["subnet"]).prefixlen,
-                                       routes)
+                bridge.attach_pod_side(rt, entry["ip"], prefixlen, routes)
                 rt.commit()
             record["pods"][pod_name] = entry
             tx.on_undo(f"record of {pod_name}", lambda p=pod_name: record["pods"].pop(p, None))
             changes.created.append(f"pod {pod_name}")
         done += len(entries)
         progress(f"pods: {done}/{len(pods)}")
+    _sync_blocks(cluster, record, mode, tx)
+
+
+def _sync_blocks(cluster: Cluster, record: dict, mode, tx: Transaction) -> None:
+    """Calico: a node whose blocks filled up claimed another; program it as felix (or BIRD)
+    would: a blackhole on the owner, a route on every peer."""
+    from netsim.kernel.netlink import Rtnl
+
+    if not hasattr(mode, "store"):
+        return
+    affinity = mode.store(cluster, state.cluster_dir(cluster.name)).affinity()
+    for node_name, node in record["nodes"].items():
+        new = [b for b, owner in affinity.items() if owner == node_name
+               and b not in node["blocks"]]
+        if not new:
+            continue
+        with Rtnl(node["netns"]) as rt:
+            for block in new:
+                mode.own_block(rt, block)
+            rt.commit()
+        for peer_name, peer in record["nodes"].items():
+            if peer_name != node_name:
+                with Rtnl(peer["netns"]) as rt:
+                    mode.peer_blocks(rt, peer, node, new)
+                    rt.commit()
+        node["blocks"] += new
+        mode.blocks_changed(cluster, record, node_name)
 
 
 def _exec_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
@@ -430,11 +491,16 @@ def _exec_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
         progress(f"pods: {done}/{len(pods)} (CNI exec)")
 
 
-def _ipam(cluster: str, node: str, subnet: str) -> HostLocal:
-    return HostLocal(os.path.join(state.node_dir(cluster, node), "ipam"), CNI_NETWORK, subnet)
+def _ipam(cluster: Cluster, record: dict, node_name: str, mode=None):
+    """The node's address allocator: host-local over its subnet, or Calico's blocks."""
+    from cni import modes
+
+    mode = mode or modes.get(cluster.mode)
+    return mode.ipam(cluster, state.cluster_dir(cluster.name), node_name,
+                     record["nodes"][node_name])
 
 
-def _release(ipam: HostLocal, pod: str) -> None:
+def _release(ipam, pod: str) -> None:
     with ipam.session():
         ipam.release(pod, "eth0")
 
@@ -457,7 +523,7 @@ def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
             record["pods"][pod_name]["pids"] = pids
 
 
-def _remove_pods(cluster: str, record: dict, removing: dict, progress: Progress) -> None:
+def _remove_pods(cluster: Cluster, record: dict, removing: dict, progress: Progress) -> None:
     """Delete the host veth first (synchronous, takes the peer with it), then the namespace,
     then release the address."""
     from netsim.kernel.netlink import Rtnl
@@ -469,13 +535,13 @@ def _remove_pods(cluster: str, record: dict, removing: dict, progress: Progress)
         node = record["nodes"][node_name]
         for name, entry in items:
             if entry.get("via") == "cni-exec":  # DEL through the chain, as it was added
-                runtime(cluster, record, node_name).delete(name, nsmod.path(entry["netns"]))
+                runtime(cluster.name, record, node_name).delete(name, nsmod.path(entry["netns"]))
         with Rtnl(node["netns"]) as rt:
             for _, entry in items:
                 if entry.get("via") != "cni-exec":
                     rt.link_delete(entry["ifindex"], entry["veth"])
             rt.commit()
-        ipam = _ipam(cluster, node_name, node["subnet"])
+        ipam = _ipam(cluster, record, node_name)
         with ipam.session():
             for name, entry in items:
                 nsmod.remove(entry["netns"])
@@ -531,6 +597,8 @@ def _remove_everything(name: str, record: dict | None,
         namespaces += [h["netns"] for h in list(record["clients"].values())
                        + list(record["nodes"].values())]
         namespaces.append(record["underlay"]["netns"])
+        if "router" in record:
+            namespaces.append(record["router"]["netns"])
     processes += [(e["pid"], e["start"]) for e in journal if "pid" in e]
     namespaces += [e["netns"] for e in journal if "netns" in e]
     prefix = state.netns_prefix(name)
@@ -573,7 +641,7 @@ def gc(only: str | None = None) -> dict[str, list[str]]:
 
 
 def _collect_leftovers(name: str, record: dict) -> list[str]:
-    keep = {record["underlay"]["netns"]}
+    keep = {record["underlay"]["netns"], record.get("router", {}).get("netns")}
     keep |= {h["netns"] for h in list(record["nodes"].values()) + list(record["clients"].values())}
     keep |= {p["netns"] for p in record["pods"].values()}
     keep_pids = {(n["agent"]["pid"], n["agent"]["start"]) for n in record["nodes"].values()}

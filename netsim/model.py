@@ -24,11 +24,25 @@ class Node:
 
 @dataclass(frozen=True)
 class ExternalClient:
-    """A host outside the cluster on an underlay segment (for NodePort traffic)."""
+    """A host outside the cluster on an underlay segment (for NodePort traffic); with an AS
+    number, a top-of-rack BGP router peering with the nodes of its segment."""
 
     name: str
     segment: str
     ip: str = ""
+    asn: int = 0
+
+
+@dataclass(frozen=True)
+class CalicoSpec:
+    """The IP pool's encapsulation and the BGP settings (pool CIDR and block size are the
+    cluster's pod_network and subnet_len)."""
+
+    ipip_mode: str = "Never"  # Always | CrossSubnet | Never
+    vxlan_mode: str = "Never"
+    nat_outgoing: bool = True
+    asn: int = 64512
+    reflectors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,8 +99,8 @@ class Cluster:
 
     name: str
     mode: str
-    pod_network: str  # flannel Network
-    subnet_len: int
+    pod_network: str  # flannel's Network, or Calico's IP pool
+    subnet_len: int  # flannel's SubnetLen, or Calico's block size
     service_cidr: str
     mtu: int
     segments: list[Segment]
@@ -94,6 +108,7 @@ class Cluster:
     clients: list[ExternalClient] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
+    calico: CalicoSpec | None = None  # for the calico-* modes
     cni_version: str = "1.0.0"  # of the node's CNI config list
     cni_plugins: list[dict] = field(default_factory=list)  # chained after netsim's plugin
     source: str = ""  # the file it came from

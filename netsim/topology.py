@@ -19,6 +19,7 @@ from cni.spec import VERSIONS as CNI_VERSIONS
 from netsim.errors import TopologyError
 from netsim.model import (
     HOSTNAME_PORT,
+    CalicoSpec,
     Cluster,
     Container,
     ExternalClient,
@@ -34,12 +35,18 @@ DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
 NODE_PORT_RANGE = (30000, 32767)
+CALICO_POOL, CALICO_BLOCK = "192.168.0.0/16", 26  # Calico's default pool and block size
 CNI_VERSION = "1.0.0"  # the newest that Debian's reference plugins accept in a chain
 
 _KNOWN = {
     "Cluster": {"apiVersion", "kind", "metadata", "metadata.name", "spec", "spec.cni",
                 "spec.cni.mode", "spec.cni.cniVersion", "spec.cni.plugins", "spec.cni.flannel",
-                "spec.cni.flannel.Network",
+                "spec.cni.flannel.Network", "spec.cni.calico", "spec.cni.calico.ipPool",
+                "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize",
+                "spec.cni.calico.ipPool.ipipMode", "spec.cni.calico.ipPool.vxlanMode",
+                "spec.cni.calico.ipPool.natOutgoing", "spec.cni.calico.bgp",
+                "spec.cni.calico.bgp.asNumber", "spec.cni.calico.bgp.routeReflectors",
+                "spec.cni.calico.bgp.peers",
                 "spec.cni.flannel.SubnetLen", "spec.serviceCIDR", "spec.underlay",
                 "spec.underlay.mtu", "spec.underlay.segments", "spec.nodes",
                 "spec.externalClients"},
@@ -180,8 +187,10 @@ def parse(text: str, file: str = "<topology>") -> tuple[Cluster, list[str]]:
     _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
     _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"])
     cluster.source = file
+    warnings = sorted(n for n in ignored if n.startswith("warning: "))
+    ignored -= set(warnings)
     notes = ([f"ignoring fields netsim does not model: {', '.join(sorted(ignored))}"]
-             if ignored else [])
+             if ignored else []) + warnings
     return cluster, notes
 
 
@@ -200,12 +209,22 @@ def _cluster(doc: _Doc) -> Cluster:
     if mode not in MODES:
         raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
                        f"use one of: {', '.join(MODES)}")
-    network = doc.cidr(doc.get("spec.cni.flannel.Network", DEFAULTS["network"]),
-                       "spec.cni.flannel.Network")
-    subnet_len = doc.get("spec.cni.flannel.SubnetLen", DEFAULTS["subnet_len"], int)
-    if not network.prefixlen < subnet_len <= 28:
-        raise doc.fail("spec.cni.flannel.SubnetLen", f"{subnet_len} does not fit Network {network}",
-                       f"use a length between {network.prefixlen + 1} and 28")
+    calico = mode.startswith("calico-")
+    if calico:
+        network_field, len_field = "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize"
+        network = doc.cidr(doc.get(network_field, CALICO_POOL), network_field)
+        subnet_len = doc.get(len_field, CALICO_BLOCK, int)
+        if not 20 <= subnet_len <= 32 or subnet_len <= network.prefixlen:
+            raise doc.fail(len_field, f"block size {subnet_len} is out of range",
+                           f"use 20 to 32, longer than the pool's /{network.prefixlen} "
+                           "(Calico's default is 26)")
+    else:
+        network_field, len_field = "spec.cni.flannel.Network", "spec.cni.flannel.SubnetLen"
+        network = doc.cidr(doc.get(network_field, DEFAULTS["network"]), network_field)
+        subnet_len = doc.get(len_field, DEFAULTS["subnet_len"], int)
+        if not network.prefixlen < subnet_len <= 28:
+            raise doc.fail(len_field, f"{subnet_len} does not fit Network {network}",
+                           f"use a length between {network.prefixlen + 1} and 28")
     service_cidr = doc.cidr(doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]),
                             "spec.serviceCIDR")
     mtu = doc.get("spec.underlay.mtu", DEFAULTS["mtu"], int)
@@ -214,7 +233,7 @@ def _cluster(doc: _Doc) -> Cluster:
     segments = _segments(doc)
     nets = [(f"spec.underlay.segments[{i}].subnet", IPNetwork(s.subnet))
             for i, s in enumerate(segments)]
-    nets += [("spec.cni.flannel.Network", network), ("spec.serviceCIDR", service_cidr)]
+    nets += [(network_field, network), ("spec.serviceCIDR", service_cidr)]
     for i, (field_a, a) in enumerate(nets):
         for field_b, b in nets[i + 1:]:
             if a.first <= b.last and b.first <= a.last:
@@ -225,10 +244,13 @@ def _cluster(doc: _Doc) -> Cluster:
         raise doc.fail("spec.nodes", "a cluster needs at least one node",
                        "add nodes: [{name: worker-1, segment: ...}]")
     clients = _hosts(doc, "spec.externalClients", segments, ExternalClient)
+    calico_spec = _calico(doc, mode, segments, nodes) if calico else None
+    if calico:
+        clients += _bgp_peers(doc, mode, segments)
     _unique([(h.name, doc) for h in nodes + clients], "spec.nodes", "node or external client")
     _assign_ips(doc, segments, nodes, clients)
     available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
-    if len(nodes) > available:
+    if not calico and len(nodes) > available:
         raise doc.fail("spec.cni.flannel.Network", f"{network} holds {available} /{subnet_len} "
                        f"subnets for {len(nodes)} nodes", "use a larger Network or SubnetLen")
     if mode == "flannel-host-gw" and len({n.segment for n in nodes}) > 1:
@@ -237,8 +259,72 @@ def _cluster(doc: _Doc) -> Cluster:
     cni_version, plugins = _chain(doc)
     return Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
                    service_cidr=str(service_cidr), mtu=mtu, segments=segments,
-                   nodes=[replace(n) for n in nodes], clients=clients, cni_version=cni_version,
-                   cni_plugins=plugins)
+                   nodes=[replace(n) for n in nodes], clients=clients, calico=calico_spec,
+                   cni_version=cni_version, cni_plugins=plugins)
+
+
+ENCAP_MODES = ("Always", "CrossSubnet", "Never")
+
+
+def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) -> CalicoSpec:
+    """The pool's encapsulation per mode, and the BGP settings, checked against each other."""
+    base = "spec.cni.calico.ipPool."
+    wanted = {"calico-vxlan": ("Never", "Always"), "calico-ipip": ("Always", "Never"),
+              "calico-bgp": ("Never", "Never")}[mode]
+    ipip = doc.get(base + "ipipMode", wanted[0], str)
+    vxlan = doc.get(base + "vxlanMode", wanted[1], str)
+    for field, value in (("ipipMode", ipip), ("vxlanMode", vxlan)):
+        if value not in ENCAP_MODES:
+            raise doc.fail(base + field, f"{value!r} is not an encapsulation mode",
+                           f"use one of {', '.join(ENCAP_MODES)}")
+    own = {"calico-vxlan": ("vxlanMode", vxlan, ipip, "ipipMode"),
+           "calico-ipip": ("ipipMode", ipip, vxlan, "vxlanMode")}.get(mode)
+    if own and own[1] == "Never":
+        raise doc.fail(base + own[0], f"{mode} with {own[0]} Never carries nothing",
+                       "use Always or CrossSubnet, or mode calico-bgp for plain routing")
+    if own and own[2] != "Never":
+        raise doc.fail(base + own[3], f"{mode} encapsulates with one protocol only",
+                       f"set {own[3]} to Never")
+    if mode == "calico-bgp" and (ipip, vxlan) != ("Never", "Never"):
+        raise doc.fail(base + ("ipipMode" if ipip != "Never" else "vxlanMode"),
+                       "calico-bgp routes without encapsulation",
+                       "set it to Never, or use mode calico-ipip or calico-vxlan")
+    if "CrossSubnet" in (ipip, vxlan) and len(segments) < 2:
+        doc.ignored.add("warning: CrossSubnet with a single underlay segment encapsulates "
+                        "nothing (every peer is on the same subnet)")
+    asn = doc.get("spec.cni.calico.bgp.asNumber", 64512, int)
+    if not 1 <= asn <= 4294967295:
+        raise doc.fail("spec.cni.calico.bgp.asNumber", f"AS number {asn} is out of range",
+                       "use 1 to 4294967295 (Calico's default is 64512)")
+    reflectors = doc.get("spec.cni.calico.bgp.routeReflectors", [], list)
+    names = {n.name for n in nodes}
+    for i, name in enumerate(reflectors):
+        if name not in names:
+            raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
+                           f"{name!r} is not a node", f"use node names: {', '.join(sorted(names))}")
+    if reflectors and mode != "calico-bgp":
+        raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
+                       "route reflectors need mode calico-bgp")
+    return CalicoSpec(ipip_mode=ipip, vxlan_mode=vxlan,
+                      nat_outgoing=doc.get(base + "natOutgoing", True, bool), asn=asn,
+                      reflectors=tuple(reflectors))
+
+
+def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment]) -> list[ExternalClient]:
+    """Top-of-rack routers: external hosts with their own AS number."""
+    path = "spec.cni.calico.bgp.peers"
+    raw = doc.get(path, [], list)
+    if raw and mode != "calico-bgp":
+        raise doc.fail(path, f"{mode} runs no BGP", "external BGP peers need mode calico-bgp")
+    peers = []
+    for i, (host, item) in enumerate(zip(_hosts(doc, path, segments, ExternalClient,
+                                                 extra=("asNumber",)), raw, strict=True)):
+        asn = item.get("asNumber") if isinstance(item, dict) else None
+        if not isinstance(asn, int) or isinstance(asn, bool) or not 1 <= asn <= 4294967295:
+            raise doc.fail(f"{path}[{i}].asNumber", f"AS number {asn!r} is missing or out of "
+                           "range", "give the router its own AS, for example 65001")
+        peers.append(replace(host, asn=asn))
+    return peers
 
 
 def _chain(doc: _Doc) -> tuple[str, list[dict]]:
@@ -278,7 +364,8 @@ def _segments(doc: _Doc) -> list[Segment]:
     return segments
 
 
-def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type) -> list:
+def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
+           extra: tuple[str, ...] = ()) -> list:
     hosts = []
     for i, item in enumerate(doc.get(path, [], list)):
         field = f"{path}[{i}]"
@@ -287,8 +374,8 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type) -> list:
         if not isinstance(item, dict):
             raise doc.fail(field, "expected a mapping with name and segment")
         name = doc.name(item.get("name"), f"{field}.name")
-        doc.ignored.update(f"Cluster.{path}[].{k}" for k in item if k not in ("name", "segment",
-                                                                             "ip"))
+        doc.ignored.update(f"Cluster.{path}[].{k}" for k in item
+                           if k not in ("name", "segment", "ip", *extra))
         segment = item.get("segment", segments[0].name)
         if not isinstance(segment, str) or segment not in {s.name for s in segments}:
             raise doc.fail(f"{field}.segment", f"no segment named {segment!r}",

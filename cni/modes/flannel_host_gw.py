@@ -13,12 +13,6 @@ class FlannelHostGw(flannel.FlannelBackend):
     backend = "host-gw"
     tunnel = None
 
-    def backend_data(self, node: dict) -> dict | None:
-        return None
-
-    def node_facts(self, cluster: str, name: str) -> dict:
-        return {}
-
     def setup_node(self, rtnl: Rtnl, node: dict, underlay_mtu: int) -> None:
         bridge.setup_bridge(rtnl, node["subnet"], underlay_mtu)
 

@@ -150,7 +150,7 @@ class Rtnl:
 
     def veth(self, ifname: str, index: int, peer_ifname: str, peer_index: int, peer_netns_fd: int,
              mtu: int, master: int | None = None, alias: str | None = None,
-             peer_mac: str | None = None) -> None:
+             peer_mac: str | None = None, mac: str | None = None) -> None:
         """A veth pair whose peer is created directly in the other namespace. This end comes up;
         the peer must be set up from its own namespace (this kernel refuses IFF_UP on a veth
         peer at creation with ENOTCONN, as `ip link add ... peer name x up` shows)."""
@@ -165,7 +165,7 @@ class Rtnl:
         info = [("IFLA_INFO_KIND", "veth"),
                 ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]
         self._add_link(index, ifname, None, info, True, f"add veth {ifname}/{peer_ifname}",
-                       mtu=mtu, master=master, alias=alias)
+                       mtu=mtu, mac=mac, master=master, alias=alias)
 
     def bridge(self, ifname: str, index: int, mtu: int | None = None,
                mac: str | None = None) -> None:
