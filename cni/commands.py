@@ -13,8 +13,9 @@ import ipaddress
 import os
 
 from cni import spec
+from cni.calico_ipam import BlockStore
 from cni.ipam import HostLocal, IpamError
-from cni.modes import bridge
+from cni.modes import bridge, calico_pod
 from cni.spec import CniError, Env, NetConf
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
@@ -44,7 +45,7 @@ def _store(conf: NetConf) -> HostLocal:
 
 def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
     """(ips, routes) for the attachment, from the built-in store or the delegated plugin."""
-    if conf.ipam["type"] != spec.BUILTIN_IPAM:
+    if conf.ipam["type"] not in (spec.BUILTIN_IPAM, spec.CALICO_IPAM):
         from cni import invoke  # subprocess: only for a delegated IPAM plugin
 
         answer = invoke.execute(conf.ipam["type"], "ADD", env.path, conf.raw, env.container_id,
@@ -55,8 +56,17 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
             raise CniError(spec.IPAM_FAILURE, f"IPAM plugin {conf.ipam['type']} returned no "
                            f"IPv4 address")
         return ips, answer.get("routes") or []
-    store = _store(conf)
     wanted = spec.requested_ips(conf, env)
+    if conf.ipam["type"] == spec.CALICO_IPAM:
+        blocks = _blocks(conf)
+        try:
+            with blocks.session():
+                ip, _ = blocks.allocate(conf.node_name, env.container_id, env.ifname,
+                                        wanted[0] if wanted else None)
+        except IpamError as exc:
+            raise CniError(spec.IPAM_FAILURE, str(exc)) from None
+        return [{"address": f"{ip}/32"}], []
+    store = _store(conf)
     try:
         with store.session():
             ip = store.allocate(env.container_id, env.ifname, wanted[0] if wanted else None)
@@ -69,7 +79,17 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
             routes)
 
 
+def _blocks(conf: NetConf) -> BlockStore:
+    return BlockStore(conf.ipam.get("dataDir") or spec.DEFAULT_DATA_DIR + "/calico",
+                      conf.network, conf.block_size)
+
+
 def _ipam_del(conf: NetConf, env: Env) -> None:
+    if conf.ipam["type"] == spec.CALICO_IPAM:
+        blocks = _blocks(conf)
+        with blocks.session():
+            blocks.release(conf.node_name, env.container_id, env.ifname)
+        return
     if conf.ipam["type"] != spec.BUILTIN_IPAM:
         from cni import invoke
 
@@ -93,7 +113,7 @@ def add(conf: NetConf, env: Env, host_netns: str | None = None) -> dict:
     except KernelError:
         raise CniError(spec.UNKNOWN_CONTAINER, f"netns {env.netns} does not exist",
                        "CNI_NETNS must name the container's network namespace") from None
-    veth = bridge.veth_name(env.container_id, env.ifname)
+    veth = host_veth(conf, env)
     try:
         with Rtnl(env.netns) as pod, Rtnl(host_netns) as node:
             if pod.link(env.ifname) is not None:
@@ -119,6 +139,15 @@ def add(conf: NetConf, env: Env, host_netns: str | None = None) -> dict:
         os.close(pod_fd)
 
 
+def host_veth(conf: NetConf, env: Env) -> str:
+    """The host end's name, the same on ADD and DEL: Calico names it after the pod (from the
+    runtime's K8S_POD_* args), the bridge plugin after the attachment."""
+    if conf.calico:
+        return calico_pod.veth_name(env.args.get("K8S_POD_NAMESPACE", "default"),
+                                    env.args.get("K8S_POD_NAME") or env.container_id)
+    return bridge.veth_name(env.container_id, env.ifname)
+
+
 def _unwire(node: Rtnl, veth: str) -> None:
     node.link_delete(0, veth)
     node.commit()
@@ -126,16 +155,27 @@ def _unwire(node: Rtnl, veth: str) -> None:
 
 def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str,
           ips: list[dict], routes: list[dict]) -> dict:
-    gateway = ips[0].get("gateway") or conf.gateway
     address = ipaddress.IPv4Interface(ips[0]["address"])
-    pairs = [(r["dst"] if r["dst"] != "0.0.0.0/0" else "default", r.get("gw") or gateway)
-             for r in routes]
-    if conf.is_default_gateway and not any(dst == "default" for dst, _ in pairs):
-        pairs.append(("default", gateway))
-    bridge_index = bridge.ensure_bridge(node, conf.subnet, conf.mtu)
-    bridge.attach_host_side(node, pod_fd, veth, 0, conf.mtu, f"{env.container_id}/{env.ifname}",
-                            pod_ifname=env.ifname, pod_index=0, bridge=bridge_index)
-    node.commit()
+    alias = f"{env.container_id}/{env.ifname}"
+    if conf.calico:
+        gateway = None
+        pairs = list(calico_pod.ROUTES)
+        calico_pod.attach_host_side(node, pod_fd, veth, 0, conf.mtu, alias,
+                                    pod_ifname=env.ifname, pod_index=0)
+        node.commit()
+        calico_pod.route_to_pod(node, str(address.ip), node.link(veth)["index"])
+        node.commit()
+        calico_pod.host_sysctls(node.netns, [veth])
+    else:
+        gateway = ips[0].get("gateway") or conf.gateway
+        pairs = [(r["dst"] if r["dst"] != "0.0.0.0/0" else "default", r.get("gw") or gateway)
+                 for r in routes]
+        if conf.is_default_gateway and not any(dst == "default" for dst, _ in pairs):
+            pairs.append(("default", gateway))
+        bridge_index = bridge.ensure_bridge(node, conf.subnet, conf.mtu)
+        bridge.attach_host_side(node, pod_fd, veth, 0, conf.mtu, alias,
+                                pod_ifname=env.ifname, pod_index=0, bridge=bridge_index)
+        node.commit()
     inside = pod.link(env.ifname)
     bridge.attach_pod_side(pod, str(address.ip), address.network.prefixlen, pairs,
                            ifname=env.ifname, index=inside["index"])
@@ -143,10 +183,10 @@ def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str
     host = node.link(veth)
     interfaces = [{"name": veth, "mac": host["mac"]},
                   {"name": env.ifname, "mac": inside["mac"], "sandbox": env.netns}]
-    return spec.extend(conf.prev_result, conf.version, interfaces,
-                       [{"address": str(address), "gateway": gateway, "interface": 1}],
-                       [{"dst": "0.0.0.0/0" if dst == "default" else dst, "gw": via}
-                        for dst, via in pairs])
+    ip = {"address": str(address), "interface": 1} | ({"gateway": gateway} if gateway else {})
+    return spec.extend(conf.prev_result, conf.version, interfaces, [ip],
+                       [{"dst": "0.0.0.0/0" if dst == "default" else dst} | (
+                           {"gw": via} if via else {}) for dst, via in pairs])
 
 
 def delete(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
@@ -155,7 +195,7 @@ def delete(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
     problem = None
     try:
         with Rtnl(host_netns) as node:
-            node.link_delete(0, bridge.veth_name(env.container_id, env.ifname))
+            node.link_delete(0, host_veth(conf, env))
             node.commit()
     except KernelError as exc:
         problem = CniError(spec.KERNEL_FAILURE, str(exc))
@@ -178,7 +218,7 @@ def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
         raise CniError(spec.CHECK_FAILED, f"prevResult has no interface {env.ifname} in sandbox "
                        f"{env.netns}")
     wanted = interfaces[mine[0]]
-    veth = bridge.veth_name(env.container_id, env.ifname)
+    veth = host_veth(conf, env)
     try:
         with Rtnl(env.netns) as pod, Rtnl(host_netns) as node:
             link = pod.link(env.ifname)
@@ -190,7 +230,7 @@ def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
             host = node.link(veth)
             if host is None:
                 _fail(f"host interface {veth} of {env.ifname} is missing")
-            if host["master"] != (node.link(bridge.BRIDGE) or {}).get("index"):
+            if not conf.calico and host["master"] != (node.link(bridge.BRIDGE) or {}).get("index"):
                 _fail(f"host interface {veth} is not attached to {bridge.BRIDGE}")
             have = {f"{a}/{p}" for index, a, p in pod.addresses() if index == link["index"]}
             for ip in prev.get("ips") or []:
@@ -234,14 +274,22 @@ def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
         raise CniError(spec.INVALID_CONFIG, "missing field cni.dev/valid-attachments",
                        "GC needs the list of attachments to keep")
     valid = {(a.get("containerID"), a.get("ifname")) for a in valid_list if isinstance(a, dict)}
-    keep = {bridge.veth_name(cid, ifname) for cid, ifname in valid}
+    keep = {f"{cid}/{ifname}" for cid, ifname in valid}
     with Rtnl(host_netns) as node:
         cni0 = (node.link(bridge.BRIDGE) or {}).get("index")
         for link in node.links():
-            if (cni0 and link["master"] == cni0 and "/" in (link["alias"] or "")
-                    and link["name"] not in keep):
+            ours = link["name"].startswith("cali") if conf.calico else (
+                cni0 and link["master"] == cni0)
+            if ours and "/" in (link["alias"] or "") and link["alias"] not in keep:
                 node.link_delete(link["index"], link["name"])
         node.commit()
+    if conf.ipam["type"] == spec.CALICO_IPAM:
+        blocks = _blocks(conf)
+        with blocks.session():
+            for ip, container_id, ifname in blocks.allocations(conf.node_name):
+                tunnel = ifname.startswith(("vxlan", "tunl"))  # the node's, not a pod's
+                if (container_id, ifname) not in valid and not tunnel:
+                    blocks.release_ip(conf.node_name, ip)
     if conf.ipam["type"] == spec.BUILTIN_IPAM:
         store = _store(conf)
         with store.session():

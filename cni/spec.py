@@ -31,6 +31,7 @@ CHECK_FAILED = 103
 DELEGATE_FAILURE = 104
 
 BUILTIN_IPAM = "netsim-host-local"
+CALICO_IPAM = "netsim-calico-ipam"  # blocks affine to nodes, in a store the nodes share
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"  # host-local's default
 ARGS_KNOWN = {"IgnoreUnknown", "IP", "K8S_POD_NAMESPACE", "K8S_POD_NAME",
               "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"}
@@ -132,6 +133,12 @@ class NetConf:
         self.is_default_gateway = True
         self.ipam: dict = {}
         self.prev_result: dict | None = None
+        self.node_name = ""  # Calico: the node whose blocks pods take addresses from
+        self.block_size = 26
+
+    @property
+    def calico(self) -> bool:
+        return self.mode.startswith("calico-")
 
     @property
     def gateway(self) -> str:
@@ -164,16 +171,23 @@ def parse_conf(data: bytes, command: str) -> NetConf:
                        f"use one of {', '.join(MODES)}")
     node = _field(raw, "node", dict)
     conf.network = _cidr(node, "network")
-    conf.subnet = _cidr(node, "subnet")
-    if not ipaddress.ip_network(conf.subnet).subnet_of(ipaddress.ip_network(conf.network)):
-        raise CniError(INVALID_CONFIG, f"invalid field node.subnet: {conf.subnet} is not inside "
-                       f"node.network {conf.network}")
+    if conf.calico:
+        conf.node_name = _field(node, "name", str, "node.name")
+        conf.block_size = node.get("blockSize", 26)
+        if not isinstance(conf.block_size, int) or not 20 <= conf.block_size <= 32:
+            raise CniError(INVALID_CONFIG, f"invalid field node.blockSize: {conf.block_size!r}",
+                           "use 20 to 32")
+    else:
+        conf.subnet = _cidr(node, "subnet")
+        if not ipaddress.ip_network(conf.subnet).subnet_of(ipaddress.ip_network(conf.network)):
+            raise CniError(INVALID_CONFIG, f"invalid field node.subnet: {conf.subnet} is not "
+                           f"inside node.network {conf.network}")
     conf.mtu = node.get("mtu", 1500)
     if not isinstance(conf.mtu, int) or isinstance(conf.mtu, bool) or not 68 <= conf.mtu <= 65535:
         raise CniError(INVALID_CONFIG, f"invalid field node.mtu: {conf.mtu!r}",
                        "use an integer from 68 to 65535")
     conf.is_default_gateway = raw.get("isDefaultGateway", True)
-    conf.ipam = raw.get("ipam") or {"type": BUILTIN_IPAM}
+    conf.ipam = raw.get("ipam") or {"type": CALICO_IPAM if conf.calico else BUILTIN_IPAM}
     if not isinstance(conf.ipam, dict) or not isinstance(conf.ipam.get("type"), str):
         raise CniError(INVALID_CONFIG, "invalid field ipam: it needs a \"type\"",
                        f"use {{\"type\": \"{BUILTIN_IPAM}\", ...}} or another IPAM plugin's name")
@@ -183,11 +197,12 @@ def parse_conf(data: bytes, command: str) -> NetConf:
     return conf
 
 
-def _field(raw: dict, key: str, kind: type):
+def _field(raw: dict, key: str, kind: type, path: str = ""):
+    path = path or key
     if key not in raw:
-        raise CniError(INVALID_CONFIG, f"missing field {key}")
+        raise CniError(INVALID_CONFIG, f"missing field {path}")
     if not isinstance(raw[key], kind) or (kind is str and not raw[key]):
-        raise CniError(INVALID_CONFIG, f"invalid field {key}: expected a "
+        raise CniError(INVALID_CONFIG, f"invalid field {path}: expected a "
                        f"{'non-empty string' if kind is str else 'JSON object'}")
     return raw[key]
 

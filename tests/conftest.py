@@ -138,3 +138,36 @@ SNAPSHOT_BEFORE: dict[str, str] = {}
 def pytest_sessionstart(session):
     if os.geteuid() == 0:
         SNAPSHOT_BEFORE.update(host_snapshot())
+
+
+def capture(netns: str, iface: str, bpf: str, action, count: int = 4, timeout: float = 5.0):
+    """Packets matching a BPF filter on one interface of a namespace while `action()` runs,
+    decoded by scapy. tcpdump is started and ended by PID, bounded by count and time."""
+    import tempfile
+    import time
+
+    from scapy.utils import rdpcap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pcap = os.path.join(tmp, "cap.pcap")
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-U",
+                                 "-Z", "root", "--immediate-mode",
+                                 "-n", "-c", str(count), "-w", pcap, bpf],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # tcpdump says so once it listens
+                line = proc.stderr.readline().decode()
+                if "listening on" in line or not line:
+                    break
+            action()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return list(rdpcap(pcap)) if os.path.exists(pcap) else []

@@ -130,6 +130,45 @@ def _pairs(addr_info: list[dict]) -> dict:
             if k in ("local", "prefixlen")}
 
 
+def test_calico_add_check_del_del(tmp_path):
+    """Calico's pod side: cali veth with ee:ee:ee:ee:ee:ee and proxy ARP, a /32 from the node's
+    block, 169.254.1.1 as the pod's gateway; the pod answers through the node's route."""
+    node = Node(tmp_path, "calico-vxlan", "1.0.0")
+    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
+                           "mtu": 1450},
+                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    try:
+        pod = node.pod("p1")
+        args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+        code, result = node.cni("ADD", netns=pod, CNI_ARGS=args)
+        assert code == 0, result
+        host, inside = result["interfaces"]
+        assert host == {"name": "cali0d7763386da", "mac": "ee:ee:ee:ee:ee:ee"}
+        assert result["ips"] == [{"address": "192.168.0.0/32", "interface": 1}]
+        assert result["routes"] == [{"dst": "169.254.1.1/32"},
+                                    {"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+        pod_ns = os.path.basename(pod)
+        assert {(r["dst"], r.get("gateway"), r.get("scope")) for r in ip_json(pod_ns, "route")} \
+            == {("default", "169.254.1.1", None), ("169.254.1.1", None, "link")}
+        assert {"dst": "192.168.0.0", "dev": "cali0d7763386da", "scope": "link",
+                "flags": []} in ip_json(node.netns, "route")
+        sysctl = subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-n",
+                                 "net.ipv4.conf.cali0d7763386da.proxy_arp",
+                                 "net.ipv4.neigh.cali0d7763386da.proxy_delay"],
+                                capture_output=True, text=True).stdout.split()
+        assert sysctl == ["1", "0"]
+        block = Path(node.data_dir) / "blocks" / "192.168.0.0-26"
+        assert block.read_text() == "n1"
+        assert node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result),
+                        CNI_ARGS=args) == (0, None)
+        assert node.cni("DEL", netns=pod, CNI_ARGS=args) == (0, None)
+        assert not list((Path(node.data_dir) / "192.168.0.0-26").glob("192.*"))
+        assert ip_json(node.netns, "link", "show", "type", "veth") == []
+        assert node.cni("DEL", netns=pod, CNI_ARGS=args) == (0, None)
+    finally:
+        node.remove()
+
+
 def test_del_after_the_namespace_is_gone_releases_the_address(node):
     pod = node.pod("p1")
     code, result = node.cni("ADD", netns=pod)

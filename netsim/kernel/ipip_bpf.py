@@ -150,7 +150,10 @@ def attach(netns: str, ifname: str, obj: str, local_ip: str) -> None:
         raise KernelError(errnos.EEXIST, f"attach ipip carrier: {pins}", netns,
                           "already attached; detach first")
     _ensure_bpffs()
-    os.makedirs(pins)
+    try:
+        os.makedirs(pins)
+    except FileNotFoundError:  # another detach removed the empty PIN_ROOT in between
+        os.makedirs(pins)
     try:
         result = subprocess.run(
             ["bpftool", "prog", "loadall", obj, os.path.join(pins, "prog"), "type",
