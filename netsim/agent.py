@@ -6,8 +6,10 @@ the pod's own container commands, started inside the pod's namespace. A socket o
 entering a pod's namespace stays in that namespace, so one process serves all pods.
 
 netsim talks to it over a unix socket in the node's state directory, one JSON line each way:
-{"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}} makes the agent serve
-exactly those pods and answers {"ok": true, "serving": [...], "pids": {...}}.
+{"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}, "tunnel": {...} | null}
+makes the agent serve exactly those pods (and the node's userspace carrier, if the mode has
+one: netsim/userspace_tunnel.py, in threads of its own) and answers {"ok": true, "serving": [...],
+"pids": {...}}.
 It deliberately imports only the standard library and netsim.kernel.netns to stay small.
 """
 
@@ -28,13 +30,39 @@ HTTP_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r
 
 
 class Agent:
-    def __init__(self, control: socket.socket, log_dir: str):
+    def __init__(self, control: socket.socket, log_dir: str, netns: str):
         self.sel = selectors.DefaultSelector()
         self.pods: dict[str, dict] = {}  # name -> spec, sockets, procs
         self.control, self.log_dir = control, log_dir
+        self.netns = netns
+        self.tunnel = None  # a userspace carrier (netsim.userspace_tunnel.Tunnel)
+        self.tunnel_key: dict = {}
         self.sel.register(self.control, selectors.EVENT_READ, ("control-accept", None))
 
     # -- pods ----------------------------------------------------------------------------------
+
+    def sync_tunnel(self, spec: dict | None) -> str | None:
+        """Serve the userspace carrier this node needs (or none); an error as text."""
+        try:
+            if self.tunnel is not None and (spec is None or {k: v for k, v in spec.items()
+                                                             if k != "peers"} != self.tunnel_key):
+                self.tunnel.close()
+                self.tunnel = None
+            if spec is None:
+                return None
+            if self.tunnel is None:
+                from netsim.userspace_tunnel import Tunnel  # only nodes that need it pay
+
+                self.tunnel = Tunnel.open(self.netns, spec["kind"], spec["name"],
+                                          spec["local_ip"], spec["mtu"], spec["peers"],
+                                          address=spec.get("address"))
+                self.tunnel.start()
+                self.tunnel_key = {k: v for k, v in spec.items() if k != "peers"}
+            else:
+                self.tunnel.update_peers(spec["peers"])
+        except (OSError, ValueError, RuntimeError) as exc:
+            return f"tunnel {spec.get('name') if spec else ''}: {exc}"
+        return None
 
     def sync(self, wanted: dict[str, dict]) -> dict:
         for name in list(self.pods):
@@ -133,7 +161,11 @@ class Agent:
         with conn, conn.makefile("rwb") as stream:
             for line in stream:
                 request = json.loads(line)
+                problem = self.sync_tunnel(request.get("tunnel"))
                 reply = self.sync(request["pods"])
+                if problem:
+                    reply["ok"] = False
+                    reply["errors"]["tunnel"] = problem
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
 
@@ -150,12 +182,13 @@ def _end(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def request(control_path: str, pods: dict[str, dict], timeout: float = 30.0) -> dict:
-    """Ask a running agent to serve exactly these pods; return its reply."""
+def request(control_path: str, pods: dict[str, dict], tunnel: dict | None = None,
+            timeout: float = 30.0) -> dict:
+    """Ask a running agent to serve exactly these pods (and this tunnel); return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)
-        sock.sendall(json.dumps({"pods": pods}).encode() + b"\n")
+        sock.sendall(json.dumps({"pods": pods, "tunnel": tunnel}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -177,11 +210,11 @@ def listen(control_path: str) -> socket.socket:
 
 
 def main() -> None:
-    """python -m netsim.agent FD CLUSTER NODE (FD: the inherited control socket)."""
-    fd, cluster, node = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    """python -m netsim.agent FD CLUSTER NODE NETNS (FD: the inherited control socket)."""
+    fd, cluster, node, netns = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     control = socket.socket(fileno=fd)
     print(f"netsim agent {os.getpid()} for node {node} of cluster {cluster}", flush=True)
-    Agent(control, os.path.dirname(control.getsockname())).run()
+    Agent(control, os.path.dirname(control.getsockname()), netns).run()
 
 
 if __name__ == "__main__":

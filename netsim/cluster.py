@@ -19,8 +19,8 @@ from netaddr import IPNetwork
 from netsim import agent as agentmod
 from netsim import state
 from netsim.errors import NetsimError
+from netsim.kernel import ipip_bpf, nft, proc, sysctl
 from netsim.kernel import netns as nsmod
-from netsim.kernel import nft, proc, sysctl
 from netsim.model import Cluster, Pod
 from netsim.topology import allocate_cluster_ips, schedule
 
@@ -225,6 +225,12 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
                 mode.setup_node(rt, host, cluster.mtu)
             rt.commit()
     for node_name, node in record["nodes"].items():
+        if hasattr(mode, "start_node"):  # a carrier outside netlink (eBPF)
+            tx.on_undo(f"carrier of {node_name}", lambda n=node: mode.stop_node(n))
+            mode.start_node(state.cluster_dir(name), node)
+        _start_agent(name, node_name, node, tx)
+    _agent_tunnels(cluster, record, mode)
+    for node_name, node in record["nodes"].items():
         sysctl.set_in(node["netns"], {"net.ipv4.ip_forward": "1"})
         with Rtnl(node["netns"]) as rt:
             for peer_name, peer in record["nodes"].items():
@@ -235,9 +241,27 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
         _write_node_files(cluster, node_name, node, mode)
     for path, text in mode.cluster_files(cluster, record).items():
         state.write_file(os.path.join(state.cluster_dir(name), path), text)
-    for node_name, node in record["nodes"].items():
-        _start_agent(name, node_name, node, tx)
     return record
+
+
+def _agent_tunnels(cluster: Cluster, record: dict, mode) -> None:
+    """Userspace carriers (flannel-udp, Calico IPIP's last resort) live in the node agents:
+    give each agent its TUN and peer table, then note the TUN's interface index for routes."""
+    from netsim.kernel.netlink import Rtnl
+
+    if not hasattr(mode, "tunnel_spec"):
+        return
+    nodes = record["nodes"]
+    for name, node in nodes.items():
+        peers = [p for n, p in nodes.items() if n != name]
+        spec = mode.tunnel_spec(node, peers, cluster.mtu)
+        if spec:
+            node["agent_tunnel"] = spec
+    _sync_agents(record, cluster.name, [n for n, node in nodes.items() if "agent_tunnel" in node])
+    for node in nodes.values():
+        if "agent_tunnel" in node:
+            with Rtnl(node["netns"]) as rt:
+                node["tunnel_index"] = rt.link(node["agent_tunnel"]["name"])["index"]
 
 
 def _router_ip(cluster: Cluster, segment: str) -> str:
@@ -322,7 +346,8 @@ def _start_agent(cluster: str, node_name: str, node: dict, tx: Transaction) -> N
     os.makedirs(directory, exist_ok=True)
     control = agentmod.listen(os.path.join(directory, "agent.sock"))
     try:
-        argv = [sys.executable, "-m", "netsim.agent", str(control.fileno()), cluster, node_name]
+        argv = [sys.executable, "-m", "netsim.agent", str(control.fileno()), cluster, node_name,
+                node["netns"]]
         pid, started = proc.spawn(argv, os.path.join(directory, "agent.log"),
                                   pass_fds=(control.fileno(),))
     finally:
@@ -451,6 +476,7 @@ def _sync_blocks(cluster: Cluster, record: dict, mode, tx: Transaction) -> None:
                     rt.commit()
         node["blocks"] += new
         mode.blocks_changed(cluster, record, node_name)
+        _agent_tunnels(cluster, record, mode)
 
 
 def _exec_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
@@ -512,13 +538,13 @@ def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
                 for n, p in record["pods"].items() if p["node"] == node_name}
         path = os.path.join(state.node_dir(cluster, node_name), "agent.sock")
         try:
-            reply = agentmod.request(path, pods)
+            reply = agentmod.request(path, pods, record["nodes"][node_name].get("agent_tunnel"))
         except OSError as exc:
             raise NetsimError(f"the agent of node {node_name} did not answer ({exc}); see "
                               f"{os.path.dirname(path)}/agent.log") from None
         if not reply.get("ok"):
-            raise NetsimError(f"the agent of node {node_name} could not serve pods: "
-                              f"{reply.get('errors')}")
+            raise NetsimError(f"the agent of node {node_name} could not serve pods or its "
+                              f"tunnel: {reply.get('errors')}")
         for pod_name, pids in reply.get("pids", {}).items():
             record["pods"][pod_name]["pids"] = pids
 
@@ -612,6 +638,9 @@ def _remove_everything(name: str, record: dict | None,
     for netns in dict.fromkeys(namespaces):
         if netns.startswith(prefix) and nsmod.remove(netns):
             removed.append(f"netns {netns}")
+    for netns in ipip_bpf.pinned_namespaces():  # eBPF pins outlive their namespace
+        if netns.startswith(prefix) and ipip_bpf.remove_pins(netns):
+            removed.append(f"bpf pins of {netns}")
     return removed
 
 

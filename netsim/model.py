@@ -43,6 +43,7 @@ class CalicoSpec:
     nat_outgoing: bool = True
     asn: int = 64512
     reflectors: tuple[str, ...] = ()
+    ipip_carrier: str = "auto"  # auto | kernel | ebpf | userspace
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ _KNOWN = {
                 "spec.cni.flannel.Network", "spec.cni.calico", "spec.cni.calico.ipPool",
                 "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize",
                 "spec.cni.calico.ipPool.ipipMode", "spec.cni.calico.ipPool.vxlanMode",
-                "spec.cni.calico.ipPool.natOutgoing", "spec.cni.calico.bgp",
+                "spec.cni.calico.ipPool.natOutgoing", "spec.cni.calico.ipipCarrier",
+                "spec.cni.calico.bgp",
                 "spec.cni.calico.bgp.asNumber", "spec.cni.calico.bgp.routeReflectors",
                 "spec.cni.calico.bgp.peers",
                 "spec.cni.flannel.SubnetLen", "spec.serviceCIDR", "spec.underlay",
@@ -305,7 +306,11 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     if reflectors and mode != "calico-bgp":
         raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
                        "route reflectors need mode calico-bgp")
-    return CalicoSpec(ipip_mode=ipip, vxlan_mode=vxlan,
+    carrier = doc.get("spec.cni.calico.ipipCarrier", "auto", str)
+    if carrier not in ("auto", "kernel", "ebpf", "userspace"):
+        raise doc.fail("spec.cni.calico.ipipCarrier", f"unknown carrier {carrier!r}",
+                       "use auto, kernel, ebpf or userspace")
+    return CalicoSpec(ipip_mode=ipip, vxlan_mode=vxlan, ipip_carrier=carrier,
                       nat_outgoing=doc.get(base + "natOutgoing", True, bool), asn=asn,
                       reflectors=tuple(reflectors))
 

@@ -9,6 +9,7 @@ import importlib
 MODES = {
     "flannel-vxlan": ("cni.modes.flannel_vxlan", "FlannelVxlan"),
     "flannel-host-gw": ("cni.modes.flannel_host_gw", "FlannelHostGw"),
+    "flannel-udp": ("cni.modes.flannel_udp", "FlannelUdp"),
     "calico-vxlan": ("cni.modes.calico_vxlan", "CalicoVxlan"),
     "calico-ipip": ("cni.modes.calico_ipip", "CalicoIpip"),
     "calico-bgp": ("cni.modes.calico_bgp", "CalicoBgp"),

@@ -28,7 +28,8 @@ class FlannelBackend:
     def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
         subnets = allocate_subnets(cluster.pod_network, cluster.subnet_len,
                                    [n.name for n in cluster.nodes], {})
-        return {name: {"subnet": subnet} for name, subnet in subnets.items()}
+        return {name: {"subnet": subnet, "network": cluster.pod_network}
+                for name, subnet in subnets.items()}
 
     def ipam(self, cluster, cluster_dir: str, node_name: str, node: dict) -> HostLocal:
         return HostLocal(os.path.join(cluster_dir, "nodes", node_name, "ipam"), CNI_NETWORK,

@@ -368,7 +368,7 @@ def unavailable_reason() -> str | None:
     for tool, package in (("bpftool", "bpftool"), ("tc", "iproute2")):
         if not shutil.which(tool):
             return f"the IPIP eBPF carrier needs {tool}: apt-get install {package}"
-    scratch = f"netsim.probe-bpf.{os.getpid()}"
+    scratch = f"netsim.probe.bpf{os.getpid()}"  # gc leaves netsim.probe.* alone
     try:
         obj = build()
         nsmod.create(scratch)

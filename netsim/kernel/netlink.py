@@ -185,6 +185,13 @@ class Rtnl:
         """Set a link up, by index, or by name (`what`) with index 0."""
         self._queue(self._link(index, IFF_UP, ifname=what), RTM_NEWLINK, 0, f"set {what} up")
 
+    def link_set(self, index: int, ifname: str, mtu: int | None = None, up: bool = True) -> None:
+        """Change an existing link (by index, or by name with index 0): MTU, then up."""
+        msg = self._link(index, IFF_UP if up else 0, ifname=ifname)
+        if mtu:
+            msg["attrs"].append(("IFLA_MTU", mtu))
+        self._queue(msg, RTM_NEWLINK, 0, f"set {ifname}" + (f" mtu {mtu}" if mtu else ""))
+
     def link_delete(self, index: int, what: str) -> None:
         """Delete a link (by index, or by name with index 0); one already gone is no error."""
         self._queue(self._link(index, ifname=what), RTM_DELLINK, 0, f"delete {what}",
