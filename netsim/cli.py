@@ -119,7 +119,8 @@ def cmd_get(args) -> int:
     what = {"no": "nodes", "node": "nodes", "po": "pods", "pod": "pods", "svc": "services",
             "service": "services", "ep": "endpoints"}.get(args.what, args.what)
     if what == "nodes":
-        items = [{"name": n, "netns": e["netns"], "ip": e["ip"], "podCIDR": e["subnet"],
+        items = [{"name": n, "netns": e["netns"], "ip": e["ip"],
+                  "podCIDR": e.get("subnet") or ",".join(e.get("blocks", [])),
                   "segment": e["segment"], "mode": record["mode"],
                   "pods": sum(p["node"] == n for p in record["pods"].values())}
                  for n, e in record["nodes"].items()]

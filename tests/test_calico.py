@@ -1,0 +1,212 @@
+"""Calico's data planes and flannel's udp backend in real namespaces: the kernel state a Calico
+user expects inside a node, pods reaching each other, and the wire format decoded by scapy."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.vxlan import VXLAN
+
+from netsim import topology
+from netsim.errors import TopologyError
+from netsim.kernel import features, ipip_bpf
+from tests.conftest import capture, ip_json, needs_root, run_netsim
+
+pytestmark = needs_root
+
+
+def apply(cluster, source: str, replicas: int = 3, edit=None) -> dict:
+    cluster.write(source, replicas=replicas)
+    if edit:
+        Path(cluster.file).write_text(edit(Path(cluster.file).read_text()))
+    run_netsim("apply", "-f", cluster.file, check=True)
+    return cluster.record()
+
+
+def node_ns(record: dict, node: str) -> str:
+    return record["nodes"][node]["netns"]
+
+
+def ping(record: dict, src: str, dst: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", record["pods"][src]["netns"], "ping", "-c1",
+                           "-W2", record["pods"][dst]["ip"]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def pinger(record: dict, src: str, dst: str):
+    return lambda: ping(record, src, dst)
+
+
+def test_calico_vxlan_kernel_state_and_wire(cluster):
+    record = apply(cluster, "calico-vxlan.yaml")
+    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
+    ns = w1["netns"]
+    link = ip_json(ns, "-d", "link", "show", "vxlan.calico")[0]
+    data = link["linkinfo"]["info_data"]
+    assert (data["id"], data["port"], data["learning"], link["mtu"]) == (4096, 4789, False, 1450)
+    assert data["local"] == w1["ip"]
+    addrs = ip_json(ns, "addr", "show", "vxlan.calico")[0]["addr_info"]
+    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == \
+        [(w1["tunnel_ip"], 32)]
+    assert w1["blocks"] == ["192.168.0.0/26"] and w1["tunnel_ip"] == "192.168.0.0"
+    neigh = ip_json(ns, "neigh", "show", "dev", "vxlan.calico")
+    assert {"dst": w2["tunnel_ip"], "lladdr": w2["vtep_mac"], "state": ["PERMANENT"]} in \
+        [{k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh]
+    fdb = subprocess.run(["bridge", "-n", ns, "fdb", "show", "dev", "vxlan.calico"],
+                         capture_output=True, text=True).stdout
+    assert f"{w2['vtep_mac']} dst {w2['ip']} self permanent" in fdb
+    routes = ip_json(ns, "route")
+    assert {"dst": "192.168.0.64/26", "gateway": w2["tunnel_ip"], "dev": "vxlan.calico",
+            "protocol": "80", "flags": ["onlink"]} in routes
+    assert {"type": "blackhole", "dst": "192.168.0.0/26", "protocol": "80", "flags": []} in routes
+    pod = record["pods"]["web-0"]
+    assert {"dst": pod["ip"], "dev": pod["veth"], "scope": "link", "flags": []} in routes
+    cali = ip_json(ns, "link", "show", pod["veth"])[0]
+    assert cali["address"] == "ee:ee:ee:ee:ee:ee" and pod["veth"].startswith("cali")
+    assert len(pod["veth"]) == 15
+    inside = {(r["dst"], r.get("gateway")) for r in ip_json(pod["netns"], "route")}
+    assert inside == {("default", "169.254.1.1"), ("169.254.1.1", None)}
+    peer_pod = next(p for p in record["pods"].values() if p["node"] == "worker-2")
+    peer_name = next(n for n, p in record["pods"].items() if p is peer_pod)
+    packets = capture(w2["netns"], "eth0", "udp port 4789",
+                      pinger(record, "web-0", peer_name), count=2)
+    vx = [p for p in packets if p.haslayer(VXLAN)]
+    assert vx, "no VXLAN packet reached worker-2's eth0"
+    first = vx[0]
+    assert (first[IP].src, first[IP].dst, first[UDP].dport) == (w1["ip"], w2["ip"], 4789)
+    assert first[VXLAN].vni == 4096
+    inner = first[VXLAN].payload[IP]
+    assert (inner.src, inner.dst) == (pod["ip"], peer_pod["ip"]) and inner.haslayer(ICMP)
+
+
+CARRIERS = [
+    pytest.param("kernel", marks=pytest.mark.skipif(
+        not features.link_kinds().get("ipip"), reason="this kernel has no ipip module")),
+    pytest.param("ebpf", marks=pytest.mark.skipif(
+        not ipip_bpf.available(), reason=str(ipip_bpf.unavailable_reason()))),
+    "userspace",
+]
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_calico_ipip_carrier_puts_protocol_4_on_the_wire(cluster, carrier):
+    record = apply(cluster, "calico-ipip.yaml", edit=lambda t: t.replace(
+        "ipipMode: Always", f"ipipMode: Always\n      ipipCarrier: {carrier}"))
+    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
+    assert w1["carrier"] == carrier
+    device = "eth0" if carrier == "ebpf" else "tunl0"
+    assert {"dst": "192.168.0.64/26", "gateway": w2["ip"], "dev": device, "protocol": "80",
+            "flags": ["onlink"]} in ip_json(w1["netns"], "route")
+    if carrier != "ebpf":
+        assert ip_json(w1["netns"], "link", "show", "tunl0")[0]["mtu"] == 1480
+    dst = next(n for n, p in record["pods"].items() if p["node"] == "worker-2")
+    packets = capture(w2["netns"], "eth0", "ip proto 4", pinger(record, "web-0", dst), count=2)
+    assert packets, "no protocol-4 packet reached worker-2's eth0"
+    outer = packets[0][IP]
+    assert (outer.src, outer.dst, outer.proto) == (w1["ip"], w2["ip"], 4)
+    inner = outer.payload
+    assert (inner.src, inner.dst) == (record["pods"]["web-0"]["ip"], record["pods"][dst]["ip"])
+    described = cluster.netsim("describe", "node", "worker-1", check=True).stdout
+    assert f"carrier: {carrier}" in described
+
+
+def test_crosssubnet_encapsulates_only_between_racks(cluster):
+    record = apply(cluster, "calico-crosssubnet.yaml", replicas=4)
+    ns = node_ns(record, "worker-1")
+    w2, w3 = record["nodes"]["worker-2"], record["nodes"]["worker-3"]
+    routes = ip_json(ns, "route")
+    same_rack = next(r for r in routes if r["dst"] == w2["blocks"][0])
+    other_rack = next(r for r in routes if r["dst"] == w3["blocks"][0])
+    assert (same_rack["gateway"], same_rack["dev"]) == (w2["ip"], "eth0")
+    assert (other_rack["gateway"], other_rack["dev"]) == (w3["tunnel_ip"], "vxlan.calico")
+    on = {p["node"]: n for n, p in record["pods"].items()}
+    bare = capture(w2["netns"], "eth0", "icmp", pinger(record, on["worker-1"], on["worker-2"]),
+                   count=2)
+    assert bare and bare[0][IP].src == record["pods"][on["worker-1"]]["ip"]
+    wrapped = capture(w3["netns"], "eth0", "udp port 4789",
+                      pinger(record, on["worker-1"], on["worker-3"]), count=2)
+    assert wrapped and wrapped[0][VXLAN].vni == 4096
+    assert wrapped[0][IP].src == record["nodes"]["worker-1"]["ip"]  # routed by the router
+
+
+def test_a_full_block_makes_the_node_claim_another(cluster):
+    """Blocks of /29: the tunnel address and 7 pods fill worker-1's first block; the 8th pod
+    comes from a second block, which gets a blackhole on worker-1 and routes on its peers."""
+    def pin(text: str) -> str:
+        return text.replace("blockSize: 26", "blockSize: 29").replace(
+            "    spec:\n      containers:",
+            "    spec:\n      nodeName: worker-1\n      containers:")
+
+    record = apply(cluster, "calico-vxlan.yaml", replicas=8, edit=pin)
+    w1 = record["nodes"]["worker-1"]
+    assert w1["blocks"] == ["192.168.0.0/29", "192.168.0.24/29"]
+    blackholes = {r["dst"] for r in ip_json(w1["netns"], "route", "show", "type", "blackhole")}
+    assert blackholes == {"192.168.0.0/29", "192.168.0.24/29"}
+    last = max(record["pods"].values(), key=lambda p: tuple(map(int, p["ip"].split("."))))
+    assert last["ip"] == "192.168.0.24"
+    w2 = node_ns(record, "worker-2")
+    assert "192.168.0.24/29" in {r["dst"] for r in ip_json(w2, "route")}
+    done = subprocess.run(["ip", "netns", "exec", w2, "ping", "-c1", "-W2", last["ip"]],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_flannel_udp_carries_pods_in_udp_8285(cluster):
+    record = apply(cluster, "flannel-udp.yaml")
+    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
+    flannel0 = ip_json(w1["netns"], "addr", "show", "flannel0")[0]
+    assert flannel0["mtu"] == 1472
+    assert {"dst": "10.244.0.0/16", "dev": "flannel0"}.items() <= next(
+        r for r in ip_json(w1["netns"], "route") if r["dst"] == "10.244.0.0/16").items()
+    dst = next(n for n, p in record["pods"].items() if p["node"] == "worker-2")
+    packets = capture(w2["netns"], "eth0", "udp port 8285", pinger(record, "web-0", dst),
+                      count=2)
+    assert packets, "no UDP 8285 datagram reached worker-2's eth0"
+    first = packets[0]
+    assert (first[IP].src, first[IP].dst, first[UDP].dport) == (w1["ip"], w2["ip"], 8285)
+    inner = IP(bytes(first[UDP].payload))
+    assert (inner.src, inner.dst) == (record["pods"]["web-0"]["ip"], record["pods"][dst]["ip"])
+
+
+BASE = """apiVersion: netsim.dev/v1alpha1
+kind: Cluster
+metadata: {name: t}
+spec:
+  cni:
+    mode: MODE
+    calico: CALICO
+  underlay: {segments: [{name: lan, subnet: 172.18.0.0/24}]}
+  nodes: [{name: n1}, {name: n2}]
+"""
+
+
+def parse(mode: str, calico: str):
+    return topology.parse(BASE.replace("MODE", mode).replace("CALICO", calico), "c.yaml")
+
+
+@pytest.mark.parametrize("mode,calico,field,words", [
+    ("calico-vxlan", "{ipPool: {cidr: 172.18.0.0/16}}", "spec.cni.calico.ipPool.cidr",
+     "overlaps 172.18.0.0/24"),
+    ("calico-vxlan", "{ipPool: {blockSize: 19}}", "spec.cni.calico.ipPool.blockSize",
+     "block size 19 is out of range"),
+    ("calico-bgp", "{bgp: {asNumber: 0}}", "spec.cni.calico.bgp.asNumber",
+     "AS number 0 is out of range"),
+    ("calico-bgp", "{bgp: {routeReflectors: [n9]}}", "spec.cni.calico.bgp.routeReflectors[0]",
+     "'n9' is not a node"),
+    ("calico-ipip", "{ipipCarrier: magic}", "spec.cni.calico.ipipCarrier", "unknown carrier"),
+    ("calico-vxlan", "{ipPool: {vxlanMode: Never}}", "spec.cni.calico.ipPool.vxlanMode",
+     "carries nothing"),
+])
+def test_bad_calico_input_names_the_field(mode, calico, field, words):
+    with pytest.raises(TopologyError) as info:
+        parse(mode, calico)
+    assert info.value.field == field and words in str(info.value), str(info.value)
+
+
+def test_crosssubnet_on_one_segment_is_a_warning():
+    cluster, notes = parse("calico-vxlan", "{ipPool: {vxlanMode: CrossSubnet}}")
+    assert cluster.calico.vxlan_mode == "CrossSubnet"
+    assert any("CrossSubnet with a single underlay segment" in n for n in notes)
