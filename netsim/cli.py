@@ -260,10 +260,42 @@ def cmd_doctor(args) -> int:
     print(table([[t, p or f"MISSING (apt-get install {features.TOOLS[t]})"]
                  for t, p in features.tools().items()], ["TOOL", "PATH"]))
     print("\nmodes:")
-    rows = [["flannel-vxlan", "kernel vxlan" if kinds["vxlan"] else "unavailable: no vxlan"],
-            ["flannel-host-gw", "kernel routing"]]
+    from cni.modes.calico_ipip import choose_carrier
+
+    vxlan = "kernel vxlan" if kinds["vxlan"] else "unavailable: no vxlan"
+    tun = "userspace: TUN in the node agent" if kinds["tun"] else "unavailable: no /dev/net/tun"
+    carrier, why = choose_carrier()
+    bird = "BIRD 2 per node" if features.tools()["bird"] else \
+        "unavailable: apt-get install bird2"
+    rows = [["flannel-vxlan", vxlan], ["flannel-host-gw", "kernel routing"],
+            ["flannel-udp", tun], ["calico-vxlan", vxlan],
+            ["calico-ipip", f"carrier {carrier}: {why}" if carrier else f"unavailable: {why}"],
+            ["calico-bgp", bird]]
     print(table(rows, ["MODE", "DATA PATH"]))
     return 0 if kinds["veth"] and kinds["bridge"] else 1
+
+
+def cmd_bgp_status(args) -> int:
+    """Each BIRD's BGP sessions, as `birdc show protocols` reports them, peers named."""
+    from netsim.bgp import bird
+
+    _, record = pick_cluster(args.cluster)
+    hosts = {**record["nodes"], **record["clients"]}
+    by_ip = {h["ip"].replace(".", "_"): n for n, h in hosts.items()}
+    rows, down = [], 0
+    for name, host in hosts.items():
+        if "bird" not in host:
+            continue
+        for p in bird.protocols(host["bird"]["dir"]):
+            if p["proto"] != "BGP":
+                continue
+            peer = next((n for ip, n in by_ip.items() if p["name"].endswith(ip)), p["name"])
+            rows.append([name, peer, p["name"], p["state"], p["info"], p["since"]])
+            down += not p["info"].startswith("Established")
+    if not rows:
+        raise NetsimError(f"cluster {record['cluster']} runs no BGP (mode {record['mode']})")
+    print(table(rows, ["NODE", "PEER", "PROTOCOL", "STATE", "INFO", "SINCE"]))
+    return 1 if down else 0
 
 
 def cmd_demo(args) -> int:
@@ -349,6 +381,10 @@ def parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_gc)
     doc = sub.add_parser("doctor", help="kernel features, tools, and which data paths apply")
     doc.set_defaults(func=cmd_doctor)
+    bgp = sub.add_parser("bgp", help="Calico's BGP sessions")
+    bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
+    bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)") \
+        .set_defaults(func=cmd_bgp_status)
     demo = sub.add_parser("demo", help="apply the default topology, ping, curl, delete")
     demo.add_argument("-f", "--file")
     demo.set_defaults(func=cmd_demo)

@@ -241,6 +241,14 @@ def _build_base(cluster: Cluster, tx: Transaction, progress: Progress,
         _write_node_files(cluster, node_name, node, mode)
     for path, text in mode.cluster_files(cluster, record).items():
         state.write_file(os.path.join(state.cluster_dir(name), path), text)
+    if hasattr(mode, "start_cluster"):  # daemons that need every node up first (BIRD)
+        progress("BGP: starting BIRD on every node, waiting for the sessions")
+
+        def started(entry: dict, pid: int, start: int) -> None:
+            state.journal(name, {"pid": pid, "start": start})
+            tx.on_undo(f"process {pid}", lambda: proc.stop([(pid, start)]))
+
+        mode.start_cluster(cluster, record, state.cluster_dir(name), started)
     return record
 
 
@@ -310,7 +318,8 @@ def _write_node_files(cluster: Cluster, node_name: str, node: dict, mode) -> Non
     for name, text in mode.node_files(cluster, node).items():
         state.write_file(os.path.join(directory, name), text)
     own = mode.cni_config(cluster, node, state.cluster_dir(cluster.name), directory)
-    conflist = {"cniVersion": cluster.cni_version, "name": CNI_NETWORK,
+    conflist = {"cniVersion": cluster.cni_version,
+                "name": getattr(mode, "cni_network", CNI_NETWORK),
                 "plugins": [own] + cluster.cni_plugins}
     state.write_file(conflist_path(cluster.name, node_name, cluster.mode),
                      json.dumps(conflist, indent=2) + "\n")
@@ -357,9 +366,15 @@ def _start_agent(cluster: str, node_name: str, node: dict, tx: Transaction) -> N
     tx.on_undo(f"agent of {node_name}", lambda: proc.stop([(pid, started)]))
 
 
+def daemons(record: dict) -> list[tuple[int, int]]:
+    """(pid, start time) of every process the record holds: agents, BIRDs."""
+    hosts = list(record.get("nodes", {}).values()) + list(record.get("clients", {}).values())
+    return [(h[kind]["pid"], h[kind]["start"]) for h in hosts for kind in ("agent", "bird")
+            if kind in h]
+
+
 def _stop_agents(record: dict) -> None:
-    proc.stop([(n["agent"]["pid"], n["agent"]["start"]) for n in record.get("nodes", {}).values()
-               if "agent" in n])
+    proc.stop(daemons(record))
 
 
 # -- pods -------------------------------------------------------------------------------------
@@ -617,8 +632,7 @@ def _remove_everything(name: str, record: dict | None,
     processes, namespaces = [], []
     journal = state.journal_entries(name)
     if record:
-        processes += [(n["agent"]["pid"], n["agent"]["start"])
-                      for n in record["nodes"].values() if "agent" in n]
+        processes += daemons(record)
         namespaces += [p["netns"] for p in record["pods"].values()]
         namespaces += [h["netns"] for h in list(record["clients"].values())
                        + list(record["nodes"].values())]
@@ -673,7 +687,7 @@ def _collect_leftovers(name: str, record: dict) -> list[str]:
     keep = {record["underlay"]["netns"], record.get("router", {}).get("netns")}
     keep |= {h["netns"] for h in list(record["nodes"].values()) + list(record["clients"].values())}
     keep |= {p["netns"] for p in record["pods"].values()}
-    keep_pids = {(n["agent"]["pid"], n["agent"]["start"]) for n in record["nodes"].values()}
+    keep_pids = set(daemons(record))
     removed = []
     for entry in state.journal_entries(name):
         if "pid" in entry and (entry["pid"], entry["start"]) not in keep_pids and \

@@ -3,6 +3,7 @@ user expects inside a node, pods reaching each other, and the wire format decode
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -210,3 +211,62 @@ def test_crosssubnet_on_one_segment_is_a_warning():
     cluster, notes = parse("calico-vxlan", "{ipPool: {vxlanMode: CrossSubnet}}")
     assert cluster.calico.vxlan_mode == "CrossSubnet"
     assert any("CrossSubnet with a single underlay segment" in n for n in notes)
+
+
+def learned(netns: str) -> set[tuple[str, str]]:
+    return {(r["dst"], r["gateway"]) for r in ip_json(netns, "route", "show", "proto", "bird")}
+
+
+def wait_for(check, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def test_calico_bgp_full_mesh_and_a_stopped_bird(cluster):
+    from netsim.bgp import bird
+    from netsim.kernel import proc
+
+    record = apply(cluster, "calico-bgp.yaml")
+    nodes = record["nodes"]
+    for name, node in nodes.items():
+        expected = {(p["blocks"][0], p["ip"]) for n, p in nodes.items() if n != name}
+        assert learned(node["netns"]) == expected
+    status = cluster.netsim("bgp", "status", check=True).stdout
+    assert status.count("Established") == 6
+    on = {p["node"]: n for n, p in record["pods"].items()}
+    bare = capture(nodes["worker-2"]["netns"], "eth0", "icmp",
+                   pinger(record, on["worker-1"], on["worker-2"]), count=2)
+    assert bare and bare[0][IP].dst == record["pods"][on["worker-2"]]["ip"]  # no tunnel
+    # worker-3's BIRD stops: its block leaves the others' tables; a new BIRD brings it back
+    w3 = nodes["worker-3"]
+    proc.stop([(w3["bird"]["pid"], w3["bird"]["start"])])
+    w1 = nodes["worker-1"]["netns"]
+    assert wait_for(lambda: (w3["blocks"][0], w3["ip"]) not in learned(w1))
+    with open(os.path.join(w3["bird"]["dir"], "bird.conf")) as fh:
+        config = fh.read()
+    pid, start = bird.start(w3["netns"], w3["bird"]["dir"], config)
+    try:
+        assert wait_for(lambda: (w3["blocks"][0], w3["ip"]) in learned(w1))
+    finally:
+        proc.stop([(pid, start)])
+
+
+def test_route_reflector_and_top_of_rack_peer(cluster):
+    record = apply(cluster, "calico-bgp-rr.yaml", replicas=4)
+    nodes = record["nodes"]
+    w2, w3 = nodes["worker-2"], nodes["worker-3"]
+    # worker-2 peers only with the reflector, yet learns worker-3's block with worker-3 as hop
+    assert (w3["blocks"][0], w3["ip"]) in learned(w2["netns"])
+    status = cluster.netsim("bgp", "status", check=True).stdout.splitlines()
+    w2_peers = {line.split()[1] for line in status[1:] if line.split()[0] == "worker-2"}
+    assert w2_peers == {"worker-1", "tor"}
+    tor = record["clients"]["tor"]
+    assert learned(tor["netns"]) == {(n["blocks"][0], n["ip"]) for n in nodes.values()}
+    on = {p["node"]: n for n, p in record["pods"].items()}
+    ping(record, on["worker-2"], on["worker-3"])

@@ -38,6 +38,7 @@ class CalicoIpam:
 
 class CalicoBackend:
     name = ""
+    cni_network = "k8s-pod-network"  # the network name in Calico's CNI config
     backend = "calico"
     tunnel: str | None = None
     overhead = 0
