@@ -1,5 +1,5 @@
-"""Apply and delete of a flannel-vxlan cluster of 10 nodes x 50 pods (500 pods with their
-hostname servers), beside the same kernel work done with ip -batch files.
+"""Apply and delete of a flannel-vxlan and a calico-vxlan cluster of 10 nodes x 50 pods (500
+pods with their hostname servers), beside the same kernel work done with ip -batch files.
 
     .venv/bin/python -m pytest bench/ --benchmark-columns=min,median,max
 """
@@ -24,8 +24,11 @@ NODES, PODS_PER_NODE, ROUNDS = 10, 50, 3
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
-def _model():
-    path = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
+MODES = ["flannel-vxlan", "calico-vxlan"]
+
+
+def _model(mode: str):
+    path = Path(__file__).resolve().parent.parent / "topologies" / f"{mode}.yaml"
     docs = list(yaml.safe_load_all(path.read_text()))
     docs[0]["metadata"]["name"] = "bench" + uuid.uuid4().hex[:6]
     docs[0]["spec"]["nodes"] = [{"name": f"worker-{i}"} for i in range(1, NODES + 1)]
@@ -41,9 +44,9 @@ def _agents_rss_mib(name: str) -> float:
     return total / 1024
 
 
-@pytest.fixture
-def model():
-    m = _model()
+@pytest.fixture(params=MODES)
+def model(request):
+    m = _model(request.param)
     yield m
     clustermod.delete(m.name)
 
@@ -69,26 +72,30 @@ def test_delete_netsim(benchmark, model):
     assert state.load(model.name) is None
 
 
-@pytest.fixture
-def ref_tag():
+@pytest.fixture(params=MODES)
+def ref_tag(request):
     tag = f"ref{uuid.uuid4().hex[:6]}"
-    yield tag
+    yield tag, request.param
     clustermod.gc(tag)
 
 
 @pytest.mark.benchmark(group="apply 10x50")
 def test_apply_reference(benchmark, ref_tag):
+    tag, mode = ref_tag
+
     def setup():
-        clustermod.gc(ref_tag)
-        return (ref_tag, NODES, PODS_PER_NODE), {}
+        clustermod.gc(tag)
+        return (tag, NODES, PODS_PER_NODE, mode), {}
 
     benchmark.pedantic(reference_ipbatch.build, setup=setup, rounds=ROUNDS, iterations=1)
 
 
 @pytest.mark.benchmark(group="delete 10x50")
 def test_delete_reference(benchmark, ref_tag):
+    tag, mode = ref_tag
+
     def setup():
-        reference_ipbatch.build(ref_tag, NODES, PODS_PER_NODE)
-        return (ref_tag, NODES, PODS_PER_NODE), {}
+        reference_ipbatch.build(tag, NODES, PODS_PER_NODE, mode)
+        return (tag, NODES, PODS_PER_NODE), {}
 
     benchmark.pedantic(reference_ipbatch.teardown, setup=setup, rounds=ROUNDS, iterations=1)
