@@ -89,6 +89,71 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def _reapply(record: dict, overrides: dict, what: str) -> int:
+    """Apply the cluster's own file again with imperative changes on top (scale, expose)."""
+    if not record.get("source"):
+        raise NetsimError(f"cluster {record['cluster']} has no topology file on record")
+    model, _ = topology.load(record["source"], overrides)
+    start = time.monotonic()
+    changes = clustermod.apply(model, progress, overrides=overrides)
+    print(f"{what}: cluster/{model.name} {changes.summary()} in "
+          f"{time.monotonic() - start:.2f}s")
+    return 0
+
+
+def _deployment_doc(record: dict, name: str) -> dict:
+    import yaml
+
+    with open(record["source"]) as fh:
+        for body in yaml.safe_load_all(fh):
+            if isinstance(body, dict) and body.get("kind") == "Deployment" and \
+                    (body.get("metadata") or {}).get("name") == name:
+                return body
+    raise NetsimError(f"no deployment named {name!r} in {record['source']}; "
+                      "`netsim get pods` shows what runs")
+
+
+def _deployment_name(args_target: str) -> str:
+    kind, _, name = args_target.partition("/")
+    if kind not in ("deployment", "deployments", "deploy") or not name:
+        raise NetsimError(f"cannot use {args_target!r}: write deployment/NAME")
+    return name
+
+
+def cmd_scale(args) -> int:
+    name = _deployment_name(args.target)
+    if not 0 <= args.replicas <= 10000:
+        raise NetsimError(f"--replicas {args.replicas} is out of range: use 0 to 10000")
+    _, record = pick_cluster(args.cluster)
+    _deployment_doc(record, name)
+    overrides = json.loads(json.dumps(record.get("overrides") or {}))
+    overrides.setdefault("replicas", {})[name] = args.replicas
+    return _reapply(record, overrides, f"deployment/{name} scaled to {args.replicas}")
+
+
+def cmd_expose(args) -> int:
+    """A Service for a Deployment's pods, as `kubectl expose deployment` makes it."""
+    name = _deployment_name(args.target)
+    _, record = pick_cluster(args.cluster)
+    deployment = _deployment_doc(record, name)
+    selector = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    port = {"port": args.port, "targetPort": args.target_port or args.port,
+            "protocol": args.protocol}
+    if args.node_port:
+        port["nodePort"] = args.node_port
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": args.name or name},
+               "spec": {"type": args.type, "selector": selector, "ports": [port],
+                        "sessionAffinity": args.session_affinity}}
+    if args.session_affinity == "ClientIP" and args.affinity_timeout:
+        service["spec"]["sessionAffinityConfig"] = {
+            "clientIP": {"timeoutSeconds": args.affinity_timeout}}
+    overrides = json.loads(json.dumps(record.get("overrides") or {}))
+    overrides["services"] = [s for s in overrides.get("services", [])
+                             if s["metadata"]["name"] != service["metadata"]["name"]] + [service]
+    return _reapply(record, overrides, f"service/{service['metadata']['name']} exposed")
+
+
 def cmd_delete(args) -> int:
     if args.file:
         name = topology.load(args.file)[0].name
@@ -342,6 +407,21 @@ def parser() -> argparse.ArgumentParser:
                    help="wire new pods in-process (fast), or by executing each node's CNI "
                         "config list as a container runtime does (runs chained plugins)")
     a.set_defaults(func=cmd_apply)
+    sc = sub.add_parser("scale", help="set a Deployment's replicas (until the next apply -f)")
+    sc.add_argument("target", help="deployment/NAME")
+    sc.add_argument("--replicas", type=int, required=True)
+    sc.set_defaults(func=cmd_scale)
+    ex = sub.add_parser("expose", help="a Service for a Deployment (until the next apply -f)")
+    ex.add_argument("target", help="deployment/NAME")
+    ex.add_argument("--port", type=int, required=True)
+    ex.add_argument("--target-port", type=int)
+    ex.add_argument("--name")
+    ex.add_argument("--type", choices=("ClusterIP", "NodePort"), default="ClusterIP")
+    ex.add_argument("--protocol", choices=("TCP", "UDP"), default="TCP")
+    ex.add_argument("--node-port", type=int)
+    ex.add_argument("--session-affinity", choices=("None", "ClientIP"), default="None")
+    ex.add_argument("--affinity-timeout", type=int)
+    ex.set_defaults(func=cmd_expose)
     cni = sub.add_parser("cni", help="the CNI plugin executable")
     cni_sub = cni.add_subparsers(dest="cni_command", required=True)
     inst = cni_sub.add_parser("install", help="install netsim's plugin into a CNI bin directory "

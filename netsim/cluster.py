@@ -121,7 +121,8 @@ def preflight(cluster: Cluster) -> None:
                           f"({taken[0]} ...): run `netsim gc` first")
 
 
-def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False) -> Changes:
+def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False,
+          overrides: dict | None = None) -> Changes:
     """Converge the kernel to the topology. With cni_exec, new pods are wired by executing each
     node's CNI config list as a runtime would, instead of in-process."""
     preflight(cluster)
@@ -141,7 +142,9 @@ def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False) 
                 record = _build_base(cluster, tx, progress, changes)
             _reconcile_pods(cluster, record, tx, progress, changes, cni_exec)
             _reconcile_services(cluster, record, changes)
+            _sync_kube_proxy(cluster, record)
             record["source"] = os.path.abspath(cluster.source) if cluster.source else ""
+            record["overrides"] = overrides or {}  # apply -f: the file is the truth again
             if changes or fresh:
                 state.save(record)
         except BaseException as exc:
@@ -438,6 +441,7 @@ def _add_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
                     "veth": mode.host_veth(pod.name),
                     "ifindex": node["next_ifindex"], "labels": pod.labels, "owner": pod.owner,
                     "spec": _pod_fingerprint(pod), "ports": list(pod.serve_ports),
+                    "named_ports": dict(n for c in pod.containers for n in c.port_names),
                     "commands": [list(c.command) for c in pod.containers if c.command]}
                 node["next_ifindex"] += 1
         for entry in entries.values():
@@ -526,6 +530,7 @@ def _exec_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
             "veth": result["interfaces"][0]["name"], "via": "cni-exec",
             "labels": pod.labels, "owner": pod.owner, "spec": _pod_fingerprint(pod),
             "ports": list(pod.serve_ports),
+            "named_ports": dict(n for c in pod.containers for n in c.port_names),
             "commands": [list(c.command) for c in pod.containers if c.command]}
         tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record["pods"].pop(p, None))
         changes.created.append(f"pod {pod.name}")
@@ -591,13 +596,17 @@ def _remove_pods(cluster: Cluster, record: dict, removing: dict, progress: Progr
 
 
 def _reconcile_services(cluster: Cluster, record: dict, changes: Changes) -> None:
-    """Services are recorded with their ClusterIPs; kube-proxy programming comes with issue 5."""
+    """Services with their ClusterIPs and node ports (kept across applies once given)."""
     ips = allocate_cluster_ips(cluster, {n: s["clusterIP"] for n, s in record["services"].items()})
+    node_ports = _allocate_node_ports(cluster, record)
     wanted = {}
     for svc in cluster.services:
+        ports = [asdict(p) for p in svc.ports]
+        for i, port in enumerate(ports):
+            if svc.type == "NodePort":
+                port["node_port"] = node_ports[(svc.name, i)]
         wanted[svc.name] = {"clusterIP": ips[svc.name], "type": svc.type,
-                            "selector": svc.selector,
-                            "ports": [asdict(p) for p in svc.ports],
+                            "selector": svc.selector, "ports": ports,
                             "sessionAffinity": svc.session_affinity,
                             "affinityTimeout": svc.affinity_timeout}
     for name in set(record["services"]) | set(wanted):
@@ -608,11 +617,82 @@ def _reconcile_services(cluster: Cluster, record: dict, changes: Changes) -> Non
     record["services"] = wanted
 
 
+def _allocate_node_ports(cluster: Cluster, record: dict) -> dict[tuple[str, int], int]:
+    """NodePorts: as written, else as before, else the lowest free of 30000-32767."""
+    from netsim.topology import NODE_PORT_RANGE
+
+    given = {(s.name, i): p.node_port for s in cluster.services if s.type == "NodePort"
+             for i, p in enumerate(s.ports) if p.node_port}
+    before = {(n, i): p.get("node_port") for n, svc in record["services"].items()
+              for i, p in enumerate(svc["ports"]) if p.get("node_port")}
+    result = dict(given)
+    for svc in cluster.services:
+        for i, _ in enumerate(svc.ports):
+            key = (svc.name, i)
+            if svc.type == "NodePort" and key not in result and before.get(key) and \
+                    before[key] not in result.values():
+                result[key] = before[key]
+    free = (p for p in range(NODE_PORT_RANGE[0], NODE_PORT_RANGE[1] + 1)
+            if p not in result.values())
+    for svc in cluster.services:
+        for i, _ in enumerate(svc.ports):
+            if svc.type == "NodePort" and (svc.name, i) not in result:
+                result[(svc.name, i)] = next(free)
+    return result
+
+
 def endpoints(record: dict, service: dict) -> list[tuple[str, str]]:
     """(pod, ip) of the pods the selector matches, ordered by IP as kube-proxy orders them."""
     pods = [(n, p["ip"]) for n, p in record["pods"].items()
             if all(p["labels"].get(k) == v for k, v in service["selector"].items())]
     return sorted(pods, key=lambda x: tuple(int(o) for o in x[1].split(".")))
+
+
+def target_port(record: dict, pod: str, port: dict) -> int | None:
+    """A service port's targetPort in one pod: the number, or the pod's port of that name."""
+    target = port["target_port"]
+    if isinstance(target, int):
+        return target
+    return record["pods"][pod].get("named_ports", {}).get(target)
+
+
+def service_ports(record: dict) -> list:
+    """Every Service port with its endpoints, as kube-proxy's sync sees them."""
+    from netsim.kubeproxy.nftables import Endpoint, ServicePort
+
+    found = []
+    for name, svc in sorted(record["services"].items()):
+        eps = endpoints(record, svc)
+        for port in svc["ports"]:
+            resolved = [(ip, target_port(record, pod, port)) for pod, ip in eps]
+            found.append(ServicePort(
+                "default", name, port["name"], port["protocol"], svc["clusterIP"], port["port"],
+                port.get("node_port"), tuple(Endpoint(ip, t) for ip, t in resolved if t),
+                svc["affinityTimeout"] if svc["sessionAffinity"] == "ClientIP" else None))
+    return found
+
+
+def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:
+    """Program every Service into every node, as kube-proxy does on each node: the first sync
+    loads the whole table, later ones only what changed, each one nft transaction per node."""
+    from dataclasses import astuple
+
+    from netsim.kubeproxy import nftables as kp
+    from netsim.kubeproxy.nftables import Endpoint, ServicePort
+
+    ports = service_ports(record)
+    previous = record.get("kube_proxy")
+    new = kp.compute(ports, cluster.pod_network)
+    if previous is None:
+        text = kp.full(new)
+    else:
+        old_ports = [ServicePort(*p[:7], tuple(Endpoint(*e) for e in p[7]), p[8])
+                     for p in previous["ports"]]
+        text = kp.update(kp.compute(old_ports, cluster.pod_network), new)
+    if text:
+        for node in record["nodes"].values():
+            nft.apply(node["netns"], text)
+    record["kube_proxy"] = {"mode": "nftables", "ports": [astuple(p) for p in ports]}
 
 
 # -- delete and gc ----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class Container:
     name: str
     ports: tuple[int, ...] = ()
     command: tuple[str, ...] = ()  # empty: the built-in hostname server
+    port_names: tuple[tuple[str, int], ...] = ()  # (name, containerPort) for named ports
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class Pod:
 
     def __hash__(self) -> int:
         return hash(self.name)
+
+    def named_port(self, name: str) -> int | None:
+        """The containerPort a Service's named targetPort means in this pod."""
+        return next((p for c in self.containers for n, p in c.port_names if n == name), None)
 
     @property
     def serve_ports(self) -> tuple[int, ...]:

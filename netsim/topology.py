@@ -131,20 +131,39 @@ def _noun(name: str) -> str:
         name, name)
 
 
-def load(file: str) -> tuple[Cluster, list[str]]:
-    """Read and validate a topology file; return the cluster and the notes about ignored fields."""
+def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
+    """Read and validate a topology file; return the cluster and the notes about ignored fields.
+    `overrides` are what `netsim scale` and `netsim expose` changed on top of the file."""
     try:
         with open(file) as fh:
             text = fh.read()
     except OSError as exc:
         raise TopologyError(file, "file", "", f"cannot read it: {exc.strerror}",
                             "check the path given to -f") from None
-    return parse(text, file)
+    return parse(text, file, overrides)
 
 
-def parse(text: str, file: str = "<topology>") -> tuple[Cluster, list[str]]:
+def with_overrides(bodies: list, overrides: dict | None) -> list:
+    """The documents with imperative changes on top: replicas per Deployment (scale) and
+    extra Service documents (expose)."""
+    if not overrides:
+        return bodies
+    for body in bodies:
+        if isinstance(body, dict) and body.get("kind") == "Deployment":
+            name = (body.get("metadata") or {}).get("name")
+            if name in overrides.get("replicas", {}):
+                body.setdefault("spec", {})["replicas"] = overrides["replicas"][name]
+    names = {(b.get("metadata") or {}).get("name") for b in bodies
+             if isinstance(b, dict) and b.get("kind") == "Service"}
+    return bodies + [s for s in overrides.get("services", []) if s["metadata"]["name"] not in
+                     names]
+
+
+def parse(text: str, file: str = "<topology>",
+          overrides: dict | None = None) -> tuple[Cluster, list[str]]:
     try:
-        bodies = [b for b in yaml.safe_load_all(text) if b is not None]
+        bodies = with_overrides([b for b in yaml.safe_load_all(text) if b is not None],
+                                overrides)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
@@ -182,9 +201,20 @@ def parse(text: str, file: str = "<topology>") -> tuple[Cluster, list[str]]:
                                           [d for d in docs if d.kind == "Service"], strict=True)],
             "metadata.name", "service")
     for svc, doc in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True):
-        if not any(all(p.labels.get(k) == v for k, v in svc.selector.items()) for p in pods):
+        matched = [p for p in pods if all(p.labels.get(k) == v for k, v in svc.selector.items())]
+        templates = [d.get("spec.template.metadata.labels", {}, dict) for d in docs
+                     if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
+        if not matched and not any(all(t.get(k) == v for k, v in svc.selector.items())
+                                   for t in templates):
             raise doc.fail("spec.selector", f"selector {svc.selector} matches no pod",
                            "make it match the labels of a Pod or a Deployment's template")
+        for i, port in enumerate(svc.ports):
+            if isinstance(port.target_port, str) and not any(
+                    p.named_port(port.target_port) for p in matched):
+                raise doc.fail(f"spec.ports[{i}].targetPort", f"no container of the selected "
+                               f"pods declares a port named {port.target_port!r}",
+                               "name a containerPort so (ports: [{name: ..., containerPort: "
+                               "...}]) or use the port number")
     _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
     _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"])
     cluster.source = file
@@ -435,7 +465,7 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
             if key not in _CONTAINER_KEYS:
                 doc.ignored.add(f"{doc.kind}.{path}[].{key}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
-        ports = []
+        ports, names = [], []
         if not isinstance(item.get("ports") or [], list):
             raise doc.fail(f"{field}.ports", "expected a list of {containerPort: N}")
         for key in ("command", "args"):
@@ -448,8 +478,10 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
                 raise doc.fail(f"{field}.ports[{j}].containerPort", f"{value!r} is not a port",
                                "use an integer from 1 to 65535")
             ports.append(value)
+            if port.get("name"):
+                names.append((str(port["name"]), value))
         command = [str(c) for c in (item.get("command") or []) + (item.get("args") or [])]
-        containers.append(Container(name, tuple(ports), tuple(command)))
+        containers.append(Container(name, tuple(ports), tuple(command), tuple(names)))
     if not containers:
         raise doc.fail(path, "a pod needs at least one container", "add {name: hostname}")
     return tuple(containers)

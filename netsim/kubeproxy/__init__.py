@@ -1,0 +1,1 @@
+"""kube-proxy for netsim: services and endpoints programmed into each node, one module per mode."""
