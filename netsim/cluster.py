@@ -402,6 +402,10 @@ def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: P
             changes.updated.append(f"pod {name} labels")
     removing = {n: recorded.pop(n) for n in stale}
     if removing:
+        if record.get("kube_proxy") is not None:
+            # endpoints leave every node's Services first, as a terminating pod leaves its
+            # EndpointSlice before it is killed: no new connection goes to a pod being removed
+            _sync_kube_proxy(cluster, record)
         # a replaced pod keeps its name: take the old one down before building the new one
         _sync_agents(record, cluster.name, sorted({e["node"] for e in removing.values()}))
         _remove_pods(cluster, record, removing, progress)

@@ -1,0 +1,271 @@
+"""kube-proxy in real namespaces: real connections from pods, nodes and the external client to
+the built-in hostname servers through ClusterIPs and NodePorts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from netsim import cluster as clustermod
+from netsim import probe, topology
+from tests.conftest import needs_root, run_netsim
+
+pytestmark = needs_root
+TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
+
+SERVICES = """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-aff}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: AFFINITY}}
+  ports: [{port: 80, targetPort: 9376}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 8080, targetPort: http, nodePort: 30080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: idle}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: idle}}
+  template:
+    metadata: {labels: {app: idle}}
+    spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: idle}
+spec:
+  selector: {app: idle}
+  ports: [{port: 80, targetPort: 9376}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, labels: {app: solo}}
+spec:
+  nodeName: worker-1
+  containers: [{name: c}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo}
+spec:
+  selector: {app: solo}
+  ports: [{port: 80, targetPort: 9376}]
+"""
+
+
+def write(cluster, affinity: str = "ClientIP", timeout: int = 3, extra: str = "") -> None:
+    text = TOPOLOGY.read_text().replace("name: demo", f"name: {cluster.name}", 1)
+    text = text.replace("- containerPort: 9376", "- containerPort: 9376\n              name: http")
+    services = SERVICES.replace("AFFINITY", str(timeout))
+    if affinity != "ClientIP":
+        services = services.replace("sessionAffinity: ClientIP", f"sessionAffinity: {affinity}")
+    Path(cluster.file).write_text(text + services + extra)
+
+
+@pytest.fixture
+def services(cluster):
+    write(cluster)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    return cluster
+
+
+def who(record: dict, src: str, ip: str, port: int, count: int) -> list[str]:
+    """The pod that answered each of `count` fresh connections from `src`."""
+    netns = (record["pods"].get(src) or record["nodes"].get(src) or record["clients"][src])[
+        "netns"]
+    answers = []
+    for _ in range(count):
+        reply = probe.http_get(netns, ip, port)
+        answers.append(reply.body.strip() if reply.body else f"error: {reply.error}")
+    return answers
+
+
+def cip(record: dict, service: str) -> str:
+    return record["services"][service]["clusterIP"]
+
+
+def test_round_robin_is_exact_through_any_node(services):
+    record = services.record()
+    for client in ("web-0", "web-1"):  # on worker-1 and worker-2: every node programs it
+        counts = Counter(who(record, client, cip(record, "web"), 80, 30))
+        assert counts == {"web-0": 10, "web-1": 10, "web-2": 10}, counts
+    answers = who(record, "web-0", cip(record, "web"), 80, 6)
+    assert answers[:3] == answers[3:]  # in turn, by endpoint IP
+
+
+def test_client_ip_affinity_e2e_checks(services):
+    record = services.record()
+    answers = who(record, "web-0", cip(record, "web-aff"), 80, 16)
+    assert len(set(answers[1:])) == 1, answers  # the last 15 of 16 reach the same pod
+    time.sleep(3.5)  # past the 3 s timeout: the next connection may go elsewhere
+    after = who(record, "web-0", cip(record, "web-aff"), 80, 1)
+    assert after[0] != answers[-1]
+    write(services, affinity="None")
+    run_netsim("apply", "-f", services.file, check=True)
+    assert len(set(who(record, "web-0", cip(record, "web-aff"), 80, 6))) > 1
+
+
+def test_affinity_timeout_slides(services):
+    record = services.record()
+    first = who(record, "web-1", cip(record, "web-aff"), 80, 1)[0]
+    for _ in range(3):  # 4.5 s in all, never 3 s idle: each use refreshes the timer
+        time.sleep(1.5)
+        assert who(record, "web-1", cip(record, "web-aff"), 80, 1) == [first]
+
+
+def test_removed_endpoint_drops_only_its_own_clients_affinity(cluster):
+    """Two clients on worker-1 bound to different endpoints; the endpoint of one leaves the
+    selector (its label changes): that client moves, the other keeps its pod."""
+    clients = "".join(f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {n}, labels: {{role: client}}}}
+spec:
+  nodeName: worker-1
+  containers: [{{name: c, command: [sleep, "3600"]}}]
+""" for n in ("client-a", "client-b"))
+    write(cluster, timeout=600, extra="\n" + clients)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    record = cluster.record()
+    ip = cip(record, "web-aff")
+    a = who(record, "client-a", ip, 80, 1)[0]
+    b = who(record, "client-b", ip, 80, 1)[0]
+    assert a != b  # round robin gave them consecutive endpoints
+    # client-a's endpoint leaves the Service: its pod's labels change (no rebuild)
+    model, _ = topology.load(cluster.file)
+    model.pods = [replace(p, labels={"app": "gone"}) if p.name == a else p for p in model.pods]
+    clustermod.apply(model)
+    assert who(record, "client-b", ip, 80, 5) == [b] * 5
+    moved = who(record, "client-a", ip, 80, 5)
+    assert a not in moved and len(set(moved)) == 1
+
+
+def test_nodeport_from_the_external_client_via_every_node(services):
+    record = services.record()
+    assert record["services"]["web-np"]["ports"][0]["node_port"] == 30080
+    seen = set()
+    for node in record["nodes"].values():
+        answers = who(record, "client", node["ip"], 30080, 3)
+        assert all(not a.startswith("error") for a in answers), answers
+        seen |= set(answers)
+    assert seen == {"web-0", "web-1", "web-2"}
+
+
+def test_node_to_clusterip_and_hairpin(services):
+    record = services.record()
+    assert set(who(record, "worker-3", cip(record, "web"), 80, 3)) == {"web-0", "web-1", "web-2"}
+    # solo is the only endpoint of its Service: it reaches itself, masqueraded on the way back
+    assert who(record, "solo", cip(record, "solo"), 80, 2) == ["solo", "solo"]
+
+
+def test_service_without_endpoints_rejects_at_once(services):
+    record = services.record()
+    netns = record["pods"]["web-0"]["netns"]
+    start = time.monotonic()
+    reply = probe.http_get(netns, cip(record, "idle"), 80, timeout=5)
+    assert reply.error == "Connection refused" and time.monotonic() - start < 1
+
+
+def test_kube_proxy_table_has_kube_proxys_shape(services):
+    record = services.record()
+    out = subprocess.run(["ip", "netns", "exec", record["nodes"]["worker-2"]["netns"], "nft",
+                          "-j", "list", "table", "ip", "kube-proxy"], capture_output=True,
+                         text=True, check=True).stdout
+    objects = [next(iter(o.items())) for o in json.loads(out)["nftables"]]
+    names = {(kind, o.get("name")) for kind, o in objects}
+    for expected in (("map", "service-ips"), ("map", "service-nodeports"),
+                     ("map", "no-endpoint-services"), ("chain", "mark-for-masquerade"),
+                     ("chain", "masquerading"), ("chain", "services")):
+        assert expected in names
+    chains = [o["name"] for kind, o in objects if kind == "chain"]
+    assert any(c.startswith("service-") and c.endswith("-default/web/tcp/") for c in chains)
+    assert sum(c.startswith("endpoint-") for c in chains) == 3 * 3 + 1  # web, web-aff, np; solo
+    sets = [o for kind, o in objects if kind == "set" and o["name"].startswith("affinity-")]
+    assert len(sets) == 3 and all(s["timeout"] == 3 and "timeout" in s["flags"] for s in sets)
+    text = subprocess.run(["ip", "netns", "exec", record["nodes"]["worker-2"]["netns"], "nft",
+                           "list", "table", "ip", "kube-proxy"], capture_output=True,
+                          text=True).stdout
+    assert "numgen inc mod 3 vmap" in text and "update @affinity-" in text
+    assert "tcp . 30080 : goto external-" in text
+
+
+def under_load(cluster, plans: list[dict]) -> tuple[int, int]:
+    """Fresh connections to Service web from pod solo while each replica plan is applied in
+    turn; checks that no connection begun after an update reaches a pod it removed."""
+    record = cluster.record()
+    ip, netns = cip(record, "web"), record["pods"]["solo"]["netns"]
+    results: list[tuple[float, str | None, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            reply = probe.http_get(netns, ip, 80, timeout=2)
+            results.append((started, reply.body and reply.body.strip(), reply.error))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    steps: list[tuple[float, float, set[str]]] = []  # (update began, ended, pods after it)
+    try:
+        for replicas in plans:
+            time.sleep(0.3)
+            began = time.monotonic()
+            overrides = {"replicas": replicas}
+            model, _ = topology.load(cluster.file, overrides)
+            clustermod.apply(model, overrides=overrides)
+            steps.append((began, time.monotonic(), set(cluster.record()["pods"])))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    ok = [r for r in results if r[2] is None]
+    assert len(results) > 100 and len(ok) >= 0.999 * len(results), \
+        [r for r in results if r[2]][:5]
+    late = []
+    for started, pod, _ in ok:  # begun after an update ended, before the next one began
+        done = [i for i, (_, end, _) in enumerate(steps) if end < started]
+        if done and (done[-1] + 1 == len(steps) or steps[done[-1] + 1][0] > started) and \
+                pod not in steps[done[-1]][2]:
+            late.append((started, pod))
+    assert not late, late[:5]
+    return len(ok), len(results)
+
+
+def test_scale_under_continuous_connections(services):
+    ok, total = under_load(services, [{"web": 6}, {"web": 2}, {"web": 3}])
+    print(f"\n{ok} of {total} requests succeeded while web went 3 -> 6 -> 2 -> 3")
+
+
+def test_rolling_replacement_under_continuous_connections(cluster):
+    """web-v2 (same labels) replaces web one pod at a time, each new pod ready first."""
+    v2 = TOPOLOGY.read_text().split("---")[1].replace("name: web", "name: web-v2", 1).replace(
+        "replicas: 3", "replicas: 0").replace("- containerPort: 9376",
+                                              "- containerPort: 9376\n              name: http")
+    write(cluster, extra="\n---" + v2)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    plans = [{"web": 3, "web-v2": 1}, {"web": 2, "web-v2": 1}, {"web": 2, "web-v2": 2},
+             {"web": 1, "web-v2": 2}, {"web": 1, "web-v2": 3}, {"web": 0, "web-v2": 3}]
+    ok, total = under_load(cluster, plans)
+    print(f"\n{ok} of {total} requests succeeded during the rolling replacement")
+    assert {p for p in cluster.record()["pods"] if p.startswith("web")} == \
+        {"web-v2-0", "web-v2-1", "web-v2-2"}
