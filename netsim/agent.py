@@ -8,7 +8,8 @@ entering a pod's namespace stays in that namespace, so one process serves all po
 netsim talks to it over a unix socket in the node's state directory, one JSON line each way:
 {"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}, "tunnel": {...} | null}
 makes the agent serve exactly those pods (and the node's userspace carrier, if the mode has
-one: netsim/userspace_tunnel.py, in threads of its own) and answers {"ok": true, "serving": [...],
+one: netsim/userspace_tunnel.py, in threads of its own; and, with "services", kube-proxy's
+userspace proxy, netsim/kubeproxy/userspace.py) and answers {"ok": true, "serving": [...],
 "pids": {...}}.
 It deliberately imports only the standard library and netsim.kernel.netns to stay small.
 """
@@ -36,6 +37,7 @@ class Agent:
         self.control, self.log_dir = control, log_dir
         self.netns = netns
         self.tunnel = None  # a userspace carrier (netsim.userspace_tunnel.Tunnel)
+        self.proxy = None  # kube-proxy's userspace mode (netsim.kubeproxy.userspace.Proxy)
         self.tunnel_key: dict = {}
         self.sel.register(self.control, selectors.EVENT_READ, ("control-accept", None))
 
@@ -63,6 +65,24 @@ class Agent:
         except (OSError, ValueError, RuntimeError) as exc:
             return f"tunnel {spec.get('name') if spec else ''}: {exc}"
         return None
+
+    def sync_proxy(self, services: dict | None) -> tuple[dict, str | None]:
+        """Serve kube-proxy's userspace mode (or stop it): (listen port per service port,
+        an error as text)."""
+        try:
+            if services is None:
+                if self.proxy is not None:
+                    self.proxy.close()
+                    self.proxy = None
+                return {}, None
+            if self.proxy is None:
+                from netsim.kubeproxy.userspace import Proxy  # only userspace clusters pay
+
+                self.proxy = Proxy(self.netns)
+                self.proxy.start()
+            return self.proxy.sync(services), None
+        except (OSError, ValueError, RuntimeError) as exc:
+            return {}, f"userspace proxy: {exc}"
 
     def sync(self, wanted: dict[str, dict]) -> dict:
         for name in list(self.pods):
@@ -163,9 +183,11 @@ class Agent:
                 request = json.loads(line)
                 problem = self.sync_tunnel(request.get("tunnel"))
                 reply = self.sync(request["pods"])
-                if problem:
-                    reply["ok"] = False
-                    reply["errors"]["tunnel"] = problem
+                reply["proxy_ports"], proxy_problem = self.sync_proxy(request.get("services"))
+                for what, text in (("tunnel", problem), ("proxy", proxy_problem)):
+                    if text:
+                        reply["ok"] = False
+                        reply["errors"][what] = text
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
 
@@ -183,12 +205,14 @@ def _end(procs: list[subprocess.Popen]) -> None:
 
 
 def request(control_path: str, pods: dict[str, dict], tunnel: dict | None = None,
-            timeout: float = 30.0) -> dict:
-    """Ask a running agent to serve exactly these pods (and this tunnel); return its reply."""
+            services: dict | None = None, timeout: float = 30.0) -> dict:
+    """Ask a running agent to serve exactly these pods (and this tunnel, and these Services in
+    kube-proxy's userspace mode); return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)
-        sock.sendall(json.dumps({"pods": pods, "tunnel": tunnel}).encode() + b"\n")
+        sock.sendall(json.dumps({"pods": pods, "tunnel": tunnel,
+                                 "services": services}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

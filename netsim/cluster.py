@@ -56,7 +56,8 @@ def spec_of(cluster: Cluster) -> dict:
             "mtu": cluster.mtu, "segments": [asdict(s) for s in cluster.segments],
             "nodes": [asdict(n) for n in cluster.nodes],
             "clients": [asdict(c) for c in cluster.clients],
-            "cni_version": cluster.cni_version, "cni_plugins": cluster.cni_plugins}
+            "cni_version": cluster.cni_version, "cni_plugins": cluster.cni_plugins,
+            "proxy_mode": cluster.proxy_mode}
 
 
 @dataclass
@@ -562,7 +563,8 @@ def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
                 for n, p in record["pods"].items() if p["node"] == node_name}
         path = os.path.join(state.node_dir(cluster, node_name), "agent.sock")
         try:
-            reply = agentmod.request(path, pods, record["nodes"][node_name].get("agent_tunnel"))
+            reply = agentmod.request(path, pods, record["nodes"][node_name].get("agent_tunnel"),
+                                     (record.get("kube_proxy") or {}).get("userspace"))
         except OSError as exc:
             raise NetsimError(f"the agent of node {node_name} did not answer ({exc}); see "
                               f"{os.path.dirname(path)}/agent.log") from None
@@ -571,6 +573,7 @@ def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
                               f"tunnel: {reply.get('errors')}")
         for pod_name, pids in reply.get("pids", {}).items():
             record["pods"][pod_name]["pids"] = pids
+        record["nodes"][node_name]["proxy_ports"] = reply.get("proxy_ports") or {}
 
 
 def _remove_pods(cluster: Cluster, record: dict, removing: dict, progress: Progress) -> None:
@@ -676,6 +679,24 @@ def service_ports(record: dict) -> list:
     return found
 
 
+def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
+    """kube-proxy's userspace mode: every node's agent proxies every Service port on a port of
+    its own; the node's nftables send ClusterIP and NodePort traffic there."""
+    from dataclasses import astuple
+
+    from netsim.kubeproxy import userspace_rules
+
+    services = {userspace_rules.key(p): {
+        "protocol": p.protocol, "endpoints": [[e.ip, e.port] for e in p.endpoints],
+        "affinity": "ClientIP" if p.affinity_timeout else "None",
+        "timeout": p.affinity_timeout or 10800} for p in ports}
+    record["kube_proxy"] = {"mode": "userspace", "userspace": services,
+                            "ports": [astuple(p) for p in ports]}
+    _sync_agents(record, cluster.name, list(record["nodes"]))
+    for node in record["nodes"].values():
+        nft.apply(node["netns"], userspace_rules.ruleset(ports, node["proxy_ports"], node["ip"]))
+
+
 def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:
     """Program every Service into every node, as kube-proxy does on each node: the first sync
     loads the whole table, later ones only what changed, each one nft transaction per node."""
@@ -685,6 +706,8 @@ def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:
     from netsim.kubeproxy.nftables import Endpoint, ServicePort
 
     ports = service_ports(record)
+    if cluster.proxy_mode == "userspace":
+        return _sync_userspace_proxy(cluster, record, ports)
     previous = record.get("kube_proxy")
     new = kp.compute(ports, cluster.pod_network)
     if previous is None:

@@ -115,6 +115,7 @@ class Cluster:
     pods: list[Pod] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
     calico: CalicoSpec | None = None  # for the calico-* modes
+    proxy_mode: str = "nftables"  # kube-proxy's backend: nftables | userspace
     cni_version: str = "1.0.0"  # of the node's CNI config list
     cni_plugins: list[dict] = field(default_factory=list)  # chained after netsim's plugin
     source: str = ""  # the file it came from

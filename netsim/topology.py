@@ -49,6 +49,7 @@ _KNOWN = {
                 "spec.cni.calico.bgp.asNumber", "spec.cni.calico.bgp.routeReflectors",
                 "spec.cni.calico.bgp.peers",
                 "spec.cni.flannel.SubnetLen", "spec.serviceCIDR", "spec.underlay",
+                "spec.kubeProxy", "spec.kubeProxy.mode",
                 "spec.underlay.mtu", "spec.underlay.segments", "spec.nodes",
                 "spec.externalClients"},
     "Pod": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
@@ -288,10 +289,14 @@ def _cluster(doc: _Doc) -> Cluster:
         raise doc.fail("spec.nodes", "host-gw needs every node on one L2 segment",
                        "put all nodes on one segment, or use mode flannel-vxlan")
     cni_version, plugins = _chain(doc)
+    proxy_mode = doc.get("spec.kubeProxy.mode", "nftables", str)
+    if proxy_mode not in ("nftables", "userspace"):
+        raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {proxy_mode!r}",
+                       "use nftables (the default) or userspace")
     return Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
                    service_cidr=str(service_cidr), mtu=mtu, segments=segments,
                    nodes=[replace(n) for n in nodes], clients=clients, calico=calico_spec,
-                   cni_version=cni_version, cni_plugins=plugins)
+                   cni_version=cni_version, cni_plugins=plugins, proxy_mode=proxy_mode)
 
 
 ENCAP_MODES = ("Always", "CrossSubnet", "Never")

@@ -163,6 +163,15 @@ CASES = [
                       "spec.sessionAffinityConfig.clientIP.timeoutSeconds": t})],
        "spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{t} is out of range")
       for t in (0, 86401)],
+    ("port-0", [put(SERVICE, {"spec.ports": [{"port": 0}]})], "spec.ports[0].port",
+     "0 is not a port"),
+    ("target-port-name-undeclared",
+     [put(SERVICE, {"spec.ports": [{"port": 80, "targetPort": "http"}]})],
+     "spec.ports[0].targetPort", "no container of the selected pods declares a port named"),
+    ("selector-less-service", [put(SERVICE, {"spec.selector": {}})], "spec.selector",
+     "a Service needs a selector"),
+    ("unknown-kube-proxy-mode", [put(CLUSTER, {"spec.kubeProxy": {"mode": "ipvs"}})],
+     "spec.kubeProxy.mode", "unknown kube-proxy mode 'ipvs'"),
     ("cidr-host-bits", [put(CLUSTER, {"spec.cni.flannel.Network": "10.244.1.0/16"})],
      "spec.cni.flannel.Network", "10.244.1.0/16 has host bits set"),
 ]

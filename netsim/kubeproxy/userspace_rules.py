@@ -1,0 +1,47 @@
+"""The node's nftables for kube-proxy's userspace mode: each Service port's ClusterIP (and
+NodePort) traffic goes to the port the node agent's proxy listens on for it.
+
+kube-proxy's userspace mode used iptables REDIRECT for traffic arriving from containers and DNAT
+to the host's own IP for traffic the host sends. netsim DNATs both to the node's IP: Calico's
+cali interfaces carry no address, so REDIRECT would have nothing to rewrite the destination to.
+Affinity and round robin live in the proxy, so the table is simply rewritten on every sync.
+"""
+
+from __future__ import annotations
+
+from netsim.kubeproxy.nftables import TABLE, ServicePort
+
+
+def key(sp: ServicePort) -> str:
+    """The proxy's name for a service port: namespace/name:port/PROTOCOL."""
+    return f"{sp.namespace}/{sp.name}:{sp.port}/{sp.protocol}"
+
+
+def ruleset(ports: list[ServicePort], listen: dict[str, int], node_ip: str) -> str:
+    rules = []
+    for sp in ports:
+        target = listen.get(key(sp))
+        if not target:
+            continue
+        proto = sp.protocol.lower()
+        rules.append(f"    ip daddr {sp.cluster_ip} {proto} dport {sp.port} "
+                      f"dnat to {node_ip}:{target}")
+        if sp.node_port:
+            rules.append(f"    fib daddr type local {proto} dport {sp.node_port} "
+                         f"dnat to {node_ip}:{target}")
+    body = "\n".join(rules)
+    return f"""table ip {TABLE}
+delete table ip {TABLE}
+table ip {TABLE} {{
+  comment "kube-proxy userspace mode (netsim): Service traffic to the node agent's proxy"
+  chain services {{
+{body}
+  }}
+  chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept;
+    jump services
+  }}
+  chain nat-output {{ type nat hook output priority -100; policy accept;
+    jump services
+  }}
+}}
+"""
