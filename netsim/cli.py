@@ -340,6 +340,33 @@ def cmd_doctor(args) -> int:
     return 0 if kinds["veth"] and kinds["bridge"] else 1
 
 
+def cmd_bench(args) -> int:
+    """The encapsulation-overhead matrix; progress on stderr, the table on stdout."""
+    from netsim import bench
+
+    options = bench.Options(repetitions=args.repetitions, seconds=args.seconds,
+                            streams=args.streams, sweep=args.sweep)
+    if args.modes:
+        options.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.paths:
+        options.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bench.check(options)
+    result = bench.run(options, lambda line: print(f"bench: {line}", file=sys.stderr,
+                                                   flush=True))
+    print(bench.table(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+    if args.csv:
+        bench.write_csv(result, args.csv)
+        print(f"wrote {args.csv}")
+    if args.png:
+        for path in bench.write_charts(result, args.png):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_bgp_status(args) -> int:
     """Each BIRD's BGP sessions, as `birdc show protocols` reports them, peers named."""
     from netsim.bgp import bird
@@ -461,6 +488,19 @@ def parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_gc)
     doc = sub.add_parser("doctor", help="kernel features, tools, and which data paths apply")
     doc.set_defaults(func=cmd_doctor)
+    b = sub.add_parser("bench", help="what each data plane costs: throughput, latency, MTU, "
+                       "CPU per GB, against the plain-routing floor")
+    b.add_argument("--modes", help="comma-separated (default: all)")
+    b.add_argument("--paths", help="comma-separated: pod-same-node, pod-cross-node, "
+                   "pod-clusterip, client-nodeport (default: all)")
+    b.add_argument("--repetitions", type=int, default=3)
+    b.add_argument("--seconds", type=int, default=2, help="per iperf3 run")
+    b.add_argument("--streams", type=int, default=4, help="parallel TCP streams")
+    b.add_argument("--sweep", action="store_true", help="TCP throughput by MSS, 96 to 1460")
+    b.add_argument("--json", help="write every sample, the machine and the carriers")
+    b.add_argument("--csv", help="write every sample")
+    b.add_argument("--png", metavar="DIR", help="write throughput.png and latency.png")
+    b.set_defaults(func=cmd_bench)
     bgp = sub.add_parser("bgp", help="Calico's BGP sessions")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
     bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)") \

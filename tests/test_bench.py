@@ -1,0 +1,59 @@
+"""netsim bench end to end on a small matrix: every requested cell in the JSON with plausible
+values, ratios from the same run's floor, CSV and PNG outputs, nothing left behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from netsim import bench
+from netsim.errors import NetsimError
+from netsim.kernel import netns as nsmod
+from tests.conftest import needs_root, run_netsim
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@needs_root
+def test_small_matrix_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_netsim("bench", "--modes", "flannel-vxlan", "--paths",
+                      "pod-cross-node,pod-clusterip", "--repetitions", "1", "--seconds", "1",
+                      "--json", str(out), "--csv", str(tmp_path / "bench.csv"),
+                      "--png", str(tmp_path / "charts"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "flannel-vxlan" in done.stdout and "plain-routing" in done.stdout
+    result = json.loads(out.read_text())
+    cells = {(r["mode"], r["path"]): r for r in result["medians"]}
+    assert set(cells) == {("flannel-vxlan", "pod-cross-node"), ("flannel-vxlan", "pod-clusterip"),
+                          ("flannel-host-gw", "underlay"), ("flannel-host-gw", "plain-routing")}
+    floor = cells[("flannel-host-gw", "plain-routing")]
+    for row in cells.values():
+        assert row["tcp_gbps"] > 0 and row["tcp_multi_gbps"] > 0 and row["udp_gbps"] > 0
+        assert row["rr_per_s"] is None or row["rr_per_s"] > 0
+        assert row["tcp_gbps_ratio"] == pytest.approx(row["tcp_gbps"] / floor["tcp_gbps"])
+    assert cells[("flannel-vxlan", "pod-cross-node")]["mtu"] == 1450  # VXLAN's 50 bytes
+    assert cells[("flannel-host-gw", "underlay")]["mtu"] == 1500
+    assert 0 < cells[("flannel-vxlan", "pod-cross-node")]["ping_p50_ms"] < 50
+    assert result["machine"]["kernel"] and len(result["samples"]) == 4
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert len(rows) == 4 and float(rows[0]["tcp_gbps"]) > 0
+    for name in ("throughput.png", "latency.png"):
+        assert (tmp_path / "charts" / name).read_bytes()[:8] == PNG
+    assert not [n for n in nsmod.names() if n.startswith("netsim.bench-")]
+
+
+def test_unknown_mode_or_path_is_one_clear_line():
+    for argv, words in ((["--modes", "weave"], "unknown mode 'weave'"),
+                        (["--paths", "moon"], "unknown path 'moon'")):
+        done = run_netsim("bench", *argv)
+        assert done.returncode != 0
+        assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_missing_iperf3_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(bench.shutil, "which", lambda tool: None)
+    with pytest.raises(NetsimError, match="iperf3 is not installed: apt-get install iperf3"):
+        bench.check(bench.Options())
