@@ -37,7 +37,7 @@ METRICS = ["tcp_gbps", "tcp_multi_gbps", "udp_gbps", "udp_loss_pct", "ping_p50_m
 HIGHER_IS_BETTER = {"tcp_gbps", "tcp_multi_gbps", "udp_gbps", "rr_per_s", "mtu"}
 SWEEP_SIZES = [96, 192, 384, 768, 1024, 1460]  # TCP MSS, as Kubernetes' netperf tests sweep
 IPERF_PORT, HTTP_PORT = 5201, 9376
-NODEPORTS = {"http": 30080, "tcp": 30201, "udp": 30202}
+NODEPORTS = {"http": 30080, "tcp": 30201, "udp": 30201}  # iperf3's UDP test needs TCP too
 
 
 @dataclass
@@ -239,20 +239,30 @@ def _pct(values: list[float], q: float) -> float | None:
 def measure(record: dict, path: str, options: Options) -> dict:
     """Every metric of one (mode, path) cell, once."""
     ep = endpoints(record, path)
-    tcp = iperf(ep, options.seconds)
-    multi = iperf(ep, options.seconds, streams=options.streams)
-    udp = iperf(ep, options.seconds, udp_rate=options.udp_rate)
-    cell = {"tcp_gbps": tcp["gbps"], "tcp_multi_gbps": multi["gbps"], "udp_gbps": udp["gbps"],
-            "udp_loss_pct": udp["loss_pct"],
-            "cpu_s_per_gb": tcp["cpu_s"] / (tcp["bytes"] / 1e9) if tcp["bytes"] else None}
-    rtts = ping_rtts(ep, options.pings) if ep.pingable else []
+    errors: list[str] = []
+
+    def attempt(what: str, fn, *args, **kw):
+        """One measurement; a failure is recorded and the cell goes on (a long run should
+        not be lost to one refused connection)."""
+        try:
+            return fn(*args, **kw)
+        except (NetsimError, OSError, ValueError, KeyError) as exc:
+            errors.append(f"{what}: {exc}")
+            return None
+
+    tcp = attempt("tcp", iperf, ep, options.seconds) or {}
+    multi = attempt("tcp multi", iperf, ep, options.seconds, streams=options.streams) or {}
+    udp = attempt("udp", iperf, ep, options.seconds, udp_rate=options.udp_rate) or {}
+    cell = {"tcp_gbps": tcp.get("gbps"), "tcp_multi_gbps": multi.get("gbps"),
+            "udp_gbps": udp.get("gbps"), "udp_loss_pct": udp.get("loss_pct"),
+            "cpu_s_per_gb": tcp["cpu_s"] / (tcp["bytes"] / 1e9) if tcp.get("bytes") else None,
+            "errors": errors}
+    rtts = (attempt("ping", ping_rtts, ep, options.pings) or []) if ep.pingable else []
     cell.update(ping_p50_ms=_pct(rtts, 0.5), ping_p99_ms=_pct(rtts, 0.99),
-                mtu=path_mtu(ep) if ep.pingable else None)
-    if ep.http_port:
-        rate, lat = requests(ep, options.requests)
-        cell.update(rr_per_s=rate, rr_p50_ms=_pct(lat, 0.5), rr_p99_ms=_pct(lat, 0.99))
-    else:
-        cell.update(rr_per_s=None, rr_p50_ms=None, rr_p99_ms=None)
+                mtu=attempt("mtu", path_mtu, ep) if ep.pingable else None)
+    rate, lat = (attempt("requests", requests, ep, options.requests) or (None, [])) \
+        if ep.http_port else (None, [])
+    cell.update(rr_per_s=rate or None, rr_p50_ms=_pct(lat, 0.5), rr_p99_ms=_pct(lat, 0.99))
     return cell
 
 
@@ -299,6 +309,8 @@ def run(options: Options, progress=lambda line: None) -> dict:
                          f"({i}/{len(cells)})")
                 real = "pod-cross-node" if path == "plain-routing" else path
                 sample = measure(built[mode], real, options)
+                for problem in sample["errors"]:
+                    progress(f"  {mode} {path}: {problem}")
                 result["samples"].append({"repetition": rep + 1, "mode": mode, "path": path,
                                           **sample})
         if options.sweep:

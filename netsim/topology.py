@@ -585,15 +585,16 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
 
 
 def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
-    seen: dict[int, str] = {}
+    seen: dict[tuple[int, str], str] = {}  # one number may serve TCP and UDP, as in Kubernetes
     for svc, doc in zip(cluster.services, docs, strict=True):
         for port in svc.ports:
             if port.node_port is None:
                 continue
-            if port.node_port in seen:
+            key = (port.node_port, port.protocol)
+            if key in seen:
                 raise doc.fail("spec.ports.nodePort", f"nodePort {port.node_port} is already "
-                               f"taken by Service {seen[port.node_port]}", "pick another port")
-            seen[port.node_port] = svc.name
+                               f"taken by Service {seen[key]}", "pick another port")
+            seen[key] = svc.name
 
 
 def _check_cluster_ips(cluster: Cluster, docs: list[_Doc]) -> None:
