@@ -367,6 +367,39 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    """One probe from SRC to DST, seen at every interface on its way."""
+    from netsim import trace
+
+    _, record = pick_cluster(args.cluster)
+    proto = "tcp" if args.tcp else "udp" if args.udp else args.proto
+    result = trace.trace(record, args.src, args.dst, proto=proto, port=args.tcp or args.udp,
+                         pcap=args.pcap, timeout=args.timeout)
+    print(trace.format_trace(result))
+    return 0 if result.delivered else 1
+
+
+def cmd_capture(args) -> int:
+    """tcpdump on one interface of a node, pod or client, into a pcap Wireshark opens."""
+    from netsim import trace
+
+    _, record = pick_cluster(args.cluster)
+    print(f"capturing on {args.target} {args.iface or 'eth0'} for up to {args.duration:g} s or "
+          f"{args.count} packets ...", file=sys.stderr, flush=True)
+    packets = trace.capture(record, args.target, args.iface, args.write, args.count,
+                            args.duration)
+    print(f"wrote {packets} packets to {args.write}")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from netsim import graph
+
+    _, record = pick_cluster(args.cluster)
+    print(f"wrote {graph.render(record, args.output)}")
+    return 0
+
+
 def cmd_bgp_status(args) -> int:
     """Each BIRD's BGP sessions, as `birdc show protocols` reports them, peers named."""
     from netsim.bgp import bird
@@ -501,6 +534,25 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--csv", help="write every sample")
     b.add_argument("--png", metavar="DIR", help="write throughput.png and latency.png")
     b.set_defaults(func=cmd_bench)
+    tr = sub.add_parser("trace", help="one probe from SRC to DST, shown at every interface")
+    tr.add_argument("src", help="pod (or node, client)")
+    tr.add_argument("dst", help="pod, node, client (name or IP), or Service (name or ClusterIP)")
+    tr.add_argument("--proto", choices=("icmp", "tcp", "udp"))
+    tr.add_argument("--tcp", type=int, metavar="PORT", help="a TCP SYN to this port")
+    tr.add_argument("--udp", type=int, metavar="PORT", help="a UDP datagram to this port")
+    tr.add_argument("--pcap", help="write every captured copy (pcapng, one interface per hop)")
+    tr.add_argument("--timeout", type=float, default=3.0)
+    tr.set_defaults(func=cmd_trace)
+    cap = sub.add_parser("capture", help="tcpdump on a node, pod or client interface")
+    cap.add_argument("target", help="node, pod, client, underlay or router")
+    cap.add_argument("iface", nargs="?", help="default eth0")
+    cap.add_argument("-w", "--write", required=True, help="the pcap file")
+    cap.add_argument("-c", "--count", type=int, default=100)
+    cap.add_argument("--duration", type=float, default=10.0)
+    cap.set_defaults(func=cmd_capture)
+    gr = sub.add_parser("graph", help="a picture of the cluster: .png, .svg or .dot")
+    gr.add_argument("-o", "--output", default="cluster.png")
+    gr.set_defaults(func=cmd_graph)
     bgp = sub.add_parser("bgp", help="Calico's BGP sessions")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
     bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)") \
