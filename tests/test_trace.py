@@ -216,3 +216,20 @@ def test_capture_node_eth0(cluster, tmp_path):
     assert trace.capture(record, node, iface="lo", out=quiet, duration=0.3) == 0
     assert os.path.getsize(quiet) == 24
     assert_reaped(trace.STARTED_PIDS[before:])
+
+
+def test_cli_trace_capture_and_graph(cluster, tmp_path):
+    """The verbs as a user types them: exit codes, what they print, the files they write."""
+    cluster.write("flannel-host-gw.yaml", replicas=2)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    done = cluster.netsim("trace", "web-0", "web-1", "--pcap", str(tmp_path / "t.pcapng"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].strip().startswith("delivered to web-1")
+    assert (tmp_path / "t.pcapng").stat().st_size > 0
+    missing = cluster.netsim("trace", "web-0", "nope")
+    assert missing.returncode == 1 and "nope" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    bad = cluster.netsim("capture", "worker-1", "eth9", "-w", str(tmp_path / "c.pcap"))
+    assert bad.returncode == 1 and "eth9" in bad.stderr
+    drawn = cluster.netsim("graph", "-o", str(tmp_path / "c.dot"), check=True)
+    assert "wrote" in drawn.stdout and "web-0" in (tmp_path / "c.dot").read_text()
