@@ -175,8 +175,11 @@ class Rtnl:
     def vxlan(self, ifname: str, index: int, vni: int, local: str, link: int, port: int,
               mtu: int, mac: str) -> None:
         """A VXLAN device with learning off: peers are programmed as static ARP and FDB entries."""
+        # no outer UDP checksum: flannel and Calico create their devices through the netlink
+        # library with UDPCSum false, which is what `ip -d link` shows on a real node
         data = [("IFLA_VXLAN_ID", vni), ("IFLA_VXLAN_LOCAL", local), ("IFLA_VXLAN_LINK", link),
-                ("IFLA_VXLAN_PORT", port), ("IFLA_VXLAN_LEARNING", 0)]
+                ("IFLA_VXLAN_PORT", port), ("IFLA_VXLAN_LEARNING", 0),
+                ("IFLA_VXLAN_UDP_CSUM", 0)]
         info = [("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]
         self._add_link(index, ifname, None, info, True, f"add vxlan {ifname} (VNI {vni})",
                        mtu=mtu, mac=mac)
