@@ -166,7 +166,7 @@ def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = 
             argv += ["-u", "-b", udp_rate, "-l", "1400"]
         if mss:
             argv += ["-M", str(mss)]
-        for _attempt in range(30):  # the server listens within a moment of starting
+        for _attempt in range(100):  # the server listens within a moment (5 s on a busy host)
             busy = _cpu_busy()
             try:
                 done = _run(ep.src, argv, timeout=seconds + 15)

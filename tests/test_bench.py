@@ -26,6 +26,7 @@ def test_small_matrix_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "flannel-vxlan" in done.stdout and "plain-routing" in done.stdout
     result = json.loads(out.read_text())
+    assert not [s["errors"] for s in result["samples"] if s["errors"]], done.stderr[-2000:]
     cells = {(r["mode"], r["path"]): r for r in result["medians"]}
     assert set(cells) == {("flannel-vxlan", "pod-cross-node"), ("flannel-vxlan", "pod-clusterip"),
                           ("flannel-host-gw", "underlay"), ("flannel-host-gw", "plain-routing")}
