@@ -163,24 +163,29 @@ def to_dot(record: dict) -> str:
     for pod_name, pod in sorted(pods.items(), key=lambda kv: _ip_key(kv[1].get("ip", ""))):
         pod_by_node.setdefault(pod.get("node", ""), []).append(pod_name)
     shown: dict[str, str] = {}  # pod name -> the dot node that stands for it
+    links: list[str] = []  # node -> pod edges (the pods' veths), written after the subgraphs
 
     def pod_lines(node_name: str, indent: str) -> list[str]:
         lines = []
         names = pod_by_node.get(node_name, [])
-        for pod_name in names[:MAX_PODS_PER_NODE]:
-            pid = f"pod:{pod_name}"
-            shown[pod_name] = pid
-            lines.append(indent + quote(pid) + " " + _attrs(
-                label=f"{pod_name}\n{pods[pod_name].get('ip', '?')}", shape="box",
-                style="rounded,filled", fillcolor="#e8f4e8", fontsize="9", height="0.3"))
         hidden = names[MAX_PODS_PER_NODE:]
+        for pod_name in names[:MAX_PODS_PER_NODE]:
+            shown[pod_name] = f"pod:{pod_name}"
+            pod = pods[pod_name]
+            lines.append(indent + quote(shown[pod_name]) + " " + _attrs(
+                label=f"{pod_name}\n{pod.get('ip', '?')}", shape="box", style="rounded,filled",
+                fillcolor="#e8f4e8", fontsize="9", height="0.3",
+                tooltip=f"{pod.get('netns', pod_name)}, host veth {pod.get('veth', '?')}"))
         if hidden:
-            more = f"pods-more:{node_name}"
             for pod_name in hidden:
-                shown[pod_name] = more
-            lines.append(indent + quote(more) + " " + _attrs(
+                shown[pod_name] = f"pods-more:{node_name}"
+            lines.append(indent + quote(f"pods-more:{node_name}") + " " + _attrs(
                 label=f"+{len(hidden)} more pods", shape="box", style="rounded,dashed",
                 fontsize="9", height="0.3"))
+        if node_name in nodes:
+            for target in dict.fromkeys(shown[p] for p in names):
+                links.append("  " + quote(f"node:{node_name}") + " -> " + quote(target) + " "
+                             + _attrs(dir="none", color="#999999"))
         return lines
 
     # the segments, each with its bridge, its nodes (and their pods) and its clients
@@ -221,16 +226,16 @@ def to_dot(record: dict) -> str:
     for node_name in sorted(set(pod_by_node) - set(nodes)):
         out.extend(pod_lines(node_name, "  "))
 
+    out.extend(links)
     # the underlay links: hosts to their segment, the router to every segment at its .1
     for node_name, node in sorted(nodes.items()):
         if node.get("segment"):
-            out.append("  " + quote(f"node:{node_name}") + " -> " + quote(
-                f"segment:{node['segment']}") + " " + _attrs(dir="none", color="#4a6fa5",
-                                                            label="eth0"))
+            out.append("  " + quote(f"segment:{node['segment']}") + " -> " + quote(
+                f"node:{node_name}") + " " + _attrs(dir="none", color="#4a6fa5", label="eth0"))
     for client_name, client in sorted(clients.items()):
         if client.get("segment"):
-            out.append("  " + quote(f"client:{client_name}") + " -> " + quote(
-                f"segment:{client['segment']}") + " " + _attrs(dir="none", color="#4a6fa5"))
+            out.append("  " + quote(f"segment:{client['segment']}") + " -> " + quote(
+                f"client:{client_name}") + " " + _attrs(dir="none", color="#4a6fa5"))
     router = record.get("router") or {}
     legs = router.get("legs") or {}
     if legs:
@@ -288,8 +293,9 @@ def to_dot(record: dict) -> str:
             label="\n".join(lines), shape="ellipse", style="filled", fillcolor="#dae8fc"))
         targets = list(dict.fromkeys(shown[p] for p, _ in endpoints(record, svc) if p in shown))
         for target in targets:
-            out.append("  " + quote(f"service:{svc_name}") + " -> " + quote(target) + " "
-                       + _attrs(color="#1c4587"))
+            # drawn pod -> Service with the arrowhead at the pod, so Services sit below the pods
+            out.append("  " + quote(target) + " -> " + quote(f"service:{svc_name}") + " "
+                       + _attrs(dir="back", color="#1c4587"))
     out.append("}")
     return "\n".join(out) + "\n"
 
