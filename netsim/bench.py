@@ -166,17 +166,18 @@ def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = 
             argv += ["-u", "-b", udp_rate, "-l", "1400"]
         if mss:
             argv += ["-M", str(mss)]
-        for _attempt in range(100):  # the server listens within a moment (5 s on a busy host)
-            busy = _cpu_busy()
-            try:
-                done = _run(ep.src, argv, timeout=seconds + 15)
-            except subprocess.TimeoutExpired:
-                raise NetsimError(f"iperf3 to {ep.dst_ip}:{port} did not finish within "
-                                  f"{seconds + 15} s") from None
-            busy = _cpu_busy() - busy
-            if done.returncode == 0 or "connect" not in done.stdout + done.stderr:
-                break
-            time.sleep(0.05)
+        if not proc.wait_listening(server, IPERF_PORT):
+            with open(log) as fh:
+                said = fh.read().strip()
+            raise NetsimError(f"iperf3 server in {ep.server} did not listen on {IPERF_PORT}"
+                              + (f": {said}" if said else " within 10 s"))
+        busy = _cpu_busy()
+        try:
+            done = _run(ep.src, argv, timeout=seconds + 15)
+        except subprocess.TimeoutExpired:
+            raise NetsimError(f"iperf3 to {ep.dst_ip}:{port} did not finish within "
+                              f"{seconds + 15} s") from None
+        busy = _cpu_busy() - busy
         data = json.loads(done.stdout or "{}")
         if "error" in data or done.returncode != 0:
             raise NetsimError(f"iperf3 to {ep.dst_ip}:{port} failed: "

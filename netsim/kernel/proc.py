@@ -35,6 +35,28 @@ def alive(pid: int, started: int) -> bool:
     return start_time(pid) == started and _state(pid) not in ("Z", "X", None)
 
 
+def wait_listening(process: tuple[int, int], port: int, timeout: float = 10.0) -> bool:
+    """Until the process's network namespace has a TCP socket listening on ``port``
+    (read from /proc/PID/net, which shows that namespace); False if the process ended or the
+    time ran out."""
+    pid, started = process
+    wanted = f":{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive(pid, started):
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{pid}/net/{table}") as fh:
+                    next(fh)  # the header
+                    for line in fh:
+                        local, state = line.split()[1:4:2]
+                        if local.endswith(wanted) and state == "0A":  # 0A: TCP_LISTEN
+                            return True
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+        time.sleep(0.01)
+    return False
+
+
 def _state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as fh:
