@@ -55,19 +55,17 @@ def test_full_sync_1000_services(benchmark, node):
 
 
 def test_one_endpoint_update(benchmark, node):
-    """What a sync does after one endpoint changed, as a running kube-proxy does it: compute
-    the desired rule set (per-service fragments are cached), diff it against the last one,
-    apply the difference as one transaction."""
+    """What a sync does after one endpoint changed, as a running kube-proxy does it: find the
+    service ports that differ, compute their chains, send the difference as one nf_tables
+    batch."""
     inputs = [_ports(), _ports(True)]
-    last = [kp.compute(inputs[0], "10.244.0.0/16")]
-    nft.apply(node, kp.full(last[0]))
+    nft.apply(node, kp.full(kp.compute(inputs[0], "10.244.0.0/16")))
     turn = [0]
 
     def update() -> None:
+        old, new = inputs[turn[0]], inputs[turn[0] ^ 1]
         turn[0] ^= 1
-        new = kp.compute(inputs[turn[0]], "10.244.0.0/16")
-        nft.apply(node, kp.update(last[0], new))
-        last[0] = new
+        kp.changes(old, new, "10.244.0.0/16").commit(node)
 
     benchmark.pedantic(update, rounds=10, iterations=1)
 

@@ -682,8 +682,6 @@ def service_ports(record: dict) -> list:
 def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
     """kube-proxy's userspace mode: every node's agent proxies every Service port on a port of
     its own; the node's nftables send ClusterIP and NodePort traffic there."""
-    from dataclasses import astuple
-
     from netsim.kubeproxy import userspace_rules
 
     services = {userspace_rules.key(p): {
@@ -691,7 +689,7 @@ def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
         "affinity": "ClientIP" if p.affinity_timeout else "None",
         "timeout": p.affinity_timeout or 10800} for p in ports}
     record["kube_proxy"] = {"mode": "userspace", "userspace": services,
-                            "ports": [astuple(p) for p in ports]}
+                            "ports": ports}
     _sync_agents(record, cluster.name, list(record["nodes"]))
     for node in record["nodes"].values():
         nft.apply(node["netns"], userspace_rules.ruleset(ports, node["proxy_ports"], node["ip"]))
@@ -699,9 +697,8 @@ def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
 
 def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:
     """Program every Service into every node, as kube-proxy does on each node: the first sync
-    loads the whole table, later ones only what changed, each one nft transaction per node."""
-    from dataclasses import astuple
-
+    loads the whole table with `nft -f`, later ones send only what changed as one nf_tables
+    batch per node."""
     from netsim.kubeproxy import nftables as kp
     from netsim.kubeproxy.nftables import Endpoint, ServicePort
 
@@ -709,17 +706,17 @@ def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:
     if cluster.proxy_mode == "userspace":
         return _sync_userspace_proxy(cluster, record, ports)
     previous = record.get("kube_proxy")
-    new = kp.compute(ports, cluster.pod_network)
-    if previous is None:
-        text = kp.full(new)
+    if previous is None or previous.get("mode") != "nftables":
+        text = kp.full(kp.compute(ports, cluster.pod_network))
+        for node in record["nodes"].values():
+            nft.apply(node["netns"], text)
     else:
         old_ports = [ServicePort(*p[:7], tuple(Endpoint(*e) for e in p[7]), p[8])
                      for p in previous["ports"]]
-        text = kp.update(kp.compute(old_ports, cluster.pod_network), new)
-    if text:
+        batch = kp.changes(old_ports, ports, cluster.pod_network)
         for node in record["nodes"].values():
-            nft.apply(node["netns"], text)
-    record["kube_proxy"] = {"mode": "nftables", "ports": [astuple(p) for p in ports]}
+            batch.commit(node["netns"])
+    record["kube_proxy"] = {"mode": "nftables", "ports": ports}  # tuples: JSON lists
 
 
 # -- delete and gc ----------------------------------------------------------------------------

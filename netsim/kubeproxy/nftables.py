@@ -2,9 +2,13 @@
 table `ip kube-proxy` per node namespace.
 
 A sync is a pure computation: services and their endpoints in, a `Ruleset` (chains, affinity
-sets, verdict-map elements) out. The first sync loads it whole; later syncs send only the
-difference, in one atomic `nft -f` transaction, so a chain or affinity set whose content did not
-change is left alone — a client keeps its affinity unless its own endpoint went away.
+sets, verdict-map elements) out; each rule carries both its nft text and the bytecode nft would
+emit for it. The table's fixed part (hooks, fixed maps, helper chains) is loaded by `nft -f`
+when the table is made. Every sync then sends the difference between the last rule set and the
+new one as one atomic nf_tables batch over netlink (`netsim.kernel.nftnl`), so a chain or
+affinity set whose content did not change is left alone — a client keeps its affinity unless
+its own endpoint went away — and a small change costs milliseconds however large the table is
+(`nft` itself would first read all of the table's chains into its cache).
 
 Where kube-proxy writes `numgen random mod N`, netsim writes `numgen inc mod N`: the kernel then
 does true round robin, which is what the topology's users expect to see. And where kube-proxy
@@ -21,7 +25,14 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from netsim.kernel import nftnl
 
 TABLE = "kube-proxy"
 MASQ_MARK = "0x4000"
@@ -86,15 +97,14 @@ BASE = f"""table ip {TABLE} {{
 """
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     ip: str
     port: int
 
 
-@dataclass(frozen=True)
-class ServicePort:
-    """One port of one Service, with its endpoints, as the proxy sees it."""
+class ServicePort(NamedTuple):
+    """One port of one Service, with its endpoints, as the proxy sees it. Tuples, so that
+    comparing a thousand of them between syncs happens in C."""
 
     namespace: str
     name: str
@@ -144,15 +154,108 @@ def affinity_set(sp: ServicePort, ep: Endpoint) -> str:
 FIXED_MAPS = ("service-ips", "service-nodeports", "no-endpoint-services",
               "no-endpoint-nodeports")
 ENDPOINTS_MAP = "typeof numgen inc mod 2 : verdict;"
+PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+
+# the set metadata (libnftnl "udata" TLVs) nft 1.0 writes for these definitions, so that
+# `nft list` prints them as written: key byte order big-endian for an ipv4_addr set; for the
+# endpoints maps, host byte order, `typeof numgen inc mod 2` as the key, a verdict as the data
+AFFINITY_UDATA = bytes.fromhex("000402000000")
+ENDPOINTS_UDATA = bytes.fromhex(
+    "000401000000" "010400000000"
+    "031a" "0004170000000112" "0004000000000104" "0200000002040000" "0000"
+    "0408" "0004010000000100" "0604" "00000000")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: the text `nft list` prints, and (built when a netlink batch needs it) the
+    bytecode nft emits for that text."""
+
+    text: str
+    bytecode: Callable[[], bytes] = field(compare=False, repr=False)
+
+    @property
+    def code(self) -> bytes:
+        return self.bytecode()
+
+
+def _verdict(word: str, chain: str) -> tuple[int, str]:
+    return (nftnl.GOTO if word == "goto" else nftnl.JUMP, chain)
+
+
+def _jump(word: str, chain: str) -> bytes:
+    return nftnl.verdict(*_verdict(word, chain))
+
+
+def _eq(base: int, offset: int, value: bytes) -> bytes:
+    return nftnl.payload(base, offset, len(value)) + nftnl.cmp(nftnl.CMP_EQ, value)
+
+
+def _l4proto(proto: str) -> bytes:
+    return nftnl.meta(nftnl.META_L4PROTO) + nftnl.cmp(nftnl.CMP_EQ, bytes([PROTOCOLS[proto]]))
+
+
+def _saddr_outside(cidr: str) -> bytes:
+    """`ip saddr != CIDR`: nft compares the prefix's whole bytes, or masks when it is not
+    byte-aligned."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.prefixlen % 8 == 0:
+        prefix = net.network_address.packed[:net.prefixlen // 8]
+        return (nftnl.payload(nftnl.NETWORK_HEADER, 12, len(prefix))
+                + nftnl.cmp(nftnl.CMP_NEQ, prefix))
+    return (nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.bitwise(net.netmask.packed)
+            + nftnl.cmp(nftnl.CMP_NEQ, net.network_address.packed))
+
+
+def _masquerade_outside(sp: ServicePort, proto: str, cidr: str) -> Rule:
+    """Traffic to the ClusterIP from outside the pod network is masqueraded."""
+    return Rule(f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} ip saddr != {cidr} "
+                f"jump mark-for-masquerade",
+                lambda: _eq(nftnl.NETWORK_HEADER, 16, socket.inet_aton(sp.cluster_ip))
+                + _l4proto(proto) + _eq(nftnl.TRANSPORT_HEADER, 2, struct.pack("!H", sp.port))
+                + _saddr_outside(cidr) + _jump("jump", "mark-for-masquerade"))
+
+
+def _affine(aset: str, chain: str) -> Rule:
+    return Rule(f"ip saddr @{aset} goto {chain}",
+                lambda: nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.lookup(aset)
+                + _jump("goto", chain))
+
+
+def _round_robin(count: int, choices: str) -> Rule:
+    return Rule(f"numgen inc mod {count} vmap @{choices}",
+                lambda: nftnl.numgen_inc(count) + nftnl.lookup(choices, dreg=nftnl.REG_VERDICT))
+
+
+def _hairpin(ip: str) -> Rule:
+    return Rule(f"ip saddr {ip} jump mark-for-masquerade",
+                lambda: _eq(nftnl.NETWORK_HEADER, 12, socket.inet_aton(ip))
+                + _jump("jump", "mark-for-masquerade"))
+
+
+def _remember(aset: str) -> Rule:
+    return Rule(f"update @{aset} {{ ip saddr }}",
+                lambda: nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.dynset_update(aset))
+
+
+def _dnat(proto: str, ep: Endpoint) -> Rule:
+    return Rule(f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}",
+                lambda: _l4proto(proto) + nftnl.immediate(socket.inet_aton(ep.ip), nftnl.REG_1)
+                + nftnl.immediate(struct.pack("!H", ep.port), nftnl.REG_2)
+                + nftnl.dnat(nftnl.REG_1, nftnl.REG_2))
+
+
+def _bare(word: str, chain: str) -> Rule:
+    return Rule(f"{word} {chain}", lambda: _jump(word, chain))
 
 
 @dataclass
 class Ruleset:
-    """The per-service part of the table, as data: chain -> rules, set -> definition,
+    """The per-service part of the table, as data: chain -> rules, set -> timeout (seconds),
     map -> {key: verdict} (the fixed maps' elements, and one map per service port)."""
 
-    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    sets: dict[str, str] = field(default_factory=dict)
+    chains: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
+    sets: dict[str, int] = field(default_factory=dict)
     maps: dict[str, dict[str, str]] = field(default_factory=lambda: {
         name: {} for name in FIXED_MAPS})
     cluster_ips: set[str] = field(default_factory=set)
@@ -176,8 +279,8 @@ def compute(ports: list[ServicePort], cluster_cidr: str) -> Ruleset:
 @functools.lru_cache(maxsize=1 << 16)
 def _fragment(sp: ServicePort, cluster_cidr: str) -> tuple:
     """One service port's chains, affinity sets and map elements."""
-    chains: dict[str, tuple[str, ...]] = {}
-    sets: dict[str, str] = {}
+    chains: dict[str, tuple[Rule, ...]] = {}
+    sets: dict[str, int] = {}
     maps: list[tuple[str, dict[str, str]]] = []
     proto = sp.protocol.lower()
     ip_key = f"{sp.cluster_ip} . {proto} . {sp.port}"
@@ -189,45 +292,45 @@ def _fragment(sp: ServicePort, cluster_cidr: str) -> tuple:
             maps.append(("no-endpoint-nodeports", {np_key: "goto reject-chain"}))
         return chains, sets, maps, sp.cluster_ip
     chain = service_chain(sp)
-    rules = [f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} ip saddr != {cluster_cidr} "
-             f"jump mark-for-masquerade"]
+    rules = [_masquerade_outside(sp, proto, cluster_cidr)]
     for ep in endpoints:
         ep_chain = endpoint_chain(sp, ep)
-        ep_rules = [f"ip saddr {ep.ip} jump mark-for-masquerade"]  # hairpin
+        ep_rules = [_hairpin(ep.ip)]
         if sp.affinity_timeout:
             aset = affinity_set(sp, ep)
-            sets[aset] = f"type ipv4_addr; flags dynamic,timeout; timeout {sp.affinity_timeout}s;"
-            rules.append(f"ip saddr @{aset} goto {ep_chain}")
-            ep_rules.append(f"update @{aset} {{ ip saddr }}")
-        ep_rules.append(f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}")
+            sets[aset] = sp.affinity_timeout
+            rules.append(_affine(aset, ep_chain))
+            ep_rules.append(_remember(aset))
+        ep_rules.append(_dnat(proto, ep))
         chains[ep_chain] = tuple(ep_rules)
     choices = endpoints_map(sp)
     maps.append((choices, {str(i): f"goto {endpoint_chain(sp, ep)}"
                            for i, ep in enumerate(endpoints)}))
-    rules.append(f"numgen inc mod {len(endpoints)} vmap @{choices}")
+    rules.append(_round_robin(len(endpoints), choices))
     chains[chain] = tuple(rules)
     maps.append(("service-ips", {ip_key: f"goto {chain}"}))
     if np_key:
         ext = external_chain(sp)
-        chains[ext] = ("jump mark-for-masquerade", f"goto {chain}")
+        chains[ext] = (_bare("jump", "mark-for-masquerade"), _bare("goto", chain))
         maps.append(("service-nodeports", {np_key: f"goto {ext}"}))
     return chains, sets, maps, sp.cluster_ip
 
 
-def _chain_commands(name: str, rules: tuple[str, ...]) -> list[str]:
-    return [f"add rule ip {TABLE} {name} {rule}" for rule in rules]
+def _set_definition(timeout: int) -> str:
+    return f"type ipv4_addr; flags dynamic,timeout; timeout {timeout}s;"
 
 
 def full(rs: Ruleset) -> str:
-    """Delete and recreate the table with the whole rule set: one transaction, written in
-    nft's block syntax so each chain's name appears once (the text is half the size)."""
+    """The whole table as one `nft -f` transaction (the first sync into a node), in nft's
+    block syntax so each chain's name appears once: loading 1000 services this way costs less
+    than the same objects sent as netlink messages built in Python."""
     out = [f"table ip {TABLE}\ndelete table ip {TABLE}\n", BASE, f"table ip {TABLE} {{\n"]
-    out += [f"  set {name} {{ {definition} }}\n" for name, definition in rs.sets.items()]
+    out += [f"  set {name} {{ {_set_definition(timeout)} }}\n" for name, timeout in rs.sets.items()]
     out += [f"  chain {name} {{ }}\n" for name in rs.chains]  # the maps jump to them
     out += [f"  map {name} {{ {ENDPOINTS_MAP} elements = {{ "
             + ", ".join(f"{k} : {v}" for k, v in elements.items()) + " } }\n"
             for name, elements in rs.maps.items() if name not in FIXED_MAPS]
-    out += [f"  chain {name} {{\n" + "".join(f"    {rule}\n" for rule in rules) + "  }\n"
+    out += [f"  chain {name} {{\n" + "".join(f"    {rule.text}\n" for rule in rules) + "  }\n"
             for name, rules in rs.chains.items()]
     out.append("}\n")
     for name in FIXED_MAPS:
@@ -240,42 +343,91 @@ def full(rs: Ruleset) -> str:
     return "".join(out)
 
 
-def update(old: Ruleset, new: Ruleset) -> str:
-    """The commands that turn `old` into `new`, touching only what differs."""
-    cmds: list[str] = []
-    for name, definition in new.sets.items():
-        if old.sets.get(name) != definition:
-            if name in old.sets:
-                cmds.append(f"flush set ip {TABLE} {name}")
-            cmds.append(f"add set ip {TABLE} {name} {{ {definition} }}")
-    for name in new.chains:
+def _key(map_name: str, key: str) -> bytes:
+    """A map key as the kernel holds it: an endpoints map's key is numgen's host-order u32;
+    in the fixed maps each part of a concatenation fills a 4-byte register."""
+    if map_name not in FIXED_MAPS:
+        return struct.pack("=I", int(key))
+    parts = []
+    for part in key.split(" . "):
+        if part in PROTOCOLS:
+            parts.append(struct.pack("=I", PROTOCOLS[part]))
+        elif "." in part:
+            parts.append(socket.inet_aton(part))
+        else:
+            parts.append(struct.pack("!H", int(part)) + b"\0\0")
+    return b"".join(parts)
+
+
+def _map_verdict(value: str) -> tuple[int, str]:
+    word, chain = value.split(" ", 1)
+    return _verdict(word, chain)
+
+
+def changes(old_ports: list[ServicePort], new_ports: list[ServicePort],
+            cluster_cidr: str) -> nftnl.Batch:
+    """The batch that brings a table synced to `old_ports` to `new_ports`. Only the service
+    ports that differ are computed and compared, as kube-proxy's change tracker does, so one
+    endpoint changing among thousands costs what that one service costs."""
+    before = {sp.key: sp for sp in old_ports}
+    after = {sp.key: sp for sp in new_ports}
+    old = compute([sp for key, sp in before.items() if after.get(key) != sp], cluster_cidr)
+    new = compute([sp for key, sp in after.items() if before.get(key) != sp], cluster_cidr)
+    old.cluster_ips = {sp.cluster_ip for sp in old_ports}
+    new.cluster_ips = {sp.cluster_ip for sp in new_ports}
+    return _difference(old, new)
+
+
+def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
+    """The batch that turns `old` into `new`, touching only what differs. Order matters
+    within the transaction: references go (rules flushed, elements deleted) before what they
+    point at is deleted, and what is referenced is made before what refers to it."""
+    batch = nftnl.Batch(TABLE)
+    # an affinity set whose timeout changed is made again, so the rules naming it go first
+    redefined = [n for n, t in new.sets.items() if n in old.sets and old.sets[n] != t]
+    naming = tuple(f"@{name} " for name in redefined)
+    changed = [n for n, rules in new.chains.items() if old.chains.get(n) != rules
+               or (naming and any(ref in r.text for r in rules for ref in naming))]
+    removed = [n for n in old.chains if n not in new.chains]
+    for name in changed + removed:
+        if name in old.chains:
+            batch.flush_chain(name)
+    for mapname, before in old.maps.items():
+        after = new.maps.get(mapname, {})
+        gone = [k for k, v in before.items() if after.get(k) != v]
+        if gone and mapname in new.maps:
+            batch.delete_elements(mapname, [_key(mapname, k) for k in gone])
+    for name in old.maps:
+        if name not in new.maps:
+            batch.delete_set(name)
+    for name in removed:
+        batch.delete_chain(name)
+    for name in [n for n in old.sets if n not in new.sets] + redefined:
+        batch.delete_set(name)
+    for name in changed:
         if name not in old.chains:
-            cmds.append(f"add chain ip {TABLE} {name}")
+            batch.add_chain(name)
+    for name, timeout in new.sets.items():
+        if name not in old.sets or name in redefined:
+            batch.add_set(name, nftnl.TYPE_IPADDR, 4, nftnl.SET_TIMEOUT | nftnl.SET_EVAL,
+                          timeout_ms=timeout * 1000, userdata=AFFINITY_UDATA)
     for name in new.maps:
         if name not in old.maps:
-            cmds.append(f"add map ip {TABLE} {name} {{ {ENDPOINTS_MAP} }}")
-    for mapname, elements in new.maps.items():
+            batch.add_set(name, nftnl.TYPE_INTEGER, 4, verdict_map=True,
+                          userdata=ENDPOINTS_UDATA)
+    for mapname, after in new.maps.items():
         before = old.maps.get(mapname, {})
-        gone = [k for k, v in before.items() if elements.get(k) != v]
-        added = [k for k, v in elements.items() if before.get(k) != v]
-        if gone:
-            cmds.append(f"delete element ip {TABLE} {mapname} {{ {', '.join(gone)} }}")
+        added = [(k, v) for k, v in after.items() if before.get(k) != v]
         if added:
-            cmds.append(f"add element ip {TABLE} {mapname} {{ " + ", ".join(
-                f"{k} : {elements[k]}" for k in added) + " }")
-    for name, rules in new.chains.items():
-        if old.chains.get(name) != rules:
-            if name in old.chains:
-                cmds.append(f"flush chain ip {TABLE} {name}")
-            cmds += _chain_commands(name, rules)
+            batch.add_elements(mapname, [(_key(mapname, k), _map_verdict(v)) for k, v in added])
+    for name in changed:
+        for rule in new.chains[name]:
+            batch.add_rule(name, rule.code, rule.text)
     gone_ips, new_ips = old.cluster_ips - new.cluster_ips, new.cluster_ips - old.cluster_ips
     if gone_ips:
-        cmds.append(f"delete element ip {TABLE} cluster-ips {{ {', '.join(sorted(gone_ips))} }}")
+        batch.delete_elements("cluster-ips", [socket.inet_aton(ip) for ip in sorted(gone_ips)])
     if new_ips:
-        cmds.append(f"add element ip {TABLE} cluster-ips {{ {', '.join(sorted(new_ips))} }}")
-    removed = [n for n in old.chains if n not in new.chains]
-    cmds += [f"flush chain ip {TABLE} {n}" for n in removed]
-    cmds += [f"delete chain ip {TABLE} {n}" for n in removed]
-    cmds += [f"delete set ip {TABLE} {n}" for n in old.sets if n not in new.sets]
-    cmds += [f"delete map ip {TABLE} {n}" for n in old.maps if n not in new.maps]
-    return "".join(c + "\n" for c in cmds)
+        batch.add_elements("cluster-ips", [(socket.inet_aton(ip), None)
+                                           for ip in sorted(new_ips)])
+    return batch
+
