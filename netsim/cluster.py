@@ -688,11 +688,13 @@ def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
         "protocol": p.protocol, "endpoints": [[e.ip, e.port] for e in p.endpoints],
         "affinity": "ClientIP" if p.affinity_timeout else "None",
         "timeout": p.affinity_timeout or 10800} for p in ports}
+    fresh = (record.get("kube_proxy") or {}).get("mode") != "userspace"
     record["kube_proxy"] = {"mode": "userspace", "userspace": services,
                             "ports": ports}
     _sync_agents(record, cluster.name, list(record["nodes"]))
     for node in record["nodes"].values():
-        nft.apply(node["netns"], userspace_rules.ruleset(ports, node["proxy_ports"], node["ip"]))
+        nft.apply(node["netns"], userspace_rules.ruleset(ports, node["proxy_ports"], node["ip"],
+                                                         fresh))
 
 
 def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:

@@ -272,6 +272,34 @@ def test_scale_under_continuous_connections(services):
     print(f"\n{ok} of {total} requests succeeded while web went 3 -> 6 -> 2 -> 3")
 
 
+def hooked_chains(netns: str) -> dict[str, int]:
+    """Handles of the kube-proxy table and of its base chains: a table made again gets a new
+    handle (chain handles count from 1 again in the new table)."""
+    listed = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list",
+                                        "chains", "ip"], capture_output=True, text=True,
+                                       check=True).stdout)["nftables"]
+    tables = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list",
+                                        "tables", "ip"], capture_output=True, text=True,
+                                       check=True).stdout)["nftables"]
+    handles = {"table": next(t["table"]["handle"] for t in tables
+                             if "table" in t and t["table"]["name"] == "kube-proxy")}
+    return handles | {c["chain"]["name"]: c["chain"]["handle"] for c in listed
+                      if "chain" in c and c["chain"]["table"] == "kube-proxy"
+                      and "hook" in c["chain"]}
+
+
+def test_a_sync_keeps_the_nat_hooks_in_place(services):
+    """A new connection must never meet the table between a NAT chain's removal and its
+    return: conntrack would keep that flow, and its retransmitted SYNs, unNATed."""
+    netns = services.record()["nodes"]["worker-1"]["netns"]
+    before = hooked_chains(netns)
+    assert {"table", "nat-prerouting", "nat-output"} <= set(before)
+    run_netsim("--cluster", services.name, "scale", "deployment/web", "--replicas=4", check=True)
+    assert cip(services.record(), "web")  # the sync ran and the Service is still there
+    assert len(set(who(services.record(), "solo", cip(services.record(), "web"), 80, 8))) == 4
+    assert hooked_chains(netns) == before
+
+
 def test_rolling_replacement_under_continuous_connections(cluster, backend):
     """web-v2 (same labels) replaces web one pod at a time, each new pod ready first."""
     v2 = TOPOLOGY.read_text().split("---")[1].replace("name: web", "name: web-v2", 1).replace(

@@ -4,7 +4,10 @@ NodePort) traffic goes to the port the node agent's proxy listens on for it.
 kube-proxy's userspace mode used iptables REDIRECT for traffic arriving from containers and DNAT
 to the host's own IP for traffic the host sends. netsim DNATs both to the node's IP: Calico's
 cali interfaces carry no address, so REDIRECT would have nothing to rewrite the destination to.
-Affinity and round robin live in the proxy, so the table is simply rewritten on every sync.
+Affinity and round robin live in the proxy, so a sync rewrites only the `services` chain. The
+table and its hooked chains stay: deleting a NAT base chain and making it again, even in one
+transaction, leaves an instant in which a new connection gets no NAT, and conntrack then keeps
+its retransmitted SYNs unNATed too, so that client times out.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ def key(sp: ServicePort) -> str:
     return f"{sp.namespace}/{sp.name}:{sp.port}/{sp.protocol}"
 
 
-def ruleset(ports: list[ServicePort], listen: dict[str, int], node_ip: str) -> str:
+def ruleset(ports: list[ServicePort], listen: dict[str, int], node_ip: str,
+            fresh: bool) -> str:
+    """The table's text for `nft -f`; `fresh` (the first sync, or a switch from the nftables
+    backend) replaces the whole table, later syncs only the chains' rules."""
     rules = []
     for sp in ports:
         target = listen.get(key(sp))
@@ -30,12 +36,15 @@ def ruleset(ports: list[ServicePort], listen: dict[str, int], node_ip: str) -> s
             rules.append(f"    fib daddr type local {proto} dport {sp.node_port} "
                          f"dnat to {node_ip}:{target}")
     body = "\n".join(rules)
+    fill = (f"flush chain ip {TABLE} services\n"
+            f"table ip {TABLE} {{\n  chain services {{\n{body}\n  }}\n}}\n")
+    if not fresh:
+        return fill
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
   comment "kube-proxy userspace mode (netsim): Service traffic to the node agent's proxy"
   chain services {{
-{body}
   }}
   chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept;
     jump services
@@ -44,4 +53,4 @@ table ip {TABLE} {{
     jump services
   }}
 }}
-"""
+""" + fill
