@@ -328,6 +328,11 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     if "CrossSubnet" in (ipip, vxlan) and len(segments) < 2:
         doc.ignored.add("warning: CrossSubnet with a single underlay segment encapsulates "
                         "nothing (every peer is on the same subnet)")
+    if mode == "calico-bgp" and len({n.segment for n in nodes}) > 1:
+        doc.ignored.add("warning: calico-bgp across underlay segments: the routers between "
+                        "them learn no pod routes, so pods on different segments cannot reach "
+                        "each other (as on a fabric whose routers do not peer); use calico-ipip "
+                        "or calico-vxlan with CrossSubnet to cross them")
     asn = doc.get("spec.cni.calico.bgp.asNumber", 64512, int)
     if not 1 <= asn <= 4294967295:
         raise doc.fail("spec.cni.calico.bgp.asNumber", f"AS number {asn} is out of range",

@@ -14,7 +14,7 @@ from scapy.layers.vxlan import VXLAN
 from netsim import topology
 from netsim.errors import TopologyError
 from netsim.kernel import features, ipip_bpf
-from tests.conftest import capture, ip_json, needs_root, run_netsim
+from tests.conftest import TOPOLOGIES, capture, ip_json, needs_root, run_netsim
 
 pytestmark = needs_root
 
@@ -133,6 +133,34 @@ def test_crosssubnet_encapsulates_only_between_racks(cluster):
     assert wrapped[0][IP].src == record["nodes"]["worker-1"]["ip"]  # routed by the router
 
 
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_ipip_crosssubnet_across_racks(cluster, carrier):
+    """ipipMode CrossSubnet on two racks: native within a rack, protocol 4 between racks,
+    the outer packet routed by the router. eth0 (the eBPF carrier) must resolve its next hop
+    on its own link, so a peer in the other rack is reached via the rack's router."""
+    record = apply(cluster, "calico-crosssubnet.yaml", replicas=4, edit=lambda t: t.replace(
+        "mode: calico-vxlan", "mode: calico-ipip").replace(
+        "vxlanMode: CrossSubnet", f"ipipMode: CrossSubnet\n      ipipCarrier: {carrier}"))
+    w1, w2, w3 = (record["nodes"][f"worker-{i}"] for i in (1, 2, 3))
+    assert w1["carrier"] == carrier
+    device = "eth0" if carrier == "ebpf" else "tunl0"
+    routes = ip_json(w1["netns"], "route")
+    same_rack = next(r for r in routes if r["dst"] == w2["blocks"][0])
+    other_rack = next(r for r in routes if r["dst"] == w3["blocks"][0])
+    assert (same_rack["gateway"], same_rack["dev"]) == (w2["ip"], "eth0")
+    assert (other_rack["gateway"], other_rack["dev"], other_rack["flags"]) == (
+        w1["gateway"] if carrier == "ebpf" else w3["ip"], device, ["onlink"])
+    on = {p["node"]: n for n, p in record["pods"].items()}
+    bare = capture(w2["netns"], "eth0", "icmp", pinger(record, on["worker-1"], on["worker-2"]),
+                   count=2)
+    assert bare and bare[0][IP].src == record["pods"][on["worker-1"]]["ip"]
+    wrapped = capture(w3["netns"], "eth0", "ip proto 4",
+                      pinger(record, on["worker-1"], on["worker-3"]), count=2)
+    assert wrapped, "no protocol-4 packet reached worker-3 from the other rack"
+    assert (wrapped[0][IP].src, wrapped[0][IP].dst) == (w1["ip"], w3["ip"])
+    ping(record, on["worker-4"], on["worker-1"])
+
+
 def test_a_full_block_makes_the_node_claim_another(cluster):
     """Blocks of /29: the tunnel address and 7 pods fill worker-1's first block; the 8th pod
     comes from a second block, which gets a blackhole on worker-1 and routes on its peers."""
@@ -211,6 +239,16 @@ def test_crosssubnet_on_one_segment_is_a_warning():
     cluster, notes = parse("calico-vxlan", "{ipPool: {vxlanMode: CrossSubnet}}")
     assert cluster.calico.vxlan_mode == "CrossSubnet"
     assert any("CrossSubnet with a single underlay segment" in n for n in notes)
+
+
+def test_calico_bgp_across_segments_is_a_warning():
+    text = (TOPOLOGIES / "calico-crosssubnet.yaml").read_text().replace(
+        "mode: calico-vxlan", "mode: calico-bgp").replace("vxlanMode: CrossSubnet", "")
+    notes = topology.parse(text)[1]
+    assert any("calico-bgp across underlay segments" in n and "CrossSubnet" in n
+               for n in notes), notes
+    assert not any("across underlay segments" in n for n in topology.parse(
+        (TOPOLOGIES / "calico-bgp.yaml").read_text())[1])
 
 
 def learned(netns: str) -> set[tuple[str, str]]:

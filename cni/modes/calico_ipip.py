@@ -5,8 +5,9 @@ Three carriers put the same packets on the wire; the first this host can run is 
 topology's `ipipCarrier`), and `netsim doctor` / `describe node` name it:
 - kernel: the ipip module's tunl0, as on any ordinary Linux host;
 - ebpf: where the module is missing, a tc program on eth0 adds and strips the outer header
-  (netsim/kernel/ipip_bpf.py); routes keep their shape with eth0 in tunl0's place, and the
-  tunnel address sits on lo;
+  (netsim/kernel/ipip_bpf.py); routes keep their shape with eth0 in tunl0's place (for a peer
+  in another rack, via the rack's router: eth0 must resolve its next hop), and the tunnel
+  address sits on lo;
 - userspace: a TUN named tunl0 served by the node agent through a raw protocol-4 socket
   (netsim/userspace_tunnel.py), the last resort and the slowest.
 """
@@ -100,7 +101,13 @@ class CalicoIpip(CalicoBackend):
         # tunl0 (kernel or the agent's TUN: its index is looked up once it exists), or eth0
         # where the eBPF carrier encapsulates on the way out
         index = IFINDEX.ETH0 if node["carrier"] == "ebpf" else node["tunnel_index"]
-        rtnl.route(block, index, gateway=peer["ip"], onlink=True, proto=RTPROT_FELIX)
+        gateway = peer["ip"]
+        if node["carrier"] == "ebpf" and peer["segment"] != node["segment"] and \
+                node.get("gateway"):
+            # eth0, unlike tunl0, needs a neighbour on its own link: a peer in another rack is
+            # reached through this rack's router (the outer destination is in the BPF map)
+            gateway = node["gateway"]
+        rtnl.route(block, index, gateway=gateway, onlink=True, proto=RTPROT_FELIX)
         if node["carrier"] == "ebpf":
             from netsim.kernel import ipip_bpf
 
