@@ -114,23 +114,33 @@ def test_calico_ipip_carrier_puts_protocol_4_on_the_wire(cluster, carrier):
     assert f"carrier: {carrier}" in described
 
 
-def test_crosssubnet_encapsulates_only_between_racks(cluster):
-    record = apply(cluster, "calico-crosssubnet.yaml", replicas=4)
-    ns = node_ns(record, "worker-1")
-    w2, w3 = record["nodes"]["worker-2"], record["nodes"]["worker-3"]
-    routes = ip_json(ns, "route")
+def across_racks(record: dict, wire_filter: str) -> tuple[dict, list]:
+    """worker-1's route to a block in its own rack (worker-2) and in the other (worker-3),
+    checking the first is native and that pod traffic within the rack crosses eth0 bare;
+    returns the other route and what a ping to worker-3's pod put on worker-3's eth0."""
+    w1, w2, w3 = (record["nodes"][f"worker-{i}"] for i in (1, 2, 3))
+    routes = ip_json(w1["netns"], "route")
     same_rack = next(r for r in routes if r["dst"] == w2["blocks"][0])
-    other_rack = next(r for r in routes if r["dst"] == w3["blocks"][0])
     assert (same_rack["gateway"], same_rack["dev"]) == (w2["ip"], "eth0")
-    assert (other_rack["gateway"], other_rack["dev"]) == (w3["tunnel_ip"], "vxlan.calico")
     on = {p["node"]: n for n, p in record["pods"].items()}
     bare = capture(w2["netns"], "eth0", "icmp", pinger(record, on["worker-1"], on["worker-2"]),
                    count=2)
     assert bare and bare[0][IP].src == record["pods"][on["worker-1"]]["ip"]
-    wrapped = capture(w3["netns"], "eth0", "udp port 4789",
+    other_rack = next(r for r in routes if r["dst"] == w3["blocks"][0])
+    wrapped = capture(w3["netns"], "eth0", wire_filter,
                       pinger(record, on["worker-1"], on["worker-3"]), count=2)
-    assert wrapped and wrapped[0][VXLAN].vni == 4096
-    assert wrapped[0][IP].src == record["nodes"]["worker-1"]["ip"]  # routed by the router
+    assert wrapped, f"nothing matching {wire_filter!r} reached worker-3 from the other rack"
+    assert (wrapped[0][IP].src, wrapped[0][IP].dst) == (w1["ip"], w3["ip"])  # via the router
+    ping(record, on["worker-4"], on["worker-1"])
+    return other_rack, wrapped
+
+
+def test_crosssubnet_encapsulates_only_between_racks(cluster):
+    record = apply(cluster, "calico-crosssubnet.yaml", replicas=4)
+    other_rack, wrapped = across_racks(record, "udp port 4789")
+    w3 = record["nodes"]["worker-3"]
+    assert (other_rack["gateway"], other_rack["dev"]) == (w3["tunnel_ip"], "vxlan.calico")
+    assert wrapped[0][VXLAN].vni == 4096
 
 
 @pytest.mark.parametrize("carrier", CARRIERS)
@@ -141,24 +151,12 @@ def test_ipip_crosssubnet_across_racks(cluster, carrier):
     record = apply(cluster, "calico-crosssubnet.yaml", replicas=4, edit=lambda t: t.replace(
         "mode: calico-vxlan", "mode: calico-ipip").replace(
         "vxlanMode: CrossSubnet", f"ipipMode: CrossSubnet\n      ipipCarrier: {carrier}"))
-    w1, w2, w3 = (record["nodes"][f"worker-{i}"] for i in (1, 2, 3))
+    w1, w3 = record["nodes"]["worker-1"], record["nodes"]["worker-3"]
     assert w1["carrier"] == carrier
-    device = "eth0" if carrier == "ebpf" else "tunl0"
-    routes = ip_json(w1["netns"], "route")
-    same_rack = next(r for r in routes if r["dst"] == w2["blocks"][0])
-    other_rack = next(r for r in routes if r["dst"] == w3["blocks"][0])
-    assert (same_rack["gateway"], same_rack["dev"]) == (w2["ip"], "eth0")
+    other_rack, _ = across_racks(record, "ip proto 4")
     assert (other_rack["gateway"], other_rack["dev"], other_rack["flags"]) == (
-        w1["gateway"] if carrier == "ebpf" else w3["ip"], device, ["onlink"])
-    on = {p["node"]: n for n, p in record["pods"].items()}
-    bare = capture(w2["netns"], "eth0", "icmp", pinger(record, on["worker-1"], on["worker-2"]),
-                   count=2)
-    assert bare and bare[0][IP].src == record["pods"][on["worker-1"]]["ip"]
-    wrapped = capture(w3["netns"], "eth0", "ip proto 4",
-                      pinger(record, on["worker-1"], on["worker-3"]), count=2)
-    assert wrapped, "no protocol-4 packet reached worker-3 from the other rack"
-    assert (wrapped[0][IP].src, wrapped[0][IP].dst) == (w1["ip"], w3["ip"])
-    ping(record, on["worker-4"], on["worker-1"])
+        w1["gateway"] if carrier == "ebpf" else w3["ip"],
+        "eth0" if carrier == "ebpf" else "tunl0", ["onlink"])
 
 
 def test_a_full_block_makes_the_node_claim_another(cluster):
