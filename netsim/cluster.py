@@ -540,6 +540,9 @@ def _exec_pods(cluster: Cluster, record: dict, pods: list[Pod], tx: Transaction,
         tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record["pods"].pop(p, None))
         changes.created.append(f"pod {pod.name}")
         progress(f"pods: {done}/{len(pods)} (CNI exec)")
+    from cni import modes
+
+    _sync_blocks(cluster, record, modes.get(cluster.mode), tx)  # blocks the plugin claimed
 
 
 def _ipam(cluster: Cluster, record: dict, node_name: str, mode=None):

@@ -19,11 +19,11 @@ from tests.conftest import TOPOLOGIES, capture, ip_json, needs_root, run_netsim
 pytestmark = needs_root
 
 
-def apply(cluster, source: str, replicas: int = 3, edit=None) -> dict:
+def apply(cluster, source: str, replicas: int = 3, edit=None, cni: str = "") -> dict:
     cluster.write(source, replicas=replicas)
     if edit:
         Path(cluster.file).write_text(edit(Path(cluster.file).read_text()))
-    run_netsim("apply", "-f", cluster.file, check=True)
+    run_netsim("apply", "-f", cluster.file, *(["--cni", cni] if cni else []), check=True)
     return cluster.record()
 
 
@@ -159,15 +159,17 @@ def test_ipip_crosssubnet_across_racks(cluster, carrier):
         "eth0" if carrier == "ebpf" else "tunl0", ["onlink"])
 
 
-def test_a_full_block_makes_the_node_claim_another(cluster):
+@pytest.mark.parametrize("cni", ["", "exec"])
+def test_a_full_block_makes_the_node_claim_another(cluster, cni):
     """Blocks of /29: the tunnel address and 7 pods fill worker-1's first block; the 8th pod
-    comes from a second block, which gets a blackhole on worker-1 and routes on its peers."""
+    comes from a second block, which gets a blackhole on worker-1 and routes on its peers —
+    also when the plugin executable (`--cni exec`) claimed the block."""
     def pin(text: str) -> str:
         return text.replace("blockSize: 26", "blockSize: 29").replace(
             "    spec:\n      containers:",
             "    spec:\n      nodeName: worker-1\n      containers:")
 
-    record = apply(cluster, "calico-vxlan.yaml", replicas=8, edit=pin)
+    record = apply(cluster, "calico-vxlan.yaml", replicas=8, edit=pin, cni=cni)
     w1 = record["nodes"]["worker-1"]
     assert w1["blocks"] == ["192.168.0.0/29", "192.168.0.24/29"]
     blackholes = {r["dst"] for r in ip_json(w1["netns"], "route", "show", "type", "blackhole")}
