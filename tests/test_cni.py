@@ -231,6 +231,34 @@ def test_status_reports_code_50_until_the_node_is_set_up(tmp_path):
         node.remove()
 
 
+@pytest.mark.parametrize("mode", ["calico-vxlan", "calico-ipip", "calico-bgp"])
+def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
+    """Ready needs forwarding, the mode's tunnel (vxlan.calico; tunl0, or the eBPF carrier's
+    tunnel address on lo) and the blackhole of a block affine to the node."""
+    from netsim.kernel import sysctl
+
+    node = Node(tmp_path, mode, "1.1.0")
+    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
+                           "mtu": 1450},
+                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    try:
+        sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
+        steps = [["route", "add", "blackhole", "192.168.0.0/26"]]
+        if mode == "calico-vxlan":
+            steps.insert(0, ["link", "add", "vxlan.calico", "type", "vxlan", "id", "4096",
+                             "dstport", "4789"])
+        if mode == "calico-ipip":  # the eBPF carrier's shape: no tunl0, the address on lo
+            steps.insert(0, ["addr", "add", "192.168.0.0/32", "dev", "lo"])
+        for step in steps:
+            code, out = node.cni("STATUS")
+            assert code == 1 and out["code"] == 50, out
+            assert ("blackhole" if step[0] == "route" else "calico-node") in out["msg"]
+            subprocess.run(["ip", "-n", node.netns, *step], check=True)
+        assert node.cni("STATUS") == (0, None)
+    finally:
+        node.remove()
+
+
 def test_prev_result_is_kept_and_extended(node):
     pod = node.pod("p1")
     earlier = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": pod}],

@@ -110,6 +110,17 @@ class CalicoBackend:
         """A node took another block (BGP announces it; the other modes route it directly)."""
 
     def ready(self, rtnl: Rtnl) -> str | None:
+        """calico-node has set the node up: its tunnel (where the mode has one) and the
+        blackhole of a block affine to it."""
+        problem = self.tunnel_problem(rtnl)
+        if problem:
+            return problem
+        if not any(r["type"] == RTN_BLACKHOLE for r in rtnl.routes()):
+            return "no block is affine to this node (no blackhole route): calico-node has not " \
+                   "set up this node"
+        return None
+
+    def tunnel_problem(self, rtnl: Rtnl) -> str | None:
         if self.tunnel and rtnl.link(self.tunnel) is None:
             return f"{self.tunnel} is missing: calico-node has not set up this node"
         return None

@@ -113,5 +113,11 @@ class CalicoIpip(CalicoBackend):
 
             ipip_bpf.add_peer(node["netns"], block, peer["ip"])
 
-    def ready(self, rtnl: Rtnl) -> str | None:
-        return None
+    def tunnel_problem(self, rtnl: Rtnl) -> str | None:
+        """tunl0 (kernel or userspace carrier), or the eBPF carrier's tunnel address on lo."""
+        if rtnl.link(DEVICE) is not None or any(
+                index == IFINDEX.LO and prefixlen == 32 for index, _, prefixlen in
+                rtnl.addresses()):
+            return None
+        return "neither tunl0 nor the eBPF carrier's tunnel address on lo: calico-node has " \
+               "not set up this node"

@@ -319,7 +319,8 @@ class Rtnl:
                 for a in self._dump(msg, RTM_GETADDR, ifaddrmsg)]
 
     def routes(self, table: int = 254) -> list[dict]:
-        """IPv4 routes of a table as {dst ('a.b.c.d/n' or 'default'), gateway, oif, scope}."""
+        """IPv4 routes of a table as {dst ('a.b.c.d/n' or 'default'), gateway, oif, scope,
+        type (RTN_*)}."""
         msg = rtmsg()
         msg["family"] = AF_INET
         found = []
@@ -328,7 +329,8 @@ class Rtnl:
                 continue
             dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}" if r["dst_len"] else "default"
             found.append({"dst": dst, "gateway": r.get_attr("RTA_GATEWAY"),
-                          "oif": r.get_attr("RTA_OIF"), "scope": r["scope"]})
+                          "oif": r.get_attr("RTA_OIF"), "scope": r["scope"],
+                          "type": r["type"]})
         return found
 
     # -- sending -------------------------------------------------------------------------------
