@@ -141,6 +141,9 @@ def cmd_expose(args) -> int:
             "protocol": args.protocol}
     if args.node_port:
         port["nodePort"] = args.node_port
+    if (args.name or name) in record["services"]:
+        raise NetsimError(f"service/{args.name or name} already exists: give the new one "
+                          f"another name with --name")
     service = {"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": args.name or name},
                "spec": {"type": args.type, "selector": selector, "ports": [port],
@@ -210,7 +213,9 @@ def cmd_get(args) -> int:
             eps = clustermod.endpoints(record, s)
             items.append({"name": n, "type": s["type"], "clusterIP": s["clusterIP"],
                           "ports": s["ports"], "selector": s["selector"],
-                          "endpoints": [{"pod": p, "ip": ip} for p, ip in eps]})
+                          "endpoints": [{"pod": p, "ip": ip, "ports": [
+                              clustermod.target_port(record, p, port) for port in s["ports"]]}
+                              for p, ip in eps]})
         if what == "services":
             header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
             rows = [[i["name"], i["type"], i["clusterIP"], _ports(i["ports"])] for i in items]
@@ -220,8 +225,9 @@ def cmd_get(args) -> int:
                         for r, i in zip(rows, items, strict=True)]
         else:
             header = ["NAME", "ENDPOINTS"]
-            rows = [[i["name"], ",".join(f"{e['ip']}:{_target(i['ports'])}"
-                                          for e in i["endpoints"]) or "<none>"] for i in items]
+            rows = [[i["name"], ",".join(f"{e['ip']}:{port}" for e in i["endpoints"]
+                                          for port in e["ports"] if port) or "<none>"]
+                    for i in items]
     else:
         raise NetsimError(f"cannot get {args.what!r}: use nodes, pods, services, endpoints or "
                           "clusters")
@@ -239,10 +245,6 @@ def _status(netns: str) -> str:
 def _ports(ports: list[dict]) -> str:
     return ",".join(f"{p['port']}" + (f":{p['node_port']}" if p.get("node_port") else "")
                     + f"/{p['protocol']}" for p in ports)
-
-
-def _target(ports: list[dict]) -> str:
-    return str(ports[0]["target_port"]) if ports else ""
 
 
 def cmd_describe(args) -> int:

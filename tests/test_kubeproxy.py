@@ -272,6 +272,34 @@ def test_scale_under_continuous_connections(services):
     print(f"\n{ok} of {total} requests succeeded while web went 3 -> 6 -> 2 -> 3")
 
 
+def test_get_expose_and_curl_through_a_new_service(cluster):
+    """`get services|endpoints` as kubectl prints them (a named targetPort resolved to each
+    pod's number), `expose` refusing a name in use and making a NodePort Service whose node
+    port comes from the range, and `curl --count` through it reaching every pod in turn."""
+    write(cluster)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    record = cluster.record()
+    web = sorted(record["pods"][p]["ip"] for p in record["pods"] if p.startswith("web"))
+    endpoints = cluster.netsim("get", "endpoints", check=True).stdout
+    row = next(line.split() for line in endpoints.splitlines() if line.startswith("web-np "))
+    assert sorted(row[1].split(",")) == sorted(f"{ip}:9376" for ip in web)
+    services = cluster.netsim("get", "services", check=True).stdout
+    row = next(line.split() for line in services.splitlines() if line.startswith("web-np "))
+    assert row[1:] == ["NodePort", cip(record, "web-np"), "8080:30080/TCP"]
+
+    taken = cluster.netsim("expose", "deployment/web", "--port", "8081")
+    assert taken.returncode != 0 and "service/web already exists" in taken.stderr
+    assert cluster.record()["services"].keys() == record["services"].keys()  # nothing changed
+    cluster.netsim("expose", "deployment/web", "--port", "8081", "--target-port", "9376",
+                   "--type", "NodePort", "--name", "web-ext", check=True)
+    ext = cluster.record()["services"]["web-ext"]
+    node_port = ext["ports"][0]["node_port"]
+    assert 30000 <= node_port <= 32767 and node_port != 30080
+    answers = cluster.netsim("curl", "solo", "http://web-ext:8081/", "--count", "6",
+                             check=True).stdout.split()
+    assert sorted(answers[1::2]) == ["web-0", "web-0", "web-1", "web-1", "web-2", "web-2"]
+
+
 def hooked_chains(netns: str) -> dict[str, int]:
     """Handles of the kube-proxy table and of its base chains: a table made again gets a new
     handle (chain handles count from 1 again in the new table)."""
