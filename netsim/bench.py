@@ -51,6 +51,21 @@ class Options:
     pings: int = 50
     requests: float = 1.0  # seconds of fresh-connection requests
     sweep: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # mode -> why it cannot run here
+
+
+def unavailable(mode: str) -> str | None:
+    """Why this host cannot run the mode (None: it can); checked before anything is built."""
+    if mode == "flannel-udp" and not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing (the tun module)"
+    if mode == "calico-bgp" and not shutil.which("bird"):
+        return "bird is not installed: apt-get install bird2 (./bootstrap installs it)"
+    if mode == "calico-ipip":
+        from cni.modes.calico_ipip import choose_carrier
+
+        carrier, why = choose_carrier()
+        return None if carrier else why
+    return None
 
 
 def topology(mode: str, name: str) -> str:
@@ -95,6 +110,14 @@ def check(options: Options) -> None:
     for mode in options.modes:
         if mode not in MODES:
             raise NetsimError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    defaulted = options.modes == MODES  # "every mode": only those this host can run
+    for mode in list(options.modes):
+        why = unavailable(mode)
+        if why and not defaulted:
+            raise NetsimError(f"mode {mode} cannot run on this host: {why}")
+        if why:
+            options.modes.remove(mode)
+            options.skipped[mode] = why
     for path in options.paths:
         if path not in PATHS:
             raise NetsimError(f"unknown path {path!r}: use {', '.join(PATHS)}")
@@ -377,6 +400,8 @@ def table(result: dict) -> str:
             f"{m}" for m in SWEEP_SIZES))
         for mode, values in result["sweep"].items():
             lines.append(f"  {mode}: " + "  ".join(f"{values[m]:.2f}" for m in SWEEP_SIZES))
+    for mode, why in (result["options"].get("skipped") or {}).items():
+        lines.append(f"not measured: {mode}: {why}")
     return "\n".join(lines)
 
 

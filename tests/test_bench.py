@@ -58,3 +58,22 @@ def test_missing_iperf3_says_how_to_install(monkeypatch):
     monkeypatch.setattr(bench.shutil, "which", lambda tool: None)
     with pytest.raises(NetsimError, match="iperf3 is not installed: apt-get install iperf3"):
         bench.check(bench.Options())
+
+
+def test_every_mode_means_every_mode_this_host_can_run(monkeypatch):
+    """By default a mode the host lacks a part for is left out and named; asked for by name,
+    it is an error that says what to install."""
+    real_which, real_exists = bench.shutil.which, bench.os.path.exists
+    monkeypatch.setattr(bench.shutil, "which", lambda t: None if t == "bird" else real_which(t))
+    monkeypatch.setattr(bench.os.path, "exists",
+                        lambda p: False if p == "/dev/net/tun" else real_exists(p))
+    options = bench.Options()
+    bench.check(options)
+    assert "calico-bgp" not in options.modes and "flannel-udp" not in options.modes
+    assert "apt-get install bird2" in options.skipped["calico-bgp"]
+    assert "flannel-vxlan" in options.modes
+    shown = bench.table({"medians": [], "modes": {}, "options": options.__dict__})
+    assert "not measured: flannel-udp: /dev/net/tun is missing" in shown
+    with pytest.raises(NetsimError, match="mode calico-bgp cannot run on this host: bird is "
+                                          "not installed: apt-get install bird2"):
+        bench.check(bench.Options(modes=["calico-bgp"]))
