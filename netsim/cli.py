@@ -158,6 +158,11 @@ def cmd_expose(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    if args.pod:
+        return _delete_pod(args)
+    if not (args.file or args.name):
+        raise NetsimError("delete what? `netsim delete -f FILE` removes the cluster, "
+                          "`netsim delete pod NAME` one pod")
     if args.file:
         name = topology.load(args.file)[0].name
     else:
@@ -171,6 +176,27 @@ def cmd_delete(args) -> int:
     print(f"cluster/{name} deleted ({len(removed)} namespaces and processes) in "
           f"{time.monotonic() - start:.2f}s")
     return 0
+
+
+def _delete_pod(args) -> int:
+    """`kubectl delete pod`: the pod's endpoints leave every node's Services, then it goes. A
+    Deployment's pod is made again at once, as its ReplicaSet would (same name, fresh
+    namespace); a bare Pod stays away until the next `apply -f`."""
+    if args.file or len(args.pod) != 2 or args.pod[0] not in ("pod", "pods", "po"):
+        raise NetsimError(f"cannot delete {' '.join(args.pod)!r}: use `netsim delete pod NAME`, or "
+                          "`netsim delete -f FILE` for the whole cluster")
+    name = args.pod[1]
+    _, record = pick_cluster(args.cluster)
+    if name not in record["pods"]:
+        raise NetsimError(f"no pod named {name!r} in cluster {record['cluster']}; "
+                          "`netsim get pods` shows what runs")
+    overrides = json.loads(json.dumps(record.get("overrides") or {}))
+    gone = {**overrides, "deleted_pods": sorted({*overrides.get("deleted_pods", []), name})}
+    if not record["pods"][name].get("owner"):
+        return _reapply(record, gone, f"pod/{name} deleted")
+    _reapply(record, gone, f"pod/{name} deleted")
+    return _reapply(state.load(record["cluster"]), overrides,
+                    f"pod/{name} made again by deployment/{record['pods'][name]['owner']}")
 
 
 def cmd_get(args) -> int:
@@ -490,12 +516,14 @@ def parser() -> argparse.ArgumentParser:
                               "under its type name, netsim")
     inst.add_argument("--bin-dir", default="/opt/cni/bin")
     inst.set_defaults(func=cmd_cni_install)
-    d = sub.add_parser("delete", help="remove the cluster a topology file names")
-    d.add_argument("-f", "--file", required=True)
+    d = sub.add_parser("delete", help="remove the cluster a topology file names (-f), or "
+                                      "one pod (delete pod NAME)")
+    d.add_argument("-f", "--file")
+    d.add_argument("pod", nargs="*", metavar="pod NAME")
     d.set_defaults(func=cmd_delete, name=None)
     d = sub.add_parser("down", help="remove a cluster by name")
     d.add_argument("name")
-    d.set_defaults(func=cmd_delete, file=None)
+    d.set_defaults(func=cmd_delete, file=None, pod=None)
     g = sub.add_parser("get", help="list nodes, pods, services, endpoints or clusters")
     g.add_argument("what")
     g.add_argument("-o", "--output", choices=["wide", "json"])

@@ -134,7 +134,8 @@ def _noun(name: str) -> str:
 
 def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
     """Read and validate a topology file; return the cluster and the notes about ignored fields.
-    `overrides` are what `netsim scale` and `netsim expose` changed on top of the file."""
+    `overrides` are what `netsim scale`, `expose` and `delete pod` changed on top of the
+    file."""
     try:
         with open(file) as fh:
             text = fh.read()
@@ -197,7 +198,8 @@ def parse(text: str, file: str = "<topology>",
             cluster.services.append(_service(doc, cluster))
     _unique([(p.name, d) for p, d in pods], "metadata.name", "pod")
     pods = [p for p, _ in pods]
-    cluster.pods = pods
+    deleted = set((overrides or {}).get("deleted_pods", []))  # `netsim delete pod`
+    cluster.pods = [p for p in pods if p.name not in deleted]
     _unique([(s.name, d) for s, d in zip(cluster.services,
                                           [d for d in docs if d.kind == "Service"], strict=True)],
             "metadata.name", "service")

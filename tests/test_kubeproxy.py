@@ -4,6 +4,7 @@ the built-in hostname servers through ClusterIPs and NodePorts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -298,6 +299,37 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     answers = cluster.netsim("curl", "solo", "http://web-ext:8081/", "--count", "6",
                              check=True).stdout.split()
     assert sorted(answers[1::2]) == ["web-0", "web-0", "web-1", "web-1", "web-2", "web-2"]
+
+
+def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
+    """A Deployment's pod deleted is made again (fresh namespace, back in the endpoints); a
+    bare Pod deleted leaves its Service without endpoints on every node until `apply -f`."""
+    write(cluster)
+    run_netsim("apply", "-f", cluster.file, check=True)
+    namespace = f"/run/netns/{cluster.record()['pods']['web-1']['netns']}"
+    before = os.stat(namespace).st_ino  # the namespace's own inode (nsfs)
+    cluster.netsim("delete", "pod", "web-1", check=True)
+    after = cluster.record()
+    assert "web-1" in after["pods"] and os.stat(namespace).st_ino != before  # made again
+    web = cip(after, "web")
+    for src in ("solo", "web-0", "web-2"):  # clients on every node
+        assert sorted(who(after, src, web, 80, 3)) == ["web-0", "web-1", "web-2"], src
+
+    cluster.netsim("delete", "pod", "solo", check=True)
+    gone = cluster.record()
+    assert "solo" not in gone["pods"] and not any(n.endswith(".solo") for n in
+                                                  cluster.namespaces())
+    endpoints = cluster.netsim("get", "endpoints", check=True).stdout
+    assert next(line.split() for line in endpoints.splitlines()
+                if line.startswith("solo "))[1] == "<none>"
+    for src in ("web-0", "web-1", "web-2"):
+        started = time.monotonic()
+        assert "refused" in (who(gone, src, cip(gone, "solo"), 80, 1)[0])
+        assert time.monotonic() - started < 1
+    refused = cluster.netsim("delete", "pod", "nosuch")
+    assert refused.returncode != 0 and "no pod named 'nosuch'" in refused.stderr
+    run_netsim("apply", "-f", cluster.file, check=True)
+    assert "solo" in cluster.record()["pods"]
 
 
 def hooked_chains(netns: str) -> dict[str, int]:
