@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from netsim import cluster as clustermod
 from netsim import probe, topology
+from netsim.kernel import netns as nsmod
 from tests.conftest import needs_root, run_netsim
 
 pytestmark = needs_root
@@ -330,6 +332,22 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     assert refused.returncode != 0 and "no pod named 'nosuch'" in refused.stderr
     run_netsim("apply", "-f", cluster.file, check=True)
     assert "solo" in cluster.record()["pods"]
+
+
+def test_an_established_connection_outlives_a_sync(services):
+    """Connected through the ClusterIP before a scale, the request sent after it is still
+    answered on that connection (conntrack, or the userspace relay, keeps it)."""
+    record = services.record()
+    with nsmod.entered(record["pods"]["solo"]["netns"]):
+        conn = socket.create_connection((cip(record, "web"), 80), timeout=5)
+    with conn:
+        services.netsim("scale", "deployment/web", "--replicas=6", check=True)
+        conn.sendall(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.") and reply.split(b"\r\n\r\n", 1)[1].strip() in (
+        b"web-0", b"web-1", b"web-2")  # one of the endpoints it was made to
 
 
 def hooked_chains(netns: str) -> dict[str, int]:
