@@ -5,6 +5,7 @@ merged pcap and node captures readable by scapy, clear errors, and no tcpdump le
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -233,3 +234,43 @@ def test_cli_trace_capture_and_graph(cluster, tmp_path):
     assert bad.returncode == 1 and "eth9" in bad.stderr
     drawn = cluster.netsim("graph", "-o", str(tmp_path / "c.dot"), check=True)
     assert "wrote" in drawn.stdout and "web-0" in (tmp_path / "c.dot").read_text()
+
+
+def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, tmp_path):
+    """A UDP datagram and a TCP SYN to a pod given by IP; a probe blackholed on the
+    destination node is reported lost after the last hop that saw it; `netsim capture` of a
+    pod's eth0 writes what crossed it."""
+    record = apply(cluster, "flannel-host-gw.yaml", replicas=2)
+    src, dst = cross_node_pair(record)
+    dst_ip, dst_node = record["pods"][dst]["ip"], record["pods"][dst]["node"]
+    udp = trace.trace(record, src, dst_ip, proto="udp", port=9376)
+    assert udp.delivered and udp.target == dst and udp.proto == "udp", trace.format_trace(udp)
+    assert udp.hops[-1].inner.dport == 9376
+    syn = trace.trace(record, src, dst_ip, proto="tcp", port=9376)
+    assert syn.delivered and syn.reply and "[S.]" in syn.reply, trace.format_trace(syn)
+
+    subprocess.run(["ip", "-n", record["nodes"][dst_node]["netns"], "route", "add",
+                    "blackhole", f"{dst_ip}/32"], check=True)
+    lost = trace.trace(record, src, dst, timeout=1.0)
+    text = trace.format_trace(lost)
+    assert not lost.delivered and lost.reply is None, text
+    seen = [h for h in lost.hops if h.seen]
+    assert (seen[-1].owner, seen[-1].iface) == (dst_node, "eth0"), text
+    assert f"lost after hop {seen[-1].index} ({dst_node} eth0)" in text.splitlines()[-1]
+    subprocess.run(["ip", "-n", record["nodes"][dst_node]["netns"], "route", "del",
+                    "blackhole", f"{dst_ip}/32"], check=True)
+
+    out = tmp_path / "pod.pcap"
+    pinger = subprocess.Popen(["ip", "netns", "exec", record["pods"][src]["netns"], "ping",
+                               "-c", "20", "-i", "0.2", dst_ip], stdout=subprocess.DEVNULL)
+    try:
+        done = cluster.netsim("capture", dst, "-w", str(out), "-c", "4", "--duration", "8")
+    finally:
+        pinger.wait(timeout=15)
+    assert done.returncode == 0 and "wrote 4 packets" in done.stdout, done.stderr
+    from scapy.layers.inet import ICMP, IP
+    from scapy.utils import rdpcap
+
+    packets = rdpcap(str(out))
+    assert len(packets) == 4 and all(ICMP in p for p in packets)
+    assert {p[IP].src for p in packets} <= {record["pods"][src]["ip"], dst_ip}
