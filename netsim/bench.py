@@ -380,20 +380,22 @@ COLUMNS = [("tcp_gbps", "TCP Gb/s", "{:.2f}"), ("tcp_multi_gbps", "TCPxN Gb/s", 
 
 
 def table(result: dict) -> str:
-    header = ["MODE", "PATH"] + [c[1] for c in COLUMNS] + ["TCP vs floor"]
-    rows = []
+    """The medians, then the same cells as ratios to the floor (plain routing, pod to pod
+    across nodes, measured in the same run): above 1 is more, below 1 is less."""
+    labels = []
     for row in result["medians"]:
-        mode = row["mode"]
-        carrier = result["modes"].get(mode, {}).get("carrier")
-        cells = [mode + (f" ({carrier})" if carrier else ""), row["path"]]
-        cells += [fmt.format(row[key]) if row[key] is not None else "-"
-                  for key, _, fmt in COLUMNS]
-        ratio = row.get("tcp_gbps_ratio")
-        cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
-        rows.append(cells)
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header] + rows]
+        carrier = result["modes"].get(row["mode"], {}).get("carrier")
+        labels.append([row["mode"] + (f" ({carrier})" if carrier else ""), row["path"]])
+    header = ["MODE", "PATH"] + [c[1] for c in COLUMNS] + ["TCP vs floor"]
+    rows = [label + [fmt.format(row[key]) if row[key] is not None else "-"
+                     for key, _, fmt in COLUMNS] + [_ratio(row, "tcp_gbps")]
+            for label, row in zip(labels, result["medians"], strict=True)]
+    lines = _aligned(header, rows)
+    if result["medians"]:
+        lines += ["", "as ratios to the floor:"]
+        lines += _aligned(["MODE", "PATH"] + [c[1] for c in COLUMNS],
+                          [label + [_ratio(row, key) for key, _, _ in COLUMNS]
+                           for label, row in zip(labels, result["medians"], strict=True)])
     if result.get("sweep"):
         lines.append("")
         lines.append("TCP Gb/s by MSS, pod to pod across nodes: " + "  ".join(
@@ -403,6 +405,17 @@ def table(result: dict) -> str:
     for mode, why in (result["options"].get("skipped") or {}).items():
         lines.append(f"not measured: {mode}: {why}")
     return "\n".join(lines)
+
+
+def _ratio(row: dict, metric: str) -> str:
+    ratio = row.get(metric + "_ratio")
+    return f"{ratio:.2f}x" if ratio is not None else "-"
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header] + rows]
 
 
 def write_csv(result: dict, path: str) -> None:

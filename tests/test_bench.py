@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -16,15 +17,35 @@ from tests.conftest import needs_root, run_netsim
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def bench_processes() -> set[int]:
+    """PIDs of iperf3 servers and clients, and of bench clusters' node agents."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        if argv and (argv[0].endswith(b"iperf3") or (b"netsim.agent" in argv and any(
+                a.startswith(b"bench-") for a in argv))):
+            found.add(int(entry))
+    return found
+
+
 @needs_root
 def test_small_matrix_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
+    before = bench_processes()
     done = run_netsim("bench", "--modes", "flannel-vxlan", "--paths",
                       "pod-cross-node,pod-clusterip", "--repetitions", "1", "--seconds", "1",
                       "--json", str(out), "--csv", str(tmp_path / "bench.csv"),
-                      "--png", str(tmp_path / "charts"))
+                      "--png", str(tmp_path / "charts"), "--sweep")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not bench_processes() - before  # nothing it started is left running
     assert "flannel-vxlan" in done.stdout and "plain-routing" in done.stdout
+    ratios = done.stdout.split("as ratios to the floor:")[1].splitlines()
+    vxlan = next(line.split() for line in ratios if line.startswith("flannel-vxlan") and
+                 "pod-cross-node" in line)
+    assert vxlan[-2] == f"{1450 / 1500:.2f}x"  # the MTU column: VXLAN's 50 bytes
     result = json.loads(out.read_text())
     assert not [s["errors"] for s in result["samples"] if s["errors"]], done.stderr[-2000:]
     cells = {(r["mode"], r["path"]): r for r in result["medians"]}
@@ -44,6 +65,10 @@ def test_small_matrix_end_to_end(tmp_path):
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / "charts" / name).read_bytes()[:8] == PNG
     assert not [n for n in nsmod.names() if n.startswith("netsim.bench-")]
+    sweep = result["sweep"]["flannel-vxlan"]
+    assert sorted(int(m) for m in sweep) == bench.SWEEP_SIZES and all(
+        v > 0 for v in sweep.values())
+    assert "TCP Gb/s by MSS" in done.stdout
 
 
 def test_unknown_mode_or_path_is_one_clear_line():
