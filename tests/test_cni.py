@@ -87,6 +87,7 @@ def test_version_lists_every_supported_version(node):
 
 @pytest.mark.parametrize("mode,version", [("flannel-host-gw", "0.4.0"),
                                           ("flannel-vxlan", "1.0.0"),
+                                          ("flannel-udp", "1.0.0"),
                                           ("flannel-host-gw", "1.1.0")])
 def test_add_check_del_del(tmp_path, mode, version):
     node = Node(tmp_path, mode, version)
@@ -130,10 +131,12 @@ def _pairs(addr_info: list[dict]) -> dict:
             if k in ("local", "prefixlen")}
 
 
-def test_calico_add_check_del_del(tmp_path):
-    """Calico's pod side: cali veth with ee:ee:ee:ee:ee:ee and proxy ARP, a /32 from the node's
-    block, 169.254.1.1 as the pod's gateway; the pod answers through the node's route."""
-    node = Node(tmp_path, "calico-vxlan", "1.0.0")
+@pytest.mark.parametrize("mode", ["calico-vxlan", "calico-ipip", "calico-bgp"])
+def test_calico_add_check_del_del(tmp_path, mode):
+    """Calico's pod side, the same in its three modes: cali veth with ee:ee:ee:ee:ee:ee and
+    proxy ARP, a /32 from the node's block, 169.254.1.1 as the pod's gateway; the pod answers
+    through the node's route."""
+    node = Node(tmp_path, mode, "1.0.0")
     node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
                            "mtu": 1450},
                      ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
