@@ -172,6 +172,27 @@ def test_calico_add_check_del_del(tmp_path, mode):
         node.remove()
 
 
+def test_a_failure_after_ipam_gives_the_address_back(tmp_path):
+    """A second pod with the same Kubernetes name (so the same cali veth name) fails after
+    Calico IPAM gave it an address: the ADD fails with the veth named, and the address is
+    free again, the first pod's untouched."""
+    node = Node(tmp_path, "calico-vxlan", "1.0.0")
+    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
+                           "mtu": 1450},
+                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+    block = Path(node.data_dir) / "192.168.0.0-26"
+    try:
+        assert node.cni("ADD", container="c1", netns=node.pod("p1"), CNI_ARGS=args)[0] == 0
+        held = sorted(p.name for p in block.glob("192.*"))
+        code, out = node.cni("ADD", container="c2", netns=node.pod("p2"), CNI_ARGS=args)
+        assert code == 1 and "cali0d7763386da" in out["msg"], out
+        assert sorted(p.name for p in block.glob("192.*")) == held == ["192.168.0.0"]
+        assert [link["ifname"] for link in ip_json(f"{node.prefix}.p2", "link")] == ["lo"]
+    finally:
+        node.remove()
+
+
 def test_del_after_the_namespace_is_gone_releases_the_address(node):
     pod = node.pod("p1")
     code, result = node.cni("ADD", netns=pod)
