@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +28,9 @@ from netsim.topology import allocate_cluster_ips, schedule
 # pyroute2 takes ~130 ms to import; delete, gc and get do not need it, so the modules that
 # use it (netsim.kernel.netlink, cni.modes) are imported by the functions that build.
 
+# a pod out of its Services keeps serving this long before it is stopped, as a terminating
+# pod does for its grace period, so a connection begun just before the update still finishes
+TERMINATION_GRACE = 0.2
 CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config (Calico's: k8s-pod-network)
 
 Progress = Callable[[str], None]
@@ -406,7 +410,9 @@ def _reconcile_pods(cluster: Cluster, record: dict, tx: Transaction, progress: P
         if record.get("kube_proxy") is not None:
             # endpoints leave every node's Services first, as a terminating pod leaves its
             # EndpointSlice before it is killed: no new connection goes to a pod being removed
-            _sync_kube_proxy(cluster, record)
+            _sync_kube_proxy(cluster, record, terminating=removing)
+            if record["services"]:
+                time.sleep(TERMINATION_GRACE)
         # a replaced pod keeps its name: take the old one down before building the new one
         _sync_agents(record, cluster.name, sorted({e["node"] for e in removing.values()}))
         _remove_pods(cluster, record, removing, progress)
@@ -559,11 +565,14 @@ def _release(ipam, pod: str) -> None:
         ipam.release(pod, "eth0")
 
 
-def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
-    """Tell each node's agent the exact set of pods it serves, and wait for it to confirm."""
+def _sync_agents(record: dict, cluster: str, nodes: list[str],
+                 terminating: dict | None = None) -> None:
+    """Tell each node's agent the exact set of pods it serves (the recorded ones, and those
+    `terminating`: out of the Services already, still serving), and wait for it to confirm."""
     for node_name in nodes:
         pods = {n: {"netns": p["netns"], "ports": p["ports"], "commands": p["commands"]}
-                for n, p in record["pods"].items() if p["node"] == node_name}
+                for n, p in (record["pods"] | (terminating or {})).items()
+                if p["node"] == node_name}
         path = os.path.join(state.node_dir(cluster, node_name), "agent.sock")
         try:
             reply = agentmod.request(path, pods, record["nodes"][node_name].get("agent_tunnel"),
@@ -575,7 +584,8 @@ def _sync_agents(record: dict, cluster: str, nodes: list[str]) -> None:
             raise NetsimError(f"the agent of node {node_name} could not serve pods or its "
                               f"tunnel: {reply.get('errors')}")
         for pod_name, pids in reply.get("pids", {}).items():
-            record["pods"][pod_name]["pids"] = pids
+            if pod_name in record["pods"]:
+                record["pods"][pod_name]["pids"] = pids
         record["nodes"][node_name]["proxy_ports"] = reply.get("proxy_ports") or {}
 
 
@@ -682,9 +692,11 @@ def service_ports(record: dict) -> list:
     return found
 
 
-def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
+def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list,
+                          terminating: dict | None = None) -> None:
     """kube-proxy's userspace mode: every node's agent proxies every Service port on a port of
-    its own; the node's nftables send ClusterIP and NodePort traffic there."""
+    its own; the node's nftables send ClusterIP and NodePort traffic there. Pods that are
+    `terminating` keep serving until every proxy has let them go."""
     from netsim.kubeproxy import userspace_rules
 
     services = {userspace_rules.key(p): {
@@ -694,22 +706,23 @@ def _sync_userspace_proxy(cluster: Cluster, record: dict, ports: list) -> None:
     fresh = (record.get("kube_proxy") or {}).get("mode") != "userspace"
     record["kube_proxy"] = {"mode": "userspace", "userspace": services,
                             "ports": ports}
-    _sync_agents(record, cluster.name, list(record["nodes"]))
+    _sync_agents(record, cluster.name, list(record["nodes"]), terminating)
     for node in record["nodes"].values():
         nft.apply(node["netns"], userspace_rules.ruleset(ports, node["proxy_ports"], node["ip"],
                                                          fresh))
 
 
-def _sync_kube_proxy(cluster: Cluster, record: dict) -> None:
+def _sync_kube_proxy(cluster: Cluster, record: dict, terminating: dict | None = None) -> None:
     """Program every Service into every node, as kube-proxy does on each node: the first sync
     loads the whole table with `nft -f`, later ones send only what changed as one nf_tables
-    batch per node."""
+    batch per node. Pods `terminating` are out of the Services but still serve (the
+    userspace proxies' agents keep them) until the caller stops them."""
     from netsim.kubeproxy import nftables as kp
     from netsim.kubeproxy.nftables import Endpoint, ServicePort
 
     ports = service_ports(record)
     if cluster.proxy_mode == "userspace":
-        return _sync_userspace_proxy(cluster, record, ports)
+        return _sync_userspace_proxy(cluster, record, ports, terminating)
     previous = record.get("kube_proxy")
     if previous is None or previous.get("mode") != "nftables":
         text = kp.full(kp.compute(ports, cluster.pod_network))

@@ -308,3 +308,18 @@ def test_route_reflector_and_top_of_rack_peer(cluster):
     assert learned(tor["netns"]) == {(n["blocks"][0], n["ip"]) for n in nodes.values()}
     on = {p["node"]: n for n, p in record["pods"].items()}
     ping(record, on["worker-2"], on["worker-3"])
+
+
+def test_no_ipip_carrier_at_all_says_what_to_install(monkeypatch):
+    from cni.modes import calico_ipip
+
+    monkeypatch.setattr(features, "link_kinds", lambda: {"ipip": False})
+    monkeypatch.setattr(ipip_bpf, "available", lambda: False)
+    monkeypatch.setattr(ipip_bpf, "unavailable_reason",
+                        lambda: "the IPIP eBPF carrier needs clang: apt-get install clang")
+    real_exists = os.path.exists
+    monkeypatch.setattr(calico_ipip.os.path, "exists",
+                        lambda p: False if p == "/dev/net/tun" else real_exists(p))
+    carrier, why = calico_ipip.choose_carrier()
+    assert carrier == ""
+    assert "modprobe ipip" in why and "apt-get install clang" in why and "modprobe tun" in why

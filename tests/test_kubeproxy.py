@@ -174,12 +174,13 @@ spec:
     assert a not in moved and len(set(moved)) == 1
 
 
-def test_nodeport_from_the_external_client_via_every_node(services):
+@pytest.mark.parametrize("src", ["client", "solo"])
+def test_nodeport_from_the_external_client_or_a_pod_via_every_node(services, src):
     record = services.record()
     assert record["services"]["web-np"]["ports"][0]["node_port"] == 30080
     seen = set()
     for node in record["nodes"].values():
-        answers = who(record, "client", node["ip"], 30080, 3)
+        answers = who(record, src, node["ip"], 30080, 3)
         assert all(not a.startswith("error") for a in answers), answers
         seen |= set(answers)
     assert seen == {"web-0", "web-1", "web-2"}

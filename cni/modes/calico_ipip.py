@@ -42,7 +42,8 @@ def choose_carrier(wanted: str = "auto") -> tuple[str, str]:
         return "ebpf", "no ipip module here: tc eBPF encapsulator on eth0"
     if os.path.exists("/dev/net/tun"):
         return "userspace", f"no ipip module and no eBPF carrier ({ipip_bpf.unavailable_reason()})"
-    return "", "no ipip module, no eBPF carrier and no /dev/net/tun"
+    return "", (f"no ipip module (modprobe ipip), no eBPF carrier "
+                f"({ipip_bpf.unavailable_reason()}) and no /dev/net/tun (modprobe tun)")
 
 
 class CalicoIpip(CalicoBackend):
