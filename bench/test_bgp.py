@@ -108,3 +108,60 @@ def test_full_mesh_convergence(benchmark, lab):
 @pytest.mark.benchmark(group="bgp convergence, 10 nodes")
 def test_one_reflector_convergence(benchmark, lab):
     _bench(benchmark, lab, lab[0].reflector_configs({"n1"}))
+
+
+def _bgp_model(source: str):
+    """A shipped calico-bgp topology grown to NODES nodes, one pod each, a fresh name."""
+    import uuid
+
+    import yaml
+
+    from netsim import topology
+
+    path = Path(__file__).resolve().parent.parent / "topologies" / source
+    docs = list(yaml.safe_load_all(path.read_text()))
+    docs[0]["metadata"]["name"] = "bgp" + uuid.uuid4().hex[:6]
+    docs[0]["spec"]["nodes"] = [{"name": f"worker-{i}"} for i in range(1, NODES + 1)]
+    next(d for d in docs if d["kind"] == "Deployment")["spec"]["replicas"] = NODES
+    return topology.parse(yaml.safe_dump_all(docs))[0]
+
+
+def _apply_until_converged(model) -> None:
+    """`netsim apply` of the whole cluster, then until every node's kernel holds a route to
+    every peer's blocks via that peer."""
+    from netsim import cluster as clustermod
+    from netsim import state
+
+    clustermod.apply(model)
+    record = state.load(model.name)
+    want = {n: {(b, o["ip"]) for m, o in record["nodes"].items() if m != n for b in o["blocks"]}
+            for n in record["nodes"]}
+    deadline = time.monotonic() + TIMEOUT
+    with_rtnl = {n: Rtnl(h["netns"]) for n, h in record["nodes"].items()}
+    try:
+        while not all(want[n] <= {(r["dst"], r["gateway"]) for r in rt.routes()}
+                      for n, rt in with_rtnl.items()):
+            assert time.monotonic() < deadline, f"not converged within {TIMEOUT} s"
+            time.sleep(0.005)
+    finally:
+        for rt in with_rtnl.values():
+            rt.close()
+
+
+@pytest.mark.benchmark(group="bgp: netsim apply of 10 nodes until every route is in")
+@pytest.mark.parametrize("source", ["calico-bgp.yaml", "calico-bgp-rr.yaml"])
+def test_apply_to_convergence(benchmark, source):
+    """What the issue measures: from `apply` (namespaces, underlay, pods, BIRDs) to every
+    node holding every peer's blocks; full mesh, and one reflector plus a top-of-rack peer."""
+    from netsim import cluster as clustermod
+
+    model = _bgp_model(source)
+
+    def setup():
+        clustermod.delete(model.name)
+        return (model,), {}
+
+    try:
+        benchmark.pedantic(_apply_until_converged, setup=setup, rounds=3, iterations=1)
+    finally:
+        clustermod.delete(model.name)
