@@ -323,3 +323,15 @@ def test_no_ipip_carrier_at_all_says_what_to_install(monkeypatch):
     carrier, why = calico_ipip.choose_carrier()
     assert carrier == ""
     assert "modprobe ipip" in why and "apt-get install clang" in why and "modprobe tun" in why
+
+
+def test_doctor_names_the_ipip_carrier_this_host_uses():
+    from cni.modes.calico_ipip import choose_carrier
+
+    done = run_netsim("doctor", check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("calico-ipip"))
+    carrier, why = choose_carrier()
+    assert f"carrier {carrier}: {why}" in line
+    kinds = {x.split()[0]: x.split()[1] for x in done.stdout.splitlines()
+             if len(x.split()) == 2 and x.split()[1] in ("yes", "MISSING")}
+    assert kinds["ipip"] == ("yes" if features.link_kinds().get("ipip") else "MISSING")

@@ -90,6 +90,23 @@ def test_shipped_topology_parses(name):
     assert len(notes) == 1 and notes[0].count("image") == 1
 
 
+@pytest.mark.parametrize("path", sorted(TOPOLOGIES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_topology_parses_and_spreads_its_pods(path):
+    """Each ready file parses without a warning, in the mode it is named after, and schedules
+    its pods on at least two nodes (so cross-node traffic has something to show)."""
+    cluster, notes = topology.load(str(path))
+    assert cluster.mode in path.stem or path.stem == "calico-crosssubnet"
+    assert not [n for n in notes if n.startswith("warning")], notes
+    assert len({p.node for p in topology.schedule(cluster, {})}) >= 2
+    assert cluster.services
+
+
+def test_affinity_timeout_defaults_to_10800():
+    text = build(put(SERVICE, {"spec.sessionAffinity": "ClientIP"}))
+    svc = topology.parse(text, FILE)[0].services[0]
+    assert (svc.session_affinity, svc.affinity_timeout) == ("ClientIP", 10800)
+
+
 def test_base_parses():
     cluster, notes = topology.parse(build(), FILE)
     assert [p.name for p in cluster.pods] == ["web-0", "web-1", "solo"]
