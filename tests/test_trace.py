@@ -272,5 +272,6 @@ def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, 
     from scapy.utils import rdpcap
 
     packets = rdpcap(str(out))
-    assert len(packets) == 4 and all(ICMP in p for p in packets)
-    assert {p[IP].src for p in packets} <= {record["pods"][src]["ip"], dst_ip}
+    pings = [p for p in packets if ICMP in p]  # besides them, an ARP exchange may be there
+    assert len(packets) == 4 and len(pings) >= 2
+    assert {p[IP].src for p in pings} <= {record["pods"][src]["ip"], dst_ip}
