@@ -1,6 +1,7 @@
 """The `netsim bench` matrix through pytest-benchmark, so its figures land in
-`--benchmark-json` and can be compared across commits: one cell per mode (pod to pod across
-nodes) with the floor measured in the same run; the figures are in each benchmark's extra_info.
+`--benchmark-json` and can be compared across commits: every cell (mode x path), each with the
+floor measured in the same run, and the MSS sweep per mode; the figures are in each
+benchmark's extra_info (the time measured is that of the whole measurement).
 
     .venv/bin/python -m pytest bench/test_matrix.py --benchmark-json=matrix.json
 """
@@ -16,12 +17,22 @@ from netsim import bench
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
+@pytest.mark.parametrize("path", bench.PATHS)
 @pytest.mark.parametrize("mode", bench.MODES)
-def test_mode_cross_node(benchmark, mode):
-    options = bench.Options(modes=[mode], paths=["pod-cross-node"], repetitions=1, seconds=1)
+def test_cell(benchmark, mode, path):
+    options = bench.Options(modes=[mode], paths=[path], repetitions=1, seconds=1)
     result = benchmark.pedantic(bench.run, args=(options,), rounds=1, iterations=1)
-    cell = next(r for r in result["medians"] if r["mode"] == mode and
-                r["path"] == "pod-cross-node")
+    cell = next(r for r in result["medians"] if r["mode"] == mode and r["path"] == path)
     benchmark.extra_info.update({k: v for k, v in cell.items() if v is not None})
     benchmark.extra_info["carrier"] = result["modes"][mode]["carrier"]
     assert cell["tcp_gbps"] > 0
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_mss_sweep(benchmark, mode):
+    options = bench.Options(modes=[mode], paths=["pod-cross-node"], repetitions=1, seconds=1,
+                            sweep=True)
+    result = benchmark.pedantic(bench.run, args=(options,), rounds=1, iterations=1)
+    sweep = result["sweep"][mode]
+    benchmark.extra_info.update({f"tcp_gbps_mss_{mss}": v for mss, v in sweep.items()})
+    assert all(v > 0 for v in sweep.values())
