@@ -233,10 +233,16 @@ def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
             if not conf.calico and host["master"] != (node.link(bridge.BRIDGE) or {}).get("index"):
                 _fail(f"host interface {veth} is not attached to {bridge.BRIDGE}")
             have = {f"{a}/{p}" for index, a, p in pod.addresses() if index == link["index"]}
+            node_routes = {(r["dst"], r["oif"]) for r in node.routes()} if conf.calico else ()
             for ip in prev.get("ips") or []:
-                if ip.get("interface") == mine[0] and ip["address"] not in have:
+                if ip.get("interface") != mine[0]:
+                    continue
+                if ip["address"] not in have:
                     _fail(f"address {ip['address']} is missing on {env.ifname} in netns "
                           f"{env.netns}")
+                address = ip["address"].split("/")[0]
+                if conf.calico and (f"{address}/32", host["index"]) not in node_routes:
+                    _fail(f"route {address} dev {veth} is missing in the node's namespace")
             routes = {(r["dst"], r["gateway"]) for r in pod.routes()}
             for route in prev.get("routes") or []:
                 dst = "default" if route["dst"] == "0.0.0.0/0" else route["dst"]

@@ -212,6 +212,44 @@ def test_check_names_the_missing_route(node):
     assert out["msg"] == f"route 10.244.0.0/16 via 10.244.1.1 is missing in netns {pod}"
 
 
+@pytest.mark.parametrize("breakage, message", [
+    (["addr", "flush", "dev", "eth0"], "address 10.244.1.2/24 is missing on eth0"),
+    (["link", "set", "eth0", "address", "02:00:00:00:00:99"], "interface eth0 has MAC "
+                                                               "02:00:00:00:00:99"),
+    (["link", "del", "eth0"], "interface eth0 is missing in netns"),
+    (["node", "link", "set", "VETH", "nomaster"], "is not attached to cni0"),
+])
+def test_check_names_what_differs(node, breakage, message):
+    pod = node.pod("p1")
+    _, result = node.cni("ADD", netns=pod)
+    where = node.netns if breakage[0] == "node" else os.path.basename(pod)
+    argv = [a.replace("VETH", result["interfaces"][0]["name"]) for a in breakage
+            if a != "node"]
+    subprocess.run(["ip", "-n", where, *argv], check=True)
+    code, out = node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result))
+    assert code == 1 and out["code"] == 103 and message in out["msg"], out
+
+
+def test_calico_check_names_the_missing_node_route(tmp_path):
+    node = Node(tmp_path, "calico-vxlan", "1.0.0")
+    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
+                           "mtu": 1450},
+                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+    try:
+        pod = node.pod("p1")
+        _, result = node.cni("ADD", netns=pod, CNI_ARGS=args)
+        conf = with_prev(node.conf, result)
+        assert node.cni("CHECK", netns=pod, conf=conf, CNI_ARGS=args) == (0, None)
+        subprocess.run(["ip", "-n", node.netns, "route", "del", "192.168.0.0/32"], check=True)
+        code, out = node.cni("CHECK", netns=pod, conf=conf, CNI_ARGS=args)
+        assert code == 1 and out["code"] == 103
+        assert out["msg"] == "route 192.168.0.0 dev cali0d7763386da is missing in the node's " \
+                             "namespace"
+    finally:
+        node.remove()
+
+
 def test_64_parallel_adds_get_distinct_addresses_and_dels_release_them(node):
     pods = [node.pod(f"p{i}") for i in range(64)]
     with ThreadPoolExecutor(16) as pool:
