@@ -462,3 +462,54 @@ def test_cni_install_puts_the_plugin_under_its_type_name(tmp_path):
     refused = run_netsim("cni", "install", "--bin-dir", str(other))
     assert refused.returncode == 1
     assert "exists and is not netsim's: remove it first" in refused.stderr
+
+
+def test_host_local_layout_round_robin_and_gateway(tmp_path):
+    """host-local's layout and order: `last_reserved_ip.0` holds the last address handed out,
+    the next ADD takes the one after it even when a lower one was freed, and an explicit
+    gateway inside rangeStart..rangeEnd is skipped."""
+    node = Node(tmp_path)
+    node.conf["ipam"]["ranges"] = [[{"subnet": SUBNET, "rangeStart": "10.244.1.10",
+                                     "rangeEnd": "10.244.1.13", "gateway": "10.244.1.11"}]]
+    store = Path(node.data_dir) / "cbr0"
+    try:
+        pods = [node.pod(f"p{i}") for i in range(3)]
+        got = [node.cni("ADD", f"c{i}", pods[i])[1]["ips"][0] for i in range(2)]
+        assert [g["address"] for g in got] == ["10.244.1.10/24", "10.244.1.12/24"]
+        assert got[0]["gateway"] == "10.244.1.11"
+        assert (store / "last_reserved_ip.0").read_text() == "10.244.1.12"
+        assert (store / "10.244.1.12").read_bytes() == b"c1\r\neth0"
+        assert (store / "lock").exists()
+        assert node.cni("DEL", "c0", pods[0]) == (0, None)  # .10 is free again
+        third = node.cni("ADD", "c2", pods[2])[1]["ips"][0]["address"]
+        assert third == "10.244.1.13/24"  # after the last reserved, not the freed .10
+        assert (store / "last_reserved_ip.0").read_text() == "10.244.1.13"
+    finally:
+        node.remove()
+
+
+def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
+    from cni.calico_ipam import BlockStore
+
+    node = Node(tmp_path, "calico-vxlan", "1.1.0")
+    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
+                           "mtu": 1450},
+                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    store = BlockStore(node.data_dir, "192.168.0.0/16", 26)
+    try:
+        with store.session():
+            tunnel, _ = store.allocate("n1", "n1", "vxlan.calico")  # as calico-node's own
+        pods = [node.pod(f"p{i}") for i in range(2)]
+        for i, pod in enumerate(pods):
+            args = f"K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-{i}"
+            assert node.cni("ADD", f"c{i}", pod, CNI_ARGS=args)[0] == 0
+        keep = [{"containerID": "c0", "ifname": "eth0"}]
+        assert node.cni("GC", conf={**node.conf, "cni.dev/valid-attachments": keep}) == \
+            (0, None)
+        with store.session():
+            left = sorted((ip, cid) for ip, cid, _ in store.allocations("n1"))
+        assert left == sorted([(tunnel, "n1"), ("192.168.0.1", "c0")])
+        veths = [link["ifname"] for link in ip_json(node.netns, "link", "show", "type", "veth")]
+        assert veths == ["cali0d7763386da"]  # web-0's; web-1's went with its attachment
+    finally:
+        node.remove()
