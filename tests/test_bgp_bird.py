@@ -351,3 +351,25 @@ def test_start_reports_bad_config_and_timeout(make_lab):
     msg = str(err.value)
     assert "node n1" in msg and "Mesh_10_77_0_3" in msg and "mesh n2" in msg
     assert "bird.log" in msg
+
+
+def test_start_reports_a_bird_that_exits_or_never_answers(make_lab, monkeypatch):
+    """The two ways BIRD can fail after its config was accepted: it exits, or it never opens
+    its control socket. Either way the error ends with BIRD's own log and no process is left."""
+    lab = make_lab(1)
+    n1 = lab.nodes[0]
+    real_spawn, started = bird.proc.spawn, []
+
+    def stand_in(script: str):
+        def spawn(argv, log, netns=None, **kw):
+            started.append(real_spawn(["sh", "-c", script], log, netns=netns))
+            return started[-1]
+        return spawn
+
+    monkeypatch.setattr(bird.proc, "spawn", stand_in("echo 'bird: boom: cannot go on'; exit 1"))
+    with pytest.raises(NetsimError, match=r"exited at start:\n(.|\n)*boom: cannot go on"):
+        bird.start(n1["netns"], n1["dir"], lab.mesh_config(n1))
+    monkeypatch.setattr(bird.proc, "spawn", stand_in("echo 'bird: stuck'; exec sleep 30"))
+    with pytest.raises(NetsimError, match=r"did not open .*bird.ctl within 5 s:\n(.|\n)*stuck"):
+        bird.start(n1["netns"], n1["dir"], lab.mesh_config(n1))
+    assert len(started) == 2 and not any(bird.proc.alive(*p) for p in started)
