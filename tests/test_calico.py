@@ -103,6 +103,12 @@ def test_calico_ipip_carrier_puts_protocol_4_on_the_wire(cluster, carrier):
             "flags": ["onlink"]} in ip_json(w1["netns"], "route")
     if carrier != "ebpf":
         assert ip_json(w1["netns"], "link", "show", "tunl0")[0]["mtu"] == 1480
+    tunnel_on = "lo" if carrier == "ebpf" else "tunl0"  # the node's tunnel address, a /32
+    assert (w1["tunnel_ip"], 32) in {(a["local"], a["prefixlen"]) for a in ip_json(
+        w1["netns"], "addr", "show", tunnel_on)[0]["addr_info"] if a["family"] == "inet"}
+    assert {r["dst"] for r in ip_json(w1["netns"], "route", "show", "type", "blackhole")} == \
+        set(w1["blocks"])
+    assert ip_json(record["pods"]["web-0"]["netns"], "link", "show", "eth0")[0]["mtu"] == 1480
     dst = next(n for n, p in record["pods"].items() if p["node"] == "worker-2")
     packets = capture(w2["netns"], "eth0", "ip proto 4", pinger(record, "web-0", dst), count=2)
     assert packets, "no protocol-4 packet reached worker-2's eth0"
@@ -252,7 +258,10 @@ def test_calico_bgp_across_segments_is_a_warning():
 
 
 def learned(netns: str) -> set[tuple[str, str]]:
-    return {(r["dst"], r["gateway"]) for r in ip_json(netns, "route", "show", "proto", "bird")}
+    """Routes BIRD installed, as (block, via); each must leave through the underlay's eth0."""
+    routes = ip_json(netns, "route", "show", "proto", "bird")
+    assert all(r["dev"] == "eth0" for r in routes), routes
+    return {(r["dst"], r["gateway"]) for r in routes}
 
 
 def wait_for(check, timeout: float = 10.0) -> bool:
