@@ -265,14 +265,14 @@ def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, 
     pinger = subprocess.Popen(["ip", "netns", "exec", record["pods"][src]["netns"], "ping",
                                "-c", "20", "-i", "0.2", dst_ip], stdout=subprocess.DEVNULL)
     try:
-        done = cluster.netsim("capture", dst, "-w", str(out), "-c", "4", "--duration", "8")
+        done = cluster.netsim("capture", dst, "-w", str(out), "-c", "6", "--duration", "8")
     finally:
         pinger.wait(timeout=15)
-    assert done.returncode == 0 and "wrote 4 packets" in done.stdout, done.stderr
+    assert done.returncode == 0 and "wrote 6 packets" in done.stdout, done.stderr
     from scapy.layers.inet import ICMP, IP
     from scapy.utils import rdpcap
 
     packets = rdpcap(str(out))
     pings = [p for p in packets if ICMP in p]  # besides them, an ARP exchange may be there
-    assert len(packets) == 4 and len(pings) >= 2
+    assert len(packets) == 6 and len(pings) >= 2
     assert {p[IP].src for p in pings} <= {record["pods"][src]["ip"], dst_ip}
