@@ -351,6 +351,34 @@ def test_an_established_connection_outlives_a_sync(services):
         b"web-0", b"web-1", b"web-2")  # one of the endpoints it was made to
 
 
+def auto_node_port(name: str) -> str:
+    return f"""
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports: [{{port: 81, targetPort: 9376}}]
+"""
+
+
+def test_an_assigned_node_port_stays_with_its_service(cluster):
+    """No nodePort written: the lowest free one from 30000, kept across applies even when a
+    Service written before it in the file later wants one too."""
+    write(cluster, extra=auto_node_port("b-np"))
+    run_netsim("apply", "-f", cluster.file, check=True)
+    assert cluster.record()["services"]["b-np"]["ports"][0]["node_port"] == 30000
+    write(cluster, extra=auto_node_port("a-np") + auto_node_port("b-np"))
+    run_netsim("apply", "-f", cluster.file, check=True)
+    record = cluster.record()
+    assert [record["services"][s]["ports"][0]["node_port"] for s in ("a-np", "b-np")] == \
+        [30001, 30000]
+    assert who(record, "client", record["nodes"]["worker-2"]["ip"], 30001, 1)[0] in (
+        "web-0", "web-1", "web-2")
+
+
 def hooked_chains(netns: str) -> dict[str, int]:
     """Handles of the kube-proxy table and of its base chains: a table made again gets a new
     handle (chain handles count from 1 again in the new table)."""
