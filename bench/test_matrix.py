@@ -1,7 +1,7 @@
 """The `netsim bench` matrix through pytest-benchmark, so its figures land in
 `--benchmark-json` and can be compared across commits: every cell (mode x path), each with the
-floor measured in the same run, and the MSS sweep per mode; the figures are in each
-benchmark's extra_info (the time measured is that of the whole measurement).
+floor measured in the same run, and the MSS and datagram-size sweeps per mode; the figures are
+in each benchmark's extra_info (the time measured is that of the whole measurement).
 
     .venv/bin/python -m pytest bench/test_matrix.py --benchmark-json=matrix.json
 """
@@ -29,10 +29,13 @@ def test_cell(benchmark, mode, path):
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
-def test_mss_sweep(benchmark, mode):
+def test_sweeps(benchmark, mode):
     options = bench.Options(modes=[mode], paths=["pod-cross-node"], repetitions=1, seconds=1,
                             sweep=True)
     result = benchmark.pedantic(bench.run, args=(options,), rounds=1, iterations=1)
     sweep = result["sweep"][mode]
     benchmark.extra_info.update({f"tcp_gbps_mss_{mss}": v for mss, v in sweep.items()})
+    for size, cell in result["udp_sweep"][mode].items():
+        benchmark.extra_info[f"udp_gbps_len_{size}"] = cell["gbps"]
+        benchmark.extra_info[f"udp_loss_pct_len_{size}"] = cell["loss_pct"]
     assert all(v > 0 for v in sweep.values())

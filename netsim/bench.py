@@ -36,6 +36,10 @@ METRICS = ["tcp_gbps", "tcp_multi_gbps", "udp_gbps", "udp_loss_pct", "ping_p50_m
            "ping_p99_ms", "rr_per_s", "rr_p50_ms", "rr_p99_ms", "mtu", "cpu_s_per_gb"]
 HIGHER_IS_BETTER = {"tcp_gbps", "tcp_multi_gbps", "udp_gbps", "rr_per_s", "mtu"}
 SWEEP_SIZES = [96, 192, 384, 768, 1024, 1460]  # TCP MSS, as Kubernetes' netperf tests sweep
+# UDP payload bytes: each datagram is one packet through the encapsulation (TCP hands the path
+# 64 KiB GSO packets whatever its MSS); 1472 fills a 1500-byte packet, so it is fragmented
+# under every tunnel's smaller MTU, and 2944 everywhere
+UDP_SWEEP_SIZES = [96, 384, 1024, 1400, 1472, 2944]
 IPERF_PORT, HTTP_PORT = 5201, 9376
 NODEPORTS = {"http": 30080, "tcp": 30201, "udp": 30201}  # iperf3's UDP test needs TCP too
 
@@ -176,7 +180,7 @@ def _cpu_busy() -> float:
 
 
 def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = None,
-          mss: int | None = None) -> dict:
+          mss: int | None = None, length: int = 1400) -> dict:
     """One iperf3 run: a one-off server in the destination namespace (ended by PID), the
     client in the source; returns received Gbit/s, loss, bytes and the host's busy CPU time."""
     log = f"/tmp/netsim-bench-iperf-{os.getpid()}.log"
@@ -186,7 +190,7 @@ def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = 
         argv = ["iperf3", "-c", ep.dst_ip, "-p", str(port), "-t", str(seconds), "-J",
                 "-P", str(streams)]
         if udp_rate:
-            argv += ["-u", "-b", udp_rate, "-l", "1400"]
+            argv += ["-u", "-b", udp_rate, "-l", str(length)]
         if mss:
             argv += ["-M", str(mss)]
         if not proc.wait_listening(server, IPERF_PORT):
@@ -296,6 +300,18 @@ def sweep(record: dict, options: Options) -> dict[int, float]:
     return {mss: iperf(ep, options.seconds, mss=mss)["gbps"] for mss in SWEEP_SIZES}
 
 
+def udp_sweep(record: dict, options: Options) -> dict[int, dict]:
+    """UDP pod to pod across nodes for each datagram size: Gbit/s received and loss %. Here
+    the per-packet cost of each encapsulation shows, and where fragmentation starts."""
+    ep = endpoints(record, "pod-cross-node")
+    out = {}
+    for size in UDP_SWEEP_SIZES:
+        run = iperf(ep, options.seconds, udp_rate=options.udp_rate, length=size)
+        out[size] = {"gbps": run["gbps"] * (1 - run["loss_pct"] / 100),
+                     "loss_pct": run["loss_pct"]}
+    return out
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -316,7 +332,7 @@ def run(options: Options, progress=lambda line: None) -> dict:
     tag = uuid.uuid4().hex[:4]
     built: dict[str, dict] = {}
     result: dict = {"machine": machine(), "options": options.__dict__, "modes": {},
-                    "samples": [], "sweep": {}}
+                    "samples": [], "sweep": {}, "udp_sweep": {}}
     try:
         for mode in modes:
             progress(f"building {mode}")
@@ -339,8 +355,9 @@ def run(options: Options, progress=lambda line: None) -> dict:
                                           **sample})
         if options.sweep:
             for mode in options.modes:
-                progress(f"MSS sweep: {mode}")
+                progress(f"MSS and datagram size sweeps: {mode}")
                 result["sweep"][mode] = sweep(built[mode], options)
+                result["udp_sweep"][mode] = udp_sweep(built[mode], options)
     finally:
         for mode, record in built.items():
             progress(f"deleting {mode}")
@@ -402,6 +419,13 @@ def table(result: dict) -> str:
             f"{m}" for m in SWEEP_SIZES))
         for mode, values in result["sweep"].items():
             lines.append(f"  {mode}: " + "  ".join(f"{values[m]:.2f}" for m in SWEEP_SIZES))
+    if result.get("udp_sweep"):
+        lines.append("")
+        lines.append("UDP Gb/s received (loss %) by datagram payload, pod to pod across nodes: "
+                     + "  ".join(f"{m}" for m in UDP_SWEEP_SIZES))
+        for mode, values in result["udp_sweep"].items():
+            lines.append(f"  {mode}: " + "  ".join(
+                f"{values[m]['gbps']:.2f} ({values[m]['loss_pct']:.0f})" for m in UDP_SWEEP_SIZES))
     for mode, why in (result["options"].get("skipped") or {}).items():
         lines.append(f"not measured: {mode}: {why}")
     return "\n".join(lines)

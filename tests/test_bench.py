@@ -69,6 +69,10 @@ def test_small_matrix_end_to_end(tmp_path):
     assert sorted(int(m) for m in sweep) == bench.SWEEP_SIZES and all(
         v > 0 for v in sweep.values())
     assert "TCP Gb/s by MSS" in done.stdout
+    udp = result["udp_sweep"]["flannel-vxlan"]
+    assert sorted(int(m) for m in udp) == bench.UDP_SWEEP_SIZES
+    assert all(v["gbps"] > 0 and 0 <= v["loss_pct"] <= 100 for v in udp.values())
+    assert "UDP Gb/s received (loss %) by datagram payload" in done.stdout
 
 
 def test_unknown_mode_or_path_is_one_clear_line():
