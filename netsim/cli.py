@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from netsim import cluster as clustermod
-from netsim import probe, state, topology
+from netsim import columns, probe, state, topology
 from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
 
@@ -19,10 +19,7 @@ DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "flan
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     """Columns aligned as kubectl aligns them: three spaces between, no borders."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header] + rows]
-    return "\n".join(lines)
+    return "\n".join(columns.aligned(header, rows))
 
 
 def progress(message: str) -> None:
