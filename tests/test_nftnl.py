@@ -130,3 +130,15 @@ def test_a_refused_batch_changes_nothing_and_names_the_command(two_nodes):
     assert "add rule no-such-chain jump mark-for-masquerade" in str(refused.value)
     assert "No such file or directory" in str(refused.value)
     assert table(batch_ns) == before
+
+
+def test_a_batch_refused_message_by_message_still_names_the_first(two_nodes):
+    """Thousands of refusals (here: the table does not exist) overflow the socket; the error
+    is still the first refused command, not a socket error."""
+    _, batch_ns = two_nodes
+    many = [port(f"s{i}", f"10.96.{i // 200}.{i % 200 + 1}", ["10.244.1.2", "10.244.2.2"],
+                 affinity=3) for i in range(400)]
+    batch = kp.changes([], many, CIDR)
+    assert len(batch) > 2000
+    with pytest.raises(NetsimError, match="refused 'add chain endpoint-.*No such file"):
+        batch.commit(batch_ns)

@@ -285,6 +285,11 @@ class Batch:
                 if errors:
                     return errors
                 raise NetsimError("nf_tables did not answer the batch within 10 s") from None
+            except OSError as exc:  # ENOBUFS: more refusals than the socket holds
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                sock.settimeout(1)  # read what is left; the final ack may have been dropped
+                continue
             offset = 0
             while offset + 16 <= len(data):
                 length, msg_type, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
