@@ -21,7 +21,7 @@ import yaml
 from netsim import cluster as clustermod
 from netsim import probe, state, topology
 from netsim.kernel import netns as nsmod
-from netsim.kernel import nft
+from netsim.kernel import nft, nftnl
 from netsim.kubeproxy import nftables as kp
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -54,6 +54,39 @@ def test_full_sync_1000_services(benchmark, node):
         nft.apply(node, kp.full(kp.compute(_ports(), "10.244.0.0/16")))
 
     benchmark.pedantic(sync, rounds=3, iterations=1)
+
+
+def test_full_table_in_the_kernel_alone(benchmark, node):
+    """The floor under the full sync: the same 1000 x 10 table sent as a netlink batch built
+    in advance, so only the kernel's own work is timed (no nft parser, no Python)."""
+    started = time.perf_counter()
+    batch = kp.changes([], _ports(), "10.244.0.0/16")
+    batch._encode()
+    built = time.perf_counter() - started
+    nft.apply(node, kp.full(kp.compute([], "10.244.0.0/16")))
+    batch.commit(node)  # warm: the encoding is cached in the batch
+    benchmark.extra_info["python_build_s"] = built
+    print(f"\nbuilding the {len(batch)} messages in Python took {built:.2f} s")
+
+    def setup():
+        nft.apply(node, kp.full(kp.compute([], "10.244.0.0/16")))  # an empty table again
+        return (node,), {}
+
+    benchmark.pedantic(batch.commit, setup=setup, rounds=3, iterations=1)
+    benchmark.extra_info["messages"] = len(batch)
+
+
+def test_one_dnat_rule_in_the_full_table(benchmark, node):
+    """What any change with a jump, goto or DNAT costs in the kernel however small: it
+    re-validates every chain reachable from the NAT hooks (one rule into a spare chain)."""
+    nft.apply(node, kp.full(kp.compute(_ports(), "10.244.0.0/16")))
+    nft.apply(node, f"add chain ip {kp.TABLE} spare\n")
+    batch = nftnl.Batch(kp.TABLE)
+    batch.flush_chain("spare")
+    rule = kp.Rule("meta l4proto tcp dnat to 10.0.0.1:80",
+                   lambda: kp._dnat("tcp", kp.Endpoint("10.0.0.1", 80)).code)
+    batch.add_rule("spare", rule.code, rule.text)
+    benchmark.pedantic(batch.commit, args=(node,), rounds=10, iterations=1)
 
 
 def test_one_endpoint_update(benchmark, node):
