@@ -375,7 +375,6 @@ def cmd_bench(args) -> int:
         options.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.paths:
         options.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    bench.check(options)
     result = bench.run(options, lambda line: print(f"bench: {line}", file=sys.stderr,
                                                    flush=True))
     print(bench.table(result))
