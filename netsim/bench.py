@@ -435,3 +435,48 @@ def table(result: dict) -> str:
 def _ratio(row: dict, metric: str) -> str:
     ratio = row.get(metric + "_ratio")
     return f"{ratio:.2f}x" if ratio is not None else "-"
+
+
+def write_csv(result: dict, path: str) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["repetition", "mode", "path"] + METRICS)
+        writer.writeheader()
+        for sample in result["samples"]:
+            writer.writerow({k: sample.get(k) for k in writer.fieldnames})
+
+
+def write_charts(result: dict, directory: str) -> list[str]:
+    """throughput.png and latency.png: one bar per mode and path, the floor marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NetsimError("PNG charts need matplotlib: pip install matplotlib (./bootstrap "
+                          "installs it)") from None
+    os.makedirs(directory, exist_ok=True)
+    rows = [r for r in result["medians"] if r["path"] != UNDERLAY]
+    floor = next((r for r in result["medians"] if r["path"] == "plain-routing"), None)
+    written = []
+    for name, metric, label in (("throughput.png", "tcp_gbps", "TCP throughput, Gbit/s"),
+                                ("latency.png", "rr_p50_ms", "request latency p50, ms")):
+        shown = [r for r in rows if r.get(metric) is not None]
+        fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.5), 4.5))
+        ax.bar(range(len(shown)), [r[metric] for r in shown], color="#4c72b0")
+        ax.set_xticks(range(len(shown)), [f"{r['mode']}\n{r['path']}" for r in shown],
+                      rotation=90, fontsize=7)
+        if floor and floor.get(metric) is not None:
+            ax.axhline(floor[metric], color="#c44e52", linestyle="--",
+                       label="floor: plain routing pod to pod")
+            ax.legend(fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(f"netsim bench ({result['machine']['kernel']})", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(directory, name)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
