@@ -12,10 +12,9 @@ import errno
 import ipaddress
 import os
 
-from cni import spec
+from cni import bridge, calico_pod, spec, wiring
 from cni.calico_ipam import BlockStore
 from cni.ipam import HostLocal, IpamError
-from cni.modes import bridge, calico_pod
 from cni.spec import CniError, Env, NetConf
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
@@ -156,30 +155,23 @@ def _unwire(node: Rtnl, veth: str) -> None:
 def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str,
           ips: list[dict], routes: list[dict]) -> dict:
     address = ipaddress.IPv4Interface(ips[0]["address"])
-    alias = f"{env.container_id}/{env.ifname}"
     if conf.calico:
         gateway = None
         pairs = list(calico_pod.ROUTES)
-        calico_pod.attach_host_side(node, pod_fd, veth, 0, conf.mtu, alias,
-                                    pod_ifname=env.ifname, pod_index=0)
-        node.commit()
-        calico_pod.route_to_pod(node, str(address.ip), node.link(veth)["index"])
-        node.commit()
-        calico_pod.host_sysctls(node.netns, [veth])
+        side = calico_pod.CalicoPodSide()
     else:
         gateway = ips[0].get("gateway") or conf.gateway
         pairs = [(r["dst"] if r["dst"] != "0.0.0.0/0" else "default", r.get("gw") or gateway)
                  for r in routes]
         if conf.is_default_gateway and not any(dst == "default" for dst, _ in pairs):
             pairs.append(("default", gateway))
-        bridge_index = bridge.ensure_bridge(node, conf.subnet, conf.mtu)
-        bridge.attach_host_side(node, pod_fd, veth, 0, conf.mtu, alias,
-                                pod_ifname=env.ifname, pod_index=0, bridge=bridge_index)
-        node.commit()
+        side = bridge.BridgePodSide(bridge.ensure_bridge(node, conf.subnet, conf.mtu))
+    attachment = wiring.Attachment(env.netns, pod_fd, veth, str(address.ip),
+                                   address.network.prefixlen, pairs, conf.mtu,
+                                   alias=f"{env.container_id}/{env.ifname}", ifname=env.ifname,
+                                   pod_index=0)
+    wiring.wire(side, node, [attachment])
     inside = pod.link(env.ifname)
-    bridge.attach_pod_side(pod, str(address.ip), address.network.prefixlen, pairs,
-                           ifname=env.ifname, index=inside["index"])
-    pod.commit()
     host = node.link(veth)
     interfaces = [{"name": veth, "mac": host["mac"]},
                   {"name": env.ifname, "mac": inside["mac"], "sandbox": env.netns}]
@@ -258,18 +250,37 @@ def _fail(message: str) -> None:
     raise CniError(spec.CHECK_FAILED, message)
 
 
-def _check_ready(conf: NetConf, node: Rtnl) -> None:
-    from cni import modes
+def _not_ready(conf: NetConf, node: Rtnl) -> str | None:
+    """Why pods cannot be wired on this node yet, from what the node's config says it needs:
+    forwarding on, the mode's tunnel device (or its address), and for Calico the blackhole of
+    a block affine to the node."""
+    from netsim.kernel import sysctl
+    from netsim.kernel.netlink import RTN_BLACKHOLE
 
-    problem = modes.get(conf.mode).ready(node)
-    if problem:
-        raise CniError(spec.NOT_AVAILABLE, f"{conf.mode} is not ready: {problem}")
+    daemon = "calico-node" if conf.calico else "flanneld"
+    if sysctl.get_in(node.netns, "net.ipv4.ip_forward") != "1":
+        return f"IPv4 forwarding is off: {daemon} has not set up this node"
+    if conf.tunnel:
+        link = node.link(conf.tunnel)
+        if link is None or not link["up"]:
+            return (f"{conf.tunnel} is {'down' if link else 'missing'}: {daemon} has not set "
+                    "up this node")
+    if conf.tunnel_address and not any(f"{a}/{p}" == f"{conf.tunnel_address}/32"
+                                       for _, a, p in node.addresses()):
+        return f"the tunnel address {conf.tunnel_address} is missing: {daemon} has not set up " \
+               "this node"
+    if conf.calico and not any(r["type"] == RTN_BLACKHOLE for r in node.routes()):
+        return "no block is affine to this node (no blackhole route): calico-node has not " \
+               "set up this node"
+    return None
 
 
 def status(conf: NetConf, host_netns: str | None = None) -> None:
     """Ready when the node's mode is set up (code 50 otherwise)."""
     with Rtnl(host_netns) as node:
-        _check_ready(conf, node)
+        problem = _not_ready(conf, node)
+    if problem:
+        raise CniError(spec.NOT_AVAILABLE, f"{conf.mode} is not ready: {problem}")
 
 
 def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:

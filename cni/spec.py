@@ -30,6 +30,7 @@ IPAM_FAILURE = 102
 CHECK_FAILED = 103
 DELEGATE_FAILURE = 104
 
+FAMILIES = ("flannel", "calico")  # the pod sides: the bridge plugin's, or Calico's
 BUILTIN_IPAM = "netsim-host-local"
 CALICO_IPAM = "netsim-calico-ipam"  # blocks affine to nodes, in a store the nodes share
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"  # host-local's default
@@ -135,6 +136,8 @@ class NetConf:
         self.prev_result: dict | None = None
         self.node_name = ""  # Calico: the node whose blocks pods take addresses from
         self.block_size = 26
+        self.tunnel = ""  # the device the node must have before pods are wired (STATUS)
+        self.tunnel_address = ""  # or the address it must hold (a tc carrier has no device)
 
     @property
     def calico(self) -> bool:
@@ -164,12 +167,15 @@ def parse_conf(data: bytes, command: str) -> NetConf:
                        "STATUS and GC need cniVersion 1.1.0")
     conf = NetConf(version, _field(raw, "name", str), _field(raw, "type", str), raw)
     conf.mode = _field(raw, "mode", str)
-    from cni.modes import MODES
-
-    if conf.mode not in MODES:
+    if conf.mode.partition("-")[0] not in FAMILIES or not conf.mode.partition("-")[2]:
         raise CniError(INVALID_CONFIG, f"invalid field mode: unknown mode {conf.mode!r}",
-                       f"use one of {', '.join(MODES)}")
+                       "use flannel-<backend> (bridge pod side) or calico-<backend>")
     node = _field(raw, "node", dict)
+    for key in ("tunnel", "tunnelAddress"):
+        if not isinstance(node.get(key) or "", str):
+            raise CniError(INVALID_CONFIG, f"invalid field node.{key}: {node[key]!r}",
+                           "name the device (or address) the node must have, or leave it out")
+    conf.tunnel, conf.tunnel_address = node.get("tunnel") or "", node.get("tunnelAddress") or ""
     conf.network = _cidr(node, "network")
     if conf.calico:
         conf.node_name = _field(node, "name", str, "node.name")

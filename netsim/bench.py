@@ -23,15 +23,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from netsim import columns
+from netsim import columns, modes
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
 from netsim.kernel import proc
+from netsim.record import Record
 
-MODES = ["flannel-vxlan", "flannel-host-gw", "flannel-udp", "calico-vxlan", "calico-ipip",
-         "calico-bgp"]
+MODES = list(modes.MODES)
 PATHS = ["pod-same-node", "pod-cross-node", "pod-clusterip", "client-nodeport"]
-BASELINE_MODE = "flannel-host-gw"  # its pod-cross-node path is the plain-routing floor
+BASELINE_MODE = modes.PLAIN_ROUTING  # its pod-cross-node path is the plain-routing floor
 UNDERLAY = "underlay"  # node to node over the bare underlay
 METRICS = ["tcp_gbps", "tcp_multi_gbps", "udp_gbps", "udp_loss_pct", "ping_p50_ms",
            "ping_p99_ms", "rr_per_s", "rr_p50_ms", "rr_p99_ms", "mtu", "cpu_s_per_gb"]
@@ -61,22 +61,13 @@ class Options:
 
 def unavailable(mode: str) -> str | None:
     """Why this host cannot run the mode (None: it can); checked before anything is built."""
-    if mode == "flannel-udp" and not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing (the tun module)"
-    if mode == "calico-bgp" and not shutil.which("bird"):
-        return "bird is not installed: apt-get install bird2 (./bootstrap installs it)"
-    if mode == "calico-ipip":
-        from cni.modes.calico_ipip import choose_carrier
-
-        carrier, why = choose_carrier()
-        return None if carrier else why
-    return None
+    return modes.get(mode).unavailable()
 
 
 def topology(mode: str, name: str) -> str:
     """The bench cluster of one mode, as a topology file."""
     extra = ""
-    if mode.startswith("calico-"):
+    if modes.get(mode).family == "calico":
         extra = "    calico: {ipPool: {cidr: 192.168.0.0/16, blockSize: 26}}\n"
     pods = "".join(f"""---
 apiVersion: v1
@@ -150,20 +141,20 @@ class Endpoints:
     pingable: bool = True
 
 
-def endpoints(record: dict, path: str) -> Endpoints:
-    pods, nodes = record["pods"], record["nodes"]
+def endpoints(record: Record, path: str) -> Endpoints:
+    pods, nodes = record.pods, record.nodes
     if path == UNDERLAY:
-        return Endpoints(nodes["worker-1"]["netns"], nodes["worker-2"]["netns"],
-                         nodes["worker-2"]["ip"], http_port=None)
+        return Endpoints(nodes["worker-1"].netns, nodes["worker-2"].netns,
+                         nodes["worker-2"].ip, http_port=None)
     if path == "pod-same-node":
-        return Endpoints(pods["a"]["netns"], pods["b"]["netns"], pods["b"]["ip"])
+        return Endpoints(pods["a"].netns, pods["b"].netns, pods["b"].ip)
     if path == "pod-cross-node":
-        return Endpoints(pods["a"]["netns"], pods["c"]["netns"], pods["c"]["ip"])
+        return Endpoints(pods["a"].netns, pods["c"].netns, pods["c"].ip)
     if path == "pod-clusterip":
-        return Endpoints(pods["a"]["netns"], pods["c"]["netns"],
-                         record["services"]["bench"]["clusterIP"], http_port=80, pingable=False)
-    return Endpoints(record["clients"]["client"]["netns"], pods["c"]["netns"],
-                     nodes["worker-1"]["ip"], NODEPORTS["tcp"], NODEPORTS["udp"],
+        return Endpoints(pods["a"].netns, pods["c"].netns,
+                         record.services["bench"].cluster_ip, http_port=80, pingable=False)
+    return Endpoints(record.clients["client"].netns, pods["c"].netns,
+                     nodes["worker-1"].ip, NODEPORTS["tcp"], NODEPORTS["udp"],
                      NODEPORTS["http"], pingable=False)
 
 
@@ -265,7 +256,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(record: dict, path: str, options: Options) -> dict:
+def measure(record: Record, path: str, options: Options) -> dict:
     """Every metric of one (mode, path) cell, once."""
     ep = endpoints(record, path)
     errors: list[str] = []
@@ -295,13 +286,13 @@ def measure(record: dict, path: str, options: Options) -> dict:
     return cell
 
 
-def sweep(record: dict, options: Options) -> dict[int, float]:
+def sweep(record: Record, options: Options) -> dict[int, float]:
     """TCP throughput pod to pod across nodes for each MSS of the sweep."""
     ep = endpoints(record, "pod-cross-node")
     return {mss: iperf(ep, options.seconds, mss=mss)["gbps"] for mss in SWEEP_SIZES}
 
 
-def udp_sweep(record: dict, options: Options) -> dict[int, dict]:
+def udp_sweep(record: Record, options: Options) -> dict[int, dict]:
     """UDP pod to pod across nodes for each datagram size: Gbit/s received and loss %. Here
     the per-packet cost of each encapsulation shows, and where fragmentation starts."""
     ep = endpoints(record, "pod-cross-node")
@@ -326,12 +317,13 @@ def run(options: Options, progress=lambda line: None) -> dict:
     """Build one cluster per mode (plus the floor), measure in interleaved repetitions,
     tear everything down; the samples and medians as JSON-ready data."""
     from netsim import cluster as clustermod
+    from netsim import state, teardown
     from netsim import topology as topo
 
     check(options)
     modes = list(dict.fromkeys(options.modes + [BASELINE_MODE]))
     tag = uuid.uuid4().hex[:4]
-    built: dict[str, dict] = {}
+    built: dict = {}
     result: dict = {"machine": machine(), "options": options.__dict__, "modes": {},
                     "samples": [], "sweep": {}, "udp_sweep": {}}
     try:
@@ -339,8 +331,8 @@ def run(options: Options, progress=lambda line: None) -> dict:
             progress(f"building {mode}")
             model, _ = topo.parse(topology(mode, f"bench-{tag}-{mode}"), f"bench:{mode}")
             clustermod.apply(model)
-            built[mode] = clustermod.state.load(model.name)
-            carrier = built[mode]["nodes"]["worker-1"].get("carrier")
+            built[mode] = state.load(model.name)
+            carrier = built[mode].nodes["worker-1"].carrier or None
             result["modes"][mode] = {"cluster": model.name, "carrier": carrier}
         cells = [(BASELINE_MODE, UNDERLAY), (BASELINE_MODE, "plain-routing")]
         cells += [(m, p) for m in options.modes for p in options.paths]
@@ -362,7 +354,7 @@ def run(options: Options, progress=lambda line: None) -> dict:
     finally:
         for mode, record in built.items():
             progress(f"deleting {mode}")
-            clustermod.delete(record["cluster"])
+            teardown.delete(record.cluster)
     result["medians"] = medians(result["samples"])
     return result
 

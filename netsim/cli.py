@@ -7,12 +7,15 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from netsim import cluster as clustermod
-from netsim import columns, probe, state, topology
+from netsim import columns, probe, services, state, teardown, topology
 from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
+from netsim.model import HOSTNAME_PORT
+from netsim.record import Record
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
 
@@ -26,7 +29,7 @@ def progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
-def pick_cluster(name: str | None) -> tuple[str, dict]:
+def pick_cluster(name: str | None) -> tuple[str, Record]:
     if name:
         record = state.load(name)
         if record is None:
@@ -40,24 +43,18 @@ def pick_cluster(name: str | None) -> tuple[str, dict]:
     return names[0], state.load(names[0])
 
 
-def resolve(record: dict, target: str) -> tuple[str, str, str]:
+def resolve(record: Record, target: str) -> tuple[str, str, str]:
     """A pod, node or external client name, or an IP -> (kind, netns, ip)."""
-    for kind, group in (("pod", record["pods"]), ("node", record["nodes"]),
-                        ("client", record["clients"])):
-        if target in group:
-            return kind, group[target]["netns"], group[target]["ip"]
-    for kind, group in (("pod", record["pods"]), ("node", record["nodes"]),
-                        ("client", record["clients"])):
-        for entry in group.values():
-            if entry["ip"] == target:
-                return kind, entry["netns"], target
-    svc = record["services"].get(target)
+    place = record.place(target)
+    if place:
+        return place.kind, place.netns, place.ip
+    svc = record.services.get(target)
     if svc:
-        return "service", "", svc["clusterIP"]
+        return "service", "", svc.cluster_ip
     if target.count(".") == 3 and all(p.isdigit() for p in target.split(".")):
         return "ip", "", target
     raise NetsimError(f"no pod, node, client or service named {target!r} in cluster "
-                      f"{record['cluster']}; `netsim get pods` lists them")
+                      f"{record.cluster}; `netsim get pods` lists them")
 
 
 # -- verbs ------------------------------------------------------------------------------------
@@ -86,11 +83,11 @@ def cmd_apply(args) -> int:
     return 0
 
 
-def _reapply(record: dict, overrides: dict, what: str) -> int:
+def _reapply(record: Record, overrides: dict, what: str) -> int:
     """Apply the cluster's own file again with imperative changes on top (scale, expose)."""
-    if not record.get("source"):
-        raise NetsimError(f"cluster {record['cluster']} has no topology file on record")
-    model, _ = topology.load(record["source"], overrides)
+    if not record.source:
+        raise NetsimError(f"cluster {record.cluster} has no topology file on record")
+    model, _ = topology.load(record.source, overrides)
     start = time.monotonic()
     changes = clustermod.apply(model, progress, overrides=overrides)
     print(f"{what}: cluster/{model.name} {changes.summary()} in "
@@ -98,15 +95,15 @@ def _reapply(record: dict, overrides: dict, what: str) -> int:
     return 0
 
 
-def _deployment_doc(record: dict, name: str) -> dict:
+def _deployment_doc(record: Record, name: str) -> dict:
     import yaml
 
-    with open(record["source"]) as fh:
+    with open(record.source) as fh:
         for body in yaml.safe_load_all(fh):
             if isinstance(body, dict) and body.get("kind") == "Deployment" and \
                     (body.get("metadata") or {}).get("name") == name:
                 return body
-    raise NetsimError(f"no deployment named {name!r} in {record['source']}; "
+    raise NetsimError(f"no deployment named {name!r} in {record.source}; "
                       "`netsim get pods` shows what runs")
 
 
@@ -123,7 +120,7 @@ def cmd_scale(args) -> int:
         raise NetsimError(f"--replicas {args.replicas} is out of range: use 0 to 10000")
     _, record = pick_cluster(args.cluster)
     _deployment_doc(record, name)
-    overrides = json.loads(json.dumps(record.get("overrides") or {}))
+    overrides = json.loads(json.dumps(record.overrides))
     overrides.setdefault("replicas", {})[name] = args.replicas
     return _reapply(record, overrides, f"deployment/{name} scaled to {args.replicas}")
 
@@ -138,7 +135,7 @@ def cmd_expose(args) -> int:
             "protocol": args.protocol}
     if args.node_port:
         port["nodePort"] = args.node_port
-    if (args.name or name) in record["services"]:
+    if (args.name or name) in record.services:
         raise NetsimError(f"service/{args.name or name} already exists: give the new one "
                           f"another name with --name")
     service = {"apiVersion": "v1", "kind": "Service",
@@ -148,7 +145,7 @@ def cmd_expose(args) -> int:
     if args.session_affinity == "ClientIP" and args.affinity_timeout:
         service["spec"]["sessionAffinityConfig"] = {
             "clientIP": {"timeoutSeconds": args.affinity_timeout}}
-    overrides = json.loads(json.dumps(record.get("overrides") or {}))
+    overrides = json.loads(json.dumps(record.overrides))
     overrides["services"] = [s for s in overrides.get("services", [])
                              if s["metadata"]["name"] != service["metadata"]["name"]] + [service]
     return _reapply(record, overrides, f"service/{service['metadata']['name']} exposed")
@@ -169,7 +166,7 @@ def cmd_delete(args) -> int:
         print(f"cluster/{name} not found (nothing to delete)")
         return 0
     start = time.monotonic()
-    removed = clustermod.delete(name)
+    removed = teardown.delete(name)
     print(f"cluster/{name} deleted ({len(removed)} namespaces and processes) in "
           f"{time.monotonic() - start:.2f}s")
     return 0
@@ -184,16 +181,17 @@ def _delete_pod(args) -> int:
                           "`netsim delete -f FILE` for the whole cluster")
     name = args.pod[1]
     _, record = pick_cluster(args.cluster)
-    if name not in record["pods"]:
-        raise NetsimError(f"no pod named {name!r} in cluster {record['cluster']}; "
+    if name not in record.pods:
+        raise NetsimError(f"no pod named {name!r} in cluster {record.cluster}; "
                           "`netsim get pods` shows what runs")
-    overrides = json.loads(json.dumps(record.get("overrides") or {}))
+    overrides = json.loads(json.dumps(record.overrides))
     gone = {**overrides, "deleted_pods": sorted({*overrides.get("deleted_pods", []), name})}
-    if not record["pods"][name].get("owner"):
+    owner = record.pods[name].pod.owner
+    if not owner:
         return _reapply(record, gone, f"pod/{name} deleted")
     _reapply(record, gone, f"pod/{name} deleted")
-    return _reapply(state.load(record["cluster"]), overrides,
-                    f"pod/{name} made again by deployment/{record['pods'][name]['owner']}")
+    return _reapply(state.load(record.cluster), overrides,
+                    f"pod/{name} made again by deployment/{owner}")
 
 
 def cmd_get(args) -> int:
@@ -202,19 +200,20 @@ def cmd_get(args) -> int:
         for name in state.clusters():
             record = state.load(name)
             if record:
-                rows.append([name, record["mode"], str(len(record["nodes"])),
-                             str(len(record["pods"])), record.get("source", "")])
+                rows.append([name, record.mode, str(len(record.nodes)),
+                             str(len(record.pods)), record.source])
         print(table(rows, ["NAME", "MODE", "NODES", "PODS", "SOURCE"]))
         return 0
     _, record = pick_cluster(args.cluster)
     what = {"no": "nodes", "node": "nodes", "po": "pods", "pod": "pods", "svc": "services",
             "service": "services", "ep": "endpoints"}.get(args.what, args.what)
     if what == "nodes":
-        items = [{"name": n, "netns": e["netns"], "ip": e["ip"],
-                  "podCIDR": e.get("subnet") or ",".join(e.get("blocks", [])),
-                  "segment": e["segment"], "mode": record["mode"],
-                  "pods": sum(p["node"] == n for p in record["pods"].values())}
-                 for n, e in record["nodes"].items()]
+        counts = {n: 0 for n in record.nodes}
+        for p in record.pods.values():
+            counts[p.node] += 1
+        items = [{"name": n, "netns": e.netns, "ip": e.ip, "podCIDR": ",".join(e.pod_cidrs),
+                  "segment": e.segment, "mode": record.mode, "pods": counts[n]}
+                 for n, e in record.nodes.items()]
         header = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "PODS"]
         rows = [[i["name"], _status(i["netns"]), i["ip"], i["podCIDR"], str(i["pods"])]
                 for i in items]
@@ -223,8 +222,8 @@ def cmd_get(args) -> int:
             rows = [r + [i["segment"], i["mode"], i["netns"]]
                     for r, i in zip(rows, items, strict=True)]
     elif what == "pods":
-        items = [{"name": n, "node": p["node"], "ip": p["ip"], "netns": p["netns"],
-                  "veth": p["veth"], "labels": p["labels"]} for n, p in record["pods"].items()]
+        items = [{"name": n, "node": p.node, "ip": p.ip, "netns": p.netns, "veth": p.veth,
+                  "labels": p.labels} for n, p in record.pods.items()]
         header = ["NAME", "STATUS", "IP", "NODE"]
         rows = [[i["name"], _status(i["netns"]), i["ip"], i["node"]] for i in items]
         if args.output == "wide":
@@ -232,13 +231,12 @@ def cmd_get(args) -> int:
             rows = [r + [i["veth"], i["netns"]] for r, i in zip(rows, items, strict=True)]
     elif what in ("services", "endpoints"):
         items = []
-        for n, s in record["services"].items():
-            eps = clustermod.endpoints(record, s)
-            items.append({"name": n, "type": s["type"], "clusterIP": s["clusterIP"],
-                          "ports": s["ports"], "selector": s["selector"],
-                          "endpoints": [{"pod": p, "ip": ip, "ports": [
-                              clustermod.target_port(record, p, port) for port in s["ports"]]}
-                              for p, ip in eps]})
+        for n, s in record.services.items():
+            items.append({"name": n, "type": s.type, "clusterIP": s.cluster_ip,
+                          "ports": [asdict(p) for p in s.ports], "selector": s.selector,
+                          "endpoints": [{"pod": p.name, "ip": p.ip, "ports": [
+                              services.target_port(p, port) for port in s.ports]}
+                              for p in services.endpoints(record, s)]})
         if what == "services":
             header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
             rows = [[i["name"], i["type"], i["clusterIP"], _ports(i["ports"])] for i in items]
@@ -255,7 +253,7 @@ def cmd_get(args) -> int:
         raise NetsimError(f"cannot get {args.what!r}: use nodes, pods, services, endpoints or "
                           "clusters")
     if args.output == "json":
-        print(json.dumps({"cluster": record["cluster"], "items": items}, indent=2))
+        print(json.dumps({"cluster": record.cluster, "items": items}, indent=2))
     else:
         print(table(rows, header))
     return 0
@@ -331,7 +329,7 @@ def cmd_curl(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    report = clustermod.gc(args.cluster)
+    report = teardown.gc(args.cluster)
     if not any(report.values()):
         print("nothing to collect")
     for name, items in report.items():
@@ -350,18 +348,9 @@ def cmd_doctor(args) -> int:
     print(table([[t, p or f"MISSING (apt-get install {features.TOOLS[t]})"]
                  for t, p in features.tools().items()], ["TOOL", "PATH"]))
     print("\nmodes:")
-    from cni.modes.calico_ipip import choose_carrier
+    from netsim import modes
 
-    vxlan = "kernel vxlan" if kinds["vxlan"] else "unavailable: no vxlan"
-    tun = "userspace: TUN in the node agent" if kinds["tun"] else "unavailable: no /dev/net/tun"
-    carrier, why = choose_carrier()
-    bird = "BIRD 2 per node" if features.tools()["bird"] else \
-        "unavailable: apt-get install bird2"
-    rows = [["flannel-vxlan", vxlan], ["flannel-host-gw", "kernel routing"],
-            ["flannel-udp", tun], ["calico-vxlan", vxlan],
-            ["calico-ipip", f"carrier {carrier}: {why}" if carrier else f"unavailable: {why}"],
-            ["calico-bgp", bird]]
-    print(table(rows, ["MODE", "DATA PATH"]))
+    print(table([[m.name, m.data_path()] for m in modes.every()], ["MODE", "DATA PATH"]))
     return 0 if kinds["veth"] and kinds["bridge"] else 1
 
 
@@ -429,20 +418,20 @@ def cmd_bgp_status(args) -> int:
     from netsim.bgp import bird
 
     _, record = pick_cluster(args.cluster)
-    hosts = {**record["nodes"], **record["clients"]}
-    by_ip = {h["ip"].replace(".", "_"): n for n, h in hosts.items()}
+    hosts = {h.name: h for h in record.hosts()}
+    by_ip = {h.ip.replace(".", "_"): n for n, h in hosts.items()}
     rows, down = [], 0
     for name, host in hosts.items():
-        if "bird" not in host:
+        if host.bird is None:
             continue
-        for p in bird.protocols(host["bird"]["dir"]):
+        for p in bird.protocols(host.bird.dir):
             if p["proto"] != "BGP":
                 continue
             peer = next((n for ip, n in by_ip.items() if p["name"].endswith(ip)), p["name"])
             rows.append([name, peer, p["name"], p["state"], p["info"], p["since"]])
             down += not p["info"].startswith("Established")
     if not rows:
-        raise NetsimError(f"cluster {record['cluster']} runs no BGP (mode {record['mode']})")
+        raise NetsimError(f"cluster {record.cluster} runs no BGP (mode {record.mode})")
     print(table(rows, ["NODE", "PEER", "PROTOCOL", "STATE", "INFO", "SINCE"]))
     return 1 if down else 0
 
@@ -459,13 +448,14 @@ def cmd_demo(args) -> int:
         for step in steps:
             status |= _run_step(step)
         _, record = pick_cluster(model.name)
-        pods = list(record["pods"].items())
+        pods = list(record.pods.values())
         a = pods[0]
-        b = next((p for p in pods if p[1]["node"] != a[1]["node"]), pods[-1])
-        status |= _run_step(["--cluster", model.name, "ping", a[0], b[0]])
-        status |= _run_step(["--cluster", model.name, "curl", a[0],
-                             f"http://{b[0]}:9376/", "--count", "2"])
-        status |= _run_step(["--cluster", model.name, "exec", "--fork", a[0], "--", "ip", "route"])
+        b = next((p for p in pods if p.node != a.node), pods[-1])
+        status |= _run_step(["--cluster", model.name, "ping", a.name, b.name])
+        status |= _run_step(["--cluster", model.name, "curl", a.name,
+                             f"http://{b.name}:{HOSTNAME_PORT}/", "--count", "2"])
+        status |= _run_step(["--cluster", model.name, "exec", "--fork", a.name, "--", "ip",
+                             "route"])
     finally:
         status |= _run_step(["delete", "-f", file])
     print("\ndemo " + ("passed" if status == 0 else "FAILED"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 
 HOSTNAME_PORT = 9376  # agnhost serve-hostname's port
+DEFAULT_AFFINITY_TIMEOUT = 10800  # v1.DefaultClientIPServiceAffinitySeconds
 
 
 @dataclass(frozen=True)
@@ -13,6 +15,15 @@ class Segment:
 
     name: str
     subnet: str  # CIDR, e.g. 172.18.0.0/24
+
+    @property
+    def router_ip(self) -> str:
+        """.1 of each segment belongs to the router that joins the racks."""
+        return str(IPv4Network(self.subnet).network_address + 1)
+
+    @property
+    def prefixlen(self) -> int:
+        return int(self.subnet.partition("/")[2])
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class Service:
     type: str = "ClusterIP"
     cluster_ip: str = ""  # given in the file, or allocated
     session_affinity: str = "None"
-    affinity_timeout: int = 10800
+    affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
 
     def __hash__(self) -> int:
         return hash(self.name)

@@ -1,7 +1,8 @@
 """The cluster's record under /run/netsim/<cluster>/: what netsim made, so it can change or
 remove exactly that.
 
-- state.json: the committed record, replaced atomically when an apply or delete finishes.
+- state.json: the committed record (netsim.record.Record as JSON), replaced atomically when an
+  apply or delete finishes.
 - journal: one JSON line per namespace or process, written *before* it is created by a run
   that has not committed yet; `gc` reads it after a crash.
 - lock: flock-ed by the run that is changing the cluster, so gc never races a live apply.
@@ -17,9 +18,12 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netsim.errors import NetsimError
+
+if TYPE_CHECKING:
+    from netsim.record import Record
 
 ROOT = os.environ.get("NETSIM_STATE_ROOT", "/run/netsim")
 PREFIX = "netsim"  # every namespace is netsim.<cluster>.<role>[.<name>]
@@ -45,21 +49,27 @@ def clusters() -> list[str]:
         return []
 
 
-def load(cluster: str) -> dict[str, Any] | None:
+def load(cluster: str) -> Record | None:
+    from netsim import record
+
+    path = os.path.join(cluster_dir(cluster), "state.json")
     try:
-        with open(os.path.join(cluster_dir(cluster), "state.json")) as fh:
-            return json.load(fh)
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         return None
+    return record.decode(data, path)
 
 
-def save(record: dict[str, Any]) -> None:
+def save(rec: Record) -> None:
     """Commit the record atomically; the journal of this run is no longer needed."""
-    directory = cluster_dir(record["cluster"])
+    from netsim import record
+
+    directory = cluster_dir(rec.cluster)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, "state.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=1, sort_keys=True)
+    with open(tmp, "wb") as fh:
+        fh.write(record.encode(rec, indent=1))
     os.replace(tmp, os.path.join(directory, "state.json"))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(directory, "journal"))

@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from netaddr import IPAddress, IPNetwork
 
-from cni.modes import MODES  # mode names only: importing it does not load pyroute2
 from cni.spec import VERSIONS as CNI_VERSIONS
 from netsim.errors import TopologyError
 from netsim.model import (
@@ -29,6 +28,7 @@ from netsim.model import (
     Service,
     ServicePort,
 )
+from netsim.modes import MODES  # mode names only: importing it does not load pyroute2
 
 DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
             "mtu": 1500}

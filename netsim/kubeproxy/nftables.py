@@ -30,9 +30,9 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from netsim.kernel import nftnl
+from netsim.kubeproxy.ports import Endpoint, ProxyPort
 
 TABLE = "kube-proxy"
 MASQ_MARK = "0x4000"
@@ -97,31 +97,6 @@ BASE = f"""table ip {TABLE} {{
 """
 
 
-class Endpoint(NamedTuple):
-    ip: str
-    port: int
-
-
-class ServicePort(NamedTuple):
-    """One port of one Service, with its endpoints, as the proxy sees it. Tuples, so that
-    comparing a thousand of them between syncs happens in C."""
-
-    namespace: str
-    name: str
-    port_name: str
-    protocol: str  # TCP | UDP
-    cluster_ip: str
-    port: int
-    node_port: int | None
-    endpoints: tuple[Endpoint, ...]
-    affinity_timeout: int | None  # seconds with ClientIP affinity, None without
-
-    @property
-    def key(self) -> str:
-        """kube-proxy's servicePortName: namespace/name/protocol/portname."""
-        return f"{self.namespace}/{self.name}/{self.protocol.lower()}/{self.port_name}"
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def _hash(text: str) -> str:
     """8 characters of base32(sha256), as kube-proxy prefixes its chain names (the first five
@@ -129,24 +104,24 @@ def _hash(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()[:5]).decode()
 
 
-def service_chain(sp: ServicePort) -> str:
+def service_chain(sp: ProxyPort) -> str:
     return f"service-{_hash(sp.key)}-{sp.key}"
 
 
-def external_chain(sp: ServicePort) -> str:
+def external_chain(sp: ProxyPort) -> str:
     return f"external-{_hash(sp.key)}-{sp.key}"
 
 
-def endpoint_chain(sp: ServicePort, ep: Endpoint) -> str:
+def endpoint_chain(sp: ProxyPort, ep: Endpoint) -> str:
     name = f"{sp.key}__{ep.ip}/{ep.port}"
     return f"endpoint-{_hash(name)}-{name}"
 
 
-def endpoints_map(sp: ServicePort) -> str:
+def endpoints_map(sp: ProxyPort) -> str:
     return f"endpoints-{_hash(sp.key)}-{sp.key}"
 
 
-def affinity_set(sp: ServicePort, ep: Endpoint) -> str:
+def affinity_set(sp: ProxyPort, ep: Endpoint) -> str:
     name = f"{sp.key}__{ep.ip}/{ep.port}"
     return f"affinity-{_hash(name)}-{name}"
 
@@ -207,7 +182,7 @@ def _saddr_outside(cidr: str) -> bytes:
             + nftnl.cmp(nftnl.CMP_NEQ, net.network_address.packed))
 
 
-def _masquerade_outside(sp: ServicePort, proto: str, cidr: str) -> Rule:
+def _masquerade_outside(sp: ProxyPort, proto: str, cidr: str) -> Rule:
     """Traffic to the ClusterIP from outside the pod network is masqueraded."""
     return Rule(f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} ip saddr != {cidr} "
                 f"jump mark-for-masquerade",
@@ -261,7 +236,7 @@ class Ruleset:
     cluster_ips: set[str] = field(default_factory=set)
 
 
-def compute(ports: list[ServicePort], cluster_cidr: str) -> Ruleset:
+def compute(ports: list[ProxyPort], cluster_cidr: str) -> Ruleset:
     """The whole desired rule set for these service ports (pure): the union of each port's
     fragment. Fragments are cached by their input, as a long-running kube-proxy keeps its
     per-service state: a sync after one endpoint changed computes one fragment again."""
@@ -277,7 +252,7 @@ def compute(ports: list[ServicePort], cluster_cidr: str) -> Ruleset:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _fragment(sp: ServicePort, cluster_cidr: str) -> tuple:
+def _fragment(sp: ProxyPort, cluster_cidr: str) -> tuple:
     """One service port's chains, affinity sets and map elements."""
     chains: dict[str, tuple[Rule, ...]] = {}
     sets: dict[str, int] = {}
@@ -364,7 +339,7 @@ def _map_verdict(value: str) -> tuple[int, str]:
     return _verdict(word, chain)
 
 
-def changes(old_ports: list[ServicePort], new_ports: list[ServicePort],
+def changes(old_ports: list[ProxyPort], new_ports: list[ProxyPort],
             cluster_cidr: str) -> nftnl.Batch:
     """The batch that brings a table synced to `old_ports` to `new_ports`. Only the service
     ports that differ are computed and compared, as kube-proxy's change tracker does, so one

@@ -65,10 +65,11 @@ from functools import partial
 from typing import Any
 
 from netsim.kernel import netns as nsmod
+from netsim.kubeproxy.ports import Endpoint
+from netsim.model import DEFAULT_AFFINITY_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AFFINITY_TIMEOUT = 10800  # v1.DefaultClientIPServiceAffinitySeconds
 MAX_AFFINITY_TIMEOUT = 86400
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)  # userspace proxier's EndpointDialTimeouts
 UDP_IDLE_TIMEOUT = 0.25  # kube-proxy --udp-timeout default
@@ -84,7 +85,6 @@ _PROTOCOLS = ("TCP", "UDP")
 _AFFINITIES = ("None", "ClientIP")
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
-Endpoint = tuple[str, int]
 
 
 def _ep_text(ep: Endpoint) -> str:

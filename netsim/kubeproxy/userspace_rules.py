@@ -12,15 +12,16 @@ its retransmitted SYNs unNATed too, so that client times out.
 
 from __future__ import annotations
 
-from netsim.kubeproxy.nftables import TABLE, ServicePort
+from netsim.kubeproxy.nftables import TABLE
+from netsim.kubeproxy.ports import ProxyPort
 
 
-def key(sp: ServicePort) -> str:
+def key(sp: ProxyPort) -> str:
     """The proxy's name for a service port: namespace/name:port/PROTOCOL."""
     return f"{sp.namespace}/{sp.name}:{sp.port}/{sp.protocol}"
 
 
-def ruleset(ports: list[ServicePort], listen: dict[str, int], node_ip: str,
+def ruleset(ports: list[ProxyPort], listen: dict[str, int], node_ip: str,
             fresh: bool) -> str:
     """The table's text for `nft -f`; `fresh` (the first sync, or a switch from the nftables
     backend) replaces the whole table, later syncs only the chains' rules."""

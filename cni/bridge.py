@@ -1,10 +1,7 @@
 """The pod side of flannel's modes, as the CNI bridge plugin wires it: a bridge `cni0` holding
-the subnet's gateway (.1), one veth per attachment with hairpin on, the pod's address from its
-node's subnet, and in the pod a route to the whole cluster network and a default route, both via
-the gateway.
-
-Used two ways: netsim batches many pods per node with interface indexes it assigns; the CNI
-executable wires one attachment in a namespace it did not make, naming links instead (index 0).
+the subnet's gateway (.1), one veth per attachment (`veth` + 8 hex) on it with hairpin on, the
+pod's address from its node's subnet, and in the pod a route to the whole cluster network and
+a default route, both via the gateway.
 """
 
 from __future__ import annotations
@@ -12,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from ipaddress import IPv4Network
 
+from cni.wiring import Attachment
 from netsim.kernel.netlink import IFINDEX, Rtnl
 
 BRIDGE = "cni0"
@@ -28,9 +26,8 @@ def gateway(subnet: str) -> str:
 
 def setup_bridge(rtnl: Rtnl, subnet: str, mtu: int, index: int = IFINDEX.BRIDGE) -> None:
     """cni0 holding the gateway address .1 of the node's subnet."""
-    net = IPv4Network(subnet)
     rtnl.bridge(BRIDGE, index, mtu=mtu)
-    rtnl.address(index, gateway(subnet), net.prefixlen, BRIDGE)
+    rtnl.address(index, gateway(subnet), IPv4Network(subnet).prefixlen, BRIDGE)
 
 
 def ensure_bridge(rtnl: Rtnl, subnet: str, mtu: int) -> int:
@@ -45,23 +42,24 @@ def ensure_bridge(rtnl: Rtnl, subnet: str, mtu: int) -> int:
     return link["index"]
 
 
-def attach_host_side(node: Rtnl, pod_netns_fd: int, veth: str, index: int, mtu: int,
-                     alias: str, pod_ifname: str = "eth0", pod_index: int = IFINDEX.ETH0,
-                     bridge: int = IFINDEX.BRIDGE) -> None:
-    """The node's half: the veth pair (peer created in the pod), on cni0, hairpin on."""
-    node.veth(veth, index, pod_ifname, pod_index, pod_netns_fd, mtu, master=bridge, alias=alias)
-    node.hairpin(index, veth)
-
-
 def pod_routes(network: str, subnet: str, default: bool = True) -> list[tuple[str, str]]:
     """(destination, gateway) of the pod's routes: the cluster network, then the default."""
     return [(network, gateway(subnet))] + ([("default", gateway(subnet))] if default else [])
 
 
-def attach_pod_side(pod: Rtnl, ip: str, prefixlen: int, routes: list[tuple[str, str]],
-                    ifname: str = "eth0", index: int = IFINDEX.ETH0) -> None:
-    """The pod's half: the interface up with its address, then its routes."""
-    pod.link_up(index, ifname)
-    pod.address(index, ip, prefixlen, ifname)
-    for dst, via in routes:
-        pod.route(dst, index, gateway=via)
+class BridgePodSide:
+    """The host end on cni0 with hairpin on; cni0 is found (or made) once per batch."""
+
+    name = "bridge"
+
+    def __init__(self, bridge_index: int = IFINDEX.BRIDGE):
+        self.bridge_index = bridge_index
+
+    def attach_host(self, node: Rtnl, attachment: Attachment) -> None:
+        node.veth(attachment.veth, attachment.index, attachment.ifname, attachment.pod_index,
+                  attachment.pod_fd, attachment.mtu, master=self.bridge_index,
+                  alias=attachment.alias)
+        node.hairpin(attachment.index, attachment.veth)
+
+    def after_host(self, node: Rtnl, attachments: list[Attachment]) -> None:
+        pass

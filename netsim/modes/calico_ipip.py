@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 
-from cni.modes.calico import RTPROT_FELIX, CalicoBackend
-from netsim.kernel.netlink import IFINDEX, Rtnl
+from netsim.errors import NetsimError
+from netsim.modes.calico import RTPROT_FELIX, CalicoBackend
 
 DEVICE = "tunl0"
-CARRIERS = ("kernel", "ebpf", "userspace")
+CARRIERS = {"kernel": "kernel tunl0", "ebpf": "tc eBPF on eth0", "userspace": "userspace TUN"}
 
 
 def choose_carrier(wanted: str = "auto") -> tuple[str, str]:
@@ -49,76 +49,90 @@ def choose_carrier(wanted: str = "auto") -> tuple[str, str]:
 class CalicoIpip(CalicoBackend):
     name = "calico-ipip"
     tunnel = DEVICE
+    encapsulation = "ipip"
     overhead = 20
+    summary = "IPIP, IP protocol 4"
     encap_setting = "ipip_mode"  # the pool's ipipMode
 
+    def unavailable(self) -> str | None:
+        carrier, why = choose_carrier()
+        return None if carrier else why
+
+    def data_path(self) -> str:
+        carrier, why = choose_carrier()
+        return f"carrier {carrier}: {why}" if carrier else f"unavailable: {why}"
+
     def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
-        plan = super().plan_nodes(cluster, cluster_dir)
         carrier, why = choose_carrier(cluster.calico.ipip_carrier)
         if not carrier:
-            from netsim.errors import NetsimError
-
             raise NetsimError(f"calico-ipip cannot run here: {why}")
+        plan = super().plan_nodes(cluster, cluster_dir)
         for facts in plan.values():
             facts["carrier"] = carrier
         return plan
 
+    def tunnel_device(self, node) -> str | None:
+        return "eth0" if node.carrier == "ebpf" else DEVICE
 
-    def setup_node(self, rtnl: Rtnl, node: dict, underlay_mtu: int) -> None:
+    def carrier_text(self, node) -> str:
+        return CARRIERS.get(node.carrier, node.carrier)
+
+    def setup_node(self, rtnl, node, underlay_mtu: int) -> None:
+        from netsim.kernel.netlink import IFINDEX
+
         mtu = self.pod_mtu(underlay_mtu)
-        if node["carrier"] == "kernel":  # the module made tunl0 in every namespace
+        if node.carrier == "kernel":  # the module made tunl0 in every namespace
             rtnl.link_set(0, DEVICE, mtu=mtu)
             rtnl.commit()
-            node["tunnel_index"] = rtnl.link(DEVICE)["index"]
-            rtnl.address(node["tunnel_index"], node["tunnel_ip"], 32, DEVICE)
-        elif node["carrier"] == "ebpf":
-            rtnl.address(IFINDEX.LO, node["tunnel_ip"], 32, "lo")
+            node.tunnel_index = rtnl.link(DEVICE)["index"]
+            rtnl.address(node.tunnel_index, node.tunnel_ip, 32, DEVICE)
+        elif node.carrier == "ebpf":
+            rtnl.address(IFINDEX.LO, node.tunnel_ip, 32, "lo")
         super().setup_node(rtnl, node, underlay_mtu)
 
-    def start_node(self, cluster_dir: str, node: dict) -> None:
-        if node["carrier"] == "ebpf":
+    def start_node(self, cluster_dir: str, node) -> None:
+        if node.carrier == "ebpf":
             from netsim.kernel import ipip_bpf
 
-            ipip_bpf.attach(node["netns"], "eth0", ipip_bpf.build(), node["ip"])
+            ipip_bpf.attach(node.netns, "eth0", ipip_bpf.build(), node.ip)
 
-    def stop_node(self, node: dict) -> None:
-        if node.get("carrier") == "ebpf":
+    def stop_node(self, node) -> None:
+        if node.carrier == "ebpf":
             from netsim.kernel import ipip_bpf
 
-            ipip_bpf.detach(node["netns"], "eth0")
+            ipip_bpf.detach(node.netns, "eth0")
 
-    def tunnel_spec(self, node: dict, peers: list[dict], underlay_mtu: int) -> dict | None:
+    def tunnel_spec(self, cluster, node, peers):
         """What the agent serves for the userspace carrier: tunl0 and its peer table."""
-        if node["carrier"] != "userspace":
-            return None
-        table = {block: peer["ip"] for peer in peers if self.encapsulate(node["encap"], node,
-                                                                         peer)
-                 for block in peer["blocks"]}
-        return {"kind": "ipip", "name": DEVICE, "local_ip": node["ip"],
-                "mtu": self.pod_mtu(underlay_mtu), "peers": table,
-                "address": f"{node['tunnel_ip']}/32"}
+        from netsim.record import TunnelSpec
 
-    def encap_route(self, rtnl: Rtnl, node: dict, peer: dict, block: str, first: bool) -> None:
+        if node.carrier != "userspace":
+            return None
+        table = {block: peer.ip for peer in peers if self.encapsulates(node, peer)
+                 for block in peer.blocks}
+        return TunnelSpec("ipip", DEVICE, node.ip, self.pod_mtu(cluster.mtu), table,
+                          f"{node.tunnel_ip}/32")
+
+    def encap_route(self, rtnl, node, peer, block: str, first: bool) -> None:
+        from netsim.kernel.netlink import IFINDEX
+
         # tunl0 (kernel or the agent's TUN: its index is looked up once it exists), or eth0
         # where the eBPF carrier encapsulates on the way out
-        index = IFINDEX.ETH0 if node["carrier"] == "ebpf" else node["tunnel_index"]
-        gateway = peer["ip"]
-        if node["carrier"] == "ebpf" and peer["segment"] != node["segment"] and \
-                node.get("gateway"):
+        index = IFINDEX.ETH0 if node.carrier == "ebpf" else node.tunnel_index
+        gateway = peer.ip
+        if node.carrier == "ebpf" and peer.segment != node.segment and node.gateway:
             # eth0, unlike tunl0, needs a neighbour on its own link: a peer in another rack is
             # reached through this rack's router (the outer destination is in the BPF map)
-            gateway = node["gateway"]
+            gateway = node.gateway
         rtnl.route(block, index, gateway=gateway, onlink=True, proto=RTPROT_FELIX)
-        if node["carrier"] == "ebpf":
+        if node.carrier == "ebpf":
             from netsim.kernel import ipip_bpf
 
-            ipip_bpf.add_peer(node["netns"], block, peer["ip"])
+            ipip_bpf.add_peer(node.netns, block, peer.ip)
 
-    def tunnel_problem(self, rtnl: Rtnl) -> str | None:
-        """tunl0 (kernel or userspace carrier), or the eBPF carrier's tunnel address on lo."""
-        if rtnl.link(DEVICE) is not None or any(
-                index == IFINDEX.LO and prefixlen == 32 for index, _, prefixlen in
-                rtnl.addresses()):
-            return None
-        return "neither tunl0 nor the eBPF carrier's tunnel address on lo: calico-node has " \
-               "not set up this node"
+    def describe_node(self, record, node, run) -> list[tuple[str, str]]:
+        sections = super().describe_node(record, node, run) if node.carrier != "ebpf" else []
+        if node.carrier == "ebpf":
+            sections.append(("tc filter show dev eth0 egress",
+                             run("tc", "filter", "show", "dev", "eth0", "egress")))
+        return sections

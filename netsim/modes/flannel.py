@@ -1,4 +1,5 @@
-"""What flannel's backends share: subnet leases, subnet.env and the masquerade rules."""
+"""What flannel's backends share: subnet leases, the bridge pod side with host-local IPAM,
+subnet.env and the lease files, the masquerade rules."""
 
 from __future__ import annotations
 
@@ -6,80 +7,93 @@ import json
 import os
 from ipaddress import IPv4Network
 
-from cni.ipam import HostLocal
-from cni.modes import bridge
+from netsim.modes.base import Mode
 
 CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config
 
 
-class FlannelBackend:
-    """What every flannel backend's mode shares: leases, the bridge pod side, host-local IPAM,
-    subnet.env and etcd files, the masquerade rules, the node's CNI network config."""
-
-    name = ""
-    backend = ""
-
-    def pod_mtu(self, underlay_mtu: int) -> int:
-        return underlay_mtu
-
-    def node_facts(self, cluster: str, name: str) -> dict:
-        return {}
+class FlannelBackend(Mode):
+    family = "flannel"
+    daemon = "flanneld"
+    cni_network = CNI_NETWORK
+    backend = ""  # flannel's Backend.Type
 
     def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
         subnets = allocate_subnets(cluster.pod_network, cluster.subnet_len,
                                    [n.name for n in cluster.nodes], {})
-        return {name: {"subnet": subnet, "network": cluster.pod_network}
-                for name, subnet in subnets.items()}
+        return {name: {"subnet": subnet} for name, subnet in subnets.items()}
 
-    def ipam(self, cluster, cluster_dir: str, node_name: str, node: dict) -> HostLocal:
-        return HostLocal(os.path.join(cluster_dir, "nodes", node_name, "ipam"), CNI_NETWORK,
-                         node["subnet"])
+    @property
+    def pod_side(self):
+        from cni.bridge import BridgePodSide
 
-    def host_veth(self, pod: str) -> str:
-        return bridge.veth_name(pod, "eth0")
+        return BridgePodSide()
 
-    def attach_host(self, rtnl, pod_fd: int, veth: str, index: int, mtu: int, alias: str,
-                    ip: str) -> None:
-        bridge.attach_host_side(rtnl, pod_fd, veth, index, mtu, alias)
+    def ipam(self, cluster, cluster_dir: str, node):
+        from cni.ipam import HostLocal
 
-    def after_host(self, node_netns: str | None, veths: list[str]) -> None:
-        pass
+        return HostLocal(os.path.join(cluster_dir, "nodes", node.name, "ipam"), CNI_NETWORK,
+                         node.subnet)
 
-    def pod_routes(self, network: str, node: dict) -> list[tuple[str, str | None]]:
-        return bridge.pod_routes(network, node["subnet"])
+    def host_veth(self, namespace: str, pod: str) -> str:
+        from cni.bridge import veth_name
 
-    def pod_prefixlen(self, node: dict) -> int:
-        return IPv4Network(node["subnet"]).prefixlen
+        return veth_name(pod, "eth0")
 
-    def cni_config(self, cluster, node: dict, cluster_dir: str, node_dir: str) -> dict:
+    def pod_routes(self, cluster, node) -> list[tuple[str, str | None]]:
+        from cni.bridge import pod_routes
+
+        return pod_routes(cluster.pod_network, node.subnet)
+
+    def pod_prefixlen(self, node) -> int:
+        return IPv4Network(node.subnet).prefixlen
+
+    def cni_config(self, cluster, node, cluster_dir: str, node_dir: str) -> dict:
         """netsim's plugin entry of the node's config list: what subnet.env carries (network,
         subnet, MTU) and a host-local compatible store whose routes reach the whole network."""
         return {"type": "netsim", "mode": self.name,
-                "node": {"network": cluster.pod_network, "subnet": node["subnet"],
-                         "mtu": self.pod_mtu(cluster.mtu)},
+                "node": {"network": cluster.pod_network, "subnet": node.subnet,
+                         "mtu": self.pod_mtu(cluster.mtu), "tunnel": self.tunnel},
                 "isDefaultGateway": True,
-                "ipam": {"type": "netsim-host-local", "ranges": [[{"subnet": node["subnet"]}]],
+                "ipam": {"type": "netsim-host-local", "ranges": [[{"subnet": node.subnet}]],
                          "routes": [{"dst": cluster.pod_network}],
                          "dataDir": os.path.join(node_dir, "ipam")}}
 
-    def node_files(self, cluster, node: dict) -> dict[str, str]:
-        return {"subnet.env": subnet_env(cluster.pod_network, node["subnet"],
+    def node_files(self, cluster, node) -> dict[str, str]:
+        return {"subnet.env": subnet_env(cluster.pod_network, node.subnet,
                                          self.pod_mtu(cluster.mtu))}
 
-    def cluster_files(self, cluster, record: dict) -> dict[str, str]:
+    def cluster_files(self, cluster, record) -> dict[str, str]:
         """flannel's etcd keys and values, one file per key under etcd/."""
         files = {"etcd/coreos.com/network/config": network_config(
             cluster.pod_network, cluster.subnet_len, self.backend)}
-        for node in record["nodes"].values():
-            files["etcd" + lease_key(node["subnet"])] = lease_value(
-                node["ip"], self.backend, self.backend_data(node))
+        for node in record.nodes.values():
+            files["etcd" + lease_key(node.subnet)] = lease_value(
+                node.ip, self.backend, self.backend_data(node))
         return files
 
-    def backend_data(self, node: dict) -> dict | None:
+    def backend_data(self, node) -> dict | None:
         return None
 
-    def masquerade(self, cluster, node: dict) -> str:
-        return masquerade_ruleset(cluster.name, cluster.pod_network, node["subnet"])
+    def masquerade(self, cluster, node) -> str:
+        return masquerade_ruleset(cluster.name, cluster.pod_network, node.subnet)
+
+    def describe_node(self, record, node, run) -> list[tuple[str, str]]:
+        from netsim import state
+
+        node_dir = state.node_dir(record.cluster, node.name)
+        lease = os.path.join(state.cluster_dir(record.cluster), "etcd") + lease_key(node.subnet)
+        sections = []
+        for title, path in (("subnet.env", os.path.join(node_dir, "subnet.env")),
+                            (f"etcd {lease_key(node.subnet)}", lease)):
+            with open(path) as fh:
+                sections.append((title, fh.read()))
+        return sections + self.describe_tunnel(node, run)
+
+    def describe_tunnel(self, node, run) -> list[tuple[str, str]]:
+        if not self.tunnel:
+            return []
+        return [(f"ip -d link show {self.tunnel}", run("ip", "-d", "link", "show", self.tunnel))]
 
 
 def lease_key(subnet: str) -> str:

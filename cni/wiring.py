@@ -1,0 +1,65 @@
+"""The one way a pod is wired, for netsim's batches and for the CNI executable alike.
+
+Both callers hand over attachments (a pod's veth, address and routes) and a pod side (cni.bridge
+for flannel's bridge plugin, cni.calico_pod for Calico's). netsim hands many per node, with the
+interface indexes it assigns, so one netlink batch makes every host end; the executable hands
+one, with index 0, and the kernel picks (the steps then look links up by name). In order:
+the host ends (veth pairs, peers made directly in the pods), what needs them to exist (Calico's
+route to the pod, its sysctls), then inside each pod its interface, address and routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from netsim.kernel.netlink import IFINDEX, Rtnl
+
+
+@dataclass
+class Attachment:
+    pod_netns: str  # the pod's namespace, by name or path
+    pod_fd: int  # an open fd of it: the veth peer is created there
+    veth: str  # the host end's name
+    ip: str
+    prefixlen: int
+    routes: list[tuple[str, str | None]]  # (destination, gateway) inside the pod
+    mtu: int
+    alias: str  # the host end's alias: the pod, or containerID/ifname
+    ifname: str = "eth0"
+    index: int = 0  # the host end's index; 0: the kernel picks
+    pod_index: int = IFINDEX.ETH0  # the pod end's index; 0: the kernel picks
+    host_index: int = field(default=0, init=False)  # the host end's index once it exists
+
+
+class PodSide(Protocol):
+    name: str
+
+    def attach_host(self, node: Rtnl, attachment: Attachment) -> None:
+        """Queue the host end of one attachment."""
+
+    def after_host(self, node: Rtnl, attachments: list[Attachment]) -> None:
+        """What needs the host ends to exist (queued on node, committed by wire)."""
+
+
+def wire(side: PodSide, node: Rtnl, attachments: list[Attachment],
+         loopback: bool = False) -> None:
+    """Wire every attachment; with loopback, also bring up each pod's lo (the runtime's
+    loopback plugin, for pods netsim runs itself). The caller undoes on failure."""
+    for attachment in attachments:
+        side.attach_host(node, attachment)
+    node.commit()
+    for attachment in attachments:
+        attachment.host_index = attachment.index or node.link(attachment.veth)["index"]
+    side.after_host(node, attachments)
+    node.commit()
+    for attachment in attachments:
+        with Rtnl(attachment.pod_netns) as pod:
+            if loopback:
+                pod.link_up(IFINDEX.LO, "lo")
+            index = attachment.pod_index or pod.link(attachment.ifname)["index"]
+            pod.link_up(index, attachment.ifname)
+            pod.address(index, attachment.ip, attachment.prefixlen, attachment.ifname)
+            for dst, via in attachment.routes:
+                pod.route(dst, index, gateway=via)
+            pod.commit()

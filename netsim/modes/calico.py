@@ -1,0 +1,175 @@
+"""What Calico's three data planes share: IPAM blocks affine to nodes, the pod side
+(cni.calico_pod), a blackhole route per own block, natOutgoing, and the CrossSubnet rule.
+
+Each node claims its first block of the pool when the cluster is built and another whenever its
+blocks are full; the tunnel address (VXLAN, IPIP) is the first address handed out from the
+node's first block, as Calico allocates it. Per peer and per peer block a mode programs one
+route: encapsulated (`encap_route`) or, for CrossSubnet peers on the node's own segment and for
+BGP, native via the peer's node IP.
+"""
+
+from __future__ import annotations
+
+import os
+
+from netsim.modes.base import Mode
+
+RTPROT_FELIX = 80  # the protocol number Calico's felix marks its routes with
+CNI_NETWORK = "k8s-pod-network"  # the network name in Calico's CNI config
+
+
+class CalicoIpam:
+    """The node's view of the cluster's block store, shaped like HostLocal for netsim."""
+
+    def __init__(self, store, node: str):
+        self.store, self.node = store, node
+
+    def session(self):
+        return self.store.session()
+
+    def allocate(self, handle: str, ifname: str, requested: str | None = None) -> str:
+        return self.store.allocate(self.node, handle, ifname, requested)[0]
+
+    def release(self, handle: str, ifname: str) -> list[str]:
+        return self.store.release(self.node, handle, ifname)
+
+
+def block_store(cluster, cluster_dir: str):
+    from cni.calico_ipam import BlockStore
+
+    return BlockStore(os.path.join(cluster_dir, "calico-ipam"), cluster.pod_network,
+                      cluster.subnet_len)
+
+
+class CalicoBackend(Mode):
+    family = "calico"
+    daemon = "calico-node"
+    cni_network = CNI_NETWORK
+    encap_setting = ""  # the CalicoSpec field (ipip_mode, vxlan_mode) that decides encapsulation
+
+    # -- the cluster ---------------------------------------------------------------------------
+
+    def setting(self, cluster) -> str:
+        """The pool's ipipMode or vxlanMode for this mode's encapsulation; Never for BGP."""
+        return getattr(cluster.calico, self.encap_setting) if self.encap_setting else "Never"
+
+    def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
+        """Each node's first block and, for the tunnelling modes, its tunnel address."""
+        store = block_store(cluster, cluster_dir)
+        plan = {}
+        with store.session():
+            for node in (n.name for n in cluster.nodes):
+                plan[node] = {"blocks": [store.claim(node)], "encap": self.setting(cluster)}
+                if self.tunnel:
+                    plan[node]["tunnel_ip"] = store.allocate(
+                        node, f"{self.encapsulation}-tunnel-addr-{node}", self.tunnel)[0]
+        return plan
+
+    def ipam(self, cluster, cluster_dir: str, node) -> CalicoIpam:
+        return CalicoIpam(block_store(cluster, cluster_dir), node.name)
+
+    def encapsulates(self, node, peer) -> bool:
+        """Always: every peer; CrossSubnet: peers on another segment; Never: none."""
+        return node.encap == "Always" or (node.encap == "CrossSubnet"
+                                          and node.segment != peer.segment)
+
+    # -- a node --------------------------------------------------------------------------------
+
+    def setup_node(self, rtnl, node, underlay_mtu: int) -> None:
+        for block in node.blocks:
+            self.own_block(rtnl, block)
+
+    def own_block(self, rtnl, block: str) -> None:
+        """`blackhole <block>`: addresses of the block not (yet) given to a pod go nowhere."""
+        from netsim.kernel.netlink import RTN_BLACKHOLE
+
+        rtnl.route(block, 0, kind=RTN_BLACKHOLE, proto=RTPROT_FELIX)
+
+    def add_peer(self, rtnl, node, peer) -> None:
+        self.reach_peer(rtnl, node, peer, peer.blocks)
+
+    def peer_blocks(self, rtnl, node, peer, blocks: list[str]) -> None:
+        self.reach_peer(rtnl, node, peer, blocks, first=False)
+
+    def reach_peer(self, rtnl, node, peer, blocks: list[str], first: bool = True) -> None:
+        """Routes to a peer's blocks; `first` also programs what reaching the peer itself
+        needs (ARP and FDB entries)."""
+        from netsim.kernel.netlink import IFINDEX
+
+        for block in blocks:
+            if self.encapsulates(node, peer):
+                self.encap_route(rtnl, node, peer, block, first)
+                first = False
+            else:
+                rtnl.route(block, IFINDEX.ETH0, gateway=peer.ip, proto=RTPROT_FELIX)
+
+    def encap_route(self, rtnl, node, peer, block: str, first: bool) -> None:
+        raise NotImplementedError  # the modes that tunnel define it
+
+    def new_blocks(self, cluster, cluster_dir: str, record) -> dict[str, list[str]]:
+        affinity = block_store(cluster, cluster_dir).affinity()
+        found: dict[str, list[str]] = {}
+        for block, owner in affinity.items():
+            if owner in record.nodes and block not in record.nodes[owner].blocks:
+                found.setdefault(owner, []).append(block)
+        return found
+
+    def describe_node(self, record, node, run) -> list[tuple[str, str]]:
+        if not self.tunnel:
+            return []
+        return [(f"ip -d link show {self.tunnel}", run("ip", "-d", "link", "show", self.tunnel))]
+
+    # -- pods ----------------------------------------------------------------------------------
+
+    @property
+    def pod_side(self):
+        from cni.calico_pod import CalicoPodSide
+
+        return CalicoPodSide()
+
+    def host_veth(self, namespace: str, pod: str) -> str:
+        from cni.calico_pod import veth_name
+
+        return veth_name(namespace, pod)
+
+    def pod_routes(self, cluster, node) -> list[tuple[str, str | None]]:
+        from cni.calico_pod import ROUTES
+
+        return ROUTES
+
+    def pod_prefixlen(self, node) -> int:
+        return 32
+
+    def cni_config(self, cluster, node, cluster_dir: str, node_dir: str) -> dict:
+        """netsim's plugin entry of the node's config list: the node, the pool, the store, and
+        what the node must have before pods are wired (the tunnel device, or its address)."""
+        ready = {"tunnel": self.tunnel_device(node) if self.tunnel_device(node) != "eth0"
+                 else None}
+        if self.tunnel and ready["tunnel"] is None:
+            ready["tunnelAddress"] = node.tunnel_ip
+        return {"type": "netsim", "mode": self.name,
+                "node": {"name": node.name, "network": cluster.pod_network,
+                         "blockSize": cluster.subnet_len, "mtu": self.pod_mtu(cluster.mtu),
+                         **ready},
+                "ipam": {"type": "netsim-calico-ipam",
+                         "dataDir": os.path.join(cluster_dir, "calico-ipam")}}
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    def masquerade(self, cluster, node) -> str:
+        """natOutgoing: pod traffic leaving the pool is masqueraded (Calico's
+        cali-nat-outgoing), traffic between pods is not."""
+        pool = cluster.pod_network
+        rule = (f"ip saddr {pool} ip daddr != {pool} masquerade fully-random "
+                f'comment "cali-nat-outgoing"' if cluster.calico.nat_outgoing else "")
+        return f"""table ip calico
+delete table ip calico
+table ip calico {{
+  comment "netsim cluster {cluster.name}: calico natOutgoing"
+  chain cali-nat-outgoing {{
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark & 0x4000 == 0x4000 return comment "kube-proxy masquerades these"
+    {rule}
+  }}
+}}
+"""

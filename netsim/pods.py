@@ -1,0 +1,223 @@
+"""Pods: schedule them, wire the new ones, take down the stale ones, keep the record.
+
+New pods are wired in-process (per node one IPAM session, one netlink batch for the host ends,
+one small batch inside each pod: cni.wiring, the code the CNI executable runs too) or, with
+--cni exec, by executing each node's CNI config list as a container runtime would. A pod whose
+spec changed is replaced: its endpoints leave every node's Services first, it serves for a
+grace period, then goes, then its successor is built.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from netsim import agents, naming, services, state
+from netsim.errors import NetsimError
+from netsim.kernel import netns as nsmod
+from netsim.model import Cluster, Pod
+from netsim.modes import Mode
+from netsim.record import PodRecord, Record
+from netsim.topology import schedule
+from netsim.transaction import Changes, Transaction
+
+# a pod out of its Services keeps serving this long before it is stopped, as a terminating
+# pod does for its grace period, so a connection begun just before the update still finishes
+TERMINATION_GRACE = 0.2
+
+Progress = Callable[[str], None]
+
+
+def reconcile(cluster: Cluster, record: Record, mode: Mode, tx: Transaction,
+              progress: Progress, changes: Changes, cni_exec: bool = False) -> None:
+    from netsim.kubeproxy import sync
+
+    recorded = record.pods
+    desired = {p.name: p for p in schedule(cluster, {n: r.node for n, r in recorded.items()})}
+    stale = [n for n, r in recorded.items() if n not in desired
+             or (r.pod.node, r.pod.containers) != (desired[n].node, desired[n].containers)]
+    new = [p for n, p in desired.items() if n not in recorded or n in stale]
+    for name, pod in desired.items():
+        if name in recorded and name not in stale and recorded[name].pod != pod:
+            recorded[name].pod = pod  # labels or owner: no rebuild
+            changes.updated.append(f"pod {name} labels")
+    removing = {n: recorded.pop(n) for n in stale}
+    if removing:
+        if record.kube_proxy is not None:
+            # endpoints leave every node's Services first, as a terminating pod leaves its
+            # EndpointSlice before it is killed: no new connection goes to a pod being removed
+            sync.sync(cluster, record, terminating=removing)
+            if record.services:
+                time.sleep(TERMINATION_GRACE)
+        # a replaced pod keeps its name: take the old one down before building the new one
+        agents.sync(record, sorted({p.node for p in removing.values()}))
+        remove(cluster, record, mode, removing)
+        progress(f"pods: removed {len(removing)}")
+        changes.removed += [f"pod {n}" for n in removing]
+        state.save(record)  # removals are done: a later failure rolls back to this record
+    if new:
+        (_exec_pods if cni_exec else _add_pods)(cluster, record, mode, new, tx, progress,
+                                                changes)
+        sync_blocks(cluster, record, mode)
+        agents.sync(record, sorted({p.node for p in new}))
+
+
+def _by_node(pods: list[Pod]) -> dict[str, list[Pod]]:
+    found: dict[str, list[Pod]] = {}
+    for pod in pods:
+        found.setdefault(pod.node, []).append(pod)
+    return found
+
+
+def _release(ipam, pod: str) -> None:
+    with ipam.session():
+        ipam.release(pod, "eth0")
+
+
+def _add_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction,
+              progress: Progress, changes: Changes) -> None:
+    """The in-process path, a node at a time."""
+    from cni.wiring import Attachment, wire
+    from netsim.kernel.netlink import Rtnl
+
+    mtu = mode.pod_mtu(cluster.mtu)
+    side = mode.pod_side
+    done = 0
+    for node_name, node_pods in _by_node(pods).items():
+        node = record.nodes[node_name]
+        ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
+        routes = mode.pod_routes(cluster, node)
+        prefixlen = mode.pod_prefixlen(node)
+        made = {}
+        with ipam.session():
+            for pod in node_pods:
+                ip = ipam.allocate(pod.name, "eth0")
+                tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
+                made[pod.name] = PodRecord(pod, naming.ns_name(cluster.name, "pod", pod.name), ip,
+                                           mode.host_veth(services.NAMESPACE, pod.name),
+                                           node.next_ifindex)
+                node.next_ifindex += 1
+        for entry in made.values():
+            tx.netns(entry.netns)
+        attachments = []
+        try:
+            for name, entry in made.items():
+                attachments.append(Attachment(entry.netns, nsmod.open_fd(entry.netns),
+                                              entry.veth, entry.ip, prefixlen, routes, mtu,
+                                              alias=name, index=entry.ifindex))
+            with Rtnl(node.netns) as rt:
+                wire(side, rt, attachments, loopback=True)
+        finally:
+            for attachment in attachments:
+                os.close(attachment.pod_fd)
+        for name, entry in made.items():
+            record.pods[name] = entry
+            tx.on_undo(f"record of {name}", lambda p=name: record.pods.pop(p, None))
+            changes.created.append(f"pod {name}")
+        done += len(made)
+        progress(f"pods: {done}/{len(pods)}")
+
+
+def _exec_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction,
+               progress: Progress, changes: Changes) -> None:
+    """Wire each pod by executing its node's CNI chain, as containerd would: ADD through every
+    plugin, the result cached; a failure runs DEL through the chain."""
+    from cni.spec import CniError
+    from netsim.cniconf import runtime
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    for done, pod in enumerate(pods, 1):
+        netns = naming.ns_name(cluster.name, "pod", pod.name)
+        tx.netns(netns)
+        rt = runtime(record, pod.node)
+        path = nsmod.path(netns)
+        args = (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={services.NAMESPACE};"
+                f"K8S_POD_NAME={pod.name}")
+        try:
+            result = rt.add(pod.name, path, "eth0", args)
+        except CniError as exc:
+            try:
+                rt.delete(pod.name, path, "eth0")
+            except CniError:
+                pass  # the ADD's own failure is the one to report
+            raise NetsimError(f"CNI ADD for pod {pod.name} failed (code {exc.code}): {exc.msg}"
+                              + (f" ({exc.details})" if exc.details else "")) from None
+        tx.on_undo(f"CNI DEL of {pod.name}", lambda r=rt, p=pod.name, n=path: r.delete(p, n))
+        with Rtnl(netns) as pod_rt:
+            pod_rt.link_up(IFINDEX.LO, "lo")  # the runtime's loopback plugin
+            pod_rt.commit()
+        address = next(ip["address"] for ip in result["ips"])
+        record.pods[pod.name] = PodRecord(pod, netns, address.split("/")[0],
+                                          result["interfaces"][0]["name"], via="cni-exec")
+        tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record.pods.pop(p, None))
+        changes.created.append(f"pod {pod.name}")
+        progress(f"pods: {done}/{len(pods)} (CNI exec)")
+
+
+def sync_blocks(cluster: Cluster, record: Record, mode: Mode) -> None:
+    """Calico: a node whose blocks filled up claimed another; program it as felix (or BIRD)
+    would: a blackhole on the owner, a route on every peer."""
+    from netsim.kernel.netlink import Rtnl
+
+    for node_name, new in mode.new_blocks(cluster, state.cluster_dir(cluster.name),
+                                          record).items():
+        node = record.nodes[node_name]
+        with Rtnl(node.netns) as rt:
+            for block in new:
+                mode.own_block(rt, block)
+            rt.commit()
+        for peer_name, peer in record.nodes.items():
+            if peer_name != node_name:
+                with Rtnl(peer.netns) as rt:
+                    mode.peer_blocks(rt, peer, node, new)
+                    rt.commit()
+        node.blocks += new
+        mode.blocks_changed(cluster, record, node_name)
+        agent_tunnels(cluster, record, mode)
+
+
+def agent_tunnels(cluster: Cluster, record: Record, mode: Mode) -> None:
+    """Userspace carriers (flannel-udp, Calico IPIP's last resort) live in the node agents:
+    give each agent its TUN and peer table, then note the TUN's interface index for routes."""
+    from netsim.kernel.netlink import Rtnl
+
+    serving = []
+    for name, node in record.nodes.items():
+        peers = [p for n, p in record.nodes.items() if n != name]
+        node.agent_tunnel = mode.tunnel_spec(cluster, node, peers)
+        if node.agent_tunnel:
+            serving.append(name)
+    if not serving:
+        return
+    agents.sync(record, serving)
+    for name in serving:
+        node = record.nodes[name]
+        with Rtnl(node.netns) as rt:
+            node.tunnel_index = rt.link(node.agent_tunnel.name)["index"]
+
+
+def remove(cluster: Cluster, record: Record, mode: Mode, removing: dict[str, PodRecord]) -> None:
+    """Delete the host veth first (synchronous, takes the peer with it), then the namespace,
+    then release the address."""
+    from netsim.cniconf import runtime
+    from netsim.kernel.netlink import Rtnl
+
+    by_node: dict[str, list[PodRecord]] = {}
+    for entry in removing.values():
+        by_node.setdefault(entry.node, []).append(entry)
+    for node_name, items in by_node.items():
+        node = record.nodes[node_name]
+        for entry in items:
+            if entry.via == "cni-exec":  # DEL through the chain, as it was added
+                runtime(record, node_name).delete(entry.name, nsmod.path(entry.netns))
+        with Rtnl(node.netns) as rt:
+            for entry in items:
+                if entry.via != "cni-exec":
+                    rt.link_delete(entry.ifindex, entry.veth)
+            rt.commit()
+        ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
+        with ipam.session():
+            for entry in items:
+                nsmod.remove(entry.netns)
+                ipam.release(entry.name, "eth0")

@@ -1,0 +1,102 @@
+"""Removing clusters: `delete` removes everything a cluster's record, journal and names hold;
+`gc` removes what crashed or killed runs left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from netsim import agents, state
+from netsim.errors import NetsimError
+from netsim.kernel import ipip_bpf, proc
+from netsim.kernel import netns as nsmod
+from netsim.record import Record
+
+
+def delete(name: str, progress: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Remove everything of the cluster; list what was removed."""
+    with state.locked(name):
+        record = _readable(name)
+        removed = _remove_everything(name, record, before_namespaces=lambda: state.remove(name))
+    progress(f"removed {len(removed)} objects")
+    return removed
+
+
+def _readable(name: str) -> Record | None:
+    """The record, or None when there is none or it cannot be read (names still find all)."""
+    try:
+        return state.load(name)
+    except NetsimError:
+        return None
+
+
+def _namespaces(record: Record) -> list[str]:
+    return ([p.netns for p in record.pods.values()] + [h.netns for h in record.hosts()]
+            + [record.underlay.netns, record.router.netns])
+
+
+def _remove_everything(name: str, record: Record | None,
+                       before_namespaces: Callable[[], None] = lambda: None) -> list[str]:
+    processes, namespaces = [], []
+    journal = state.journal_entries(name)
+    if record:
+        processes += agents.daemons(record)
+        namespaces += _namespaces(record)
+    processes += [(e["pid"], e["start"]) for e in journal if "pid" in e]
+    namespaces += [e["netns"] for e in journal if "netns" in e]
+    prefix = state.netns_prefix(name)
+    namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
+    removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
+    proc.stop(list(set(processes)))
+    # the kernel tears namespaces down in the background and that competes for the CPU, so
+    # whatever else is to be removed goes first; a crash from here leaves only namespaces
+    # that carry the cluster's name, which gc finds by name
+    before_namespaces()
+    for netns in dict.fromkeys(namespaces):
+        if netns.startswith(prefix) and nsmod.remove(netns):
+            removed.append(f"netns {netns}")
+    for netns in ipip_bpf.pinned_namespaces():  # eBPF pins outlive their namespace
+        if netns.startswith(prefix) and ipip_bpf.remove_pins(netns):
+            removed.append(f"bpf pins of {netns}")
+    return removed
+
+
+def gc(only: str | None = None) -> dict[str, list[str]]:
+    """For a cluster with no committed record, remove everything with its name; for a
+    committed one, what its journal names beyond the record. A cluster another netsim run is
+    changing is left alone."""
+    names = set(state.clusters())
+    names |= {n.split(".")[1] for n in nsmod.names()
+              if n.startswith(state.PREFIX + ".") and n.count(".") >= 2}
+    names.discard("probe")
+    report: dict[str, list[str]] = {}
+    for name in sorted(names):
+        if only and name != only:
+            continue
+        try:
+            with state.locked(name, wait=False):
+                record = _readable(name)
+                if record is None:
+                    report[name] = _remove_everything(name, None)
+                    state.remove(name)
+                else:
+                    report[name] = _collect_leftovers(name, record)
+        except NetsimError as exc:
+            report[name] = [f"skipped: {exc}"]
+    return report
+
+
+def _collect_leftovers(name: str, record: Record) -> list[str]:
+    keep = set(_namespaces(record))
+    keep_pids = set(agents.daemons(record))
+    removed = []
+    for entry in state.journal_entries(name):
+        if "pid" in entry and (entry["pid"], entry["start"]) not in keep_pids and \
+                proc.alive(entry["pid"], entry["start"]):
+            proc.stop([(entry["pid"], entry["start"])])
+            removed.append(f"process {entry['pid']}")
+    for netns in nsmod.names():
+        if netns.startswith(state.netns_prefix(name)) and netns not in keep:
+            nsmod.remove(netns)
+            removed.append(f"netns {netns}")
+    state.save(record)  # clears the journal
+    return removed

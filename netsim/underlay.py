@@ -1,0 +1,95 @@
+"""The underlay: one bridge per segment in the underlay namespace, a router namespace with a
+leg on every segment holding its .1 (it routes between the racks' subnets, as a top-of-rack /
+spine pair would), and every node and external client attached to its segment by a veth, with
+its address and a default route via the segment's router."""
+
+from __future__ import annotations
+
+import os
+
+from netsim import naming
+from netsim.kernel import netns as nsmod
+from netsim.kernel import sysctl
+from netsim.model import Cluster
+from netsim.record import ClientRecord, NodeRecord, Router, RouterLeg, Underlay
+from netsim.transaction import Changes, Transaction
+
+
+def build(cluster: Cluster, tx: Transaction, changes: Changes) -> tuple[
+        Underlay, Router, dict[str, NodeRecord], dict[str, ClientRecord]]:
+    """Every namespace of the underlay and its hosts, wired; hosts get no mode state yet."""
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    name = cluster.name
+    underlay = Underlay(naming.ns_name(name, "underlay"))
+    tx.netns(underlay.netns)
+    changes.created.append(f"netns {underlay.netns}")
+    bridges = {}
+    with Rtnl(underlay.netns) as ul:
+        ul.link_up(IFINDEX.LO, "lo")
+        for i, seg in enumerate(cluster.segments):
+            bridges[seg.name] = IFINDEX.ETH0 + i
+            ul.bridge(f"br-{seg.name}", bridges[seg.name], mtu=cluster.mtu)
+        ul.commit()
+        underlay.bridges = {s: f"br-{s}" for s in bridges}
+        router = _router(cluster, tx, ul, bridges, changes)
+        nodes: dict[str, NodeRecord] = {}
+        clients: dict[str, ClientRecord] = {}
+        hosts = [("node", n) for n in cluster.nodes] + [("ext", c) for c in cluster.clients]
+        for i, (role, host) in enumerate(hosts):
+            netns = naming.ns_name(name, role, host.name)
+            tx.netns(netns)
+            changes.created.append(f"netns {netns}")
+            fd = nsmod.open_fd(netns)
+            try:
+                ul.veth(naming.port_name(host.name), IFINDEX.FIRST_DYNAMIC + i, "eth0",
+                        IFINDEX.ETH0, fd, cluster.mtu, master=bridges[host.segment],
+                        alias=host.name)
+                ul.commit()
+            finally:
+                os.close(fd)
+            segment = cluster.segment(host.segment)
+            facts = dict(name=host.name, netns=netns, ip=host.ip, segment=host.segment,
+                         prefixlen=segment.prefixlen, port=naming.port_name(host.name),
+                         gateway=segment.router_ip)
+            if role == "node":
+                nodes[host.name] = NodeRecord(**facts, next_ifindex=IFINDEX.FIRST_DYNAMIC)
+            else:
+                clients[host.name] = ClientRecord(**facts, asn=host.asn)
+    for host in [*nodes.values(), *clients.values()]:
+        with Rtnl(host.netns) as rt:
+            rt.link_up(IFINDEX.LO, "lo")
+            rt.link_up(IFINDEX.ETH0, "eth0")
+            rt.address(IFINDEX.ETH0, host.ip, host.prefixlen, "eth0")
+            # the segment's router is every host's gateway: it joins the racks, and a node's
+            # default route is what makes Calico's proxy ARP answer for 169.254.1.1
+            rt.route("default", IFINDEX.ETH0, gateway=host.gateway)
+            rt.commit()
+    return underlay, router, nodes, clients
+
+
+def _router(cluster: Cluster, tx: Transaction, ul, bridges: dict, changes: Changes) -> Router:
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    router = Router(naming.ns_name(cluster.name, "router"))
+    tx.netns(router.netns)
+    changes.created.append(f"netns {router.netns}")
+    fd = nsmod.open_fd(router.netns)
+    try:
+        for i, seg in enumerate(cluster.segments):
+            leg = RouterLeg(f"r-{seg.name}", IFINDEX.FIRST_DYNAMIC + i, f"rp-{seg.name}")
+            router.legs[seg.name] = leg
+            ul.veth(leg.port, IFINDEX.FIRST_DYNAMIC + 500 + i, leg.ifname, leg.index, fd,
+                    cluster.mtu, master=bridges[seg.name], alias=f"router leg on {seg.name}")
+        ul.commit()
+    finally:
+        os.close(fd)
+    with Rtnl(router.netns) as rt:
+        rt.link_up(IFINDEX.LO, "lo")
+        for seg in cluster.segments:
+            leg = router.legs[seg.name]
+            rt.link_up(leg.index, leg.ifname)
+            rt.address(leg.index, seg.router_ip, seg.prefixlen, leg.ifname)
+        rt.commit()
+    sysctl.set_in(router.netns, {"net.ipv4.ip_forward": "1"})
+    return router
