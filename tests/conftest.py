@@ -1,13 +1,20 @@
 """Fixtures: a uniquely named cluster per test, always deleted; helpers to read the kernel with
-iproute2's JSON output inside a namespace; a snapshot of the host's own network state."""
+iproute2's JSON output inside a namespace; polling with a deadline (wait_for); packet capture
+with tcpdump (Capture, capture); and the host's own network state, compared after the whole
+run (pytest_sessionfinish)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import select
+import struct
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +25,19 @@ TOPOLOGIES = ROOT / "topologies"
 NETSIM = [sys.executable, "-m", "netsim"]
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="netsim creates namespaces: needs root")
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.02) -> float:
+    """Poll `condition` until it is true; the seconds that took. Not true within `timeout`
+    seconds: AssertionError naming `what`."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+    return time.monotonic() - start
 
 
 def ip_json(netns: str, *argv: str):
@@ -121,8 +141,8 @@ def host_snapshot() -> dict[str, str]:
 
     links = json.loads(out("ip", "-j", "link", "show") or "[]")
     return {
-        "links": json.dumps(sorted((link["ifname"], link.get("address", ""),
-                                    link.get("mtu")) for link in links)),
+        "links": "".join(sorted(f"{link['ifname']} {link.get('address', '')} mtu "
+                                f"{link.get('mtu')}\n" for link in links)),
         "addrs": out("ip", "-br", "addr"),
         "routes": out("ip", "route", "show", "table", "all"),
         "rules": out("ip", "rule"),
@@ -140,34 +160,119 @@ def pytest_sessionstart(session):
         SNAPSHOT_BEFORE.update(host_snapshot())
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """After the whole run, whatever ran: the root namespace is as the run found it, or the
+    session fails (exit status 1) and prints what changed."""
+    if not SNAPSHOT_BEFORE:
+        return
+    after = host_snapshot()
+    changed = [key for key, before in SNAPSHOT_BEFORE.items() if after.get(key) != before]
+    if not changed:
+        return
+    lines = []
+    for key in changed:
+        lines += difflib.unified_diff(SNAPSHOT_BEFORE[key].splitlines(),
+                                      after.get(key, "").splitlines(), f"{key} before the run",
+                                      f"{key} after the run", lineterm="")
+    title = f"the test run changed the root network namespace: {', '.join(changed)}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")  # end the progress line
+        reporter.write_sep("=", title, red=True, bold=True)
+        for line in lines:
+            reporter.write_line(line)
+    else:
+        print(title, *lines, sep="\n", file=sys.stderr)
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+class Capture:
+    """tcpdump writing a pcap of the packets matching `bpf` on one interface of a namespace,
+    from the moment it listens (the constructor waits for that) until stop(), or until `count`
+    packets. Started and ended by its PID; the autouse `captures` fixture stops any a test
+    left running."""
+
+    running: list[Capture] = []
+
+    def __init__(self, netns: str, iface: str, bpf: str, path: str | Path,
+                 count: int | None = None):
+        self.path = Path(path)
+        argv = ["ip", "netns", "exec", netns, "tcpdump", "-n", "-U", "--immediate-mode",
+                "-Z", "root", "-i", iface, "-w", str(self.path)]
+        self.proc = subprocess.Popen(argv + (["-c", str(count)] if count else []) + [bpf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        Capture.running.append(self)
+        ready, deadline = False, time.monotonic() + 10
+        while not ready and time.monotonic() < deadline:  # tcpdump says so once it listens
+            if select.select([self.proc.stderr], [], [], 0.5)[0]:
+                line = self.proc.stderr.readline()
+                ready = "listening on" in line
+                if not line:
+                    break
+        if not ready:
+            self.stop()
+            raise AssertionError(f"tcpdump did not start in {netns}")
+
+    def written(self) -> int:
+        """Complete packet records in the pcap so far (tcpdump -U writes each at once)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+        n, offset = 0, 24
+        while offset + 16 <= len(data):
+            offset += 16 + struct.unpack_from(order + "I", data, offset + 8)[0]
+            if offset > len(data):
+                break
+            n += 1
+        return n
+
+    def stop(self, expect: int = 0, timeout: float = 5.0) -> list:
+        """End tcpdump and return the packets it wrote, decoded by scapy. It is ended once the
+        file holds `expect` packets (at once for 0), or tcpdump stopped on its own (count), or
+        `timeout` seconds passed."""
+        if self in Capture.running:
+            Capture.running.remove(self)
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and self.written() < expect and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc.stderr.close()
+        import scapy.layers.inet  # noqa: F401  (registers IP/UDP/ICMP for decoding)
+        import scapy.layers.l2  # noqa: F401  (registers Ethernet, the capture's link type)
+        from scapy.utils import rdpcap
+
+        return list(rdpcap(str(self.path))) if self.path.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def captures() -> Iterator[None]:
+    """Stop every tcpdump a test left running."""
+    yield
+    while Capture.running:
+        Capture.running[-1].stop()
+
+
 def capture(netns: str, iface: str, bpf: str, action, count: int = 4, timeout: float = 5.0):
     """Packets matching a BPF filter on one interface of a namespace while `action()` runs,
-    decoded by scapy. tcpdump is started and ended by PID, bounded by count and time."""
+    decoded by scapy: up to `count` packets, waiting at most `timeout` seconds for them."""
     import tempfile
-    import time
-
-    from scapy.utils import rdpcap
 
     with tempfile.TemporaryDirectory() as tmp:
-        pcap = os.path.join(tmp, "cap.pcap")
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-U",
-                                 "-Z", "root", "--immediate-mode",
-                                 "-n", "-c", str(count), "-w", pcap, bpf],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cap = Capture(netns, iface, bpf, os.path.join(tmp, "cap.pcap"), count=count)
         try:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:  # tcpdump says so once it listens
-                line = proc.stderr.readline().decode()
-                if "listening on" in line or not line:
-                    break
             action()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait(timeout=5)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        return list(rdpcap(pcap)) if os.path.exists(pcap) else []
+        except BaseException:
+            cap.stop()
+            raise
+        return cap.stop(expect=count, timeout=timeout)

@@ -11,11 +11,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import needs_root, wait_for
 
 from netsim.bgp import bird
 from netsim.errors import NetsimError
@@ -25,9 +25,12 @@ from netsim.kernel import proc, sysctl
 ASN, TOR_ASN = 64512, 65001
 TOR_IP = "10.77.0.254"
 
-needs_bird = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("bird") is None,
-    reason="needs root (namespaces) and BIRD 2 (apt-get install bird2)")
+
+
+def needs_bird(test):
+    """Root (namespaces) and BIRD 2."""
+    return needs_root(pytest.mark.skipif(shutil.which("bird") is None,
+                                         reason="needs BIRD 2 (apt-get install bird2)")(test))
 
 
 def _ip(netns: str, *argv: str, stdin: str | None = None) -> str:
@@ -129,15 +132,16 @@ def expected_routes(lab: Lab, host: dict) -> dict[str, tuple[str, str]]:
     return {o["blocks"][0]: (o["ip"], "eth0") for o in lab.nodes if o is not host}
 
 
-def wait_for(predicate, timeout: float, what: str) -> float:
-    """Poll `predicate` every 20 ms until true; returns the seconds it took."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
+def import_updates(host: dict, protocol: str) -> dict[str, int]:
+    """The import update counters BIRD keeps for one session (`show protocols all`):
+    received, rejected, filtered, ignored, accepted."""
+    out = subprocess.run(["birdc", "-s", os.path.join(host["dir"], bird.CTL), "show",
+                          "protocols", "all", protocol], capture_output=True, text=True,
+                         timeout=10).stdout
+    row = next((line.split(":", 1)[1].split() for line in out.splitlines()
+                if line.strip().startswith("Import updates:")), [])
+    names = ("received", "rejected", "filtered", "ignored", "accepted")
+    return {k: int(v) if v.isdigit() else 0 for k, v in zip(names, row, strict=False)}
 
 
 def all_converged(lab: Lab) -> bool:
@@ -324,7 +328,12 @@ def test_external_peer(make_lab):
         for i, n in enumerate(lab.nodes))
     bird.reconfigure(tor["dir"], hostile)
     bird.wait_established(dirs, timeout=8)
-    time.sleep(0.5)  # updates travel in milliseconds; give them ample time to do harm
+    # every node has heard all five hostile routes (and kept none) before the kernel is read
+    session = "Global_" + TOR_IP.replace(".", "_")
+    wait_for(lambda: all(import_updates(h, session)["received"] >= 5 for h in lab.nodes), 5,
+             "every node received the hostile router's routes")
+    for host in lab.nodes:
+        assert import_updates(host, session)["accepted"] == 0
     for host in lab.nodes:
         assert bird_routes(host["netns"]) == expected_routes(lab, host)
         assert _ip(host["netns"], "route", "show", "default") == ""
@@ -353,6 +362,7 @@ def test_start_reports_bad_config_and_timeout(make_lab):
     assert "bird.log" in msg
 
 
+@needs_root
 def test_start_reports_a_bird_that_exits_or_never_answers(make_lab, monkeypatch):
     """The two ways BIRD can fail after its config was accepted: it exits, or it never opens
     its control socket. Either way the error ends with BIRD's own log and no process is left."""

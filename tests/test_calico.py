@@ -8,13 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TOPOLOGIES, capture, ip_json, needs_root, run_netsim, wait_for
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.vxlan import VXLAN
 
 from netsim import topology
 from netsim.errors import TopologyError
 from netsim.kernel import features, ipip_bpf
-from tests.conftest import TOPOLOGIES, capture, ip_json, needs_root, run_netsim
 
 pytestmark = needs_root
 
@@ -264,17 +264,6 @@ def learned(netns: str) -> set[tuple[str, str]]:
     return {(r["dst"], r["gateway"]) for r in routes}
 
 
-def wait_for(check, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
-
-
 def test_calico_bgp_full_mesh_and_a_stopped_bird(cluster):
     from netsim.bgp import bird
     from netsim.kernel import proc
@@ -294,12 +283,14 @@ def test_calico_bgp_full_mesh_and_a_stopped_bird(cluster):
     w3 = nodes["worker-3"]
     proc.stop([(w3["bird"]["pid"], w3["bird"]["start"])])
     w1 = nodes["worker-1"]["netns"]
-    assert wait_for(lambda: (w3["blocks"][0], w3["ip"]) not in learned(w1))
+    wait_for(lambda: (w3["blocks"][0], w3["ip"]) not in learned(w1), 10,
+             "worker-3's block withdrawn from worker-1", interval=0.1)
     with open(os.path.join(w3["bird"]["dir"], "bird.conf")) as fh:
         config = fh.read()
     pid, start = bird.start(w3["netns"], w3["bird"]["dir"], config)
     try:
-        assert wait_for(lambda: (w3["blocks"][0], w3["ip"]) in learned(w1))
+        wait_for(lambda: (w3["blocks"][0], w3["ip"]) in learned(w1), 10,
+                 "worker-3's block back on worker-1", interval=0.1)
     finally:
         proc.stop([(pid, start)])
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import Capture, needs_root
 
 from netsim.kernel import ipip_bpf
 from netsim.kernel import netns as nsmod
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="creates namespaces: needs root"),
+    needs_root,
     pytest.mark.skipif(ipip_bpf.toolchain_missing() is not None,
                        reason=ipip_bpf.toolchain_missing() or ""),
     pytest.mark.skipif(shutil.which("bpftool") is None,
@@ -124,26 +125,17 @@ def tc_state(netns: str) -> str:
 
 def test_pods_talk_over_standard_ipip(topo: Topology, tmp_path: Path):
     from scapy.layers.inet import ICMP, IP
-    from scapy.utils import rdpcap
 
     assert ipip_bpf.peers(topo.node_a) == {BLOCK_B: NODE_B}
     assert ipip_bpf.peer_nodes(topo.node_b) == {NODE_A: 1}
     assert "ipip_egress" in tc_state(topo.node_a) and "ipip_ingress" in tc_state(topo.node_a)
 
-    pcap = tmp_path / "nodeb-eth0.pcap"
-    with open(pcap, "wb") as out:
-        dump = subprocess.Popen(["ip", "netns", "exec", topo.node_b, "tcpdump", "-i", "eth0",
-                                 "-n", "-U", "--immediate-mode", "-w", "-", "ip"],
-                                stdout=out, stderr=subprocess.PIPE, text=True)
-        try:
-            assert "listening on" in (dump.stderr.readline() if dump.stderr else "")
-            ping = in_ns(topo.pod_a, "ping", "-c", "3", "-W", "1", "-i", "0.2", POD_B)
-        finally:
-            dump.terminate()
-            dump.communicate(timeout=10)
+    dump = Capture(topo.node_b, "eth0", "ip", tmp_path / "nodeb-eth0.pcap")
+    ping = in_ns(topo.pod_a, "ping", "-c", "3", "-W", "1", "-i", "0.2", POD_B)
+    packets = dump.stop(expect=6)  # 3 requests, 3 replies
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
-    outer = [p[IP] for p in rdpcap(str(pcap)) if IP in p and p[IP].proto == 4]
+    outer = [p[IP] for p in packets if IP in p and p[IP].proto == 4]
     requests = [p for p in outer if (p.src, p.dst) == (NODE_A, NODE_B)
                 and ICMP in p and (p[IP:2].src, p[IP:2].dst) == (POD_A, POD_B)
                 and p[ICMP].type == 8]
@@ -158,7 +150,7 @@ def test_pods_talk_over_standard_ipip(topo: Topology, tmp_path: Path):
         del recomputed.chksum
         assert IP(bytes(recomputed)).chksum == packet.chksum, "bad outer checksum"
     # no pod address travels the underlay unencapsulated
-    assert not [p for p in rdpcap(str(pcap)) if IP in p and p[IP].proto != 4
+    assert not [p for p in packets if IP in p and p[IP].proto != 4
                 and POD_A in (p[IP].src, p[IP].dst)]
 
     for node in (topo.node_a, topo.node_b):

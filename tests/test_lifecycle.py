@@ -1,20 +1,21 @@
 """Failure paths: bad input changes nothing, a failed apply undoes itself, a killed apply is
-collected by gc, and the host's own namespace is untouched by everything the suite did."""
+collected by gc, and a run that changed the host's own namespace fails (conftest's
+pytest_sessionfinish compares it after the whole run)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 from conftest import (
     NETSIM,
     ROOT,
-    SNAPSHOT_BEFORE,
     assert_nothing_left,
-    host_snapshot,
     needs_root,
     run_netsim,
 )
@@ -90,7 +91,7 @@ def test_gc_collects_a_killed_apply(cluster):
     proc.wait()
     assert cluster.namespaces(), "the killed apply should have left namespaces"
     assert state.load(cluster.name) is None  # it never committed
-    result = run_netsim("gc", check=True)
+    result = cluster.netsim("gc", check=True)  # other runs' clusters may be on this machine
     assert f"cluster/{cluster.name}: netns" in result.stdout
     assert_nothing_left(cluster)
 
@@ -98,12 +99,30 @@ def test_gc_collects_a_killed_apply(cluster):
 def test_gc_leaves_a_healthy_cluster_alone(cluster):
     cluster.apply()
     namespaces = cluster.namespaces()
-    run_netsim("gc", check=True)
+    cluster.netsim("gc", check=True)
     assert cluster.namespaces() == namespaces
     assert cluster.netsim("ping", "web-0", "web-1").returncode == 0
 
 
-def test_zz_host_namespace_untouched():
-    """Runs last (by name): the root namespace is as the suite found it."""
-    assert SNAPSHOT_BEFORE, "no snapshot was taken at session start"
-    assert host_snapshot() == SNAPSHOT_BEFORE
+def test_a_changed_host_namespace_fails_the_session(tmp_path):
+    """The session-end check in conftest fails a run whose tests all passed, and shows the
+    change; a run that changed nothing passes. (The change is pretended, in the snapshot.)"""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_it.py").write_text(
+        "import os\nimport conftest\n\n\ndef test_it():\n"
+        "    if os.environ.get('PRETEND'):\n"
+        "        conftest.SNAPSHOT_BEFORE['routes'] += 'blackhole 203.0.113.0/24\\n'\n")
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "test_it.py"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120)
+
+    clean = run()
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "root network namespace" not in clean.stdout
+    changed = run(PRETEND="1")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert "1 passed" in changed.stdout
+    assert "the test run changed the root network namespace: routes" in changed.stdout
+    assert "-blackhole 203.0.113.0/24" in changed.stdout

@@ -5,23 +5,18 @@ format, packets from unknown outer sources are dropped, and close() removes the 
 from __future__ import annotations
 
 import json
-import os
-import select
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from conftest import Capture, needs_root, wait_for
 
 from netsim.kernel import netns as nsmod
 from netsim.kernel.netlink import Rtnl
 from netsim.userspace_tunnel import FLANNEL_UDP_PORT, Tunnel, default_mtu
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates namespaces: needs root")
 
 NODE_A, NODE_B, STRANGER = "10.88.0.2", "10.88.0.3", "10.88.0.9"
 IPIP_NETS = ("192.168.1", "192.168.2")  # Calico-style blocks, one per node (/24 for brevity)
@@ -89,58 +84,6 @@ def prefix() -> Iterator[str]:
     assert not [ns for ns in nsmod.names() if ns.startswith(name)]
 
 
-class Capture:
-    """tcpdump writing a pcap inside a namespace, ended by its PID (by stop(), or by the
-    `captures` fixture if the test failed first)."""
-
-    running: list[Capture] = []
-
-    def __init__(self, netns: str, iface: str, bpf: str, path: Path):
-        self.path = path
-        Capture.running.append(self)
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "tcpdump", "-n", "-U", "--immediate-mode", "-Z", "root",
-             "-i", iface, "-w", str(path), bpf],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        ready, deadline = False, time.monotonic() + 10
-        while not ready and time.monotonic() < deadline:
-            if select.select([self.proc.stderr], [], [], 0.5)[0]:
-                line = self.proc.stderr.readline()
-                ready = "listening on" in line
-                if not line:
-                    break
-        if not ready:
-            self.stop()
-            raise AssertionError(f"tcpdump did not start in {netns}")
-
-    def stop(self) -> list:
-        """End tcpdump and return the packets it wrote, decoded by scapy."""
-        if self in Capture.running:
-            Capture.running.remove(self)
-        if self.proc.poll() is None:
-            time.sleep(0.3)  # let the last packets reach the file (-U flushes per packet)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.proc.stderr.close()
-        import scapy.layers.inet  # noqa: F401  (registers IP/UDP/ICMP for decoding)
-        import scapy.layers.l2  # noqa: F401  (registers Ethernet, the capture's link type)
-        from scapy.utils import rdpcap
-
-        return list(rdpcap(str(self.path))) if self.path.exists() else []
-
-
-@pytest.fixture(autouse=True)
-def captures() -> Iterator[None]:
-    """Stop every tcpdump a test left running."""
-    yield
-    while Capture.running:
-        Capture.running[-1].stop()
-
-
 def ping(src_ns: str, dst: str) -> subprocess.CompletedProcess:
     return in_ns(src_ns, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst)
 
@@ -150,24 +93,15 @@ def link_exists(netns: str, name: str) -> bool:
         return rtnl.link(name) is not None
 
 
-def wait_for(condition, seconds: float = 3.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def iperf3(nodes: Nodes) -> float:
     """TCP throughput pod A -> pod B over 3 s, in Gbit/s (server ended by its PID)."""
     server = subprocess.Popen(["ip", "netns", "exec", nodes.pod_b, "iperf3", "-s", "-1", "-B",
                                nodes.pod_b_ip], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        if not wait_for(lambda: in_ns(nodes.pod_b, "ss", "-Hltn", "sport = :5201").stdout
-                        or server.poll() is not None, seconds=15) or server.poll() is not None:
-            server.terminate()
+        wait_for(lambda: in_ns(nodes.pod_b, "ss", "-Hltn", "sport = :5201").stdout
+                 or server.poll() is not None, 15, "the iperf3 server listens")
+        if server.poll() is not None:
             raise AssertionError(f"iperf3 server did not listen: {server.communicate(5)[0]}")
         result = in_ns(nodes.pod_a, "iperf3", "-c", nodes.pod_b_ip, "-t", "3", "-J", timeout=30)
         report = json.loads(result.stdout or "{}")
@@ -219,7 +153,7 @@ def test_ipip_tunnel(prefix, tmp_path):
 
         capture = Capture(nodes.node_b, "eth0", "ip proto 4", tmp_path / "ipip.pcap")
         result = ping(nodes.pod_a, nodes.pod_b_ip)
-        packets = capture.stop()
+        packets = capture.stop(expect=6)  # 3 requests, 3 replies
         assert result.returncode == 0, result.stdout + result.stderr
 
         from scapy.layers.inet import ICMP, IP
@@ -253,10 +187,10 @@ def test_ipip_tunnel(prefix, tmp_path):
 
             rx = b.stats["rx"]
             send(STRANGER, 0x4242)
-            assert wait_for(lambda: b.stats["unknown_peer"] == 1)
+            wait_for(lambda: b.stats["unknown_peer"] == 1, 3, "the stranger's packet dropped")
             send(NODE_A, 0x4243)
-            assert wait_for(lambda: b.stats["rx"] > rx)
-        delivered = [p[ICMP].id for p in pod_capture.stop() if ICMP in p]
+            wait_for(lambda: b.stats["rx"] > rx, 3, "node A's packet received")
+        delivered = [p[ICMP].id for p in pod_capture.stop(expect=1) if ICMP in p]
         assert delivered == [0x4243]
         assert b.stats["unknown_peer"] == 1
 
@@ -292,7 +226,7 @@ def test_flannel_udp_tunnel(prefix, tmp_path):
         capture = Capture(nodes.node_b, "eth0", f"udp port {FLANNEL_UDP_PORT}",
                           tmp_path / "udp.pcap")
         result = ping(nodes.pod_a, nodes.pod_b_ip)
-        packets = capture.stop()
+        packets = capture.stop(expect=6)  # 3 requests, 3 replies
         assert result.returncode == 0, result.stdout + result.stderr
 
         from scapy.layers.inet import ICMP, IP, UDP
@@ -314,7 +248,7 @@ def test_flannel_udp_tunnel(prefix, tmp_path):
             stranger.bind((STRANGER, 0))
             inner = IP(src=nodes.pod_a_ip, dst=nodes.pod_b_ip) / ICMP(id=0x4242)
             stranger.sendto(bytes(inner), (NODE_B, FLANNEL_UDP_PORT))
-            assert wait_for(lambda: b.stats["unknown_peer"] == 1)
+            wait_for(lambda: b.stats["unknown_peer"] == 1, 3, "the stranger's datagram dropped")
 
         print(f"\nuserspace flannel udp (flannel0 TUN + UDP 8285): {iperf3(nodes):.2f} Gbit/s")
     finally:
