@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reference_ipbatch  # noqa: E402
 
 from netsim import cluster as clustermod  # noqa: E402
-from netsim import state, topology  # noqa: E402
+from netsim import state, teardown, topology  # noqa: E402
 
 NODES, PODS_PER_NODE, ROUNDS = 10, 50, 3
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -38,7 +38,7 @@ def _model(mode: str):
 
 def _agents_rss_mib(name: str) -> float:
     total = 0
-    for node in state.load(name)["nodes"].values():
+    for node in state.load(name).nodes.values():
         with open(f"/proc/{node['agent']['pid']}/status") as fh:
             total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
     return total / 1024
@@ -48,17 +48,17 @@ def _agents_rss_mib(name: str) -> float:
 def model(request):
     m = _model(request.param)
     yield m
-    clustermod.delete(m.name)
+    teardown.delete(m.name)
 
 
 @pytest.mark.benchmark(group="apply 10x50")
 def test_apply_netsim(benchmark, model):
     def setup():
-        clustermod.delete(model.name)
+        teardown.delete(model.name)
         return (model,), {}
 
     benchmark.pedantic(clustermod.apply, setup=setup, rounds=ROUNDS, iterations=1)
-    assert len(state.load(model.name)["pods"]) == NODES * PODS_PER_NODE
+    assert len(state.load(model.name).pods) == NODES * PODS_PER_NODE
     benchmark.extra_info["agents_rss_mib"] = round(_agents_rss_mib(model.name), 1)
 
 
@@ -68,7 +68,7 @@ def test_delete_netsim(benchmark, model):
         clustermod.apply(model)
         return (model.name,), {}
 
-    benchmark.pedantic(clustermod.delete, setup=setup, rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(teardown.delete, setup=setup, rounds=ROUNDS, iterations=1)
     assert state.load(model.name) is None
 
 
@@ -76,7 +76,7 @@ def test_delete_netsim(benchmark, model):
 def ref_tag(request):
     tag = f"ref{uuid.uuid4().hex[:6]}"
     yield tag, request.param
-    clustermod.gc(tag)
+    teardown.gc(tag)
 
 
 @pytest.mark.benchmark(group="apply 10x50")
@@ -84,7 +84,7 @@ def test_apply_reference(benchmark, ref_tag):
     tag, mode = ref_tag
 
     def setup():
-        clustermod.gc(tag)
+        teardown.gc(tag)
         return (tag, NODES, PODS_PER_NODE, mode), {}
 
     benchmark.pedantic(reference_ipbatch.build, setup=setup, rounds=ROUNDS, iterations=1)

@@ -134,10 +134,10 @@ def _apply_until_converged(model) -> None:
 
     clustermod.apply(model)
     record = state.load(model.name)
-    want = {n: {(b, o["ip"]) for m, o in record["nodes"].items() if m != n for b in o["blocks"]}
-            for n in record["nodes"]}
+    want = {n: {(b, o.ip) for m, o in record.nodes.items() if m != n for b in o.blocks}
+            for n in record.nodes}
     deadline = time.monotonic() + TIMEOUT
-    with_rtnl = {n: Rtnl(h["netns"]) for n, h in record["nodes"].items()}
+    with_rtnl = {n: Rtnl(h.netns) for n, h in record.nodes.items()}
     try:
         while not all(want[n] <= {(r["dst"], r["gateway"]) for r in rt.routes()}
                       for n, rt in with_rtnl.items()):
@@ -153,15 +153,15 @@ def _apply_until_converged(model) -> None:
 def test_apply_to_convergence(benchmark, source):
     """What the issue measures: from `apply` (namespaces, underlay, pods, BIRDs) to every
     node holding every peer's blocks; full mesh, and one reflector plus a top-of-rack peer."""
-    from netsim import cluster as clustermod
+    from netsim import teardown
 
     model = _bgp_model(source)
 
     def setup():
-        clustermod.delete(model.name)
+        teardown.delete(model.name)
         return (model,), {}
 
     try:
         benchmark.pedantic(_apply_until_converged, setup=setup, rounds=3, iterations=1)
     finally:
-        clustermod.delete(model.name)
+        teardown.delete(model.name)

@@ -19,23 +19,24 @@ import pytest
 import yaml
 
 from netsim import cluster as clustermod
-from netsim import probe, state, topology
+from netsim import probe, state, teardown, topology
 from netsim.kernel import netns as nsmod
 from netsim.kernel import nft, nftnl
 from netsim.kubeproxy import nftables as kp
+from netsim.kubeproxy.ports import Endpoint, ProxyPort
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 SERVICES, ENDPOINTS, CONNECTIONS = 1000, 10, 200
 
 
-def _ports(changed: bool = False) -> list[kp.ServicePort]:
+def _ports(changed: bool = False) -> list[ProxyPort]:
     ports = []
     for s in range(SERVICES):
-        eps = [kp.Endpoint(f"10.{100 + s // 250}.{s % 250}.{e + 2}", 8080)
+        eps = [Endpoint(f"10.{100 + s // 250}.{s % 250}.{e + 2}", 8080)
                for e in range(ENDPOINTS)]
         if changed and s == SERVICES // 2:
-            eps[3] = kp.Endpoint("10.99.0.99", 8080)
-        ports.append(kp.ServicePort("default", f"svc-{s}", "http", "TCP",
+            eps[3] = Endpoint("10.99.0.99", 8080)
+        ports.append(ProxyPort("default", f"svc-{s}", "http", "TCP",
                                     f"10.96.{s // 250}.{s % 250 + 1}", 80, 30000 + s,
                                     tuple(eps), 10800 if s % 10 == 0 else None))
     return ports
@@ -84,7 +85,7 @@ def test_one_dnat_rule_in_the_full_table(benchmark, node):
     batch = nftnl.Batch(kp.TABLE)
     batch.flush_chain("spare")
     rule = kp.Rule("meta l4proto tcp dnat to 10.0.0.1:80",
-                   lambda: kp._dnat("tcp", kp.Endpoint("10.0.0.1", 80)).code)
+                   lambda: kp._dnat("tcp", Endpoint("10.0.0.1", 80)).code)
     batch.add_rule("spare", rule.code, rule.text)
     benchmark.pedantic(batch.commit, args=(node,), rounds=10, iterations=1)
 
@@ -119,7 +120,7 @@ def _cluster(backend: str):
 def kube_proxy(request):
     model = _cluster(request.param)
     yield request.param, state.load(model.name)
-    clustermod.delete(model.name)
+    teardown.delete(model.name)
 
 
 def test_connection_rate(benchmark, kube_proxy):
@@ -127,9 +128,9 @@ def test_connection_rate(benchmark, kube_proxy):
     preceded by the same number straight to its pods (timed by hand, in the untimed setup), so
     the two alternate and the ratio of their medians holds up on a noisy machine."""
     backend, record = kube_proxy
-    netns = record["pods"]["web-0"]["netns"]
-    service = [(record["services"]["web"]["clusterIP"], 80)]
-    pods = [(p["ip"], 9376) for p in record["pods"].values()]
+    netns = record.pods["web-0"].netns
+    service = [(record.services["web"].cluster_ip, 80)]
+    pods = [(p.ip, 9376) for p in record.pods.values()]
     direct: list[float] = []
     benchmark.group = "connections through a ClusterIP"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from netsim.model import Cluster, Service, ServicePort
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
+from netsim.model import Cluster, Service, ServicePort
 from netsim.record import PodRecord, Record
 from netsim.topology import NODE_PORT_RANGE, allocate_cluster_ips
 from netsim.transaction import Changes

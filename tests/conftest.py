@@ -119,9 +119,9 @@ def cluster(tmp_path):
     c = ClusterUnderTest(tmp_path)
     yield c
     run_netsim("down", c.name)
-    from netsim import cluster as clustermod
+    from netsim import teardown
 
-    clustermod.gc(c.name)
+    teardown.gc(c.name)
     assert not c.namespaces(), f"cleanup left namespaces: {c.namespaces()}"
 
 

@@ -28,12 +28,12 @@ def apply(cluster, source: str, replicas: int = 3, edit=None, cni: str = "") -> 
 
 
 def node_ns(record: dict, node: str) -> str:
-    return record["nodes"][node]["netns"]
+    return record.nodes[node].netns
 
 
 def ping(record: dict, src: str, dst: str) -> None:
-    done = subprocess.run(["ip", "netns", "exec", record["pods"][src]["netns"], "ping", "-c1",
-                           "-W2", record["pods"][dst]["ip"]], capture_output=True, text=True)
+    done = subprocess.run(["ip", "netns", "exec", record.pods[src].netns, "ping", "-c1",
+                           "-W2", record.pods[dst].ip], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -43,44 +43,44 @@ def pinger(record: dict, src: str, dst: str):
 
 def test_calico_vxlan_kernel_state_and_wire(cluster):
     record = apply(cluster, "calico-vxlan.yaml")
-    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
-    ns = w1["netns"]
+    w1, w2 = record.nodes["worker-1"], record.nodes["worker-2"]
+    ns = w1.netns
     link = ip_json(ns, "-d", "link", "show", "vxlan.calico")[0]
     data = link["linkinfo"]["info_data"]
     assert (data["id"], data["port"], data["learning"], link["mtu"]) == (4096, 4789, False, 1450)
-    assert data["local"] == w1["ip"]
+    assert data["local"] == w1.ip
     addrs = ip_json(ns, "addr", "show", "vxlan.calico")[0]["addr_info"]
-    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == \
-        [(w1["tunnel_ip"], 32)]
-    assert w1["blocks"] == ["192.168.0.0/26"] and w1["tunnel_ip"] == "192.168.0.0"
+    assert [(a["local"], a.prefixlen) for a in addrs if a["family"] == "inet"] == \
+        [(w1.tunnel_ip, 32)]
+    assert w1.blocks == ["192.168.0.0/26"] and w1.tunnel_ip == "192.168.0.0"
     neigh = ip_json(ns, "neigh", "show", "dev", "vxlan.calico")
-    assert {"dst": w2["tunnel_ip"], "lladdr": w2["vtep_mac"], "state": ["PERMANENT"]} in \
+    assert {"dst": w2.tunnel_ip, "lladdr": w2.vtep_mac, "state": ["PERMANENT"]} in \
         [{k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh]
     fdb = subprocess.run(["bridge", "-n", ns, "fdb", "show", "dev", "vxlan.calico"],
                          capture_output=True, text=True).stdout
     assert f"{w2['vtep_mac']} dst {w2['ip']} self permanent" in fdb
     routes = ip_json(ns, "route")
-    assert {"dst": "192.168.0.64/26", "gateway": w2["tunnel_ip"], "dev": "vxlan.calico",
+    assert {"dst": "192.168.0.64/26", "gateway": w2.tunnel_ip, "dev": "vxlan.calico",
             "protocol": "80", "flags": ["onlink"]} in routes
     assert {"type": "blackhole", "dst": "192.168.0.0/26", "protocol": "80", "flags": []} in routes
-    pod = record["pods"]["web-0"]
-    assert {"dst": pod["ip"], "dev": pod["veth"], "scope": "link", "flags": []} in routes
-    cali = ip_json(ns, "link", "show", pod["veth"])[0]
-    assert cali["address"] == "ee:ee:ee:ee:ee:ee" and pod["veth"].startswith("cali")
-    assert len(pod["veth"]) == 15
-    inside = {(r["dst"], r.get("gateway")) for r in ip_json(pod["netns"], "route")}
+    pod = record.pods["web-0"]
+    assert {"dst": pod.ip, "dev": pod.veth, "scope": "link", "flags": []} in routes
+    cali = ip_json(ns, "link", "show", pod.veth)[0]
+    assert cali["address"] == "ee:ee:ee:ee:ee:ee" and pod.veth.startswith("cali")
+    assert len(pod.veth) == 15
+    inside = {(r["dst"], r.get("gateway")) for r in ip_json(pod.netns, "route")}
     assert inside == {("default", "169.254.1.1"), ("169.254.1.1", None)}
-    peer_pod = next(p for p in record["pods"].values() if p["node"] == "worker-2")
-    peer_name = next(n for n, p in record["pods"].items() if p is peer_pod)
-    packets = capture(w2["netns"], "eth0", "udp port 4789",
+    peer_pod = next(p for p in record.pods.values() if p.node == "worker-2")
+    peer_name = next(n for n, p in record.pods.items() if p is peer_pod)
+    packets = capture(w2.netns, "eth0", "udp port 4789",
                       pinger(record, "web-0", peer_name), count=2)
     vx = [p for p in packets if p.haslayer(VXLAN)]
     assert vx, "no VXLAN packet reached worker-2's eth0"
     first = vx[0]
-    assert (first[IP].src, first[IP].dst, first[UDP].dport) == (w1["ip"], w2["ip"], 4789)
+    assert (first[IP].src, first[IP].dst, first[UDP].dport) == (w1.ip, w2.ip, 4789)
     assert first[VXLAN].vni == 4096
     inner = first[VXLAN].payload[IP]
-    assert (inner.src, inner.dst) == (pod["ip"], peer_pod["ip"]) and inner.haslayer(ICMP)
+    assert (inner.src, inner.dst) == (pod.ip, peer_pod.ip) and inner.haslayer(ICMP)
 
 
 CARRIERS = [
@@ -96,26 +96,26 @@ CARRIERS = [
 def test_calico_ipip_carrier_puts_protocol_4_on_the_wire(cluster, carrier):
     record = apply(cluster, "calico-ipip.yaml", edit=lambda t: t.replace(
         "ipipMode: Always", f"ipipMode: Always\n      ipipCarrier: {carrier}"))
-    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
-    assert w1["carrier"] == carrier
+    w1, w2 = record.nodes["worker-1"], record.nodes["worker-2"]
+    assert w1.carrier == carrier
     device = "eth0" if carrier == "ebpf" else "tunl0"
-    assert {"dst": "192.168.0.64/26", "gateway": w2["ip"], "dev": device, "protocol": "80",
-            "flags": ["onlink"]} in ip_json(w1["netns"], "route")
+    assert {"dst": "192.168.0.64/26", "gateway": w2.ip, "dev": device, "protocol": "80",
+            "flags": ["onlink"]} in ip_json(w1.netns, "route")
     if carrier != "ebpf":
-        assert ip_json(w1["netns"], "link", "show", "tunl0")[0]["mtu"] == 1480
+        assert ip_json(w1.netns, "link", "show", "tunl0")[0]["mtu"] == 1480
     tunnel_on = "lo" if carrier == "ebpf" else "tunl0"  # the node's tunnel address, a /32
-    assert (w1["tunnel_ip"], 32) in {(a["local"], a["prefixlen"]) for a in ip_json(
-        w1["netns"], "addr", "show", tunnel_on)[0]["addr_info"] if a["family"] == "inet"}
-    assert {r["dst"] for r in ip_json(w1["netns"], "route", "show", "type", "blackhole")} == \
-        set(w1["blocks"])
-    assert ip_json(record["pods"]["web-0"]["netns"], "link", "show", "eth0")[0]["mtu"] == 1480
-    dst = next(n for n, p in record["pods"].items() if p["node"] == "worker-2")
-    packets = capture(w2["netns"], "eth0", "ip proto 4", pinger(record, "web-0", dst), count=2)
+    assert (w1.tunnel_ip, 32) in {(a["local"], a.prefixlen) for a in ip_json(
+        w1.netns, "addr", "show", tunnel_on)[0]["addr_info"] if a["family"] == "inet"}
+    assert {r["dst"] for r in ip_json(w1.netns, "route", "show", "type", "blackhole")} == \
+        set(w1.blocks)
+    assert ip_json(record.pods["web-0"].netns, "link", "show", "eth0")[0]["mtu"] == 1480
+    dst = next(n for n, p in record.pods.items() if p.node == "worker-2")
+    packets = capture(w2.netns, "eth0", "ip proto 4", pinger(record, "web-0", dst), count=2)
     assert packets, "no protocol-4 packet reached worker-2's eth0"
     outer = packets[0][IP]
-    assert (outer.src, outer.dst, outer.proto) == (w1["ip"], w2["ip"], 4)
+    assert (outer.src, outer.dst, outer.proto) == (w1.ip, w2.ip, 4)
     inner = outer.payload
-    assert (inner.src, inner.dst) == (record["pods"]["web-0"]["ip"], record["pods"][dst]["ip"])
+    assert (inner.src, inner.dst) == (record.pods["web-0"].ip, record.pods[dst].ip)
     described = cluster.netsim("describe", "node", "worker-1", check=True).stdout
     assert f"carrier: {carrier}" in described
 
@@ -124,19 +124,19 @@ def across_racks(record: dict, wire_filter: str) -> tuple[dict, list]:
     """worker-1's route to a block in its own rack (worker-2) and in the other (worker-3),
     checking the first is native and that pod traffic within the rack crosses eth0 bare;
     returns the other route and what a ping to worker-3's pod put on worker-3's eth0."""
-    w1, w2, w3 = (record["nodes"][f"worker-{i}"] for i in (1, 2, 3))
-    routes = ip_json(w1["netns"], "route")
-    same_rack = next(r for r in routes if r["dst"] == w2["blocks"][0])
-    assert (same_rack["gateway"], same_rack["dev"]) == (w2["ip"], "eth0")
-    on = {p["node"]: n for n, p in record["pods"].items()}
-    bare = capture(w2["netns"], "eth0", "icmp", pinger(record, on["worker-1"], on["worker-2"]),
+    w1, w2, w3 = (record.nodes[f"worker-{i}"] for i in (1, 2, 3))
+    routes = ip_json(w1.netns, "route")
+    same_rack = next(r for r in routes if r["dst"] == w2.blocks[0])
+    assert (same_rack["gateway"], same_rack["dev"]) == (w2.ip, "eth0")
+    on = {p.node: n for n, p in record.pods.items()}
+    bare = capture(w2.netns, "eth0", "icmp", pinger(record, on["worker-1"], on["worker-2"]),
                    count=2)
-    assert bare and bare[0][IP].src == record["pods"][on["worker-1"]]["ip"]
-    other_rack = next(r for r in routes if r["dst"] == w3["blocks"][0])
-    wrapped = capture(w3["netns"], "eth0", wire_filter,
+    assert bare and bare[0][IP].src == record.pods[on["worker-1"]].ip
+    other_rack = next(r for r in routes if r["dst"] == w3.blocks[0])
+    wrapped = capture(w3.netns, "eth0", wire_filter,
                       pinger(record, on["worker-1"], on["worker-3"]), count=2)
     assert wrapped, f"nothing matching {wire_filter!r} reached worker-3 from the other rack"
-    assert (wrapped[0][IP].src, wrapped[0][IP].dst) == (w1["ip"], w3["ip"])  # via the router
+    assert (wrapped[0][IP].src, wrapped[0][IP].dst) == (w1.ip, w3.ip)  # via the router
     ping(record, on["worker-4"], on["worker-1"])
     return other_rack, wrapped
 
@@ -144,8 +144,8 @@ def across_racks(record: dict, wire_filter: str) -> tuple[dict, list]:
 def test_crosssubnet_encapsulates_only_between_racks(cluster):
     record = apply(cluster, "calico-crosssubnet.yaml", replicas=4)
     other_rack, wrapped = across_racks(record, "udp port 4789")
-    w3 = record["nodes"]["worker-3"]
-    assert (other_rack["gateway"], other_rack["dev"]) == (w3["tunnel_ip"], "vxlan.calico")
+    w3 = record.nodes["worker-3"]
+    assert (other_rack["gateway"], other_rack["dev"]) == (w3.tunnel_ip, "vxlan.calico")
     assert wrapped[0][VXLAN].vni == 4096
 
 
@@ -157,11 +157,11 @@ def test_ipip_crosssubnet_across_racks(cluster, carrier):
     record = apply(cluster, "calico-crosssubnet.yaml", replicas=4, edit=lambda t: t.replace(
         "mode: calico-vxlan", "mode: calico-ipip").replace(
         "vxlanMode: CrossSubnet", f"ipipMode: CrossSubnet\n      ipipCarrier: {carrier}"))
-    w1, w3 = record["nodes"]["worker-1"], record["nodes"]["worker-3"]
-    assert w1["carrier"] == carrier
+    w1, w3 = record.nodes["worker-1"], record.nodes["worker-3"]
+    assert w1.carrier == carrier
     other_rack, _ = across_racks(record, "ip proto 4")
     assert (other_rack["gateway"], other_rack["dev"], other_rack["flags"]) == (
-        w1["gateway"] if carrier == "ebpf" else w3["ip"],
+        w1["gateway"] if carrier == "ebpf" else w3.ip,
         "eth0" if carrier == "ebpf" else "tunl0", ["onlink"])
 
 
@@ -176,34 +176,34 @@ def test_a_full_block_makes_the_node_claim_another(cluster, cni):
             "    spec:\n      nodeName: worker-1\n      containers:")
 
     record = apply(cluster, "calico-vxlan.yaml", replicas=8, edit=pin, cni=cni)
-    w1 = record["nodes"]["worker-1"]
-    assert w1["blocks"] == ["192.168.0.0/29", "192.168.0.24/29"]
-    blackholes = {r["dst"] for r in ip_json(w1["netns"], "route", "show", "type", "blackhole")}
+    w1 = record.nodes["worker-1"]
+    assert w1.blocks == ["192.168.0.0/29", "192.168.0.24/29"]
+    blackholes = {r["dst"] for r in ip_json(w1.netns, "route", "show", "type", "blackhole")}
     assert blackholes == {"192.168.0.0/29", "192.168.0.24/29"}
-    last = max(record["pods"].values(), key=lambda p: tuple(map(int, p["ip"].split("."))))
-    assert last["ip"] == "192.168.0.24"
+    last = max(record.pods.values(), key=lambda p: tuple(map(int, p.ip.split("."))))
+    assert last.ip == "192.168.0.24"
     w2 = node_ns(record, "worker-2")
     assert "192.168.0.24/29" in {r["dst"] for r in ip_json(w2, "route")}
-    done = subprocess.run(["ip", "netns", "exec", w2, "ping", "-c1", "-W2", last["ip"]],
+    done = subprocess.run(["ip", "netns", "exec", w2, "ping", "-c1", "-W2", last.ip],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
 
 
 def test_flannel_udp_carries_pods_in_udp_8285(cluster):
     record = apply(cluster, "flannel-udp.yaml")
-    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
-    flannel0 = ip_json(w1["netns"], "addr", "show", "flannel0")[0]
+    w1, w2 = record.nodes["worker-1"], record.nodes["worker-2"]
+    flannel0 = ip_json(w1.netns, "addr", "show", "flannel0")[0]
     assert flannel0["mtu"] == 1472
     assert {"dst": "10.244.0.0/16", "dev": "flannel0"}.items() <= next(
-        r for r in ip_json(w1["netns"], "route") if r["dst"] == "10.244.0.0/16").items()
-    dst = next(n for n, p in record["pods"].items() if p["node"] == "worker-2")
-    packets = capture(w2["netns"], "eth0", "udp port 8285", pinger(record, "web-0", dst),
+        r for r in ip_json(w1.netns, "route") if r["dst"] == "10.244.0.0/16").items()
+    dst = next(n for n, p in record.pods.items() if p.node == "worker-2")
+    packets = capture(w2.netns, "eth0", "udp port 8285", pinger(record, "web-0", dst),
                       count=2)
     assert packets, "no UDP 8285 datagram reached worker-2's eth0"
     first = packets[0]
-    assert (first[IP].src, first[IP].dst, first[UDP].dport) == (w1["ip"], w2["ip"], 8285)
+    assert (first[IP].src, first[IP].dst, first[UDP].dport) == (w1.ip, w2.ip, 8285)
     inner = IP(bytes(first[UDP].payload))
-    assert (inner.src, inner.dst) == (record["pods"]["web-0"]["ip"], record["pods"][dst]["ip"])
+    assert (inner.src, inner.dst) == (record.pods["web-0"].ip, record.pods[dst].ip)
 
 
 BASE = """apiVersion: netsim.dev/v1alpha1
@@ -269,27 +269,27 @@ def test_calico_bgp_full_mesh_and_a_stopped_bird(cluster):
     from netsim.kernel import proc
 
     record = apply(cluster, "calico-bgp.yaml")
-    nodes = record["nodes"]
+    nodes = record.nodes
     for name, node in nodes.items():
-        expected = {(p["blocks"][0], p["ip"]) for n, p in nodes.items() if n != name}
-        assert learned(node["netns"]) == expected
+        expected = {(p.blocks[0], p.ip) for n, p in nodes.items() if n != name}
+        assert learned(node.netns) == expected
     status = cluster.netsim("bgp", "status", check=True).stdout
     assert status.count("Established") == 6
-    on = {p["node"]: n for n, p in record["pods"].items()}
-    bare = capture(nodes["worker-2"]["netns"], "eth0", "icmp",
+    on = {p.node: n for n, p in record.pods.items()}
+    bare = capture(nodes["worker-2"].netns, "eth0", "icmp",
                    pinger(record, on["worker-1"], on["worker-2"]), count=2)
-    assert bare and bare[0][IP].dst == record["pods"][on["worker-2"]]["ip"]  # no tunnel
+    assert bare and bare[0][IP].dst == record.pods[on["worker-2"]].ip  # no tunnel
     # worker-3's BIRD stops: its block leaves the others' tables; a new BIRD brings it back
     w3 = nodes["worker-3"]
-    proc.stop([(w3["bird"]["pid"], w3["bird"]["start"])])
-    w1 = nodes["worker-1"]["netns"]
-    wait_for(lambda: (w3["blocks"][0], w3["ip"]) not in learned(w1), 10,
+    proc.stop([(w3.bird.pid, w3.bird.start)])
+    w1 = nodes["worker-1"].netns
+    wait_for(lambda: (w3.blocks[0], w3.ip) not in learned(w1), 10,
              "worker-3's block withdrawn from worker-1", interval=0.1)
-    with open(os.path.join(w3["bird"]["dir"], "bird.conf")) as fh:
+    with open(os.path.join(w3.bird.dir, "bird.conf")) as fh:
         config = fh.read()
-    pid, start = bird.start(w3["netns"], w3["bird"]["dir"], config)
+    pid, start = bird.start(w3.netns, w3.bird.dir, config)
     try:
-        wait_for(lambda: (w3["blocks"][0], w3["ip"]) in learned(w1), 10,
+        wait_for(lambda: (w3.blocks[0], w3.ip) in learned(w1), 10,
                  "worker-3's block back on worker-1", interval=0.1)
     finally:
         proc.stop([(pid, start)])
@@ -297,21 +297,21 @@ def test_calico_bgp_full_mesh_and_a_stopped_bird(cluster):
 
 def test_route_reflector_and_top_of_rack_peer(cluster):
     record = apply(cluster, "calico-bgp-rr.yaml", replicas=4)
-    nodes = record["nodes"]
+    nodes = record.nodes
     w2, w3 = nodes["worker-2"], nodes["worker-3"]
     # worker-2 peers only with the reflector, yet learns worker-3's block with worker-3 as hop
-    assert (w3["blocks"][0], w3["ip"]) in learned(w2["netns"])
+    assert (w3.blocks[0], w3.ip) in learned(w2.netns)
     status = cluster.netsim("bgp", "status", check=True).stdout.splitlines()
     w2_peers = {line.split()[1] for line in status[1:] if line.split()[0] == "worker-2"}
     assert w2_peers == {"worker-1", "tor"}
-    tor = record["clients"]["tor"]
-    assert learned(tor["netns"]) == {(n["blocks"][0], n["ip"]) for n in nodes.values()}
-    on = {p["node"]: n for n, p in record["pods"].items()}
+    tor = record.clients["tor"]
+    assert learned(tor.netns) == {(n.blocks[0], n.ip) for n in nodes.values()}
+    on = {p.node: n for n, p in record.pods.items()}
     ping(record, on["worker-2"], on["worker-3"])
 
 
 def test_no_ipip_carrier_at_all_says_what_to_install(monkeypatch):
-    from cni.modes import calico_ipip
+    from netsim.modes import calico_ipip
 
     monkeypatch.setattr(features, "link_kinds", lambda: {"ipip": False})
     monkeypatch.setattr(ipip_bpf, "available", lambda: False)
@@ -326,7 +326,7 @@ def test_no_ipip_carrier_at_all_says_what_to_install(monkeypatch):
 
 
 def test_doctor_names_the_ipip_carrier_this_host_uses():
-    from cni.modes.calico_ipip import choose_carrier
+    from netsim.modes.calico_ipip import choose_carrier
 
     done = run_netsim("doctor", check=True)
     line = next(x for x in done.stdout.splitlines() if x.startswith("calico-ipip"))

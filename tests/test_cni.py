@@ -425,27 +425,27 @@ def test_apply_cni_exec_runs_a_chain_with_debian_tuning(cluster):
     Path(cluster.file).write_text(text)
     run_netsim("apply", "-f", cluster.file, "--cni", "exec", check=True)
     record = cluster.record()
-    pod = record["pods"]["web-0"]
+    pod = record.pods["web-0"]
     assert pod["via"] == "cni-exec"
-    sysctl = subprocess.run(["ip", "netns", "exec", pod["netns"], "sysctl", "-n",
+    sysctl = subprocess.run(["ip", "netns", "exec", pod.netns, "sysctl", "-n",
                              "net.ipv4.conf.eth0.rp_filter"], capture_output=True, text=True)
     assert sysctl.stdout.strip() == "2"  # tuning parsed netsim's prevResult and applied it
-    node_dir = Path("/run/netsim") / cluster.name / "nodes" / pod["node"]
+    node_dir = Path("/run/netsim") / cluster.name / "nodes" / pod.node
     conflist = json.loads((node_dir / "net.d" / "10-flannel-host-gw.conflist").read_text())
     assert [p["type"] for p in conflist["plugins"]] == ["netsim", "tuning"]
     cache = json.loads((node_dir / "cni-cache" / "results" / "cbr0-web-0-eth0").read_text())
-    assert cache["result"]["ips"][0]["address"] == pod["ip"] + "/24"
+    assert cache["result"]["ips"][0]["address"] == pod.ip + "/24"
     pong = cluster.netsim("curl", "web-0", f"http://{record['pods']['web-1']['ip']}:9376")
     assert pong.returncode == 0 and "web-1" in pong.stdout
     # scaling down runs DEL through the chain: the cache entry and the address go
     Path(cluster.file).write_text(text.replace("replicas: 2", "replicas: 1"))
     run_netsim("apply", "-f", cluster.file, "--cni", "exec", check=True)
-    gone = record["pods"]["web-1"]
-    gone_dir = Path("/run/netsim") / cluster.name / "nodes" / gone["node"]
+    gone = record.pods["web-1"]
+    gone_dir = Path("/run/netsim") / cluster.name / "nodes" / gone.node
     assert (gone_dir / "net.d").exists()
     assert not (gone_dir / "cni-cache" / "results" / "cbr0-web-1-eth0").exists()
-    assert not (gone_dir / "ipam" / "cbr0" / gone["ip"]).exists()
-    assert not nsmod.exists(gone["netns"])
+    assert not (gone_dir / "ipam" / "cbr0" / gone.ip).exists()
+    assert not nsmod.exists(gone.netns)
 
 
 def test_cni_install_puts_the_plugin_under_its_type_name(tmp_path):

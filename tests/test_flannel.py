@@ -17,47 +17,47 @@ pytestmark = needs_root
 
 
 def _pod_on_other_node(record: dict, pod: str) -> str:
-    node = record["pods"][pod]["node"]
-    return next(p for p, e in record["pods"].items() if e["node"] != node)
+    node = record.pods[pod].node
+    return next(p for p, e in record.pods.items() if e.node != node)
 
 
 def test_vxlan_cluster_kernel_state_and_traffic(cluster):
     cluster.apply()
     record = cluster.record()
-    nodes = record["nodes"]
-    assert [n["subnet"] for n in nodes.values()] == ["10.244.1.0/24", "10.244.2.0/24",
+    nodes = record.nodes
+    assert [n.subnet for n in nodes.values()] == ["10.244.1.0/24", "10.244.2.0/24",
                                                       "10.244.3.0/24"]
     w1, w2 = nodes["worker-1"], nodes["worker-2"]
 
-    link = ip_json(w1["netns"], "-d", "link", "show", "flannel.1")[0]
+    link = ip_json(w1.netns, "-d", "link", "show", "flannel.1")[0]
     vx = link["linkinfo"]["info_data"]
-    assert (vx["id"], vx["port"], vx["learning"], vx["local"]) == (1, 8472, False, w1["ip"])
-    assert link["mtu"] == 1450 and link["address"] == w1["vtep_mac"]
-    addrs = ip_json(w1["netns"], "addr", "show", "flannel.1")[0]["addr_info"]
-    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == \
+    assert (vx["id"], vx["port"], vx["learning"], vx["local"]) == (1, 8472, False, w1.ip)
+    assert link["mtu"] == 1450 and link["address"] == w1.vtep_mac
+    addrs = ip_json(w1.netns, "addr", "show", "flannel.1")[0]["addr_info"]
+    assert [(a["local"], a.prefixlen) for a in addrs if a["family"] == "inet"] == \
         [("10.244.1.0", 32)]
 
-    neigh = ip_json(w1["netns"], "neigh", "show", "dev", "flannel.1")
-    assert {"dst": "10.244.2.0", "lladdr": w2["vtep_mac"], "state": ["PERMANENT"]} in \
+    neigh = ip_json(w1.netns, "neigh", "show", "dev", "flannel.1")
+    assert {"dst": "10.244.2.0", "lladdr": w2.vtep_mac, "state": ["PERMANENT"]} in \
         [{k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh]
     fdb = json.loads(os.popen(f"bridge -n {w1['netns']} -j fdb show dev flannel.1").read())
-    entry = next(f for f in fdb if f["mac"] == w2["vtep_mac"])
-    assert entry["dst"] == w2["ip"] and entry["state"] == "permanent" and "self" in entry["flags"]
-    routes = ip_json(w1["netns"], "route", "show", "10.244.2.0/24")
+    entry = next(f for f in fdb if f["mac"] == w2.vtep_mac)
+    assert entry["dst"] == w2.ip and entry["state"] == "permanent" and "self" in entry["flags"]
+    routes = ip_json(w1.netns, "route", "show", "10.244.2.0/24")
     assert routes == [{"dst": "10.244.2.0/24", "gateway": "10.244.2.0", "dev": "flannel.1",
                        "flags": ["onlink"]}]
 
-    cni0 = ip_json(w1["netns"], "addr", "show", "cni0")[0]
+    cni0 = ip_json(w1.netns, "addr", "show", "cni0")[0]
     assert cni0["mtu"] == 1450
-    assert ("10.244.1.1", 24) in [(a["local"], a["prefixlen"]) for a in cni0["addr_info"]]
-    pod = record["pods"]["web-0"]
-    port = ip_json(w1["netns"], "-d", "link", "show", pod["veth"])[0]
+    assert ("10.244.1.1", 24) in [(a["local"], a.prefixlen) for a in cni0["addr_info"]]
+    pod = record.pods["web-0"]
+    port = ip_json(w1.netns, "-d", "link", "show", pod.veth)[0]
     assert port["master"] == "cni0" and port["linkinfo"]["info_slave_data"]["hairpin"] is True
-    pod_routes = {r["dst"]: r.get("gateway") for r in ip_json(pod["netns"], "route")}
+    pod_routes = {r["dst"]: r.get("gateway") for r in ip_json(pod.netns, "route")}
     assert pod_routes["default"] == "10.244.1.1" and pod_routes["10.244.0.0/16"] == "10.244.1.1"
-    assert ip_json(pod["netns"], "link", "show", "eth0")[0]["mtu"] == 1450
-    assert sysctl.get_in(w1["netns"], "net.ipv4.ip_forward") == "1"
-    assert "FLANNEL-POSTRTG" in nft.ruleset(w1["netns"])
+    assert ip_json(pod.netns, "link", "show", "eth0")[0]["mtu"] == 1450
+    assert sysctl.get_in(w1.netns, "net.ipv4.ip_forward") == "1"
+    assert "FLANNEL-POSTRTG" in nft.ruleset(w1.netns)
 
     node_dir = state.node_dir(cluster.name, "worker-1")
     assert open(f"{node_dir}/subnet.env").read() == (
@@ -65,8 +65,8 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
         "FLANNEL_IPMASQ=true\n")
     lease = json.load(open(f"{state.cluster_dir(cluster.name)}/etcd/coreos.com/network/subnets/"
                            "10.244.1.0-24"))
-    assert lease == {"PublicIP": w1["ip"], "BackendType": "vxlan",
-                     "BackendData": {"VNI": 1, "VtepMAC": w1["vtep_mac"]}}
+    assert lease == {"PublicIP": w1.ip, "BackendType": "vxlan",
+                     "BackendData": {"VNI": 1, "VtepMAC": w1.vtep_mac}}
 
     other = _pod_on_other_node(record, "web-0")
     ping = cluster.netsim("ping", "web-0", other)
@@ -79,11 +79,11 @@ def test_host_gw_routes_via_peer_node_ip(cluster):
     cluster.write("flannel-host-gw.yaml")
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()
-    w1, w2 = record["nodes"]["worker-1"], record["nodes"]["worker-2"]
-    routes = ip_json(w1["netns"], "route", "show", w2["subnet"])
-    assert routes == [{"dst": w2["subnet"], "gateway": w2["ip"], "dev": "eth0", "flags": []}]
-    assert not ip_json(w1["netns"], "link", "show", "type", "vxlan")
-    assert ip_json(record["pods"]["web-0"]["netns"], "link", "show", "eth0")[0]["mtu"] == 1500
+    w1, w2 = record.nodes["worker-1"], record.nodes["worker-2"]
+    routes = ip_json(w1.netns, "route", "show", w2.subnet)
+    assert routes == [{"dst": w2.subnet, "gateway": w2.ip, "dev": "eth0", "flags": []}]
+    assert not ip_json(w1.netns, "link", "show", "type", "vxlan")
+    assert ip_json(record.pods["web-0"].netns, "link", "show", "eth0")[0]["mtu"] == 1500
     ping = cluster.netsim("ping", "web-0", _pod_on_other_node(record, "web-0"))
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
@@ -91,12 +91,12 @@ def test_host_gw_routes_via_peer_node_ip(cluster):
 def _kernel_view(record: dict) -> dict:
     """Everything an apply could change, read from every namespace of the cluster."""
     view = {}
-    for entry in [*record["nodes"].values(), *record["pods"].values(),
-                  *record["clients"].values(), record["underlay"]]:
-        ns = entry["netns"]
+    for entry in [*record.nodes.values(), *record.pods.values(),
+                  *record.clients.values(), record.underlay]:
+        ns = entry.netns
         links = [{k: link.get(k) for k in ("ifindex", "ifname", "mtu", "address", "flags",
                                            "master")} for link in ip_json(ns, "link")]
-        addrs = [(a["ifname"], [(i["local"], i["prefixlen"]) for i in a["addr_info"]
+        addrs = [(a["ifname"], [(i["local"], i.prefixlen) for i in a["addr_info"]
                                 if i["family"] == "inet"]) for a in ip_json(ns, "addr")]
         view[ns] = (links, addrs, ip_json(ns, "route"),
                     ip_json(ns, "neigh", "show", "nud", "permanent"))
@@ -112,28 +112,28 @@ def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cl
 
     cluster.apply(replicas=5)
     record = cluster.record()
-    assert sorted(record["pods"]) == [f"web-{i}" for i in range(5)]
+    assert sorted(record.pods) == [f"web-{i}" for i in range(5)]
     assert {p: i for p, i in _inodes(record).items() if p in inodes} == inodes
     assert cluster.netsim("curl", "web-4", "http://web-3:9376/").stdout.strip() == "web-3"
 
     cluster.apply(replicas=2)
     record = cluster.record()
-    assert sorted(record["pods"]) == ["web-0", "web-1"]
+    assert sorted(record.pods) == ["web-0", "web-1"]
     assert _inodes(record) == {p: inodes[p] for p in ("web-0", "web-1")}
     assert sorted(n.rsplit(".", 1)[1] for n in cluster.namespaces() if ".pod." in n) == \
         ["web-0", "web-1"]
-    for node in record["nodes"].values():  # removed pods' host veths are gone at once
-        vethnames = {link["ifname"] for link in ip_json(node["netns"], "link", "show",
+    for node in record.nodes.values():  # removed pods' host veths are gone at once
+        vethnames = {link["ifname"] for link in ip_json(node.netns, "link", "show",
                                                          "master", "cni0")}
-        assert vethnames == {p["veth"] for p in record["pods"].values()
-                             if p["netns"] and p["node"] == node["netns"].rsplit(".", 1)[1]}
-    ipam_files = sorted(f for n in record["nodes"] for f in os.listdir(
+        assert vethnames == {p.veth for p in record.pods.values()
+                             if p.netns and p.node == node.netns.rsplit(".", 1)[1]}
+    ipam_files = sorted(f for n in record.nodes for f in os.listdir(
         f"{state.node_dir(cluster.name, n)}/ipam/cbr0") if f[0].isdigit())
-    assert ipam_files == sorted(p["ip"] for p in record["pods"].values())
+    assert ipam_files == sorted(p.ip for p in record.pods.values())
 
 
 def _inodes(record: dict) -> dict[str, int]:
-    return {p: os.stat(f"/run/netns/{e['netns']}").st_ino for p, e in record["pods"].items()}
+    return {p: os.stat(f"/run/netns/{e['netns']}").st_ino for p, e in record.pods.items()}
 
 
 def test_delete_leaves_nothing(cluster):
@@ -183,8 +183,8 @@ spec:
     with open(cluster.file, "a") as fh:
         fh.write(extra)
     run_netsim("apply", "-f", cluster.file, check=True)
-    pod = cluster.record()["pods"]["sidecar"]
-    (pid,) = pod["pids"]
+    pod = cluster.record().pods["sidecar"]
+    (pid,) = pod.pids
     assert open(f"/proc/{pid}/cmdline").read().split("\0")[0] == "sleep"
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{pod['netns']}").st_ino
     assert cluster.netsim("curl", "web-0", "http://sidecar:9376/").stdout.strip() == "sidecar"

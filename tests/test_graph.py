@@ -15,60 +15,70 @@ import pytest
 
 from netsim import graph
 from netsim.errors import NetsimError
+from netsim.model import Container, Pod, Segment, Service, ServicePort
+from netsim.record import (
+    ClientRecord,
+    ClusterSpec,
+    NodeRecord,
+    PodRecord,
+    Process,
+    Record,
+    Router,
+    RouterLeg,
+    Underlay,
+)
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
                                reason="graphviz's dot is not installed (apt-get install graphviz)")
 
 
 def _record(mode: str, racks: dict[str, list[str]], pods_per_node: int = 1,
-            clients: dict[str, tuple[str, int]] | None = None) -> dict:
+            clients: dict[str, tuple[str, int]] | None = None) -> Record:
     """A record as `apply` writes it: racks maps a segment (172.18.<i>.0/24) to its nodes."""
     calico = mode.startswith("calico")
-    record: dict = {"cluster": "pic-test", "mode": mode, "nodes": {}, "clients": {}, "pods": {},
-                    "underlay": {"netns": "netsim.pic-test.underlay", "bridges": {}},
-                    "router": {"netns": "netsim.pic-test.router", "legs": {}},
-                    "spec": {"mode": mode, "segments": []}}
+    segments = [Segment(seg, f"172.18.{i}.0/24") for i, seg in enumerate(racks, start=1)]
+    spec = ClusterSpec(mode, "192.168.0.0/16" if calico else "10.244.0.0/16", 26 if calico else 24,
+                       "10.96.0.0/12", 1500, segments, [], [], None, "1.0.0", [], "nftables")
+    record = Record("pic-test", spec, Underlay("netsim.pic-test.underlay"),
+                    Router("netsim.pic-test.router"))
     block = 0
     for i, (seg, names) in enumerate(racks.items(), start=1):
-        record["underlay"]["bridges"][seg] = f"br-{seg}"
-        record["router"]["legs"][seg] = {"ifname": f"r-{seg}", "index": 99 + i}
-        record["spec"]["segments"].append({"name": seg, "subnet": f"172.18.{i}.0/24"})
+        record.underlay.bridges[seg] = f"br-{seg}"
+        record.router.legs[seg] = RouterLeg(f"r-{seg}", 99 + i, f"rp-{seg}")
         for j, name in enumerate(names, start=2):
-            node = {"ip": f"172.18.{i}.{j}", "prefixlen": 24, "segment": seg,
-                    "gateway": f"172.18.{i}.1", "netns": f"netsim.pic-test.node.{name}"}
+            node = NodeRecord(name, f"netsim.pic-test.node.{name}", f"172.18.{i}.{j}", seg, 24,
+                              f"p-{name}", f"172.18.{i}.1")
             if calico:
-                node.update(blocks=[f"192.168.{block // 4}.{block % 4 * 64}/26"],
-                            tunnel_ip=f"192.168.{block // 4}.{block % 4 * 64}",
-                            encap="CrossSubnet" if len(racks) > 1 else "Always")
+                node.blocks = [f"192.168.{block // 4}.{block % 4 * 64}/26"]
+                node.tunnel_ip = f"192.168.{block // 4}.{block % 4 * 64}"
+                node.encap = "CrossSubnet" if len(racks) > 1 else "Always"
                 if mode == "calico-ipip":
-                    node["carrier"] = "ebpf"
+                    node.carrier = "ebpf"
                 if mode == "calico-bgp":
-                    node["bird"] = {"pid": 1000 + block, "start": 1}
+                    node.bird = Process(1000 + block, 1)
             else:
-                node["subnet"] = f"10.244.{block + 1}.0/24"
+                node.subnet = f"10.244.{block + 1}.0/24"
             if mode.endswith("vxlan"):
-                node["vtep_mac"] = f"02:00:00:00:00:{block:02x}"
-            record["nodes"][name] = node
+                node.vtep_mac = f"02:00:00:00:00:{block:02x}"
+            record.nodes[name] = node
             for k in range(pods_per_node):
                 pod = f"web-{block}-{k}"
                 ip = (f"192.168.{block // 4}.{block % 4 * 64 + k + 1}" if calico
                       else f"10.244.{block + 1}.{k + 2}")
-                record["pods"][pod] = {"ip": ip, "node": name, "veth": f"veth{block}{k}",
-                                       "labels": {"app": "web" if k % 2 == 0 else "db"},
-                                       "netns": f"netsim.pic-test.pod.{pod}"}
+                labels = {"app": "web" if k % 2 == 0 else "db"}
+                record.pods[pod] = PodRecord(Pod(pod, labels, (Container("hostname"),), name),
+                                             f"netsim.pic-test.pod.{pod}", ip, f"veth{block}{k}")
             block += 1
     for name, (seg, asn) in (clients or {}).items():
         i = list(racks).index(seg) + 1
-        record["clients"][name] = {"ip": f"172.18.{i}.200", "prefixlen": 24, "segment": seg,
-                                   "gateway": f"172.18.{i}.1", "asn": asn}
-    record["services"] = {
-        "web": {"clusterIP": "10.96.0.10", "type": "NodePort", "selector": {"app": "web"},
-                "sessionAffinity": "None",
-                "ports": [{"name": "http", "port": 80, "target_port": 9376, "protocol": "TCP",
-                           "node_port": 30080}]},
-        "db.internal": {"clusterIP": "10.96.0.11", "type": "ClusterIP", "selector": {"app": "db"},
-                        "ports": [{"name": "", "port": 5432, "target_port": 5432,
-                                   "protocol": "TCP", "node_port": None}]},
+        record.clients[name] = ClientRecord(name, f"netsim.pic-test.ext.{name}",
+                                            f"172.18.{i}.200", seg, 24, f"p-{name}",
+                                            f"172.18.{i}.1", asn=asn)
+    record.services = {
+        "web": Service("web", {"app": "web"}, (ServicePort(80, 9376, "TCP", "http", 30080),),
+                       "NodePort", "10.96.0.10"),
+        "db.internal": Service("db.internal", {"app": "db"}, (ServicePort(5432, 5432),),
+                               "ClusterIP", "10.96.0.11"),
     }
     return record
 
@@ -85,24 +95,24 @@ def _edges(dot: str) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("record", [FLANNEL, CALICO_XS], ids=["flannel-vxlan", "calico-xs"])
-def test_dot_has_every_node_pod_and_service(record: dict) -> None:
+def test_dot_has_every_node_pod_and_service(record: Record) -> None:
     dot = graph.to_dot(record)
     edges = _edges(dot)
-    for name, node in record["nodes"].items():
-        assert f'"node:{name}"' in dot and node["ip"] in dot
-        assert (f"segment:{node['segment']}", f"node:{name}") in edges
-        for cidr in node.get("blocks", [node.get("subnet")]):
+    for name, node in record.nodes.items():
+        assert f'"node:{name}"' in dot and node.ip in dot
+        assert (f"segment:{node.segment}", f"node:{name}") in edges
+        for cidr in node.pod_cidrs:
             assert cidr in dot
-    for name, pod in record["pods"].items():
-        assert f'"pod:{name}"' in dot and pod["ip"] in dot
-        assert (f"node:{pod['node']}", f"pod:{name}") in edges
-    for name, svc in record["services"].items():
-        assert f'"service:{name}"' in dot and svc["clusterIP"] in dot
-        eps = {f"pod:{p}" for p, e in record["pods"].items()
-               if e["labels"]["app"] == svc["selector"]["app"]}
+    for name, pod in record.pods.items():
+        assert f'"pod:{name}"' in dot and pod.ip in dot
+        assert (f"node:{pod.node}", f"pod:{name}") in edges
+    for name, svc in record.services.items():
+        assert f'"service:{name}"' in dot and svc.cluster_ip in dot
+        eps = {f"pod:{p}" for p, e in record.pods.items()
+               if e.labels["app"] == svc.selector["app"]}
         assert eps and {b for b, s in edges if s == f"service:{name}"} == eps
     assert "NodePort 30080" in dot
-    for seg, subnet in [(s["name"], s["subnet"]) for s in record["spec"]["segments"]]:
+    for seg, subnet in [(s.name, s.subnet) for s in record.spec.segments]:
         assert f'"cluster_segment:{seg}"' in dot and subnet in dot
         assert ("router", f"segment:{seg}") in edges
         assert subnet.replace("0/24", "1/24") in dot  # the router's leg is the segment's .1
@@ -150,8 +160,8 @@ def test_many_pods_on_a_node_are_summarised() -> None:
 
 def test_labels_are_quoted() -> None:
     record = _record("flannel-vxlan", {'rack "a"/b': ['n-1.x', 'n\\2']})
-    record["pods"]['we"ird/pod'] = {"ip": "10.244.1.99", "node": "n-1.x", "veth": "v",
-                                    "labels": {"app": "web"}}
+    record.pods['we"ird/pod'] = PodRecord(Pod('we"ird/pod', {"app": "web"}, (), "n-1.x"),
+                                          "netns", "10.244.1.99", "v")
     dot = graph.to_dot(record)
     assert '"node:n-1.x"' in dot and '"node:n\\\\2"' in dot and '"pod:we\\"ird/pod"' in dot
     assert re.search(r'(?<!\\)"pod:we"', dot) is None
@@ -159,14 +169,14 @@ def test_labels_are_quoted() -> None:
 
 @needs_dot
 @pytest.mark.parametrize("record", [FLANNEL, CALICO_XS], ids=["flannel-vxlan", "calico-xs"])
-def test_render_png_svg_dot(record: dict, tmp_path: Path) -> None:
+def test_render_png_svg_dot(record: Record, tmp_path: Path) -> None:
     png = graph.render(record, str(tmp_path / "c.png"))
     assert png == str(tmp_path / "c.png")
     assert Path(png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     svg = ET.parse(graph.render(record, str(tmp_path / "c.svg"))).getroot()
     assert svg.tag.endswith("svg")
     text = "".join(svg.itertext())
-    assert all(p["ip"] in text for p in record["pods"].values())
+    assert all(p.ip in text for p in record.pods.values())
     dot_path = graph.render(record, str(tmp_path / "c.dot"))
     assert Path(dot_path).read_text() == graph.to_dot(record)
     plain = subprocess.run(["dot", "-Tplain", dot_path], capture_output=True, text=True,

@@ -105,7 +105,7 @@ def backend(request):
 
 def who(record: dict, src: str, ip: str, port: int, count: int) -> list[str]:
     """The pod that answered each of `count` fresh connections from `src`."""
-    netns = (record["pods"].get(src) or record["nodes"].get(src) or record["clients"][src])[
+    netns = (record.pods.get(src) or record.nodes.get(src) or record.clients[src])[
         "netns"]
     answers = []
     for _ in range(count):
@@ -115,7 +115,7 @@ def who(record: dict, src: str, ip: str, port: int, count: int) -> list[str]:
 
 
 def cip(record: dict, service: str) -> str:
-    return record["services"][service]["clusterIP"]
+    return record.services[service].cluster_ip
 
 
 def test_round_robin_is_exact_through_any_node(services):
@@ -177,10 +177,10 @@ spec:
 @pytest.mark.parametrize("src", ["client", "solo"])
 def test_nodeport_from_the_external_client_or_a_pod_via_every_node(services, src):
     record = services.record()
-    assert record["services"]["web-np"]["ports"][0]["node_port"] == 30080
+    assert record.services["web-np"]["ports"][0]["node_port"] == 30080
     seen = set()
-    for node in record["nodes"].values():
-        answers = who(record, src, node["ip"], 30080, 3)
+    for node in record.nodes.values():
+        answers = who(record, src, node.ip, 30080, 3)
         assert all(not a.startswith("error") for a in answers), answers
         seen |= set(answers)
     assert seen == {"web-0", "web-1", "web-2"}
@@ -195,7 +195,7 @@ def test_node_to_clusterip_and_hairpin(services):
 
 def test_service_without_endpoints_rejects_at_once(services):
     record = services.record()
-    netns = record["pods"]["web-0"]["netns"]
+    netns = record.pods["web-0"].netns
     start = time.monotonic()
     reply = probe.http_get(netns, cip(record, "idle"), 80, timeout=5)
     # nftables rejects (ICMP port unreachable: refused); the userspace proxy resets
@@ -207,7 +207,7 @@ def test_kube_proxy_table_has_kube_proxys_shape(services):
     if services.backend != "nftables":
         pytest.skip("the userspace backend's table only redirects to the agent's proxy")
     record = services.record()
-    out = subprocess.run(["ip", "netns", "exec", record["nodes"]["worker-2"]["netns"], "nft",
+    out = subprocess.run(["ip", "netns", "exec", record.nodes["worker-2"].netns, "nft",
                           "-j", "list", "table", "ip", "kube-proxy"], capture_output=True,
                          text=True, check=True).stdout
     objects = [next(iter(o.items())) for o in json.loads(out)["nftables"]]
@@ -221,7 +221,7 @@ def test_kube_proxy_table_has_kube_proxys_shape(services):
     assert sum(c.startswith("endpoint-") for c in chains) == 3 * 3 + 1  # web, web-aff, np; solo
     sets = [o for kind, o in objects if kind == "set" and o["name"].startswith("affinity-")]
     assert len(sets) == 3 and all(s["timeout"] == 3 and "timeout" in s["flags"] for s in sets)
-    text = subprocess.run(["ip", "netns", "exec", record["nodes"]["worker-2"]["netns"], "nft",
+    text = subprocess.run(["ip", "netns", "exec", record.nodes["worker-2"].netns, "nft",
                            "list", "table", "ip", "kube-proxy"], capture_output=True,
                           text=True).stdout
     assert "numgen inc mod 3 vmap" in text and "update @affinity-" in text
@@ -232,7 +232,7 @@ def under_load(cluster, plans: list[dict]) -> tuple[int, int]:
     """Fresh connections to Service web from pod solo while each replica plan is applied in
     turn; checks that no connection begun after an update reaches a pod it removed."""
     record = cluster.record()
-    ip, netns = cip(record, "web"), record["pods"]["solo"]["netns"]
+    ip, netns = cip(record, "web"), record.pods["solo"].netns
     results: list[tuple[float, str | None, str | None]] = []
     stop = threading.Event()
 
@@ -253,7 +253,7 @@ def under_load(cluster, plans: list[dict]) -> tuple[int, int]:
             overrides = {"replicas": replicas}
             model, _ = topology.load(cluster.file, overrides)
             clustermod.apply(model, overrides=overrides)
-            steps.append((began, time.monotonic(), set(cluster.record()["pods"])))
+            steps.append((began, time.monotonic(), set(cluster.record().pods)))
         time.sleep(0.3)
     finally:
         stop.set()
@@ -283,7 +283,7 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     write(cluster)
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()
-    web = sorted(record["pods"][p]["ip"] for p in record["pods"] if p.startswith("web"))
+    web = sorted(record.pods[p].ip for p in record.pods if p.startswith("web"))
     endpoints = cluster.netsim("get", "endpoints", check=True).stdout
     row = next(line.split() for line in endpoints.splitlines() if line.startswith("web-np "))
     assert sorted(row[1].split(",")) == sorted(f"{ip}:9376" for ip in web)
@@ -293,10 +293,10 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
 
     taken = cluster.netsim("expose", "deployment/web", "--port", "8081")
     assert taken.returncode != 0 and "service/web already exists" in taken.stderr
-    assert cluster.record()["services"].keys() == record["services"].keys()  # nothing changed
+    assert cluster.record().services.keys() == record.services.keys()  # nothing changed
     cluster.netsim("expose", "deployment/web", "--port", "8081", "--target-port", "9376",
                    "--type", "NodePort", "--name", "web-ext", check=True)
-    ext = cluster.record()["services"]["web-ext"]
+    ext = cluster.record().services["web-ext"]
     node_port = ext["ports"][0]["node_port"]
     assert 30000 <= node_port <= 32767 and node_port != 30080
     answers = cluster.netsim("curl", "solo", "http://web-ext:8081/", "--count", "6",
@@ -313,14 +313,14 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     before = os.stat(namespace).st_ino  # the namespace's own inode (nsfs)
     cluster.netsim("delete", "pod", "web-1", check=True)
     after = cluster.record()
-    assert "web-1" in after["pods"] and os.stat(namespace).st_ino != before  # made again
+    assert "web-1" in after.pods and os.stat(namespace).st_ino != before  # made again
     web = cip(after, "web")
     for src in ("solo", "web-0", "web-2"):  # clients on every node
         assert sorted(who(after, src, web, 80, 3)) == ["web-0", "web-1", "web-2"], src
 
     cluster.netsim("delete", "pod", "solo", check=True)
     gone = cluster.record()
-    assert "solo" not in gone["pods"] and not any(n.endswith(".solo") for n in
+    assert "solo" not in gone.pods and not any(n.endswith(".solo") for n in
                                                   cluster.namespaces())
     endpoints = cluster.netsim("get", "endpoints", check=True).stdout
     assert next(line.split() for line in endpoints.splitlines()
@@ -332,14 +332,14 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     refused = cluster.netsim("delete", "pod", "nosuch")
     assert refused.returncode != 0 and "no pod named 'nosuch'" in refused.stderr
     run_netsim("apply", "-f", cluster.file, check=True)
-    assert "solo" in cluster.record()["pods"]
+    assert "solo" in cluster.record().pods
 
 
 def test_an_established_connection_outlives_a_sync(services):
     """Connected through the ClusterIP before a scale, the request sent after it is still
     answered on that connection (conntrack, or the userspace relay, keeps it)."""
     record = services.record()
-    with nsmod.entered(record["pods"]["solo"]["netns"]):
+    with nsmod.entered(record.pods["solo"].netns):
         conn = socket.create_connection((cip(record, "web"), 80), timeout=5)
     with conn:
         services.netsim("scale", "deployment/web", "--replicas=6", check=True)
@@ -369,13 +369,13 @@ def test_an_assigned_node_port_stays_with_its_service(cluster):
     Service written before it in the file later wants one too."""
     write(cluster, extra=auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
-    assert cluster.record()["services"]["b-np"]["ports"][0]["node_port"] == 30000
+    assert cluster.record().services["b-np"]["ports"][0]["node_port"] == 30000
     write(cluster, extra=auto_node_port("a-np") + auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()
-    assert [record["services"][s]["ports"][0]["node_port"] for s in ("a-np", "b-np")] == \
+    assert [record.services[s]["ports"][0]["node_port"] for s in ("a-np", "b-np")] == \
         [30001, 30000]
-    assert who(record, "client", record["nodes"]["worker-2"]["ip"], 30001, 1)[0] in (
+    assert who(record, "client", record.nodes["worker-2"].ip, 30001, 1)[0] in (
         "web-0", "web-1", "web-2")
 
 
@@ -398,7 +398,7 @@ def hooked_chains(netns: str) -> dict[str, int]:
 def test_a_sync_keeps_the_nat_hooks_in_place(services):
     """A new connection must never meet the table between a NAT chain's removal and its
     return: conntrack would keep that flow, and its retransmitted SYNs, unNATed."""
-    netns = services.record()["nodes"]["worker-1"]["netns"]
+    netns = services.record().nodes["worker-1"].netns
     before = hooked_chains(netns)
     assert {"table", "nat-prerouting", "nat-output"} <= set(before)
     run_netsim("--cluster", services.name, "scale", "deployment/web", "--replicas=4", check=True)
@@ -418,5 +418,5 @@ def test_rolling_replacement_under_continuous_connections(cluster, backend):
              {"web": 1, "web-v2": 2}, {"web": 1, "web-v2": 3}, {"web": 0, "web-v2": 3}]
     ok, total = under_load(cluster, plans)
     print(f"\n{ok} of {total} requests succeeded during the rolling replacement")
-    assert {p for p in cluster.record()["pods"] if p.startswith("web")} == \
+    assert {p for p in cluster.record().pods if p.startswith("web")} == \
         {"web-v2-0", "web-v2-1", "web-v2-2"}

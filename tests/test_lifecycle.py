@@ -20,7 +20,7 @@ from conftest import (
     run_netsim,
 )
 
-from cni.modes import bridge
+from cni import bridge
 from netsim import cluster as clustermod
 from netsim import state, topology
 from netsim.errors import NetsimError
@@ -69,10 +69,10 @@ def test_failed_scale_up_keeps_the_running_cluster(cluster):
         assert result.returncode == 1
         assert f"create netns {squatter}" in result.stderr and "undone" in result.stderr
         after = cluster.record()
-        assert after["pods"].keys() == before["pods"].keys()
+        assert after.pods.keys() == before.pods.keys()
         ipam = f"{state.node_dir(cluster.name, 'worker-1')}/ipam/cbr0"
         assert sorted(f for f in os.listdir(ipam) if f[0].isdigit()) == \
-            [before["pods"]["web-0"]["ip"]]
+            [before.pods["web-0"].ip]
         assert cluster.netsim("curl", "web-0", "http://web-1:9376/").stdout.strip() == "web-1"
     finally:
         nsmod.remove(squatter)

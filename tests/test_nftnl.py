@@ -13,7 +13,7 @@ from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
 from netsim.kernel import nft, nftnl
 from netsim.kubeproxy import nftables as kp
-from netsim.kubeproxy.nftables import Endpoint, ServicePort
+from netsim.kubeproxy.ports import Endpoint, ProxyPort
 
 pytestmark = needs_root
 CIDR = "10.244.0.0/16"
@@ -21,8 +21,8 @@ CIDR = "10.244.0.0/16"
 
 def port(name: str, ip: str, endpoints: list[str], affinity: int | None = None,
          node_port: int | None = None, protocol: str = "TCP", number: int = 80,
-         port_name: str = "") -> ServicePort:
-    return ServicePort("default", name, port_name, protocol, ip, number, node_port,
+         port_name: str = "") -> ProxyPort:
+    return ProxyPort("default", name, port_name, protocol, ip, number, node_port,
                        tuple(Endpoint(e, 9376) for e in endpoints), affinity)
 
 
@@ -74,7 +74,7 @@ def table(netns: str) -> list[str]:
     return sorted(line.strip().rstrip(",") for line in listed.splitlines())
 
 
-def reference(netns: str, ports: list[ServicePort], cidr: str = CIDR) -> list[str]:
+def reference(netns: str, ports: list[ProxyPort], cidr: str = CIDR) -> list[str]:
     nft.apply(netns, kp.full(kp.compute(ports, cidr)))
     return table(netns)
 

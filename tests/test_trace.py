@@ -26,10 +26,10 @@ def apply(cluster, source: str, replicas: int = 3) -> dict:
 
 def cross_node_pair(record: dict) -> tuple[str, str]:
     """Two pods on different nodes."""
-    pods = sorted(record["pods"])
+    pods = sorted(record.pods)
     for a in pods:
         for b in pods:
-            if record["pods"][a]["node"] != record["pods"][b]["node"]:
+            if record.pods[a].node != record.pods[b].node:
                 return a, b
     raise AssertionError("no two pods on different nodes")
 
@@ -58,7 +58,7 @@ def assert_delivered(t: trace.Trace, dst_pod: str, record: dict) -> None:
     assert t.hops[0].seen and t.hops[0].iface == "eth0"
     last = t.hops[-1]
     assert (last.owner, last.iface, last.seen) == (dst_pod, "eth0", True), text
-    assert last.inner.dst == record["pods"][dst_pod]["ip"]
+    assert last.inner.dst == record.pods[dst_pod].ip
     assert all(h.seen for h in t.hops), text
     assert "delivered" in text.splitlines()[-1]
 
@@ -66,8 +66,8 @@ def assert_delivered(t: trace.Trace, dst_pod: str, record: dict) -> None:
 def test_flannel_vxlan_trace_pcap_and_service(cluster, tmp_path):
     record = apply(cluster, "flannel-vxlan.yaml")
     src, dst = cross_node_pair(record)
-    src_node = record["nodes"][record["pods"][src]["node"]]
-    dst_node = record["nodes"][record["pods"][dst]["node"]]
+    src_node = record.nodes[record.pods[src].node]
+    dst_node = record.nodes[record.pods[dst].node]
     before = len(trace.STARTED_PIDS)
     pcap = str(tmp_path / "trace.pcapng")
 
@@ -76,14 +76,14 @@ def test_flannel_vxlan_trace_pcap_and_service(cluster, tmp_path):
     assert_delivered(t, dst, record)
     ifaces = [(h.owner, h.iface) for h in t.hops]
     assert ("underlay", dst_node["port"]) in ifaces
-    assert (record["pods"][src]["node"], "cni0") in ifaces
-    tunnel = hop_at(t, record["pods"][src]["node"], "flannel.1")
+    assert (record.pods[src].node, "cni0") in ifaces
+    tunnel = hop_at(t, record.pods[src].node, "flannel.1")
     assert tunnel.encapsulation is None and tunnel.ttl == 63  # routed once, not yet wrapped
-    wire = hop_at(t, record["pods"][src]["node"], "eth0")
+    wire = hop_at(t, record.pods[src].node, "eth0")
     assert wire.encapsulation == "vxlan" and wire.vni == 1 and wire.udp_port == 8472
-    assert (wire.outer.src, wire.outer.dst) == (src_node["ip"], dst_node["ip"])
-    assert (wire.inner.src, wire.inner.dst) == (record["pods"][src]["ip"],
-                                                record["pods"][dst]["ip"])
+    assert (wire.outer.src, wire.outer.dst) == (src_node.ip, dst_node.ip)
+    assert (wire.inner.src, wire.inner.dst) == (record.pods[src].ip,
+                                                record.pods[dst].ip)
     assert "UDP 8472 VXLAN vni=1" in trace.format_trace(t)
 
     # the merged capture: scapy reads it, the probe is in it at several hops, in time order
@@ -97,16 +97,16 @@ def test_flannel_vxlan_trace_pcap_and_service(cluster, tmp_path):
     assert times == sorted(times)
 
     # a Service: kube-proxy's DNAT, seen as the endpoint's address leaving the source node
-    service = record["services"]["web"]
+    service = record.services["web"]
     for _ in range(4):  # round robin: within three probes one goes to another node
-        t = trace.trace(record, src, service["clusterIP"], proto="tcp", port=80)
+        t = trace.trace(record, src, service.cluster_ip, proto="tcp", port=80)
         if t.target != src:
             break
     print(trace.format_trace(t))
     assert t.delivered and t.reply and "[S.]" in t.reply, trace.format_trace(t)
-    pod_ips = {p["ip"] for p in record["pods"].values()}
-    assert t.hops[0].inner.dst == service["clusterIP"]
-    egress = hop_at(t, record["pods"][src]["node"], "eth0")
+    pod_ips = {p.ip for p in record.pods.values()}
+    assert t.hops[0].inner.dst == service.cluster_ip
+    egress = hop_at(t, record.pods[src].node, "eth0")
     assert egress.inner.dst in pod_ips and egress.inner.dport == 9376
     assert egress.dnat and egress.dnat.startswith(f"{service['clusterIP']}:80 -> ")
     assert "DNAT 10.96.0.10:80 -> " in trace.format_trace(t)
@@ -146,13 +146,13 @@ def test_calico_vxlan_trace(cluster, source, vni, port):
     t = trace.trace(record, src, dst)
     print(trace.format_trace(t))
     assert_delivered(t, dst, record)
-    node = record["pods"][src]["node"]
-    assert hop_at(t, node, record["pods"][src]["veth"]).seen  # the cali veth, no bridge
+    node = record.pods[src].node
+    assert hop_at(t, node, record.pods[src].veth).seen  # the cali veth, no bridge
     wire = hop_at(t, node, "eth0")
     assert (wire.encapsulation, wire.vni, wire.udp_port) == ("vxlan", vni, port)
     assert (wire.outer.src, wire.outer.dst) == (
-        record["nodes"][node]["ip"], record["nodes"][record["pods"][dst]["node"]]["ip"])
-    assert hop_at(t, record["pods"][dst]["node"], "vxlan.calico").encapsulation is None
+        record.nodes[node].ip, record.nodes[record.pods[dst].node].ip)
+    assert hop_at(t, record.pods[dst].node, "vxlan.calico").encapsulation is None
 
 
 def test_calico_ipip_trace(cluster):
@@ -161,12 +161,12 @@ def test_calico_ipip_trace(cluster):
     t = trace.trace(record, src, dst)
     print(trace.format_trace(t))
     assert_delivered(t, dst, record)
-    node, far = record["pods"][src]["node"], record["pods"][dst]["node"]
+    node, far = record.pods[src].node, record.pods[dst].node
     for hop in (hop_at(t, node, "eth0"), hop_at(t, far, "eth0")):
         assert hop.encapsulation == "ipip" and hop.outer.proto == 4
-        assert (hop.outer.src, hop.outer.dst) == (record["nodes"][node]["ip"],
-                                                  record["nodes"][far]["ip"])
-        assert hop.inner.dst == record["pods"][dst]["ip"]
+        assert (hop.outer.src, hop.outer.dst) == (record.nodes[node].ip,
+                                                  record.nodes[far].ip)
+        assert hop.inner.dst == record.pods[dst].ip
     assert "IPIP (IP proto 4)" in trace.format_trace(t)
 
 
@@ -176,25 +176,25 @@ def test_calico_bgp_trace_has_no_encapsulation(cluster):
     t = trace.trace(record, src, dst)
     print(trace.format_trace(t))
     assert_delivered(t, dst, record)
-    for node in (record["pods"][src]["node"], record["pods"][dst]["node"]):
+    for node in (record.pods[src].node, record.pods[dst].node):
         wire = hop_at(t, node, "eth0")
         assert wire.encapsulation is None and len(wire.layers) == 1
-        assert (wire.outer.src, wire.outer.dst) == (record["pods"][src]["ip"],
-                                                    record["pods"][dst]["ip"])
+        assert (wire.outer.src, wire.outer.dst) == (record.pods[src].ip,
+                                                    record.pods[dst].ip)
     assert not any(h.iface in trace.TUNNEL_DEVICES for h in t.hops)
 
 
 def test_capture_node_eth0(cluster, tmp_path):
     record = apply(cluster, "flannel-vxlan.yaml")
     src, dst = cross_node_pair(record)
-    node = record["pods"][src]["node"]
+    node = record.pods[src].node
     before = len(trace.STARTED_PIDS)
     out = str(tmp_path / "node.pcap")
     pinging: list[threading.Thread] = []
 
     def start_ping():
         thread = threading.Thread(target=probe.ping, args=(
-            record["pods"][src]["netns"], record["pods"][dst]["ip"]), kwargs={"count": 6})
+            record.pods[src].netns, record.pods[dst].ip), kwargs={"count": 6})
         thread.start()
         pinging.append(thread)
 
@@ -243,14 +243,14 @@ def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, 
     pod's eth0 writes what crossed it."""
     record = apply(cluster, "flannel-host-gw.yaml", replicas=2)
     src, dst = cross_node_pair(record)
-    dst_ip, dst_node = record["pods"][dst]["ip"], record["pods"][dst]["node"]
+    dst_ip, dst_node = record.pods[dst].ip, record.pods[dst].node
     udp = trace.trace(record, src, dst_ip, proto="udp", port=9376)
     assert udp.delivered and udp.target == dst and udp.proto == "udp", trace.format_trace(udp)
     assert udp.hops[-1].inner.dport == 9376
     syn = trace.trace(record, src, dst_ip, proto="tcp", port=9376)
     assert syn.delivered and syn.reply and "[S.]" in syn.reply, trace.format_trace(syn)
 
-    subprocess.run(["ip", "-n", record["nodes"][dst_node]["netns"], "route", "add",
+    subprocess.run(["ip", "-n", record.nodes[dst_node].netns, "route", "add",
                     "blackhole", f"{dst_ip}/32"], check=True)
     lost = trace.trace(record, src, dst, timeout=1.0)
     text = trace.format_trace(lost)
@@ -258,11 +258,11 @@ def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, 
     seen = [h for h in lost.hops if h.seen]
     assert (seen[-1].owner, seen[-1].iface) == (dst_node, "eth0"), text
     assert f"lost after hop {seen[-1].index} ({dst_node} eth0)" in text.splitlines()[-1]
-    subprocess.run(["ip", "-n", record["nodes"][dst_node]["netns"], "route", "del",
+    subprocess.run(["ip", "-n", record.nodes[dst_node].netns, "route", "del",
                     "blackhole", f"{dst_ip}/32"], check=True)
 
     out = tmp_path / "pod.pcap"
-    pinger = subprocess.Popen(["ip", "netns", "exec", record["pods"][src]["netns"], "ping",
+    pinger = subprocess.Popen(["ip", "netns", "exec", record.pods[src].netns, "ping",
                                "-c", "20", "-i", "0.2", dst_ip], stdout=subprocess.DEVNULL)
     try:
         done = cluster.netsim("capture", dst, "-w", str(out), "-c", "6", "--duration", "8")
@@ -275,4 +275,4 @@ def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, 
     packets = rdpcap(str(out))
     pings = [p for p in packets if ICMP in p]  # besides them, an ARP exchange may be there
     assert len(packets) == 6 and len(pings) >= 2
-    assert {p[IP].src for p in pings} <= {record["pods"][src]["ip"], dst_ip}
+    assert {p[IP].src for p in pings} <= {record.pods[src].ip, dst_ip}
