@@ -50,7 +50,7 @@ def test_calico_vxlan_kernel_state_and_wire(cluster):
     assert (data["id"], data["port"], data["learning"], link["mtu"]) == (4096, 4789, False, 1450)
     assert data["local"] == w1.ip
     addrs = ip_json(ns, "addr", "show", "vxlan.calico")[0]["addr_info"]
-    assert [(a["local"], a.prefixlen) for a in addrs if a["family"] == "inet"] == \
+    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == \
         [(w1.tunnel_ip, 32)]
     assert w1.blocks == ["192.168.0.0/26"] and w1.tunnel_ip == "192.168.0.0"
     neigh = ip_json(ns, "neigh", "show", "dev", "vxlan.calico")
@@ -58,7 +58,7 @@ def test_calico_vxlan_kernel_state_and_wire(cluster):
         [{k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh]
     fdb = subprocess.run(["bridge", "-n", ns, "fdb", "show", "dev", "vxlan.calico"],
                          capture_output=True, text=True).stdout
-    assert f"{w2['vtep_mac']} dst {w2['ip']} self permanent" in fdb
+    assert f"{w2.vtep_mac} dst {w2.ip} self permanent" in fdb
     routes = ip_json(ns, "route")
     assert {"dst": "192.168.0.64/26", "gateway": w2.tunnel_ip, "dev": "vxlan.calico",
             "protocol": "80", "flags": ["onlink"]} in routes
@@ -104,7 +104,7 @@ def test_calico_ipip_carrier_puts_protocol_4_on_the_wire(cluster, carrier):
     if carrier != "ebpf":
         assert ip_json(w1.netns, "link", "show", "tunl0")[0]["mtu"] == 1480
     tunnel_on = "lo" if carrier == "ebpf" else "tunl0"  # the node's tunnel address, a /32
-    assert (w1.tunnel_ip, 32) in {(a["local"], a.prefixlen) for a in ip_json(
+    assert (w1.tunnel_ip, 32) in {(a["local"], a["prefixlen"]) for a in ip_json(
         w1.netns, "addr", "show", tunnel_on)[0]["addr_info"] if a["family"] == "inet"}
     assert {r["dst"] for r in ip_json(w1.netns, "route", "show", "type", "blackhole")} == \
         set(w1.blocks)
@@ -161,7 +161,7 @@ def test_ipip_crosssubnet_across_racks(cluster, carrier):
     assert w1.carrier == carrier
     other_rack, _ = across_racks(record, "ip proto 4")
     assert (other_rack["gateway"], other_rack["dev"], other_rack["flags"]) == (
-        w1["gateway"] if carrier == "ebpf" else w3.ip,
+        w1.gateway if carrier == "ebpf" else w3.ip,
         "eth0" if carrier == "ebpf" else "tunl0", ["onlink"])
 
 

@@ -34,13 +34,13 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
     assert (vx["id"], vx["port"], vx["learning"], vx["local"]) == (1, 8472, False, w1.ip)
     assert link["mtu"] == 1450 and link["address"] == w1.vtep_mac
     addrs = ip_json(w1.netns, "addr", "show", "flannel.1")[0]["addr_info"]
-    assert [(a["local"], a.prefixlen) for a in addrs if a["family"] == "inet"] == \
+    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == \
         [("10.244.1.0", 32)]
 
     neigh = ip_json(w1.netns, "neigh", "show", "dev", "flannel.1")
     assert {"dst": "10.244.2.0", "lladdr": w2.vtep_mac, "state": ["PERMANENT"]} in \
         [{k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh]
-    fdb = json.loads(os.popen(f"bridge -n {w1['netns']} -j fdb show dev flannel.1").read())
+    fdb = json.loads(os.popen(f"bridge -n {w1.netns} -j fdb show dev flannel.1").read())
     entry = next(f for f in fdb if f["mac"] == w2.vtep_mac)
     assert entry["dst"] == w2.ip and entry["state"] == "permanent" and "self" in entry["flags"]
     routes = ip_json(w1.netns, "route", "show", "10.244.2.0/24")
@@ -49,7 +49,7 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
 
     cni0 = ip_json(w1.netns, "addr", "show", "cni0")[0]
     assert cni0["mtu"] == 1450
-    assert ("10.244.1.1", 24) in [(a["local"], a.prefixlen) for a in cni0["addr_info"]]
+    assert ("10.244.1.1", 24) in [(a["local"], a["prefixlen"]) for a in cni0["addr_info"]]
     pod = record.pods["web-0"]
     port = ip_json(w1.netns, "-d", "link", "show", pod.veth)[0]
     assert port["master"] == "cni0" and port["linkinfo"]["info_slave_data"]["hairpin"] is True
@@ -96,7 +96,7 @@ def _kernel_view(record: dict) -> dict:
         ns = entry.netns
         links = [{k: link.get(k) for k in ("ifindex", "ifname", "mtu", "address", "flags",
                                            "master")} for link in ip_json(ns, "link")]
-        addrs = [(a["ifname"], [(i["local"], i.prefixlen) for i in a["addr_info"]
+        addrs = [(a["ifname"], [(i["local"], i["prefixlen"]) for i in a["addr_info"]
                                 if i["family"] == "inet"]) for a in ip_json(ns, "addr")]
         view[ns] = (links, addrs, ip_json(ns, "route"),
                     ip_json(ns, "neigh", "show", "nud", "permanent"))
@@ -133,7 +133,7 @@ def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cl
 
 
 def _inodes(record: dict) -> dict[str, int]:
-    return {p: os.stat(f"/run/netns/{e['netns']}").st_ino for p, e in record.pods.items()}
+    return {p: os.stat(f"/run/netns/{e.netns}").st_ino for p, e in record.pods.items()}
 
 
 def test_delete_leaves_nothing(cluster):
@@ -186,7 +186,7 @@ spec:
     pod = cluster.record().pods["sidecar"]
     (pid,) = pod.pids
     assert open(f"/proc/{pid}/cmdline").read().split("\0")[0] == "sleep"
-    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{pod['netns']}").st_ino
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{pod.netns}").st_ino
     assert cluster.netsim("curl", "web-0", "http://sidecar:9376/").stdout.strip() == "sidecar"
     run_netsim("delete", "-f", cluster.file, check=True)
     assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]

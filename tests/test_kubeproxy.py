@@ -103,10 +103,9 @@ def backend(request):
     return request.param
 
 
-def who(record: dict, src: str, ip: str, port: int, count: int) -> list[str]:
+def who(record, src: str, ip: str, port: int, count: int) -> list[str]:
     """The pod that answered each of `count` fresh connections from `src`."""
-    netns = (record.pods.get(src) or record.nodes.get(src) or record.clients[src])[
-        "netns"]
+    netns = (record.pods.get(src) or record.nodes.get(src) or record.clients[src]).netns
     answers = []
     for _ in range(count):
         reply = probe.http_get(netns, ip, port)
@@ -177,7 +176,7 @@ spec:
 @pytest.mark.parametrize("src", ["client", "solo"])
 def test_nodeport_from_the_external_client_or_a_pod_via_every_node(services, src):
     record = services.record()
-    assert record.services["web-np"]["ports"][0]["node_port"] == 30080
+    assert record.services["web-np"].ports[0].node_port == 30080
     seen = set()
     for node in record.nodes.values():
         answers = who(record, src, node.ip, 30080, 3)
@@ -297,7 +296,7 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     cluster.netsim("expose", "deployment/web", "--port", "8081", "--target-port", "9376",
                    "--type", "NodePort", "--name", "web-ext", check=True)
     ext = cluster.record().services["web-ext"]
-    node_port = ext["ports"][0]["node_port"]
+    node_port = ext.ports[0].node_port
     assert 30000 <= node_port <= 32767 and node_port != 30080
     answers = cluster.netsim("curl", "solo", "http://web-ext:8081/", "--count", "6",
                              check=True).stdout.split()
@@ -309,7 +308,7 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     bare Pod deleted leaves its Service without endpoints on every node until `apply -f`."""
     write(cluster)
     run_netsim("apply", "-f", cluster.file, check=True)
-    namespace = f"/run/netns/{cluster.record()['pods']['web-1']['netns']}"
+    namespace = f"/run/netns/{cluster.record()['pods']['web-1'].netns}"
     before = os.stat(namespace).st_ino  # the namespace's own inode (nsfs)
     cluster.netsim("delete", "pod", "web-1", check=True)
     after = cluster.record()
@@ -369,7 +368,7 @@ def test_an_assigned_node_port_stays_with_its_service(cluster):
     Service written before it in the file later wants one too."""
     write(cluster, extra=auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
-    assert cluster.record().services["b-np"]["ports"][0]["node_port"] == 30000
+    assert cluster.record().services["b-np"].ports[0].node_port == 30000
     write(cluster, extra=auto_node_port("a-np") + auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()

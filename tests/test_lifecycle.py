@@ -50,8 +50,8 @@ def test_failed_first_apply_rolls_back_everything(cluster, monkeypatch):
             raise NetsimError("injected failure")
         return original(*args, **kwargs)
 
-    original = bridge.attach_pod_side
-    monkeypatch.setattr(bridge, "attach_pod_side", fail_on_third_pod)
+    original = bridge.BridgePodSide.attach_host
+    monkeypatch.setattr(bridge.BridgePodSide, "attach_host", fail_on_third_pod)
     with pytest.raises(NetsimError, match="apply failed, this apply's changes were undone: "
                                           "injected failure"):
         clustermod.apply(model)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netsim import probe, trace
+from netsim import modes, probe, trace
 from netsim.errors import NetsimError
 from tests.conftest import needs_root, run_netsim
 
@@ -75,7 +75,7 @@ def test_flannel_vxlan_trace_pcap_and_service(cluster, tmp_path):
     print(trace.format_trace(t))
     assert_delivered(t, dst, record)
     ifaces = [(h.owner, h.iface) for h in t.hops]
-    assert ("underlay", dst_node["port"]) in ifaces
+    assert ("underlay", dst_node.port) in ifaces
     assert (record.pods[src].node, "cni0") in ifaces
     tunnel = hop_at(t, record.pods[src].node, "flannel.1")
     assert tunnel.encapsulation is None and tunnel.ttl == 63  # routed once, not yet wrapped
@@ -181,7 +181,7 @@ def test_calico_bgp_trace_has_no_encapsulation(cluster):
         assert wire.encapsulation is None and len(wire.layers) == 1
         assert (wire.outer.src, wire.outer.dst) == (record.pods[src].ip,
                                                     record.pods[dst].ip)
-    assert not any(h.iface in trace.TUNNEL_DEVICES for h in t.hops)
+    assert not any(h.iface in {m.tunnel for m in modes.every() if m.tunnel} for h in t.hops)
 
 
 def test_capture_node_eth0(cluster, tmp_path):

@@ -1,0 +1,67 @@
+"""The typed record: a JSON round trip that keeps every type, and a damaged file named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from netsim import record as recmod
+from netsim import state
+from netsim.errors import NetsimError
+from netsim.kubeproxy.ports import Endpoint, ProxyPort
+from netsim.model import CalicoSpec, Container, Node, Pod, Segment, Service, ServicePort
+from netsim.record import (
+    ClusterSpec,
+    KubeProxy,
+    NodeRecord,
+    PodRecord,
+    Process,
+    Record,
+    Router,
+    RouterLeg,
+    TunnelSpec,
+    Underlay,
+)
+
+
+def _record() -> Record:
+    spec = ClusterSpec("calico-ipip", "192.168.0.0/16", 26, "10.96.0.0/12", 1500,
+                       [Segment("lan", "172.18.0.0/24")], [Node("w1", "lan", "172.18.0.2")], [],
+                       CalicoSpec(ipip_mode="Always", reflectors=("w1",)), "1.0.0",
+                       [{"type": "tuning"}], "nftables")
+    rec = Record("r", spec, Underlay("u", {"lan": "br-lan"}),
+                 Router("rt", {"lan": RouterLeg("r-lan", 100, "rp-lan")}))
+    rec.nodes["w1"] = NodeRecord("w1", "ns", "172.18.0.2", "lan", 24, "p-w1", "172.18.0.1",
+                                 blocks=["192.168.0.0/26"], carrier="userspace",
+                                 agent=Process(10, 20), proxy_ports={"a": 1},
+                                 agent_tunnel=TunnelSpec("ipip", "tunl0", "172.18.0.2", 1480,
+                                                         {"192.168.0.64/26": "172.18.0.3"},
+                                                         "192.168.0.0/32"))
+    pod = Pod("web-0", {"app": "web"}, (Container("c", (80,), ("sleep", "1"), (("http", 80),)),),
+              "w1", "web")
+    rec.pods["web-0"] = PodRecord(pod, "pns", "192.168.0.1", "cali0123", 100, pids=[5])
+    rec.services["web"] = Service("web", {"app": "web"}, (ServicePort(80, "http", "TCP", "h"),),
+                                  cluster_ip="10.96.0.10", session_affinity="ClientIP")
+    rec.kube_proxy = KubeProxy("nftables", [ProxyPort("default", "web", "h", "TCP", "10.96.0.10",
+                                                      80, None, (Endpoint("192.168.0.1", 80),),
+                                                      10800)])
+    return rec
+
+
+def test_a_record_round_trips_with_its_types():
+    rec = _record()
+    back = recmod.decode(recmod.encode(rec, indent=1))
+    assert back == rec
+    assert isinstance(back.pods["web-0"].pod.containers, tuple)
+    assert isinstance(back.kube_proxy.ports[0].endpoints[0], Endpoint)
+    assert back.pods["web-0"].pod.named_port("http") == 80
+    assert dataclasses.asdict(back.spec) == dataclasses.asdict(rec.spec)
+
+
+def test_a_damaged_record_is_named_and_gc_still_sees_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.setattr(state, "ROOT", str(tmp_path))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.json").write_text('{"cluster": 5}')
+    with pytest.raises(NetsimError, match=r"broken/state.json cannot be read .*Expected `str`"):
+        state.load("broken")
