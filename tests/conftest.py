@@ -124,6 +124,19 @@ class ClusterUnderTest:
         return [n for n in netns.names() if n.startswith(state.netns_prefix(self.name))]
 
 
+def netns_cookie(netns: str) -> int:
+    """The namespace's cookie (SO_NETNS_COOKIE): never reused, unlike its nsfs inode number,
+    which a namespace made after another was freed may get again."""
+    import socket
+
+    from netsim.kernel import netns as nsmod
+
+    with nsmod.entered(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
+
+
 def agent_pids(cluster: str) -> list[int]:
     """Live agent processes of a cluster, found by reading /proc (for assertions only)."""
     pids = []

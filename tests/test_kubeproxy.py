@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import assert_sticky, needs_root, run_netsim, wait_for
+from conftest import assert_sticky, needs_root, netns_cookie, run_netsim, wait_for
 
 from netsim import cluster as clustermod
 from netsim import probe, topology
@@ -361,15 +361,6 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     answers = cluster.netsim("curl", "solo", "http://web-ext:8081/", "--count", "6",
                              check=True).stdout.split()
     assert sorted(answers[1::2]) == ["web-0", "web-0", "web-1", "web-1", "web-2", "web-2"]
-
-
-def netns_cookie(netns: str) -> int:
-    """The namespace's cookie (SO_NETNS_COOKIE): never reused, unlike its nsfs inode number,
-    which a namespace made after the last one was freed may get again."""
-    with nsmod.entered(netns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with sock:
-        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
 
 
 def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
