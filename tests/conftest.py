@@ -40,6 +40,31 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str,
     return time.monotonic() - start
 
 
+def assert_sticky(ask: Callable[[], str], timeout: float, hold: float,
+                  deadline: float = 60.0) -> str:
+    """ClientIP affinity slides: `ask()` (one fresh connection; the name of the pod that
+    answered) keeps reaching one pod for `hold` (> `timeout`) seconds while it is used every
+    timeout/6 s, each use renewing the binding. A pause of the host between two uses longer
+    than `timeout` lets the binding expire rightly: that attempt is void and a new one starts,
+    until `deadline`. Returns the pod."""
+    give_up = time.monotonic() + deadline
+    previous = time.monotonic()
+    pod = ask()
+    held_since = time.monotonic()
+    while time.monotonic() - held_since < hold:
+        if time.monotonic() > give_up:
+            raise AssertionError(f"not within {deadline} s: uses less than {timeout} s apart")
+        time.sleep(timeout / 6)
+        began = time.monotonic()
+        answer = ask()
+        if time.monotonic() - previous < timeout:  # the binding cannot have expired
+            assert answer == pod, f"the binding to {pod} ended while in use: {answer} answered"
+        else:
+            pod, held_since = answer, time.monotonic()
+        previous = began
+    return pod
+
+
 def ip_json(netns: str, *argv: str):
     """`ip -j ARGS` inside the namespace, decoded."""
     out = subprocess.run(["ip", "-n", netns, "-j", *argv], check=True, capture_output=True,
@@ -97,6 +122,19 @@ class ClusterUnderTest:
         from netsim.kernel import netns
 
         return [n for n in netns.names() if n.startswith(state.netns_prefix(self.name))]
+
+
+def netns_cookie(netns: str) -> int:
+    """The namespace's cookie (SO_NETNS_COOKIE): never reused, unlike its nsfs inode number,
+    which a namespace made after another was freed may get again."""
+    import socket
+
+    from netsim.kernel import netns as nsmod
+
+    with nsmod.entered(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
 
 
 def agent_pids(cluster: str) -> list[int]:

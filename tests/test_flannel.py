@@ -8,7 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, agent_pids, assert_nothing_left, ip_json, needs_root, run_netsim
+from conftest import (
+    ROOT,
+    agent_pids,
+    assert_nothing_left,
+    ip_json,
+    needs_root,
+    netns_cookie,
+    run_netsim,
+)
 
 from netsim import state
 from netsim.kernel import nft, sysctl
@@ -105,7 +113,7 @@ def _kernel_view(record: dict) -> dict:
 
 def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cluster):
     cluster.apply()
-    before, inodes = _kernel_view(cluster.record()), _inodes(cluster.record())
+    before, inodes = _kernel_view(cluster.record()), _netns_ids(cluster.record())
     again = cluster.apply()
     assert "unchanged" in again.stdout
     assert _kernel_view(cluster.record()) == before
@@ -113,13 +121,13 @@ def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cl
     cluster.apply(replicas=5)
     record = cluster.record()
     assert sorted(record.pods) == [f"web-{i}" for i in range(5)]
-    assert {p: i for p, i in _inodes(record).items() if p in inodes} == inodes
+    assert {p: i for p, i in _netns_ids(record).items() if p in inodes} == inodes
     assert cluster.netsim("curl", "web-4", "http://web-3:9376/").stdout.strip() == "web-3"
 
     cluster.apply(replicas=2)
     record = cluster.record()
     assert sorted(record.pods) == ["web-0", "web-1"]
-    assert _inodes(record) == {p: inodes[p] for p in ("web-0", "web-1")}
+    assert _netns_ids(record) == {p: inodes[p] for p in ("web-0", "web-1")}
     assert sorted(n.rsplit(".", 1)[1] for n in cluster.namespaces() if ".pod." in n) == \
         ["web-0", "web-1"]
     for node in record.nodes.values():  # removed pods' host veths are gone at once
@@ -132,8 +140,10 @@ def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cl
     assert ipam_files == sorted(p.ip for p in record.pods.values())
 
 
-def _inodes(record: dict) -> dict[str, int]:
-    return {p: os.stat(f"/run/netns/{e.netns}").st_ino for p, e in record.pods.items()}
+def _netns_ids(record: dict) -> dict[str, int]:
+    """Each pod's namespace cookie: a pod made again gets a new one (its nsfs inode number may
+    be reused)."""
+    return {p: netns_cookie(e.netns) for p, e in record.pods.items()}
 
 
 def test_delete_leaves_nothing(cluster):

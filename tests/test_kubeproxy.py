@@ -4,7 +4,6 @@ the built-in hostname servers through ClusterIPs and NodePorts."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -14,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import assert_sticky, needs_root, netns_cookie, run_netsim, wait_for
 
 from netsim import cluster as clustermod
 from netsim import probe, topology
 from netsim.kernel import netns as nsmod
-from tests.conftest import needs_root, run_netsim
 
 pytestmark = needs_root
 TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
@@ -91,10 +90,45 @@ def write(cluster, affinity: str = "ClientIP", timeout: int = 3, extra: str = ""
     Path(cluster.file).write_text(text + services + extra)
 
 
+def kube_proxy_table(netns: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "ip",
+                           "kube-proxy"], capture_output=True, text=True, check=True).stdout
+
+
+def listening(netns: str, pid: int) -> set[int]:
+    """The TCP and UDP ports process `pid` listens on in the namespace."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htulnp"], capture_output=True,
+                         text=True, check=True).stdout
+    return {int(line.split()[4].rsplit(":", 1)[1]) for line in out.splitlines()
+            if f"pid={pid}," in line}
+
+
+def assert_backend(cluster, backend: str) -> None:
+    """The backend every node really runs, read from its kernel: the nftables backend's verdict
+    maps, no proxy; or the userspace mode's DNAT of every Service port to a port the node's
+    agent listens on. The record says the same."""
+    record = cluster.record()
+    assert record.kube_proxy.mode == backend
+    for name, node in record.nodes.items():
+        table = kube_proxy_table(node.netns)
+        ports = listening(node.netns, node.agent.pid)
+        if backend == "nftables":
+            assert "map service-ips" in table and "goto service-" in table, name
+            assert f"dnat to {node.ip}:" not in table and not ports, (name, ports)
+        else:
+            proxied = node.proxy_ports
+            assert proxied and set(proxied) == set(record.kube_proxy.userspace), name
+            assert "map service-ips" not in table, name
+            for key, port in proxied.items():
+                assert f"dnat to {node.ip}:{port}" in table, (name, key)
+            assert set(proxied.values()) <= ports, (name, proxied, ports)
+
+
 @pytest.fixture(params=BACKENDS)
 def services(cluster, request):
     write(cluster, backend=request.param)
     run_netsim("apply", "-f", cluster.file, check=True)
+    assert_backend(cluster, request.param)
     return cluster
 
 
@@ -126,24 +160,47 @@ def test_round_robin_is_exact_through_any_node(services):
     assert answers[:3] == answers[3:]  # in turn, by endpoint IP
 
 
+def affinity_clients(netns: str, service: str) -> set[str]:
+    """Client IPs in the node's affinity sets of a Service (nftables backend): a set element
+    is dropped by the kernel once its timeout has passed unused."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "sets", "ip"],
+                         capture_output=True, text=True, check=True).stdout
+    found = set()
+    for obj in json.loads(out)["nftables"]:
+        s = obj.get("set", {})
+        if s.get("table") == "kube-proxy" and s["name"].startswith("affinity-") and \
+                f"/{service}/" in s["name"]:
+            for e in s.get("elem", []):
+                found.add(e["elem"]["val"] if isinstance(e, dict) else e)
+    return found
+
+
 def test_client_ip_affinity_e2e_checks(services):
     record = services.record()
     answers = who(record, "web-0", cip(record, "web-aff"), 80, 16)
+    used = time.monotonic()
     assert len(set(answers[1:])) == 1, answers  # the last 15 of 16 reach the same pod
-    time.sleep(3.5)  # past the 3 s timeout: the next connection may go elsewhere
+    # the 3 s timeout passes unused: the next connection goes to the next endpoint in turn
+    if services.backend == "nftables":
+        node = record.nodes[record.pods["web-0"].node].netns
+        client = record.pods["web-0"].ip
+        assert client in affinity_clients(node, "web-aff")
+        wait_for(lambda: client not in affinity_clients(node, "web-aff"), 10,
+                 "the kernel drops web-0's affinity binding", interval=0.1)
+    else:  # the agent's proxy shows no state: wait until 3 s have passed since the last use
+        wait_for(lambda: time.monotonic() - used > 3, 10, "3 s since the last use")
     after = who(record, "web-0", cip(record, "web-aff"), 80, 1)
     assert after[0] != answers[-1]
     write(services, affinity="None", backend=services.backend)
     run_netsim("apply", "-f", services.file, check=True)
+    assert_backend(services, services.backend)
     assert len(set(who(record, "web-0", cip(record, "web-aff"), 80, 6))) > 1
 
 
 def test_affinity_timeout_slides(services):
     record = services.record()
-    first = who(record, "web-1", cip(record, "web-aff"), 80, 1)[0]
-    for _ in range(3):  # 4.5 s in all, never 3 s idle: each use refreshes the timer
-        time.sleep(1.5)
-        assert who(record, "web-1", cip(record, "web-aff"), 80, 1) == [first]
+    # 4.5 s, longer than the 3 s timeout, used every 0.5 s: each use renews the binding
+    assert_sticky(lambda: who(record, "web-1", cip(record, "web-aff"), 80, 1)[0], 3, 4.5)
 
 
 def test_removed_endpoint_drops_only_its_own_clients_affinity(cluster, backend):
@@ -159,6 +216,7 @@ spec:
 """ for n in ("client-a", "client-b"))
     write(cluster, timeout=600, extra="\n" + clients, backend=backend)
     run_netsim("apply", "-f", cluster.file, check=True)
+    assert_backend(cluster, backend)
     record = cluster.record()
     ip = cip(record, "web-aff")
     a = who(record, "client-a", ip, 80, 1)[0]
@@ -281,6 +339,7 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     port comes from the range, and `curl --count` through it reaching every pod in turn."""
     write(cluster)
     run_netsim("apply", "-f", cluster.file, check=True)
+    assert_backend(cluster, "nftables")
     record = cluster.record()
     web = sorted(record.pods[p].ip for p in record.pods if p.startswith("web"))
     endpoints = cluster.netsim("get", "endpoints", check=True).stdout
@@ -308,11 +367,12 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     bare Pod deleted leaves its Service without endpoints on every node until `apply -f`."""
     write(cluster)
     run_netsim("apply", "-f", cluster.file, check=True)
-    namespace = f"/run/netns/{cluster.record()['pods']['web-1'].netns}"
-    before = os.stat(namespace).st_ino  # the namespace's own inode (nsfs)
+    assert_backend(cluster, "nftables")
+    namespace = cluster.record()['pods']['web-1']['netns']
+    before = netns_cookie(namespace)
     cluster.netsim("delete", "pod", "web-1", check=True)
     after = cluster.record()
-    assert "web-1" in after.pods and os.stat(namespace).st_ino != before  # made again
+    assert "web-1" in after.pods and netns_cookie(namespace) != before  # made again
     web = cip(after, "web")
     for src in ("solo", "web-0", "web-2"):  # clients on every node
         assert sorted(who(after, src, web, 80, 3)) == ["web-0", "web-1", "web-2"], src
@@ -368,7 +428,8 @@ def test_an_assigned_node_port_stays_with_its_service(cluster):
     Service written before it in the file later wants one too."""
     write(cluster, extra=auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
-    assert cluster.record().services["b-np"].ports[0].node_port == 30000
+    assert_backend(cluster, "nftables")
+    assert cluster.record().services["b-np"]["ports"][0]["node_port"] == 30000
     write(cluster, extra=auto_node_port("a-np") + auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()
@@ -413,6 +474,7 @@ def test_rolling_replacement_under_continuous_connections(cluster, backend):
                                               "- containerPort: 9376\n              name: http")
     write(cluster, extra="\n---" + v2, backend=backend)
     run_netsim("apply", "-f", cluster.file, check=True)
+    assert_backend(cluster, backend)
     plans = [{"web": 3, "web-v2": 1}, {"web": 2, "web-v2": 1}, {"web": 2, "web-v2": 2},
              {"web": 1, "web-v2": 2}, {"web": 1, "web-v2": 3}, {"web": 0, "web-v2": 3}]
     ok, total = under_load(cluster, plans)

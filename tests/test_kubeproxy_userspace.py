@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import assert_sticky, needs_root, wait_for
 
 from netsim.kernel import netns as nsmod
 from netsim.kubeproxy.userspace import Balancer, Proxy
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates namespaces: needs root")
 
 CLUSTER_IP, SVC_PORT, POD_PORT = "10.96.0.10", 80, 9376
 NODE_IP, CLIENT_A, CLIENT_B = "10.80.0.1", "10.80.0.50", "10.80.0.51"
@@ -138,6 +137,9 @@ class Lab:
                 " chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n"
                 + "".join(f"  {rule}\n" for rule in rules) + " }\n}\n")
         run(["ip", "netns", "exec", self.node, "nft", "-f", "-"], input=text)
+        listed = subprocess.run(["ip", "netns", "exec", self.node, "nft", "list", "table", "ip",
+                                 "tkpu"], capture_output=True, text=True, check=True).stdout
+        assert [line.strip() for line in listed.splitlines() if "redirect" in line] == rules
 
 
 def run(argv: list[str], input: str | None = None) -> None:
@@ -153,8 +155,6 @@ def ip_batch(netns: str, *commands: str) -> None:
 def lab() -> Iterator[Lab]:
     """Node (bridge br0, 10.80.0.1), pods 1-3 with servers, a pod that refuses, a client with
     two addresses and a route to the service CIDR via the node. Removed afterwards, always."""
-    if os.geteuid() != 0:
-        pytest.skip("creates namespaces: needs root")
     prefix = f"netsim.tkpu{uuid.uuid4().hex[:8]}."
     servers = PodServers()
     lab = Lab(prefix, servers)
@@ -275,6 +275,7 @@ def test_large_transfers_both_ways(lab: Lab, proxy: Proxy) -> None:
     answer = ask(lab, payload=b"GET 3000000")
     head, body = answer.split("\n", 1)
     assert len(body) == 3000000 and set(body) == {"x"}
+    assert sum(proxy.stats()[TCP_KEY]["connections"].values()) == 2  # both through the proxy
 
 
 @needs_root
@@ -330,13 +331,12 @@ def test_client_ip_affinity(lab: Lab, proxy: Proxy) -> None:
     assert len({pod_of(ask(lab, CLIENT_A)) for _ in range(6)}) == 3
     assert proxy.stats()[TCP_KEY]["affinity_clients"] == {}
 
-    # A 1 s timeout slides with use, and expires after 1.5 s idle.
+    # A 1 s timeout slides with use (2.4 s, used every 1/6 s), and expires unused: the
+    # proxy drops the binding (it reaps every few seconds).
     proxy.sync({TCP_KEY: tcp_service(ALL, "ClientIP", timeout=1)})
-    first = pod_of(ask(lab, CLIENT_A))
-    for _ in range(4):  # 2.4 s in all, longer than the timeout, each use refreshes it
-        time.sleep(0.6)
-        assert pod_of(ask(lab, CLIENT_A)) == first
-    time.sleep(1.5)
+    first = assert_sticky(lambda: pod_of(ask(lab, CLIENT_A)), 1, 2.4)
+    wait_for(lambda: CLIENT_A not in proxy.stats()[TCP_KEY]["affinity_clients"], 10,
+             "the proxy drops the expired binding", interval=0.1)
     after = pod_of(ask(lab, CLIENT_A))
     assert after != first  # expired: round robin gave the next endpoint
     assert pod_of(ask(lab, CLIENT_A)) == after
@@ -401,10 +401,8 @@ def test_udp_round_robin_and_flows(lab: Lab, proxy: Proxy) -> None:
     proxy.udp_idle_timeout = 1.0
     with client_socket(lab, socket.SOCK_DGRAM, CLIENT_A) as sock:
         assert len({ask_udp(lab, sock) for _ in range(5)}) == 1
-    deadline = time.monotonic() + 5
-    while proxy.stats()[UDP_KEY]["active"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proxy.stats()[UDP_KEY]["active"] == 0  # idle flows closed
+    wait_for(lambda: proxy.stats()[UDP_KEY]["active"] == 0, 5, "idle flows closed",
+             interval=0.1)
 
     proxy.sync({UDP_KEY: {"protocol": "UDP", "endpoints": []}})
     with client_socket(lab, socket.SOCK_DGRAM, CLIENT_A) as sock:
@@ -444,10 +442,8 @@ def test_sync_removes_and_close_releases(lab: Lab) -> None:
         held = client_socket(lab, socket.SOCK_STREAM, CLIENT_A)
         held.connect((CLUSTER_IP, SVC_PORT))
         held.sendall(b"open")
-        deadline = time.monotonic() + 3
-        while proxy.stats()[TCP_KEY]["active"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proxy.stats()[TCP_KEY]["active"] == 1
+        wait_for(lambda: proxy.stats()[TCP_KEY]["active"] == 1, 3, "the held connection",
+                 interval=0.05)
     finally:
         proxy.close()
         lab.redirect()
@@ -457,10 +453,8 @@ def test_sync_removes_and_close_releases(lab: Lab) -> None:
         except ConnectionResetError:
             pass
     assert set(threading.enumerate()) == threads
-    deadline = time.monotonic() + 3  # the pod server closes its side of `held` on its own time
-    while _open_fds() != fds and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _open_fds() == fds
+    # the pod server closes its side of `held` on its own time
+    wait_for(lambda: _open_fds() == fds, 3, f"back to {fds} open fds", interval=0.05)
     with pytest.raises(RuntimeError):
         proxy.sync({})
     proxy.close()  # twice is fine
