@@ -435,7 +435,7 @@ def test_apply_cni_exec_runs_a_chain_with_debian_tuning(cluster):
     assert [p["type"] for p in conflist["plugins"]] == ["netsim", "tuning"]
     cache = json.loads((node_dir / "cni-cache" / "results" / "cbr0-web-0-eth0").read_text())
     assert cache["result"]["ips"][0]["address"] == pod.ip + "/24"
-    pong = cluster.netsim("curl", "web-0", f"http://{record['pods']['web-1'].ip}:9376")
+    pong = cluster.netsim("curl", "web-0", f"http://{record.pods['web-1'].ip}:9376")
     assert pong.returncode == 0 and "web-1" in pong.stdout
     # scaling down runs DEL through the chain: the cache entry and the address go
     Path(cluster.file).write_text(text.replace("replicas: 2", "replicas: 1"))

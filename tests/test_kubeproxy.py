@@ -368,7 +368,7 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     write(cluster)
     run_netsim("apply", "-f", cluster.file, check=True)
     assert_backend(cluster, "nftables")
-    namespace = cluster.record()['pods']['web-1']['netns']
+    namespace = cluster.record().pods['web-1'].netns
     before = netns_cookie(namespace)
     cluster.netsim("delete", "pod", "web-1", check=True)
     after = cluster.record()
@@ -429,11 +429,11 @@ def test_an_assigned_node_port_stays_with_its_service(cluster):
     write(cluster, extra=auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
     assert_backend(cluster, "nftables")
-    assert cluster.record().services["b-np"]["ports"][0]["node_port"] == 30000
+    assert cluster.record().services["b-np"].ports[0].node_port == 30000
     write(cluster, extra=auto_node_port("a-np") + auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()
-    assert [record.services[s]["ports"][0]["node_port"] for s in ("a-np", "b-np")] == \
+    assert [record.services[s].ports[0].node_port for s in ("a-np", "b-np")] == \
         [30001, 30000]
     assert who(record, "client", record.nodes["worker-2"].ip, 30001, 1)[0] in (
         "web-0", "web-1", "web-2")

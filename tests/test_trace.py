@@ -108,7 +108,7 @@ def test_flannel_vxlan_trace_pcap_and_service(cluster, tmp_path):
     assert t.hops[0].inner.dst == service.cluster_ip
     egress = hop_at(t, record.pods[src].node, "eth0")
     assert egress.inner.dst in pod_ips and egress.inner.dport == 9376
-    assert egress.dnat and egress.dnat.startswith(f"{service['clusterIP']}:80 -> ")
+    assert egress.dnat and egress.dnat.startswith(f"{service.cluster_ip}:80 -> ")
     assert "DNAT 10.96.0.10:80 -> " in trace.format_trace(t)
     by_name = trace.trace(record, src, "web")  # the Service by name: its first port, TCP 80
     assert (by_name.proto, by_name.port, by_name.delivered) == ("tcp", 80, True)
