@@ -2,11 +2,17 @@
 
 Every rejection names the file, the document, the field and what to change, and happens before
 anything touches the kernel. Fields netsim does not model are collected and reported once.
+
+The YAML is read by a bounded loader: the file's size, the number of documents, the number of
+values (aliases counted as expanded), the nesting depth and the length of integers are limited
+while the node graph is composed, before any Python object is made, so that no input hangs or
+exhausts the interpreter. What Kubernetes' API server would refuse is refused here too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import replace
 from typing import Any
@@ -33,10 +39,33 @@ from netsim.model import (
 DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
             "mtu": 1500}
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # Service names
+IANA_SVC_NAME = re.compile(r"(?=.{1,15}\Z)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*")  # named ports
+LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+DNS1123_SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                               r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+CNI_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an executable's file name
 MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
 NODE_PORT_RANGE = (30000, 32767)
 CALICO_POOL, CALICO_BLOCK = "192.168.0.0/16", 26  # Calico's default pool and block size
+CALICO_TUNNEL_MODES = ("calico-vxlan", "calico-ipip")  # a node's tunnel address is a pool address
 CNI_VERSION = "1.0.0"  # the newest that Debian's reference plugins accept in a chain
+API_VERSIONS = {"Cluster": "netsim.dev/v1alpha1", "Pod": "v1", "Service": "v1",
+                "Deployment": "apps/v1"}
+MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must be >= 12"
+# Ranges whose addresses cannot be a pod's, a Service's or a node's: the kernel treats them
+# specially (loopback, multicast), or Calico uses them (169.254.1.1 is every pod's gateway).
+RESERVED = (("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
+            ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
+            ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"))
+
+# The loader's limits. PyYAML's pure-Python reader takes about a second per MiB, and every
+# value costs some 40 µs to compose: these bound one `parse` to about two seconds.
+MAX_BYTES = 1 << 20  # 1 MiB
+MAX_DOCUMENTS = 1000
+MAX_VALUES = 50_000  # scalars, lists and mappings in the file, each alias counted as expanded
+MAX_DEPTH = 50  # lists and mappings nested in each other
+MAX_INT_DIGITS = 20  # an integer's digits; PyYAML would run int() on any length
 
 _KNOWN = {
     "Cluster": {"apiVersion", "kind", "metadata", "metadata.name", "spec", "spec.cni",
@@ -68,15 +97,199 @@ _KNOWN = {
 _CONTAINER_KEYS = {"name", "ports", "command", "args"}
 
 
+_YAML = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """The loader refuses input that is valid YAML: a limit, or a feature netsim does not read."""
+
+    def __init__(self, problem: str, mark: Any, fix: str, field: str = ""):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.fix, self.field = fix, field
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with budgets checked while the node graph is composed (before any
+    Python object is constructed), the field path kept for the error, and Kubernetes' reading
+    of scalars: a duplicate key is an error, and 1:20 or 2001-12-14 are strings (go-yaml has
+    no base-60 numbers, and Kubernetes' YAML-to-JSON step leaves timestamps as text)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.documents = 0
+        self.values = 0  # composed so far in the file, aliases counted as expanded
+        self.sizes: dict[str, int] = {}  # anchor -> the number of values it expands to
+        self.parts: list[str] = []  # the field path of the node being composed
+
+    def field(self) -> str:
+        return "".join(self.parts).lstrip(".")
+
+    def compose_document(self) -> Any:
+        self.documents += 1
+        if self.documents > MAX_DOCUMENTS:
+            raise _Refused(f"more than {MAX_DOCUMENTS} documents", self.peek_event().start_mark,
+                           "use Deployments with replicas instead of many Pod documents, or "
+                           "split the file")
+        self.sizes = {}  # anchors are per document
+        return super().compose_document()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(index, int):
+            self.parts.append(f"[{index}]")
+        elif isinstance(index, yaml.ScalarNode):  # a mapping's value: index is its key
+            self.parts.append("." + _short(index.value, 40))
+        else:  # the document, or a mapping's key
+            self.parts.append("")
+        try:
+            if isinstance(event, yaml.AliasEvent):
+                return self._alias(event, parent, index)
+            if len(self.parts) > MAX_DEPTH:
+                raise _Refused(f"values nested more than {MAX_DEPTH} deep", event.start_mark,
+                               "flatten the structure", self.field()[:80] + "…")
+            if event.tag not in (None, "!") and event.tag not in _PLAIN_TAGS:
+                tag = event.tag.replace(_YAML, "!!", 1)
+                raise _Refused(f"the YAML tag {_short(tag, 60)} is not supported",
+                               event.start_mark, "remove the tag: netsim reads plain "
+                               "strings, numbers, booleans, lists and mappings", self.field())
+            before = self.values
+            self._count(1, event.start_mark)
+            node = super().compose_node(parent, index)
+            if event.anchor is not None:
+                self.sizes[event.anchor] = self.values - before
+            if isinstance(node, yaml.MappingNode):
+                self._unique_keys(node)
+            elif isinstance(node, yaml.ScalarNode) and node.tag == _YAML + "int":
+                digits = len(node.value.replace("_", "").lstrip("+-"))
+                if digits > MAX_INT_DIGITS:
+                    raise _Refused(f"an integer of {digits} digits", node.start_mark,
+                                   f"netsim reads integers of up to {MAX_INT_DIGITS} digits",
+                                   self.field())
+            return node
+        finally:
+            self.parts.pop()
+
+    def _alias(self, event: yaml.AliasEvent, parent: Any, index: Any) -> Any:
+        if event.anchor in self.anchors and event.anchor not in self.sizes:
+            raise _Refused(f"the alias *{_short(event.anchor, 40)} refers to a value that "
+                           "contains it", event.start_mark, "write the value out: a topology "
+                           "cannot be recursive", self.field())
+        node = super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+        self._count(self.sizes[event.anchor], event.start_mark, event.anchor)
+        return node
+
+    def _count(self, values: int, mark: Any, alias: str = "") -> None:
+        self.values += values
+        if self.values > MAX_VALUES:
+            raise _Refused(f"the file holds more than {MAX_VALUES} values"
+                           + (f" once the alias *{_short(alias, 40)} is expanded" if alias else ""),
+                           mark, "write aliases out, and use Deployments with replicas instead "
+                           "of long lists", self.field())
+
+    def _unique_keys(self, node: yaml.MappingNode) -> None:
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _YAML + "merge":
+                if (key.tag, key.value) in seen:
+                    field = ".".join(p for p in (self.field(), _short(key.value, 40)) if p)
+                    raise _Refused(f"the key {_short(key.value, 40)!r} appears twice in one "
+                                   "mapping", key.start_mark, "keep one of them", field)
+                seen.add((key.tag, key.value))
+
+
+def _lenient(tag: str, what: str) -> None:
+    """Make PyYAML's constructor for `tag` refuse malformed text (!!int x, 0b_, !!bool maybe)
+    with a YAML error instead of a ValueError or KeyError, and read base 60 as a string."""
+    construct = _Loader.yaml_constructors[_YAML + tag]
+
+    def checked(loader: _Loader, node: yaml.ScalarNode) -> Any:
+        if what == "number" and isinstance(node.value, str) and ":" in node.value:
+            return loader.construct_scalar(node)
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{_short(node.value, 40)!r} is not a valid {tag}",
+                node.start_mark) from None
+
+    _Loader.add_constructor(_YAML + tag, checked)
+
+
+for _tag in ("int", "float"):
+    _lenient(_tag, "number")
+_lenient("bool", "bool")
+_Loader.add_constructor(_YAML + "timestamp", yaml.SafeLoader.construct_scalar)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """str(value), cut to `limit` characters."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value) for an error message: one line, cut to `limit` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]  # no repr of a megabyte
+    return _short(repr(value), limit)
+
+
+def _read_yaml(text: str, file: str) -> list:
+    """The non-empty documents of the text, or a TopologyError naming the line."""
+    if len(text) > MAX_BYTES:
+        raise TopologyError(file, "file", "", f"is larger than {MAX_BYTES >> 20} MiB",
+                            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
+                            "Deployments with replicas instead of many Pod documents")
+    loader = None
+    try:
+        loader = _Loader(text)  # its reader refuses characters YAML does not allow at once
+        bodies = []
+        while loader.check_data():
+            body = loader.get_data()
+            if body is not None:
+                bodies.append(body)
+        return bodies
+    except _Refused as exc:
+        raise TopologyError(file, _where(exc.problem_mark), exc.field, exc.problem,
+                            exc.fix) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[0])
+        raise TopologyError(file, f"YAML at line {line}, column {column}", "",
+                            f"the character U+{char:04X} is not allowed ({exc.reason})",
+                            "remove it, or write it as an escape inside double quotes") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or _short(exc, 200)
+        raise TopologyError(file, _where(mark), "", f"malformed YAML: {problem}",
+                            "fix the syntax there (indentation, a missing ':' or quote)") from None
+    except RecursionError:  # a bug in the budgets above, never the user's fault
+        raise TopologyError(file, "file", "", "the YAML is nested too deeply",
+                            f"nest at most {MAX_DEPTH} levels") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _where(mark: Any) -> str:
+    return f"YAML at line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+
+
 class _Doc:
     """One YAML document being read: knows how to phrase an error about itself."""
 
     def __init__(self, file: str, index: int, body: dict, ignored: set[str]):
         self.file, self.index, self.body, self.ignored = file, index, body, ignored
-        self.kind = body.get("kind", "")
-        name = (body.get("metadata") or {}).get("name", "") if isinstance(
-            body.get("metadata"), dict) else ""
-        self.label = f"document {index} ({self.kind or 'no kind'}{' ' + name if name else ''})"
+        kind = body.get("kind")
+        self.kind = kind if isinstance(kind, str) else ""
+        meta = body.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        name = (name if DNS1123_LABEL.fullmatch(name) else _show(name, 40)) if isinstance(
+            name, str) else ""
+        what = _short(self.kind, 40) if self.kind.isprintable() else _show(self.kind, 40)
+        self.label = f"document {index} ({what or 'no kind'}{' ' + name if name else ''})"
         self._note_ignored(body, "")
 
     def _note_ignored(self, node: Any, prefix: str) -> None:
@@ -84,9 +297,9 @@ class _Doc:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
-            path = f"{prefix}{key}"
+            path = f"{prefix}{_key(key)}"
             if path not in known:
-                self.ignored.add(f"{self.kind}.{path}")
+                self.ignored.add(f"{self.kind or 'no kind'}.{path}")
             elif any(k.startswith(path + ".") for k in known):
                 self._note_ignored(value, path + ".")
 
@@ -104,27 +317,53 @@ class _Doc:
         if kind is not object and not isinstance(node, kind) or (
                 isinstance(node, bool) and kind in (int, (int,))):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise self.fail(path, f"expected {_noun(names)}, got {node!r}")
+            raise self.fail(path, f"expected {_noun(names)}, got {_show(node)}")
         return node
 
     def name(self, value: Any, field: str) -> str:
-        if not isinstance(value, str) or not DNS1123_LABEL.match(value):
-            raise self.fail(field, f"{value!r} is not a DNS-1123 label",
+        if not isinstance(value, str) or not DNS1123_LABEL.fullmatch(value):
+            raise self.fail(field, f"{_show(value)} is not a DNS-1123 label",
                             "use lowercase letters, digits and '-', start and end with a letter "
                             "or digit, at most 63 characters")
         return value
 
     def cidr(self, value: Any, field: str) -> IPNetwork:
-        try:
-            net = IPNetwork(str(value))
-            if net.version != 4 or "/" not in str(value):
-                raise ValueError
-        except (ValueError, TypeError, Exception):
-            raise self.fail(field, f"{value!r} is not an IPv4 CIDR",
-                            "write it as address/prefix, e.g. 10.244.0.0/16") from None
+        net = _ipv4(value, cidr=True)
+        if net is None:
+            raise self.fail(field, f"{_show(value)} is not an IPv4 CIDR",
+                            "write it as address/prefix, e.g. 10.244.0.0/16")
         if net.ip != net.network:
             raise self.fail(field, f"{value} has host bits set", f"use {net.cidr}")
+        for reserved, what in RESERVED:
+            if net.first <= IPNetwork(reserved).last and IPNetwork(reserved).first <= net.last:
+                raise self.fail(field, f"{net} overlaps {reserved}, which is {what}",
+                                "use a private range: 10.0.0.0/8, 172.16.0.0/12 or "
+                                "192.168.0.0/16")
         return net
+
+    def address(self, value: Any, field: str) -> IPAddress:
+        addr = _ipv4(value)
+        if addr is None:
+            raise self.fail(field, f"{_show(value)} is not an IPv4 address",
+                            "write it as four decimal numbers, e.g. 10.96.0.10")
+        return addr
+
+
+def _ipv4(value: Any, cidr: bool = False) -> Any:
+    """An IPv4 address (or, with cidr, address/prefix) as netaddr reads it, or None: only a
+    string of four decimal numbers, as Kubernetes parses it (netaddr alone would take 10/8)."""
+    pattern = r"\d{1,3}(\.\d{1,3}){3}" + (r"/\d{1,2}" if cidr else "")
+    if not isinstance(value, str) or not re.fullmatch(pattern, value, re.ASCII):
+        return None
+    try:
+        return IPNetwork(value) if cidr else IPAddress(value)
+    except (ValueError, TypeError):  # netaddr's AddrFormatError is a ValueError
+        return None
+
+
+def _key(key: Any) -> str:
+    """A mapping key as a field path shows it."""
+    return key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else _show(key, 40)
 
 
 def _noun(name: str) -> str:
@@ -137,11 +376,24 @@ def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
     `overrides` are what `netsim scale`, `expose` and `delete pod` changed on top of the
     file."""
     try:
-        with open(file) as fh:
-            text = fh.read()
+        with open(file, "rb") as fh:
+            data = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise TopologyError(file, "file", "", f"cannot read it: {exc.strerror}",
                             "check the path given to -f") from None
+    except ValueError as exc:  # a NUL in the path
+        raise TopologyError(file, "file", "", f"cannot read it: {exc}",
+                            "check the path given to -f") from None
+    if len(data) > MAX_BYTES:
+        raise TopologyError(file, "file", "", f"is larger than {MAX_BYTES >> 20} MiB",
+                            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
+                            "Deployments with replicas instead of many Pod documents")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TopologyError(file, "file", "", f"is not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                            f"at line {line}", "save the file as UTF-8") from None
     return parse(text, file, overrides)
 
 
@@ -150,28 +402,28 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
     extra Service documents (expose)."""
     if not overrides:
         return bodies
+
+    def name(body: Any, kind: str) -> str | None:
+        meta = body.get("metadata") if isinstance(body, dict) and body.get("kind") == kind \
+            else None
+        return meta.get("name") if isinstance(meta, dict) and isinstance(
+            meta.get("name"), str) else None
+
     for body in bodies:
-        if isinstance(body, dict) and body.get("kind") == "Deployment":
-            name = (body.get("metadata") or {}).get("name")
-            if name in overrides.get("replicas", {}):
-                body.setdefault("spec", {})["replicas"] = overrides["replicas"][name]
-    names = {(b.get("metadata") or {}).get("name") for b in bodies
-             if isinstance(b, dict) and b.get("kind") == "Service"}
+        if name(body, "Deployment") in overrides.get("replicas", {}):
+            if body.get("spec") is None:
+                body["spec"] = {}
+            if isinstance(body["spec"], dict):  # else the loader names the field
+                body["spec"]["replicas"] = overrides["replicas"][name(body, "Deployment")]
+    names = {name(b, "Service") for b in bodies}
     return bodies + [s for s in overrides.get("services", []) if s["metadata"]["name"] not in
                      names]
 
 
 def parse(text: str, file: str = "<topology>",
           overrides: dict | None = None) -> tuple[Cluster, list[str]]:
-    try:
-        bodies = with_overrides([b for b in yaml.safe_load_all(text) if b is not None],
-                                overrides)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError(file, f"YAML at {where}", "", f"malformed YAML: {problem}",
-                            "fix the syntax there (indentation, a missing ':' or quote)") from None
+    """Validate the text of a topology file (see `load`)."""
+    bodies = with_overrides(_read_yaml(text, file), overrides)
     ignored: set[str] = set()
     docs = []
     for i, body in enumerate(bodies, 1):
@@ -181,8 +433,12 @@ def parse(text: str, file: str = "<topology>",
         docs.append(_Doc(file, i, body, ignored))
     for doc in docs:
         if doc.kind not in _KNOWN:
-            raise doc.fail("kind", f"unknown kind {doc.kind!r}",
+            raise doc.fail("kind", f"unknown kind {_show(doc.body.get('kind'))}",
                            "netsim reads Cluster, Pod, Deployment and Service documents")
+        version = doc.body.get("apiVersion")
+        if version != API_VERSIONS[doc.kind]:
+            raise doc.fail("apiVersion", f"{doc.kind} is served as {API_VERSIONS[doc.kind]}, "
+                           f"not {_show(version)}", f"write apiVersion: {API_VERSIONS[doc.kind]}")
     clusters = [d for d in docs if d.kind == "Cluster"]
     if len(clusters) != 1:
         raise TopologyError(file, "file", "kind", f"found {len(clusters)} Cluster documents",
