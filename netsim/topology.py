@@ -95,6 +95,8 @@ _KNOWN = {
                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds"},
 }
 _CONTAINER_KEYS = {"name", "ports", "command", "args"}
+IANA_FIX = ("use at most 15 lowercase letters, digits and '-', with a letter, no '-' at either "
+            "end or twice in a row (IANA_SVC_NAME)")
 
 
 _YAML = "tag:yaml.org,2002:"
@@ -453,9 +455,11 @@ def parse(text: str, file: str = "<topology>",
         elif doc.kind == "Service":
             cluster.services.append(_service(doc, cluster))
     _unique([(p.name, d) for p, d in pods], "metadata.name", "pod")
+    pod_docs = {p.name: d for p, d in pods}
     pods = [p for p, _ in pods]
     deleted = set((overrides or {}).get("deleted_pods", []))  # `netsim delete pod`
     cluster.pods = [p for p in pods if p.name not in deleted]
+    _check_pod_room(cluster, pod_docs)
     _unique([(s.name, d) for s, d in zip(cluster.services,
                                           [d for d in docs if d.kind == "Service"], strict=True)],
             "metadata.name", "service")
@@ -475,7 +479,7 @@ def parse(text: str, file: str = "<topology>",
                                "name a containerPort so (ports: [{name: ..., containerPort: "
                                "...}]) or use the port number")
     _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
-    _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"])
+    _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"], clusters[0])
     cluster.source = file
     warnings = sorted(n for n in ignored if n.startswith("warning: "))
     ignored -= set(warnings)
@@ -500,6 +504,10 @@ def _cluster(doc: _Doc) -> Cluster:
         raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
                        f"use one of: {', '.join(MODES)}")
     calico = mode.startswith("calico-")
+    other = "spec.cni.flannel" if calico else "spec.cni.calico"
+    if doc.get(other) is not None:  # present, even as {}: it would be silently ignored
+        raise doc.fail(other, f"mode {mode} does not read {other.rsplit('.', 1)[1]} settings",
+                       f"remove {other}, or use a {other.rsplit('.', 1)[1]}-* mode")
     if calico:
         network_field, len_field = "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize"
         network = doc.cidr(doc.get(network_field, CALICO_POOL), network_field)
@@ -517,6 +525,10 @@ def _cluster(doc: _Doc) -> Cluster:
                            f"use a length between {network.prefixlen + 1} and 28")
     service_cidr = doc.cidr(doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]),
                             "spec.serviceCIDR")
+    if service_cidr.prefixlen < MIN_SERVICE_PREFIX:
+        raise doc.fail("spec.serviceCIDR", f"{service_cidr} is larger than kube-apiserver "
+                       f"accepts", f"use a /{MIN_SERVICE_PREFIX} or longer (the default is "
+                       f"{DEFAULTS['service_cidr']})")
     mtu = doc.get("spec.underlay.mtu", DEFAULTS["mtu"], int)
     if not 1280 <= mtu <= 9000:
         raise doc.fail("spec.underlay.mtu", f"{mtu} is out of range", "use 1280 to 9000")
@@ -536,13 +548,18 @@ def _cluster(doc: _Doc) -> Cluster:
     clients = _hosts(doc, "spec.externalClients", segments, ExternalClient)
     calico_spec = _calico(doc, mode, segments, nodes) if calico else None
     if calico:
-        clients += _bgp_peers(doc, mode, segments)
+        clients += _bgp_peers(doc, mode, segments, calico_spec.asn)
     _unique([(h.name, doc) for h in nodes + clients], "spec.nodes", "node or external client")
     _assign_ips(doc, segments, nodes, clients)
     available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
     if not calico and len(nodes) > available:
         raise doc.fail("spec.cni.flannel.Network", f"{network} holds {available} /{subnet_len} "
                        f"subnets for {len(nodes)} nodes", "use a larger Network or SubnetLen")
+    blocks = 2 ** (subnet_len - network.prefixlen)
+    if calico and len(nodes) > blocks:
+        raise doc.fail(network_field, f"{network} holds {blocks} /{subnet_len} blocks for "
+                       f"{len(nodes)} nodes (each node claims a block of its own)",
+                       "use a larger pool or a longer blockSize")
     if mode == "flannel-host-gw" and len({n.segment for n in nodes}) > 1:
         raise doc.fail("spec.nodes", "host-gw needs every node on one L2 segment",
                        "put all nodes on one segment, or use mode flannel-vxlan")
@@ -598,9 +615,10 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     reflectors = doc.get("spec.cni.calico.bgp.routeReflectors", [], list)
     names = {n.name for n in nodes}
     for i, name in enumerate(reflectors):
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
-                           f"{name!r} is not a node", f"use node names: {', '.join(sorted(names))}")
+                           f"{_show(name)} is not a node",
+                           f"use node names: {', '.join(sorted(names))}")
     if reflectors and mode != "calico-bgp":
         raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
                        "route reflectors need mode calico-bgp")
@@ -613,7 +631,8 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
                       reflectors=tuple(reflectors))
 
 
-def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment]) -> list[ExternalClient]:
+def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment],
+               own_asn: int) -> list[ExternalClient]:
     """Top-of-rack routers: external hosts with their own AS number."""
     path = "spec.cni.calico.bgp.peers"
     raw = doc.get(path, [], list)
@@ -624,8 +643,12 @@ def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment]) -> list[ExternalCl
                                                  extra=("asNumber",)), raw, strict=True)):
         asn = item.get("asNumber") if isinstance(item, dict) else None
         if not isinstance(asn, int) or isinstance(asn, bool) or not 1 <= asn <= 4294967295:
-            raise doc.fail(f"{path}[{i}].asNumber", f"AS number {asn!r} is missing or out of "
-                           "range", "give the router its own AS, for example 65001")
+            raise doc.fail(f"{path}[{i}].asNumber", f"AS number {_show(asn)} is missing or out "
+                           "of range", "give the router its own AS, for example 65001")
+        if asn == own_asn:
+            raise doc.fail(f"{path}[{i}].asNumber", f"AS {asn} is the cluster's own AS "
+                           "(spec.cni.calico.bgp.asNumber): the nodes would speak iBGP to an "
+                           "external router", "give the router its own AS, for example 65001")
         peers.append(replace(host, asn=asn))
     return peers
 
@@ -640,7 +663,7 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
     plugins = doc.get("spec.cni.plugins", [], list)
     for i, plugin in enumerate(plugins):
         if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) or \
-                not plugin["type"] or "/" in plugin["type"]:
+                not CNI_PLUGIN_TYPE.fullmatch(plugin["type"]):
             raise doc.fail(f"spec.cni.plugins[{i}]", "each plugin needs a \"type\": the name "
                            "of its executable", "for example {type: tuning, sysctl: {...}}")
     return version, json.loads(json.dumps(plugins))
@@ -679,16 +702,15 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
         name = doc.name(item.get("name"), f"{field}.name")
         doc.ignored.update(f"Cluster.{path}[].{k}" for k in item
                            if k not in ("name", "segment", "ip", *extra))
-        segment = item.get("segment", segments[0].name)
+        segment = item.get("segment")
+        segment = segments[0].name if segment is None else segment
         if not isinstance(segment, str) or segment not in {s.name for s in segments}:
-            raise doc.fail(f"{field}.segment", f"no segment named {segment!r}",
+            raise doc.fail(f"{field}.segment", f"no segment named {_show(segment)}",
                            f"use one of: {', '.join(s.name for s in segments)}")
-        ip = item.get("ip", "")
-        if ip:
-            try:
-                addr = IPAddress(str(ip))
-            except Exception:
-                raise doc.fail(f"{field}.ip", f"{ip!r} is not an IPv4 address") from None
+        ip = item.get("ip")
+        ip = "" if ip is None else ip
+        if ip != "":
+            addr = doc.address(ip, f"{field}.ip")
             net = IPNetwork(next(s.subnet for s in segments if s.name == segment))
             if addr not in net or addr in (net.network, net.broadcast, net.network + 1):
                 raise doc.fail(f"{field}.ip", f"{ip} is not a usable host of {net}",
@@ -718,13 +740,32 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
 
 
 def _labels(doc: _Doc, path: str) -> dict[str, str]:
+    """Labels (or a selector) as Kubernetes validates them: string keys and values."""
     labels = doc.get(path, {}, dict)
-    return {str(k): str(v) for k, v in labels.items()}
+    result = {}
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", None)
+        if name is None or not LABEL_NAME.fullmatch(name) or (
+                prefix and not DNS1123_SUBDOMAIN.fullmatch(prefix)) or key.startswith("/"):
+            raise doc.fail(path, f"{_show(key)} is not a label key",
+                           "use up to 63 letters, digits, '-', '_' or '.', beginning and ending "
+                           "with a letter or digit, optionally after a DNS prefix and '/'")
+        value = "" if value is None else value  # as Kubernetes reads null
+        if not isinstance(value, str):
+            raise doc.fail(f"{path}.{_key(key)}", f"label values are strings, not "
+                           f"{_show(value)}", f'quote it: {_key(key)}: "{_short(value, 20)}"')
+        if value and not LABEL_NAME.fullmatch(value):
+            raise doc.fail(f"{path}.{_key(key)}", f"{_show(value)} is not a label value",
+                           "use up to 63 letters, digits, '-', '_' or '.', beginning and "
+                           "ending with a letter or digit")
+        result[key] = value
+    return result
 
 
 def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
     raw = doc.get(path, [{"name": "hostname"}], list)
-    containers = []
+    containers: list[Container] = []
+    taken: set[str] = set()  # port names, unique in the pod
     for i, item in enumerate(raw):
         field = f"{path}[{i}]"
         if not isinstance(item, dict):
@@ -733,22 +774,38 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
             if key not in _CONTAINER_KEYS:
                 doc.ignored.add(f"{doc.kind}.{path}[].{key}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
+        if name in {c.name for c in containers}:
+            raise doc.fail(f"{field}.name", f"duplicate container name {name!r}",
+                           "give each container of a pod its own name")
         ports, names = [], []
-        if not isinstance(item.get("ports") or [], list):
+        if not isinstance(item.get("ports") if item.get("ports") is not None else [], list):
             raise doc.fail(f"{field}.ports", "expected a list of {containerPort: N}")
         for key in ("command", "args"):
-            if not isinstance(item.get(key) or [], list):
+            words = item.get(key) if item.get(key) is not None else []
+            if not isinstance(words, list):
                 raise doc.fail(f"{field}.{key}", f"expected a list of strings, got "
-                               f"{item.get(key)!r}", f'write it as {key}: ["..."]')
+                               f"{_show(words)}", f'write it as {key}: ["..."]')
+            for k, word in enumerate(words):
+                if not isinstance(word, str):
+                    raise doc.fail(f"{field}.{key}[{k}]", f"expected a string, got "
+                                   f"{_show(word)}", f'quote it: "{_short(word, 20)}"')
         for j, port in enumerate(item.get("ports") or []):
             value = port.get("containerPort") if isinstance(port, dict) else None
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-                raise doc.fail(f"{field}.ports[{j}].containerPort", f"{value!r} is not a port",
-                               "use an integer from 1 to 65535")
+                raise doc.fail(f"{field}.ports[{j}].containerPort", f"{_show(value)} is not a "
+                               "port", "use an integer from 1 to 65535")
             ports.append(value)
-            if port.get("name"):
-                names.append((str(port["name"]), value))
-        command = [str(c) for c in (item.get("command") or []) + (item.get("args") or [])]
+            port_name = port.get("name")
+            if port_name is not None and port_name != "":
+                if not isinstance(port_name, str) or not IANA_SVC_NAME.fullmatch(port_name):
+                    raise doc.fail(f"{field}.ports[{j}].name", f"{_show(port_name)} is not a "
+                                   "port name", IANA_FIX)
+                if port_name in taken:
+                    raise doc.fail(f"{field}.ports[{j}].name", f"duplicate port name "
+                                   f"{port_name!r} in this pod", "give each port its own name")
+                taken.add(port_name)
+                names.append((port_name, value))
+        command = [*(item.get("command") or []), *(item.get("args") or [])]
         containers.append(Container(name, tuple(ports), tuple(command), tuple(names)))
     if not containers:
         raise doc.fail(path, "a pod needs at least one container", "add {name: hostname}")
@@ -791,9 +848,13 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
 
 def _service(doc: _Doc, cluster: Cluster) -> Service:
     name = doc.name(doc.get("metadata.name"), "metadata.name")
+    if not DNS1035_LABEL.fullmatch(name):
+        raise doc.fail("metadata.name", f"{name!r} is not a DNS-1035 label (a Service's name "
+                       "starts with a letter)", "begin the name with a lowercase letter")
     kind = doc.get("spec.type", "ClusterIP", str)
     if kind not in ("ClusterIP", "NodePort"):
-        raise doc.fail("spec.type", f"unsupported type {kind!r}", "use ClusterIP or NodePort")
+        raise doc.fail("spec.type", f"unsupported type {_show(kind)}",
+                       "use ClusterIP or NodePort")
     selector = _labels(doc, "spec.selector")
     if not selector:
         raise doc.fail("spec.selector", "a Service needs a selector (netsim has no manual "
@@ -809,37 +870,71 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
             raise doc.fail(field, "expected a mapping with port and targetPort")
         port = item.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise doc.fail(f"{field}.port", f"{port!r} is not a port", "use 1 to 65535")
-        target = item.get("targetPort", port)
+            raise doc.fail(f"{field}.port", f"{_show(port)} is not a port", "use 1 to 65535")
+        target = item.get("targetPort")
+        target = port if target is None else target  # Kubernetes' default
         if isinstance(target, bool) or not isinstance(target, int | str) or (
                 isinstance(target, int) and not 1 <= target <= 65535):
-            raise doc.fail(f"{field}.targetPort", f"{target} is not a port", "use 1 to 65535")
-        protocol = item.get("protocol", "TCP")
+            raise doc.fail(f"{field}.targetPort", f"{_show(target)} is not a port",
+                           "use 1 to 65535, or the name of a containerPort")
+        if isinstance(target, str) and not IANA_SVC_NAME.fullmatch(target):
+            raise doc.fail(f"{field}.targetPort", f"{_show(target)} is neither a port number "
+                           "nor a port name", "write a number without quotes, or a name: "
+                           + IANA_FIX)
+        protocol = item.get("protocol")
+        protocol = "TCP" if protocol is None or protocol == "" else protocol
         if protocol not in ("TCP", "UDP"):
-            raise doc.fail(f"{field}.protocol", f"unsupported protocol {protocol!r}",
+            raise doc.fail(f"{field}.protocol", f"unsupported protocol {_show(protocol)}",
                            "use TCP or UDP")
         node_port = item.get("nodePort")
-        if node_port is not None:
+        node_port = None if node_port == 0 and not isinstance(node_port, bool) else node_port
+        if node_port is not None:  # 0, as in Kubernetes, means "allocate one"
             if kind != "NodePort":
                 raise doc.fail(f"{field}.nodePort", "nodePort is set on a ClusterIP Service",
                                "set spec.type: NodePort or remove nodePort")
             low, high = NODE_PORT_RANGE
-            if not isinstance(node_port, int) or not low <= node_port <= high:
-                raise doc.fail(f"{field}.nodePort", f"{node_port!r} is outside {low}-{high}",
-                               f"pick a port from {low} to {high}")
-        ports.append(ServicePort(port, target, protocol, str(item.get("name", "")), node_port))
+            if not isinstance(node_port, int) or isinstance(node_port, bool) or \
+                    not low <= node_port <= high:
+                raise doc.fail(f"{field}.nodePort", f"{_show(node_port)} is outside "
+                               f"{low}-{high}", f"pick a port from {low} to {high}")
+        port_name = item.get("name")
+        port_name = "" if port_name is None else port_name
+        if port_name != "" and (not isinstance(port_name, str)
+                                or not DNS1123_LABEL.fullmatch(port_name)):
+            raise doc.fail(f"{field}.name", f"{_show(port_name)} is not a port name",
+                           "use a DNS-1123 label: lowercase letters, digits and '-', starting "
+                           "and ending with a letter or digit, at most 63 characters")
+        if port_name == "" and len(raw_ports) > 1:
+            raise doc.fail(f"{field}.name", "a Service with more than one port must name each "
+                           "of them", "add name: (for example http) to every port")
+        for j, other in enumerate(ports):
+            if port_name and other.name == port_name:
+                raise doc.fail(f"{field}.name", f"duplicate port name {port_name!r} (also "
+                               f"spec.ports[{j}])", "give each port its own name")
+            if (other.port, other.protocol) == (port, protocol):
+                raise doc.fail(f"{field}.port", f"port {port}/{protocol} is already "
+                               f"spec.ports[{j}]", "use each port and protocol once")
+        ports.append(ServicePort(port, target, protocol, port_name, node_port))
     cluster_ip = doc.get("spec.clusterIP", "", str)
+    if cluster_ip == "None":
+        raise doc.fail("spec.clusterIP", "headless Services (clusterIP: None) are not "
+                       "supported yet", "remove clusterIP (netsim allocates one) or give an "
+                       f"address from {cluster.service_cidr}")
     if cluster_ip:
-        try:
-            if IPAddress(cluster_ip) not in IPNetwork(cluster.service_cidr):
-                raise ValueError
-        except Exception:
+        addr, net = doc.address(cluster_ip, "spec.clusterIP"), IPNetwork(cluster.service_cidr)
+        if addr not in net:
             raise doc.fail("spec.clusterIP", f"{cluster_ip} is not in the service CIDR "
                            f"{cluster.service_cidr}", "pick an address inside it or leave "
-                           "clusterIP out") from None
+                           "clusterIP out")
+        if addr in (net.network, net.broadcast):
+            what = "network" if addr == net.network else "broadcast"
+            raise doc.fail("spec.clusterIP", f"{cluster_ip} is the {what} address of the "
+                           f"service CIDR {net}", f"pick one from {net.network + 1} to "
+                           f"{net.broadcast - 1}, or leave clusterIP out")
     affinity = doc.get("spec.sessionAffinity", "None", str)
     if affinity not in ("None", "ClientIP"):
-        raise doc.fail("spec.sessionAffinity", f"{affinity!r} is not valid", "use None or ClientIP")
+        raise doc.fail("spec.sessionAffinity", f"{_show(affinity)} is not valid",
+                       "use None or ClientIP")
     timeout = doc.get("spec.sessionAffinityConfig.clientIP.timeoutSeconds", 10800, int)
     if not 1 <= timeout <= 86400:
         raise doc.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds",
@@ -848,19 +943,34 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
 
 
 def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
+    """Written nodePorts are unique per protocol, and the range holds every NodePort port
+    (netsim.cluster allocates the lowest number no port holds yet, whatever its protocol)."""
     seen: dict[tuple[int, str], str] = {}  # one number may serve TCP and UDP, as in Kubernetes
+    auto: list[tuple[_Doc, int]] = []
     for svc, doc in zip(cluster.services, docs, strict=True):
-        for port in svc.ports:
+        for i, port in enumerate(svc.ports):
             if port.node_port is None:
+                if svc.type == "NodePort":
+                    auto.append((doc, i))
                 continue
             key = (port.node_port, port.protocol)
             if key in seen:
-                raise doc.fail("spec.ports.nodePort", f"nodePort {port.node_port} is already "
-                               f"taken by Service {seen[key]}", "pick another port")
+                raise doc.fail(f"spec.ports[{i}].nodePort", f"nodePort {port.node_port} is "
+                               f"already taken by Service {seen[key]}", "pick another port")
             seen[key] = svc.name
+    low, high = NODE_PORT_RANGE
+    room = high - low + 1 - len({number for number, _ in seen})
+    if len(auto) > room:
+        doc, i = auto[max(room, 0)]
+        raise doc.fail(f"spec.ports[{i}].nodePort", f"no nodePort is left for this port: "
+                       f"{low}-{high} holds {high - low + 1}, {high - low + 1 - room} are "
+                       f"written and {len(auto)} more would be allocated",
+                       "use type ClusterIP for some Services, or fewer ports")
 
 
-def _check_cluster_ips(cluster: Cluster, docs: list[_Doc]) -> None:
+def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) -> None:
+    """Written clusterIPs are unique, and the allocation range (.10 of the CIDR to the last
+    before broadcast, see allocate_cluster_ips) holds the Services without one."""
     seen: dict[str, str] = {}
     for svc, doc in zip(cluster.services, docs, strict=True):
         if svc.cluster_ip and svc.cluster_ip in seen:
@@ -868,6 +978,60 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc]) -> None:
                            f"Service {seen[svc.cluster_ip]}", "pick another address or leave "
                            "clusterIP out")
         seen[svc.cluster_ip] = svc.name
+    first, last = _allocation_range(cluster.service_cidr)
+    written = {int(IPAddress(s.cluster_ip)) for s in cluster.services if s.cluster_ip}
+    room = max(last - first + 1, 0) - len({a for a in written if first <= a <= last})
+    auto = [s.name for s in cluster.services if not s.cluster_ip]
+    if len(auto) > room:
+        raise cluster_doc.fail("spec.serviceCIDR", f"{cluster.service_cidr} has room for "
+                               f"{room} allocated clusterIPs ({IPAddress(first)} to "
+                               f"{IPAddress(last)} less the written ones), not {len(auto)}: "
+                               f"Service {auto[room]} gets none",
+                               "use a larger serviceCIDR, or give Services a clusterIP")
+
+
+def _allocation_range(service_cidr: str) -> tuple[int, int]:
+    """The addresses allocate_cluster_ips hands out, as integers: .10 to broadcast - 1."""
+    net = IPNetwork(service_cidr)
+    return net.first + 10, net.last - 1
+
+
+def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
+    """Every pod gets an address where the scheduler places it. flannel: host-local in the
+    node's subnet, less its network address, the gateway .1 and broadcast. Calico: each node
+    claims blocks of the pool as it needs them, one at least, and the tunnel address of the
+    modes that have one is the first address of the node's first block."""
+    network = IPNetwork(cluster.pod_network)
+    size = 2 ** (32 - cluster.subnet_len)
+    on_node = dict.fromkeys((n.name for n in cluster.nodes), 0)
+    calico = cluster.mode.startswith("calico-")
+    tunnel = 1 if cluster.mode in CALICO_TUNNEL_MODES else 0
+    blocks, claimed = 2 ** (cluster.subnet_len - network.prefixlen), len(cluster.nodes)
+    for pod in schedule(cluster, {}):
+        before = on_node[pod.node]
+        on_node[pod.node] += 1
+        if calico:
+            claimed += (max(1, math.ceil((before + 1 + tunnel) / size))
+                        - max(1, math.ceil((before + tunnel) / size)))
+            full = claimed > blocks
+            problem = (f"pod {pod.name} on node {pod.node} needs a block more, and the pool "
+                       f"{network} holds {blocks} /{cluster.subnet_len} blocks of {size} "
+                       "addresses (each node claims its own"
+                       + (", and its tunnel address takes one" if tunnel else "") + ")")
+            fix = ("run fewer pods, or use a larger spec.cni.calico.ipPool.cidr in the Cluster "
+                   "document")
+        else:
+            full = on_node[pod.node] > size - 3
+            problem = (f"pod {pod.name} would be pod {on_node[pod.node]} on node {pod.node}, "
+                       f"whose /{cluster.subnet_len} subnet holds {max(size - 3, 0)} pods "
+                       f"({size} addresses less network, gateway .1 and broadcast)")
+            fix = ("run fewer pods, add nodes, or use a shorter spec.cni.flannel.SubnetLen in "
+                   "the Cluster document")
+        if full:
+            doc = docs[pod.name]
+            field = "spec.replicas" if doc.kind == "Deployment" else (
+                "spec.nodeName" if doc.get("spec.nodeName") else "metadata.name")
+            raise doc.fail(field, problem, fix)
 
 
 def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
@@ -891,15 +1055,20 @@ def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
 
 def allocate_cluster_ips(cluster: Cluster, allocated: dict[str, str]) -> dict[str, str]:
     """ClusterIPs: as written, else as before, else the next free from .10 of the CIDR."""
-    net = IPNetwork(cluster.service_cidr)
+    first, last = _allocation_range(cluster.service_cidr)
     result = {s.name: s.cluster_ip for s in cluster.services if s.cluster_ip}
     for svc in cluster.services:
         if svc.name not in result and allocated.get(svc.name) and \
                 allocated[svc.name] not in result.values():
             result[svc.name] = allocated[svc.name]
     used = set(result.values())
-    candidates = (str(net.network + i) for i in range(10, net.size - 1))
+    candidates = (str(IPAddress(a)) for a in range(first, last + 1))
     for svc in cluster.services:
         if svc.name not in result:
-            result[svc.name] = next(ip for ip in candidates if ip not in used)
+            ip = next((ip for ip in candidates if ip not in used), None)
+            if ip is None:  # parse() checks the room; a record from elsewhere may not fit
+                raise TopologyError(cluster.source or "<topology>", "file", "spec.serviceCIDR",
+                                    f"{cluster.service_cidr} has no address left for Service "
+                                    f"{svc.name}", "use a larger serviceCIDR")
+            result[svc.name] = ip
     return result
