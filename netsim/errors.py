@@ -23,7 +23,8 @@ class TopologyError(NetsimError):
             fix,
         )
         where = f"{file}: {document}" + (f": {field}" if field else "")
-        super().__init__(f"{where}: {problem}" + (f" — {fix}" if fix else ""))
+        message = f"{where}: {problem}" + (f" — {fix}" if fix else "")
+        super().__init__(" ".join(message.splitlines()))  # one line, whatever the input held
 
 
 class KernelError(NetsimError):

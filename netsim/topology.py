@@ -2,11 +2,17 @@
 
 Every rejection names the file, the document, the field and what to change, and happens before
 anything touches the kernel. Fields netsim does not model are collected and reported once.
+
+The YAML is read by a bounded loader: the file's size, the number of documents, the number of
+values (aliases counted as expanded), the nesting depth and the length of integers are limited
+while the node graph is composed, before any Python object is made, so that no input hangs or
+exhausts the interpreter. What Kubernetes' API server would refuse is refused here too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import replace
 from typing import Any
@@ -33,10 +39,33 @@ from netsim.modes import MODES  # mode names only: importing it does not load py
 DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
             "mtu": 1500}
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # Service names
+IANA_SVC_NAME = re.compile(r"(?=.{1,15}\Z)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*")  # named ports
+LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+DNS1123_SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                               r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+CNI_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an executable's file name
 MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
 NODE_PORT_RANGE = (30000, 32767)
 CALICO_POOL, CALICO_BLOCK = "192.168.0.0/16", 26  # Calico's default pool and block size
+CALICO_TUNNEL_MODES = ("calico-vxlan", "calico-ipip")  # a node's tunnel address is a pool address
 CNI_VERSION = "1.0.0"  # the newest that Debian's reference plugins accept in a chain
+API_VERSIONS = {"Cluster": "netsim.dev/v1alpha1", "Pod": "v1", "Service": "v1",
+                "Deployment": "apps/v1"}
+MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must be >= 12"
+# Ranges whose addresses cannot be a pod's, a Service's or a node's: the kernel treats them
+# specially (loopback, multicast), or Calico uses them (169.254.1.1 is every pod's gateway).
+RESERVED = (("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
+            ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
+            ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"))
+
+# The loader's limits. PyYAML's pure-Python reader takes about a second per MiB, and every
+# value costs some 40 µs to compose: these bound one `parse` to about two seconds.
+MAX_BYTES = 1 << 20  # 1 MiB
+MAX_DOCUMENTS = 1000
+MAX_VALUES = 50_000  # scalars, lists and mappings in the file, each alias counted as expanded
+MAX_DEPTH = 50  # lists and mappings nested in each other
+MAX_INT_DIGITS = 20  # an integer's digits; PyYAML would run int() on any length
 
 _KNOWN = {
     "Cluster": {"apiVersion", "kind", "metadata", "metadata.name", "spec", "spec.cni",
@@ -66,6 +95,188 @@ _KNOWN = {
                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds"},
 }
 _CONTAINER_KEYS = {"name", "ports", "command", "args"}
+IANA_FIX = ("use at most 15 lowercase letters, digits and '-', with a letter, no '-' at either "
+            "end or twice in a row (IANA_SVC_NAME)")
+
+
+_YAML = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """The loader refuses input that is valid YAML: a limit, or a feature netsim does not read."""
+
+    def __init__(self, problem: str, mark: Any, fix: str, field: str = ""):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.fix, self.field = fix, field
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with budgets checked while the node graph is composed (before any
+    Python object is constructed), the field path kept for the error, and Kubernetes' reading
+    of scalars: a duplicate key is an error, and 1:20 or 2001-12-14 are strings (go-yaml has
+    no base-60 numbers, and Kubernetes' YAML-to-JSON step leaves timestamps as text)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.documents = 0
+        self.values = 0  # composed so far in the file, aliases counted as expanded
+        self.sizes: dict[str, int] = {}  # anchor -> the number of values it expands to
+        self.parts: list[str] = []  # the field path of the node being composed
+
+    def field(self) -> str:
+        return "".join(self.parts).lstrip(".")
+
+    def compose_document(self) -> Any:
+        self.documents += 1
+        if self.documents > MAX_DOCUMENTS:
+            raise _Refused(f"more than {MAX_DOCUMENTS} documents", self.peek_event().start_mark,
+                           "use Deployments with replicas instead of many Pod documents, or "
+                           "split the file")
+        self.sizes = {}  # anchors are per document
+        return super().compose_document()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(index, int):
+            self.parts.append(f"[{index}]")
+        elif isinstance(index, yaml.ScalarNode):  # a mapping's value: index is its key
+            self.parts.append("." + _short(index.value, 40))
+        else:  # the document, or a mapping's key
+            self.parts.append("")
+        try:
+            if isinstance(event, yaml.AliasEvent):
+                return self._alias(event, parent, index)
+            if len(self.parts) > MAX_DEPTH:
+                raise _Refused(f"values nested more than {MAX_DEPTH} deep", event.start_mark,
+                               "flatten the structure", self.field()[:80] + "…")
+            if event.tag not in (None, "!") and event.tag not in _PLAIN_TAGS:
+                tag = event.tag.replace(_YAML, "!!", 1)
+                raise _Refused(f"the YAML tag {_short(tag, 60)} is not supported",
+                               event.start_mark, "remove the tag: netsim reads plain "
+                               "strings, numbers, booleans, lists and mappings", self.field())
+            before = self.values
+            self._count(1, event.start_mark)
+            node = super().compose_node(parent, index)
+            if event.anchor is not None:
+                self.sizes[event.anchor] = self.values - before
+            if isinstance(node, yaml.MappingNode):
+                self._unique_keys(node)
+            elif isinstance(node, yaml.ScalarNode) and node.tag == _YAML + "int":
+                digits = len(node.value.replace("_", "").lstrip("+-"))
+                if digits > MAX_INT_DIGITS:
+                    raise _Refused(f"an integer of {digits} digits", node.start_mark,
+                                   f"netsim reads integers of up to {MAX_INT_DIGITS} digits",
+                                   self.field())
+            return node
+        finally:
+            self.parts.pop()
+
+    def _alias(self, event: yaml.AliasEvent, parent: Any, index: Any) -> Any:
+        if event.anchor in self.anchors and event.anchor not in self.sizes:
+            raise _Refused(f"the alias *{_short(event.anchor, 40)} refers to a value that "
+                           "contains it", event.start_mark, "write the value out: a topology "
+                           "cannot be recursive", self.field())
+        node = super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+        self._count(self.sizes[event.anchor], event.start_mark, event.anchor)
+        return node
+
+    def _count(self, values: int, mark: Any, alias: str = "") -> None:
+        self.values += values
+        if self.values > MAX_VALUES:
+            raise _Refused(f"the file holds more than {MAX_VALUES} values"
+                           + (f" once the alias *{_short(alias, 40)} is expanded" if alias else ""),
+                           mark, "write aliases out, and use Deployments with replicas instead "
+                           "of long lists", self.field())
+
+    def _unique_keys(self, node: yaml.MappingNode) -> None:
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _YAML + "merge":
+                if (key.tag, key.value) in seen:
+                    field = ".".join(p for p in (self.field(), _short(key.value, 40)) if p)
+                    raise _Refused(f"the key {_short(key.value, 40)!r} appears twice in one "
+                                   "mapping", key.start_mark, "keep one of them", field)
+                seen.add((key.tag, key.value))
+
+
+def _lenient(tag: str, what: str) -> None:
+    """Make PyYAML's constructor for `tag` refuse malformed text (!!int x, 0b_, !!bool maybe)
+    with a YAML error instead of a ValueError or KeyError, and read base 60 as a string."""
+    construct = _Loader.yaml_constructors[_YAML + tag]
+
+    def checked(loader: _Loader, node: yaml.ScalarNode) -> Any:
+        if what == "number" and isinstance(node.value, str) and ":" in node.value:
+            return loader.construct_scalar(node)
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{_short(node.value, 40)!r} is not a valid {tag}",
+                node.start_mark) from None
+
+    _Loader.add_constructor(_YAML + tag, checked)
+
+
+for _tag in ("int", "float"):
+    _lenient(_tag, "number")
+_lenient("bool", "bool")
+_Loader.add_constructor(_YAML + "timestamp", yaml.SafeLoader.construct_scalar)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """str(value), cut to `limit` characters."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value) for an error message: one line, cut to `limit` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]  # no repr of a megabyte
+    return _short(repr(value), limit)
+
+
+def _read_yaml(text: str, file: str) -> list:
+    """The non-empty documents of the text, or a TopologyError naming the line."""
+    if len(text) > MAX_BYTES:
+        raise TopologyError(file, "file", "", f"is larger than {MAX_BYTES >> 20} MiB",
+                            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
+                            "Deployments with replicas instead of many Pod documents")
+    loader = None
+    try:
+        loader = _Loader(text)  # its reader refuses characters YAML does not allow at once
+        bodies = []
+        while loader.check_data():
+            body = loader.get_data()
+            if body is not None:
+                bodies.append(body)
+        return bodies
+    except _Refused as exc:
+        raise TopologyError(file, _where(exc.problem_mark), exc.field, exc.problem,
+                            exc.fix) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[0])
+        raise TopologyError(file, f"YAML at line {line}, column {column}", "",
+                            f"the character U+{char:04X} is not allowed ({exc.reason})",
+                            "remove it, or write it as an escape inside double quotes") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or _short(exc, 200)
+        raise TopologyError(file, _where(mark), "", f"malformed YAML: {problem}",
+                            "fix the syntax there (indentation, a missing ':' or quote)") from None
+    except RecursionError:  # a bug in the budgets above, never the user's fault
+        raise TopologyError(file, "file", "", "the YAML is nested too deeply",
+                            f"nest at most {MAX_DEPTH} levels") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _where(mark: Any) -> str:
+    return f"YAML at line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
 
 
 class _Doc:
@@ -73,10 +284,14 @@ class _Doc:
 
     def __init__(self, file: str, index: int, body: dict, ignored: set[str]):
         self.file, self.index, self.body, self.ignored = file, index, body, ignored
-        self.kind = body.get("kind", "")
-        name = (body.get("metadata") or {}).get("name", "") if isinstance(
-            body.get("metadata"), dict) else ""
-        self.label = f"document {index} ({self.kind or 'no kind'}{' ' + name if name else ''})"
+        kind = body.get("kind")
+        self.kind = kind if isinstance(kind, str) else ""
+        meta = body.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        name = (name if DNS1123_LABEL.fullmatch(name) else _show(name, 40)) if isinstance(
+            name, str) else ""
+        what = _short(self.kind, 40) if self.kind.isprintable() else _show(self.kind, 40)
+        self.label = f"document {index} ({what or 'no kind'}{' ' + name if name else ''})"
         self._note_ignored(body, "")
 
     def _note_ignored(self, node: Any, prefix: str) -> None:
@@ -84,9 +299,9 @@ class _Doc:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
-            path = f"{prefix}{key}"
+            path = f"{prefix}{_key(key)}"
             if path not in known:
-                self.ignored.add(f"{self.kind}.{path}")
+                self.ignored.add(f"{self.kind or 'no kind'}.{path}")
             elif any(k.startswith(path + ".") for k in known):
                 self._note_ignored(value, path + ".")
 
@@ -104,27 +319,53 @@ class _Doc:
         if kind is not object and not isinstance(node, kind) or (
                 isinstance(node, bool) and kind in (int, (int,))):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise self.fail(path, f"expected {_noun(names)}, got {node!r}")
+            raise self.fail(path, f"expected {_noun(names)}, got {_show(node)}")
         return node
 
     def name(self, value: Any, field: str) -> str:
-        if not isinstance(value, str) or not DNS1123_LABEL.match(value):
-            raise self.fail(field, f"{value!r} is not a DNS-1123 label",
+        if not isinstance(value, str) or not DNS1123_LABEL.fullmatch(value):
+            raise self.fail(field, f"{_show(value)} is not a DNS-1123 label",
                             "use lowercase letters, digits and '-', start and end with a letter "
                             "or digit, at most 63 characters")
         return value
 
     def cidr(self, value: Any, field: str) -> IPNetwork:
-        try:
-            net = IPNetwork(str(value))
-            if net.version != 4 or "/" not in str(value):
-                raise ValueError
-        except (ValueError, TypeError, Exception):
-            raise self.fail(field, f"{value!r} is not an IPv4 CIDR",
-                            "write it as address/prefix, e.g. 10.244.0.0/16") from None
+        net = _ipv4(value, cidr=True)
+        if net is None:
+            raise self.fail(field, f"{_show(value)} is not an IPv4 CIDR",
+                            "write it as address/prefix, e.g. 10.244.0.0/16")
         if net.ip != net.network:
             raise self.fail(field, f"{value} has host bits set", f"use {net.cidr}")
+        for reserved, what in RESERVED:
+            if net.first <= IPNetwork(reserved).last and IPNetwork(reserved).first <= net.last:
+                raise self.fail(field, f"{net} overlaps {reserved}, which is {what}",
+                                "use a private range: 10.0.0.0/8, 172.16.0.0/12 or "
+                                "192.168.0.0/16")
         return net
+
+    def address(self, value: Any, field: str) -> IPAddress:
+        addr = _ipv4(value)
+        if addr is None:
+            raise self.fail(field, f"{_show(value)} is not an IPv4 address",
+                            "write it as four decimal numbers, e.g. 10.96.0.10")
+        return addr
+
+
+def _ipv4(value: Any, cidr: bool = False) -> Any:
+    """An IPv4 address (or, with cidr, address/prefix) as netaddr reads it, or None: only a
+    string of four decimal numbers, as Kubernetes parses it (netaddr alone would take 10/8)."""
+    pattern = r"\d{1,3}(\.\d{1,3}){3}" + (r"/\d{1,2}" if cidr else "")
+    if not isinstance(value, str) or not re.fullmatch(pattern, value, re.ASCII):
+        return None
+    try:
+        return IPNetwork(value) if cidr else IPAddress(value)
+    except (ValueError, TypeError):  # netaddr's AddrFormatError is a ValueError
+        return None
+
+
+def _key(key: Any) -> str:
+    """A mapping key as a field path shows it."""
+    return key if isinstance(key, str) and len(key) <= 40 and key.isprintable() else _show(key, 40)
 
 
 def _noun(name: str) -> str:
@@ -137,11 +378,24 @@ def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
     `overrides` are what `netsim scale`, `expose` and `delete pod` changed on top of the
     file."""
     try:
-        with open(file) as fh:
-            text = fh.read()
+        with open(file, "rb") as fh:
+            data = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise TopologyError(file, "file", "", f"cannot read it: {exc.strerror}",
                             "check the path given to -f") from None
+    except ValueError as exc:  # a NUL in the path
+        raise TopologyError(file, "file", "", f"cannot read it: {exc}",
+                            "check the path given to -f") from None
+    if len(data) > MAX_BYTES:
+        raise TopologyError(file, "file", "", f"is larger than {MAX_BYTES >> 20} MiB",
+                            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
+                            "Deployments with replicas instead of many Pod documents")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TopologyError(file, "file", "", f"is not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                            f"at line {line}", "save the file as UTF-8") from None
     return parse(text, file, overrides)
 
 
@@ -150,28 +404,28 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
     extra Service documents (expose)."""
     if not overrides:
         return bodies
+
+    def name(body: Any, kind: str) -> str | None:
+        meta = body.get("metadata") if isinstance(body, dict) and body.get("kind") == kind \
+            else None
+        return meta.get("name") if isinstance(meta, dict) and isinstance(
+            meta.get("name"), str) else None
+
     for body in bodies:
-        if isinstance(body, dict) and body.get("kind") == "Deployment":
-            name = (body.get("metadata") or {}).get("name")
-            if name in overrides.get("replicas", {}):
-                body.setdefault("spec", {})["replicas"] = overrides["replicas"][name]
-    names = {(b.get("metadata") or {}).get("name") for b in bodies
-             if isinstance(b, dict) and b.get("kind") == "Service"}
+        if name(body, "Deployment") in overrides.get("replicas", {}):
+            if body.get("spec") is None:
+                body["spec"] = {}
+            if isinstance(body["spec"], dict):  # else the loader names the field
+                body["spec"]["replicas"] = overrides["replicas"][name(body, "Deployment")]
+    names = {name(b, "Service") for b in bodies}
     return bodies + [s for s in overrides.get("services", []) if s["metadata"]["name"] not in
                      names]
 
 
 def parse(text: str, file: str = "<topology>",
           overrides: dict | None = None) -> tuple[Cluster, list[str]]:
-    try:
-        bodies = with_overrides([b for b in yaml.safe_load_all(text) if b is not None],
-                                overrides)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError(file, f"YAML at {where}", "", f"malformed YAML: {problem}",
-                            "fix the syntax there (indentation, a missing ':' or quote)") from None
+    """Validate the text of a topology file (see `load`)."""
+    bodies = with_overrides(_read_yaml(text, file), overrides)
     ignored: set[str] = set()
     docs = []
     for i, body in enumerate(bodies, 1):
@@ -181,8 +435,12 @@ def parse(text: str, file: str = "<topology>",
         docs.append(_Doc(file, i, body, ignored))
     for doc in docs:
         if doc.kind not in _KNOWN:
-            raise doc.fail("kind", f"unknown kind {doc.kind!r}",
+            raise doc.fail("kind", f"unknown kind {_show(doc.body.get('kind'))}",
                            "netsim reads Cluster, Pod, Deployment and Service documents")
+        version = doc.body.get("apiVersion")
+        if version != API_VERSIONS[doc.kind]:
+            raise doc.fail("apiVersion", f"{doc.kind} is served as {API_VERSIONS[doc.kind]}, "
+                           f"not {_show(version)}", f"write apiVersion: {API_VERSIONS[doc.kind]}")
     clusters = [d for d in docs if d.kind == "Cluster"]
     if len(clusters) != 1:
         raise TopologyError(file, "file", "kind", f"found {len(clusters)} Cluster documents",
@@ -197,9 +455,11 @@ def parse(text: str, file: str = "<topology>",
         elif doc.kind == "Service":
             cluster.services.append(_service(doc, cluster))
     _unique([(p.name, d) for p, d in pods], "metadata.name", "pod")
+    pod_docs = {p.name: d for p, d in pods}
     pods = [p for p, _ in pods]
     deleted = set((overrides or {}).get("deleted_pods", []))  # `netsim delete pod`
     cluster.pods = [p for p in pods if p.name not in deleted]
+    _check_pod_room(cluster, pod_docs)
     _unique([(s.name, d) for s, d in zip(cluster.services,
                                           [d for d in docs if d.kind == "Service"], strict=True)],
             "metadata.name", "service")
@@ -219,7 +479,7 @@ def parse(text: str, file: str = "<topology>",
                                "name a containerPort so (ports: [{name: ..., containerPort: "
                                "...}]) or use the port number")
     _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
-    _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"])
+    _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"], clusters[0])
     cluster.source = file
     warnings = sorted(n for n in ignored if n.startswith("warning: "))
     ignored -= set(warnings)
@@ -244,6 +504,10 @@ def _cluster(doc: _Doc) -> Cluster:
         raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
                        f"use one of: {', '.join(MODES)}")
     calico = mode.startswith("calico-")
+    other = "spec.cni.flannel" if calico else "spec.cni.calico"
+    if doc.get(other) is not None:  # present, even as {}: it would be silently ignored
+        raise doc.fail(other, f"mode {mode} does not read {other.rsplit('.', 1)[1]} settings",
+                       f"remove {other}, or use a {other.rsplit('.', 1)[1]}-* mode")
     if calico:
         network_field, len_field = "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize"
         network = doc.cidr(doc.get(network_field, CALICO_POOL), network_field)
@@ -261,6 +525,10 @@ def _cluster(doc: _Doc) -> Cluster:
                            f"use a length between {network.prefixlen + 1} and 28")
     service_cidr = doc.cidr(doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]),
                             "spec.serviceCIDR")
+    if service_cidr.prefixlen < MIN_SERVICE_PREFIX:
+        raise doc.fail("spec.serviceCIDR", f"{service_cidr} is larger than kube-apiserver "
+                       f"accepts", f"use a /{MIN_SERVICE_PREFIX} or longer (the default is "
+                       f"{DEFAULTS['service_cidr']})")
     mtu = doc.get("spec.underlay.mtu", DEFAULTS["mtu"], int)
     if not 1280 <= mtu <= 9000:
         raise doc.fail("spec.underlay.mtu", f"{mtu} is out of range", "use 1280 to 9000")
@@ -280,13 +548,18 @@ def _cluster(doc: _Doc) -> Cluster:
     clients = _hosts(doc, "spec.externalClients", segments, ExternalClient)
     calico_spec = _calico(doc, mode, segments, nodes) if calico else None
     if calico:
-        clients += _bgp_peers(doc, mode, segments)
+        clients += _bgp_peers(doc, mode, segments, calico_spec.asn)
     _unique([(h.name, doc) for h in nodes + clients], "spec.nodes", "node or external client")
     _assign_ips(doc, segments, nodes, clients)
     available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
     if not calico and len(nodes) > available:
         raise doc.fail("spec.cni.flannel.Network", f"{network} holds {available} /{subnet_len} "
                        f"subnets for {len(nodes)} nodes", "use a larger Network or SubnetLen")
+    blocks = 2 ** (subnet_len - network.prefixlen)
+    if calico and len(nodes) > blocks:
+        raise doc.fail(network_field, f"{network} holds {blocks} /{subnet_len} blocks for "
+                       f"{len(nodes)} nodes (each node claims a block of its own)",
+                       "use a larger pool or a longer blockSize")
     if mode == "flannel-host-gw" and len({n.segment for n in nodes}) > 1:
         raise doc.fail("spec.nodes", "host-gw needs every node on one L2 segment",
                        "put all nodes on one segment, or use mode flannel-vxlan")
@@ -342,9 +615,10 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     reflectors = doc.get("spec.cni.calico.bgp.routeReflectors", [], list)
     names = {n.name for n in nodes}
     for i, name in enumerate(reflectors):
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
-                           f"{name!r} is not a node", f"use node names: {', '.join(sorted(names))}")
+                           f"{_show(name)} is not a node",
+                           f"use node names: {', '.join(sorted(names))}")
     if reflectors and mode != "calico-bgp":
         raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
                        "route reflectors need mode calico-bgp")
@@ -357,7 +631,8 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
                       reflectors=tuple(reflectors))
 
 
-def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment]) -> list[ExternalClient]:
+def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment],
+               own_asn: int) -> list[ExternalClient]:
     """Top-of-rack routers: external hosts with their own AS number."""
     path = "spec.cni.calico.bgp.peers"
     raw = doc.get(path, [], list)
@@ -368,8 +643,12 @@ def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment]) -> list[ExternalCl
                                                  extra=("asNumber",)), raw, strict=True)):
         asn = item.get("asNumber") if isinstance(item, dict) else None
         if not isinstance(asn, int) or isinstance(asn, bool) or not 1 <= asn <= 4294967295:
-            raise doc.fail(f"{path}[{i}].asNumber", f"AS number {asn!r} is missing or out of "
-                           "range", "give the router its own AS, for example 65001")
+            raise doc.fail(f"{path}[{i}].asNumber", f"AS number {_show(asn)} is missing or out "
+                           "of range", "give the router its own AS, for example 65001")
+        if asn == own_asn:
+            raise doc.fail(f"{path}[{i}].asNumber", f"AS {asn} is the cluster's own AS "
+                           "(spec.cni.calico.bgp.asNumber): the nodes would speak iBGP to an "
+                           "external router", "give the router its own AS, for example 65001")
         peers.append(replace(host, asn=asn))
     return peers
 
@@ -384,7 +663,7 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
     plugins = doc.get("spec.cni.plugins", [], list)
     for i, plugin in enumerate(plugins):
         if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) or \
-                not plugin["type"] or "/" in plugin["type"]:
+                not CNI_PLUGIN_TYPE.fullmatch(plugin["type"]):
             raise doc.fail(f"spec.cni.plugins[{i}]", "each plugin needs a \"type\": the name "
                            "of its executable", "for example {type: tuning, sysctl: {...}}")
     return version, json.loads(json.dumps(plugins))
@@ -423,16 +702,15 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
         name = doc.name(item.get("name"), f"{field}.name")
         doc.ignored.update(f"Cluster.{path}[].{k}" for k in item
                            if k not in ("name", "segment", "ip", *extra))
-        segment = item.get("segment", segments[0].name)
+        segment = item.get("segment")
+        segment = segments[0].name if segment is None else segment
         if not isinstance(segment, str) or segment not in {s.name for s in segments}:
-            raise doc.fail(f"{field}.segment", f"no segment named {segment!r}",
+            raise doc.fail(f"{field}.segment", f"no segment named {_show(segment)}",
                            f"use one of: {', '.join(s.name for s in segments)}")
-        ip = item.get("ip", "")
-        if ip:
-            try:
-                addr = IPAddress(str(ip))
-            except Exception:
-                raise doc.fail(f"{field}.ip", f"{ip!r} is not an IPv4 address") from None
+        ip = item.get("ip")
+        ip = "" if ip is None else ip
+        if ip != "":
+            addr = doc.address(ip, f"{field}.ip")
             net = IPNetwork(next(s.subnet for s in segments if s.name == segment))
             if addr not in net or addr in (net.network, net.broadcast, net.network + 1):
                 raise doc.fail(f"{field}.ip", f"{ip} is not a usable host of {net}",
@@ -462,13 +740,32 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
 
 
 def _labels(doc: _Doc, path: str) -> dict[str, str]:
+    """Labels (or a selector) as Kubernetes validates them: string keys and values."""
     labels = doc.get(path, {}, dict)
-    return {str(k): str(v) for k, v in labels.items()}
+    result = {}
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", None)
+        if name is None or not LABEL_NAME.fullmatch(name) or (
+                prefix and not DNS1123_SUBDOMAIN.fullmatch(prefix)) or key.startswith("/"):
+            raise doc.fail(path, f"{_show(key)} is not a label key",
+                           "use up to 63 letters, digits, '-', '_' or '.', beginning and ending "
+                           "with a letter or digit, optionally after a DNS prefix and '/'")
+        value = "" if value is None else value  # as Kubernetes reads null
+        if not isinstance(value, str):
+            raise doc.fail(f"{path}.{_key(key)}", f"label values are strings, not "
+                           f"{_show(value)}", f'quote it: {_key(key)}: "{_short(value, 20)}"')
+        if value and not LABEL_NAME.fullmatch(value):
+            raise doc.fail(f"{path}.{_key(key)}", f"{_show(value)} is not a label value",
+                           "use up to 63 letters, digits, '-', '_' or '.', beginning and "
+                           "ending with a letter or digit")
+        result[key] = value
+    return result
 
 
 def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
     raw = doc.get(path, [{"name": "hostname"}], list)
-    containers = []
+    containers: list[Container] = []
+    taken: set[str] = set()  # port names, unique in the pod
     for i, item in enumerate(raw):
         field = f"{path}[{i}]"
         if not isinstance(item, dict):
@@ -477,22 +774,38 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
             if key not in _CONTAINER_KEYS:
                 doc.ignored.add(f"{doc.kind}.{path}[].{key}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
+        if name in {c.name for c in containers}:
+            raise doc.fail(f"{field}.name", f"duplicate container name {name!r}",
+                           "give each container of a pod its own name")
         ports, names = [], []
-        if not isinstance(item.get("ports") or [], list):
+        if not isinstance(item.get("ports") if item.get("ports") is not None else [], list):
             raise doc.fail(f"{field}.ports", "expected a list of {containerPort: N}")
         for key in ("command", "args"):
-            if not isinstance(item.get(key) or [], list):
+            words = item.get(key) if item.get(key) is not None else []
+            if not isinstance(words, list):
                 raise doc.fail(f"{field}.{key}", f"expected a list of strings, got "
-                               f"{item.get(key)!r}", f'write it as {key}: ["..."]')
+                               f"{_show(words)}", f'write it as {key}: ["..."]')
+            for k, word in enumerate(words):
+                if not isinstance(word, str):
+                    raise doc.fail(f"{field}.{key}[{k}]", f"expected a string, got "
+                                   f"{_show(word)}", f'quote it: "{_short(word, 20)}"')
         for j, port in enumerate(item.get("ports") or []):
             value = port.get("containerPort") if isinstance(port, dict) else None
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-                raise doc.fail(f"{field}.ports[{j}].containerPort", f"{value!r} is not a port",
-                               "use an integer from 1 to 65535")
+                raise doc.fail(f"{field}.ports[{j}].containerPort", f"{_show(value)} is not a "
+                               "port", "use an integer from 1 to 65535")
             ports.append(value)
-            if port.get("name"):
-                names.append((str(port["name"]), value))
-        command = [str(c) for c in (item.get("command") or []) + (item.get("args") or [])]
+            port_name = port.get("name")
+            if port_name is not None and port_name != "":
+                if not isinstance(port_name, str) or not IANA_SVC_NAME.fullmatch(port_name):
+                    raise doc.fail(f"{field}.ports[{j}].name", f"{_show(port_name)} is not a "
+                                   "port name", IANA_FIX)
+                if port_name in taken:
+                    raise doc.fail(f"{field}.ports[{j}].name", f"duplicate port name "
+                                   f"{port_name!r} in this pod", "give each port its own name")
+                taken.add(port_name)
+                names.append((port_name, value))
+        command = [*(item.get("command") or []), *(item.get("args") or [])]
         containers.append(Container(name, tuple(ports), tuple(command), tuple(names)))
     if not containers:
         raise doc.fail(path, "a pod needs at least one container", "add {name: hostname}")
@@ -535,9 +848,13 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
 
 def _service(doc: _Doc, cluster: Cluster) -> Service:
     name = doc.name(doc.get("metadata.name"), "metadata.name")
+    if not DNS1035_LABEL.fullmatch(name):
+        raise doc.fail("metadata.name", f"{name!r} is not a DNS-1035 label (a Service's name "
+                       "starts with a letter)", "begin the name with a lowercase letter")
     kind = doc.get("spec.type", "ClusterIP", str)
     if kind not in ("ClusterIP", "NodePort"):
-        raise doc.fail("spec.type", f"unsupported type {kind!r}", "use ClusterIP or NodePort")
+        raise doc.fail("spec.type", f"unsupported type {_show(kind)}",
+                       "use ClusterIP or NodePort")
     selector = _labels(doc, "spec.selector")
     if not selector:
         raise doc.fail("spec.selector", "a Service needs a selector (netsim has no manual "
@@ -553,37 +870,71 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
             raise doc.fail(field, "expected a mapping with port and targetPort")
         port = item.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise doc.fail(f"{field}.port", f"{port!r} is not a port", "use 1 to 65535")
-        target = item.get("targetPort", port)
+            raise doc.fail(f"{field}.port", f"{_show(port)} is not a port", "use 1 to 65535")
+        target = item.get("targetPort")
+        target = port if target is None else target  # Kubernetes' default
         if isinstance(target, bool) or not isinstance(target, int | str) or (
                 isinstance(target, int) and not 1 <= target <= 65535):
-            raise doc.fail(f"{field}.targetPort", f"{target} is not a port", "use 1 to 65535")
-        protocol = item.get("protocol", "TCP")
+            raise doc.fail(f"{field}.targetPort", f"{_show(target)} is not a port",
+                           "use 1 to 65535, or the name of a containerPort")
+        if isinstance(target, str) and not IANA_SVC_NAME.fullmatch(target):
+            raise doc.fail(f"{field}.targetPort", f"{_show(target)} is neither a port number "
+                           "nor a port name", "write a number without quotes, or a name: "
+                           + IANA_FIX)
+        protocol = item.get("protocol")
+        protocol = "TCP" if protocol is None or protocol == "" else protocol
         if protocol not in ("TCP", "UDP"):
-            raise doc.fail(f"{field}.protocol", f"unsupported protocol {protocol!r}",
+            raise doc.fail(f"{field}.protocol", f"unsupported protocol {_show(protocol)}",
                            "use TCP or UDP")
         node_port = item.get("nodePort")
-        if node_port is not None:
+        node_port = None if node_port == 0 and not isinstance(node_port, bool) else node_port
+        if node_port is not None:  # 0, as in Kubernetes, means "allocate one"
             if kind != "NodePort":
                 raise doc.fail(f"{field}.nodePort", "nodePort is set on a ClusterIP Service",
                                "set spec.type: NodePort or remove nodePort")
             low, high = NODE_PORT_RANGE
-            if not isinstance(node_port, int) or not low <= node_port <= high:
-                raise doc.fail(f"{field}.nodePort", f"{node_port!r} is outside {low}-{high}",
-                               f"pick a port from {low} to {high}")
-        ports.append(ServicePort(port, target, protocol, str(item.get("name", "")), node_port))
+            if not isinstance(node_port, int) or isinstance(node_port, bool) or \
+                    not low <= node_port <= high:
+                raise doc.fail(f"{field}.nodePort", f"{_show(node_port)} is outside "
+                               f"{low}-{high}", f"pick a port from {low} to {high}")
+        port_name = item.get("name")
+        port_name = "" if port_name is None else port_name
+        if port_name != "" and (not isinstance(port_name, str)
+                                or not DNS1123_LABEL.fullmatch(port_name)):
+            raise doc.fail(f"{field}.name", f"{_show(port_name)} is not a port name",
+                           "use a DNS-1123 label: lowercase letters, digits and '-', starting "
+                           "and ending with a letter or digit, at most 63 characters")
+        if port_name == "" and len(raw_ports) > 1:
+            raise doc.fail(f"{field}.name", "a Service with more than one port must name each "
+                           "of them", "add name: (for example http) to every port")
+        for j, other in enumerate(ports):
+            if port_name and other.name == port_name:
+                raise doc.fail(f"{field}.name", f"duplicate port name {port_name!r} (also "
+                               f"spec.ports[{j}])", "give each port its own name")
+            if (other.port, other.protocol) == (port, protocol):
+                raise doc.fail(f"{field}.port", f"port {port}/{protocol} is already "
+                               f"spec.ports[{j}]", "use each port and protocol once")
+        ports.append(ServicePort(port, target, protocol, port_name, node_port))
     cluster_ip = doc.get("spec.clusterIP", "", str)
+    if cluster_ip == "None":
+        raise doc.fail("spec.clusterIP", "headless Services (clusterIP: None) are not "
+                       "supported yet", "remove clusterIP (netsim allocates one) or give an "
+                       f"address from {cluster.service_cidr}")
     if cluster_ip:
-        try:
-            if IPAddress(cluster_ip) not in IPNetwork(cluster.service_cidr):
-                raise ValueError
-        except Exception:
+        addr, net = doc.address(cluster_ip, "spec.clusterIP"), IPNetwork(cluster.service_cidr)
+        if addr not in net:
             raise doc.fail("spec.clusterIP", f"{cluster_ip} is not in the service CIDR "
                            f"{cluster.service_cidr}", "pick an address inside it or leave "
-                           "clusterIP out") from None
+                           "clusterIP out")
+        if addr in (net.network, net.broadcast):
+            what = "network" if addr == net.network else "broadcast"
+            raise doc.fail("spec.clusterIP", f"{cluster_ip} is the {what} address of the "
+                           f"service CIDR {net}", f"pick one from {net.network + 1} to "
+                           f"{net.broadcast - 1}, or leave clusterIP out")
     affinity = doc.get("spec.sessionAffinity", "None", str)
     if affinity not in ("None", "ClientIP"):
-        raise doc.fail("spec.sessionAffinity", f"{affinity!r} is not valid", "use None or ClientIP")
+        raise doc.fail("spec.sessionAffinity", f"{_show(affinity)} is not valid",
+                       "use None or ClientIP")
     timeout = doc.get("spec.sessionAffinityConfig.clientIP.timeoutSeconds", 10800, int)
     if not 1 <= timeout <= 86400:
         raise doc.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds",
@@ -592,19 +943,34 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
 
 
 def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
+    """Written nodePorts are unique per protocol, and the range holds every NodePort port
+    (netsim.cluster allocates the lowest number no port holds yet, whatever its protocol)."""
     seen: dict[tuple[int, str], str] = {}  # one number may serve TCP and UDP, as in Kubernetes
+    auto: list[tuple[_Doc, int]] = []
     for svc, doc in zip(cluster.services, docs, strict=True):
-        for port in svc.ports:
+        for i, port in enumerate(svc.ports):
             if port.node_port is None:
+                if svc.type == "NodePort":
+                    auto.append((doc, i))
                 continue
             key = (port.node_port, port.protocol)
             if key in seen:
-                raise doc.fail("spec.ports.nodePort", f"nodePort {port.node_port} is already "
-                               f"taken by Service {seen[key]}", "pick another port")
+                raise doc.fail(f"spec.ports[{i}].nodePort", f"nodePort {port.node_port} is "
+                               f"already taken by Service {seen[key]}", "pick another port")
             seen[key] = svc.name
+    low, high = NODE_PORT_RANGE
+    room = high - low + 1 - len({number for number, _ in seen})
+    if len(auto) > room:
+        doc, i = auto[max(room, 0)]
+        raise doc.fail(f"spec.ports[{i}].nodePort", f"no nodePort is left for this port: "
+                       f"{low}-{high} holds {high - low + 1}, {high - low + 1 - room} are "
+                       f"written and {len(auto)} more would be allocated",
+                       "use type ClusterIP for some Services, or fewer ports")
 
 
-def _check_cluster_ips(cluster: Cluster, docs: list[_Doc]) -> None:
+def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) -> None:
+    """Written clusterIPs are unique, and the allocation range (.10 of the CIDR to the last
+    before broadcast, see allocate_cluster_ips) holds the Services without one."""
     seen: dict[str, str] = {}
     for svc, doc in zip(cluster.services, docs, strict=True):
         if svc.cluster_ip and svc.cluster_ip in seen:
@@ -612,6 +978,60 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc]) -> None:
                            f"Service {seen[svc.cluster_ip]}", "pick another address or leave "
                            "clusterIP out")
         seen[svc.cluster_ip] = svc.name
+    first, last = _allocation_range(cluster.service_cidr)
+    written = {int(IPAddress(s.cluster_ip)) for s in cluster.services if s.cluster_ip}
+    room = max(last - first + 1, 0) - len({a for a in written if first <= a <= last})
+    auto = [s.name for s in cluster.services if not s.cluster_ip]
+    if len(auto) > room:
+        raise cluster_doc.fail("spec.serviceCIDR", f"{cluster.service_cidr} has room for "
+                               f"{room} allocated clusterIPs ({IPAddress(first)} to "
+                               f"{IPAddress(last)} less the written ones), not {len(auto)}: "
+                               f"Service {auto[room]} gets none",
+                               "use a larger serviceCIDR, or give Services a clusterIP")
+
+
+def _allocation_range(service_cidr: str) -> tuple[int, int]:
+    """The addresses allocate_cluster_ips hands out, as integers: .10 to broadcast - 1."""
+    net = IPNetwork(service_cidr)
+    return net.first + 10, net.last - 1
+
+
+def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
+    """Every pod gets an address where the scheduler places it. flannel: host-local in the
+    node's subnet, less its network address, the gateway .1 and broadcast. Calico: each node
+    claims blocks of the pool as it needs them, one at least, and the tunnel address of the
+    modes that have one is the first address of the node's first block."""
+    network = IPNetwork(cluster.pod_network)
+    size = 2 ** (32 - cluster.subnet_len)
+    on_node = dict.fromkeys((n.name for n in cluster.nodes), 0)
+    calico = cluster.mode.startswith("calico-")
+    tunnel = 1 if cluster.mode in CALICO_TUNNEL_MODES else 0
+    blocks, claimed = 2 ** (cluster.subnet_len - network.prefixlen), len(cluster.nodes)
+    for pod in schedule(cluster, {}):
+        before = on_node[pod.node]
+        on_node[pod.node] += 1
+        if calico:
+            claimed += (max(1, math.ceil((before + 1 + tunnel) / size))
+                        - max(1, math.ceil((before + tunnel) / size)))
+            full = claimed > blocks
+            problem = (f"pod {pod.name} on node {pod.node} needs a block more, and the pool "
+                       f"{network} holds {blocks} /{cluster.subnet_len} blocks of {size} "
+                       "addresses (each node claims its own"
+                       + (", and its tunnel address takes one" if tunnel else "") + ")")
+            fix = ("run fewer pods, or use a larger spec.cni.calico.ipPool.cidr in the Cluster "
+                   "document")
+        else:
+            full = on_node[pod.node] > size - 3
+            problem = (f"pod {pod.name} would be pod {on_node[pod.node]} on node {pod.node}, "
+                       f"whose /{cluster.subnet_len} subnet holds {max(size - 3, 0)} pods "
+                       f"({size} addresses less network, gateway .1 and broadcast)")
+            fix = ("run fewer pods, add nodes, or use a shorter spec.cni.flannel.SubnetLen in "
+                   "the Cluster document")
+        if full:
+            doc = docs[pod.name]
+            field = "spec.replicas" if doc.kind == "Deployment" else (
+                "spec.nodeName" if doc.get("spec.nodeName") else "metadata.name")
+            raise doc.fail(field, problem, fix)
 
 
 def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
@@ -635,15 +1055,20 @@ def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
 
 def allocate_cluster_ips(cluster: Cluster, allocated: dict[str, str]) -> dict[str, str]:
     """ClusterIPs: as written, else as before, else the next free from .10 of the CIDR."""
-    net = IPNetwork(cluster.service_cidr)
+    first, last = _allocation_range(cluster.service_cidr)
     result = {s.name: s.cluster_ip for s in cluster.services if s.cluster_ip}
     for svc in cluster.services:
         if svc.name not in result and allocated.get(svc.name) and \
                 allocated[svc.name] not in result.values():
             result[svc.name] = allocated[svc.name]
     used = set(result.values())
-    candidates = (str(net.network + i) for i in range(10, net.size - 1))
+    candidates = (str(IPAddress(a)) for a in range(first, last + 1))
     for svc in cluster.services:
         if svc.name not in result:
-            result[svc.name] = next(ip for ip in candidates if ip not in used)
+            ip = next((ip for ip in candidates if ip not in used), None)
+            if ip is None:  # parse() checks the room; a record from elsewhere may not fit
+                raise TopologyError(cluster.source or "<topology>", "file", "spec.serviceCIDR",
+                                    f"{cluster.service_cidr} has no address left for Service "
+                                    f"{svc.name}", "use a larger serviceCIDR")
+            result[svc.name] = ip
     return result

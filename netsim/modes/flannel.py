@@ -116,10 +116,24 @@ def network_config(network: str, subnet_len: int, backend: str) -> str:
 def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
                      leased: dict[str, str]) -> dict[str, str]:
     """A /SubnetLen per node, starting at SubnetMin (the network's second subnet) as flannel
-    does; a node keeps the lease it already holds."""
-    subnets = [str(s) for s in IPv4Network(network).subnets(new_prefix=subnet_len)][1:]
-    result = {n: leased[n] for n in nodes if leased.get(n) in subnets}
-    free = (s for s in subnets if s not in result.values())
+    does; a node keeps the lease it already holds. The subnets are counted, not listed: a /8
+    cut into /28s has a million of them."""
+    net = IPv4Network(network)
+    step = 2 ** (32 - subnet_len)
+
+    def subnet(i: int) -> str:
+        return str(IPv4Network((int(net.network_address) + i * step, subnet_len)))
+
+    def leasable(lease: object) -> bool:
+        try:
+            sub = IPv4Network(lease)
+        except (TypeError, ValueError):
+            return False
+        return sub.prefixlen == subnet_len and sub.subnet_of(net) and str(sub) == lease and \
+            sub.network_address != net.network_address
+    result = {n: leased[n] for n in nodes if leasable(leased.get(n))}
+    taken = set(result.values())
+    free = (s for s in map(subnet, range(1, 2 ** (subnet_len - net.prefixlen))) if s not in taken)
     for node in nodes:
         if node not in result:
             result[node] = next(free)
