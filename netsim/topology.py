@@ -21,6 +21,7 @@ import yaml
 from netaddr import IPAddress, IPNetwork
 
 from cni.spec import VERSIONS as CNI_VERSIONS
+from netsim import modes
 from netsim.errors import TopologyError
 from netsim.model import (
     HOSTNAME_PORT,
@@ -34,7 +35,7 @@ from netsim.model import (
     Service,
     ServicePort,
 )
-from netsim.modes import MODES  # mode names only: importing it does not load pyroute2
+from netsim.modes import DEFAULT_MODE, MODES  # importing the modes does not load pyroute2
 
 DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
             "mtu": 1500}
@@ -48,7 +49,6 @@ CNI_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an executa
 MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
 NODE_PORT_RANGE = (30000, 32767)
 CALICO_POOL, CALICO_BLOCK = "192.168.0.0/16", 26  # Calico's default pool and block size
-CALICO_TUNNEL_MODES = ("calico-vxlan", "calico-ipip")  # a node's tunnel address is a pool address
 CNI_VERSION = "1.0.0"  # the newest that Debian's reference plugins accept in a chain
 API_VERSIONS = {"Cluster": "netsim.dev/v1alpha1", "Pod": "v1", "Service": "v1",
                 "Deployment": "apps/v1"}
@@ -499,11 +499,11 @@ def _unique(items: list[tuple[str, _Doc]], field: str, what: str) -> None:
 
 def _cluster(doc: _Doc) -> Cluster:
     name = doc.name(doc.get("metadata.name", kind=str), "metadata.name")
-    mode = doc.get("spec.cni.mode", "flannel-vxlan", str)
+    mode = doc.get("spec.cni.mode", DEFAULT_MODE, str)
     if mode not in MODES:
         raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
                        f"use one of: {', '.join(MODES)}")
-    calico = mode.startswith("calico-")
+    calico = modes.get(mode).family == "calico"
     other = "spec.cni.flannel" if calico else "spec.cni.calico"
     if doc.get(other) is not None:  # present, even as {}: it would be silently ignored
         raise doc.fail(other, f"mode {mode} does not read {other.rsplit('.', 1)[1]} settings",
@@ -560,18 +560,18 @@ def _cluster(doc: _Doc) -> Cluster:
         raise doc.fail(network_field, f"{network} holds {blocks} /{subnet_len} blocks for "
                        f"{len(nodes)} nodes (each node claims a block of its own)",
                        "use a larger pool or a longer blockSize")
-    if mode == "flannel-host-gw" and len({n.segment for n in nodes}) > 1:
-        raise doc.fail("spec.nodes", "host-gw needs every node on one L2 segment",
-                       "put all nodes on one segment, or use mode flannel-vxlan")
     cni_version, plugins = _chain(doc)
     proxy_mode = doc.get("spec.kubeProxy.mode", "nftables", str)
     if proxy_mode not in ("nftables", "userspace"):
         raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {proxy_mode!r}",
                        "use nftables (the default) or userspace")
-    return Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
-                   service_cidr=str(service_cidr), mtu=mtu, segments=segments,
-                   nodes=[replace(n) for n in nodes], clients=clients, calico=calico_spec,
-                   cni_version=cni_version, cni_plugins=plugins, proxy_mode=proxy_mode)
+    cluster = Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
+                      service_cidr=str(service_cidr), mtu=mtu, segments=segments,
+                      nodes=[replace(n) for n in nodes], clients=clients, calico=calico_spec,
+                      cni_version=cni_version, cni_plugins=plugins, proxy_mode=proxy_mode)
+    for warning in modes.get(mode).validate(cluster, doc.fail):
+        doc.ignored.add(f"warning: {warning}")
+    return cluster
 
 
 ENCAP_MODES = ("Always", "CrossSubnet", "Never")
@@ -580,34 +580,33 @@ ENCAP_MODES = ("Always", "CrossSubnet", "Never")
 def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) -> CalicoSpec:
     """The pool's encapsulation per mode, and the BGP settings, checked against each other."""
     base = "spec.cni.calico.ipPool."
-    wanted = {"calico-vxlan": ("Never", "Always"), "calico-ipip": ("Always", "Never"),
-              "calico-bgp": ("Never", "Never")}[mode]
-    ipip = doc.get(base + "ipipMode", wanted[0], str)
-    vxlan = doc.get(base + "vxlanMode", wanted[1], str)
+    data_plane = modes.get(mode)
+    settings = {"ipip_mode": "ipipMode", "vxlan_mode": "vxlanMode"}
+    own_setting = getattr(data_plane, "encap_setting", "")  # what this mode encapsulates by
+    ipip = doc.get(base + "ipipMode", "Always" if own_setting == "ipip_mode" else "Never", str)
+    vxlan = doc.get(base + "vxlanMode", "Always" if own_setting == "vxlan_mode" else "Never", str)
     for field, value in (("ipipMode", ipip), ("vxlanMode", vxlan)):
         if value not in ENCAP_MODES:
             raise doc.fail(base + field, f"{value!r} is not an encapsulation mode",
                            f"use one of {', '.join(ENCAP_MODES)}")
-    own = {"calico-vxlan": ("vxlanMode", vxlan, ipip, "ipipMode"),
-           "calico-ipip": ("ipipMode", ipip, vxlan, "vxlanMode")}.get(mode)
-    if own and own[1] == "Never":
-        raise doc.fail(base + own[0], f"{mode} with {own[0]} Never carries nothing",
-                       "use Always or CrossSubnet, or mode calico-bgp for plain routing")
-    if own and own[2] != "Never":
-        raise doc.fail(base + own[3], f"{mode} encapsulates with one protocol only",
-                       f"set {own[3]} to Never")
-    if mode == "calico-bgp" and (ipip, vxlan) != ("Never", "Never"):
+    values = {"ipip_mode": ipip, "vxlan_mode": vxlan}
+    if own_setting:
+        field = settings[own_setting]
+        other = next(s for s in settings if s != own_setting)
+        if values[own_setting] == "Never":
+            raise doc.fail(base + field, f"{mode} with {field} Never carries nothing",
+                           "use Always or CrossSubnet, or a mode that routes without "
+                           "encapsulation for plain routing")
+        if values[other] != "Never":
+            raise doc.fail(base + settings[other], f"{mode} encapsulates with one protocol "
+                           "only", f"set {settings[other]} to Never")
+    elif (ipip, vxlan) != ("Never", "Never"):
         raise doc.fail(base + ("ipipMode" if ipip != "Never" else "vxlanMode"),
-                       "calico-bgp routes without encapsulation",
-                       "set it to Never, or use mode calico-ipip or calico-vxlan")
+                       f"{mode} routes without encapsulation",
+                       "set it to Never, or use a Calico mode that encapsulates")
     if "CrossSubnet" in (ipip, vxlan) and len(segments) < 2:
         doc.ignored.add("warning: CrossSubnet with a single underlay segment encapsulates "
                         "nothing (every peer is on the same subnet)")
-    if mode == "calico-bgp" and len({n.segment for n in nodes}) > 1:
-        doc.ignored.add("warning: calico-bgp across underlay segments: the routers between "
-                        "them learn no pod routes, so pods on different segments cannot reach "
-                        "each other (as on a fabric whose routers do not peer); use calico-ipip "
-                        "or calico-vxlan with CrossSubnet to cross them")
     asn = doc.get("spec.cni.calico.bgp.asNumber", 64512, int)
     if not 1 <= asn <= 4294967295:
         raise doc.fail("spec.cni.calico.bgp.asNumber", f"AS number {asn} is out of range",
@@ -619,7 +618,7 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
             raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
                            f"{_show(name)} is not a node",
                            f"use node names: {', '.join(sorted(names))}")
-    if reflectors and mode != "calico-bgp":
+    if reflectors and not data_plane.bgp:
         raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
                        "route reflectors need mode calico-bgp")
     carrier = doc.get("spec.cni.calico.ipipCarrier", "auto", str)
@@ -636,7 +635,7 @@ def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment],
     """Top-of-rack routers: external hosts with their own AS number."""
     path = "spec.cni.calico.bgp.peers"
     raw = doc.get(path, [], list)
-    if raw and mode != "calico-bgp":
+    if raw and not modes.get(mode).bgp:
         raise doc.fail(path, f"{mode} runs no BGP", "external BGP peers need mode calico-bgp")
     peers = []
     for i, (host, item) in enumerate(zip(_hosts(doc, path, segments, ExternalClient,
@@ -1005,7 +1004,7 @@ def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
     size = 2 ** (32 - cluster.subnet_len)
     on_node = dict.fromkeys((n.name for n in cluster.nodes), 0)
     calico = cluster.mode.startswith("calico-")
-    tunnel = 1 if cluster.mode in CALICO_TUNNEL_MODES else 0
+    tunnel = 1 if modes.get(cluster.mode).tunnel else 0  # the tunnel address is a pool address
     blocks, claimed = 2 ** (cluster.subnet_len - network.prefixlen), len(cluster.nodes)
     for pod in schedule(cluster, {}):
         before = on_node[pod.node]

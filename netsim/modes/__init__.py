@@ -19,6 +19,7 @@ MODES = {
     "calico-ipip": "netsim.modes.calico_ipip:CalicoIpip",
     "calico-bgp": "netsim.modes.calico_bgp:CalicoBgp",
 }
+DEFAULT_MODE = "flannel-vxlan"  # as kube-flannel's manifest sets it
 PLAIN_ROUTING = "flannel-host-gw"  # pods routed natively on one L2: the benchmark's floor
 
 
@@ -32,4 +33,4 @@ def every() -> list[Mode]:
     return [get(name) for name in MODES]
 
 
-__all__ = ["MODES", "PLAIN_ROUTING", "Mode", "every", "get"]
+__all__ = ["DEFAULT_MODE", "MODES", "PLAIN_ROUTING", "Mode", "every", "get"]

@@ -37,6 +37,7 @@ class Mode:
     vni: int | None = None
     overhead: int = 0  # bytes the encapsulation adds: the pod MTU is the underlay's minus this
     cni_network: str = ""  # the network name in the real CNI config
+    bgp: bool = False  # runs BGP (route reflectors and external peers need it)
     summary: str = ""  # the data path in one line: "VXLAN VNI 1, UDP 8472"
 
     # -- this host -----------------------------------------------------------------------------

@@ -42,6 +42,15 @@ def sessions(record, node_name: str, asn: int, reflectors: list[str]) -> list[di
 class CalicoBgp(CalicoBackend):
     name = "calico-bgp"
     summary = "BGP (BIRD): no tunnel, peer blocks routed via peer node IPs"
+    bgp = True
+
+    def validate(self, cluster, fail) -> list[str]:
+        if len({n.segment for n in cluster.nodes}) > 1:
+            return ["calico-bgp across underlay segments: the routers between them learn no "
+                    "pod routes, so pods on different segments cannot reach each other (as on "
+                    "a fabric whose routers do not peer); use calico-ipip or calico-vxlan "
+                    "with CrossSubnet to cross them"]
+        return []
 
     def unavailable(self) -> str | None:
         return None if shutil.which("bird") else \

@@ -96,7 +96,7 @@ class Hop:
     @property
     def udp_port(self) -> int | None:
         """The outer UDP destination port of an encapsulated packet."""
-        return self.layers[0].dport if self.encapsulation in ("vxlan", "flannel-udp") else None
+        return self.layers[0].dport if self.encapsulation not in (None, "ipip") else None
 
     @property
     def ttl(self) -> int | None:

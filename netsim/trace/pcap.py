@@ -268,7 +268,7 @@ def inner_offset(frame: bytes, offset: int, layers: list[IPLayer]) -> int | None
             if inner is None:
                 return None
             offset = l4 + 16 + inner
-        elif layer.encap == "flannel-udp":
+        elif layer.encap in udp_carriers().values():  # a userspace carrier: IP in UDP
             offset = l4 + 8
         else:
             return None
