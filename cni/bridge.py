@@ -6,10 +6,12 @@ a default route, both via the gateway.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from ipaddress import IPv4Network
 
 from cni.wiring import Attachment
+from netsim.errors import KernelError
 from netsim.kernel.netlink import IFINDEX, Rtnl
 
 BRIDGE = "cni0"
@@ -33,12 +35,17 @@ def setup_bridge(rtnl: Rtnl, subnet: str, mtu: int, index: int = IFINDEX.BRIDGE)
 def ensure_bridge(rtnl: Rtnl, subnet: str, mtu: int) -> int:
     """cni0's index, creating it first if this node has none yet (as the bridge plugin does)."""
     link = rtnl.link(BRIDGE)
-    if link is None:
-        rtnl.bridge(BRIDGE, 0, mtu=mtu)
-        rtnl.commit()
+    if link is None:  # parallel ADDs race to make it: whoever loses uses the winner's
+        for step in (lambda: rtnl.bridge(BRIDGE, 0, mtu=mtu),
+                     lambda: rtnl.address(rtnl.link(BRIDGE)["index"], gateway(subnet),
+                                          IPv4Network(subnet).prefixlen, BRIDGE)):
+            try:
+                step()
+                rtnl.commit()
+            except KernelError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
         link = rtnl.link(BRIDGE)
-        rtnl.address(link["index"], gateway(subnet), IPv4Network(subnet).prefixlen, BRIDGE)
-        rtnl.commit()
     return link["index"]
 
 

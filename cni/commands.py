@@ -262,7 +262,7 @@ def _not_ready(conf: NetConf, node: Rtnl) -> str | None:
         return f"IPv4 forwarding is off: {daemon} has not set up this node"
     if conf.tunnel:
         link = node.link(conf.tunnel)
-        if link is None or not link["up"]:
+        if link is None or not (link["up"] or conf.calico):  # felix checks presence only
             return (f"{conf.tunnel} is {'down' if link else 'missing'}: {daemon} has not set "
                     "up this node")
     if conf.tunnel_address and not any(f"{a}/{p}" == f"{conf.tunnel_address}/32"

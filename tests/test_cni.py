@@ -295,13 +295,16 @@ def test_status_reports_code_50_until_the_node_is_set_up(tmp_path):
 
 @pytest.mark.parametrize("mode", ["calico-vxlan", "calico-ipip", "calico-bgp"])
 def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
-    """Ready needs forwarding, the mode's tunnel (vxlan.calico; tunl0, or the eBPF carrier's
-    tunnel address on lo) and the blackhole of a block affine to the node."""
+    """Ready needs forwarding, what the node's config says the mode needs (vxlan.calico; or
+    the eBPF IPIP carrier's tunnel address on lo) and the blackhole of a block affine to the
+    node."""
     from netsim.kernel import sysctl
 
     node = Node(tmp_path, mode, "1.1.0")
+    ready = {"calico-vxlan": {"tunnel": "vxlan.calico"},
+             "calico-ipip": {"tunnelAddress": "192.168.0.0"}}.get(mode, {})
     node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
-                           "mtu": 1450},
+                           "mtu": 1450, **ready},
                      ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
     try:
         sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
@@ -314,7 +317,8 @@ def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
         for step in steps:
             code, out = node.cni("STATUS")
             assert code == 1 and out["code"] == 50, out
-            assert ("blackhole" if step[0] == "route" else "calico-node") in out["msg"]
+            assert ("blackhole" if step[0] == "route" else "vxlan.calico is missing"
+                    if step[0] == "link" else "tunnel address 192.168.0.0") in out["msg"], out
             subprocess.run(["ip", "-n", node.netns, *step], check=True)
         assert node.cni("STATUS") == (0, None)
     finally:
