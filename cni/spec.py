@@ -145,7 +145,9 @@ class NetConf:
 
     @property
     def gateway(self) -> str:
-        return str(ipaddress.ip_network(self.subnet).network_address + 1)
+        from cni.bridge import gateway  # the bridge's .1, as the bridge plugin takes it
+
+        return gateway(self.subnet)
 
 
 def parse_conf(data: bytes, command: str) -> NetConf:

@@ -41,6 +41,7 @@ from typing import Literal
 
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
+from netsim.kernel import sysctl
 from netsim.kernel.netlink import Rtnl
 
 Kind = Literal["ipip", "udp"]
@@ -118,8 +119,7 @@ class Tunnel:
             # A TUN (ARPHRD_NONE) gets an IPv6 link-local address and sends MLD and router
             # solicitations; the kernel's tunl0 has neither. Turn IPv6 off before it comes up.
             with contextlib.suppress(FileNotFoundError):  # IPv6 disabled on this host
-                with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as fh:
-                    fh.write("1")
+                sysctl.set_in(None, {f"net.ipv6.conf.{self.name}.disable_ipv6": "1"})
             if self.kind == "ipip":
                 self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPIP)
             else:

@@ -8,11 +8,11 @@ import json
 import os
 
 import pytest
+from conftest import needs_root, run_netsim
 
 from netsim import bench
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
-from tests.conftest import needs_root, run_netsim
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

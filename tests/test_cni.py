@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import ip_json, needs_root, run_netsim
 
 from netsim.kernel import netns as nsmod
-from tests.conftest import ip_json, needs_root, run_netsim
 
 pytestmark = needs_root
 PLUGIN = str(Path(sys.executable).parent / "netsim-cni")

@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import needs_root, run_netsim
 
 from netsim import modes, probe, trace
 from netsim.errors import NetsimError
-from tests.conftest import needs_root, run_netsim
 
 pytestmark = needs_root
 
