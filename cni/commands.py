@@ -304,7 +304,7 @@ def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
         blocks = _blocks(conf)
         with blocks.session():
             for ip, container_id, ifname in blocks.allocations(conf.node_name):
-                tunnel = ifname.startswith(("vxlan", "tunl"))  # the node's, not a pod's
+                tunnel = container_id.endswith(f"-tunnel-addr-{conf.node_name}")  # the node's
                 if (container_id, ifname) not in valid and not tunnel:
                     blocks.release_ip(conf.node_name, ip)
     if conf.ipam["type"] == spec.BUILTIN_IPAM:

@@ -502,7 +502,8 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
     store = BlockStore(node.data_dir, "192.168.0.0/16", 26)
     try:
         with store.session():
-            tunnel, _ = store.allocate("n1", "n1", "vxlan.calico")  # as calico-node's own
+            # as calico-node takes its own, under Calico's handle for it
+            tunnel, _ = store.allocate("n1", "vxlan-tunnel-addr-n1", "vxlan.calico")
         pods = [node.pod(f"p{i}") for i in range(2)]
         for i, pod in enumerate(pods):
             args = f"K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-{i}"
@@ -512,7 +513,7 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
             (0, None)
         with store.session():
             left = sorted((ip, cid) for ip, cid, _ in store.allocations("n1"))
-        assert left == sorted([(tunnel, "n1"), ("192.168.0.1", "c0")])
+        assert left == sorted([(tunnel, "vxlan-tunnel-addr-n1"), ("192.168.0.1", "c0")])
         veths = [link["ifname"] for link in ip_json(node.netns, "link", "show", "type", "veth")]
         assert veths == ["cali0d7763386da"]  # web-0's; web-1's went with its attachment
     finally:

@@ -6,14 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 
+from cni.bridge import BRIDGE
 from netsim import modes
 from netsim.errors import NetsimError
 from netsim.record import Place, Record
-
-BRIDGE = "cni0"  # the bridge plugin's: a hop of pods on a bridged pod side
-
-
-
 
 # -- names and places -----------------------------------------------------------------------
 
