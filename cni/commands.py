@@ -169,10 +169,9 @@ def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str
     attachment = wiring.Attachment(env.netns, pod_fd, veth, str(address.ip),
                                    address.network.prefixlen, pairs, conf.mtu,
                                    alias=f"{env.container_id}/{env.ifname}", ifname=env.ifname,
-                                   pod_index=0)
+                                   pod_index=0, pod_rtnl=pod)
     wiring.wire(side, node, [attachment])
-    inside = pod.link(env.ifname)
-    host = node.link(veth)
+    inside, host = attachment.pod_link, attachment.host_link
     interfaces = [{"name": veth, "mac": host["mac"]},
                   {"name": env.ifname, "mac": inside["mac"], "sandbox": env.netns}]
     ip = {"address": str(address), "interface": 1} | ({"gateway": gateway} if gateway else {})

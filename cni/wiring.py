@@ -29,6 +29,9 @@ class Attachment:
     ifname: str = "eth0"
     index: int = 0  # the host end's index; 0: the kernel picks
     pod_index: int = IFINDEX.ETH0  # the pod end's index; 0: the kernel picks
+    pod_rtnl: Rtnl | None = None  # an open netlink socket in the pod, if the caller has one
+    host_link: dict | None = field(default=None, init=False)  # looked up when index was 0
+    pod_link: dict | None = field(default=None, init=False)  # looked up when pod_index was 0
     host_index: int = field(default=0, init=False)  # the host end's index once it exists
 
 
@@ -50,16 +53,29 @@ def wire(side: PodSide, node: Rtnl, attachments: list[Attachment],
         side.attach_host(node, attachment)
     node.commit()
     for attachment in attachments:
-        attachment.host_index = attachment.index or node.link(attachment.veth)["index"]
+        if not attachment.index:
+            attachment.host_link = node.link(attachment.veth)
+        attachment.host_index = attachment.index or attachment.host_link["index"]
     side.after_host(node, attachments)
     node.commit()
     for attachment in attachments:
-        with Rtnl(attachment.pod_netns) as pod:
-            if loopback:
-                pod.link_up(IFINDEX.LO, "lo")
-            index = attachment.pod_index or pod.link(attachment.ifname)["index"]
-            pod.link_up(index, attachment.ifname)
-            pod.address(index, attachment.ip, attachment.prefixlen, attachment.ifname)
-            for dst, via in attachment.routes:
-                pod.route(dst, index, gateway=via)
-            pod.commit()
+        if attachment.pod_rtnl is not None:
+            _pod_side(attachment.pod_rtnl, attachment, loopback)
+        else:
+            with Rtnl(attachment.pod_netns) as pod:
+                _pod_side(pod, attachment, loopback)
+
+
+def _pod_side(pod: Rtnl, attachment: Attachment, loopback: bool) -> None:
+    """Inside the pod: lo (if asked), the interface up with its address, then its routes."""
+    if loopback:
+        pod.link_up(IFINDEX.LO, "lo")
+    index = attachment.pod_index
+    if not index:
+        attachment.pod_link = pod.link(attachment.ifname)
+        index = attachment.pod_link["index"]
+    pod.link_up(index, attachment.ifname)
+    pod.address(index, attachment.ip, attachment.prefixlen, attachment.ifname)
+    for dst, via in attachment.routes:
+        pod.route(dst, index, gateway=via)
+    pod.commit()
