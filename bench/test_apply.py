@@ -39,7 +39,7 @@ def _model(mode: str):
 def _agents_rss_mib(name: str) -> float:
     total = 0
     for node in state.load(name).nodes.values():
-        with open(f"/proc/{node['agent']['pid']}/status") as fh:
+        with open(f"/proc/{node.agent.pid}/status") as fh:
             total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
     return total / 1024
 
