@@ -1,6 +1,16 @@
-"""Print netsim's figures as ratios to the ip -batch reference measured in the same run."""
+"""Print netsim's figures as ratios to the ip -batch reference measured in the same run; lend
+the suite's harness (tests/conftest.py) to the benchmarks that reuse its labs."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "netsim_tests_conftest", Path(__file__).resolve().parent.parent / "tests" / "conftest.py")
+_suite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_suite)
+needs_root, wait_for = _suite.needs_root, _suite.wait_for  # as tests/test_bgp_bird imports them
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -47,9 +47,15 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 
 IFLA_INFO_KIND = 1
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
+SO_RCVBUFFORCE = 33
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
 NLMSGERR_ATTR_MSG = 1
-_CHUNK = 48 * 1024
+_CHUNK = 48 * 1024  # bytes of requests per send
+# requests per send: the kernel queues one ack per request as its own skb (truesize ~1 KiB, far
+# above the 36 bytes it carries), so a send of thousands of small requests overflows even a
+# large receive buffer (ENOBUFS) unless the acks are read between sends
+_CHUNK_MESSAGES = 256
+_RCVBUF = 4 << 20  # the socket's receive buffer: room for a chunk's acks and error echoes
 
 
 class IFINDEX:
@@ -81,6 +87,10 @@ class Rtnl:
         with nsmod.entered(self.netns):
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        try:  # root may exceed net.core.rmem_max; others get what the host allows
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
         self._sock.bind((0, 0))
 
     @property
@@ -341,12 +351,17 @@ class Rtnl:
         sent = 0
         while sent < len(pending):
             chunk, size = [], 0
-            while sent < len(pending) and (not chunk or size + len(pending[sent].data) <= _CHUNK):
+            while sent < len(pending) and (not chunk or (
+                    size + len(pending[sent].data) <= _CHUNK and len(chunk) < _CHUNK_MESSAGES)):
                 chunk.append(pending[sent])
                 size += len(pending[sent].data)
                 sent += 1
-            self._sock.send(b"".join(r.data for r in chunk))
-            self._collect({r.seq: r for r in chunk})
+            try:
+                self._sock.send(b"".join(r.data for r in chunk))
+                self._collect({r.seq: r for r in chunk})
+            except OSError as exc:  # the socket itself failed, not one request
+                raise KernelError(exc.errno or 0, f"netlink batch of {len(pending)} requests "
+                                  f"(at {chunk[0].what})", self.netns) from None
         return len(pending)
 
     def _collect(self, waiting: dict[int, _Request]) -> None:
