@@ -28,12 +28,11 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
-from netsim.kernel import pyroute2_light
+from netsim.kernel import pyroute2_light, rtpack
 
 IFF_UP = 0x1
 NUD_PERMANENT = 0x80
@@ -126,6 +125,18 @@ class Rtnl:
         msg.encode()
         self._pending.append(_Request(self._seq, bytes(msg.data), what, tuple(tolerate)))
 
+    def _queue_raw(self, kind: int, flags: int, body: bytes, what: str, tolerate=()) -> None:
+        """Queue a request packed by rtpack (the hot path: see netsim/kernel/rtpack.py)."""
+        self._seq += 1
+        data = rtpack.message(kind, NLM_F_REQUEST | NLM_F_ACK | flags, self._seq, body)
+        self._pending.append(_Request(self._seq, data, what, tuple(tolerate)))
+
+    @staticmethod
+    def _link_head(index: int, flags: int = 0, ifname: str | None = None) -> bytes:
+        """ifinfomsg, and the name when index 0 means "find the link by name"."""
+        head = rtpack.ifinfo(index, flags, IFF_UP if flags & IFF_UP else 0)
+        return head + rtpack.text(rtpack.IFLA_IFNAME, ifname) if ifname and not index else head
+
     @staticmethod
     def _link(index: int, flags: int = 0, family: int = 0, ifname: str | None = None) -> ifinfmsg:
         """A link message; index 0 with a name lets the kernel find the link by name."""
@@ -164,18 +175,25 @@ class Rtnl:
         """A veth pair whose peer is created directly in the other namespace. This end comes up;
         the peer must be set up from its own namespace (this kernel refuses IFF_UP on a veth
         peer at creation with ENOTCONN, as `ip link add ... peer name x up` shows)."""
-        peer = {
-            "index": peer_index,
-            "flags": 0,
-            "change": 0,
-            "attrs": [("IFLA_IFNAME", peer_ifname), ("IFLA_MTU", mtu),
-                      ("IFLA_NET_NS_FD", peer_netns_fd)]
-            + ([("IFLA_ADDRESS", peer_mac)] if peer_mac else []),
-        }
-        info = [("IFLA_INFO_KIND", "veth"),
-                ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]
-        self._add_link(index, ifname, None, info, True, f"add veth {ifname}/{peer_ifname}",
-                       mtu=mtu, mac=mac, master=master, alias=alias)
+        p = rtpack
+        peer = (p.ifinfo(peer_index) + p.text(p.IFLA_IFNAME, peer_ifname)
+                + p.u32(p.IFLA_MTU, mtu) + p.u32(p.IFLA_NET_NS_FD, peer_netns_fd)
+                + (p.mac(p.IFLA_ADDRESS, peer_mac) if peer_mac else b""))
+        info = p.text(p.IFLA_INFO_KIND, "veth") + p.attr(
+            p.IFLA_INFO_DATA, p.attr(p.VETH_INFO_PEER, peer))
+        body = (p.ifinfo(index, IFF_UP, IFF_UP) + p.text(p.IFLA_IFNAME, ifname)
+                + p.u32(p.IFLA_MTU, mtu) + (p.mac(p.IFLA_ADDRESS, mac) if mac else b"")
+                + (p.u32(p.IFLA_MASTER, master) if master else b"")
+                + p.attr(p.IFLA_LINKINFO, info))
+        self._queue_raw(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body,
+                        f"add veth {ifname}/{peer_ifname}")
+        if alias:
+            self.alias(index, ifname, alias)
+
+    def alias(self, index: int, ifname: str, alias: str) -> None:
+        """The kernel ignores IFLA_IFALIAS when it creates a link: it is set after."""
+        self._queue_raw(RTM_NEWLINK, 0, self._link_head(index, ifname=ifname)
+                        + rtpack.text(rtpack.IFLA_IFALIAS, alias), f"set alias of {ifname}")
 
     def bridge(self, ifname: str, index: int, mtu: int | None = None,
                mac: str | None = None) -> None:
@@ -196,7 +214,8 @@ class Rtnl:
 
     def link_up(self, index: int, what: str) -> None:
         """Set a link up, by index, or by name (`what`) with index 0."""
-        self._queue(self._link(index, IFF_UP, ifname=what), RTM_NEWLINK, 0, f"set {what} up")
+        self._queue_raw(RTM_NEWLINK, 0, self._link_head(index, IFF_UP, ifname=what),
+                        f"set {what} up")
 
     def link_set(self, index: int, ifname: str, mtu: int | None = None, up: bool = True) -> None:
         """Change an existing link (by index, or by name with index 0): MTU, then up."""
@@ -207,67 +226,57 @@ class Rtnl:
 
     def link_delete(self, index: int, what: str) -> None:
         """Delete a link (by index, or by name with index 0); one already gone is no error."""
-        self._queue(self._link(index, ifname=what), RTM_DELLINK, 0, f"delete {what}",
-                    tolerate=(19,))  # ENODEV
+        self._queue_raw(RTM_DELLINK, 0, self._link_head(index, ifname=what), f"delete {what}",
+                        tolerate=(19,))  # ENODEV
 
     def hairpin(self, index: int, what: str) -> None:
         """Let a bridge port send a frame back out where it came in (pod -> own Service)."""
-        msg = self._link(index, ifname=what)
-        msg["attrs"] += [("IFLA_LINKINFO", {"attrs": [
-            ("IFLA_INFO_SLAVE_KIND", "bridge"),
-            ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_MODE", 1)]}),
-        ]})]
-        self._queue(msg, RTM_NEWLINK, 0, f"hairpin on {what}")
+        p = rtpack
+        slave = p.text(p.IFLA_INFO_SLAVE_KIND, "bridge") + p.attr(
+            p.IFLA_INFO_SLAVE_DATA, p.attr(p.IFLA_BRPORT_MODE, b"\1"))
+        self._queue_raw(RTM_NEWLINK, 0, self._link_head(index, ifname=what)
+                        + p.attr(p.IFLA_LINKINFO, slave), f"hairpin on {what}")
 
     # -- addresses, routes, neighbours ---------------------------------------------------------
 
     def address(self, index: int, ip: str, prefixlen: int, what: str) -> None:
-        msg = ifaddrmsg()
-        msg["family"], msg["prefixlen"], msg["index"] = AF_INET, prefixlen, index
-        msg["scope"] = 0
-        msg["attrs"] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]
-        self._queue(msg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, f"add address {ip}/{prefixlen} "
-                    f"on {what}")
+        p = rtpack
+        body = p.ifaddr(index, prefixlen) + p.ipv4(p.IFA_LOCAL, ip) + p.ipv4(p.IFA_ADDRESS, ip)
+        self._queue_raw(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body,
+                        f"add address {ip}/{prefixlen} on {what}")
 
     def route(self, dst: str, oif: int, gateway: str | None = None, onlink: bool = False,
               scope: int | None = None, proto: int = RTPROT_BOOT, kind: int = RTN_UNICAST,
               table: int = 254) -> None:
         """`ip route add DST [via GW] dev OIF [onlink]`; DST in CIDR form, 'default' allowed."""
+        p = rtpack
         net, _, plen = ("0.0.0.0/0" if dst == "default" else dst).partition("/")
-        msg = rtmsg()
-        msg["family"], msg["dst_len"], msg["table"] = AF_INET, int(plen or 32), table
-        msg["proto"], msg["type"] = proto, kind
-        msg["scope"] = scope if scope is not None else (
-            RT_SCOPE_UNIVERSE if gateway or kind != RTN_UNICAST else RT_SCOPE_LINK)
-        msg["flags"] = RTNH_F_ONLINK if onlink else 0
-        attrs = [("RTA_TABLE", table)]
-        if msg["dst_len"]:
-            attrs.append(("RTA_DST", net))
-        if gateway:
-            attrs.append(("RTA_GATEWAY", gateway))
-        if kind == RTN_UNICAST:
-            attrs.append(("RTA_OIF", oif))
-        msg["attrs"] = attrs
+        dst_len = int(plen or 32)
+        if scope is None:
+            scope = RT_SCOPE_UNIVERSE if gateway or kind != RTN_UNICAST else RT_SCOPE_LINK
+        body = (p.rtmsg(dst_len, table, proto, scope, kind, RTNH_F_ONLINK if onlink else 0)
+                + p.u32(p.RTA_TABLE, table) + (p.ipv4(p.RTA_DST, net) if dst_len else b"")
+                + (p.ipv4(p.RTA_GATEWAY, gateway) if gateway else b"")
+                + (p.u32(p.RTA_OIF, oif) if kind == RTN_UNICAST else b""))
         via = f" via {gateway}" if gateway else ""
-        self._queue(msg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL,
-                    f"add route {dst}{via}{' onlink' if onlink else ''}")
+        self._queue_raw(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body,
+                        f"add route {dst}{via}{' onlink' if onlink else ''}")
 
     def neighbour(self, index: int, ip: str, mac: str, what: str) -> None:
         """A permanent ARP entry: `ip neigh add IP lladdr MAC dev X nud permanent`."""
-        msg = ndmsg()
-        msg["family"], msg["ifindex"], msg["state"], msg["flags"] = AF_INET, index, NUD_PERMANENT, 0
-        msg["attrs"] = [("NDA_DST", ip), ("NDA_LLADDR", mac)]
-        self._queue(msg, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL,
-                    f"add neighbour {ip} lladdr {mac} on {what}")
+        p = rtpack
+        body = (p.ndmsg(AF_INET, index, NUD_PERMANENT, 0) + p.ipv4(p.NDA_DST, ip)
+                + p.mac(p.NDA_LLADDR, mac))
+        self._queue_raw(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body,
+                        f"add neighbour {ip} lladdr {mac} on {what}")
 
     def fdb(self, index: int, mac: str, dst: str, what: str) -> None:
         """A permanent FDB entry: `bridge fdb add MAC dev X dst IP self permanent`."""
-        msg = ndmsg()
-        msg["family"], msg["ifindex"] = AF_BRIDGE, index
-        msg["state"], msg["flags"] = NUD_PERMANENT, NTF_SELF
-        msg["attrs"] = [("NDA_LLADDR", mac), ("NDA_DST", dst)]
-        self._queue(msg, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL,
-                    f"add fdb {mac} dst {dst} on {what}")
+        p = rtpack
+        body = (p.ndmsg(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF) + p.mac(p.NDA_LLADDR, mac)
+                + p.ipv4(p.NDA_DST, dst))
+        self._queue_raw(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body,
+                        f"add fdb {mac} dst {dst} on {what}")
 
     # -- queries -------------------------------------------------------------------------------
 
