@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import yaml
-from netaddr import IPAddress, IPNetwork
+from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from cni.modes import MODES  # mode names only: importing it does not load pyroute2
 from cni.spec import VERSIONS as CNI_VERSIONS
@@ -59,11 +59,12 @@ RESERVED = (("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
             ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
             ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"))
 
-# The loader's limits. PyYAML's pure-Python reader takes about a second per MiB, and every
-# value costs some 40 µs to compose: these bound one `parse` to about two seconds.
+# The loader's limits. PyYAML's pure-Python reader (kept over libyaml, so that messages are
+# the same on every machine) takes up to 1.5 s per MiB, and every value some 30-50 µs: these
+# bound the worst `parse` to under two seconds.
 MAX_BYTES = 1 << 20  # 1 MiB
 MAX_DOCUMENTS = 1000
-MAX_VALUES = 50_000  # scalars, lists and mappings in the file, each alias counted as expanded
+MAX_VALUES = 20_000  # scalars, lists and mappings in the file, each alias counted as expanded
 MAX_DEPTH = 50  # lists and mappings nested in each other
 MAX_INT_DIGITS = 20  # an integer's digits; PyYAML would run int() on any length
 
@@ -141,7 +142,7 @@ class _Loader(yaml.SafeLoader):
         if isinstance(index, int):
             self.parts.append(f"[{index}]")
         elif isinstance(index, yaml.ScalarNode):  # a mapping's value: index is its key
-            self.parts.append("." + _short(index.value, 40))
+            self.parts.append("." + _key(index.value))
         else:  # the document, or a mapping's key
             self.parts.append("")
         try:
@@ -194,7 +195,7 @@ class _Loader(yaml.SafeLoader):
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != _YAML + "merge":
                 if (key.tag, key.value) in seen:
-                    field = ".".join(p for p in (self.field(), _short(key.value, 40)) if p)
+                    field = ".".join(p for p in (self.field(), _key(key.value)) if p)
                     raise _Refused(f"the key {_short(key.value, 40)!r} appears twice in one "
                                    "mapping", key.start_mark, "keep one of them", field)
                 seen.add((key.tag, key.value))
@@ -228,6 +229,13 @@ def _short(value: Any, limit: int = 60) -> str:
     """str(value), cut to `limit` characters."""
     text = str(value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _choices(names: Any, limit: int = 10) -> str:
+    """Names for a message: the first `limit` of them, and how many more."""
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -359,7 +367,7 @@ def _ipv4(value: Any, cidr: bool = False) -> Any:
         return None
     try:
         return IPNetwork(value) if cidr else IPAddress(value)
-    except (ValueError, TypeError):  # netaddr's AddrFormatError is a ValueError
+    except (AddrFormatError, ValueError, TypeError):
         return None
 
 
@@ -469,7 +477,7 @@ def parse(text: str, file: str = "<topology>",
                      if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
         if not matched and not any(all(t.get(k) == v for k, v in svc.selector.items())
                                    for t in templates):
-            raise doc.fail("spec.selector", f"selector {svc.selector} matches no pod",
+            raise doc.fail("spec.selector", f"selector {_show(svc.selector, 120)} matches no pod",
                            "make it match the labels of a Pod or a Deployment's template")
         for i, port in enumerate(svc.ports):
             if isinstance(port.target_port, str) and not any(
@@ -483,7 +491,7 @@ def parse(text: str, file: str = "<topology>",
     cluster.source = file
     warnings = sorted(n for n in ignored if n.startswith("warning: "))
     ignored -= set(warnings)
-    notes = ([f"ignoring fields netsim does not model: {', '.join(sorted(ignored))}"]
+    notes = ([f"ignoring fields netsim does not model: {_choices(sorted(ignored), 30)}"]
              if ignored else []) + warnings
     return cluster, notes
 
@@ -501,7 +509,7 @@ def _cluster(doc: _Doc) -> Cluster:
     name = doc.name(doc.get("metadata.name", kind=str), "metadata.name")
     mode = doc.get("spec.cni.mode", "flannel-vxlan", str)
     if mode not in MODES:
-        raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
+        raise doc.fail("spec.cni.mode", f"unknown mode {_show(mode)}",
                        f"use one of: {', '.join(MODES)}")
     calico = mode.startswith("calico-")
     other = "spec.cni.flannel" if calico else "spec.cni.calico"
@@ -566,7 +574,7 @@ def _cluster(doc: _Doc) -> Cluster:
     cni_version, plugins = _chain(doc)
     proxy_mode = doc.get("spec.kubeProxy.mode", "nftables", str)
     if proxy_mode not in ("nftables", "userspace"):
-        raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {proxy_mode!r}",
+        raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {_show(proxy_mode)}",
                        "use nftables (the default) or userspace")
     return Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
                    service_cidr=str(service_cidr), mtu=mtu, segments=segments,
@@ -586,7 +594,7 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     vxlan = doc.get(base + "vxlanMode", wanted[1], str)
     for field, value in (("ipipMode", ipip), ("vxlanMode", vxlan)):
         if value not in ENCAP_MODES:
-            raise doc.fail(base + field, f"{value!r} is not an encapsulation mode",
+            raise doc.fail(base + field, f"{_show(value)} is not an encapsulation mode",
                            f"use one of {', '.join(ENCAP_MODES)}")
     own = {"calico-vxlan": ("vxlanMode", vxlan, ipip, "ipipMode"),
            "calico-ipip": ("ipipMode", ipip, vxlan, "vxlanMode")}.get(mode)
@@ -618,13 +626,13 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
         if not isinstance(name, str) or name not in names:
             raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
                            f"{_show(name)} is not a node",
-                           f"use node names: {', '.join(sorted(names))}")
+                           f"use node names: {_choices(sorted(names))}")
     if reflectors and mode != "calico-bgp":
         raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
                        "route reflectors need mode calico-bgp")
     carrier = doc.get("spec.cni.calico.ipipCarrier", "auto", str)
     if carrier not in ("auto", "kernel", "ebpf", "userspace"):
-        raise doc.fail("spec.cni.calico.ipipCarrier", f"unknown carrier {carrier!r}",
+        raise doc.fail("spec.cni.calico.ipipCarrier", f"unknown carrier {_show(carrier)}",
                        "use auto, kernel, ebpf or userspace")
     return CalicoSpec(ipip_mode=ipip, vxlan_mode=vxlan, ipip_carrier=carrier,
                       nat_outgoing=doc.get(base + "natOutgoing", True, bool), asn=asn,
@@ -657,7 +665,7 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
     """The node's CNI config list: its version, and plugins to run after netsim's own."""
     version = doc.get("spec.cni.cniVersion", CNI_VERSION, str)
     if version not in CNI_VERSIONS:
-        raise doc.fail("spec.cni.cniVersion", f"unsupported version {version!r}",
+        raise doc.fail("spec.cni.cniVersion", f"unsupported version {_show(version)}",
                        f"use one of {', '.join(CNI_VERSIONS)} (Debian's reference plugins "
                        "take up to 1.0.0)")
     plugins = doc.get("spec.cni.plugins", [], list)
@@ -700,13 +708,13 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
         if not isinstance(item, dict):
             raise doc.fail(field, "expected a mapping with name and segment")
         name = doc.name(item.get("name"), f"{field}.name")
-        doc.ignored.update(f"Cluster.{path}[].{k}" for k in item
+        doc.ignored.update(f"Cluster.{path}[].{_key(k)}" for k in item
                            if k not in ("name", "segment", "ip", *extra))
         segment = item.get("segment")
         segment = segments[0].name if segment is None else segment
         if not isinstance(segment, str) or segment not in {s.name for s in segments}:
             raise doc.fail(f"{field}.segment", f"no segment named {_show(segment)}",
-                           f"use one of: {', '.join(s.name for s in segments)}")
+                           f"use one of: {_choices(s.name for s in segments)}")
         ip = item.get("ip")
         ip = "" if ip is None else ip
         if ip != "":
@@ -772,7 +780,7 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
             raise doc.fail(field, "expected a mapping with name (and ports)")
         for key in item:
             if key not in _CONTAINER_KEYS:
-                doc.ignored.add(f"{doc.kind}.{path}[].{key}")
+                doc.ignored.add(f"{doc.kind}.{path}[].{_key(key)}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
         if name in {c.name for c in containers}:
             raise doc.fail(f"{field}.name", f"duplicate container name {name!r}",
@@ -815,8 +823,8 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
 def _node_name(doc: _Doc, path: str, cluster: Cluster) -> str:
     node = doc.get(path, "", str)
     if node and node not in {n.name for n in cluster.nodes}:
-        raise doc.fail(path, f"no node named {node!r}",
-                       f"use one of: {', '.join(n.name for n in cluster.nodes)}")
+        raise doc.fail(path, f"no node named {_show(node)}",
+                       f"use one of: {_choices(n.name for n in cluster.nodes)}")
     return node
 
 
@@ -838,8 +846,9 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
     selector = _labels(doc, "spec.selector.matchLabels")
     labels = _labels(doc, "spec.template.metadata.labels")
     if not selector or any(labels.get(k) != v for k, v in selector.items()):
-        raise doc.fail("spec.selector.matchLabels", f"selector {selector} does not match the "
-                       f"template labels {labels}", "make spec.selector.matchLabels a subset of "
+        raise doc.fail("spec.selector.matchLabels", f"selector {_show(selector, 120)} does "
+                       f"not match the template labels {_show(labels, 120)}",
+                       "make spec.selector.matchLabels a subset of "
                        "spec.template.metadata.labels")
     containers = _containers(doc, "spec.template.spec.containers")
     node = _node_name(doc, "spec.template.spec.nodeName", cluster)
