@@ -11,6 +11,7 @@ exhausts the interpreter. What Kubernetes' API server would refuse is refused he
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -58,6 +59,7 @@ MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must 
 RESERVED = (("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
             ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
             ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"))
+_RESERVED = tuple((IPNetwork(cidr), what) for cidr, what in RESERVED)
 
 # The loader's limits. PyYAML's pure-Python reader (kept over libyaml, so that messages are
 # the same on every machine) takes up to 1.5 s per MiB, and every value some 30-50 µs: these
@@ -150,7 +152,7 @@ class _Loader(yaml.SafeLoader):
                 return self._alias(event, parent, index)
             if len(self.parts) > MAX_DEPTH:
                 raise _Refused(f"values nested more than {MAX_DEPTH} deep", event.start_mark,
-                               "flatten the structure", self.field()[:80] + "…")
+                               "flatten the structure", _short(self.field(), 80))
             if event.tag not in (None, "!") and event.tag not in _PLAIN_TAGS:
                 tag = event.tag.replace(_YAML, "!!", 1)
                 raise _Refused(f"the YAML tag {_short(tag, 60)} is not supported",
@@ -275,9 +277,6 @@ def _read_yaml(text: str, file: str) -> list:
         problem = getattr(exc, "problem", None) or _short(exc, 200)
         raise TopologyError(file, _where(mark), "", f"malformed YAML: {problem}",
                             "fix the syntax there (indentation, a missing ':' or quote)") from None
-    except RecursionError:  # a bug in the budgets above, never the user's fault
-        raise TopologyError(file, "file", "", "the YAML is nested too deeply",
-                            f"nest at most {MAX_DEPTH} levels") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -344,8 +343,8 @@ class _Doc:
                             "write it as address/prefix, e.g. 10.244.0.0/16")
         if net.ip != net.network:
             raise self.fail(field, f"{value} has host bits set", f"use {net.cidr}")
-        for reserved, what in RESERVED:
-            if net.first <= IPNetwork(reserved).last and IPNetwork(reserved).first <= net.last:
+        for reserved, what in _RESERVED:
+            if net.first <= reserved.last and reserved.first <= net.last:
                 raise self.fail(field, f"{net} overlaps {reserved}, which is {what}",
                                 "use a private range: 10.0.0.0/8, 172.16.0.0/12 or "
                                 "192.168.0.0/16")
@@ -471,10 +470,12 @@ def parse(text: str, file: str = "<topology>",
     _unique([(s.name, d) for s, d in zip(cluster.services,
                                           [d for d in docs if d.kind == "Service"], strict=True)],
             "metadata.name", "service")
+    # pods with the same labels and containers match alike: one of each stands for all
+    alike = list({(frozenset(p.labels.items()), p.containers): p for p in pods}.values())
+    templates = [d.get("spec.template.metadata.labels", {}, dict) for d in docs
+                 if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
     for svc, doc in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True):
-        matched = [p for p in pods if all(p.labels.get(k) == v for k, v in svc.selector.items())]
-        templates = [d.get("spec.template.metadata.labels", {}, dict) for d in docs
-                     if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
+        matched = [p for p in alike if all(p.labels.get(k) == v for k, v in svc.selector.items())]
         if not matched and not any(all(t.get(k) == v for k, v in svc.selector.items())
                                    for t in templates):
             raise doc.fail("spec.selector", f"selector {_show(svc.selector, 120)} matches no pod",
@@ -544,11 +545,11 @@ def _cluster(doc: _Doc) -> Cluster:
     nets = [(f"spec.underlay.segments[{i}].subnet", IPNetwork(s.subnet))
             for i, s in enumerate(segments)]
     nets += [(network_field, network), ("spec.serviceCIDR", service_cidr)]
-    for i, (field_a, a) in enumerate(nets):
-        for field_b, b in nets[i + 1:]:
-            if a.first <= b.last and b.first <= a.last:
-                raise doc.fail(field_b, f"{b} overlaps {a} ({field_a})",
-                               "choose ranges that do not overlap")
+    pair = _first_overlap([net for _, net in nets])
+    if pair:
+        (field_a, a), (field_b, b) = nets[pair[0]], nets[pair[1]]
+        raise doc.fail(field_b, f"{b} overlaps {a} ({field_a})",
+                       "choose ranges that do not overlap")
     nodes = _hosts(doc, "spec.nodes", segments, Node)
     if not nodes:
         raise doc.fail("spec.nodes", "a cluster needs at least one node",
@@ -701,6 +702,7 @@ def _segments(doc: _Doc) -> list[Segment]:
 def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
            extra: tuple[str, ...] = ()) -> list:
     hosts = []
+    subnets = {s.name: s.subnet for s in segments}
     for i, item in enumerate(doc.get(path, [], list)):
         field = f"{path}[{i}]"
         if isinstance(item, str):
@@ -712,14 +714,14 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
                            if k not in ("name", "segment", "ip", *extra))
         segment = item.get("segment")
         segment = segments[0].name if segment is None else segment
-        if not isinstance(segment, str) or segment not in {s.name for s in segments}:
+        if not isinstance(segment, str) or segment not in subnets:
             raise doc.fail(f"{field}.segment", f"no segment named {_show(segment)}",
                            f"use one of: {_choices(s.name for s in segments)}")
         ip = item.get("ip")
         ip = "" if ip is None else ip
         if ip != "":
             addr = doc.address(ip, f"{field}.ip")
-            net = IPNetwork(next(s.subnet for s in segments if s.name == segment))
+            net = IPNetwork(subnets[segment])
             if addr not in net or addr in (net.network, net.broadcast, net.network + 1):
                 raise doc.fail(f"{field}.ip", f"{ip} is not a usable host of {net}",
                                f"pick an address from {net.network + 2} to {net.broadcast - 1}")
@@ -727,11 +729,35 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
     return hosts
 
 
+def _first_overlap(nets: list[IPNetwork]) -> tuple[int, int] | None:
+    """The first (i, j), i < j in list order, of two networks that overlap, or None; in
+    O(n log n), as a file may list thousands of segments. Two CIDRs are nested or disjoint,
+    so in the order of (first address, size down) a network overlaps an earlier one exactly
+    when it begins before the furthest end seen so far."""
+    order = sorted(range(len(nets)), key=lambda k: (nets[k].first, -nets[k].last))
+    involved, end, holder = set(), -1, -1
+    for k in order:
+        if nets[k].first <= end:
+            involved.update((k, holder))
+        if nets[k].last > end:
+            end, holder = nets[k].last, k
+    if not involved:
+        return None
+    i = min(involved)  # the first network in any overlap meets a later one
+    a = nets[i]
+    return i, next(j for j in range(i + 1, len(nets))
+                   if a.first <= nets[j].last and nets[j].first <= a.last)
+
+
 def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) -> None:
     """Give hosts without an ip the next free address; .1 of each segment stays for a router."""
+    places: dict[str, list[tuple[list, int]]] = {s.name: [] for s in segments}
+    for group in (nodes, clients):
+        for i, host in enumerate(group):
+            places[host.segment].append((group, i))
     for seg in segments:
         net = IPNetwork(seg.subnet)
-        members = [h for h in nodes + clients if h.segment == seg.name]
+        members = [group[i] for group, i in places[seg.name]]
         if len(members) > max(net.size - 3, 0):
             raise doc.fail("spec.underlay.segments", f"segment {seg.name} ({net}) has room for "
                            f"{max(net.size - 3, 0)} hosts, not {len(members)}",
@@ -741,10 +767,9 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
             raise doc.fail("spec.nodes", f"two hosts on segment {seg.name} share an ip",
                            "give each node and client its own address")
         free = (str(a) for a in net.iter_hosts() if a != net.network + 1 and str(a) not in taken)
-        for group in (nodes, clients):
-            for i, host in enumerate(group):
-                if host.segment == seg.name and not host.ip:
-                    group[i] = replace(host, ip=next(free))
+        for group, i in places[seg.name]:
+            if not group[i].ip:
+                group[i] = replace(group[i], ip=next(free))
 
 
 def _labels(doc: _Doc, path: str) -> dict[str, str]:
@@ -1054,11 +1079,13 @@ def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
         if node:
             result[pod.name] = replace(pod, node=node)
             load[node] += 1
+    emptiest = [(count, i, node) for i, (node, count) in enumerate(load.items())]
+    heapq.heapify(emptiest)  # (pods, node order): the least loaded first, ties by node order
     for pod in cluster.pods:
         if pod.name not in result:
-            node = min(nodes, key=lambda n: (load[n], nodes.index(n)))
+            count, i, node = heapq.heappop(emptiest)
             result[pod.name] = replace(pod, node=node)
-            load[node] += 1
+            heapq.heappush(emptiest, (count + 1, i, node))
     return [result[p.name] for p in cluster.pods]
 
 
