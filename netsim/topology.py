@@ -11,6 +11,7 @@ exhausts the interpreter. What Kubernetes' API server would refuse is refused he
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -18,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 import yaml
-from netaddr import IPAddress, IPNetwork
+from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from cni.spec import VERSIONS as CNI_VERSIONS
 from netsim import modes
@@ -58,12 +59,14 @@ MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must 
 RESERVED = (("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
             ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
             ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"))
+_RESERVED = tuple((IPNetwork(cidr), what) for cidr, what in RESERVED)
 
-# The loader's limits. PyYAML's pure-Python reader takes about a second per MiB, and every
-# value costs some 40 µs to compose: these bound one `parse` to about two seconds.
+# The loader's limits. PyYAML's pure-Python reader (kept over libyaml, so that messages are
+# the same on every machine) takes up to 1.5 s per MiB, and every value some 30-50 µs: these
+# bound the worst `parse` to under two seconds.
 MAX_BYTES = 1 << 20  # 1 MiB
 MAX_DOCUMENTS = 1000
-MAX_VALUES = 50_000  # scalars, lists and mappings in the file, each alias counted as expanded
+MAX_VALUES = 20_000  # scalars, lists and mappings in the file, each alias counted as expanded
 MAX_DEPTH = 50  # lists and mappings nested in each other
 MAX_INT_DIGITS = 20  # an integer's digits; PyYAML would run int() on any length
 
@@ -141,7 +144,7 @@ class _Loader(yaml.SafeLoader):
         if isinstance(index, int):
             self.parts.append(f"[{index}]")
         elif isinstance(index, yaml.ScalarNode):  # a mapping's value: index is its key
-            self.parts.append("." + _short(index.value, 40))
+            self.parts.append("." + _key(index.value))
         else:  # the document, or a mapping's key
             self.parts.append("")
         try:
@@ -149,7 +152,7 @@ class _Loader(yaml.SafeLoader):
                 return self._alias(event, parent, index)
             if len(self.parts) > MAX_DEPTH:
                 raise _Refused(f"values nested more than {MAX_DEPTH} deep", event.start_mark,
-                               "flatten the structure", self.field()[:80] + "…")
+                               "flatten the structure", _short(self.field(), 80))
             if event.tag not in (None, "!") and event.tag not in _PLAIN_TAGS:
                 tag = event.tag.replace(_YAML, "!!", 1)
                 raise _Refused(f"the YAML tag {_short(tag, 60)} is not supported",
@@ -194,7 +197,7 @@ class _Loader(yaml.SafeLoader):
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != _YAML + "merge":
                 if (key.tag, key.value) in seen:
-                    field = ".".join(p for p in (self.field(), _short(key.value, 40)) if p)
+                    field = ".".join(p for p in (self.field(), _key(key.value)) if p)
                     raise _Refused(f"the key {_short(key.value, 40)!r} appears twice in one "
                                    "mapping", key.start_mark, "keep one of them", field)
                 seen.add((key.tag, key.value))
@@ -228,6 +231,13 @@ def _short(value: Any, limit: int = 60) -> str:
     """str(value), cut to `limit` characters."""
     text = str(value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _choices(names: Any, limit: int = 10) -> str:
+    """Names for a message: the first `limit` of them, and how many more."""
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -267,9 +277,6 @@ def _read_yaml(text: str, file: str) -> list:
         problem = getattr(exc, "problem", None) or _short(exc, 200)
         raise TopologyError(file, _where(mark), "", f"malformed YAML: {problem}",
                             "fix the syntax there (indentation, a missing ':' or quote)") from None
-    except RecursionError:  # a bug in the budgets above, never the user's fault
-        raise TopologyError(file, "file", "", "the YAML is nested too deeply",
-                            f"nest at most {MAX_DEPTH} levels") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -336,8 +343,8 @@ class _Doc:
                             "write it as address/prefix, e.g. 10.244.0.0/16")
         if net.ip != net.network:
             raise self.fail(field, f"{value} has host bits set", f"use {net.cidr}")
-        for reserved, what in RESERVED:
-            if net.first <= IPNetwork(reserved).last and IPNetwork(reserved).first <= net.last:
+        for reserved, what in _RESERVED:
+            if net.first <= reserved.last and reserved.first <= net.last:
                 raise self.fail(field, f"{net} overlaps {reserved}, which is {what}",
                                 "use a private range: 10.0.0.0/8, 172.16.0.0/12 or "
                                 "192.168.0.0/16")
@@ -359,7 +366,7 @@ def _ipv4(value: Any, cidr: bool = False) -> Any:
         return None
     try:
         return IPNetwork(value) if cidr else IPAddress(value)
-    except (ValueError, TypeError):  # netaddr's AddrFormatError is a ValueError
+    except (AddrFormatError, ValueError, TypeError):
         return None
 
 
@@ -463,13 +470,15 @@ def parse(text: str, file: str = "<topology>",
     _unique([(s.name, d) for s, d in zip(cluster.services,
                                           [d for d in docs if d.kind == "Service"], strict=True)],
             "metadata.name", "service")
+    # pods with the same labels and containers match alike: one of each stands for all
+    alike = list({(frozenset(p.labels.items()), p.containers): p for p in pods}.values())
+    templates = [d.get("spec.template.metadata.labels", {}, dict) for d in docs
+                 if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
     for svc, doc in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True):
-        matched = [p for p in pods if all(p.labels.get(k) == v for k, v in svc.selector.items())]
-        templates = [d.get("spec.template.metadata.labels", {}, dict) for d in docs
-                     if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
+        matched = [p for p in alike if all(p.labels.get(k) == v for k, v in svc.selector.items())]
         if not matched and not any(all(t.get(k) == v for k, v in svc.selector.items())
                                    for t in templates):
-            raise doc.fail("spec.selector", f"selector {svc.selector} matches no pod",
+            raise doc.fail("spec.selector", f"selector {_show(svc.selector, 120)} matches no pod",
                            "make it match the labels of a Pod or a Deployment's template")
         for i, port in enumerate(svc.ports):
             if isinstance(port.target_port, str) and not any(
@@ -483,7 +492,7 @@ def parse(text: str, file: str = "<topology>",
     cluster.source = file
     warnings = sorted(n for n in ignored if n.startswith("warning: "))
     ignored -= set(warnings)
-    notes = ([f"ignoring fields netsim does not model: {', '.join(sorted(ignored))}"]
+    notes = ([f"ignoring fields netsim does not model: {_choices(sorted(ignored), 30)}"]
              if ignored else []) + warnings
     return cluster, notes
 
@@ -501,7 +510,7 @@ def _cluster(doc: _Doc) -> Cluster:
     name = doc.name(doc.get("metadata.name", kind=str), "metadata.name")
     mode = doc.get("spec.cni.mode", DEFAULT_MODE, str)
     if mode not in MODES:
-        raise doc.fail("spec.cni.mode", f"unknown mode {mode!r}",
+        raise doc.fail("spec.cni.mode", f"unknown mode {_show(mode)}",
                        f"use one of: {', '.join(MODES)}")
     calico = modes.get(mode).family == "calico"
     other = "spec.cni.flannel" if calico else "spec.cni.calico"
@@ -536,11 +545,11 @@ def _cluster(doc: _Doc) -> Cluster:
     nets = [(f"spec.underlay.segments[{i}].subnet", IPNetwork(s.subnet))
             for i, s in enumerate(segments)]
     nets += [(network_field, network), ("spec.serviceCIDR", service_cidr)]
-    for i, (field_a, a) in enumerate(nets):
-        for field_b, b in nets[i + 1:]:
-            if a.first <= b.last and b.first <= a.last:
-                raise doc.fail(field_b, f"{b} overlaps {a} ({field_a})",
-                               "choose ranges that do not overlap")
+    pair = _first_overlap([net for _, net in nets])
+    if pair:
+        (field_a, a), (field_b, b) = nets[pair[0]], nets[pair[1]]
+        raise doc.fail(field_b, f"{b} overlaps {a} ({field_a})",
+                       "choose ranges that do not overlap")
     nodes = _hosts(doc, "spec.nodes", segments, Node)
     if not nodes:
         raise doc.fail("spec.nodes", "a cluster needs at least one node",
@@ -563,7 +572,7 @@ def _cluster(doc: _Doc) -> Cluster:
     cni_version, plugins = _chain(doc)
     proxy_mode = doc.get("spec.kubeProxy.mode", "nftables", str)
     if proxy_mode not in ("nftables", "userspace"):
-        raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {proxy_mode!r}",
+        raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {_show(proxy_mode)}",
                        "use nftables (the default) or userspace")
     cluster = Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
                       service_cidr=str(service_cidr), mtu=mtu, segments=segments,
@@ -587,7 +596,7 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     vxlan = doc.get(base + "vxlanMode", "Always" if own_setting == "vxlan_mode" else "Never", str)
     for field, value in (("ipipMode", ipip), ("vxlanMode", vxlan)):
         if value not in ENCAP_MODES:
-            raise doc.fail(base + field, f"{value!r} is not an encapsulation mode",
+            raise doc.fail(base + field, f"{_show(value)} is not an encapsulation mode",
                            f"use one of {', '.join(ENCAP_MODES)}")
     values = {"ipip_mode": ipip, "vxlan_mode": vxlan}
     if own_setting:
@@ -617,13 +626,13 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
         if not isinstance(name, str) or name not in names:
             raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
                            f"{_show(name)} is not a node",
-                           f"use node names: {', '.join(sorted(names))}")
+                           f"use node names: {_choices(sorted(names))}")
     if reflectors and not data_plane.bgp:
         raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
                        "route reflectors need mode calico-bgp")
     carrier = doc.get("spec.cni.calico.ipipCarrier", "auto", str)
     if carrier not in ("auto", "kernel", "ebpf", "userspace"):
-        raise doc.fail("spec.cni.calico.ipipCarrier", f"unknown carrier {carrier!r}",
+        raise doc.fail("spec.cni.calico.ipipCarrier", f"unknown carrier {_show(carrier)}",
                        "use auto, kernel, ebpf or userspace")
     return CalicoSpec(ipip_mode=ipip, vxlan_mode=vxlan, ipip_carrier=carrier,
                       nat_outgoing=doc.get(base + "natOutgoing", True, bool), asn=asn,
@@ -656,7 +665,7 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
     """The node's CNI config list: its version, and plugins to run after netsim's own."""
     version = doc.get("spec.cni.cniVersion", CNI_VERSION, str)
     if version not in CNI_VERSIONS:
-        raise doc.fail("spec.cni.cniVersion", f"unsupported version {version!r}",
+        raise doc.fail("spec.cni.cniVersion", f"unsupported version {_show(version)}",
                        f"use one of {', '.join(CNI_VERSIONS)} (Debian's reference plugins "
                        "take up to 1.0.0)")
     plugins = doc.get("spec.cni.plugins", [], list)
@@ -692,6 +701,7 @@ def _segments(doc: _Doc) -> list[Segment]:
 def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
            extra: tuple[str, ...] = ()) -> list:
     hosts = []
+    subnets = {s.name: s.subnet for s in segments}
     for i, item in enumerate(doc.get(path, [], list)):
         field = f"{path}[{i}]"
         if isinstance(item, str):
@@ -699,18 +709,18 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
         if not isinstance(item, dict):
             raise doc.fail(field, "expected a mapping with name and segment")
         name = doc.name(item.get("name"), f"{field}.name")
-        doc.ignored.update(f"Cluster.{path}[].{k}" for k in item
+        doc.ignored.update(f"Cluster.{path}[].{_key(k)}" for k in item
                            if k not in ("name", "segment", "ip", *extra))
         segment = item.get("segment")
         segment = segments[0].name if segment is None else segment
-        if not isinstance(segment, str) or segment not in {s.name for s in segments}:
+        if not isinstance(segment, str) or segment not in subnets:
             raise doc.fail(f"{field}.segment", f"no segment named {_show(segment)}",
-                           f"use one of: {', '.join(s.name for s in segments)}")
+                           f"use one of: {_choices(s.name for s in segments)}")
         ip = item.get("ip")
         ip = "" if ip is None else ip
         if ip != "":
             addr = doc.address(ip, f"{field}.ip")
-            net = IPNetwork(next(s.subnet for s in segments if s.name == segment))
+            net = IPNetwork(subnets[segment])
             if addr not in net or addr in (net.network, net.broadcast, net.network + 1):
                 raise doc.fail(f"{field}.ip", f"{ip} is not a usable host of {net}",
                                f"pick an address from {net.network + 2} to {net.broadcast - 1}")
@@ -718,11 +728,35 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
     return hosts
 
 
+def _first_overlap(nets: list[IPNetwork]) -> tuple[int, int] | None:
+    """The first (i, j), i < j in list order, of two networks that overlap, or None; in
+    O(n log n), as a file may list thousands of segments. Two CIDRs are nested or disjoint,
+    so in the order of (first address, size down) a network overlaps an earlier one exactly
+    when it begins before the furthest end seen so far."""
+    order = sorted(range(len(nets)), key=lambda k: (nets[k].first, -nets[k].last))
+    involved, end, holder = set(), -1, -1
+    for k in order:
+        if nets[k].first <= end:
+            involved.update((k, holder))
+        if nets[k].last > end:
+            end, holder = nets[k].last, k
+    if not involved:
+        return None
+    i = min(involved)  # the first network in any overlap meets a later one
+    a = nets[i]
+    return i, next(j for j in range(i + 1, len(nets))
+                   if a.first <= nets[j].last and nets[j].first <= a.last)
+
+
 def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) -> None:
     """Give hosts without an ip the next free address; .1 of each segment stays for a router."""
+    places: dict[str, list[tuple[list, int]]] = {s.name: [] for s in segments}
+    for group in (nodes, clients):
+        for i, host in enumerate(group):
+            places[host.segment].append((group, i))
     for seg in segments:
         net = IPNetwork(seg.subnet)
-        members = [h for h in nodes + clients if h.segment == seg.name]
+        members = [group[i] for group, i in places[seg.name]]
         if len(members) > max(net.size - 3, 0):
             raise doc.fail("spec.underlay.segments", f"segment {seg.name} ({net}) has room for "
                            f"{max(net.size - 3, 0)} hosts, not {len(members)}",
@@ -732,10 +766,9 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
             raise doc.fail("spec.nodes", f"two hosts on segment {seg.name} share an ip",
                            "give each node and client its own address")
         free = (str(a) for a in net.iter_hosts() if a != net.network + 1 and str(a) not in taken)
-        for group in (nodes, clients):
-            for i, host in enumerate(group):
-                if host.segment == seg.name and not host.ip:
-                    group[i] = replace(host, ip=next(free))
+        for group, i in places[seg.name]:
+            if not group[i].ip:
+                group[i] = replace(group[i], ip=next(free))
 
 
 def _labels(doc: _Doc, path: str) -> dict[str, str]:
@@ -771,7 +804,7 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
             raise doc.fail(field, "expected a mapping with name (and ports)")
         for key in item:
             if key not in _CONTAINER_KEYS:
-                doc.ignored.add(f"{doc.kind}.{path}[].{key}")
+                doc.ignored.add(f"{doc.kind}.{path}[].{_key(key)}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
         if name in {c.name for c in containers}:
             raise doc.fail(f"{field}.name", f"duplicate container name {name!r}",
@@ -814,8 +847,8 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
 def _node_name(doc: _Doc, path: str, cluster: Cluster) -> str:
     node = doc.get(path, "", str)
     if node and node not in {n.name for n in cluster.nodes}:
-        raise doc.fail(path, f"no node named {node!r}",
-                       f"use one of: {', '.join(n.name for n in cluster.nodes)}")
+        raise doc.fail(path, f"no node named {_show(node)}",
+                       f"use one of: {_choices(n.name for n in cluster.nodes)}")
     return node
 
 
@@ -837,8 +870,9 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
     selector = _labels(doc, "spec.selector.matchLabels")
     labels = _labels(doc, "spec.template.metadata.labels")
     if not selector or any(labels.get(k) != v for k, v in selector.items()):
-        raise doc.fail("spec.selector.matchLabels", f"selector {selector} does not match the "
-                       f"template labels {labels}", "make spec.selector.matchLabels a subset of "
+        raise doc.fail("spec.selector.matchLabels", f"selector {_show(selector, 120)} does "
+                       f"not match the template labels {_show(labels, 120)}",
+                       "make spec.selector.matchLabels a subset of "
                        "spec.template.metadata.labels")
     containers = _containers(doc, "spec.template.spec.containers")
     node = _node_name(doc, "spec.template.spec.nodeName", cluster)
@@ -1044,11 +1078,13 @@ def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
         if node:
             result[pod.name] = replace(pod, node=node)
             load[node] += 1
+    emptiest = [(count, i, node) for i, (node, count) in enumerate(load.items())]
+    heapq.heapify(emptiest)  # (pods, node order): the least loaded first, ties by node order
     for pod in cluster.pods:
         if pod.name not in result:
-            node = min(nodes, key=lambda n: (load[n], nodes.index(n)))
+            count, i, node = heapq.heappop(emptiest)
             result[pod.name] = replace(pod, node=node)
-            load[node] += 1
+            heapq.heappush(emptiest, (count + 1, i, node))
     return [result[p.name] for p in cluster.pods]
 
 
