@@ -354,9 +354,42 @@ def cmd_doctor(args) -> int:
     return 0 if kinds["veth"] and kinds["bridge"] else 1
 
 
+def cmd_bench_scale(args) -> int:
+    """How the build grows with the pods: sizes x modes; progress on stderr, a table out."""
+    from netsim import scale
+
+    modes = [m.strip() for m in (args.modes or "").split(",") if m.strip()] or \
+        scale.default_modes()
+    try:
+        sizes = [int(n) for n in (args.sizes or "").split(",") if n.strip()] or scale.SIZES
+    except ValueError:
+        raise NetsimError(f"--sizes {args.sizes!r}: give pod counts, e.g. 500,1000") from None
+    from netsim.modes import MODES
+
+    for mode in modes:
+        if mode not in MODES:
+            raise NetsimError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    if any(not 1 <= n <= 25000 for n in sizes):
+        raise NetsimError("--sizes: each size must be 1 to 25000 pods (254 nodes of 100)")
+    points = scale.run(modes, sizes, lambda line: print(f"bench: {line}", file=sys.stderr,
+                                                         flush=True))
+    print(scale.table(points))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(scale.as_json(points), fh, indent=2)
+        print(f"wrote {args.json}")
+    if args.png:
+        os.makedirs(args.png, exist_ok=True)
+        print(f"wrote {scale.chart(points, os.path.join(args.png, 'scale.png'))}")
+    return 0 if all(p.reached and not p.errors for p in points) else 1
+
+
 def cmd_bench(args) -> int:
     """The encapsulation-overhead matrix; progress on stderr, the table on stdout."""
     from netsim import bench
+
+    if args.scale:
+        return cmd_bench_scale(args)
 
     options = bench.Options(repetitions=args.repetitions, seconds=args.seconds,
                             streams=args.streams, sweep=args.sweep)
@@ -546,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=int, default=2, help="per iperf3 run")
     b.add_argument("--streams", type=int, default=4, help="parallel TCP streams")
     b.add_argument("--sweep", action="store_true", help="TCP throughput by MSS, 96 to 1460")
+    b.add_argument("--scale", action="store_true", help="instead: build time, rate and memory "
+                   "by cluster size (flannel-vxlan and calico-vxlan, 100 pods per node)")
+    b.add_argument("--sizes", help="with --scale: pod counts (default 500,1000,2000,5000,10000)")
     b.add_argument("--json", help="write every sample, the machine and the carriers")
     b.add_argument("--csv", help="write every sample")
     b.add_argument("--png", metavar="DIR", help="write throughput.png and latency.png")

@@ -25,6 +25,9 @@ from netsim.transaction import Changes, Transaction
 # a pod out of its Services keeps serving this long before it is stopped, as a terminating
 # pod does for its grace period, so a connection begun just before the update still finishes
 TERMINATION_GRACE = 0.2
+# nodes wired side by side: the kernel does most of a node's work inside its sends, with the
+# interpreter's lock released, so a few threads keep every core busy
+WORKERS = min(8, (os.cpu_count() or 1) + 1)
 
 Progress = Callable[[str], None]
 
@@ -77,46 +80,65 @@ def _release(ipam, pod: str) -> None:
 
 def _add_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction,
               progress: Progress, changes: Changes) -> None:
-    """The in-process path, a node at a time."""
+    """The in-process path: nodes side by side, each with one IPAM session, its pods'
+    namespaces, one netlink batch for the host ends and one small batch inside each pod."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = _by_node(pods)
+    done = 0
+    with ThreadPoolExecutor(min(len(groups), WORKERS)) as pool:
+        futures = [pool.submit(_add_on_node, cluster, record, mode, node_pods, tx)
+                   for node_pods in groups.values()]
+        failure = None
+        for future in futures:  # every node finishes (or fails) before the undo runs
+            try:
+                made = future.result()
+            except BaseException as exc:
+                failure = failure or exc
+                continue
+            for name, entry in made.items():
+                record.pods[name] = entry
+                tx.on_undo(f"record of {name}", lambda p=name: record.pods.pop(p, None))
+                changes.created.append(f"pod {name}")
+            done += len(made)
+            progress(f"pods: {done}/{len(pods)}")
+    if failure is not None:
+        raise failure
+
+
+def _add_on_node(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod],
+                 tx: Transaction) -> dict[str, PodRecord]:
+    """One node's new pods, addressed, made and wired; what was made for each."""
     from cni.wiring import Attachment, wire
     from netsim.kernel.netlink import Rtnl
 
+    node = record.nodes[pods[0].node]
+    ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
+    routes, prefixlen = mode.pod_routes(cluster, node), mode.pod_prefixlen(node)
     mtu = mode.pod_mtu(cluster.mtu)
-    side = mode.pod_side
-    done = 0
-    for node_name, node_pods in _by_node(pods).items():
-        node = record.nodes[node_name]
-        ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
-        routes = mode.pod_routes(cluster, node)
-        prefixlen = mode.pod_prefixlen(node)
-        made = {}
-        with ipam.session():
-            for pod in node_pods:
-                ip = ipam.allocate(pod.name, "eth0")
-                tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
-                made[pod.name] = PodRecord(pod, naming.ns_name(cluster.name, "pod", pod.name), ip,
-                                           mode.host_veth(services.NAMESPACE, pod.name),
-                                           node.next_ifindex)
-                node.next_ifindex += 1
-        for entry in made.values():
-            tx.netns(entry.netns)
-        attachments = []
-        try:
-            for name, entry in made.items():
-                attachments.append(Attachment(entry.netns, nsmod.open_fd(entry.netns),
-                                              entry.veth, entry.ip, prefixlen, routes, mtu,
-                                              alias=name, index=entry.ifindex))
-            with Rtnl(node.netns) as rt:
-                wire(side, rt, attachments, loopback=True)
-        finally:
-            for attachment in attachments:
-                os.close(attachment.pod_fd)
+    made = {}
+    with ipam.session():
+        for pod in pods:
+            ip = ipam.allocate(pod.name, "eth0")
+            tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
+            made[pod.name] = PodRecord(pod, naming.ns_name(cluster.name, "pod", pod.name), ip,
+                                       mode.host_veth(services.NAMESPACE, pod.name),
+                                       node.next_ifindex)
+            node.next_ifindex += 1
+    for entry in made.values():
+        tx.netns(entry.netns)
+    attachments = []
+    try:
         for name, entry in made.items():
-            record.pods[name] = entry
-            tx.on_undo(f"record of {name}", lambda p=name: record.pods.pop(p, None))
-            changes.created.append(f"pod {name}")
-        done += len(made)
-        progress(f"pods: {done}/{len(pods)}")
+            attachments.append(Attachment(entry.netns, nsmod.open_fd(entry.netns), entry.veth,
+                                          entry.ip, prefixlen, routes, mtu, alias=name,
+                                          index=entry.ifindex))
+        with Rtnl(node.netns) as rt:
+            wire(mode.pod_side, rt, attachments, loopback=True)
+    finally:
+        for attachment in attachments:
+            os.close(attachment.pod_fd)
+    return made
 
 
 def _exec_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction,

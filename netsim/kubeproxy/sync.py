@@ -5,6 +5,8 @@ nftables at the agent's proxy ports."""
 
 from __future__ import annotations
 
+import os
+
 from netsim import agents, services
 from netsim.kernel import nft
 from netsim.model import Cluster
@@ -22,14 +24,30 @@ def sync(cluster: Cluster, record: Record, terminating: dict[str, PodRecord] | N
         return _sync_userspace(record, ports, terminating)
     previous = record.kube_proxy
     if previous is None or previous.mode != "nftables":
-        text = kp.full(kp.compute(ports, cluster.pod_network))
-        for node in record.nodes.values():
-            nft.apply(node.netns, text)
+        # the first sync: the fixed part by `nft -f`, then every Service as one batch built
+        # once and sent to every node (nft would parse the same text again in each node)
+        base = kp.full(kp.compute([], cluster.pod_network))
+        batch = kp.changes([], ports, cluster.pod_network)
+        on_every_node(record, lambda netns: (nft.apply(netns, base), batch.commit(netns)))
     else:
         batch = kp.changes(previous.ports, ports, cluster.pod_network)
-        for node in record.nodes.values():
-            batch.commit(node.netns)
+        on_every_node(record, batch.commit)
     record.kube_proxy = KubeProxy("nftables", ports)
+
+
+def on_every_node(record: Record, step, workers: int = 0) -> None:
+    """Run step(netns) for every node, a few at once: the kernel does the work inside each
+    send, with the interpreter's lock released, so nodes proceed on every core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    namespaces = [node.netns for node in record.nodes.values()]
+    if len(namespaces) < 2:
+        for netns in namespaces:
+            step(netns)
+        return
+    with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
+        for future in [pool.submit(step, netns) for netns in namespaces]:
+            future.result()  # the first failure, as a sequential loop would raise it
 
 
 def _sync_userspace(record: Record, ports: list, terminating: dict | None) -> None:
