@@ -675,7 +675,11 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
                 not CNI_PLUGIN_TYPE.fullmatch(plugin["type"]):
             raise doc.fail(f"spec.cni.plugins[{i}]", "each plugin needs a \"type\": the name "
                            "of its executable", "for example {type: tuning, sysctl: {...}}")
-    return version, json.loads(json.dumps(plugins))
+    try:
+        return version, json.loads(json.dumps(plugins, allow_nan=False))
+    except ValueError:
+        raise doc.fail("spec.cni.plugins", "holds a number JSON cannot carry (.nan or .inf)",
+                       "write a finite number, or quote it") from None
 
 
 def _segments(doc: _Doc) -> list[Segment]:
