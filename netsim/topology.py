@@ -674,7 +674,11 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
                 not CNI_PLUGIN_TYPE.fullmatch(plugin["type"]):
             raise doc.fail(f"spec.cni.plugins[{i}]", "each plugin needs a \"type\": the name "
                            "of its executable", "for example {type: tuning, sysctl: {...}}")
-    return version, json.loads(json.dumps(plugins))
+    try:
+        return version, json.loads(json.dumps(plugins, allow_nan=False))
+    except ValueError:
+        raise doc.fail("spec.cni.plugins", "holds a number JSON cannot carry (.nan or .inf)",
+                       "write a finite number, or quote it") from None
 
 
 def _segments(doc: _Doc) -> list[Segment]:
@@ -893,6 +897,8 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
         raise doc.fail("spec.selector", "a Service needs a selector (netsim has no manual "
                        "Endpoints)", "add spec.selector with the pods' labels")
     ports = []
+    names: dict[str, int] = {}  # port name -> its index; "" (unnamed) is checked above
+    numbers: dict[tuple[int, str], int] = {}
     raw_ports = doc.get("spec.ports", [], list)
     if not raw_ports:
         raise doc.fail("spec.ports", "a Service needs at least one port",
@@ -940,13 +946,14 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
         if port_name == "" and len(raw_ports) > 1:
             raise doc.fail(f"{field}.name", "a Service with more than one port must name each "
                            "of them", "add name: (for example http) to every port")
-        for j, other in enumerate(ports):
-            if port_name and other.name == port_name:
-                raise doc.fail(f"{field}.name", f"duplicate port name {port_name!r} (also "
-                               f"spec.ports[{j}])", "give each port its own name")
-            if (other.port, other.protocol) == (port, protocol):
-                raise doc.fail(f"{field}.port", f"port {port}/{protocol} is already "
-                               f"spec.ports[{j}]", "use each port and protocol once")
+        if port_name in names:
+            raise doc.fail(f"{field}.name", f"duplicate port name {port_name!r} (also "
+                           f"spec.ports[{names[port_name]}])", "give each port its own name")
+        if (port, protocol) in numbers:
+            raise doc.fail(f"{field}.port", f"port {port}/{protocol} is already "
+                           f"spec.ports[{numbers[port, protocol]}]",
+                           "use each port and protocol once")
+        names[port_name] = numbers[port, protocol] = i
         ports.append(ServicePort(port, target, protocol, port_name, node_port))
     cluster_ip = doc.get("spec.clusterIP", "", str)
     if cluster_ip == "None":
@@ -1017,9 +1024,9 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) ->
     auto = [s.name for s in cluster.services if not s.cluster_ip]
     if len(auto) > room:
         raise cluster_doc.fail("spec.serviceCIDR", f"{cluster.service_cidr} has room for "
-                               f"{room} allocated clusterIPs ({IPAddress(first)} to "
-                               f"{IPAddress(last)} less the written ones), not {len(auto)}: "
-                               f"Service {auto[room]} gets none",
+                               f"{room} allocated clusterIPs (netsim allocates from "
+                               f"{IPAddress(first)} to the address before broadcast, less the "
+                               f"written ones), not {len(auto)}: Service {auto[room]} gets none",
                                "use a larger serviceCIDR, or give Services a clusterIP")
 
 

@@ -777,3 +777,8 @@ def test_a_large_cluster_parses_in_seconds():
     assert len(cluster.pods) == 10001 and time.monotonic() - start < 10
     assert Counter(Counter(p.node for p in topology.schedule(cluster, {})).values()) == {5: 1999,
                                                                                         6: 1}
+
+
+def test_cni_plugin_config_is_json():
+    text = build(put(CLUSTER, {"spec.cni.plugins": [{"type": "tuning", "x": "SNIP"}]}))
+    one_line(fail(text.replace("SNIP", ".nan")), "spec.cni.plugins")

@@ -131,6 +131,7 @@ def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
             return False
         return sub.prefixlen == subnet_len and sub.subnet_of(net) and str(sub) == lease and \
             sub.network_address != net.network_address
+
     result = {n: leased[n] for n in nodes if leasable(leased.get(n))}
     taken = set(result.values())
     free = (s for s in map(subnet, range(1, 2 ** (subnet_len - net.prefixlen))) if s not in taken)
