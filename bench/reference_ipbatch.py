@@ -34,34 +34,49 @@ def build(tag: str, nodes: int, pods: int, mode: str = "flannel-vxlan") -> None:
     _, node_ns, pod_ns = names(tag, nodes, pods)
     mac = [f"02:00:00:00:{i // 256:02x}:{i % 256:02x}" for i in range(nodes)]
     for i, ns in enumerate(node_ns):
-        lines = ["link set lo up", "link set eth0 up", f"addr add 172.18.{i // 250}.{i % 250 + 2}"
-                 f"/16 dev eth0",
-                 f"link add flannel.1 address {mac[i]} mtu 1450 type vxlan id 1 local "
-                 f"172.18.{i // 250}.{i % 250 + 2} dev eth0 dstport 8472 nolearning",
-                 f"addr add 10.244.{i + 1}.0/32 dev flannel.1", "link set flannel.1 up",
-                 "link add cni0 mtu 1450 type bridge", f"addr add 10.244.{i + 1}.1/24 dev cni0",
-                 "link set cni0 up"]
+        lines = [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add 172.18.{i // 250}.{i % 250 + 2}/16 dev eth0",
+            f"link add flannel.1 address {mac[i]} mtu 1450 type vxlan id 1 local "
+            f"172.18.{i // 250}.{i % 250 + 2} dev eth0 dstport 8472 nolearning",
+            f"addr add 10.244.{i + 1}.0/32 dev flannel.1",
+            "link set flannel.1 up",
+            "link add cni0 mtu 1450 type bridge",
+            f"addr add 10.244.{i + 1}.1/24 dev cni0",
+            "link set cni0 up",
+        ]
         fdb: list[str] = []
         for k in range(nodes):
             if k != i:
-                fdb.append(f"fdb add {mac[k]} dev flannel.1 dst 172.18.{k // 250}."
-                           f"{k % 250 + 2} self permanent")
-                lines += [f"neigh add 10.244.{k + 1}.0 lladdr {mac[k]} dev flannel.1 nud "
-                          "permanent",
-                          f"route add 10.244.{k + 1}.0/24 via 10.244.{k + 1}.0 dev flannel.1 "
-                          "onlink"]
+                fdb.append(
+                    f"fdb add {mac[k]} dev flannel.1 dst 172.18.{k // 250}."
+                    f"{k % 250 + 2} self permanent"
+                )
+                lines += [
+                    f"neigh add 10.244.{k + 1}.0 lladdr {mac[k]} dev flannel.1 nud permanent",
+                    f"route add 10.244.{k + 1}.0/24 via 10.244.{k + 1}.0 dev flannel.1 onlink",
+                ]
         for j, pns in enumerate(pod_ns[i]):
-            lines += [f"link add veth{i:04x}{j:04x} mtu 1450 type veth peer name eth0 netns "
-                      f"{pns}", f"link set veth{i:04x}{j:04x} master cni0 up",
-                      f"link set veth{i:04x}{j:04x} type bridge_slave hairpin on"]
+            lines += [
+                f"link add veth{i:04x}{j:04x} mtu 1450 type veth peer name eth0 netns {pns}",
+                f"link set veth{i:04x}{j:04x} master cni0 up",
+                f"link set veth{i:04x}{j:04x} type bridge_slave hairpin on",
+            ]
         _batch(lines[:9], ns)
         _batch(fdb, ns, tool="bridge")  # ARP, then FDB, then the route, as flannel orders them
         _batch(lines[9:], ns)
         for j, pns in enumerate(pod_ns[i]):
-            _batch(["link set lo up", "link set eth0 up",
+            _batch(
+                [
+                    "link set lo up",
+                    "link set eth0 up",
                     f"addr add 10.244.{i + 1}.{j + 2}/24 dev eth0",
                     f"route add 10.244.0.0/16 via 10.244.{i + 1}.1",
-                    f"route add default via 10.244.{i + 1}.1"], pns)
+                    f"route add default via 10.244.{i + 1}.1",
+                ],
+                pns,
+            )
 
 
 def _underlay(tag: str, nodes: int, pods: int) -> None:
@@ -69,8 +84,10 @@ def _underlay(tag: str, nodes: int, pods: int) -> None:
     _batch([f"netns add {n}" for n in [underlay, *node_ns, *sum(pod_ns, [])]])
     lines = ["link set lo up", "link add br-underlay type bridge", "link set br-underlay up"]
     for i, ns in enumerate(node_ns):
-        lines += [f"link add p-n{i} type veth peer name eth0 netns {ns}",
-                  f"link set p-n{i} master br-underlay up"]
+        lines += [
+            f"link add p-n{i} type veth peer name eth0 netns {ns}",
+            f"link set p-n{i} master br-underlay up",
+        ]
     _batch(lines, underlay)
 
 
@@ -91,35 +108,47 @@ def build_calico(tag: str, nodes: int, pods: int) -> None:
 
     for i, ns in enumerate(node_ns):
         net, tunnel = block(i)
-        lines = ["link set lo up", "link set eth0 up", f"addr add {ip(i)}/16 dev eth0",
-                 f"link add vxlan.calico address {mac[i]} mtu 1450 type vxlan id 4096 local "
-                 f"{ip(i)} dev eth0 dstport 4789 nolearning",
-                 f"addr add {tunnel}/32 dev vxlan.calico", "link set vxlan.calico up",
-                 f"route add blackhole {net} proto 80"]
+        lines = [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add {ip(i)}/16 dev eth0",
+            f"link add vxlan.calico address {mac[i]} mtu 1450 type vxlan id 4096 local "
+            f"{ip(i)} dev eth0 dstport 4789 nolearning",
+            f"addr add {tunnel}/32 dev vxlan.calico",
+            "link set vxlan.calico up",
+            f"route add blackhole {net} proto 80",
+        ]
         fdb, routes = [], []
         for k in range(nodes):
             if k != i:
                 knet, ktunnel = block(k)
                 fdb.append(f"fdb add {mac[k]} dev vxlan.calico dst {ip(k)} self permanent")
-                lines.append(f"neigh add {ktunnel} lladdr {mac[k]} dev vxlan.calico nud "
-                             "permanent")
-                routes.append(f"route add {knet} via {ktunnel} dev vxlan.calico onlink "
-                              "proto 80")
+                lines.append(f"neigh add {ktunnel} lladdr {mac[k]} dev vxlan.calico nud permanent")
+                routes.append(f"route add {knet} via {ktunnel} dev vxlan.calico onlink proto 80")
         first = int(tunnel.rsplit(".", 1)[1])
         prefix = tunnel.rsplit(".", 1)[0]
         for j, pns in enumerate(pod_ns[i]):
             name = f"cali{i:05x}{j:06x}"
-            routes += [f"link add {name} address ee:ee:ee:ee:ee:ee mtu 1450 type veth peer "
-                       f"name eth0 netns {pns}", f"link set {name} up",
-                       f"route add {prefix}.{first + j + 1} dev {name} scope link"]
+            routes += [
+                f"link add {name} address ee:ee:ee:ee:ee:ee mtu 1450 type veth peer "
+                f"name eth0 netns {pns}",
+                f"link set {name} up",
+                f"route add {prefix}.{first + j + 1} dev {name} scope link",
+            ]
         _batch(lines, ns)
         _batch(fdb, ns, tool="bridge")
         _batch(routes, ns)
         for j, pns in enumerate(pod_ns[i]):
-            _batch(["link set lo up", "link set eth0 up",
+            _batch(
+                [
+                    "link set lo up",
+                    "link set eth0 up",
                     f"addr add {prefix}.{first + j + 1}/32 dev eth0",
                     "route add 169.254.1.1 dev eth0 scope link",
-                    "route add default via 169.254.1.1 dev eth0"], pns)
+                    "route add default via 169.254.1.1 dev eth0",
+                ],
+                pns,
+            )
 
 
 def teardown(tag: str, nodes: int, pods: int) -> None:

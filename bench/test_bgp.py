@@ -26,8 +26,10 @@ from netsim.kernel import proc  # noqa: E402
 from netsim.kernel.netlink import Rtnl  # noqa: E402
 
 NODES, ROUNDS, TIMEOUT = 10, 5, 15.0
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bird") is None,
-                                reason="needs root and BIRD 2 (apt-get install bird2)")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("bird") is None,
+    reason="needs root and BIRD 2 (apt-get install bird2)",
+)
 
 
 class Probe:
@@ -36,8 +38,10 @@ class Probe:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.rtnl = {h["name"]: Rtnl(h["netns"]) for h in lab.nodes}
-        self.want = {h["name"]: {(o["blocks"][0], o["ip"]) for o in lab.nodes if o is not h}
-                     for h in lab.nodes}
+        self.want = {
+            h["name"]: {(o["blocks"][0], o["ip"]) for o in lab.nodes if o is not h}
+            for h in lab.nodes
+        }
 
     def learned(self, name: str) -> set[tuple[str, str]]:
         """Routes with a gateway: in this lab only BIRD adds those."""
@@ -134,13 +138,17 @@ def _apply_until_converged(model) -> None:
 
     clustermod.apply(model)
     record = state.load(model.name)
-    want = {n: {(b, o.ip) for m, o in record.nodes.items() if m != n for b in o.blocks}
-            for n in record.nodes}
+    want = {
+        n: {(b, o.ip) for m, o in record.nodes.items() if m != n for b in o.blocks}
+        for n in record.nodes
+    }
     deadline = time.monotonic() + TIMEOUT
     with_rtnl = {n: Rtnl(h.netns) for n, h in record.nodes.items()}
     try:
-        while not all(want[n] <= {(r["dst"], r["gateway"]) for r in rt.routes()}
-                      for n, rt in with_rtnl.items()):
+        while not all(
+            want[n] <= {(r["dst"], r["gateway"]) for r in rt.routes()}
+            for n, rt in with_rtnl.items()
+        ):
             assert time.monotonic() < deadline, f"not converged within {TIMEOUT} s"
             time.sleep(0.005)
     finally:

@@ -29,10 +29,18 @@ def node(tmp_path):
     prefix = f"netsim.bc{uuid.uuid4().hex[:6]}"
     made = [f"{prefix}.node"]
     nsmod.create(made[0])
-    conf = {"cniVersion": "1.0.0", "name": "cbr0", "type": "netsim", "mode": "flannel-host-gw",
-            "node": {"network": "10.244.0.0/16", "subnet": "10.244.0.0/20", "mtu": 1450},
-            "ipam": {"type": "netsim-host-local", "routes": [{"dst": "10.244.0.0/16"}],
-                     "dataDir": str(tmp_path)}}
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "cbr0",
+        "type": "netsim",
+        "mode": "flannel-host-gw",
+        "node": {"network": "10.244.0.0/16", "subnet": "10.244.0.0/20", "mtu": 1450},
+        "ipam": {
+            "type": "netsim-host-local",
+            "routes": [{"dst": "10.244.0.0/16"}],
+            "dataDir": str(tmp_path),
+        },
+    }
     counter = itertools.count()
 
     def new_pod() -> str:
@@ -55,7 +63,9 @@ def test_add_in_process(benchmark, node):
     conf = spec.parse_conf(json.dumps(raw).encode(), "ADD")
     result = benchmark.pedantic(
         lambda pod: commands.add(conf, _env("ADD", pod), netns),
-        setup=lambda: ((new_pod(),), {}), rounds=ROUNDS)
+        setup=lambda: ((new_pod(),), {}),
+        rounds=ROUNDS,
+    )
     assert result["ips"][0]["address"].startswith("10.244.")
 
 
@@ -68,8 +78,9 @@ def test_del_in_process(benchmark, node):
         commands.add(conf, _env("ADD", pod), netns)
         return (pod,), {}
 
-    benchmark.pedantic(lambda pod: commands.delete(conf, _env("DEL", pod), netns),
-                       setup=added, rounds=ROUNDS)
+    benchmark.pedantic(
+        lambda pod: commands.delete(conf, _env("DEL", pod), netns), setup=added, rounds=ROUNDS
+    )
 
 
 def test_add_executable(benchmark, node, tmp_path):
@@ -79,11 +90,21 @@ def test_add_executable(benchmark, node, tmp_path):
     executable = plugin.install(str(tmp_path / "bin"))
 
     def run(pod: str) -> subprocess.CompletedProcess:
-        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": pod.rsplit(".", 1)[1],
-               "CNI_NETNS": nsmod.path(pod), "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
-               "PATH": os.environ["PATH"]}
-        return subprocess.run([executable], input=stdin, env=env, capture_output=True,
-                              preexec_fn=lambda: nsmod.enter_for_exec(netns))
+        env = {
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": pod.rsplit(".", 1)[1],
+            "CNI_NETNS": nsmod.path(pod),
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": "/usr/lib/cni",
+            "PATH": os.environ["PATH"],
+        }
+        return subprocess.run(
+            [executable],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            preexec_fn=lambda: nsmod.enter_for_exec(netns),
+        )
 
     done = benchmark.pedantic(run, setup=lambda: ((new_pod(),), {}), rounds=ROUNDS // 2)
     assert done.returncode == 0, done.stdout

@@ -32,13 +32,22 @@ SERVICES, ENDPOINTS, CONNECTIONS = 1000, 10, 200
 def _ports(changed: bool = False) -> list[ProxyPort]:
     ports = []
     for s in range(SERVICES):
-        eps = [Endpoint(f"10.{100 + s // 250}.{s % 250}.{e + 2}", 8080)
-               for e in range(ENDPOINTS)]
+        eps = [Endpoint(f"10.{100 + s // 250}.{s % 250}.{e + 2}", 8080) for e in range(ENDPOINTS)]
         if changed and s == SERVICES // 2:
             eps[3] = Endpoint("10.99.0.99", 8080)
-        ports.append(ProxyPort("default", f"svc-{s}", "http", "TCP",
-                                    f"10.96.{s // 250}.{s % 250 + 1}", 80, 30000 + s,
-                                    tuple(eps), 10800 if s % 10 == 0 else None))
+        ports.append(
+            ProxyPort(
+                "default",
+                f"svc-{s}",
+                "http",
+                "TCP",
+                f"10.96.{s // 250}.{s % 250 + 1}",
+                80,
+                30000 + s,
+                tuple(eps),
+                10800 if s % 10 == 0 else None,
+            )
+        )
     return ports
 
 
@@ -84,8 +93,10 @@ def test_one_dnat_rule_in_the_full_table(benchmark, node):
     nft.apply(node, f"add chain ip {kp.TABLE} spare\n")
     batch = nftnl.Batch(kp.TABLE)
     batch.flush_chain("spare")
-    rule = kp.Rule("meta l4proto tcp dnat to 10.0.0.1:80",
-                   lambda: kp._dnat("tcp", Endpoint("10.0.0.1", 80)).code)
+    rule = kp.Rule(
+        "meta l4proto tcp dnat to 10.0.0.1:80",
+        lambda: kp._dnat("tcp", Endpoint("10.0.0.1", 80)).code,
+    )
     batch.add_rule("spare", rule.code, rule.text)
     benchmark.pedantic(batch.commit, args=(node,), rounds=10, iterations=1)
 
@@ -144,11 +155,15 @@ def test_connection_rate(benchmark, kube_proxy):
         connect(pods)
         direct.append(time.perf_counter() - started)
 
-    benchmark.pedantic(connect, args=(service,), setup=straight_to_pods, rounds=15,
-                       iterations=1)
+    benchmark.pedantic(connect, args=(service,), setup=straight_to_pods, rounds=15, iterations=1)
     ratio = benchmark.stats.stats.median / statistics.median(direct)
-    benchmark.extra_info.update(connections_per_round=CONNECTIONS, backend=backend,
-                                direct_median_s=statistics.median(direct),
-                                clusterip_to_direct=ratio)
-    print(f"\n{backend}: {CONNECTIONS} connections through the ClusterIP take {ratio:.2f}x "
-          f"the time straight to the pods (medians of 15 alternating rounds)")
+    benchmark.extra_info.update(
+        connections_per_round=CONNECTIONS,
+        backend=backend,
+        direct_median_s=statistics.median(direct),
+        clusterip_to_direct=ratio,
+    )
+    print(
+        f"\n{backend}: {CONNECTIONS} connections through the ClusterIP take {ratio:.2f}x "
+        f"the time straight to the pods (medians of 15 alternating rounds)"
+    )

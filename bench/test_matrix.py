@@ -30,8 +30,9 @@ def test_cell(benchmark, mode, path):
 
 @pytest.mark.parametrize("mode", bench.MODES)
 def test_sweeps(benchmark, mode):
-    options = bench.Options(modes=[mode], paths=["pod-cross-node"], repetitions=1, seconds=1,
-                            sweep=True)
+    options = bench.Options(
+        modes=[mode], paths=["pod-cross-node"], repetitions=1, seconds=1, sweep=True
+    )
     result = benchmark.pedantic(bench.run, args=(options,), rounds=1, iterations=1)
     sweep = result["sweep"][mode]
     benchmark.extra_info.update({f"tcp_gbps_mss_{mss}": v for mss, v in sweep.items()})

@@ -36,9 +36,12 @@ def ensure_bridge(rtnl: Rtnl, subnet: str, mtu: int) -> int:
     """cni0's index, creating it first if this node has none yet (as the bridge plugin does)."""
     link = rtnl.link(BRIDGE)
     if link is None:  # parallel ADDs race to make it: whoever loses uses the winner's
-        for step in (lambda: rtnl.bridge(BRIDGE, 0, mtu=mtu),
-                     lambda: rtnl.address(rtnl.link(BRIDGE)["index"], gateway(subnet),
-                                          IPv4Network(subnet).prefixlen, BRIDGE)):
+        for step in (
+            lambda: rtnl.bridge(BRIDGE, 0, mtu=mtu),
+            lambda: rtnl.address(
+                rtnl.link(BRIDGE)["index"], gateway(subnet), IPv4Network(subnet).prefixlen, BRIDGE
+            ),
+        ):
             try:
                 step()
                 rtnl.commit()
@@ -63,9 +66,16 @@ class BridgePodSide:
         self.bridge_index = bridge_index
 
     def attach_host(self, node: Rtnl, attachment: Attachment) -> None:
-        node.veth(attachment.veth, attachment.index, attachment.ifname, attachment.pod_index,
-                  attachment.pod_fd, attachment.mtu, master=self.bridge_index,
-                  alias=attachment.alias)
+        node.veth(
+            attachment.veth,
+            attachment.index,
+            attachment.ifname,
+            attachment.pod_index,
+            attachment.pod_fd,
+            attachment.mtu,
+            master=self.bridge_index,
+            alias=attachment.alias,
+        )
         node.hairpin(attachment.index, attachment.veth)
 
     def after_host(self, node: Rtnl, attachments: list[Attachment]) -> None:

@@ -66,21 +66,29 @@ class BlockStore:
 
     def _block(self, block: str) -> HostLocal:
         net = IPv4Network(block)
-        return HostLocal(self.dir, block_key(block), block, gateway=None,
-                         range_start=str(net.network_address),
-                         range_end=str(net.broadcast_address), skip_gateway=False)
+        return HostLocal(
+            self.dir,
+            block_key(block),
+            block,
+            gateway=None,
+            range_start=str(net.network_address),
+            range_end=str(net.broadcast_address),
+            skip_gateway=False,
+        )
 
-    def allocate(self, node: str, handle: str, ifname: str,
-                 requested: str | None = None) -> tuple[str, str]:
+    def allocate(
+        self, node: str, handle: str, ifname: str, requested: str | None = None
+    ) -> tuple[str, str]:
         """(ip, block): from the node's blocks in order, claiming a new block when all are full."""
         assert self._locked, "allocate() needs an open session()"
         blocks = self.blocks_of(node)
         if requested:
-            owner = [b for b in blocks if IPv4Network(f"{requested}/32").subnet_of(
-                IPv4Network(b))]
+            owner = [b for b in blocks if IPv4Network(f"{requested}/32").subnet_of(IPv4Network(b))]
             if not owner:
-                raise IpamError(f"requested IP {requested} is not in a block of node {node} "
-                                f"({', '.join(blocks) or 'none yet'})")
+                raise IpamError(
+                    f"requested IP {requested} is not in a block of node {node} "
+                    f"({', '.join(blocks) or 'none yet'})"
+                )
             blocks = owner
         for block in blocks:
             store = self._block(block)

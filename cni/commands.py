@@ -27,17 +27,28 @@ def _store(conf: NetConf) -> HostLocal:
     """netsim's built-in host-local compatible store, from the ipam section."""
     ipam = conf.ipam
     ranges = ipam.get("ranges") or [[{"subnet": ipam.get("subnet") or conf.subnet}]]
-    if (not isinstance(ranges, list) or len(ranges) != 1 or not isinstance(ranges[0], list)
-            or len(ranges[0]) != 1 or not isinstance(ranges[0][0], dict)):
-        raise CniError(spec.INVALID_CONFIG, "invalid field ipam.ranges: netsim-host-local takes "
-                       "one range set with one range", "use [[{\"subnet\": \"10.244.1.0/24\"}]], "
-                       "or ipam type host-local for more")
+    if (
+        not isinstance(ranges, list)
+        or len(ranges) != 1
+        or not isinstance(ranges[0], list)
+        or len(ranges[0]) != 1
+        or not isinstance(ranges[0][0], dict)
+    ):
+        raise CniError(
+            spec.INVALID_CONFIG,
+            "invalid field ipam.ranges: netsim-host-local takes one range set with one range",
+            'use [[{"subnet": "10.244.1.0/24"}]], or ipam type host-local for more',
+        )
     rng = ranges[0][0]
     try:
-        return HostLocal(ipam.get("dataDir") or spec.DEFAULT_DATA_DIR, conf.name,
-                         str(ipaddress.IPv4Network(rng.get("subnet") or conf.subnet,
-                                                   strict=False)),
-                         rng.get("gateway"), rng.get("rangeStart"), rng.get("rangeEnd"))
+        return HostLocal(
+            ipam.get("dataDir") or spec.DEFAULT_DATA_DIR,
+            conf.name,
+            str(ipaddress.IPv4Network(rng.get("subnet") or conf.subnet, strict=False)),
+            rng.get("gateway"),
+            rng.get("rangeStart"),
+            rng.get("rangeEnd"),
+        )
     except ValueError as exc:
         raise CniError(spec.INVALID_CONFIG, f"invalid field ipam.ranges: {exc}") from None
 
@@ -47,21 +58,34 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
     if conf.ipam["type"] not in (spec.BUILTIN_IPAM, spec.CALICO_IPAM):
         from cni import invoke  # subprocess: only for a delegated IPAM plugin
 
-        answer = invoke.execute(conf.ipam["type"], "ADD", env.path, conf.raw, env.container_id,
-                                env.netns, env.ifname, env.args_text) or {}
+        answer = (
+            invoke.execute(
+                conf.ipam["type"],
+                "ADD",
+                env.path,
+                conf.raw,
+                env.container_id,
+                env.netns,
+                env.ifname,
+                env.args_text,
+            )
+            or {}
+        )
         ips = [ip for ip in answer.get("ips", []) if ":" not in ip.get("address", ":")]
         if not ips:
             _ipam_del(conf, env)
-            raise CniError(spec.IPAM_FAILURE, f"IPAM plugin {conf.ipam['type']} returned no "
-                           f"IPv4 address")
+            raise CniError(
+                spec.IPAM_FAILURE, f"IPAM plugin {conf.ipam['type']} returned no IPv4 address"
+            )
         return ips, answer.get("routes") or []
     wanted = spec.requested_ips(conf, env)
     if conf.ipam["type"] == spec.CALICO_IPAM:
         blocks = _blocks(conf)
         try:
             with blocks.session():
-                ip, _ = blocks.allocate(conf.node_name, env.container_id, env.ifname,
-                                        wanted[0] if wanted else None)
+                ip, _ = blocks.allocate(
+                    conf.node_name, env.container_id, env.ifname, wanted[0] if wanted else None
+                )
         except IpamError as exc:
             raise CniError(spec.IPAM_FAILURE, str(exc)) from None
         return [{"address": f"{ip}/32"}], []
@@ -74,13 +98,13 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
     except OSError as exc:
         raise CniError(spec.IO_FAILURE, f"IPAM store {store.dir}: {exc}") from None
     routes = [r for r in conf.ipam.get("routes") or [] if isinstance(r, dict) and "dst" in r]
-    return ([{"address": f"{ip}/{store.subnet.prefixlen}", "gateway": str(store.gateway)}],
-            routes)
+    return ([{"address": f"{ip}/{store.subnet.prefixlen}", "gateway": str(store.gateway)}], routes)
 
 
 def _blocks(conf: NetConf) -> BlockStore:
-    return BlockStore(conf.ipam.get("dataDir") or spec.DEFAULT_DATA_DIR + "/calico",
-                      conf.network, conf.block_size)
+    return BlockStore(
+        conf.ipam.get("dataDir") or spec.DEFAULT_DATA_DIR + "/calico", conf.network, conf.block_size
+    )
 
 
 def _ipam_del(conf: NetConf, env: Env) -> None:
@@ -92,8 +116,16 @@ def _ipam_del(conf: NetConf, env: Env) -> None:
     if conf.ipam["type"] != spec.BUILTIN_IPAM:
         from cni import invoke
 
-        invoke.execute(conf.ipam["type"], "DEL", env.path, conf.raw, env.container_id,
-                       env.netns, env.ifname, env.args_text)
+        invoke.execute(
+            conf.ipam["type"],
+            "DEL",
+            env.path,
+            conf.raw,
+            env.container_id,
+            env.netns,
+            env.ifname,
+            env.args_text,
+        )
         return
     store = _store(conf)
     try:
@@ -110,22 +142,30 @@ def add(conf: NetConf, env: Env, host_netns: str | None = None) -> dict:
     try:
         pod_fd = nsmod.open_fd(env.netns)
     except KernelError:
-        raise CniError(spec.UNKNOWN_CONTAINER, f"netns {env.netns} does not exist",
-                       "CNI_NETNS must name the container's network namespace") from None
+        raise CniError(
+            spec.UNKNOWN_CONTAINER,
+            f"netns {env.netns} does not exist",
+            "CNI_NETNS must name the container's network namespace",
+        ) from None
     veth = host_veth(conf, env)
     try:
         with Rtnl(env.netns) as pod, Rtnl(host_netns) as node:
             if pod.link(env.ifname) is not None:
-                raise CniError(spec.INTERFACE_EXISTS, f"interface {env.ifname} already exists "
-                               f"in netns {env.netns}")
+                raise CniError(
+                    spec.INTERFACE_EXISTS,
+                    f"interface {env.ifname} already exists in netns {env.netns}",
+                )
             ips, routes = _ipam_add(conf, env)
             try:
                 return _wire(conf, env, pod, node, pod_fd, veth, ips, routes)
             except KernelError as exc:
                 _ipam_del(conf, env)
                 if exc.errno == errno.EEXIST and node.link(veth) is not None:
-                    raise CniError(spec.INTERFACE_EXISTS, f"host interface {veth} for container "
-                                   f"{env.container_id} {env.ifname} already exists") from None
+                    raise CniError(
+                        spec.INTERFACE_EXISTS,
+                        f"host interface {veth} for container "
+                        f"{env.container_id} {env.ifname} already exists",
+                    ) from None
                 _unwire(node, veth)
                 raise
             except BaseException:
@@ -142,8 +182,10 @@ def host_veth(conf: NetConf, env: Env) -> str:
     """The host end's name, the same on ADD and DEL: Calico names it after the pod (from the
     runtime's K8S_POD_* args), the bridge plugin after the attachment."""
     if conf.calico:
-        return calico_pod.veth_name(env.args.get("K8S_POD_NAMESPACE", "default"),
-                                    env.args.get("K8S_POD_NAME") or env.container_id)
+        return calico_pod.veth_name(
+            env.args.get("K8S_POD_NAMESPACE", "default"),
+            env.args.get("K8S_POD_NAME") or env.container_id,
+        )
     return bridge.veth_name(env.container_id, env.ifname)
 
 
@@ -152,8 +194,16 @@ def _unwire(node: Rtnl, veth: str) -> None:
     node.commit()
 
 
-def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str,
-          ips: list[dict], routes: list[dict]) -> dict:
+def _wire(
+    conf: NetConf,
+    env: Env,
+    pod: Rtnl,
+    node: Rtnl,
+    pod_fd: int,
+    veth: str,
+    ips: list[dict],
+    routes: list[dict],
+) -> dict:
     address = ipaddress.IPv4Interface(ips[0]["address"])
     if conf.calico:
         gateway = None
@@ -161,23 +211,43 @@ def _wire(conf: NetConf, env: Env, pod: Rtnl, node: Rtnl, pod_fd: int, veth: str
         side = calico_pod.CalicoPodSide()
     else:
         gateway = ips[0].get("gateway") or conf.gateway
-        pairs = [(r["dst"] if r["dst"] != "0.0.0.0/0" else "default", r.get("gw") or gateway)
-                 for r in routes]
+        pairs = [
+            (r["dst"] if r["dst"] != "0.0.0.0/0" else "default", r.get("gw") or gateway)
+            for r in routes
+        ]
         if conf.is_default_gateway and not any(dst == "default" for dst, _ in pairs):
             pairs.append(("default", gateway))
         side = bridge.BridgePodSide(bridge.ensure_bridge(node, conf.subnet, conf.mtu))
-    attachment = wiring.Attachment(env.netns, pod_fd, veth, str(address.ip),
-                                   address.network.prefixlen, pairs, conf.mtu,
-                                   alias=f"{env.container_id}/{env.ifname}", ifname=env.ifname,
-                                   pod_index=0, pod_rtnl=pod)
+    attachment = wiring.Attachment(
+        env.netns,
+        pod_fd,
+        veth,
+        str(address.ip),
+        address.network.prefixlen,
+        pairs,
+        conf.mtu,
+        alias=f"{env.container_id}/{env.ifname}",
+        ifname=env.ifname,
+        pod_index=0,
+        pod_rtnl=pod,
+    )
     wiring.wire(side, node, [attachment])
     inside, host = attachment.pod_link, attachment.host_link
-    interfaces = [{"name": veth, "mac": host["mac"]},
-                  {"name": env.ifname, "mac": inside["mac"], "sandbox": env.netns}]
+    interfaces = [
+        {"name": veth, "mac": host["mac"]},
+        {"name": env.ifname, "mac": inside["mac"], "sandbox": env.netns},
+    ]
     ip = {"address": str(address), "interface": 1} | ({"gateway": gateway} if gateway else {})
-    return spec.extend(conf.prev_result, conf.version, interfaces, [ip],
-                       [{"dst": "0.0.0.0/0" if dst == "default" else dst} | (
-                           {"gw": via} if via else {}) for dst, via in pairs])
+    return spec.extend(
+        conf.prev_result,
+        conf.version,
+        interfaces,
+        [ip],
+        [
+            {"dst": "0.0.0.0/0" if dst == "default" else dst} | ({"gw": via} if via else {})
+            for dst, via in pairs
+        ],
+    )
 
 
 def delete(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
@@ -198,16 +268,23 @@ def delete(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
 def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
     prev = conf.prev_result
     if not prev:
-        raise CniError(spec.INVALID_CONFIG, "missing field prevResult: CHECK compares the ADD "
-                       "result the runtime cached with the kernel")
+        raise CniError(
+            spec.INVALID_CONFIG,
+            "missing field prevResult: CHECK compares the ADD "
+            "result the runtime cached with the kernel",
+        )
     if not nsmod.exists(env.netns):
         raise CniError(spec.UNKNOWN_CONTAINER, f"netns {env.netns} does not exist")
     interfaces = prev.get("interfaces") or []
-    mine = [i for i, itf in enumerate(interfaces)
-            if itf.get("name") == env.ifname and itf.get("sandbox") == env.netns]
+    mine = [
+        i
+        for i, itf in enumerate(interfaces)
+        if itf.get("name") == env.ifname and itf.get("sandbox") == env.netns
+    ]
     if not mine:
-        raise CniError(spec.CHECK_FAILED, f"prevResult has no interface {env.ifname} in sandbox "
-                       f"{env.netns}")
+        raise CniError(
+            spec.CHECK_FAILED, f"prevResult has no interface {env.ifname} in sandbox {env.netns}"
+        )
     wanted = interfaces[mine[0]]
     veth = host_veth(conf, env)
     try:
@@ -216,8 +293,9 @@ def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
             if link is None:
                 _fail(f"interface {env.ifname} is missing in netns {env.netns}")
             if wanted.get("mac") and wanted["mac"].lower() != (link["mac"] or "").lower():
-                _fail(f"interface {env.ifname} has MAC {link['mac']}, prevResult says "
-                      f"{wanted['mac']}")
+                _fail(
+                    f"interface {env.ifname} has MAC {link['mac']}, prevResult says {wanted['mac']}"
+                )
             host = node.link(veth)
             if host is None:
                 _fail(f"host interface {veth} of {env.ifname} is missing")
@@ -229,8 +307,9 @@ def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
                 if ip.get("interface") != mine[0]:
                     continue
                 if ip["address"] not in have:
-                    _fail(f"address {ip['address']} is missing on {env.ifname} in netns "
-                          f"{env.netns}")
+                    _fail(
+                        f"address {ip['address']} is missing on {env.ifname} in netns {env.netns}"
+                    )
                 address = ip["address"].split("/")[0]
                 if conf.calico and (f"{address}/32", host["index"]) not in node_routes:
                     _fail(f"route {address} dev {veth} is missing in the node's namespace")
@@ -238,7 +317,8 @@ def check(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
             for route in prev.get("routes") or []:
                 dst = "default" if route["dst"] == "0.0.0.0/0" else route["dst"]
                 if (dst, route.get("gw")) not in routes and not (
-                        not route.get("gw") and any(d == dst for d, _ in routes)):
+                    not route.get("gw") and any(d == dst for d, _ in routes)
+                ):
                     via = f" via {route['gw']}" if route.get("gw") else ""
                     _fail(f"route {route['dst']}{via} is missing in netns {env.netns}")
     except KernelError as exc:
@@ -262,15 +342,22 @@ def _not_ready(conf: NetConf, node: Rtnl) -> str | None:
     if conf.tunnel:
         link = node.link(conf.tunnel)
         if link is None or not (link["up"] or conf.calico):  # felix checks presence only
-            return (f"{conf.tunnel} is {'down' if link else 'missing'}: {daemon} has not set "
-                    "up this node")
-    if conf.tunnel_address and not any(f"{a}/{p}" == f"{conf.tunnel_address}/32"
-                                       for _, a, p in node.addresses()):
-        return f"the tunnel address {conf.tunnel_address} is missing: {daemon} has not set up " \
-               "this node"
+            return (
+                f"{conf.tunnel} is {'down' if link else 'missing'}: {daemon} has not set "
+                "up this node"
+            )
+    if conf.tunnel_address and not any(
+        f"{a}/{p}" == f"{conf.tunnel_address}/32" for _, a, p in node.addresses()
+    ):
+        return (
+            f"the tunnel address {conf.tunnel_address} is missing: {daemon} has not set up "
+            "this node"
+        )
     if conf.calico and not any(r["type"] == RTN_BLACKHOLE for r in node.routes()):
-        return "no block is affine to this node (no blackhole route): calico-node has not " \
-               "set up this node"
+        return (
+            "no block is affine to this node (no blackhole route): calico-node has not "
+            "set up this node"
+        )
     return None
 
 
@@ -287,15 +374,21 @@ def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
     not in cni.dev/valid-attachments (or the older cni.dev/attachments)."""
     valid_list = conf.raw.get("cni.dev/valid-attachments", conf.raw.get("cni.dev/attachments"))
     if not isinstance(valid_list, list):
-        raise CniError(spec.INVALID_CONFIG, "missing field cni.dev/valid-attachments",
-                       "GC needs the list of attachments to keep")
+        raise CniError(
+            spec.INVALID_CONFIG,
+            "missing field cni.dev/valid-attachments",
+            "GC needs the list of attachments to keep",
+        )
     valid = {(a.get("containerID"), a.get("ifname")) for a in valid_list if isinstance(a, dict)}
     keep = {f"{cid}/{ifname}" for cid, ifname in valid}
     with Rtnl(host_netns) as node:
         cni0 = (node.link(bridge.BRIDGE) or {}).get("index")
         for link in node.links():
-            ours = link["name"].startswith("cali") if conf.calico else (
-                cni0 and link["master"] == cni0)
+            ours = (
+                link["name"].startswith("cali")
+                if conf.calico
+                else (cni0 and link["master"] == cni0)
+            )
             if ours and "/" in (link["alias"] or "") and link["alias"] not in keep:
                 node.link_delete(link["index"], link["name"])
         node.commit()

@@ -23,9 +23,16 @@ class IpamError(NetsimError):
 
 
 class HostLocal:
-    def __init__(self, data_dir: str, network: str, subnet: str, gateway: str | None = None,
-                 range_start: str | None = None, range_end: str | None = None,
-                 skip_gateway: bool = True):
+    def __init__(
+        self,
+        data_dir: str,
+        network: str,
+        subnet: str,
+        gateway: str | None = None,
+        range_start: str | None = None,
+        range_end: str | None = None,
+        skip_gateway: bool = True,
+    ):
         self.dir = os.path.join(data_dir, network)
         self.subnet = IPv4Network(subnet, strict=False)
         self.gateway = IPAddress(gateway) if gateway else self.subnet.network_address + 1

@@ -43,8 +43,9 @@ def main() -> int:
         answer = run(dict(os.environ), stdin)
     except CniError as exc:
         _print(exc.to_json(_version_of(stdin)))
-        print(f"netsim-cni: {exc.msg}" + (f" ({exc.details})" if exc.details else ""),
-              file=sys.stderr)
+        print(
+            f"netsim-cni: {exc.msg}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr
+        )
         return 1
     except Exception as exc:  # a bug: still answer in the spec's shape, keep the traceback
         import traceback

@@ -45,8 +45,7 @@ class PodSide(Protocol):
         """What needs the host ends to exist (queued on node, committed by wire)."""
 
 
-def wire(side: PodSide, node: Rtnl, attachments: list[Attachment],
-         loopback: bool = False) -> None:
+def wire(side: PodSide, node: Rtnl, attachments: list[Attachment], loopback: bool = False) -> None:
     """Wire every attachment; with loopback, also bring up each pod's lo (the runtime's
     loopback plugin, for pods netsim runs itself). The caller undoes on failure."""
     for attachment in attachments:

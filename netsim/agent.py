@@ -26,8 +26,9 @@ import sys
 
 from netsim.kernel import netns as nsmod
 
-HTTP_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n" \
-            "Connection: close\r\n\r\n"
+HTTP_HEAD = (
+    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n"
+)
 
 
 class Agent:
@@ -46,8 +47,9 @@ class Agent:
     def sync_tunnel(self, spec: dict | None) -> str | None:
         """Serve the userspace carrier this node needs (or none); an error as text."""
         try:
-            if self.tunnel is not None and (spec is None or {k: v for k, v in spec.items()
-                                                             if k != "peers"} != self.tunnel_key):
+            if self.tunnel is not None and (
+                spec is None or {k: v for k, v in spec.items() if k != "peers"} != self.tunnel_key
+            ):
                 self.tunnel.close()
                 self.tunnel = None
             if spec is None:
@@ -55,9 +57,15 @@ class Agent:
             if self.tunnel is None:
                 from netsim.userspace_tunnel import Tunnel  # only nodes that need it pay
 
-                self.tunnel = Tunnel.open(self.netns, spec["kind"], spec["name"],
-                                          spec["local_ip"], spec["mtu"], spec["peers"],
-                                          address=spec.get("address"))
+                self.tunnel = Tunnel.open(
+                    self.netns,
+                    spec["kind"],
+                    spec["name"],
+                    spec["local_ip"],
+                    spec["mtu"],
+                    spec["peers"],
+                    address=spec.get("address"),
+                )
                 self.tunnel.start()
                 self.tunnel_key = {k: v for k, v in spec.items() if k != "peers"}
             else:
@@ -95,8 +103,12 @@ class Agent:
                     self._start_pod(name, spec)
                 except OSError as exc:
                     errors[name] = str(exc)
-        return {"ok": not errors, "errors": errors, "serving": sorted(self.pods),
-                "pids": {n: [p.pid for p in p_["procs"]] for n, p_ in self.pods.items()}}
+        return {
+            "ok": not errors,
+            "errors": errors,
+            "serving": sorted(self.pods),
+            "pids": {n: [p.pid for p in p_["procs"]] for n, p_ in self.pods.items()},
+        }
 
     def _start_pod(self, name: str, spec: dict) -> None:
         socks = []
@@ -123,10 +135,15 @@ class Agent:
         procs = []
         for command in spec.get("commands", []):
             log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-            procs.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT,
-                                          preexec_fn=lambda ns=spec["netns"]:
-                                          nsmod.enter_for_exec(ns)))
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda ns=spec["netns"]: nsmod.enter_for_exec(ns),
+                )
+            )
             log.close()
         self.pods[name] = {"spec": spec, "socks": socks, "procs": procs}
 
@@ -204,15 +221,21 @@ def _end(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def request(control_path: str, pods: dict[str, dict], tunnel: dict | None = None,
-            services: dict | None = None, timeout: float = 30.0) -> dict:
+def request(
+    control_path: str,
+    pods: dict[str, dict],
+    tunnel: dict | None = None,
+    services: dict | None = None,
+    timeout: float = 30.0,
+) -> dict:
     """Ask a running agent to serve exactly these pods (and this tunnel, and these Services in
     kube-proxy's userspace mode); return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)
-        sock.sendall(json.dumps({"pods": pods, "tunnel": tunnel,
-                                 "services": services}).encode() + b"\n")
+        sock.sendall(
+            json.dumps({"pods": pods, "tunnel": tunnel, "services": services}).encode() + b"\n"
+        )
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

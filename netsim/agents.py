@@ -22,37 +22,58 @@ def start(cluster: str, node: NodeRecord, tx: Transaction) -> None:
     os.makedirs(directory, exist_ok=True)
     control = agentmod.listen(os.path.join(directory, "agent.sock"))
     try:
-        argv = [sys.executable, "-m", "netsim.agent", str(control.fileno()), cluster, node.name,
-                node.netns]
-        pid, started = proc.spawn(argv, os.path.join(directory, "agent.log"),
-                                  pass_fds=(control.fileno(),))
+        argv = [
+            sys.executable,
+            "-m",
+            "netsim.agent",
+            str(control.fileno()),
+            cluster,
+            node.name,
+            node.netns,
+        ]
+        pid, started = proc.spawn(
+            argv, os.path.join(directory, "agent.log"), pass_fds=(control.fileno(),)
+        )
     finally:
         control.close()
     tx.process(f"agent of {node.name}", pid, started)
     node.agent = Process(pid, started)
 
 
-def sync(record: Record, nodes: list[str], terminating: dict[str, PodRecord] | None = None,
-         ) -> None:
+def sync(
+    record: Record,
+    nodes: list[str],
+    terminating: dict[str, PodRecord] | None = None,
+) -> None:
     """Tell each node's agent the exact set of pods it serves (the recorded ones, and those
     `terminating`: out of the Services already, still serving), and wait for it to confirm."""
     services = record.kube_proxy.userspace if record.kube_proxy else None
     serving = record.pods | (terminating or {})
     for node_name in nodes:
         node = record.nodes[node_name]
-        pods = {name: {"netns": p.netns, "ports": list(p.pod.serve_ports),
-                       "commands": [list(c.command) for c in p.pod.containers if c.command]}
-                for name, p in serving.items() if p.node == node_name}
+        pods = {
+            name: {
+                "netns": p.netns,
+                "ports": list(p.pod.serve_ports),
+                "commands": [list(c.command) for c in p.pod.containers if c.command],
+            }
+            for name, p in serving.items()
+            if p.node == node_name
+        }
         path = os.path.join(state.node_dir(record.cluster, node_name), "agent.sock")
         tunnel = dataclasses.asdict(node.agent_tunnel) if node.agent_tunnel else None
         try:
             reply = agentmod.request(path, pods, tunnel, services)
         except OSError as exc:
-            raise NetsimError(f"the agent of node {node_name} did not answer ({exc}); see "
-                              f"{os.path.dirname(path)}/agent.log") from None
+            raise NetsimError(
+                f"the agent of node {node_name} did not answer ({exc}); see "
+                f"{os.path.dirname(path)}/agent.log"
+            ) from None
         if not reply.get("ok"):
-            raise NetsimError(f"the agent of node {node_name} could not serve pods or its "
-                              f"tunnel: {reply.get('errors')}")
+            raise NetsimError(
+                f"the agent of node {node_name} could not serve pods or its "
+                f"tunnel: {reply.get('errors')}"
+            )
         for pod_name, pids in reply.get("pids", {}).items():
             if pod_name in record.pods:
                 record.pods[pod_name].pids = pids

@@ -33,8 +33,19 @@ MODES = list(modes.MODES)
 PATHS = ["pod-same-node", "pod-cross-node", "pod-clusterip", "client-nodeport"]
 BASELINE_MODE = modes.PLAIN_ROUTING  # its pod-cross-node path is the plain-routing floor
 UNDERLAY = "underlay"  # node to node over the bare underlay
-METRICS = ["tcp_gbps", "tcp_multi_gbps", "udp_gbps", "udp_loss_pct", "ping_p50_ms",
-           "ping_p99_ms", "rr_per_s", "rr_p50_ms", "rr_p99_ms", "mtu", "cpu_s_per_gb"]
+METRICS = [
+    "tcp_gbps",
+    "tcp_multi_gbps",
+    "udp_gbps",
+    "udp_loss_pct",
+    "ping_p50_ms",
+    "ping_p99_ms",
+    "rr_per_s",
+    "rr_p50_ms",
+    "rr_p99_ms",
+    "mtu",
+    "cpu_s_per_gb",
+]
 HIGHER_IS_BETTER = {"tcp_gbps", "tcp_multi_gbps", "udp_gbps", "rr_per_s", "mtu"}
 SWEEP_SIZES = [96, 192, 384, 768, 1024, 1460]  # TCP MSS, as Kubernetes' netperf tests sweep
 # UDP payload bytes: each datagram is one packet through the encapsulation (TCP hands the path
@@ -69,14 +80,17 @@ def topology(mode: str, name: str) -> str:
     extra = ""
     if modes.get(mode).family == "calico":
         extra = "    calico: {ipPool: {cidr: 192.168.0.0/16, blockSize: 26}}\n"
-    pods = "".join(f"""---
+    pods = "".join(
+        f"""---
 apiVersion: v1
 kind: Pod
 metadata: {{name: {pod}, labels: {{bench: {pod}}}}}
 spec:
   nodeName: {node}
   containers: [{{name: hostname, ports: [{{containerPort: {HTTP_PORT}}}]}}]
-""" for pod, node in (("a", "worker-1"), ("b", "worker-1"), ("c", "worker-2")))
+"""
+        for pod, node in (("a", "worker-1"), ("b", "worker-1"), ("c", "worker-2"))
+    )
     return f"""apiVersion: netsim.dev/v1alpha1
 kind: Cluster
 metadata: {{name: {name}}}
@@ -94,10 +108,10 @@ spec:
   type: NodePort
   selector: {{bench: c}}
   ports:
-  - {{name: http, port: 80, targetPort: {HTTP_PORT}, nodePort: {NODEPORTS['http']}}}
-  - {{name: iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}, nodePort: {NODEPORTS['tcp']}}}
+  - {{name: http, port: 80, targetPort: {HTTP_PORT}, nodePort: {NODEPORTS["http"]}}}
+  - {{name: iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}, nodePort: {NODEPORTS["tcp"]}}}
   - {{name: iperf-udp, port: {IPERF_PORT}, targetPort: {IPERF_PORT}, protocol: UDP,
-     nodePort: {NODEPORTS['udp']}}}
+     nodePort: {NODEPORTS["udp"]}}}
 """
 
 
@@ -119,8 +133,9 @@ def check(options: Options) -> None:
             raise NetsimError(f"unknown path {path!r}: use {', '.join(PATHS)}")
     for tool, package in (("iperf3", "iperf3"), ("ping", "iputils-ping")):
         if not shutil.which(tool):
-            raise NetsimError(f"{tool} is not installed: apt-get install {package} "
-                              "(./bootstrap installs it)")
+            raise NetsimError(
+                f"{tool} is not installed: apt-get install {package} (./bootstrap installs it)"
+            )
     if options.repetitions < 1 or options.seconds < 1:
         raise NetsimError("--repetitions and --seconds must be at least 1")
 
@@ -144,23 +159,40 @@ class Endpoints:
 def endpoints(record: Record, path: str) -> Endpoints:
     pods, nodes = record.pods, record.nodes
     if path == UNDERLAY:
-        return Endpoints(nodes["worker-1"].netns, nodes["worker-2"].netns,
-                         nodes["worker-2"].ip, http_port=None)
+        return Endpoints(
+            nodes["worker-1"].netns, nodes["worker-2"].netns, nodes["worker-2"].ip, http_port=None
+        )
     if path == "pod-same-node":
         return Endpoints(pods["a"].netns, pods["b"].netns, pods["b"].ip)
     if path == "pod-cross-node":
         return Endpoints(pods["a"].netns, pods["c"].netns, pods["c"].ip)
     if path == "pod-clusterip":
-        return Endpoints(pods["a"].netns, pods["c"].netns,
-                         record.services["bench"].cluster_ip, http_port=80, pingable=False)
-    return Endpoints(record.clients["client"].netns, pods["c"].netns,
-                     nodes["worker-1"].ip, NODEPORTS["tcp"], NODEPORTS["udp"],
-                     NODEPORTS["http"], pingable=False)
+        return Endpoints(
+            pods["a"].netns,
+            pods["c"].netns,
+            record.services["bench"].cluster_ip,
+            http_port=80,
+            pingable=False,
+        )
+    return Endpoints(
+        record.clients["client"].netns,
+        pods["c"].netns,
+        nodes["worker-1"].ip,
+        NODEPORTS["tcp"],
+        NODEPORTS["udp"],
+        NODEPORTS["http"],
+        pingable=False,
+    )
 
 
 def _run(netns: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=lambda: nsmod.enter_for_exec(netns),
+    )
 
 
 def _cpu_busy() -> float:
@@ -171,16 +203,32 @@ def _cpu_busy() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = None,
-          mss: int | None = None, length: int = 1400) -> dict:
+def iperf(
+    ep: Endpoints,
+    seconds: int,
+    streams: int = 1,
+    udp_rate: str | None = None,
+    mss: int | None = None,
+    length: int = 1400,
+) -> dict:
     """One iperf3 run: a one-off server in the destination namespace (ended by PID), the
     client in the source; returns received Gbit/s, loss, bytes and the host's busy CPU time."""
     log = f"/tmp/netsim-bench-iperf-{os.getpid()}.log"
     server = proc.spawn(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], log, netns=ep.server)
     try:
         port = ep.udp_port if udp_rate else ep.tcp_port
-        argv = ["iperf3", "-c", ep.dst_ip, "-p", str(port), "-t", str(seconds), "-J",
-                "-P", str(streams)]
+        argv = [
+            "iperf3",
+            "-c",
+            ep.dst_ip,
+            "-p",
+            str(port),
+            "-t",
+            str(seconds),
+            "-J",
+            "-P",
+            str(streams),
+        ]
         if udp_rate:
             argv += ["-u", "-b", udp_rate, "-l", str(length)]
         if mss:
@@ -188,27 +236,36 @@ def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = 
         if not proc.wait_listening(server, IPERF_PORT):
             with open(log) as fh:
                 said = fh.read().strip()
-            raise NetsimError(f"iperf3 server in {ep.server} did not listen on {IPERF_PORT}"
-                              + (f": {said}" if said else " within 10 s"))
+            raise NetsimError(
+                f"iperf3 server in {ep.server} did not listen on {IPERF_PORT}"
+                + (f": {said}" if said else " within 10 s")
+            )
         busy = _cpu_busy()
         try:
             done = _run(ep.src, argv, timeout=seconds + 15)
         except subprocess.TimeoutExpired:
-            raise NetsimError(f"iperf3 to {ep.dst_ip}:{port} did not finish within "
-                              f"{seconds + 15} s") from None
+            raise NetsimError(
+                f"iperf3 to {ep.dst_ip}:{port} did not finish within {seconds + 15} s"
+            ) from None
         busy = _cpu_busy() - busy
         data = json.loads(done.stdout or "{}")
         if "error" in data or done.returncode != 0:
-            raise NetsimError(f"iperf3 to {ep.dst_ip}:{port} failed: "
-                              f"{data.get('error') or done.stderr.strip()}")
+            raise NetsimError(
+                f"iperf3 to {ep.dst_ip}:{port} failed: {data.get('error') or done.stderr.strip()}"
+            )
         end = data["end"]
         if udp_rate:
             summary = end["sum"]
-            return {"gbps": summary["bits_per_second"] / 1e9,
-                    "loss_pct": summary.get("lost_percent", 0.0)}
+            return {
+                "gbps": summary["bits_per_second"] / 1e9,
+                "loss_pct": summary.get("lost_percent", 0.0),
+            }
         received = end["sum_received"]
-        return {"gbps": received["bits_per_second"] / 1e9, "bytes": received["bytes"],
-                "cpu_s": busy}
+        return {
+            "gbps": received["bits_per_second"] / 1e9,
+            "bytes": received["bytes"],
+            "cpu_s": busy,
+        }
     finally:
         proc.stop([server])
         if os.path.exists(log):
@@ -216,17 +273,31 @@ def iperf(ep: Endpoints, seconds: int, streams: int = 1, udp_rate: str | None = 
 
 
 def ping_rtts(ep: Endpoints, count: int) -> list[float]:
-    done = _run(ep.src, ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", ep.dst_ip],
-                timeout=count * 0.05 + 10)
-    return [float(line.split("time=")[1].split()[0]) for line in done.stdout.splitlines()
-            if "time=" in line]
+    done = _run(
+        ep.src,
+        ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", ep.dst_ip],
+        timeout=count * 0.05 + 10,
+    )
+    return [
+        float(line.split("time=")[1].split()[0])
+        for line in done.stdout.splitlines()
+        if "time=" in line
+    ]
 
 
 def path_mtu(ep: Endpoints, high: int = 1500) -> int | None:
     """The largest packet that crosses with don't-fragment set (binary search, few pings)."""
+
     def passes(size: int) -> bool:
-        return _run(ep.src, ["ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s",
-                             str(size - 28), ep.dst_ip], timeout=5).returncode == 0
+        return (
+            _run(
+                ep.src,
+                ["ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s", str(size - 28), ep.dst_ip],
+                timeout=5,
+            ).returncode
+            == 0
+        )
+
     low, top = 576, high
     if not passes(low):
         return None
@@ -273,15 +344,25 @@ def measure(record: Record, path: str, options: Options) -> dict:
     tcp = attempt("tcp", iperf, ep, options.seconds) or {}
     multi = attempt("tcp multi", iperf, ep, options.seconds, streams=options.streams) or {}
     udp = attempt("udp", iperf, ep, options.seconds, udp_rate=options.udp_rate) or {}
-    cell = {"tcp_gbps": tcp.get("gbps"), "tcp_multi_gbps": multi.get("gbps"),
-            "udp_gbps": udp.get("gbps"), "udp_loss_pct": udp.get("loss_pct"),
-            "cpu_s_per_gb": tcp["cpu_s"] / (tcp["bytes"] / 1e9) if tcp.get("bytes") else None,
-            "errors": errors}
+    cell = {
+        "tcp_gbps": tcp.get("gbps"),
+        "tcp_multi_gbps": multi.get("gbps"),
+        "udp_gbps": udp.get("gbps"),
+        "udp_loss_pct": udp.get("loss_pct"),
+        "cpu_s_per_gb": tcp["cpu_s"] / (tcp["bytes"] / 1e9) if tcp.get("bytes") else None,
+        "errors": errors,
+    }
     rtts = (attempt("ping", ping_rtts, ep, options.pings) or []) if ep.pingable else []
-    cell.update(ping_p50_ms=_pct(rtts, 0.5), ping_p99_ms=_pct(rtts, 0.99),
-                mtu=attempt("mtu", path_mtu, ep) if ep.pingable else None)
-    rate, lat = (attempt("requests", requests, ep, options.requests) or (None, [])) \
-        if ep.http_port else (None, [])
+    cell.update(
+        ping_p50_ms=_pct(rtts, 0.5),
+        ping_p99_ms=_pct(rtts, 0.99),
+        mtu=attempt("mtu", path_mtu, ep) if ep.pingable else None,
+    )
+    rate, lat = (
+        (attempt("requests", requests, ep, options.requests) or (None, []))
+        if ep.http_port
+        else (None, [])
+    )
     cell.update(rr_per_s=rate or None, rr_p50_ms=_pct(lat, 0.5), rr_p99_ms=_pct(lat, 0.99))
     return cell
 
@@ -299,8 +380,7 @@ def udp_sweep(record: Record, options: Options) -> dict[int, dict]:
     out = {}
     for size in UDP_SWEEP_SIZES:
         run = iperf(ep, options.seconds, udp_rate=options.udp_rate, length=size)
-        out[size] = {"gbps": run["gbps"] * (1 - run["loss_pct"] / 100),
-                     "loss_pct": run["loss_pct"]}
+        out[size] = {"gbps": run["gbps"] * (1 - run["loss_pct"] / 100), "loss_pct": run["loss_pct"]}
     return out
 
 
@@ -309,8 +389,12 @@ def udp_sweep(record: Record, options: Options) -> dict[int, dict]:
 
 def machine() -> dict:
     uname = os.uname()
-    return {"kernel": uname.release, "machine": uname.machine, "cpus": os.cpu_count(),
-            "python": sys.version.split()[0]}
+    return {
+        "kernel": uname.release,
+        "machine": uname.machine,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
 
 
 def run(options: Options, progress=lambda line: None) -> dict:
@@ -324,8 +408,14 @@ def run(options: Options, progress=lambda line: None) -> dict:
     modes = list(dict.fromkeys(options.modes + [BASELINE_MODE]))
     tag = uuid.uuid4().hex[:4]
     built: dict = {}
-    result: dict = {"machine": machine(), "options": options.__dict__, "modes": {},
-                    "samples": [], "sweep": {}, "udp_sweep": {}}
+    result: dict = {
+        "machine": machine(),
+        "options": options.__dict__,
+        "modes": {},
+        "samples": [],
+        "sweep": {},
+        "udp_sweep": {},
+    }
     try:
         for mode in modes:
             progress(f"building {mode}")
@@ -338,14 +428,16 @@ def run(options: Options, progress=lambda line: None) -> dict:
         cells += [(m, p) for m in options.modes for p in options.paths]
         for rep in range(options.repetitions):
             for i, (mode, path) in enumerate(cells, 1):
-                progress(f"repetition {rep + 1}/{options.repetitions}: {mode} {path} "
-                         f"({i}/{len(cells)})")
+                progress(
+                    f"repetition {rep + 1}/{options.repetitions}: {mode} {path} ({i}/{len(cells)})"
+                )
                 real = "pod-cross-node" if path == "plain-routing" else path
                 sample = measure(built[mode], real, options)
                 for problem in sample["errors"]:
                     progress(f"  {mode} {path}: {problem}")
-                result["samples"].append({"repetition": rep + 1, "mode": mode, "path": path,
-                                          **sample})
+                result["samples"].append(
+                    {"repetition": rep + 1, "mode": mode, "path": path, **sample}
+                )
         if options.sweep:
             for mode in options.modes:
                 progress(f"MSS and datagram size sweeps: {mode}")
@@ -365,8 +457,9 @@ def medians(samples: list[dict]) -> list[dict]:
     for s in samples:
         cells.setdefault((s["mode"], s["path"]), []).append(s)
     floor = cells.get((BASELINE_MODE, "plain-routing"), [])
-    base = {m: statistics.median(v) for m in METRICS
-            if (v := [s[m] for s in floor if s[m] is not None])}
+    base = {
+        m: statistics.median(v) for m in METRICS if (v := [s[m] for s in floor if s[m] is not None])
+    }
     out = []
     for (mode, path), group in cells.items():
         row: dict = {"mode": mode, "path": path, "n": len(group)}
@@ -382,11 +475,18 @@ def medians(samples: list[dict]) -> list[dict]:
 # -- output -----------------------------------------------------------------------------------
 
 
-COLUMNS = [("tcp_gbps", "TCP Gb/s", "{:.2f}"), ("tcp_multi_gbps", "TCPxN Gb/s", "{:.2f}"),
-           ("udp_gbps", "UDP Gb/s", "{:.2f}"), ("udp_loss_pct", "loss %", "{:.1f}"),
-           ("ping_p50_ms", "ping p50", "{:.3f}"), ("ping_p99_ms", "p99", "{:.3f}"),
-           ("rr_per_s", "req/s", "{:.0f}"), ("rr_p50_ms", "req p50", "{:.2f}"),
-           ("mtu", "MTU", "{:.0f}"), ("cpu_s_per_gb", "CPU s/GB", "{:.2f}")]
+COLUMNS = [
+    ("tcp_gbps", "TCP Gb/s", "{:.2f}"),
+    ("tcp_multi_gbps", "TCPxN Gb/s", "{:.2f}"),
+    ("udp_gbps", "UDP Gb/s", "{:.2f}"),
+    ("udp_loss_pct", "loss %", "{:.1f}"),
+    ("ping_p50_ms", "ping p50", "{:.3f}"),
+    ("ping_p99_ms", "p99", "{:.3f}"),
+    ("rr_per_s", "req/s", "{:.0f}"),
+    ("rr_p50_ms", "req p50", "{:.2f}"),
+    ("mtu", "MTU", "{:.0f}"),
+    ("cpu_s_per_gb", "CPU s/GB", "{:.2f}"),
+]
 
 
 def table(result: dict) -> str:
@@ -397,28 +497,41 @@ def table(result: dict) -> str:
         carrier = result["modes"].get(row["mode"], {}).get("carrier")
         labels.append([row["mode"] + (f" ({carrier})" if carrier else ""), row["path"]])
     header = ["MODE", "PATH"] + [c[1] for c in COLUMNS] + ["TCP vs floor"]
-    rows = [label + [fmt.format(row[key]) if row[key] is not None else "-"
-                     for key, _, fmt in COLUMNS] + [_ratio(row, "tcp_gbps")]
-            for label, row in zip(labels, result["medians"], strict=True)]
+    rows = [
+        label
+        + [fmt.format(row[key]) if row[key] is not None else "-" for key, _, fmt in COLUMNS]
+        + [_ratio(row, "tcp_gbps")]
+        for label, row in zip(labels, result["medians"], strict=True)
+    ]
     lines = columns.aligned(header, rows, gap="  ")
     if result["medians"]:
         lines += ["", "as ratios to the floor:"]
-        ratios = [label + [_ratio(row, key) for key, _, _ in COLUMNS]
-                  for label, row in zip(labels, result["medians"], strict=True)]
+        ratios = [
+            label + [_ratio(row, key) for key, _, _ in COLUMNS]
+            for label, row in zip(labels, result["medians"], strict=True)
+        ]
         lines += columns.aligned(["MODE", "PATH"] + [c[1] for c in COLUMNS], ratios, gap="  ")
     if result.get("sweep"):
         lines.append("")
-        lines.append("TCP Gb/s by MSS, pod to pod across nodes: " + "  ".join(
-            f"{m}" for m in SWEEP_SIZES))
+        lines.append(
+            "TCP Gb/s by MSS, pod to pod across nodes: " + "  ".join(f"{m}" for m in SWEEP_SIZES)
+        )
         for mode, values in result["sweep"].items():
             lines.append(f"  {mode}: " + "  ".join(f"{values[m]:.2f}" for m in SWEEP_SIZES))
     if result.get("udp_sweep"):
         lines.append("")
-        lines.append("UDP Gb/s received (loss %) by datagram payload, pod to pod across nodes: "
-                     + "  ".join(f"{m}" for m in UDP_SWEEP_SIZES))
+        lines.append(
+            "UDP Gb/s received (loss %) by datagram payload, pod to pod across nodes: "
+            + "  ".join(f"{m}" for m in UDP_SWEEP_SIZES)
+        )
         for mode, values in result["udp_sweep"].items():
-            lines.append(f"  {mode}: " + "  ".join(
-                f"{values[m]['gbps']:.2f} ({values[m]['loss_pct']:.0f})" for m in UDP_SWEEP_SIZES))
+            lines.append(
+                f"  {mode}: "
+                + "  ".join(
+                    f"{values[m]['gbps']:.2f} ({values[m]['loss_pct']:.0f})"
+                    for m in UDP_SWEEP_SIZES
+                )
+            )
     for mode, why in (result["options"].get("skipped") or {}).items():
         lines.append(f"not measured: {mode}: {why}")
     return "\n".join(lines)
@@ -447,22 +560,30 @@ def write_charts(result: dict, directory: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise NetsimError("PNG charts need matplotlib: pip install matplotlib (./bootstrap "
-                          "installs it)") from None
+        raise NetsimError(
+            "PNG charts need matplotlib: pip install matplotlib (./bootstrap installs it)"
+        ) from None
     os.makedirs(directory, exist_ok=True)
     rows = [r for r in result["medians"] if r["path"] != UNDERLAY]
     floor = next((r for r in result["medians"] if r["path"] == "plain-routing"), None)
     written = []
-    for name, metric, label in (("throughput.png", "tcp_gbps", "TCP throughput, Gbit/s"),
-                                ("latency.png", "rr_p50_ms", "request latency p50, ms")):
+    for name, metric, label in (
+        ("throughput.png", "tcp_gbps", "TCP throughput, Gbit/s"),
+        ("latency.png", "rr_p50_ms", "request latency p50, ms"),
+    ):
         shown = [r for r in rows if r.get(metric) is not None]
         fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.5), 4.5))
         ax.bar(range(len(shown)), [r[metric] for r in shown], color="#4c72b0")
-        ax.set_xticks(range(len(shown)), [f"{r['mode']}\n{r['path']}" for r in shown],
-                      rotation=90, fontsize=7)
+        ax.set_xticks(
+            range(len(shown)), [f"{r['mode']}\n{r['path']}" for r in shown], rotation=90, fontsize=7
+        )
         if floor and floor.get(metric) is not None:
-            ax.axhline(floor[metric], color="#c44e52", linestyle="--",
-                       label="floor: plain routing pod to pod")
+            ax.axhline(
+                floor[metric],
+                color="#c44e52",
+                linestyle="--",
+                label="floor: plain routing pod to pod",
+            )
             ax.legend(fontsize=8)
         ax.set_ylabel(label)
         ax.set_title(f"netsim bench ({result['machine']['kernel']})", fontsize=9)

@@ -53,8 +53,10 @@ def resolve(record: Record, target: str) -> tuple[str, str, str]:
         return "service", "", svc.cluster_ip
     if target.count(".") == 3 and all(p.isdigit() for p in target.split(".")):
         return "ip", "", target
-    raise NetsimError(f"no pod, node, client or service named {target!r} in cluster "
-                      f"{record.cluster}; `netsim get pods` lists them")
+    raise NetsimError(
+        f"no pod, node, client or service named {target!r} in cluster "
+        f"{record.cluster}; `netsim get pods` lists them"
+    )
 
 
 # -- verbs ------------------------------------------------------------------------------------
@@ -77,9 +79,11 @@ def cmd_apply(args) -> int:
         print(f"netsim: {note}", file=sys.stderr)
     start = time.monotonic()
     changes = clustermod.apply(model, progress, cni_exec=args.cni == "exec")
-    print(f"cluster/{model.name} {changes.summary()} ({model.mode}, "
-          f"{len(model.nodes)} nodes, {len(model.pods)} pods) in "
-          f"{time.monotonic() - start:.2f}s")
+    print(
+        f"cluster/{model.name} {changes.summary()} ({model.mode}, "
+        f"{len(model.nodes)} nodes, {len(model.pods)} pods) in "
+        f"{time.monotonic() - start:.2f}s"
+    )
     return 0
 
 
@@ -90,8 +94,7 @@ def _reapply(record: Record, overrides: dict, what: str) -> int:
     model, _ = topology.load(record.source, overrides)
     start = time.monotonic()
     changes = clustermod.apply(model, progress, overrides=overrides)
-    print(f"{what}: cluster/{model.name} {changes.summary()} in "
-          f"{time.monotonic() - start:.2f}s")
+    print(f"{what}: cluster/{model.name} {changes.summary()} in {time.monotonic() - start:.2f}s")
     return 0
 
 
@@ -100,11 +103,15 @@ def _deployment_doc(record: Record, name: str) -> dict:
 
     with open(record.source) as fh:
         for body in yaml.safe_load_all(fh):
-            if isinstance(body, dict) and body.get("kind") == "Deployment" and \
-                    (body.get("metadata") or {}).get("name") == name:
+            if (
+                isinstance(body, dict)
+                and body.get("kind") == "Deployment"
+                and (body.get("metadata") or {}).get("name") == name
+            ):
                 return body
-    raise NetsimError(f"no deployment named {name!r} in {record.source}; "
-                      "`netsim get pods` shows what runs")
+    raise NetsimError(
+        f"no deployment named {name!r} in {record.source}; `netsim get pods` shows what runs"
+    )
 
 
 def _deployment_name(args_target: str) -> str:
@@ -131,23 +138,38 @@ def cmd_expose(args) -> int:
     _, record = pick_cluster(args.cluster)
     deployment = _deployment_doc(record, name)
     selector = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-    port = {"port": args.port, "targetPort": args.target_port or args.port,
-            "protocol": args.protocol}
+    port = {
+        "port": args.port,
+        "targetPort": args.target_port or args.port,
+        "protocol": args.protocol,
+    }
     if args.node_port:
         port["nodePort"] = args.node_port
     if (args.name or name) in record.services:
-        raise NetsimError(f"service/{args.name or name} already exists: give the new one "
-                          f"another name with --name")
-    service = {"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": args.name or name},
-               "spec": {"type": args.type, "selector": selector, "ports": [port],
-                        "sessionAffinity": args.session_affinity}}
+        raise NetsimError(
+            f"service/{args.name or name} already exists: give the new one another name with --name"
+        )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": args.name or name},
+        "spec": {
+            "type": args.type,
+            "selector": selector,
+            "ports": [port],
+            "sessionAffinity": args.session_affinity,
+        },
+    }
     if args.session_affinity == "ClientIP" and args.affinity_timeout:
         service["spec"]["sessionAffinityConfig"] = {
-            "clientIP": {"timeoutSeconds": args.affinity_timeout}}
+            "clientIP": {"timeoutSeconds": args.affinity_timeout}
+        }
     overrides = json.loads(json.dumps(record.overrides))
-    overrides["services"] = [s for s in overrides.get("services", [])
-                             if s["metadata"]["name"] != service["metadata"]["name"]] + [service]
+    overrides["services"] = [
+        s
+        for s in overrides.get("services", [])
+        if s["metadata"]["name"] != service["metadata"]["name"]
+    ] + [service]
     return _reapply(record, overrides, f"service/{service['metadata']['name']} exposed")
 
 
@@ -155,20 +177,25 @@ def cmd_delete(args) -> int:
     if args.pod:
         return _delete_pod(args)
     if not (args.file or args.name):
-        raise NetsimError("delete what? `netsim delete -f FILE` removes the cluster, "
-                          "`netsim delete pod NAME` one pod")
+        raise NetsimError(
+            "delete what? `netsim delete -f FILE` removes the cluster, "
+            "`netsim delete pod NAME` one pod"
+        )
     if args.file:
         name = topology.load(args.file)[0].name
     else:
         name = args.name
-    if state.load(name) is None and not any(n.startswith(state.netns_prefix(name))
-                                            for n in nsmod.names()):
+    if state.load(name) is None and not any(
+        n.startswith(state.netns_prefix(name)) for n in nsmod.names()
+    ):
         print(f"cluster/{name} not found (nothing to delete)")
         return 0
     start = time.monotonic()
     removed = teardown.delete(name)
-    print(f"cluster/{name} deleted ({len(removed)} namespaces and processes) in "
-          f"{time.monotonic() - start:.2f}s")
+    print(
+        f"cluster/{name} deleted ({len(removed)} namespaces and processes) in "
+        f"{time.monotonic() - start:.2f}s"
+    )
     return 0
 
 
@@ -177,21 +204,25 @@ def _delete_pod(args) -> int:
     Deployment's pod is made again at once, as its ReplicaSet would (same name, fresh
     namespace); a bare Pod stays away until the next `apply -f`."""
     if args.file or len(args.pod) != 2 or args.pod[0] not in ("pod", "pods", "po"):
-        raise NetsimError(f"cannot delete {' '.join(args.pod)!r}: use `netsim delete pod NAME`, or "
-                          "`netsim delete -f FILE` for the whole cluster")
+        raise NetsimError(
+            f"cannot delete {' '.join(args.pod)!r}: use `netsim delete pod NAME`, or "
+            "`netsim delete -f FILE` for the whole cluster"
+        )
     name = args.pod[1]
     _, record = pick_cluster(args.cluster)
     if name not in record.pods:
-        raise NetsimError(f"no pod named {name!r} in cluster {record.cluster}; "
-                          "`netsim get pods` shows what runs")
+        raise NetsimError(
+            f"no pod named {name!r} in cluster {record.cluster}; `netsim get pods` shows what runs"
+        )
     overrides = json.loads(json.dumps(record.overrides))
     gone = {**overrides, "deleted_pods": sorted({*overrides.get("deleted_pods", []), name})}
     owner = record.pods[name].pod.owner
     if not owner:
         return _reapply(record, gone, f"pod/{name} deleted")
     _reapply(record, gone, f"pod/{name} deleted")
-    return _reapply(state.load(record.cluster), overrides,
-                    f"pod/{name} made again by deployment/{owner}")
+    return _reapply(
+        state.load(record.cluster), overrides, f"pod/{name} made again by deployment/{owner}"
+    )
 
 
 def cmd_get(args) -> int:
@@ -200,30 +231,64 @@ def cmd_get(args) -> int:
         for name in state.clusters():
             record = state.load(name)
             if record:
-                rows.append([name, record.mode, str(len(record.nodes)),
-                             str(len(record.pods)), record.source])
+                rows.append(
+                    [
+                        name,
+                        record.mode,
+                        str(len(record.nodes)),
+                        str(len(record.pods)),
+                        record.source,
+                    ]
+                )
         print(table(rows, ["NAME", "MODE", "NODES", "PODS", "SOURCE"]))
         return 0
     _, record = pick_cluster(args.cluster)
-    what = {"no": "nodes", "node": "nodes", "po": "pods", "pod": "pods", "svc": "services",
-            "service": "services", "ep": "endpoints"}.get(args.what, args.what)
+    what = {
+        "no": "nodes",
+        "node": "nodes",
+        "po": "pods",
+        "pod": "pods",
+        "svc": "services",
+        "service": "services",
+        "ep": "endpoints",
+    }.get(args.what, args.what)
     if what == "nodes":
         counts = {n: 0 for n in record.nodes}
         for p in record.pods.values():
             counts[p.node] += 1
-        items = [{"name": n, "netns": e.netns, "ip": e.ip, "podCIDR": ",".join(e.pod_cidrs),
-                  "segment": e.segment, "mode": record.mode, "pods": counts[n]}
-                 for n, e in record.nodes.items()]
+        items = [
+            {
+                "name": n,
+                "netns": e.netns,
+                "ip": e.ip,
+                "podCIDR": ",".join(e.pod_cidrs),
+                "segment": e.segment,
+                "mode": record.mode,
+                "pods": counts[n],
+            }
+            for n, e in record.nodes.items()
+        ]
         header = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "PODS"]
-        rows = [[i["name"], _status(i["netns"]), i["ip"], i["podCIDR"], str(i["pods"])]
-                for i in items]
+        rows = [
+            [i["name"], _status(i["netns"]), i["ip"], i["podCIDR"], str(i["pods"])] for i in items
+        ]
         if args.output == "wide":
             header += ["SEGMENT", "MODE", "NETNS"]
-            rows = [r + [i["segment"], i["mode"], i["netns"]]
-                    for r, i in zip(rows, items, strict=True)]
+            rows = [
+                r + [i["segment"], i["mode"], i["netns"]] for r, i in zip(rows, items, strict=True)
+            ]
     elif what == "pods":
-        items = [{"name": n, "node": p.node, "ip": p.ip, "netns": p.netns, "veth": p.veth,
-                  "labels": p.labels} for n, p in record.pods.items()]
+        items = [
+            {
+                "name": n,
+                "node": p.node,
+                "ip": p.ip,
+                "netns": p.netns,
+                "veth": p.veth,
+                "labels": p.labels,
+            }
+            for n, p in record.pods.items()
+        ]
         header = ["NAME", "STATUS", "IP", "NODE"]
         rows = [[i["name"], _status(i["netns"]), i["ip"], i["node"]] for i in items]
         if args.output == "wide":
@@ -232,26 +297,48 @@ def cmd_get(args) -> int:
     elif what in ("services", "endpoints"):
         items = []
         for n, s in record.services.items():
-            items.append({"name": n, "type": s.type, "clusterIP": s.cluster_ip,
-                          "ports": [asdict(p) for p in s.ports], "selector": s.selector,
-                          "endpoints": [{"pod": p.name, "ip": p.ip, "ports": [
-                              services.target_port(p, port) for port in s.ports]}
-                              for p in services.endpoints(record, s)]})
+            items.append(
+                {
+                    "name": n,
+                    "type": s.type,
+                    "clusterIP": s.cluster_ip,
+                    "ports": [asdict(p) for p in s.ports],
+                    "selector": s.selector,
+                    "endpoints": [
+                        {
+                            "pod": p.name,
+                            "ip": p.ip,
+                            "ports": [services.target_port(p, port) for port in s.ports],
+                        }
+                        for p in services.endpoints(record, s)
+                    ],
+                }
+            )
         if what == "services":
             header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
             rows = [[i["name"], i["type"], i["clusterIP"], _ports(i["ports"])] for i in items]
             if args.output == "wide":
                 header.append("SELECTOR")
-                rows = [r + [",".join(f"{k}={v}" for k, v in i["selector"].items())]
-                        for r, i in zip(rows, items, strict=True)]
+                rows = [
+                    r + [",".join(f"{k}={v}" for k, v in i["selector"].items())]
+                    for r, i in zip(rows, items, strict=True)
+                ]
         else:
             header = ["NAME", "ENDPOINTS"]
-            rows = [[i["name"], ",".join(f"{e['ip']}:{port}" for e in i["endpoints"]
-                                          for port in e["ports"] if port) or "<none>"]
-                    for i in items]
+            rows = [
+                [
+                    i["name"],
+                    ",".join(
+                        f"{e['ip']}:{port}" for e in i["endpoints"] for port in e["ports"] if port
+                    )
+                    or "<none>",
+                ]
+                for i in items
+            ]
     else:
-        raise NetsimError(f"cannot get {args.what!r}: use nodes, pods, services, endpoints or "
-                          "clusters")
+        raise NetsimError(
+            f"cannot get {args.what!r}: use nodes, pods, services, endpoints or clusters"
+        )
     if args.output == "json":
         print(json.dumps({"cluster": record.cluster, "items": items}, indent=2))
     else:
@@ -264,8 +351,10 @@ def _status(netns: str) -> str:
 
 
 def _ports(ports: list[dict]) -> str:
-    return ",".join(f"{p['port']}" + (f":{p['node_port']}" if p.get("node_port") else "")
-                    + f"/{p['protocol']}" for p in ports)
+    return ",".join(
+        f"{p['port']}" + (f":{p['node_port']}" if p.get("node_port") else "") + f"/{p['protocol']}"
+        for p in ports
+    )
 
 
 def cmd_describe(args) -> int:
@@ -303,10 +392,15 @@ def cmd_ping(args) -> int:
         raise NetsimError(f"{args.src} is not a pod, node or client to ping from")
     _, _, dst_ip = resolve(record, args.dst)
     result = probe.ping(netns, dst_ip, count=args.count)
-    rtt = ("rtt min/avg/max {:.3f}/{:.3f}/{:.3f} ms".format(*result.rtt) if result.rtt
-           else "no replies")
-    print(f"{args.src} ({src_ip}) -> {args.dst} ({dst_ip}): {result.received}/{result.sent} "
-          f"replies, {result.loss:.0f}% loss, {rtt}")
+    rtt = (
+        "rtt min/avg/max {:.3f}/{:.3f}/{:.3f} ms".format(*result.rtt)
+        if result.rtt
+        else "no replies"
+    )
+    print(
+        f"{args.src} ({src_ip}) -> {args.dst} ({dst_ip}): {result.received}/{result.sent} "
+        f"replies, {result.loss:.0f}% loss, {rtt}"
+    )
     return 0 if result.received else 1
 
 
@@ -345,8 +439,15 @@ def cmd_doctor(args) -> int:
     print("kernel link kinds:")
     print(table([[k, "yes" if v else "MISSING"] for k, v in kinds.items()], ["KIND", "PRESENT"]))
     print("\ntools:")
-    print(table([[t, p or f"MISSING (apt-get install {features.TOOLS[t]})"]
-                 for t, p in features.tools().items()], ["TOOL", "PATH"]))
+    print(
+        table(
+            [
+                [t, p or f"MISSING (apt-get install {features.TOOLS[t]})"]
+                for t, p in features.tools().items()
+            ],
+            ["TOOL", "PATH"],
+        )
+    )
     print("\nmodes:")
     from netsim import modes
 
@@ -358,8 +459,7 @@ def cmd_bench_scale(args) -> int:
     """How the build grows with the pods: sizes x modes; progress on stderr, a table out."""
     from netsim import scale
 
-    modes = [m.strip() for m in (args.modes or "").split(",") if m.strip()] or \
-        scale.default_modes()
+    modes = [m.strip() for m in (args.modes or "").split(",") if m.strip()] or scale.default_modes()
     try:
         sizes = [int(n) for n in (args.sizes or "").split(",") if n.strip()] or scale.SIZES
     except ValueError:
@@ -371,8 +471,9 @@ def cmd_bench_scale(args) -> int:
             raise NetsimError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
     if any(not 1 <= n <= 25000 for n in sizes):
         raise NetsimError("--sizes: each size must be 1 to 25000 pods (254 nodes of 100)")
-    points = scale.run(modes, sizes, lambda line: print(f"bench: {line}", file=sys.stderr,
-                                                         flush=True))
+    points = scale.run(
+        modes, sizes, lambda line: print(f"bench: {line}", file=sys.stderr, flush=True)
+    )
     print(scale.table(points))
     if args.json:
         with open(args.json, "w") as fh:
@@ -391,14 +492,14 @@ def cmd_bench(args) -> int:
     if args.scale:
         return cmd_bench_scale(args)
 
-    options = bench.Options(repetitions=args.repetitions, seconds=args.seconds,
-                            streams=args.streams, sweep=args.sweep)
+    options = bench.Options(
+        repetitions=args.repetitions, seconds=args.seconds, streams=args.streams, sweep=args.sweep
+    )
     if args.modes:
         options.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.paths:
         options.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    result = bench.run(options, lambda line: print(f"bench: {line}", file=sys.stderr,
-                                                   flush=True))
+    result = bench.run(options, lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     print(bench.table(result))
     if args.json:
         with open(args.json, "w") as fh:
@@ -419,8 +520,15 @@ def cmd_trace(args) -> int:
 
     _, record = pick_cluster(args.cluster)
     proto = "tcp" if args.tcp else "udp" if args.udp else args.proto
-    result = trace.trace(record, args.src, args.dst, proto=proto, port=args.tcp or args.udp,
-                         pcap=args.pcap, timeout=args.timeout)
+    result = trace.trace(
+        record,
+        args.src,
+        args.dst,
+        proto=proto,
+        port=args.tcp or args.udp,
+        pcap=args.pcap,
+        timeout=args.timeout,
+    )
     print(trace.format_trace(result))
     return 0 if result.delivered else 1
 
@@ -430,10 +538,13 @@ def cmd_capture(args) -> int:
     from netsim import trace
 
     _, record = pick_cluster(args.cluster)
-    print(f"capturing on {args.target} {args.iface or 'eth0'} for up to {args.duration:g} s or "
-          f"{args.count} packets ...", file=sys.stderr, flush=True)
-    packets = trace.capture(record, args.target, args.iface, args.write, args.count,
-                            args.duration)
+    print(
+        f"capturing on {args.target} {args.iface or 'eth0'} for up to {args.duration:g} s or "
+        f"{args.count} packets ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    packets = trace.capture(record, args.target, args.iface, args.write, args.count, args.duration)
     print(f"wrote {packets} packets to {args.write}")
     return 0
 
@@ -474,7 +585,9 @@ def cmd_demo(args) -> int:
     file = args.file or str(DEFAULT_TOPOLOGY)
     model, _ = topology.load(file)
     steps = [
-        ["apply", "-f", file], ["get", "nodes", "-o", "wide"], ["get", "pods", "-o", "wide"],
+        ["apply", "-f", file],
+        ["get", "nodes", "-o", "wide"],
+        ["get", "pods", "-o", "wide"],
     ]
     status = 0
     try:
@@ -485,10 +598,20 @@ def cmd_demo(args) -> int:
         a = pods[0]
         b = next((p for p in pods if p.node != a.node), pods[-1])
         status |= _run_step(["--cluster", model.name, "ping", a.name, b.name])
-        status |= _run_step(["--cluster", model.name, "curl", a.name,
-                             f"http://{b.name}:{HOSTNAME_PORT}/", "--count", "2"])
-        status |= _run_step(["--cluster", model.name, "exec", "--fork", a.name, "--", "ip",
-                             "route"])
+        status |= _run_step(
+            [
+                "--cluster",
+                model.name,
+                "curl",
+                a.name,
+                f"http://{b.name}:{HOSTNAME_PORT}/",
+                "--count",
+                "2",
+            ]
+        )
+        status |= _run_step(
+            ["--cluster", model.name, "exec", "--fork", a.name, "--", "ip", "route"]
+        )
     finally:
         status |= _run_step(["delete", "-f", file])
     print("\ndemo " + ("passed" if status == 0 else "FAILED"))
@@ -504,15 +627,22 @@ def _run_step(argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="netsim", description="A Kubernetes data plane (flannel, "
-                                "Calico, kube-proxy) built from Linux kernel objects.")
+    p = argparse.ArgumentParser(
+        prog="netsim",
+        description="A Kubernetes data plane (flannel, "
+        "Calico, kube-proxy) built from Linux kernel objects.",
+    )
     p.add_argument("--cluster", help="the cluster to act on (default: the only one)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     a = sub.add_parser("apply", help="create or converge a cluster from a topology file")
     a.add_argument("-f", "--file", required=True)
-    a.add_argument("--cni", choices=("in-process", "exec"), default="in-process",
-                   help="wire new pods in-process (fast), or by executing each node's CNI "
-                        "config list as a container runtime does (runs chained plugins)")
+    a.add_argument(
+        "--cni",
+        choices=("in-process", "exec"),
+        default="in-process",
+        help="wire new pods in-process (fast), or by executing each node's CNI "
+        "config list as a container runtime does (runs chained plugins)",
+    )
     a.set_defaults(func=cmd_apply)
     sc = sub.add_parser("scale", help="set a Deployment's replicas (until the next apply -f)")
     sc.add_argument("target", help="deployment/NAME")
@@ -531,12 +661,15 @@ def parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_expose)
     cni = sub.add_parser("cni", help="the CNI plugin executable")
     cni_sub = cni.add_subparsers(dest="cni_command", required=True)
-    inst = cni_sub.add_parser("install", help="install netsim's plugin into a CNI bin directory "
-                              "under its type name, netsim")
+    inst = cni_sub.add_parser(
+        "install",
+        help="install netsim's plugin into a CNI bin directory under its type name, netsim",
+    )
     inst.add_argument("--bin-dir", default="/opt/cni/bin")
     inst.set_defaults(func=cmd_cni_install)
-    d = sub.add_parser("delete", help="remove the cluster a topology file names (-f), or "
-                                      "one pod (delete pod NAME)")
+    d = sub.add_parser(
+        "delete", help="remove the cluster a topology file names (-f), or one pod (delete pod NAME)"
+    )
     d.add_argument("-f", "--file")
     d.add_argument("pod", nargs="*", metavar="pod NAME")
     d.set_defaults(func=cmd_delete, name=None)
@@ -570,17 +703,27 @@ def parser() -> argparse.ArgumentParser:
     gc.set_defaults(func=cmd_gc)
     doc = sub.add_parser("doctor", help="kernel features, tools, and which data paths apply")
     doc.set_defaults(func=cmd_doctor)
-    b = sub.add_parser("bench", help="what each data plane costs: throughput, latency, MTU, "
-                       "CPU per GB, against the plain-routing floor")
+    b = sub.add_parser(
+        "bench",
+        help="what each data plane costs: throughput, latency, MTU, "
+        "CPU per GB, against the plain-routing floor",
+    )
     b.add_argument("--modes", help="comma-separated (default: all)")
-    b.add_argument("--paths", help="comma-separated: pod-same-node, pod-cross-node, "
-                   "pod-clusterip, client-nodeport (default: all)")
+    b.add_argument(
+        "--paths",
+        help="comma-separated: pod-same-node, pod-cross-node, "
+        "pod-clusterip, client-nodeport (default: all)",
+    )
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--seconds", type=int, default=2, help="per iperf3 run")
     b.add_argument("--streams", type=int, default=4, help="parallel TCP streams")
     b.add_argument("--sweep", action="store_true", help="TCP throughput by MSS, 96 to 1460")
-    b.add_argument("--scale", action="store_true", help="instead: build time, rate and memory "
-                   "by cluster size (flannel-vxlan and calico-vxlan, 100 pods per node)")
+    b.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: build time, rate and memory "
+        "by cluster size (flannel-vxlan and calico-vxlan, 100 pods per node)",
+    )
     b.add_argument("--sizes", help="with --scale: pod counts (default 500,1000,2000,5000,10000)")
     b.add_argument("--json", help="write every sample, the machine and the carriers")
     b.add_argument("--csv", help="write every sample")
@@ -607,8 +750,9 @@ def parser() -> argparse.ArgumentParser:
     gr.set_defaults(func=cmd_graph)
     bgp = sub.add_parser("bgp", help="Calico's BGP sessions")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
-    bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)") \
-        .set_defaults(func=cmd_bgp_status)
+    bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)").set_defaults(
+        func=cmd_bgp_status
+    )
     demo = sub.add_parser("demo", help="apply the default topology, ping, curl, delete")
     demo.add_argument("-f", "--file")
     demo.set_defaults(func=cmd_demo)
@@ -618,8 +762,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, exit: bool = True) -> int:
     args = parser().parse_args(argv)
     if os.geteuid() != 0:
-        print("netsim: must run as root (it creates network namespaces): sudo netsim ...",
-              file=sys.stderr)
+        print(
+            "netsim: must run as root (it creates network namespaces): sudo netsim ...",
+            file=sys.stderr,
+        )
         code = 1
     else:
         try:

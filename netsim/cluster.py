@@ -34,25 +34,43 @@ def quiet(_: str) -> None:
 
 def spec_of(cluster: Cluster) -> ClusterSpec:
     """The cluster-level part of a topology, which an apply may not change in place."""
-    return ClusterSpec(cluster.mode, cluster.pod_network, cluster.subnet_len,
-                       cluster.service_cidr, cluster.mtu, list(cluster.segments),
-                       list(cluster.nodes), list(cluster.clients), cluster.calico,
-                       cluster.cni_version, cluster.cni_plugins, cluster.proxy_mode)
+    return ClusterSpec(
+        cluster.mode,
+        cluster.pod_network,
+        cluster.subnet_len,
+        cluster.service_cidr,
+        cluster.mtu,
+        list(cluster.segments),
+        list(cluster.nodes),
+        list(cluster.clients),
+        cluster.calico,
+        cluster.cni_version,
+        cluster.cni_plugins,
+        cluster.proxy_mode,
+    )
 
 
 def preflight(cluster: Cluster) -> None:
     """Checks that need the host but change nothing, run before the first kernel change."""
     if nft.available() is None:
-        raise NetsimError("nft not found: the masquerade and kube-proxy rules need nftables "
-                          "(apt-get install nftables, or run ./bootstrap)")
+        raise NetsimError(
+            "nft not found: the masquerade and kube-proxy rules need nftables "
+            "(apt-get install nftables, or run ./bootstrap)"
+        )
     taken = [n for n in nsmod.names() if n.startswith(state.netns_prefix(cluster.name))]
     if taken and state.load(cluster.name) is None:
-        raise NetsimError(f"namespaces of cluster {cluster.name} exist but it has no record "
-                          f"({taken[0]} ...): run `netsim gc` first")
+        raise NetsimError(
+            f"namespaces of cluster {cluster.name} exist but it has no record "
+            f"({taken[0]} ...): run `netsim gc` first"
+        )
 
 
-def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False,
-          overrides: dict | None = None) -> Changes:
+def apply(
+    cluster: Cluster,
+    progress: Progress = quiet,
+    cni_exec: bool = False,
+    overrides: dict | None = None,
+) -> Changes:
     """Converge the kernel to the topology. With cni_exec, new pods are wired by executing each
     node's CNI config list as a runtime would, instead of in-process."""
     from netsim import modes
@@ -67,7 +85,8 @@ def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False,
                 f"cluster {cluster.name} exists with a different mode, CIDRs, MTU, segments, "
                 f"nodes or Calico settings; netsim changes pods and services in place, not "
                 f"those: run `netsim delete -f {cluster.source}` with the old file (or `netsim "
-                f"down {cluster.name}`), then apply again")
+                f"down {cluster.name}`), then apply again"
+            )
         fresh = record is None
         tx = Transaction(cluster.name)
         changes = Changes()
@@ -92,14 +111,16 @@ def apply(cluster: Cluster, progress: Progress = quiet, cni_exec: bool = False,
                 agents.sync(committed, list(committed.nodes))
             detail = ("; rollback also failed for: " + "; ".join(problems)) if problems else ""
             if isinstance(exc, NetsimError):
-                raise NetsimError(f"apply failed, this apply's changes were undone: {exc}"
-                                  f"{detail}") from exc
+                raise NetsimError(
+                    f"apply failed, this apply's changes were undone: {exc}{detail}"
+                ) from exc
             raise
         return changes
 
 
-def _build_base(cluster: Cluster, mode, tx: Transaction, progress: Progress,
-                changes: Changes) -> Record:
+def _build_base(
+    cluster: Cluster, mode, tx: Transaction, progress: Progress, changes: Changes
+) -> Record:
     from netsim.cniconf import write_node_files
     from netsim.kernel.netlink import Rtnl
 

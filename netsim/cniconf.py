@@ -23,10 +23,14 @@ def write_node_files(cluster: Cluster, node: NodeRecord, mode: Mode) -> None:
     for name, text in mode.node_files(cluster, node).items():
         state.write_file(os.path.join(directory, name), text)
     own = mode.cni_config(cluster, node, state.cluster_dir(cluster.name), directory)
-    conflist = {"cniVersion": cluster.cni_version, "name": mode.cni_network,
-                "plugins": [own] + cluster.cni_plugins}
-    state.write_file(conflist_path(cluster.name, node.name, cluster.mode),
-                     json.dumps(conflist, indent=2) + "\n")
+    conflist = {
+        "cniVersion": cluster.cni_version,
+        "name": mode.cni_network,
+        "plugins": [own] + cluster.cni_plugins,
+    }
+    state.write_file(
+        conflist_path(cluster.name, node.name, cluster.mode), json.dumps(conflist, indent=2) + "\n"
+    )
 
 
 def cni_bin_dir(cluster: str) -> str:
@@ -44,7 +48,9 @@ def runtime(record: Record, node_name: str):
     cached in the node's state."""
     from cni.runtime import DEFAULT_PATH, Runtime
 
-    return Runtime(conflist_path(record.cluster, node_name, record.mode),
-                   [cni_bin_dir(record.cluster)] + DEFAULT_PATH,
-                   os.path.join(state.node_dir(record.cluster, node_name), "cni-cache"),
-                   run_in=record.nodes[node_name].netns)
+    return Runtime(
+        conflist_path(record.cluster, node_name, record.mode),
+        [cni_bin_dir(record.cluster)] + DEFAULT_PATH,
+        os.path.join(state.node_dir(record.cluster, node_name), "cni-cache"),
+        run_in=record.nodes[node_name].netns,
+    )

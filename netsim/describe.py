@@ -16,8 +16,9 @@ from netsim.record import Record
 
 
 def _ip(netns: str, *argv: str) -> str:
-    result = subprocess.run(list(argv), capture_output=True, text=True,
-                            preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    result = subprocess.run(
+        list(argv), capture_output=True, text=True, preexec_fn=lambda: nsmod.enter_for_exec(netns)
+    )
     return (result.stdout or result.stderr).rstrip()
 
 
@@ -36,7 +37,8 @@ def node(record: Record, name: str) -> str:
     tunnel = mode.tunnel or "none (routes via peer node IPs)"
     if mode.carrier_text(entry):
         tunnel += f", carrier: {entry.carrier} ({mode.carrier_text(entry)}" + (
-            ": routes name eth0)" if mode.tunnel_device(entry) != mode.tunnel else ")")
+            ": routes name eth0)" if mode.tunnel_device(entry) != mode.tunnel else ")"
+        )
     if entry.agent_tunnel:
         tunnel += " (a TUN served by the node agent)"
     head = [
@@ -48,16 +50,14 @@ def node(record: Record, name: str) -> str:
         f"gateway {entry.gateway}",
         f"PodCIDR:       {', '.join(entry.pod_cidrs)}"
         + (" (Calico IPAM blocks)" if entry.blocks else ""),
-        f"Tunnel:        {tunnel}" + (f", address {entry.tunnel_ip}/32"
-                                      if entry.tunnel_ip else ""),
+        f"Tunnel:        {tunnel}" + (f", address {entry.tunnel_ip}/32" if entry.tunnel_ip else ""),
         f"Agent:         pid {entry.agent.pid if entry.agent else None} "
         f"{'running' if running else 'NOT RUNNING'}",
         f"Pods:          {len(pods)} ({', '.join(pods[:8])}{' ...' if len(pods) > 8 else ''})",
         f"CNI config:    {conflist_path(record.cluster, name, record.mode)}",
     ]
     out = ["\n".join(head)]
-    for title, text in mode.describe_node(record, entry, lambda *argv: _ip(entry.netns,
-                                                                            *argv)):
+    for title, text in mode.describe_node(record, entry, lambda *argv: _ip(entry.netns, *argv)):
         out.append(_section(title, text))
     out.append(_section("ip route", _ip(entry.netns, "ip", "route")))
     return "\n\n".join(out)
@@ -77,10 +77,12 @@ def pod(record: Record, name: str) -> str:
         + (", in cni0)" if side == "bridge" else ", proxy ARP)"),
         f"Labels:        {', '.join(f'{k}={v}' for k, v in entry.labels.items()) or '<none>'}",
         f"Controlled By: {'Deployment/' + entry.pod.owner if entry.pod.owner else '<none>'}",
-        f"Serving:       hostname on "
-        f"{', '.join(map(str, entry.pod.serve_ports)) or '<none>'}",
+        f"Serving:       hostname on {', '.join(map(str, entry.pod.serve_ports)) or '<none>'}",
     ]
-    return "\n\n".join(["\n".join(head),
-                        _section("ip addr show eth0",
-                                 _ip(entry.netns, "ip", "addr", "show", "eth0")),
-                        _section("ip route", _ip(entry.netns, "ip", "route"))])
+    return "\n\n".join(
+        [
+            "\n".join(head),
+            _section("ip addr show eth0", _ip(entry.netns, "ip", "addr", "show", "eth0")),
+            _section("ip route", _ip(entry.netns, "ip", "route")),
+        ]
+    )

@@ -93,9 +93,18 @@ def to_dot(record: Record) -> str:
     subnets = {s.name: s.subnet for s in record.spec.segments}
     out: list[str] = [
         f"digraph {quote('netsim-' + cluster)} {{",
-        "  " + "graph " + _attrs(label=f"netsim cluster {cluster} — {mode.name}", labelloc="t",
-                                 fontname="Helvetica", compound="true", newrank="true",
-                                 rankdir="TB", nodesep="0.3", ranksep="0.6"),
+        "  "
+        + "graph "
+        + _attrs(
+            label=f"netsim cluster {cluster} — {mode.name}",
+            labelloc="t",
+            fontname="Helvetica",
+            compound="true",
+            newrank="true",
+            rankdir="TB",
+            nodesep="0.3",
+            ranksep="0.6",
+        ),
         "  " + "node " + _attrs(fontname="Helvetica", fontsize="11"),
         "  " + "edge " + _attrs(fontname="Helvetica", fontsize="9"),
     ]
@@ -112,74 +121,171 @@ def to_dot(record: Record) -> str:
         for pod_name in names[:MAX_PODS_PER_NODE]:
             shown[pod_name] = f"pod:{pod_name}"
             pod = pods[pod_name]
-            lines.append(indent + quote(shown[pod_name]) + " " + _attrs(
-                label=f"{pod_name}\n{pod.ip}", shape="box", style="rounded,filled",
-                fillcolor="#e8f4e8", fontsize="9", height="0.3",
-                tooltip=f"{pod.netns}, host veth {pod.veth}"))
+            lines.append(
+                indent
+                + quote(shown[pod_name])
+                + " "
+                + _attrs(
+                    label=f"{pod_name}\n{pod.ip}",
+                    shape="box",
+                    style="rounded,filled",
+                    fillcolor="#e8f4e8",
+                    fontsize="9",
+                    height="0.3",
+                    tooltip=f"{pod.netns}, host veth {pod.veth}",
+                )
+            )
         if hidden:
             for pod_name in hidden:
                 shown[pod_name] = f"pods-more:{node_name}"
-            lines.append(indent + quote(f"pods-more:{node_name}") + " " + _attrs(
-                label=f"+{len(hidden)} more pods", shape="box", style="rounded,dashed",
-                fontsize="9", height="0.3"))
+            lines.append(
+                indent
+                + quote(f"pods-more:{node_name}")
+                + " "
+                + _attrs(
+                    label=f"+{len(hidden)} more pods",
+                    shape="box",
+                    style="rounded,dashed",
+                    fontsize="9",
+                    height="0.3",
+                )
+            )
         for target in dict.fromkeys(shown[p] for p in names):
-            links.append("  " + quote(f"node:{node_name}") + " -> " + quote(target) + " "
-                         + _attrs(dir="none", color="#999999"))
+            links.append(
+                "  "
+                + quote(f"node:{node_name}")
+                + " -> "
+                + quote(target)
+                + " "
+                + _attrs(dir="none", color="#999999")
+            )
         return lines
 
     # the segments, each with its bridge, its nodes (and their pods) and its clients
     for seg, subnet in subnets.items():
         bridge = record.underlay.bridges.get(seg, "")
         out.append(f"  subgraph {quote('cluster_segment:' + seg)} {{")
-        out.append("    graph " + _attrs(label=f"segment {seg}\n{subnet}", style="rounded",
-                                        color="#4a6fa5", bgcolor="#f4f7fb"))
-        out.append("    " + quote(f"segment:{seg}") + " " + _attrs(
-            label=f"{bridge or seg}\nL2 {subnet}", shape="box", style="filled",
-            fillcolor="#c9d8ee", height="0.3"))
+        out.append(
+            "    graph "
+            + _attrs(
+                label=f"segment {seg}\n{subnet}",
+                style="rounded",
+                color="#4a6fa5",
+                bgcolor="#f4f7fb",
+            )
+        )
+        out.append(
+            "    "
+            + quote(f"segment:{seg}")
+            + " "
+            + _attrs(
+                label=f"{bridge or seg}\nL2 {subnet}",
+                shape="box",
+                style="filled",
+                fillcolor="#c9d8ee",
+                height="0.3",
+            )
+        )
         for node_name in sorted(n for n, e in nodes.items() if e.segment == seg):
             node = nodes[node_name]
             out.append(f"    subgraph {quote('cluster_node:' + node_name)} {{")
-            out.append("      graph " + _attrs(label=f"{node_name} ({node.netns})",
-                                              style="rounded", color="#666666", bgcolor="white",
-                                              fontsize="9"))
-            out.append("      " + quote(f"node:{node_name}") + " " + _attrs(
-                label=_node_label(mode, node_name, node), shape="box", style="filled",
-                fillcolor="#fff3d6"))
+            out.append(
+                "      graph "
+                + _attrs(
+                    label=f"{node_name} ({node.netns})",
+                    style="rounded",
+                    color="#666666",
+                    bgcolor="white",
+                    fontsize="9",
+                )
+            )
+            out.append(
+                "      "
+                + quote(f"node:{node_name}")
+                + " "
+                + _attrs(
+                    label=_node_label(mode, node_name, node),
+                    shape="box",
+                    style="filled",
+                    fillcolor="#fff3d6",
+                )
+            )
             out.extend(pod_lines(node_name, "      "))
             out.append("    }")
         for client_name in sorted(c for c, e in clients.items() if e.segment == seg):
             client = clients[client_name]
-            label = (f"BGP router {client_name}\nAS {client.asn}" if client.asn
-                     else f"external client {client_name}")
-            out.append("    " + quote(f"client:{client_name}") + " " + _attrs(
-                label=f"{label}\n{client.ip}", shape="hexagon" if client.asn else "box",
-                style="filled", fillcolor="#f2dede" if client.asn else "#eeeeee"))
+            label = (
+                f"BGP router {client_name}\nAS {client.asn}"
+                if client.asn
+                else f"external client {client_name}"
+            )
+            out.append(
+                "    "
+                + quote(f"client:{client_name}")
+                + " "
+                + _attrs(
+                    label=f"{label}\n{client.ip}",
+                    shape="hexagon" if client.asn else "box",
+                    style="filled",
+                    fillcolor="#f2dede" if client.asn else "#eeeeee",
+                )
+            )
         out.append("  }")
 
     out.extend(links)
     # the underlay links: hosts to their segment, the router to every segment at its .1
     for node_name, node in sorted(nodes.items()):
-        out.append("  " + quote(f"segment:{node.segment}") + " -> " + quote(
-            f"node:{node_name}") + " " + _attrs(dir="none", color="#4a6fa5", label="eth0"))
+        out.append(
+            "  "
+            + quote(f"segment:{node.segment}")
+            + " -> "
+            + quote(f"node:{node_name}")
+            + " "
+            + _attrs(dir="none", color="#4a6fa5", label="eth0")
+        )
     for client_name, client in sorted(clients.items()):
-        out.append("  " + quote(f"segment:{client.segment}") + " -> " + quote(
-            f"client:{client_name}") + " " + _attrs(dir="none", color="#4a6fa5"))
+        out.append(
+            "  "
+            + quote(f"segment:{client.segment}")
+            + " -> "
+            + quote(f"client:{client_name}")
+            + " "
+            + _attrs(dir="none", color="#4a6fa5")
+        )
     if record.router.legs:
-        out.append("  " + quote("router") + " " + _attrs(
-            label=f"router\n{record.router.netns}", shape="octagon", style="filled",
-            fillcolor="#d9ead3"))
+        out.append(
+            "  "
+            + quote("router")
+            + " "
+            + _attrs(
+                label=f"router\n{record.router.netns}",
+                shape="octagon",
+                style="filled",
+                fillcolor="#d9ead3",
+            )
+        )
         segments = {s.name: s for s in record.spec.segments}
         for seg, leg in record.router.legs.items():
             address = f"{segments[seg].router_ip}/{segments[seg].prefixlen}"
-            out.append("  " + quote("router") + " -> " + quote(f"segment:{seg}") + " " + _attrs(
-                dir="none", color="#4a6fa5", penwidth="2", label=f"{leg.ifname} {address}"))
+            out.append(
+                "  "
+                + quote("router")
+                + " -> "
+                + quote(f"segment:{seg}")
+                + " "
+                + _attrs(dir="none", color="#4a6fa5", penwidth="2", label=f"{leg.ifname} {address}")
+            )
 
     # the overlay between nodes
     names = sorted(nodes)
     legend = [f"overlay: {tunnel_text(mode)}"]
     if mode.tunnel:
-        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-                 if mode.encapsulates(nodes[a], nodes[b])]
+        pairs = [
+            (a, b)
+            for i, a in enumerate(names)
+            for b in names[i + 1 :]
+            if mode.encapsulates(nodes[a], nodes[b])
+        ]
         if any(n.encap == "CrossSubnet" for n in nodes.values()):
             legend.append("CrossSubnet: tunnelled only between segments, routed within one")
         if len(names) <= MESH_MAX_NODES:
@@ -187,9 +293,21 @@ def to_dot(record: Record) -> str:
                 label = mode.tunnel
                 if mode.tunnel_device(nodes[a]) != mode.tunnel:
                     label = f"{mode.encapsulation.upper()} ({mode.carrier_text(nodes[a])})"
-                out.append("  " + quote(f"node:{a}") + " -> " + quote(f"node:{b}") + " " + _attrs(
-                    dir="both", style="dashed", color="#b45f06", fontcolor="#b45f06",
-                    label=label, constraint="false"))
+                out.append(
+                    "  "
+                    + quote(f"node:{a}")
+                    + " -> "
+                    + quote(f"node:{b}")
+                    + " "
+                    + _attrs(
+                        dir="both",
+                        style="dashed",
+                        color="#b45f06",
+                        fontcolor="#b45f06",
+                        label=label,
+                        constraint="false",
+                    )
+                )
         else:
             legend.append(f"{len(pairs)} node pairs tunnel over {mode.tunnel} (mesh not drawn)")
     elif any(n.bird for n in nodes.values()):
@@ -199,12 +317,26 @@ def to_dot(record: Record) -> str:
                 continue
             for node_name in names:
                 if nodes[node_name].segment == client.segment:
-                    out.append("  " + quote(f"client:{client_name}") + " -> " + quote(
-                        f"node:{node_name}") + " " + _attrs(
-                        dir="both", style="dotted", color="#a61c00", label="eBGP",
-                        constraint="false"))
-    out.append("  " + quote("legend") + " " + _attrs(
-        label="\n".join(legend), shape="note", style="filled", fillcolor="#fffbe6"))
+                    out.append(
+                        "  "
+                        + quote(f"client:{client_name}")
+                        + " -> "
+                        + quote(f"node:{node_name}")
+                        + " "
+                        + _attrs(
+                            dir="both",
+                            style="dotted",
+                            color="#a61c00",
+                            label="eBGP",
+                            constraint="false",
+                        )
+                    )
+    out.append(
+        "  "
+        + quote("legend")
+        + " "
+        + _attrs(label="\n".join(legend), shape="note", style="filled", fillcolor="#fffbe6")
+    )
 
     # Services and their endpoints
     for svc_name, svc in sorted(record.services.items()):
@@ -212,14 +344,25 @@ def to_dot(record: Record) -> str:
         lines += [f"{svc.cluster_ip}:{_port_text(p)}" for p in svc.ports]
         if svc.session_affinity != "None":
             lines.append(f"affinity {svc.session_affinity}")
-        out.append("  " + quote(f"service:{svc_name}") + " " + _attrs(
-            label="\n".join(lines), shape="ellipse", style="filled", fillcolor="#dae8fc"))
-        targets = list(dict.fromkeys(shown[p.name] for p in endpoints(record, svc)
-                                     if p.name in shown))
+        out.append(
+            "  "
+            + quote(f"service:{svc_name}")
+            + " "
+            + _attrs(label="\n".join(lines), shape="ellipse", style="filled", fillcolor="#dae8fc")
+        )
+        targets = list(
+            dict.fromkeys(shown[p.name] for p in endpoints(record, svc) if p.name in shown)
+        )
         for target in targets:
             # drawn pod -> Service with the arrowhead at the pod, so Services sit below the pods
-            out.append("  " + quote(target) + " -> " + quote(f"service:{svc_name}") + " "
-                       + _attrs(dir="back", color="#1c4587"))
+            out.append(
+                "  "
+                + quote(target)
+                + " -> "
+                + quote(f"service:{svc_name}")
+                + " "
+                + _attrs(dir="back", color="#1c4587")
+            )
     out.append("}")
     return "\n".join(out) + "\n"
 
@@ -228,8 +371,10 @@ def render(record: Record, out_path: str) -> str:
     """Write the picture to out_path, in the format its extension names; return the path."""
     ext = os.path.splitext(out_path)[1].lower()
     if ext not in FORMATS:
-        raise NetsimError(f"{out_path}: unknown picture format {ext or '(no extension)'!r}; "
-                          f"supported: {', '.join(FORMATS)}")
+        raise NetsimError(
+            f"{out_path}: unknown picture format {ext or '(no extension)'!r}; "
+            f"supported: {', '.join(FORMATS)}"
+        )
     text = to_dot(record)
     if ext == ".dot":
         with open(out_path, "w") as fh:
@@ -237,15 +382,25 @@ def render(record: Record, out_path: str) -> str:
         return out_path
     dot = shutil.which("dot")
     if dot is None:
-        raise NetsimError("graphviz's dot is not installed: apt-get install graphviz "
-                          "(or write a .dot file)")
+        raise NetsimError(
+            "graphviz's dot is not installed: apt-get install graphviz (or write a .dot file)"
+        )
     try:
-        result = subprocess.run([dot, f"-T{ext[1:]}", "-o", out_path], input=text.encode(),
-                                capture_output=True, timeout=DOT_TIMEOUT, check=False)
+        result = subprocess.run(
+            [dot, f"-T{ext[1:]}", "-o", out_path],
+            input=text.encode(),
+            capture_output=True,
+            timeout=DOT_TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise NetsimError(f"dot took longer than {DOT_TIMEOUT:.0f} s to draw {out_path}; "
-                          "write a .dot file instead") from exc
+        raise NetsimError(
+            f"dot took longer than {DOT_TIMEOUT:.0f} s to draw {out_path}; "
+            "write a .dot file instead"
+        ) from exc
     if result.returncode != 0:
-        raise NetsimError(f"dot -T{ext[1:]} failed (exit {result.returncode}): "
-                          f"{result.stderr.decode(errors='replace').strip()}")
+        raise NetsimError(
+            f"dot -T{ext[1:]} failed (exit {result.returncode}): "
+            f"{result.stderr.decode(errors='replace').strip()}"
+        )
     return out_path

@@ -32,14 +32,25 @@ WORKERS = min(8, (os.cpu_count() or 1) + 1)
 Progress = Callable[[str], None]
 
 
-def reconcile(cluster: Cluster, record: Record, mode: Mode, tx: Transaction,
-              progress: Progress, changes: Changes, cni_exec: bool = False) -> None:
+def reconcile(
+    cluster: Cluster,
+    record: Record,
+    mode: Mode,
+    tx: Transaction,
+    progress: Progress,
+    changes: Changes,
+    cni_exec: bool = False,
+) -> None:
     from netsim.kubeproxy import sync
 
     recorded = record.pods
     desired = {p.name: p for p in schedule(cluster, {n: r.node for n, r in recorded.items()})}
-    stale = [n for n, r in recorded.items() if n not in desired
-             or (r.pod.node, r.pod.containers) != (desired[n].node, desired[n].containers)]
+    stale = [
+        n
+        for n, r in recorded.items()
+        if n not in desired
+        or (r.pod.node, r.pod.containers) != (desired[n].node, desired[n].containers)
+    ]
     new = [p for n, p in desired.items() if n not in recorded or n in stale]
     for name, pod in desired.items():
         if name in recorded and name not in stale and recorded[name].pod != pod:
@@ -60,8 +71,7 @@ def reconcile(cluster: Cluster, record: Record, mode: Mode, tx: Transaction,
         changes.removed += [f"pod {n}" for n in removing]
         state.save(record)  # removals are done: a later failure rolls back to this record
     if new:
-        (_exec_pods if cni_exec else _add_pods)(cluster, record, mode, new, tx, progress,
-                                                changes)
+        (_exec_pods if cni_exec else _add_pods)(cluster, record, mode, new, tx, progress, changes)
         sync_blocks(cluster, record, mode)
         agents.sync(record, sorted({p.node for p in new}))
 
@@ -78,8 +88,15 @@ def _release(ipam, pod: str) -> None:
         ipam.release(pod, "eth0")
 
 
-def _add_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction,
-              progress: Progress, changes: Changes) -> None:
+def _add_pods(
+    cluster: Cluster,
+    record: Record,
+    mode: Mode,
+    pods: list[Pod],
+    tx: Transaction,
+    progress: Progress,
+    changes: Changes,
+) -> None:
     """The in-process path: nodes side by side, each with one IPAM session, its pods'
     namespaces, one netlink batch for the host ends and one small batch inside each pod."""
     from concurrent.futures import ThreadPoolExecutor
@@ -87,8 +104,10 @@ def _add_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx:
     groups = _by_node(pods)
     done = 0
     with ThreadPoolExecutor(min(len(groups), WORKERS)) as pool:
-        futures = [pool.submit(_add_on_node, cluster, record, mode, node_pods, tx)
-                   for node_pods in groups.values()]
+        futures = [
+            pool.submit(_add_on_node, cluster, record, mode, node_pods, tx)
+            for node_pods in groups.values()
+        ]
         failure = None
         for future in futures:  # every node finishes (or fails) before the undo runs
             try:
@@ -106,8 +125,9 @@ def _add_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx:
         raise failure
 
 
-def _add_on_node(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod],
-                 tx: Transaction) -> dict[str, PodRecord]:
+def _add_on_node(
+    cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction
+) -> dict[str, PodRecord]:
     """One node's new pods, addressed, made and wired; what was made for each."""
     from cni.wiring import Attachment, wire
     from netsim.kernel.netlink import Rtnl
@@ -121,18 +141,32 @@ def _add_on_node(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod],
         for pod in pods:
             ip = ipam.allocate(pod.name, "eth0")
             tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
-            made[pod.name] = PodRecord(pod, naming.ns_name(cluster.name, "pod", pod.name), ip,
-                                       mode.host_veth(services.NAMESPACE, pod.name),
-                                       node.next_ifindex)
+            made[pod.name] = PodRecord(
+                pod,
+                naming.ns_name(cluster.name, "pod", pod.name),
+                ip,
+                mode.host_veth(services.NAMESPACE, pod.name),
+                node.next_ifindex,
+            )
             node.next_ifindex += 1
     for entry in made.values():
         tx.netns(entry.netns)
     attachments = []
     try:
         for name, entry in made.items():
-            attachments.append(Attachment(entry.netns, nsmod.open_fd(entry.netns), entry.veth,
-                                          entry.ip, prefixlen, routes, mtu, alias=name,
-                                          index=entry.ifindex))
+            attachments.append(
+                Attachment(
+                    entry.netns,
+                    nsmod.open_fd(entry.netns),
+                    entry.veth,
+                    entry.ip,
+                    prefixlen,
+                    routes,
+                    mtu,
+                    alias=name,
+                    index=entry.ifindex,
+                )
+            )
         with Rtnl(node.netns) as rt:
             wire(mode.pod_side, rt, attachments, loopback=True)
     finally:
@@ -141,8 +175,15 @@ def _add_on_node(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod],
     return made
 
 
-def _exec_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction,
-               progress: Progress, changes: Changes) -> None:
+def _exec_pods(
+    cluster: Cluster,
+    record: Record,
+    mode: Mode,
+    pods: list[Pod],
+    tx: Transaction,
+    progress: Progress,
+    changes: Changes,
+) -> None:
     """Wire each pod by executing its node's CNI chain, as containerd would: ADD through every
     plugin, the result cached; a failure runs DEL through the chain."""
     from cni.spec import CniError
@@ -154,8 +195,7 @@ def _exec_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx
         tx.netns(netns)
         rt = runtime(record, pod.node)
         path = nsmod.path(netns)
-        args = (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={services.NAMESPACE};"
-                f"K8S_POD_NAME={pod.name}")
+        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={services.NAMESPACE};K8S_POD_NAME={pod.name}"
         try:
             result = rt.add(pod.name, path, "eth0", args)
         except CniError as exc:
@@ -163,15 +203,18 @@ def _exec_pods(cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx
                 rt.delete(pod.name, path, "eth0")
             except CniError:
                 pass  # the ADD's own failure is the one to report
-            raise NetsimError(f"CNI ADD for pod {pod.name} failed (code {exc.code}): {exc.msg}"
-                              + (f" ({exc.details})" if exc.details else "")) from None
+            raise NetsimError(
+                f"CNI ADD for pod {pod.name} failed (code {exc.code}): {exc.msg}"
+                + (f" ({exc.details})" if exc.details else "")
+            ) from None
         tx.on_undo(f"CNI DEL of {pod.name}", lambda r=rt, p=pod.name, n=path: r.delete(p, n))
         with Rtnl(netns) as pod_rt:
             pod_rt.link_up(IFINDEX.LO, "lo")  # the runtime's loopback plugin
             pod_rt.commit()
         address = next(ip["address"] for ip in result["ips"])
-        record.pods[pod.name] = PodRecord(pod, netns, address.split("/")[0],
-                                          result["interfaces"][0]["name"], via="cni-exec")
+        record.pods[pod.name] = PodRecord(
+            pod, netns, address.split("/")[0], result["interfaces"][0]["name"], via="cni-exec"
+        )
         tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record.pods.pop(p, None))
         changes.created.append(f"pod {pod.name}")
         progress(f"pods: {done}/{len(pods)} (CNI exec)")
@@ -182,8 +225,7 @@ def sync_blocks(cluster: Cluster, record: Record, mode: Mode) -> None:
     would: a blackhole on the owner, a route on every peer."""
     from netsim.kernel.netlink import Rtnl
 
-    for node_name, new in mode.new_blocks(cluster, state.cluster_dir(cluster.name),
-                                          record).items():
+    for node_name, new in mode.new_blocks(cluster, state.cluster_dir(cluster.name), record).items():
         node = record.nodes[node_name]
         with Rtnl(node.netns) as rt:
             for block in new:

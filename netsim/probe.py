@@ -27,21 +27,28 @@ class PingResult:
         return 100.0 * (self.sent - self.received) / self.sent if self.sent else 100.0
 
 
-def ping(netns: str, ip: str, count: int = 3, interval: float = 0.2,
-         timeout: float = 1.0) -> PingResult:
+def ping(
+    netns: str, ip: str, count: int = 3, interval: float = 0.2, timeout: float = 1.0
+) -> PingResult:
     binary = shutil.which("ping")
     if binary is None:
         raise NetsimError("ping not found: apt-get install iputils-ping (or run ./bootstrap)")
     result = subprocess.run(
         [binary, "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(timeout), ip],
-        capture_output=True, text=True, timeout=count * (interval + timeout) + 5,
-        preexec_fn=lambda: nsmod.enter_for_exec(netns))
+        capture_output=True,
+        text=True,
+        timeout=count * (interval + timeout) + 5,
+        preexec_fn=lambda: nsmod.enter_for_exec(netns),
+    )
     out = result.stdout + result.stderr
     stats = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/", out)
-    return PingResult(int(stats.group(1)) if stats else count,
-                      int(stats.group(2)) if stats else 0,
-                      tuple(float(x) for x in rtt.groups()) if rtt else None, out)
+    return PingResult(
+        int(stats.group(1)) if stats else count,
+        int(stats.group(2)) if stats else 0,
+        tuple(float(x) for x in rtt.groups()) if rtt else None,
+        out,
+    )
 
 
 @dataclass
@@ -59,8 +66,9 @@ def http_get(netns: str, ip: str, port: int, path: str = "/", timeout: float = 2
     try:
         sock.settimeout(timeout)
         sock.connect((ip, port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n"
-                     .encode())
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk

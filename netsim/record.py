@@ -186,8 +186,7 @@ class Record:
     def place(self, target: str) -> Place | None:
         """A pod, node or client by name, else by IP."""
         for by_ip in (False, True):
-            for kind, group in (("pod", self.pods), ("node", self.nodes),
-                                ("client", self.clients)):
+            for kind, group in (("pod", self.pods), ("node", self.nodes), ("client", self.clients)):
                 for name, item in group.items():
                     if (item.ip if by_ip else name) == target:
                         node = item.node if kind == "pod" else name if kind == "node" else ""
@@ -197,7 +196,8 @@ class Record:
     def service(self, target: str) -> Service | None:
         """A Service by name or ClusterIP."""
         return self.services.get(target) or next(
-            (s for s in self.services.values() if s.cluster_ip == target), None)
+            (s for s in self.services.values() if s.cluster_ip == target), None
+        )
 
     def pods_on(self, node: str) -> list[PodRecord]:
         return [p for p in self.pods.values() if p.node == node]
@@ -216,5 +216,7 @@ def decode(data: bytes, where: str = "the record") -> Record:
     try:
         return _decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise NetsimError(f"{where} cannot be read ({exc}): it was written by another netsim "
-                          "version or damaged; `netsim gc` removes what it names") from None
+        raise NetsimError(
+            f"{where} cannot be read ({exc}): it was written by another netsim "
+            "version or damaged; `netsim gc` removes what it names"
+        ) from None

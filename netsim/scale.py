@@ -117,8 +117,9 @@ def measure(mode: str, pods: int, progress=lambda line: None) -> Point:
         reply = probe.http_get(record.pods[last].netns, record.services["web"].cluster_ip, 80)
         point.reached = bool(ping.received) and not reply.error
         if not point.reached:
-            point.errors.append(f"{first} -> {last}: {ping.received} replies; Service: "
-                                f"{reply.error or 'answered'}")
+            point.errors.append(
+                f"{first} -> {last}: {ping.received} replies; Service: {reply.error or 'answered'}"
+            )
         start = time.monotonic()
         changes = cluster.apply(model)
         point.reapply_s = time.monotonic() - start
@@ -140,11 +141,33 @@ def run(modes: list[str], sizes: list[int], progress=lambda line: None) -> list[
 
 
 def table(points: list[Point]) -> str:
-    header = ["MODE", "PODS", "NODES", "APPLY s", "PODS/s", "REAPPLY s", "DELETE s",
-              "AGENTS MiB", "KERNEL MiB", "REACHED"]
-    rows = [[p.mode, str(p.pods), str(p.nodes), f"{p.apply_s:.1f}", f"{p.pods_per_s:.0f}",
-             f"{p.reapply_s:.2f}", f"{p.delete_s:.1f}", f"{p.agents_rss_mib:.0f}",
-             f"{p.kernel_mib:.0f}", "yes" if p.reached else "NO"] for p in points]
+    header = [
+        "MODE",
+        "PODS",
+        "NODES",
+        "APPLY s",
+        "PODS/s",
+        "REAPPLY s",
+        "DELETE s",
+        "AGENTS MiB",
+        "KERNEL MiB",
+        "REACHED",
+    ]
+    rows = [
+        [
+            p.mode,
+            str(p.pods),
+            str(p.nodes),
+            f"{p.apply_s:.1f}",
+            f"{p.pods_per_s:.0f}",
+            f"{p.reapply_s:.2f}",
+            f"{p.delete_s:.1f}",
+            f"{p.agents_rss_mib:.0f}",
+            f"{p.kernel_mib:.0f}",
+            "yes" if p.reached else "NO",
+        ]
+        for p in points
+    ]
     lines = columns.aligned(header, rows)
     lines += [f"{p.mode} {p.pods}: {e}" for p in points for e in p.errors]
     return "\n".join(lines)

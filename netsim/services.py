@@ -21,8 +21,11 @@ def _ip_key(ip: str) -> tuple[int, ...]:
 
 def endpoints(record: Record, service: Service) -> list[PodRecord]:
     """The pods the selector matches, ordered by IP as kube-proxy orders them."""
-    pods = [p for p in record.pods.values()
-            if all(p.labels.get(k) == v for k, v in service.selector.items())]
+    pods = [
+        p
+        for p in record.pods.values()
+        if all(p.labels.get(k) == v for k, v in service.selector.items())
+    ]
     return sorted(pods, key=lambda p: _ip_key(p.ip))
 
 
@@ -41,9 +44,19 @@ def proxy_ports(record: Record) -> list[ProxyPort]:
         affinity = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
         for port in svc.ports:
             resolved = ((p.ip, target_port(p, port)) for p in eps)
-            found.append(ProxyPort(
-                NAMESPACE, name, port.name, port.protocol, svc.cluster_ip, port.port,
-                port.node_port, tuple(Endpoint(ip, t) for ip, t in resolved if t), affinity))
+            found.append(
+                ProxyPort(
+                    NAMESPACE,
+                    name,
+                    port.name,
+                    port.protocol,
+                    svc.cluster_ip,
+                    port.port,
+                    port.node_port,
+                    tuple(Endpoint(ip, t) for ip, t in resolved if t),
+                    affinity,
+                )
+            )
     return found
 
 
@@ -53,32 +66,53 @@ def reconcile(cluster: Cluster, record: Record, changes: Changes) -> None:
     node_ports = _allocate_node_ports(cluster, record)
     wanted = {}
     for svc in cluster.services:
-        ports = tuple(replace(p, node_port=node_ports[(svc.name, i)]) if svc.type == "NodePort"
-                      else p for i, p in enumerate(svc.ports))
+        ports = tuple(
+            replace(p, node_port=node_ports[(svc.name, i)]) if svc.type == "NodePort" else p
+            for i, p in enumerate(svc.ports)
+        )
         wanted[svc.name] = replace(svc, cluster_ip=ips[svc.name], ports=ports)
     for name in set(record.services) | set(wanted):
         before, after = record.services.get(name), wanted.get(name)
         if before != after:
-            (changes.created if before is None else
-             changes.removed if after is None else changes.updated).append(f"service {name}")
+            (
+                changes.created
+                if before is None
+                else changes.removed
+                if after is None
+                else changes.updated
+            ).append(f"service {name}")
     record.services = wanted
 
 
 def _allocate_node_ports(cluster: Cluster, record: Record) -> dict[tuple[str, int], int]:
     """NodePorts: as written, else as before, else the lowest free of 30000-32767."""
-    given = {(s.name, i): p.node_port for s in cluster.services if s.type == "NodePort"
-             for i, p in enumerate(s.ports) if p.node_port}
-    before = {(n, i): p.node_port for n, svc in record.services.items()
-              for i, p in enumerate(svc.ports) if p.node_port}
+    given = {
+        (s.name, i): p.node_port
+        for s in cluster.services
+        if s.type == "NodePort"
+        for i, p in enumerate(s.ports)
+        if p.node_port
+    }
+    before = {
+        (n, i): p.node_port
+        for n, svc in record.services.items()
+        for i, p in enumerate(svc.ports)
+        if p.node_port
+    }
     result = dict(given)
     for svc in cluster.services:
         for i, _ in enumerate(svc.ports):
             key = (svc.name, i)
-            if svc.type == "NodePort" and key not in result and before.get(key) and \
-                    before[key] not in result.values():
+            if (
+                svc.type == "NodePort"
+                and key not in result
+                and before.get(key)
+                and before[key] not in result.values()
+            ):
                 result[key] = before[key]
-    free = (p for p in range(NODE_PORT_RANGE[0], NODE_PORT_RANGE[1] + 1)
-            if p not in result.values())
+    free = (
+        p for p in range(NODE_PORT_RANGE[0], NODE_PORT_RANGE[1] + 1) if p not in result.values()
+    )
     for svc in cluster.services:
         for i, _ in enumerate(svc.ports):
             if svc.type == "NodePort" and (svc.name, i) not in result:

@@ -105,8 +105,9 @@ def locked(cluster: str, wait: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise NetsimError(f"cluster {cluster} is being changed by another netsim run; "
-                              "wait for it to finish") from None
+            raise NetsimError(
+                f"cluster {cluster} is being changed by another netsim run; wait for it to finish"
+            ) from None
         yield
     finally:
         os.close(fd)

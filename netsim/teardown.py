@@ -30,12 +30,16 @@ def _readable(name: str) -> Record | None:
 
 
 def _namespaces(record: Record) -> list[str]:
-    return ([p.netns for p in record.pods.values()] + [h.netns for h in record.hosts()]
-            + [record.underlay.netns, record.router.netns])
+    return (
+        [p.netns for p in record.pods.values()]
+        + [h.netns for h in record.hosts()]
+        + [record.underlay.netns, record.router.netns]
+    )
 
 
-def _remove_everything(name: str, record: Record | None,
-                       before_namespaces: Callable[[], None] = lambda: None) -> list[str]:
+def _remove_everything(
+    name: str, record: Record | None, before_namespaces: Callable[[], None] = lambda: None
+) -> list[str]:
     processes, namespaces = [], []
     journal = state.journal_entries(name)
     if record:
@@ -65,8 +69,11 @@ def gc(only: str | None = None) -> dict[str, list[str]]:
     committed one, what its journal names beyond the record. A cluster another netsim run is
     changing is left alone."""
     names = set(state.clusters())
-    names |= {n.split(".")[1] for n in nsmod.names()
-              if n.startswith(state.PREFIX + ".") and n.count(".") >= 2}
+    names |= {
+        n.split(".")[1]
+        for n in nsmod.names()
+        if n.startswith(state.PREFIX + ".") and n.count(".") >= 2
+    }
     names.discard("probe")
     report: dict[str, list[str]] = {}
     for name in sorted(names):
@@ -90,8 +97,11 @@ def _collect_leftovers(name: str, record: Record) -> list[str]:
     keep_pids = set(agents.daemons(record))
     removed = []
     for entry in state.journal_entries(name):
-        if "pid" in entry and (entry["pid"], entry["start"]) not in keep_pids and \
-                proc.alive(entry["pid"], entry["start"]):
+        if (
+            "pid" in entry
+            and (entry["pid"], entry["start"]) not in keep_pids
+            and proc.alive(entry["pid"], entry["start"])
+        ):
             proc.stop([(entry["pid"], entry["start"])])
             removed.append(f"process {entry['pid']}")
     for netns in nsmod.names():

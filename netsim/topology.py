@@ -38,27 +38,41 @@ from netsim.model import (
 )
 from netsim.modes import DEFAULT_MODE, MODES  # importing the modes does not load pyroute2
 
-DEFAULTS = {"network": "10.244.0.0/16", "subnet_len": 24, "service_cidr": "10.96.0.0/12",
-            "mtu": 1500}
+DEFAULTS = {
+    "network": "10.244.0.0/16",
+    "subnet_len": 24,
+    "service_cidr": "10.96.0.0/12",
+    "mtu": 1500,
+}
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # Service names
 IANA_SVC_NAME = re.compile(r"(?=.{1,15}\Z)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*")  # named ports
 LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
-DNS1123_SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-                               r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+DNS1123_SUBDOMAIN = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
 CNI_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an executable's file name
 MAX_SEGMENT_NAME = 12  # the segment's bridge is br-<name>, and link names stop at 15
 NODE_PORT_RANGE = (30000, 32767)
 CALICO_POOL, CALICO_BLOCK = "192.168.0.0/16", 26  # Calico's default pool and block size
 CNI_VERSION = "1.0.0"  # the newest that Debian's reference plugins accept in a chain
-API_VERSIONS = {"Cluster": "netsim.dev/v1alpha1", "Pod": "v1", "Service": "v1",
-                "Deployment": "apps/v1"}
+API_VERSIONS = {
+    "Cluster": "netsim.dev/v1alpha1",
+    "Pod": "v1",
+    "Service": "v1",
+    "Deployment": "apps/v1",
+}
 MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must be >= 12"
 # Ranges whose addresses cannot be a pod's, a Service's or a node's: the kernel treats them
 # specially (loopback, multicast), or Calico uses them (169.254.1.1 is every pod's gateway).
-RESERVED = (("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"),
-            ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
-            ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"))
+RESERVED = (
+    ("0.0.0.0/8", "'this network'"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (Calico's pod gateway is 169.254.1.1)"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+)
 _RESERVED = tuple((IPNetwork(cidr), what) for cidr, what in RESERVED)
 
 # The loader's limits. PyYAML's pure-Python reader (kept over libyaml, so that messages are
@@ -71,35 +85,89 @@ MAX_DEPTH = 50  # lists and mappings nested in each other
 MAX_INT_DIGITS = 20  # an integer's digits; PyYAML would run int() on any length
 
 _KNOWN = {
-    "Cluster": {"apiVersion", "kind", "metadata", "metadata.name", "spec", "spec.cni",
-                "spec.cni.mode", "spec.cni.cniVersion", "spec.cni.plugins", "spec.cni.flannel",
-                "spec.cni.flannel.Network", "spec.cni.calico", "spec.cni.calico.ipPool",
-                "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize",
-                "spec.cni.calico.ipPool.ipipMode", "spec.cni.calico.ipPool.vxlanMode",
-                "spec.cni.calico.ipPool.natOutgoing", "spec.cni.calico.ipipCarrier",
-                "spec.cni.calico.bgp",
-                "spec.cni.calico.bgp.asNumber", "spec.cni.calico.bgp.routeReflectors",
-                "spec.cni.calico.bgp.peers",
-                "spec.cni.flannel.SubnetLen", "spec.serviceCIDR", "spec.underlay",
-                "spec.kubeProxy", "spec.kubeProxy.mode",
-                "spec.underlay.mtu", "spec.underlay.segments", "spec.nodes",
-                "spec.externalClients"},
-    "Pod": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
-            "spec.nodeName", "spec.containers"},
-    "Deployment": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
-                   "spec.replicas", "spec.selector", "spec.selector.matchLabels",
-                   "spec.template", "spec.template.metadata", "spec.template.metadata.labels",
-                   "spec.template.spec", "spec.template.spec.nodeName",
-                   "spec.template.spec.containers"},
-    "Service": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels", "spec",
-                "spec.type", "spec.selector", "spec.ports", "spec.clusterIP",
-                "spec.sessionAffinity", "spec.sessionAffinityConfig",
-                "spec.sessionAffinityConfig.clientIP",
-                "spec.sessionAffinityConfig.clientIP.timeoutSeconds"},
+    "Cluster": {
+        "apiVersion",
+        "kind",
+        "metadata",
+        "metadata.name",
+        "spec",
+        "spec.cni",
+        "spec.cni.mode",
+        "spec.cni.cniVersion",
+        "spec.cni.plugins",
+        "spec.cni.flannel",
+        "spec.cni.flannel.Network",
+        "spec.cni.calico",
+        "spec.cni.calico.ipPool",
+        "spec.cni.calico.ipPool.cidr",
+        "spec.cni.calico.ipPool.blockSize",
+        "spec.cni.calico.ipPool.ipipMode",
+        "spec.cni.calico.ipPool.vxlanMode",
+        "spec.cni.calico.ipPool.natOutgoing",
+        "spec.cni.calico.ipipCarrier",
+        "spec.cni.calico.bgp",
+        "spec.cni.calico.bgp.asNumber",
+        "spec.cni.calico.bgp.routeReflectors",
+        "spec.cni.calico.bgp.peers",
+        "spec.cni.flannel.SubnetLen",
+        "spec.serviceCIDR",
+        "spec.underlay",
+        "spec.kubeProxy",
+        "spec.kubeProxy.mode",
+        "spec.underlay.mtu",
+        "spec.underlay.segments",
+        "spec.nodes",
+        "spec.externalClients",
+    },
+    "Pod": {
+        "apiVersion",
+        "kind",
+        "metadata",
+        "metadata.name",
+        "metadata.labels",
+        "spec",
+        "spec.nodeName",
+        "spec.containers",
+    },
+    "Deployment": {
+        "apiVersion",
+        "kind",
+        "metadata",
+        "metadata.name",
+        "metadata.labels",
+        "spec",
+        "spec.replicas",
+        "spec.selector",
+        "spec.selector.matchLabels",
+        "spec.template",
+        "spec.template.metadata",
+        "spec.template.metadata.labels",
+        "spec.template.spec",
+        "spec.template.spec.nodeName",
+        "spec.template.spec.containers",
+    },
+    "Service": {
+        "apiVersion",
+        "kind",
+        "metadata",
+        "metadata.name",
+        "metadata.labels",
+        "spec",
+        "spec.type",
+        "spec.selector",
+        "spec.ports",
+        "spec.clusterIP",
+        "spec.sessionAffinity",
+        "spec.sessionAffinityConfig",
+        "spec.sessionAffinityConfig.clientIP",
+        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+    },
 }
 _CONTAINER_KEYS = {"name", "ports", "command", "args"}
-IANA_FIX = ("use at most 15 lowercase letters, digits and '-', with a letter, no '-' at either "
-            "end or twice in a row (IANA_SVC_NAME)")
+IANA_FIX = (
+    "use at most 15 lowercase letters, digits and '-', with a letter, no '-' at either "
+    "end or twice in a row (IANA_SVC_NAME)"
+)
 
 
 _YAML = "tag:yaml.org,2002:"
@@ -133,9 +201,11 @@ class _Loader(yaml.SafeLoader):
     def compose_document(self) -> Any:
         self.documents += 1
         if self.documents > MAX_DOCUMENTS:
-            raise _Refused(f"more than {MAX_DOCUMENTS} documents", self.peek_event().start_mark,
-                           "use Deployments with replicas instead of many Pod documents, or "
-                           "split the file")
+            raise _Refused(
+                f"more than {MAX_DOCUMENTS} documents",
+                self.peek_event().start_mark,
+                "use Deployments with replicas instead of many Pod documents, or split the file",
+            )
         self.sizes = {}  # anchors are per document
         return super().compose_document()
 
@@ -151,13 +221,21 @@ class _Loader(yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 return self._alias(event, parent, index)
             if len(self.parts) > MAX_DEPTH:
-                raise _Refused(f"values nested more than {MAX_DEPTH} deep", event.start_mark,
-                               "flatten the structure", _short(self.field(), 80))
+                raise _Refused(
+                    f"values nested more than {MAX_DEPTH} deep",
+                    event.start_mark,
+                    "flatten the structure",
+                    _short(self.field(), 80),
+                )
             if event.tag not in (None, "!") and event.tag not in _PLAIN_TAGS:
                 tag = event.tag.replace(_YAML, "!!", 1)
-                raise _Refused(f"the YAML tag {_short(tag, 60)} is not supported",
-                               event.start_mark, "remove the tag: netsim reads plain "
-                               "strings, numbers, booleans, lists and mappings", self.field())
+                raise _Refused(
+                    f"the YAML tag {_short(tag, 60)} is not supported",
+                    event.start_mark,
+                    "remove the tag: netsim reads plain "
+                    "strings, numbers, booleans, lists and mappings",
+                    self.field(),
+                )
             before = self.values
             self._count(1, event.start_mark)
             node = super().compose_node(parent, index)
@@ -168,18 +246,24 @@ class _Loader(yaml.SafeLoader):
             elif isinstance(node, yaml.ScalarNode) and node.tag == _YAML + "int":
                 digits = len(node.value.replace("_", "").lstrip("+-"))
                 if digits > MAX_INT_DIGITS:
-                    raise _Refused(f"an integer of {digits} digits", node.start_mark,
-                                   f"netsim reads integers of up to {MAX_INT_DIGITS} digits",
-                                   self.field())
+                    raise _Refused(
+                        f"an integer of {digits} digits",
+                        node.start_mark,
+                        f"netsim reads integers of up to {MAX_INT_DIGITS} digits",
+                        self.field(),
+                    )
             return node
         finally:
             self.parts.pop()
 
     def _alias(self, event: yaml.AliasEvent, parent: Any, index: Any) -> Any:
         if event.anchor in self.anchors and event.anchor not in self.sizes:
-            raise _Refused(f"the alias *{_short(event.anchor, 40)} refers to a value that "
-                           "contains it", event.start_mark, "write the value out: a topology "
-                           "cannot be recursive", self.field())
+            raise _Refused(
+                f"the alias *{_short(event.anchor, 40)} refers to a value that contains it",
+                event.start_mark,
+                "write the value out: a topology cannot be recursive",
+                self.field(),
+            )
         node = super().compose_node(parent, index)  # an undefined alias is PyYAML's error
         self._count(self.sizes[event.anchor], event.start_mark, event.anchor)
         return node
@@ -187,10 +271,13 @@ class _Loader(yaml.SafeLoader):
     def _count(self, values: int, mark: Any, alias: str = "") -> None:
         self.values += values
         if self.values > MAX_VALUES:
-            raise _Refused(f"the file holds more than {MAX_VALUES} values"
-                           + (f" once the alias *{_short(alias, 40)} is expanded" if alias else ""),
-                           mark, "write aliases out, and use Deployments with replicas instead "
-                           "of long lists", self.field())
+            raise _Refused(
+                f"the file holds more than {MAX_VALUES} values"
+                + (f" once the alias *{_short(alias, 40)} is expanded" if alias else ""),
+                mark,
+                "write aliases out, and use Deployments with replicas instead of long lists",
+                self.field(),
+            )
 
     def _unique_keys(self, node: yaml.MappingNode) -> None:
         seen = set()
@@ -198,8 +285,12 @@ class _Loader(yaml.SafeLoader):
             if isinstance(key, yaml.ScalarNode) and key.tag != _YAML + "merge":
                 if (key.tag, key.value) in seen:
                     field = ".".join(p for p in (self.field(), _key(key.value)) if p)
-                    raise _Refused(f"the key {_short(key.value, 40)!r} appears twice in one "
-                                   "mapping", key.start_mark, "keep one of them", field)
+                    raise _Refused(
+                        f"the key {_short(key.value, 40)!r} appears twice in one mapping",
+                        key.start_mark,
+                        "keep one of them",
+                        field,
+                    )
                 seen.add((key.tag, key.value))
 
 
@@ -215,8 +306,8 @@ def _lenient(tag: str, what: str) -> None:
             return construct(loader, node)
         except (ValueError, KeyError, TypeError, OverflowError):
             raise yaml.constructor.ConstructorError(
-                None, None, f"{_short(node.value, 40)!r} is not a valid {tag}",
-                node.start_mark) from None
+                None, None, f"{_short(node.value, 40)!r} is not a valid {tag}", node.start_mark
+            ) from None
 
     _Loader.add_constructor(_YAML + tag, checked)
 
@@ -230,7 +321,7 @@ _Loader.add_constructor(_YAML + "timestamp", yaml.SafeLoader.construct_scalar)
 def _short(value: Any, limit: int = 60) -> str:
     """str(value), cut to `limit` characters."""
     text = str(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _choices(names: Any, limit: int = 10) -> str:
@@ -250,9 +341,14 @@ def _show(value: Any, limit: int = 60) -> str:
 def _read_yaml(text: str, file: str) -> list:
     """The non-empty documents of the text, or a TopologyError naming the line."""
     if len(text) > MAX_BYTES:
-        raise TopologyError(file, "file", "", f"is larger than {MAX_BYTES >> 20} MiB",
-                            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
-                            "Deployments with replicas instead of many Pod documents")
+        raise TopologyError(
+            file,
+            "file",
+            "",
+            f"is larger than {MAX_BYTES >> 20} MiB",
+            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
+            "Deployments with replicas instead of many Pod documents",
+        )
     loader = None
     try:
         loader = _Loader(text)  # its reader refuses characters YAML does not allow at once
@@ -263,20 +359,30 @@ def _read_yaml(text: str, file: str) -> list:
                 bodies.append(body)
         return bodies
     except _Refused as exc:
-        raise TopologyError(file, _where(exc.problem_mark), exc.field, exc.problem,
-                            exc.fix) from None
+        raise TopologyError(
+            file, _where(exc.problem_mark), exc.field, exc.problem, exc.fix
+        ) from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - text.rfind("\n", 0, exc.position)
         char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[0])
-        raise TopologyError(file, f"YAML at line {line}, column {column}", "",
-                            f"the character U+{char:04X} is not allowed ({exc.reason})",
-                            "remove it, or write it as an escape inside double quotes") from None
+        raise TopologyError(
+            file,
+            f"YAML at line {line}, column {column}",
+            "",
+            f"the character U+{char:04X} is not allowed ({exc.reason})",
+            "remove it, or write it as an escape inside double quotes",
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or _short(exc, 200)
-        raise TopologyError(file, _where(mark), "", f"malformed YAML: {problem}",
-                            "fix the syntax there (indentation, a missing ':' or quote)") from None
+        raise TopologyError(
+            file,
+            _where(mark),
+            "",
+            f"malformed YAML: {problem}",
+            "fix the syntax there (indentation, a missing ':' or quote)",
+        ) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -295,8 +401,11 @@ class _Doc:
         self.kind = kind if isinstance(kind, str) else ""
         meta = body.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) else None
-        name = (name if DNS1123_LABEL.fullmatch(name) else _show(name, 40)) if isinstance(
-            name, str) else ""
+        name = (
+            (name if DNS1123_LABEL.fullmatch(name) else _show(name, 40))
+            if isinstance(name, str)
+            else ""
+        )
         what = _short(self.kind, 40) if self.kind.isprintable() else _show(self.kind, 40)
         self.label = f"document {index} ({what or 'no kind'}{' ' + name if name else ''})"
         self._note_ignored(body, "")
@@ -323,38 +432,52 @@ class _Doc:
             if part not in node or node[part] is None:
                 return default
             node = node[part]
-        if kind is not object and not isinstance(node, kind) or (
-                isinstance(node, bool) and kind in (int, (int,))):
+        if (
+            kind is not object
+            and not isinstance(node, kind)
+            or (isinstance(node, bool) and kind in (int, (int,)))
+        ):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             raise self.fail(path, f"expected {_noun(names)}, got {_show(node)}")
         return node
 
     def name(self, value: Any, field: str) -> str:
         if not isinstance(value, str) or not DNS1123_LABEL.fullmatch(value):
-            raise self.fail(field, f"{_show(value)} is not a DNS-1123 label",
-                            "use lowercase letters, digits and '-', start and end with a letter "
-                            "or digit, at most 63 characters")
+            raise self.fail(
+                field,
+                f"{_show(value)} is not a DNS-1123 label",
+                "use lowercase letters, digits and '-', start and end with a letter "
+                "or digit, at most 63 characters",
+            )
         return value
 
     def cidr(self, value: Any, field: str) -> IPNetwork:
         net = _ipv4(value, cidr=True)
         if net is None:
-            raise self.fail(field, f"{_show(value)} is not an IPv4 CIDR",
-                            "write it as address/prefix, e.g. 10.244.0.0/16")
+            raise self.fail(
+                field,
+                f"{_show(value)} is not an IPv4 CIDR",
+                "write it as address/prefix, e.g. 10.244.0.0/16",
+            )
         if net.ip != net.network:
             raise self.fail(field, f"{value} has host bits set", f"use {net.cidr}")
         for reserved, what in _RESERVED:
             if net.first <= reserved.last and reserved.first <= net.last:
-                raise self.fail(field, f"{net} overlaps {reserved}, which is {what}",
-                                "use a private range: 10.0.0.0/8, 172.16.0.0/12 or "
-                                "192.168.0.0/16")
+                raise self.fail(
+                    field,
+                    f"{net} overlaps {reserved}, which is {what}",
+                    "use a private range: 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16",
+                )
         return net
 
     def address(self, value: Any, field: str) -> IPAddress:
         addr = _ipv4(value)
         if addr is None:
-            raise self.fail(field, f"{_show(value)} is not an IPv4 address",
-                            "write it as four decimal numbers, e.g. 10.96.0.10")
+            raise self.fail(
+                field,
+                f"{_show(value)} is not an IPv4 address",
+                "write it as four decimal numbers, e.g. 10.96.0.10",
+            )
         return addr
 
 
@@ -377,7 +500,8 @@ def _key(key: Any) -> str:
 
 def _noun(name: str) -> str:
     return {"dict": "a mapping", "list": "a list", "str": "a string", "int": "an integer"}.get(
-        name, name)
+        name, name
+    )
 
 
 def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
@@ -388,21 +512,33 @@ def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
         with open(file, "rb") as fh:
             data = fh.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise TopologyError(file, "file", "", f"cannot read it: {exc.strerror}",
-                            "check the path given to -f") from None
+        raise TopologyError(
+            file, "file", "", f"cannot read it: {exc.strerror}", "check the path given to -f"
+        ) from None
     except ValueError as exc:  # a NUL in the path
-        raise TopologyError(file, "file", "", f"cannot read it: {exc}",
-                            "check the path given to -f") from None
+        raise TopologyError(
+            file, "file", "", f"cannot read it: {exc}", "check the path given to -f"
+        ) from None
     if len(data) > MAX_BYTES:
-        raise TopologyError(file, "file", "", f"is larger than {MAX_BYTES >> 20} MiB",
-                            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
-                            "Deployments with replicas instead of many Pod documents")
+        raise TopologyError(
+            file,
+            "file",
+            "",
+            f"is larger than {MAX_BYTES >> 20} MiB",
+            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
+            "Deployments with replicas instead of many Pod documents",
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise TopologyError(file, "file", "", f"is not UTF-8 text: byte 0x{data[exc.start]:02x} "
-                            f"at line {line}", "save the file as UTF-8") from None
+        raise TopologyError(
+            file,
+            "file",
+            "",
+            f"is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}",
+            "save the file as UTF-8",
+        ) from None
     return parse(text, file, overrides)
 
 
@@ -413,10 +549,12 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
         return bodies
 
     def name(body: Any, kind: str) -> str | None:
-        meta = body.get("metadata") if isinstance(body, dict) and body.get("kind") == kind \
+        meta = body.get("metadata") if isinstance(body, dict) and body.get("kind") == kind else None
+        return (
+            meta.get("name")
+            if isinstance(meta, dict) and isinstance(meta.get("name"), str)
             else None
-        return meta.get("name") if isinstance(meta, dict) and isinstance(
-            meta.get("name"), str) else None
+        )
 
     for body in bodies:
         if name(body, "Deployment") in overrides.get("replicas", {}):
@@ -425,33 +563,49 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
             if isinstance(body["spec"], dict):  # else the loader names the field
                 body["spec"]["replicas"] = overrides["replicas"][name(body, "Deployment")]
     names = {name(b, "Service") for b in bodies}
-    return bodies + [s for s in overrides.get("services", []) if s["metadata"]["name"] not in
-                     names]
+    return bodies + [s for s in overrides.get("services", []) if s["metadata"]["name"] not in names]
 
 
-def parse(text: str, file: str = "<topology>",
-          overrides: dict | None = None) -> tuple[Cluster, list[str]]:
+def parse(
+    text: str, file: str = "<topology>", overrides: dict | None = None
+) -> tuple[Cluster, list[str]]:
     """Validate the text of a topology file (see `load`)."""
     bodies = with_overrides(_read_yaml(text, file), overrides)
     ignored: set[str] = set()
     docs = []
     for i, body in enumerate(bodies, 1):
         if not isinstance(body, dict):
-            raise TopologyError(file, f"document {i}", "", "a document must be a mapping",
-                                "start it with apiVersion:, kind:, metadata:")
+            raise TopologyError(
+                file,
+                f"document {i}",
+                "",
+                "a document must be a mapping",
+                "start it with apiVersion:, kind:, metadata:",
+            )
         docs.append(_Doc(file, i, body, ignored))
     for doc in docs:
         if doc.kind not in _KNOWN:
-            raise doc.fail("kind", f"unknown kind {_show(doc.body.get('kind'))}",
-                           "netsim reads Cluster, Pod, Deployment and Service documents")
+            raise doc.fail(
+                "kind",
+                f"unknown kind {_show(doc.body.get('kind'))}",
+                "netsim reads Cluster, Pod, Deployment and Service documents",
+            )
         version = doc.body.get("apiVersion")
         if version != API_VERSIONS[doc.kind]:
-            raise doc.fail("apiVersion", f"{doc.kind} is served as {API_VERSIONS[doc.kind]}, "
-                           f"not {_show(version)}", f"write apiVersion: {API_VERSIONS[doc.kind]}")
+            raise doc.fail(
+                "apiVersion",
+                f"{doc.kind} is served as {API_VERSIONS[doc.kind]}, not {_show(version)}",
+                f"write apiVersion: {API_VERSIONS[doc.kind]}",
+            )
     clusters = [d for d in docs if d.kind == "Cluster"]
     if len(clusters) != 1:
-        raise TopologyError(file, "file", "kind", f"found {len(clusters)} Cluster documents",
-                            "a topology file holds exactly one Cluster document")
+        raise TopologyError(
+            file,
+            "file",
+            "kind",
+            f"found {len(clusters)} Cluster documents",
+            "a topology file holds exactly one Cluster document",
+        )
     cluster = _cluster(clusters[0])
     pods: list[tuple[Pod, _Doc]] = []
     for doc in docs:
@@ -467,33 +621,49 @@ def parse(text: str, file: str = "<topology>",
     deleted = set((overrides or {}).get("deleted_pods", []))  # `netsim delete pod`
     cluster.pods = [p for p in pods if p.name not in deleted]
     _check_pod_room(cluster, pod_docs)
-    _unique([(s.name, d) for s, d in zip(cluster.services,
-                                          [d for d in docs if d.kind == "Service"], strict=True)],
-            "metadata.name", "service")
+    _unique(
+        [
+            (s.name, d)
+            for s, d in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True)
+        ],
+        "metadata.name",
+        "service",
+    )
     # pods with the same labels and containers match alike: one of each stands for all
     alike = list({(frozenset(p.labels.items()), p.containers): p for p in pods}.values())
-    templates = [d.get("spec.template.metadata.labels", {}, dict) for d in docs
-                 if d.kind == "Deployment"]  # a Deployment scaled to 0 still counts
+    templates = [
+        d.get("spec.template.metadata.labels", {}, dict) for d in docs if d.kind == "Deployment"
+    ]  # a Deployment scaled to 0 still counts
     for svc, doc in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True):
         matched = [p for p in alike if all(p.labels.get(k) == v for k, v in svc.selector.items())]
-        if not matched and not any(all(t.get(k) == v for k, v in svc.selector.items())
-                                   for t in templates):
-            raise doc.fail("spec.selector", f"selector {_show(svc.selector, 120)} matches no pod",
-                           "make it match the labels of a Pod or a Deployment's template")
+        if not matched and not any(
+            all(t.get(k) == v for k, v in svc.selector.items()) for t in templates
+        ):
+            raise doc.fail(
+                "spec.selector",
+                f"selector {_show(svc.selector, 120)} matches no pod",
+                "make it match the labels of a Pod or a Deployment's template",
+            )
         for i, port in enumerate(svc.ports):
             if isinstance(port.target_port, str) and not any(
-                    p.named_port(port.target_port) for p in matched):
-                raise doc.fail(f"spec.ports[{i}].targetPort", f"no container of the selected "
-                               f"pods declares a port named {port.target_port!r}",
-                               "name a containerPort so (ports: [{name: ..., containerPort: "
-                               "...}]) or use the port number")
+                p.named_port(port.target_port) for p in matched
+            ):
+                raise doc.fail(
+                    f"spec.ports[{i}].targetPort",
+                    f"no container of the selected pods declares a port named {port.target_port!r}",
+                    "name a containerPort so (ports: [{name: ..., containerPort: "
+                    "...}]) or use the port number",
+                )
     _check_node_ports(cluster, [d for d in docs if d.kind == "Service"])
     _check_cluster_ips(cluster, [d for d in docs if d.kind == "Service"], clusters[0])
     cluster.source = file
     warnings = sorted(n for n in ignored if n.startswith("warning: "))
     ignored -= set(warnings)
-    notes = ([f"ignoring fields netsim does not model: {_choices(sorted(ignored), 30)}"]
-             if ignored else []) + warnings
+    notes = (
+        [f"ignoring fields netsim does not model: {_choices(sorted(ignored), 30)}"]
+        if ignored
+        else []
+    ) + warnings
     return cluster, notes
 
 
@@ -501,8 +671,11 @@ def _unique(items: list[tuple[str, _Doc]], field: str, what: str) -> None:
     seen: dict[str, _Doc] = {}
     for name, doc in items:
         if name in seen:
-            raise doc.fail(field, f"duplicate {what} name {name!r} (also in "
-                           f"{seen[name].label})", f"give each {what} its own name")
+            raise doc.fail(
+                field,
+                f"duplicate {what} name {name!r} (also in {seen[name].label})",
+                f"give each {what} its own name",
+            )
         seen[name] = doc
 
 
@@ -510,50 +683,68 @@ def _cluster(doc: _Doc) -> Cluster:
     name = doc.name(doc.get("metadata.name", kind=str), "metadata.name")
     mode = doc.get("spec.cni.mode", DEFAULT_MODE, str)
     if mode not in MODES:
-        raise doc.fail("spec.cni.mode", f"unknown mode {_show(mode)}",
-                       f"use one of: {', '.join(MODES)}")
+        raise doc.fail(
+            "spec.cni.mode", f"unknown mode {_show(mode)}", f"use one of: {', '.join(MODES)}"
+        )
     calico = modes.get(mode).family == "calico"
     other = "spec.cni.flannel" if calico else "spec.cni.calico"
     if doc.get(other) is not None:  # present, even as {}: it would be silently ignored
-        raise doc.fail(other, f"mode {mode} does not read {other.rsplit('.', 1)[1]} settings",
-                       f"remove {other}, or use a {other.rsplit('.', 1)[1]}-* mode")
+        raise doc.fail(
+            other,
+            f"mode {mode} does not read {other.rsplit('.', 1)[1]} settings",
+            f"remove {other}, or use a {other.rsplit('.', 1)[1]}-* mode",
+        )
     if calico:
         network_field, len_field = "spec.cni.calico.ipPool.cidr", "spec.cni.calico.ipPool.blockSize"
         network = doc.cidr(doc.get(network_field, CALICO_POOL), network_field)
         subnet_len = doc.get(len_field, CALICO_BLOCK, int)
         if not 20 <= subnet_len <= 32 or subnet_len <= network.prefixlen:
-            raise doc.fail(len_field, f"block size {subnet_len} is out of range",
-                           f"use 20 to 32, longer than the pool's /{network.prefixlen} "
-                           "(Calico's default is 26)")
+            raise doc.fail(
+                len_field,
+                f"block size {subnet_len} is out of range",
+                f"use 20 to 32, longer than the pool's /{network.prefixlen} "
+                "(Calico's default is 26)",
+            )
     else:
         network_field, len_field = "spec.cni.flannel.Network", "spec.cni.flannel.SubnetLen"
         network = doc.cidr(doc.get(network_field, DEFAULTS["network"]), network_field)
         subnet_len = doc.get(len_field, DEFAULTS["subnet_len"], int)
         if not network.prefixlen < subnet_len <= 28:
-            raise doc.fail(len_field, f"{subnet_len} does not fit Network {network}",
-                           f"use a length between {network.prefixlen + 1} and 28")
-    service_cidr = doc.cidr(doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]),
-                            "spec.serviceCIDR")
+            raise doc.fail(
+                len_field,
+                f"{subnet_len} does not fit Network {network}",
+                f"use a length between {network.prefixlen + 1} and 28",
+            )
+    service_cidr = doc.cidr(
+        doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]), "spec.serviceCIDR"
+    )
     if service_cidr.prefixlen < MIN_SERVICE_PREFIX:
-        raise doc.fail("spec.serviceCIDR", f"{service_cidr} is larger than kube-apiserver "
-                       f"accepts", f"use a /{MIN_SERVICE_PREFIX} or longer (the default is "
-                       f"{DEFAULTS['service_cidr']})")
+        raise doc.fail(
+            "spec.serviceCIDR",
+            f"{service_cidr} is larger than kube-apiserver accepts",
+            f"use a /{MIN_SERVICE_PREFIX} or longer (the default is {DEFAULTS['service_cidr']})",
+        )
     mtu = doc.get("spec.underlay.mtu", DEFAULTS["mtu"], int)
     if not 1280 <= mtu <= 9000:
         raise doc.fail("spec.underlay.mtu", f"{mtu} is out of range", "use 1280 to 9000")
     segments = _segments(doc)
-    nets = [(f"spec.underlay.segments[{i}].subnet", IPNetwork(s.subnet))
-            for i, s in enumerate(segments)]
+    nets = [
+        (f"spec.underlay.segments[{i}].subnet", IPNetwork(s.subnet)) for i, s in enumerate(segments)
+    ]
     nets += [(network_field, network), ("spec.serviceCIDR", service_cidr)]
     pair = _first_overlap([net for _, net in nets])
     if pair:
         (field_a, a), (field_b, b) = nets[pair[0]], nets[pair[1]]
-        raise doc.fail(field_b, f"{b} overlaps {a} ({field_a})",
-                       "choose ranges that do not overlap")
+        raise doc.fail(
+            field_b, f"{b} overlaps {a} ({field_a})", "choose ranges that do not overlap"
+        )
     nodes = _hosts(doc, "spec.nodes", segments, Node)
     if not nodes:
-        raise doc.fail("spec.nodes", "a cluster needs at least one node",
-                       "add nodes: [{name: worker-1, segment: ...}]")
+        raise doc.fail(
+            "spec.nodes",
+            "a cluster needs at least one node",
+            "add nodes: [{name: worker-1, segment: ...}]",
+        )
     clients = _hosts(doc, "spec.externalClients", segments, ExternalClient)
     calico_spec = _calico(doc, mode, segments, nodes) if calico else None
     if calico:
@@ -562,22 +753,42 @@ def _cluster(doc: _Doc) -> Cluster:
     _assign_ips(doc, segments, nodes, clients)
     available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
     if not calico and len(nodes) > available:
-        raise doc.fail("spec.cni.flannel.Network", f"{network} holds {available} /{subnet_len} "
-                       f"subnets for {len(nodes)} nodes", "use a larger Network or SubnetLen")
+        raise doc.fail(
+            "spec.cni.flannel.Network",
+            f"{network} holds {available} /{subnet_len} subnets for {len(nodes)} nodes",
+            "use a larger Network or SubnetLen",
+        )
     blocks = 2 ** (subnet_len - network.prefixlen)
     if calico and len(nodes) > blocks:
-        raise doc.fail(network_field, f"{network} holds {blocks} /{subnet_len} blocks for "
-                       f"{len(nodes)} nodes (each node claims a block of its own)",
-                       "use a larger pool or a longer blockSize")
+        raise doc.fail(
+            network_field,
+            f"{network} holds {blocks} /{subnet_len} blocks for "
+            f"{len(nodes)} nodes (each node claims a block of its own)",
+            "use a larger pool or a longer blockSize",
+        )
     cni_version, plugins = _chain(doc)
     proxy_mode = doc.get("spec.kubeProxy.mode", "nftables", str)
     if proxy_mode not in ("nftables", "userspace"):
-        raise doc.fail("spec.kubeProxy.mode", f"unknown kube-proxy mode {_show(proxy_mode)}",
-                       "use nftables (the default) or userspace")
-    cluster = Cluster(name=name, mode=mode, pod_network=str(network), subnet_len=subnet_len,
-                      service_cidr=str(service_cidr), mtu=mtu, segments=segments,
-                      nodes=[replace(n) for n in nodes], clients=clients, calico=calico_spec,
-                      cni_version=cni_version, cni_plugins=plugins, proxy_mode=proxy_mode)
+        raise doc.fail(
+            "spec.kubeProxy.mode",
+            f"unknown kube-proxy mode {_show(proxy_mode)}",
+            "use nftables (the default) or userspace",
+        )
+    cluster = Cluster(
+        name=name,
+        mode=mode,
+        pod_network=str(network),
+        subnet_len=subnet_len,
+        service_cidr=str(service_cidr),
+        mtu=mtu,
+        segments=segments,
+        nodes=[replace(n) for n in nodes],
+        clients=clients,
+        calico=calico_spec,
+        cni_version=cni_version,
+        cni_plugins=plugins,
+        proxy_mode=proxy_mode,
+    )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")
     return cluster
@@ -596,67 +807,103 @@ def _calico(doc: _Doc, mode: str, segments: list[Segment], nodes: list[Node]) ->
     vxlan = doc.get(base + "vxlanMode", "Always" if own_setting == "vxlan_mode" else "Never", str)
     for field, value in (("ipipMode", ipip), ("vxlanMode", vxlan)):
         if value not in ENCAP_MODES:
-            raise doc.fail(base + field, f"{_show(value)} is not an encapsulation mode",
-                           f"use one of {', '.join(ENCAP_MODES)}")
+            raise doc.fail(
+                base + field,
+                f"{_show(value)} is not an encapsulation mode",
+                f"use one of {', '.join(ENCAP_MODES)}",
+            )
     values = {"ipip_mode": ipip, "vxlan_mode": vxlan}
     if own_setting:
         field = settings[own_setting]
         other = next(s for s in settings if s != own_setting)
         if values[own_setting] == "Never":
-            raise doc.fail(base + field, f"{mode} with {field} Never carries nothing",
-                           "use Always or CrossSubnet, or a mode that routes without "
-                           "encapsulation for plain routing")
+            raise doc.fail(
+                base + field,
+                f"{mode} with {field} Never carries nothing",
+                "use Always or CrossSubnet, or a mode that routes without "
+                "encapsulation for plain routing",
+            )
         if values[other] != "Never":
-            raise doc.fail(base + settings[other], f"{mode} encapsulates with one protocol "
-                           "only", f"set {settings[other]} to Never")
+            raise doc.fail(
+                base + settings[other],
+                f"{mode} encapsulates with one protocol only",
+                f"set {settings[other]} to Never",
+            )
     elif (ipip, vxlan) != ("Never", "Never"):
-        raise doc.fail(base + ("ipipMode" if ipip != "Never" else "vxlanMode"),
-                       f"{mode} routes without encapsulation",
-                       "set it to Never, or use a Calico mode that encapsulates")
+        raise doc.fail(
+            base + ("ipipMode" if ipip != "Never" else "vxlanMode"),
+            f"{mode} routes without encapsulation",
+            "set it to Never, or use a Calico mode that encapsulates",
+        )
     if "CrossSubnet" in (ipip, vxlan) and len(segments) < 2:
-        doc.ignored.add("warning: CrossSubnet with a single underlay segment encapsulates "
-                        "nothing (every peer is on the same subnet)")
+        doc.ignored.add(
+            "warning: CrossSubnet with a single underlay segment encapsulates "
+            "nothing (every peer is on the same subnet)"
+        )
     asn = doc.get("spec.cni.calico.bgp.asNumber", 64512, int)
     if not 1 <= asn <= 4294967295:
-        raise doc.fail("spec.cni.calico.bgp.asNumber", f"AS number {asn} is out of range",
-                       "use 1 to 4294967295 (Calico's default is 64512)")
+        raise doc.fail(
+            "spec.cni.calico.bgp.asNumber",
+            f"AS number {asn} is out of range",
+            "use 1 to 4294967295 (Calico's default is 64512)",
+        )
     reflectors = doc.get("spec.cni.calico.bgp.routeReflectors", [], list)
     names = {n.name for n in nodes}
     for i, name in enumerate(reflectors):
         if not isinstance(name, str) or name not in names:
-            raise doc.fail(f"spec.cni.calico.bgp.routeReflectors[{i}]",
-                           f"{_show(name)} is not a node",
-                           f"use node names: {_choices(sorted(names))}")
+            raise doc.fail(
+                f"spec.cni.calico.bgp.routeReflectors[{i}]",
+                f"{_show(name)} is not a node",
+                f"use node names: {_choices(sorted(names))}",
+            )
     if reflectors and not data_plane.bgp:
-        raise doc.fail("spec.cni.calico.bgp.routeReflectors", f"{mode} runs no BGP",
-                       "route reflectors need mode calico-bgp")
+        raise doc.fail(
+            "spec.cni.calico.bgp.routeReflectors",
+            f"{mode} runs no BGP",
+            "route reflectors need mode calico-bgp",
+        )
     carrier = doc.get("spec.cni.calico.ipipCarrier", "auto", str)
     if carrier not in ("auto", "kernel", "ebpf", "userspace"):
-        raise doc.fail("spec.cni.calico.ipipCarrier", f"unknown carrier {_show(carrier)}",
-                       "use auto, kernel, ebpf or userspace")
-    return CalicoSpec(ipip_mode=ipip, vxlan_mode=vxlan, ipip_carrier=carrier,
-                      nat_outgoing=doc.get(base + "natOutgoing", True, bool), asn=asn,
-                      reflectors=tuple(reflectors))
+        raise doc.fail(
+            "spec.cni.calico.ipipCarrier",
+            f"unknown carrier {_show(carrier)}",
+            "use auto, kernel, ebpf or userspace",
+        )
+    return CalicoSpec(
+        ipip_mode=ipip,
+        vxlan_mode=vxlan,
+        ipip_carrier=carrier,
+        nat_outgoing=doc.get(base + "natOutgoing", True, bool),
+        asn=asn,
+        reflectors=tuple(reflectors),
+    )
 
 
-def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment],
-               own_asn: int) -> list[ExternalClient]:
+def _bgp_peers(doc: _Doc, mode: str, segments: list[Segment], own_asn: int) -> list[ExternalClient]:
     """Top-of-rack routers: external hosts with their own AS number."""
     path = "spec.cni.calico.bgp.peers"
     raw = doc.get(path, [], list)
     if raw and not modes.get(mode).bgp:
         raise doc.fail(path, f"{mode} runs no BGP", "external BGP peers need mode calico-bgp")
     peers = []
-    for i, (host, item) in enumerate(zip(_hosts(doc, path, segments, ExternalClient,
-                                                 extra=("asNumber",)), raw, strict=True)):
+    for i, (host, item) in enumerate(
+        zip(_hosts(doc, path, segments, ExternalClient, extra=("asNumber",)), raw, strict=True)
+    ):
         asn = item.get("asNumber") if isinstance(item, dict) else None
         if not isinstance(asn, int) or isinstance(asn, bool) or not 1 <= asn <= 4294967295:
-            raise doc.fail(f"{path}[{i}].asNumber", f"AS number {_show(asn)} is missing or out "
-                           "of range", "give the router its own AS, for example 65001")
+            raise doc.fail(
+                f"{path}[{i}].asNumber",
+                f"AS number {_show(asn)} is missing or out of range",
+                "give the router its own AS, for example 65001",
+            )
         if asn == own_asn:
-            raise doc.fail(f"{path}[{i}].asNumber", f"AS {asn} is the cluster's own AS "
-                           "(spec.cni.calico.bgp.asNumber): the nodes would speak iBGP to an "
-                           "external router", "give the router its own AS, for example 65001")
+            raise doc.fail(
+                f"{path}[{i}].asNumber",
+                f"AS {asn} is the cluster's own AS "
+                "(spec.cni.calico.bgp.asNumber): the nodes would speak iBGP to an "
+                "external router",
+                "give the router its own AS, for example 65001",
+            )
         peers.append(replace(host, asn=asn))
     return peers
 
@@ -665,28 +912,41 @@ def _chain(doc: _Doc) -> tuple[str, list[dict]]:
     """The node's CNI config list: its version, and plugins to run after netsim's own."""
     version = doc.get("spec.cni.cniVersion", CNI_VERSION, str)
     if version not in CNI_VERSIONS:
-        raise doc.fail("spec.cni.cniVersion", f"unsupported version {_show(version)}",
-                       f"use one of {', '.join(CNI_VERSIONS)} (Debian's reference plugins "
-                       "take up to 1.0.0)")
+        raise doc.fail(
+            "spec.cni.cniVersion",
+            f"unsupported version {_show(version)}",
+            f"use one of {', '.join(CNI_VERSIONS)} (Debian's reference plugins take up to 1.0.0)",
+        )
     plugins = doc.get("spec.cni.plugins", [], list)
     for i, plugin in enumerate(plugins):
-        if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str) or \
-                not CNI_PLUGIN_TYPE.fullmatch(plugin["type"]):
-            raise doc.fail(f"spec.cni.plugins[{i}]", "each plugin needs a \"type\": the name "
-                           "of its executable", "for example {type: tuning, sysctl: {...}}")
+        if (
+            not isinstance(plugin, dict)
+            or not isinstance(plugin.get("type"), str)
+            or not CNI_PLUGIN_TYPE.fullmatch(plugin["type"])
+        ):
+            raise doc.fail(
+                f"spec.cni.plugins[{i}]",
+                'each plugin needs a "type": the name of its executable',
+                "for example {type: tuning, sysctl: {...}}",
+            )
     try:
         return version, json.loads(json.dumps(plugins, allow_nan=False))
     except ValueError:
-        raise doc.fail("spec.cni.plugins", "holds a number JSON cannot carry (.nan or .inf)",
-                       "write a finite number, or quote it") from None
+        raise doc.fail(
+            "spec.cni.plugins",
+            "holds a number JSON cannot carry (.nan or .inf)",
+            "write a finite number, or quote it",
+        ) from None
 
 
 def _segments(doc: _Doc) -> list[Segment]:
-    raw = doc.get("spec.underlay.segments", [{"name": "underlay", "subnet": "172.18.0.0/24"}],
-                  list)
+    raw = doc.get("spec.underlay.segments", [{"name": "underlay", "subnet": "172.18.0.0/24"}], list)
     if not raw:
-        raise doc.fail("spec.underlay.segments", "no segments",
-                       "add at least one: [{name: underlay, subnet: 172.18.0.0/24}]")
+        raise doc.fail(
+            "spec.underlay.segments",
+            "no segments",
+            "add at least one: [{name: underlay, subnet: 172.18.0.0/24}]",
+        )
     segments = []
     for i, item in enumerate(raw):
         field = f"spec.underlay.segments[{i}]"
@@ -694,16 +954,20 @@ def _segments(doc: _Doc) -> list[Segment]:
             raise doc.fail(field, "expected a mapping with name and subnet")
         name = doc.name(item.get("name"), f"{field}.name")
         if len(name) > MAX_SEGMENT_NAME:
-            raise doc.fail(f"{field}.name", f"{name!r} is longer than {MAX_SEGMENT_NAME} "
-                           "characters", "shorten it (its bridge is named br-<name>)")
+            raise doc.fail(
+                f"{field}.name",
+                f"{name!r} is longer than {MAX_SEGMENT_NAME} characters",
+                "shorten it (its bridge is named br-<name>)",
+            )
         subnet = doc.cidr(item.get("subnet"), f"{field}.subnet")
         segments.append(Segment(name, str(subnet)))
     _unique([(s.name, doc) for s in segments], "spec.underlay.segments", "segment")
     return segments
 
 
-def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
-           extra: tuple[str, ...] = ()) -> list:
+def _hosts(
+    doc: _Doc, path: str, segments: list[Segment], cls: type, extra: tuple[str, ...] = ()
+) -> list:
     hosts = []
     subnets = {s.name: s.subnet for s in segments}
     for i, item in enumerate(doc.get(path, [], list)):
@@ -713,21 +977,30 @@ def _hosts(doc: _Doc, path: str, segments: list[Segment], cls: type,
         if not isinstance(item, dict):
             raise doc.fail(field, "expected a mapping with name and segment")
         name = doc.name(item.get("name"), f"{field}.name")
-        doc.ignored.update(f"Cluster.{path}[].{_key(k)}" for k in item
-                           if k not in ("name", "segment", "ip", *extra))
+        doc.ignored.update(
+            f"Cluster.{path}[].{_key(k)}"
+            for k in item
+            if k not in ("name", "segment", "ip", *extra)
+        )
         segment = item.get("segment")
         segment = segments[0].name if segment is None else segment
         if not isinstance(segment, str) or segment not in subnets:
-            raise doc.fail(f"{field}.segment", f"no segment named {_show(segment)}",
-                           f"use one of: {_choices(s.name for s in segments)}")
+            raise doc.fail(
+                f"{field}.segment",
+                f"no segment named {_show(segment)}",
+                f"use one of: {_choices(s.name for s in segments)}",
+            )
         ip = item.get("ip")
         ip = "" if ip is None else ip
         if ip != "":
             addr = doc.address(ip, f"{field}.ip")
             net = IPNetwork(subnets[segment])
             if addr not in net or addr in (net.network, net.broadcast, net.network + 1):
-                raise doc.fail(f"{field}.ip", f"{ip} is not a usable host of {net}",
-                               f"pick an address from {net.network + 2} to {net.broadcast - 1}")
+                raise doc.fail(
+                    f"{field}.ip",
+                    f"{ip} is not a usable host of {net}",
+                    f"pick an address from {net.network + 2} to {net.broadcast - 1}",
+                )
         hosts.append(cls(name=name, segment=segment, ip=str(ip)))
     return hosts
 
@@ -748,8 +1021,9 @@ def _first_overlap(nets: list[IPNetwork]) -> tuple[int, int] | None:
         return None
     i = min(involved)  # the first network in any overlap meets a later one
     a = nets[i]
-    return i, next(j for j in range(i + 1, len(nets))
-                   if a.first <= nets[j].last and nets[j].first <= a.last)
+    return i, next(
+        j for j in range(i + 1, len(nets)) if a.first <= nets[j].last and nets[j].first <= a.last
+    )
 
 
 def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) -> None:
@@ -762,13 +1036,19 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
         net = IPNetwork(seg.subnet)
         members = [group[i] for group, i in places[seg.name]]
         if len(members) > max(net.size - 3, 0):
-            raise doc.fail("spec.underlay.segments", f"segment {seg.name} ({net}) has room for "
-                           f"{max(net.size - 3, 0)} hosts, not {len(members)}",
-                           "use a larger subnet or spread the nodes over more segments")
+            raise doc.fail(
+                "spec.underlay.segments",
+                f"segment {seg.name} ({net}) has room for "
+                f"{max(net.size - 3, 0)} hosts, not {len(members)}",
+                "use a larger subnet or spread the nodes over more segments",
+            )
         taken = {h.ip for h in members if h.ip}
         if len(taken) < len([h for h in members if h.ip]):
-            raise doc.fail("spec.nodes", f"two hosts on segment {seg.name} share an ip",
-                           "give each node and client its own address")
+            raise doc.fail(
+                "spec.nodes",
+                f"two hosts on segment {seg.name} share an ip",
+                "give each node and client its own address",
+            )
         free = (str(a) for a in net.iter_hosts() if a != net.network + 1 and str(a) not in taken)
         for group, i in places[seg.name]:
             if not group[i].ip:
@@ -781,19 +1061,32 @@ def _labels(doc: _Doc, path: str) -> dict[str, str]:
     result = {}
     for key, value in labels.items():
         prefix, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", None)
-        if name is None or not LABEL_NAME.fullmatch(name) or (
-                prefix and not DNS1123_SUBDOMAIN.fullmatch(prefix)) or key.startswith("/"):
-            raise doc.fail(path, f"{_show(key)} is not a label key",
-                           "use up to 63 letters, digits, '-', '_' or '.', beginning and ending "
-                           "with a letter or digit, optionally after a DNS prefix and '/'")
+        if (
+            name is None
+            or not LABEL_NAME.fullmatch(name)
+            or (prefix and not DNS1123_SUBDOMAIN.fullmatch(prefix))
+            or key.startswith("/")
+        ):
+            raise doc.fail(
+                path,
+                f"{_show(key)} is not a label key",
+                "use up to 63 letters, digits, '-', '_' or '.', beginning and ending "
+                "with a letter or digit, optionally after a DNS prefix and '/'",
+            )
         value = "" if value is None else value  # as Kubernetes reads null
         if not isinstance(value, str):
-            raise doc.fail(f"{path}.{_key(key)}", f"label values are strings, not "
-                           f"{_show(value)}", f'quote it: {_key(key)}: "{_short(value, 20)}"')
+            raise doc.fail(
+                f"{path}.{_key(key)}",
+                f"label values are strings, not {_show(value)}",
+                f'quote it: {_key(key)}: "{_short(value, 20)}"',
+            )
         if value and not LABEL_NAME.fullmatch(value):
-            raise doc.fail(f"{path}.{_key(key)}", f"{_show(value)} is not a label value",
-                           "use up to 63 letters, digits, '-', '_' or '.', beginning and "
-                           "ending with a letter or digit")
+            raise doc.fail(
+                f"{path}.{_key(key)}",
+                f"{_show(value)} is not a label value",
+                "use up to 63 letters, digits, '-', '_' or '.', beginning and "
+                "ending with a letter or digit",
+            )
         result[key] = value
     return result
 
@@ -811,34 +1104,52 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
                 doc.ignored.add(f"{doc.kind}.{path}[].{_key(key)}")
         name = doc.name(item.get("name", f"c{i}"), f"{field}.name")
         if name in {c.name for c in containers}:
-            raise doc.fail(f"{field}.name", f"duplicate container name {name!r}",
-                           "give each container of a pod its own name")
+            raise doc.fail(
+                f"{field}.name",
+                f"duplicate container name {name!r}",
+                "give each container of a pod its own name",
+            )
         ports, names = [], []
         if not isinstance(item.get("ports") if item.get("ports") is not None else [], list):
             raise doc.fail(f"{field}.ports", "expected a list of {containerPort: N}")
         for key in ("command", "args"):
             words = item.get(key) if item.get(key) is not None else []
             if not isinstance(words, list):
-                raise doc.fail(f"{field}.{key}", f"expected a list of strings, got "
-                               f"{_show(words)}", f'write it as {key}: ["..."]')
+                raise doc.fail(
+                    f"{field}.{key}",
+                    f"expected a list of strings, got {_show(words)}",
+                    f'write it as {key}: ["..."]',
+                )
             for k, word in enumerate(words):
                 if not isinstance(word, str):
-                    raise doc.fail(f"{field}.{key}[{k}]", f"expected a string, got "
-                                   f"{_show(word)}", f'quote it: "{_short(word, 20)}"')
+                    raise doc.fail(
+                        f"{field}.{key}[{k}]",
+                        f"expected a string, got {_show(word)}",
+                        f'quote it: "{_short(word, 20)}"',
+                    )
         for j, port in enumerate(item.get("ports") or []):
             value = port.get("containerPort") if isinstance(port, dict) else None
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-                raise doc.fail(f"{field}.ports[{j}].containerPort", f"{_show(value)} is not a "
-                               "port", "use an integer from 1 to 65535")
+                raise doc.fail(
+                    f"{field}.ports[{j}].containerPort",
+                    f"{_show(value)} is not a port",
+                    "use an integer from 1 to 65535",
+                )
             ports.append(value)
             port_name = port.get("name")
             if port_name is not None and port_name != "":
                 if not isinstance(port_name, str) or not IANA_SVC_NAME.fullmatch(port_name):
-                    raise doc.fail(f"{field}.ports[{j}].name", f"{_show(port_name)} is not a "
-                                   "port name", IANA_FIX)
+                    raise doc.fail(
+                        f"{field}.ports[{j}].name",
+                        f"{_show(port_name)} is not a port name",
+                        IANA_FIX,
+                    )
                 if port_name in taken:
-                    raise doc.fail(f"{field}.ports[{j}].name", f"duplicate port name "
-                                   f"{port_name!r} in this pod", "give each port its own name")
+                    raise doc.fail(
+                        f"{field}.ports[{j}].name",
+                        f"duplicate port name {port_name!r} in this pod",
+                        "give each port its own name",
+                    )
                 taken.add(port_name)
                 names.append((port_name, value))
         command = [*(item.get("command") or []), *(item.get("args") or [])]
@@ -851,33 +1162,43 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
 def _node_name(doc: _Doc, path: str, cluster: Cluster) -> str:
     node = doc.get(path, "", str)
     if node and node not in {n.name for n in cluster.nodes}:
-        raise doc.fail(path, f"no node named {_show(node)}",
-                       f"use one of: {_choices(n.name for n in cluster.nodes)}")
+        raise doc.fail(
+            path,
+            f"no node named {_show(node)}",
+            f"use one of: {_choices(n.name for n in cluster.nodes)}",
+        )
     return node
 
 
 def _pod(doc: _Doc, cluster: Cluster) -> Pod:
-    return Pod(name=doc.name(doc.get("metadata.name"), "metadata.name"),
-               labels=_labels(doc, "metadata.labels"),
-               containers=_containers(doc, "spec.containers"),
-               node=_node_name(doc, "spec.nodeName", cluster))
+    return Pod(
+        name=doc.name(doc.get("metadata.name"), "metadata.name"),
+        labels=_labels(doc, "metadata.labels"),
+        containers=_containers(doc, "spec.containers"),
+        node=_node_name(doc, "spec.nodeName", cluster),
+    )
 
 
 def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
     name = doc.name(doc.get("metadata.name"), "metadata.name")
     replicas = doc.get("spec.replicas", 1, int)
     if len(f"{name}-{max(replicas - 1, 0)}") > 63:
-        raise doc.fail("metadata.name", f"pod names {name}-N would be longer than 63 characters",
-                       "shorten the Deployment's name")
+        raise doc.fail(
+            "metadata.name",
+            f"pod names {name}-N would be longer than 63 characters",
+            "shorten the Deployment's name",
+        )
     if not 0 <= replicas <= 10000:
         raise doc.fail("spec.replicas", f"{replicas} is out of range", "use 0 to 10000")
     selector = _labels(doc, "spec.selector.matchLabels")
     labels = _labels(doc, "spec.template.metadata.labels")
     if not selector or any(labels.get(k) != v for k, v in selector.items()):
-        raise doc.fail("spec.selector.matchLabels", f"selector {_show(selector, 120)} does "
-                       f"not match the template labels {_show(labels, 120)}",
-                       "make spec.selector.matchLabels a subset of "
-                       "spec.template.metadata.labels")
+        raise doc.fail(
+            "spec.selector.matchLabels",
+            f"selector {_show(selector, 120)} does "
+            f"not match the template labels {_show(labels, 120)}",
+            "make spec.selector.matchLabels a subset of spec.template.metadata.labels",
+        )
     containers = _containers(doc, "spec.template.spec.containers")
     node = _node_name(doc, "spec.template.spec.nodeName", cluster)
     return [Pod(f"{name}-{i}", labels, containers, node, owner=name) for i in range(replicas)]
@@ -886,23 +1207,31 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
 def _service(doc: _Doc, cluster: Cluster) -> Service:
     name = doc.name(doc.get("metadata.name"), "metadata.name")
     if not DNS1035_LABEL.fullmatch(name):
-        raise doc.fail("metadata.name", f"{name!r} is not a DNS-1035 label (a Service's name "
-                       "starts with a letter)", "begin the name with a lowercase letter")
+        raise doc.fail(
+            "metadata.name",
+            f"{name!r} is not a DNS-1035 label (a Service's name starts with a letter)",
+            "begin the name with a lowercase letter",
+        )
     kind = doc.get("spec.type", "ClusterIP", str)
     if kind not in ("ClusterIP", "NodePort"):
-        raise doc.fail("spec.type", f"unsupported type {_show(kind)}",
-                       "use ClusterIP or NodePort")
+        raise doc.fail("spec.type", f"unsupported type {_show(kind)}", "use ClusterIP or NodePort")
     selector = _labels(doc, "spec.selector")
     if not selector:
-        raise doc.fail("spec.selector", "a Service needs a selector (netsim has no manual "
-                       "Endpoints)", "add spec.selector with the pods' labels")
+        raise doc.fail(
+            "spec.selector",
+            "a Service needs a selector (netsim has no manual Endpoints)",
+            "add spec.selector with the pods' labels",
+        )
     ports = []
     names: dict[str, int] = {}  # port name -> its index; "" (unnamed) is checked above
     numbers: dict[tuple[int, str], int] = {}
     raw_ports = doc.get("spec.ports", [], list)
     if not raw_ports:
-        raise doc.fail("spec.ports", "a Service needs at least one port",
-                       f"add ports: [{{port: 80, targetPort: {HOSTNAME_PORT}}}]")
+        raise doc.fail(
+            "spec.ports",
+            "a Service needs at least one port",
+            f"add ports: [{{port: 80, targetPort: {HOSTNAME_PORT}}}]",
+        )
     for i, item in enumerate(raw_ports):
         field = f"spec.ports[{i}]"
         if not isinstance(item, dict):
@@ -912,73 +1241,114 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
             raise doc.fail(f"{field}.port", f"{_show(port)} is not a port", "use 1 to 65535")
         target = item.get("targetPort")
         target = port if target is None else target  # Kubernetes' default
-        if isinstance(target, bool) or not isinstance(target, int | str) or (
-                isinstance(target, int) and not 1 <= target <= 65535):
-            raise doc.fail(f"{field}.targetPort", f"{_show(target)} is not a port",
-                           "use 1 to 65535, or the name of a containerPort")
+        if (
+            isinstance(target, bool)
+            or not isinstance(target, int | str)
+            or (isinstance(target, int) and not 1 <= target <= 65535)
+        ):
+            raise doc.fail(
+                f"{field}.targetPort",
+                f"{_show(target)} is not a port",
+                "use 1 to 65535, or the name of a containerPort",
+            )
         if isinstance(target, str) and not IANA_SVC_NAME.fullmatch(target):
-            raise doc.fail(f"{field}.targetPort", f"{_show(target)} is neither a port number "
-                           "nor a port name", "write a number without quotes, or a name: "
-                           + IANA_FIX)
+            raise doc.fail(
+                f"{field}.targetPort",
+                f"{_show(target)} is neither a port number nor a port name",
+                "write a number without quotes, or a name: " + IANA_FIX,
+            )
         protocol = item.get("protocol")
         protocol = "TCP" if protocol is None or protocol == "" else protocol
         if protocol not in ("TCP", "UDP"):
-            raise doc.fail(f"{field}.protocol", f"unsupported protocol {_show(protocol)}",
-                           "use TCP or UDP")
+            raise doc.fail(
+                f"{field}.protocol", f"unsupported protocol {_show(protocol)}", "use TCP or UDP"
+            )
         node_port = item.get("nodePort")
         node_port = None if node_port == 0 and not isinstance(node_port, bool) else node_port
         if node_port is not None:  # 0, as in Kubernetes, means "allocate one"
             if kind != "NodePort":
-                raise doc.fail(f"{field}.nodePort", "nodePort is set on a ClusterIP Service",
-                               "set spec.type: NodePort or remove nodePort")
+                raise doc.fail(
+                    f"{field}.nodePort",
+                    "nodePort is set on a ClusterIP Service",
+                    "set spec.type: NodePort or remove nodePort",
+                )
             low, high = NODE_PORT_RANGE
-            if not isinstance(node_port, int) or isinstance(node_port, bool) or \
-                    not low <= node_port <= high:
-                raise doc.fail(f"{field}.nodePort", f"{_show(node_port)} is outside "
-                               f"{low}-{high}", f"pick a port from {low} to {high}")
+            if (
+                not isinstance(node_port, int)
+                or isinstance(node_port, bool)
+                or not low <= node_port <= high
+            ):
+                raise doc.fail(
+                    f"{field}.nodePort",
+                    f"{_show(node_port)} is outside {low}-{high}",
+                    f"pick a port from {low} to {high}",
+                )
         port_name = item.get("name")
         port_name = "" if port_name is None else port_name
-        if port_name != "" and (not isinstance(port_name, str)
-                                or not DNS1123_LABEL.fullmatch(port_name)):
-            raise doc.fail(f"{field}.name", f"{_show(port_name)} is not a port name",
-                           "use a DNS-1123 label: lowercase letters, digits and '-', starting "
-                           "and ending with a letter or digit, at most 63 characters")
+        if port_name != "" and (
+            not isinstance(port_name, str) or not DNS1123_LABEL.fullmatch(port_name)
+        ):
+            raise doc.fail(
+                f"{field}.name",
+                f"{_show(port_name)} is not a port name",
+                "use a DNS-1123 label: lowercase letters, digits and '-', starting "
+                "and ending with a letter or digit, at most 63 characters",
+            )
         if port_name == "" and len(raw_ports) > 1:
-            raise doc.fail(f"{field}.name", "a Service with more than one port must name each "
-                           "of them", "add name: (for example http) to every port")
+            raise doc.fail(
+                f"{field}.name",
+                "a Service with more than one port must name each of them",
+                "add name: (for example http) to every port",
+            )
         if port_name in names:
-            raise doc.fail(f"{field}.name", f"duplicate port name {port_name!r} (also "
-                           f"spec.ports[{names[port_name]}])", "give each port its own name")
+            raise doc.fail(
+                f"{field}.name",
+                f"duplicate port name {port_name!r} (also spec.ports[{names[port_name]}])",
+                "give each port its own name",
+            )
         if (port, protocol) in numbers:
-            raise doc.fail(f"{field}.port", f"port {port}/{protocol} is already "
-                           f"spec.ports[{numbers[port, protocol]}]",
-                           "use each port and protocol once")
+            raise doc.fail(
+                f"{field}.port",
+                f"port {port}/{protocol} is already spec.ports[{numbers[port, protocol]}]",
+                "use each port and protocol once",
+            )
         names[port_name] = numbers[port, protocol] = i
         ports.append(ServicePort(port, target, protocol, port_name, node_port))
     cluster_ip = doc.get("spec.clusterIP", "", str)
     if cluster_ip == "None":
-        raise doc.fail("spec.clusterIP", "headless Services (clusterIP: None) are not "
-                       "supported yet", "remove clusterIP (netsim allocates one) or give an "
-                       f"address from {cluster.service_cidr}")
+        raise doc.fail(
+            "spec.clusterIP",
+            "headless Services (clusterIP: None) are not supported yet",
+            "remove clusterIP (netsim allocates one) or give an "
+            f"address from {cluster.service_cidr}",
+        )
     if cluster_ip:
         addr, net = doc.address(cluster_ip, "spec.clusterIP"), IPNetwork(cluster.service_cidr)
         if addr not in net:
-            raise doc.fail("spec.clusterIP", f"{cluster_ip} is not in the service CIDR "
-                           f"{cluster.service_cidr}", "pick an address inside it or leave "
-                           "clusterIP out")
+            raise doc.fail(
+                "spec.clusterIP",
+                f"{cluster_ip} is not in the service CIDR {cluster.service_cidr}",
+                "pick an address inside it or leave clusterIP out",
+            )
         if addr in (net.network, net.broadcast):
             what = "network" if addr == net.network else "broadcast"
-            raise doc.fail("spec.clusterIP", f"{cluster_ip} is the {what} address of the "
-                           f"service CIDR {net}", f"pick one from {net.network + 1} to "
-                           f"{net.broadcast - 1}, or leave clusterIP out")
+            raise doc.fail(
+                "spec.clusterIP",
+                f"{cluster_ip} is the {what} address of the service CIDR {net}",
+                f"pick one from {net.network + 1} to {net.broadcast - 1}, or leave clusterIP out",
+            )
     affinity = doc.get("spec.sessionAffinity", "None", str)
     if affinity not in ("None", "ClientIP"):
-        raise doc.fail("spec.sessionAffinity", f"{_show(affinity)} is not valid",
-                       "use None or ClientIP")
+        raise doc.fail(
+            "spec.sessionAffinity", f"{_show(affinity)} is not valid", "use None or ClientIP"
+        )
     timeout = doc.get("spec.sessionAffinityConfig.clientIP.timeoutSeconds", 10800, int)
     if not 1 <= timeout <= 86400:
-        raise doc.fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                       f"{timeout} is out of range", "use 1 to 86400 seconds")
+        raise doc.fail(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            f"{timeout} is out of range",
+            "use 1 to 86400 seconds",
+        )
     return Service(name, selector, tuple(ports), kind, cluster_ip, affinity, timeout)
 
 
@@ -995,17 +1365,23 @@ def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
                 continue
             key = (port.node_port, port.protocol)
             if key in seen:
-                raise doc.fail(f"spec.ports[{i}].nodePort", f"nodePort {port.node_port} is "
-                               f"already taken by Service {seen[key]}", "pick another port")
+                raise doc.fail(
+                    f"spec.ports[{i}].nodePort",
+                    f"nodePort {port.node_port} is already taken by Service {seen[key]}",
+                    "pick another port",
+                )
             seen[key] = svc.name
     low, high = NODE_PORT_RANGE
     room = high - low + 1 - len({number for number, _ in seen})
     if len(auto) > room:
         doc, i = auto[max(room, 0)]
-        raise doc.fail(f"spec.ports[{i}].nodePort", f"no nodePort is left for this port: "
-                       f"{low}-{high} holds {high - low + 1}, {high - low + 1 - room} are "
-                       f"written and {len(auto)} more would be allocated",
-                       "use type ClusterIP for some Services, or fewer ports")
+        raise doc.fail(
+            f"spec.ports[{i}].nodePort",
+            f"no nodePort is left for this port: "
+            f"{low}-{high} holds {high - low + 1}, {high - low + 1 - room} are "
+            f"written and {len(auto)} more would be allocated",
+            "use type ClusterIP for some Services, or fewer ports",
+        )
 
 
 def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) -> None:
@@ -1014,20 +1390,25 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) ->
     seen: dict[str, str] = {}
     for svc, doc in zip(cluster.services, docs, strict=True):
         if svc.cluster_ip and svc.cluster_ip in seen:
-            raise doc.fail("spec.clusterIP", f"{svc.cluster_ip} is already the clusterIP of "
-                           f"Service {seen[svc.cluster_ip]}", "pick another address or leave "
-                           "clusterIP out")
+            raise doc.fail(
+                "spec.clusterIP",
+                f"{svc.cluster_ip} is already the clusterIP of Service {seen[svc.cluster_ip]}",
+                "pick another address or leave clusterIP out",
+            )
         seen[svc.cluster_ip] = svc.name
     first, last = _allocation_range(cluster.service_cidr)
     written = {int(IPAddress(s.cluster_ip)) for s in cluster.services if s.cluster_ip}
     room = max(last - first + 1, 0) - len({a for a in written if first <= a <= last})
     auto = [s.name for s in cluster.services if not s.cluster_ip]
     if len(auto) > room:
-        raise cluster_doc.fail("spec.serviceCIDR", f"{cluster.service_cidr} has room for "
-                               f"{room} allocated clusterIPs (netsim allocates from "
-                               f"{IPAddress(first)} to the address before broadcast, less the "
-                               f"written ones), not {len(auto)}: Service {auto[room]} gets none",
-                               "use a larger serviceCIDR, or give Services a clusterIP")
+        raise cluster_doc.fail(
+            "spec.serviceCIDR",
+            f"{cluster.service_cidr} has room for "
+            f"{room} allocated clusterIPs (netsim allocates from "
+            f"{IPAddress(first)} to the address before broadcast, less the "
+            f"written ones), not {len(auto)}: Service {auto[room]} gets none",
+            "use a larger serviceCIDR, or give Services a clusterIP",
+        )
 
 
 def _allocation_range(service_cidr: str) -> tuple[int, int]:
@@ -1051,26 +1432,39 @@ def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
         before = on_node[pod.node]
         on_node[pod.node] += 1
         if calico:
-            claimed += (max(1, math.ceil((before + 1 + tunnel) / size))
-                        - max(1, math.ceil((before + tunnel) / size)))
+            claimed += max(1, math.ceil((before + 1 + tunnel) / size)) - max(
+                1, math.ceil((before + tunnel) / size)
+            )
             full = claimed > blocks
-            problem = (f"pod {pod.name} on node {pod.node} needs a block more, and the pool "
-                       f"{network} holds {blocks} /{cluster.subnet_len} blocks of {size} "
-                       "addresses (each node claims its own"
-                       + (", and its tunnel address takes one" if tunnel else "") + ")")
-            fix = ("run fewer pods, or use a larger spec.cni.calico.ipPool.cidr in the Cluster "
-                   "document")
+            problem = (
+                f"pod {pod.name} on node {pod.node} needs a block more, and the pool "
+                f"{network} holds {blocks} /{cluster.subnet_len} blocks of {size} "
+                "addresses (each node claims its own"
+                + (", and its tunnel address takes one" if tunnel else "")
+                + ")"
+            )
+            fix = (
+                "run fewer pods, or use a larger spec.cni.calico.ipPool.cidr in the Cluster "
+                "document"
+            )
         else:
             full = on_node[pod.node] > size - 3
-            problem = (f"pod {pod.name} would be pod {on_node[pod.node]} on node {pod.node}, "
-                       f"whose /{cluster.subnet_len} subnet holds {max(size - 3, 0)} pods "
-                       f"({size} addresses less network, gateway .1 and broadcast)")
-            fix = ("run fewer pods, add nodes, or use a shorter spec.cni.flannel.SubnetLen in "
-                   "the Cluster document")
+            problem = (
+                f"pod {pod.name} would be pod {on_node[pod.node]} on node {pod.node}, "
+                f"whose /{cluster.subnet_len} subnet holds {max(size - 3, 0)} pods "
+                f"({size} addresses less network, gateway .1 and broadcast)"
+            )
+            fix = (
+                "run fewer pods, add nodes, or use a shorter spec.cni.flannel.SubnetLen in "
+                "the Cluster document"
+            )
         if full:
             doc = docs[pod.name]
-            field = "spec.replicas" if doc.kind == "Deployment" else (
-                "spec.nodeName" if doc.get("spec.nodeName") else "metadata.name")
+            field = (
+                "spec.replicas"
+                if doc.kind == "Deployment"
+                else ("spec.nodeName" if doc.get("spec.nodeName") else "metadata.name")
+            )
             raise doc.fail(field, problem, fix)
 
 
@@ -1100,8 +1494,11 @@ def allocate_cluster_ips(cluster: Cluster, allocated: dict[str, str]) -> dict[st
     first, last = _allocation_range(cluster.service_cidr)
     result = {s.name: s.cluster_ip for s in cluster.services if s.cluster_ip}
     for svc in cluster.services:
-        if svc.name not in result and allocated.get(svc.name) and \
-                allocated[svc.name] not in result.values():
+        if (
+            svc.name not in result
+            and allocated.get(svc.name)
+            and allocated[svc.name] not in result.values()
+        ):
             result[svc.name] = allocated[svc.name]
     used = set(result.values())
     candidates = (str(IPAddress(a)) for a in range(first, last + 1))
@@ -1109,8 +1506,12 @@ def allocate_cluster_ips(cluster: Cluster, allocated: dict[str, str]) -> dict[st
         if svc.name not in result:
             ip = next((ip for ip in candidates if ip not in used), None)
             if ip is None:  # parse() checks the room; a record from elsewhere may not fit
-                raise TopologyError(cluster.source or "<topology>", "file", "spec.serviceCIDR",
-                                    f"{cluster.service_cidr} has no address left for Service "
-                                    f"{svc.name}", "use a larger serviceCIDR")
+                raise TopologyError(
+                    cluster.source or "<topology>",
+                    "file",
+                    "spec.serviceCIDR",
+                    f"{cluster.service_cidr} has no address left for Service {svc.name}",
+                    "use a larger serviceCIDR",
+                )
             result[svc.name] = ip
     return result

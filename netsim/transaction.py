@@ -23,9 +23,15 @@ class Changes:
     def summary(self) -> str:
         if not self:
             return "unchanged"
-        parts = [f"{len(v)} {k}" for k, v in (("created", self.created),
-                                              ("removed", self.removed),
-                                              ("updated", self.updated)) if v]
+        parts = [
+            f"{len(v)} {k}"
+            for k, v in (
+                ("created", self.created),
+                ("removed", self.removed),
+                ("updated", self.updated),
+            )
+            if v
+        ]
         return ", ".join(parts)
 
 

@@ -15,8 +15,9 @@ from netsim.record import ClientRecord, NodeRecord, Router, RouterLeg, Underlay
 from netsim.transaction import Changes, Transaction
 
 
-def build(cluster: Cluster, tx: Transaction, changes: Changes) -> tuple[
-        Underlay, Router, dict[str, NodeRecord], dict[str, ClientRecord]]:
+def build(
+    cluster: Cluster, tx: Transaction, changes: Changes
+) -> tuple[Underlay, Router, dict[str, NodeRecord], dict[str, ClientRecord]]:
     """Every namespace of the underlay and its hosts, wired; hosts get no mode state yet."""
     from netsim.kernel.netlink import IFINDEX, Rtnl
 
@@ -42,16 +43,29 @@ def build(cluster: Cluster, tx: Transaction, changes: Changes) -> tuple[
             changes.created.append(f"netns {netns}")
             fd = nsmod.open_fd(netns)
             try:
-                ul.veth(naming.port_name(host.name), IFINDEX.FIRST_DYNAMIC + i, "eth0",
-                        IFINDEX.ETH0, fd, cluster.mtu, master=bridges[host.segment],
-                        alias=host.name)
+                ul.veth(
+                    naming.port_name(host.name),
+                    IFINDEX.FIRST_DYNAMIC + i,
+                    "eth0",
+                    IFINDEX.ETH0,
+                    fd,
+                    cluster.mtu,
+                    master=bridges[host.segment],
+                    alias=host.name,
+                )
                 ul.commit()
             finally:
                 os.close(fd)
             segment = cluster.segment(host.segment)
-            facts = dict(name=host.name, netns=netns, ip=host.ip, segment=host.segment,
-                         prefixlen=segment.prefixlen, port=naming.port_name(host.name),
-                         gateway=segment.router_ip)
+            facts = dict(
+                name=host.name,
+                netns=netns,
+                ip=host.ip,
+                segment=host.segment,
+                prefixlen=segment.prefixlen,
+                port=naming.port_name(host.name),
+                gateway=segment.router_ip,
+            )
             if role == "node":
                 nodes[host.name] = NodeRecord(**facts, next_ifindex=IFINDEX.FIRST_DYNAMIC)
             else:
@@ -79,8 +93,16 @@ def _router(cluster: Cluster, tx: Transaction, ul, bridges: dict, changes: Chang
         for i, seg in enumerate(cluster.segments):
             leg = RouterLeg(f"r-{seg.name}", IFINDEX.FIRST_DYNAMIC + i, f"rp-{seg.name}")
             router.legs[seg.name] = leg
-            ul.veth(leg.port, IFINDEX.FIRST_DYNAMIC + 500 + i, leg.ifname, leg.index, fd,
-                    cluster.mtu, master=bridges[seg.name], alias=f"router leg on {seg.name}")
+            ul.veth(
+                leg.port,
+                IFINDEX.FIRST_DYNAMIC + 500 + i,
+                leg.ifname,
+                leg.index,
+                fd,
+                cluster.mtu,
+                master=bridges[seg.name],
+                alias=f"router leg on {seg.name}",
+            )
         ul.commit()
     finally:
         os.close(fd)

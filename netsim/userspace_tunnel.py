@@ -83,15 +83,29 @@ class Tunnel:
         self._tx_buf = bytearray(_BUF)
         self._rx_buf = bytearray(_BUF)
         # counters, updated once per batch: packets each way and packets dropped, by reason
-        self.stats = {"tx": 0, "rx": 0, "no_route": 0, "unknown_peer": 0, "malformed": 0,
-                      "send_error": 0}
+        self.stats = {
+            "tx": 0,
+            "rx": 0,
+            "no_route": 0,
+            "unknown_peer": 0,
+            "malformed": 0,
+            "send_error": 0,
+        }
         self.error: OSError | None = None  # why a forwarding thread stopped, if it did
 
     # -- life cycle ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, netns: str, kind: Kind, name: str, local_ip: str, mtu: int,
-             peers: dict[str, str], address: str | None = None) -> Tunnel:
+    def open(
+        cls,
+        netns: str,
+        kind: Kind,
+        name: str,
+        local_ip: str,
+        mtu: int,
+        peers: dict[str, str],
+        address: str | None = None,
+    ) -> Tunnel:
         """Create the TUN `name` in `netns`, set its MTU, bring it up, add `address` (CIDR, e.g.
         the tunnel IP "192.168.1.64/32" or flannel's "10.244.1.0/16") if given, and open the
         carrier socket bound to `local_ip`. Nothing is forwarded until `start()` or
@@ -114,8 +128,11 @@ class Tunnel:
             try:
                 fcntl.ioctl(self._tun, TUNSETIFF, ifr)
             except OSError as exc:
-                raise KernelError(exc.errno, f"create TUN {self.name} (a device of that name "
-                                  "may already exist)", self.netns) from None
+                raise KernelError(
+                    exc.errno,
+                    f"create TUN {self.name} (a device of that name may already exist)",
+                    self.netns,
+                ) from None
             # A TUN (ARPHRD_NONE) gets an IPv6 link-local address and sends MLD and router
             # solicitations; the kernel's tunl0 has neither. Turn IPv6 off before it comes up.
             with contextlib.suppress(FileNotFoundError):  # IPv6 disabled on this host
@@ -130,12 +147,14 @@ class Tunnel:
             name = self.name.encode()
             try:
                 fcntl.ioctl(ctl, SIOCSIFMTU, struct.pack("16si20x", name, self.mtu))
-                flags = struct.unpack_from("16sH", fcntl.ioctl(
-                    ctl, SIOCGIFFLAGS, struct.pack("16sH22x", name, 0)))[1]
+                flags = struct.unpack_from(
+                    "16sH", fcntl.ioctl(ctl, SIOCGIFFLAGS, struct.pack("16sH22x", name, 0))
+                )[1]
                 fcntl.ioctl(ctl, SIOCSIFFLAGS, struct.pack("16sH22x", name, flags | IFF_UP))
             except OSError as exc:
-                raise KernelError(exc.errno, f"set {self.name} mtu {self.mtu} up",
-                                  self.netns) from None
+                raise KernelError(
+                    exc.errno, f"set {self.name} mtu {self.mtu} up", self.netns
+                ) from None
         if address:
             iface = ipaddress.ip_interface(address)
             with Rtnl(self.netns) as rtnl:
@@ -156,8 +175,9 @@ class Tunnel:
             else:
                 sock.bind((self.local_ip, FLANNEL_UDP_PORT))
         except OSError as exc:
-            raise KernelError(exc.errno, f"bind {self.kind} socket to {self.local_ip}",
-                              self.netns) from None
+            raise KernelError(
+                exc.errno, f"bind {self.kind} socket to {self.local_ip}", self.netns
+            ) from None
 
     def start(self) -> None:
         """Forward in two daemon threads (TUN -> network, network -> TUN) until `close()`."""
@@ -166,8 +186,9 @@ class Tunnel:
         self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         assert self._sock is not None
         for fd, what in ((self._tun, "tx"), (self._sock.fileno(), "rx")):
-            thread = threading.Thread(target=self._serve, args=(fd,), daemon=True,
-                                      name=f"{self.name}-{what}@{self.netns}")
+            thread = threading.Thread(
+                target=self._serve, args=(fd,), daemon=True, name=f"{self.name}-{what}@{self.netns}"
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -221,8 +242,9 @@ class Tunnel:
         for cidr, node_ip in peers.items():
             net = ipaddress.IPv4Network(cidr)
             peer = str(ipaddress.IPv4Address(node_ip))
-            routes.append((int(net.netmask), int(net.network_address),
-                           (peer, socket.inet_aton(peer))))
+            routes.append(
+                (int(net.netmask), int(net.network_address), (peer, socket.inet_aton(peer)))
+            )
         routes.sort(key=lambda r: r[0], reverse=True)  # longest prefix first
         self._routes = routes
         self._peer_ips = frozenset(r[2][0] for r in routes)
@@ -272,16 +294,28 @@ class Tunnel:
             if n < 20 or buf[start] >> 4 != 4:
                 malformed += 1  # not IPv4 (a TUN can carry IPv6): neither carrier takes it
                 continue
-            dst = bytes(view[start + 16:start + 20])
+            dst = bytes(view[start + 16 : start + 20])
             peer = cache[dst] if dst in cache else lookup(dst)
             if peer is None:
                 no_route += 1
                 continue
             if ipip:  # tos: inner ECN bits; frag: inner DF; ttl inherited; proto 4
-                pack(buf, 0, 0x45, buf[21] & 3, 0, 0, (buf[26] & 0x40) << 8, buf[28],
-                     IPPROTO_IPIP, 0, local, peer[1])
+                pack(
+                    buf,
+                    0,
+                    0x45,
+                    buf[21] & 3,
+                    0,
+                    0,
+                    (buf[26] & 0x40) << 8,
+                    buf[28],
+                    IPPROTO_IPIP,
+                    0,
+                    local,
+                    peer[1],
+                )
             try:
-                sock.sendto(view[:start + n], (peer[0], port))
+                sock.sendto(view[: start + n], (peer[0], port))
             except OSError:
                 errors += 1  # e.g. EMSGSIZE or ENETUNREACH: a kernel device would drop it too
         stats = self.stats

@@ -27,8 +27,9 @@ NETSIM = [sys.executable, "-m", "netsim"]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="netsim creates namespaces: needs root")
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.02) -> float:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02
+) -> float:
     """Poll `condition` until it is true; the seconds that took. Not true within `timeout`
     seconds: AssertionError naming `what`."""
     start = time.monotonic()
@@ -40,8 +41,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str,
     return time.monotonic() - start
 
 
-def assert_sticky(ask: Callable[[], str], timeout: float, hold: float,
-                  deadline: float = 60.0) -> str:
+def assert_sticky(
+    ask: Callable[[], str], timeout: float, hold: float, deadline: float = 60.0
+) -> str:
     """ClientIP affinity slides: `ask()` (one fresh connection; the name of the pod that
     answered) keeps reaching one pod for `hold` (> `timeout`) seconds while it is used every
     timeout/6 s, each use renewing the binding. A pause of the host between two uses longer
@@ -67,14 +69,14 @@ def assert_sticky(ask: Callable[[], str], timeout: float, hold: float,
 
 def ip_json(netns: str, *argv: str):
     """`ip -j ARGS` inside the namespace, decoded."""
-    out = subprocess.run(["ip", "-n", netns, "-j", *argv], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", *argv], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out or "[]")
 
 
 def run_netsim(*argv: str, check: bool = False) -> subprocess.CompletedProcess:
-    result = subprocess.run([*NETSIM, *argv], capture_output=True, text=True, timeout=300,
-                            cwd=ROOT)
+    result = subprocess.run([*NETSIM, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"netsim {' '.join(argv)} failed:\n{result.stdout}{result.stderr}")
     return result
@@ -174,13 +176,18 @@ def assert_nothing_left(cluster: ClusterUnderTest) -> None:
 
 def host_snapshot() -> dict[str, str]:
     """The root namespace's links, addresses, routes, rules, nftables ruleset, forwarding."""
+
     def out(*argv):
         return subprocess.run(list(argv), capture_output=True, text=True).stdout
 
     links = json.loads(out("ip", "-j", "link", "show") or "[]")
     return {
-        "links": "".join(sorted(f"{link['ifname']} {link.get('address', '')} mtu "
-                                f"{link.get('mtu')}\n" for link in links)),
+        "links": "".join(
+            sorted(
+                f"{link['ifname']} {link.get('address', '')} mtu {link.get('mtu')}\n"
+                for link in links
+            )
+        ),
         "addrs": out("ip", "-br", "addr"),
         "routes": out("ip", "route", "show", "table", "all"),
         "rules": out("ip", "rule"),
@@ -209,9 +216,13 @@ def pytest_sessionfinish(session, exitstatus):
         return
     lines = []
     for key in changed:
-        lines += difflib.unified_diff(SNAPSHOT_BEFORE[key].splitlines(),
-                                      after.get(key, "").splitlines(), f"{key} before the run",
-                                      f"{key} after the run", lineterm="")
+        lines += difflib.unified_diff(
+            SNAPSHOT_BEFORE[key].splitlines(),
+            after.get(key, "").splitlines(),
+            f"{key} before the run",
+            f"{key} after the run",
+            lineterm="",
+        )
     title = f"the test run changed the root network namespace: {', '.join(changed)}"
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -233,14 +244,32 @@ class Capture:
 
     running: list[Capture] = []
 
-    def __init__(self, netns: str, iface: str, bpf: str, path: str | Path,
-                 count: int | None = None):
+    def __init__(
+        self, netns: str, iface: str, bpf: str, path: str | Path, count: int | None = None
+    ):
         self.path = Path(path)
-        argv = ["ip", "netns", "exec", netns, "tcpdump", "-n", "-U", "--immediate-mode",
-                "-Z", "root", "-i", iface, "-w", str(self.path)]
-        self.proc = subprocess.Popen(argv + (["-c", str(count)] if count else []) + [bpf],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "tcpdump",
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            iface,
+            "-w",
+            str(self.path),
+        ]
+        self.proc = subprocess.Popen(
+            argv + (["-c", str(count)] if count else []) + [bpf],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         Capture.running.append(self)
         ready, deadline = False, time.monotonic() + 10
         while not ready and time.monotonic() < deadline:  # tcpdump says so once it listens
@@ -275,8 +304,7 @@ class Capture:
         if self in Capture.running:
             Capture.running.remove(self)
         deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and self.written() < expect and \
-                time.monotonic() < deadline:
+        while self.proc.poll() is None and self.written() < expect and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -26,16 +26,19 @@ ASN, TOR_ASN = 64512, 65001
 TOR_IP = "10.77.0.254"
 
 
-
 def needs_bird(test):
     """Root (namespaces) and BIRD 2."""
-    return needs_root(pytest.mark.skipif(shutil.which("bird") is None,
-                                         reason="needs BIRD 2 (apt-get install bird2)")(test))
+    return needs_root(
+        pytest.mark.skipif(
+            shutil.which("bird") is None, reason="needs BIRD 2 (apt-get install bird2)"
+        )(test)
+    )
 
 
 def _ip(netns: str, *argv: str, stdin: str | None = None) -> str:
-    result = subprocess.run(["ip", "-n", netns, *argv], input=stdin, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["ip", "-n", netns, *argv], input=stdin, capture_output=True, text=True, timeout=30
+    )
     if result.returncode != 0:
         raise AssertionError(f"ip -n {netns} {' '.join(argv)}: {result.stderr}")
     return result.stdout
@@ -49,12 +52,23 @@ class Lab:
         self.tag = "netsim.tbgp" + uuid.uuid4().hex[:8]
         self.root = root
         self.underlay = f"{self.tag}.underlay"
-        self.nodes = [{"name": f"n{i}", "netns": f"{self.tag}.node.n{i}", "ip": f"10.77.0.{i + 1}",
-                       "blocks": [f"192.168.{i}.0/26"], "pod": f"192.168.{i}.1",
-                       "reflector": False, "dir": str(root / f"n{i}")}
-                      for i in range(1, count + 1)]
-        self.tor = ({"name": "tor", "netns": f"{self.tag}.tor", "ip": TOR_IP,
-                     "dir": str(root / "tor")} if tor else None)
+        self.nodes = [
+            {
+                "name": f"n{i}",
+                "netns": f"{self.tag}.node.n{i}",
+                "ip": f"10.77.0.{i + 1}",
+                "blocks": [f"192.168.{i}.0/26"],
+                "pod": f"192.168.{i}.1",
+                "reflector": False,
+                "dir": str(root / f"n{i}"),
+            }
+            for i in range(1, count + 1)
+        ]
+        self.tor = (
+            {"name": "tor", "netns": f"{self.tag}.tor", "ip": TOR_IP, "dir": str(root / "tor")}
+            if tor
+            else None
+        )
         self.procs: dict[str, tuple[int, int]] = {}
         self.made: list[str] = []
 
@@ -64,20 +78,37 @@ class Lab:
     def build(self) -> Lab:
         nsmod.create(self.underlay)
         self.made.append(self.underlay)
-        _ip(self.underlay, "-batch", "-", stdin="link set lo up\n"
-            "link add br0 type bridge\nlink set br0 up\n")
+        _ip(
+            self.underlay,
+            "-batch",
+            "-",
+            stdin="link set lo up\nlink add br0 type bridge\nlink set br0 up\n",
+        )
         hosts = self.nodes + ([self.tor] if self.tor else [])
         for i, host in enumerate(hosts):
             nsmod.create(host["netns"])
             self.made.append(host["netns"])
             port = f"p{i}"
-            _ip(self.underlay, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-                "netns", host["netns"])
+            _ip(
+                self.underlay,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                host["netns"],
+            )
             _ip(self.underlay, "link", "set", port, "master", "br0", "up")
             cmds = ["link set lo up", f"addr add {host['ip']}/24 dev eth0", "link set eth0 up"]
             if "pod" in host:
-                cmds += [f"addr add {host['pod']}/32 dev lo",
-                         f"route add blackhole {host['blocks'][0]}"]
+                cmds += [
+                    f"addr add {host['pod']}/32 dev lo",
+                    f"route add blackhole {host['blocks'][0]}",
+                ]
             _ip(host["netns"], "-batch", "-", stdin="\n".join(cmds) + "\n")
             sysctl.set_in(host["netns"], {"net.ipv4.ip_forward": "1"})
         return self
@@ -99,8 +130,11 @@ class Lab:
                 nsmod.remove(name)
 
     def mesh_config(self, host: dict, tor: bool = False) -> str:
-        peers = [{"name": n["name"], "ip": n["ip"], "asn": ASN, "role": "mesh"}
-                 for n in self.nodes if n is not host]
+        peers = [
+            {"name": n["name"], "ip": n["ip"], "asn": ASN, "role": "mesh"}
+            for n in self.nodes
+            if n is not host
+        ]
         if tor:
             peers.append({"name": "tor", "ip": TOR_IP, "asn": TOR_ASN, "role": "external"})
         return bird.render(host, peers, ASN)
@@ -114,10 +148,12 @@ class Lab:
             for other in self.nodes:
                 if other is host or not (is_rr or other["name"] in reflectors):
                     continue
-                role = ("mesh" if other["name"] in reflectors else "rr-client") if is_rr \
+                role = (
+                    ("mesh" if other["name"] in reflectors else "rr-client")
+                    if is_rr
                     else "reflector"
-                peers.append({"name": other["name"], "ip": other["ip"], "asn": ASN,
-                              "role": role})
+                )
+                peers.append({"name": other["name"], "ip": other["ip"], "asn": ASN, "role": role})
             out[host["name"]] = bird.render({**host, "reflector": is_rr}, peers, ASN)
         return out
 
@@ -135,11 +171,20 @@ def expected_routes(lab: Lab, host: dict) -> dict[str, tuple[str, str]]:
 def import_updates(host: dict, protocol: str) -> dict[str, int]:
     """The import update counters BIRD keeps for one session (`show protocols all`):
     received, rejected, filtered, ignored, accepted."""
-    out = subprocess.run(["birdc", "-s", os.path.join(host["dir"], bird.CTL), "show",
-                          "protocols", "all", protocol], capture_output=True, text=True,
-                         timeout=10).stdout
-    row = next((line.split(":", 1)[1].split() for line in out.splitlines()
-                if line.strip().startswith("Import updates:")), [])
+    out = subprocess.run(
+        ["birdc", "-s", os.path.join(host["dir"], bird.CTL), "show", "protocols", "all", protocol],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    row = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in out.splitlines()
+            if line.strip().startswith("Import updates:")
+        ),
+        [],
+    )
     names = ("received", "rejected", "filtered", "ignored", "accepted")
     return {k: int(v) if v.isdigit() else 0 for k, v in zip(names, row, strict=False)}
 
@@ -150,8 +195,12 @@ def all_converged(lab: Lab) -> bool:
 
 def ping(lab: Lab, src: str, dst: str) -> subprocess.CompletedProcess:
     a, b = lab.node(src), lab.node(dst)
-    return subprocess.run(["ip", "netns", "exec", a["netns"], "ping", "-c1", "-W2", "-I",
-                           a["pod"], b["pod"]], capture_output=True, text=True, timeout=10)
+    return subprocess.run(
+        ["ip", "netns", "exec", a["netns"], "ping", "-c1", "-W2", "-I", a["pod"], b["pod"]],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
 
 
 @pytest.fixture
@@ -189,9 +238,13 @@ def test_render_rejects_bad_peers():
 
 def test_render_shape():
     node = {"name": "n1", "ip": "10.77.0.2", "blocks": ["192.168.1.0/26"], "reflector": True}
-    text = bird.render(node, [
-        {"name": "n2", "ip": "10.77.0.3", "asn": ASN, "role": "rr-client"},
-        {"name": "tor", "ip": TOR_IP, "asn": TOR_ASN, "role": "external"}])
+    text = bird.render(
+        node,
+        [
+            {"name": "n2", "ip": "10.77.0.3", "asn": ASN, "role": "rr-client"},
+            {"name": "tor", "ip": TOR_IP, "asn": TOR_ASN, "role": "external"},
+        ],
+    )
     assert "router id 10.77.0.2;" in text
     assert "route 192.168.1.0/26 blackhole;" in text
     assert "protocol bgp Node_10_77_0_3 from calico_ibgp" in text and "rr client;" in text
@@ -201,13 +254,17 @@ def test_render_shape():
 
 
 def test_parse_protocols():
-    rows = [(2002, "Name       Proto      Table      State  Since         Info"),
-            (1002, "device1    Device     ---        up     2024-05-01 10:00:00.123  "),
-            (1002, "Mesh_10_77_0_3 BGP        ---        up     2024-05-01 10:00:01.5  "
-                   "Established   "),
-            (1002, "Mesh_10_77_0_4 BGP        ---        start  10:00:01.500  Active        "
-                   "Socket: Connection refused"),
-            (0, "")]
+    rows = [
+        (2002, "Name       Proto      Table      State  Since         Info"),
+        (1002, "device1    Device     ---        up     2024-05-01 10:00:00.123  "),
+        (1002, "Mesh_10_77_0_3 BGP        ---        up     2024-05-01 10:00:01.5  Established   "),
+        (
+            1002,
+            "Mesh_10_77_0_4 BGP        ---        start  10:00:01.500  Active        "
+            "Socket: Connection refused",
+        ),
+        (0, ""),
+    ]
     got = bird.parse_protocols(rows)
     assert [p["name"] for p in got] == ["device1", "Mesh_10_77_0_3", "Mesh_10_77_0_4"]
     assert got[1]["info"] == "Established" and got[1]["since"] == "2024-05-01 10:00:01.5"
@@ -229,11 +286,11 @@ def test_full_mesh(make_lab):
     for host in lab.nodes:
         assert bird_routes(host["netns"]) == expected_routes(lab, host)
         raw = json.loads(_ip(host["netns"], "-j", "route", "show", "table", "main"))
-        assert {r["dst"]: r.get("protocol") for r in raw}[host["blocks"][0]] != "bird", \
+        assert {r["dst"]: r.get("protocol") for r in raw}[host["blocks"][0]] != "bird", (
             "BIRD must leave the node's own blackhole alone"
+        )
         assert {r["dst"]: r.get("type") for r in raw}[host["blocks"][0]] == "blackhole"
-        states = {p["name"]: p["info"] for p in bird.protocols(host["dir"])
-                  if p["proto"] == "BGP"}
+        states = {p["name"]: p["info"] for p in bird.protocols(host["dir"]) if p["proto"] == "BGP"}
         assert len(states) == 2 and all(s.startswith("Established") for s in states.values())
     for src, dst in (("n1", "n2"), ("n2", "n3"), ("n3", "n1")):
         result = ping(lab, src, dst)
@@ -249,8 +306,13 @@ def test_node_bird_stops_and_returns(make_lab):
     wait_for(lambda: all_converged(lab), 5, "initial convergence")
     n3 = lab.node("n3")
     lab.stop(n3)
-    gone = wait_for(lambda: all("192.168.3.0/26" not in bird_routes(lab.node(n)["netns"])
-                                for n in ("n1", "n2")), 5, "n3's block withdrawn")
+    gone = wait_for(
+        lambda: all(
+            "192.168.3.0/26" not in bird_routes(lab.node(n)["netns"]) for n in ("n1", "n2")
+        ),
+        5,
+        "n3's block withdrawn",
+    )
     assert bird_routes(n3["netns"]) == {}, "a stopped BIRD leaves no routes behind"
     assert gone < 2, f"withdrawal took {gone:.2f} s (expected: at once, on the Cease)"
     lab.start(n3, configs["n3"])
@@ -269,8 +331,9 @@ def test_route_reflector(make_lab):
     wait_for(lambda: all_converged(lab), 3, "reflected blocks everywhere")
     # n2 has no session with n3, yet reaches n3's block directly, not through the reflector
     assert bird_routes(lab.node("n2")["netns"])["192.168.3.0/26"] == ("10.77.0.4", "eth0")
-    assert {p["name"] for p in bird.protocols(lab.node("n2")["dir"]) if p["proto"] == "BGP"} \
-        == {"Node_10_77_0_2"}
+    assert {p["name"] for p in bird.protocols(lab.node("n2")["dir"]) if p["proto"] == "BGP"} == {
+        "Node_10_77_0_2"
+    }
     result = ping(lab, "n2", "n3")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -314,8 +377,12 @@ def test_external_peer(make_lab):
     assert tor is not None
     for host in lab.nodes:
         lab.start(host, lab.mesh_config(host, tor=True))
-    lab.start(tor, bird.render_external(tor, [{"name": n["name"], "ip": n["ip"], "asn": ASN}
-                                              for n in lab.nodes], TOR_ASN))
+    lab.start(
+        tor,
+        bird.render_external(
+            tor, [{"name": n["name"], "ip": n["ip"], "asn": ASN} for n in lab.nodes], TOR_ASN
+        ),
+    )
     dirs = [h["dir"] for h in lab.nodes] + [tor["dir"]]
     bird.wait_established(dirs, timeout=5)
     want_tor = {n["blocks"][0]: (n["ip"], "eth0") for n in lab.nodes}
@@ -325,13 +392,17 @@ def test_external_peer(make_lab):
     # the same router turns hostile: default, underlay, a node's block and a more specific one
     hostile = HOSTILE_TOR + "".join(
         f"protocol bgp N{i} from hostile {{ neighbor {n['ip']} as {ASN}; }}\n"
-        for i, n in enumerate(lab.nodes))
+        for i, n in enumerate(lab.nodes)
+    )
     bird.reconfigure(tor["dir"], hostile)
     bird.wait_established(dirs, timeout=8)
     # every node has heard all five hostile routes (and kept none) before the kernel is read
     session = "Global_" + TOR_IP.replace(".", "_")
-    wait_for(lambda: all(import_updates(h, session)["received"] >= 5 for h in lab.nodes), 5,
-             "every node received the hostile router's routes")
+    wait_for(
+        lambda: all(import_updates(h, session)["received"] >= 5 for h in lab.nodes),
+        5,
+        "every node received the hostile router's routes",
+    )
     for host in lab.nodes:
         assert import_updates(host, session)["accepted"] == 0
     for host in lab.nodes:
@@ -374,6 +445,7 @@ def test_start_reports_a_bird_that_exits_or_never_answers(make_lab, monkeypatch)
         def spawn(argv, log, netns=None, **kw):
             started.append(real_spawn(["sh", "-c", script], log, netns=netns))
             return started[-1]
+
         return spawn
 
     monkeypatch.setattr(bird.proc, "spawn", stand_in("echo 'bird: boom: cannot go on'; exit 1"))

@@ -31,10 +31,19 @@ class Node:
         self.data_dir = str(tmp_path / "ipam")
         self.made = [self.netns]
         nsmod.create(self.netns)
-        self.conf = {"cniVersion": version, "name": "cbr0", "type": "netsim", "mode": mode,
-                     "node": {"network": "10.244.0.0/16", "subnet": SUBNET, "mtu": 1450},
-                     "ipam": {"type": "netsim-host-local", "ranges": [[{"subnet": SUBNET}]],
-                              "routes": [{"dst": "10.244.0.0/16"}], "dataDir": self.data_dir}}
+        self.conf = {
+            "cniVersion": version,
+            "name": "cbr0",
+            "type": "netsim",
+            "mode": mode,
+            "node": {"network": "10.244.0.0/16", "subnet": SUBNET, "mtu": 1450},
+            "ipam": {
+                "type": "netsim-host-local",
+                "ranges": [[{"subnet": SUBNET}]],
+                "routes": [{"dst": "10.244.0.0/16"}],
+                "dataDir": self.data_dir,
+            },
+        }
 
     def pod(self, name: str) -> str:
         netns = f"{self.prefix}.{name}"
@@ -42,26 +51,51 @@ class Node:
         self.made.append(netns)
         return nsmod.path(netns)
 
-    def cni(self, command: str, container: str = "c1", netns: str = "", ifname: str = "eth0",
-            conf: dict | bytes | None = None, drop: str = "", **extra: str):
+    def cni(
+        self,
+        command: str,
+        container: str = "c1",
+        netns: str = "",
+        ifname: str = "eth0",
+        conf: dict | bytes | None = None,
+        drop: str = "",
+        **extra: str,
+    ):
         """Run the plugin in the node's namespace; (exit status, decoded stdout)."""
-        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": container,
-               "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": DEBIAN_CNI, **extra}
+        env = {
+            "PATH": os.environ["PATH"],
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": DEBIAN_CNI,
+            **extra,
+        }
         env.pop(drop, None)
         stdin = conf if isinstance(conf, bytes) else json.dumps(conf or self.conf).encode()
-        done = subprocess.run([PLUGIN], input=stdin, env=env, capture_output=True, timeout=30,
-                              preexec_fn=lambda: nsmod.enter_for_exec(self.netns))
+        done = subprocess.run(
+            [PLUGIN],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            timeout=30,
+            preexec_fn=lambda: nsmod.enter_for_exec(self.netns),
+        )
         out = done.stdout.decode()
         return done.returncode, (json.loads(out) if out.strip() else None)
 
     def allocated(self) -> list[str]:
         store = Path(self.data_dir) / "cbr0"
-        return sorted(p.name for p in store.iterdir() if p.name[0].isdigit()) \
-            if store.exists() else []
+        return (
+            sorted(p.name for p in store.iterdir() if p.name[0].isdigit()) if store.exists() else []
+        )
 
     def veths(self) -> list[str]:
-        return [link["ifname"] for link in ip_json(self.netns, "link")
-                if link["ifname"].startswith("veth")]
+        return [
+            link["ifname"]
+            for link in ip_json(self.netns, "link")
+            if link["ifname"].startswith("veth")
+        ]
 
     def remove(self) -> None:
         for netns in self.made:
@@ -85,10 +119,15 @@ def test_version_lists_every_supported_version(node):
     assert out == {"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
 
 
-@pytest.mark.parametrize("mode,version", [("flannel-host-gw", "0.4.0"),
-                                          ("flannel-vxlan", "1.0.0"),
-                                          ("flannel-udp", "1.0.0"),
-                                          ("flannel-host-gw", "1.1.0")])
+@pytest.mark.parametrize(
+    "mode,version",
+    [
+        ("flannel-host-gw", "0.4.0"),
+        ("flannel-vxlan", "1.0.0"),
+        ("flannel-udp", "1.0.0"),
+        ("flannel-host-gw", "1.1.0"),
+    ],
+)
 def test_add_check_del_del(tmp_path, mode, version):
     node = Node(tmp_path, mode, version)
     try:
@@ -113,8 +152,9 @@ def test_add_check_del_del(tmp_path, mode, version):
         veth = ip_json(node.netns, "-d", "link", "show", host["name"])[0]
         assert veth["master"] == "cni0" and veth["linkinfo"]["info_slave_data"]["hairpin"]
         assert (Path(node.data_dir) / "cbr0" / "10.244.1.2").read_bytes() == b"c1\r\neth0"
-        ping = subprocess.run(["ip", "netns", "exec", pod_ns, "ping", "-c1", "-W1",
-                               "10.244.1.1"], capture_output=True)
+        ping = subprocess.run(
+            ["ip", "netns", "exec", pod_ns, "ping", "-c1", "-W1", "10.244.1.1"], capture_output=True
+        )
         assert ping.returncode == 0
         code, out = node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result))
         assert (code, out) == (0, None)
@@ -127,8 +167,13 @@ def test_add_check_del_del(tmp_path, mode, version):
 
 def _pairs(addr_info: list[dict]) -> dict:
     """The IPv4 address of `ip -j addr` as {local, prefixlen}."""
-    return {k: v for a in addr_info if a.get("family") == "inet" for k, v in a.items()
-            if k in ("local", "prefixlen")}
+    return {
+        k: v
+        for a in addr_info
+        if a.get("family") == "inet"
+        for k, v in a.items()
+        if k in ("local", "prefixlen")
+    }
 
 
 @pytest.mark.parametrize("mode", ["calico-vxlan", "calico-ipip", "calico-bgp"])
@@ -137,9 +182,10 @@ def test_calico_add_check_del_del(tmp_path, mode):
     proxy ARP, a /32 from the node's block, 169.254.1.1 as the pod's gateway; the pod answers
     through the node's route."""
     node = Node(tmp_path, mode, "1.0.0")
-    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
-                           "mtu": 1450},
-                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    node.conf.update(
+        node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
+        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+    )
     try:
         pod = node.pod("p1")
         args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
@@ -148,22 +194,42 @@ def test_calico_add_check_del_del(tmp_path, mode):
         host, inside = result["interfaces"]
         assert host == {"name": "cali0d7763386da", "mac": "ee:ee:ee:ee:ee:ee"}
         assert result["ips"] == [{"address": "192.168.0.0/32", "interface": 1}]
-        assert result["routes"] == [{"dst": "169.254.1.1/32"},
-                                    {"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+        assert result["routes"] == [
+            {"dst": "169.254.1.1/32"},
+            {"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
+        ]
         pod_ns = os.path.basename(pod)
-        assert {(r["dst"], r.get("gateway"), r.get("scope")) for r in ip_json(pod_ns, "route")} \
-            == {("default", "169.254.1.1", None), ("169.254.1.1", None, "link")}
-        assert {"dst": "192.168.0.0", "dev": "cali0d7763386da", "scope": "link",
-                "flags": []} in ip_json(node.netns, "route")
-        sysctl = subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-n",
-                                 "net.ipv4.conf.cali0d7763386da.proxy_arp",
-                                 "net.ipv4.neigh.cali0d7763386da.proxy_delay"],
-                                capture_output=True, text=True).stdout.split()
+        assert {(r["dst"], r.get("gateway"), r.get("scope")) for r in ip_json(pod_ns, "route")} == {
+            ("default", "169.254.1.1", None),
+            ("169.254.1.1", None, "link"),
+        }
+        assert {
+            "dst": "192.168.0.0",
+            "dev": "cali0d7763386da",
+            "scope": "link",
+            "flags": [],
+        } in ip_json(node.netns, "route")
+        sysctl = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.netns,
+                "sysctl",
+                "-n",
+                "net.ipv4.conf.cali0d7763386da.proxy_arp",
+                "net.ipv4.neigh.cali0d7763386da.proxy_delay",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         assert sysctl == ["1", "0"]
         block = Path(node.data_dir) / "blocks" / "192.168.0.0-26"
         assert block.read_text() == "n1"
-        assert node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result),
-                        CNI_ARGS=args) == (0, None)
+        assert node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result), CNI_ARGS=args) == (
+            0,
+            None,
+        )
         assert node.cni("DEL", netns=pod, CNI_ARGS=args) == (0, None)
         assert not list((Path(node.data_dir) / "192.168.0.0-26").glob("192.*"))
         assert ip_json(node.netns, "link", "show", "type", "veth") == []
@@ -177,9 +243,10 @@ def test_a_failure_after_ipam_gives_the_address_back(tmp_path):
     Calico IPAM gave it an address: the ADD fails with the veth named, and the address is
     free again, the first pod's untouched."""
     node = Node(tmp_path, "calico-vxlan", "1.0.0")
-    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
-                           "mtu": 1450},
-                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    node.conf.update(
+        node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
+        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+    )
     args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
     block = Path(node.data_dir) / "192.168.0.0-26"
     try:
@@ -205,26 +272,29 @@ def test_del_after_the_namespace_is_gone_releases_the_address(node):
 def test_check_names_the_missing_route(node):
     pod = node.pod("p1")
     _, result = node.cni("ADD", netns=pod)
-    subprocess.run(["ip", "-n", os.path.basename(pod), "route", "del", "10.244.0.0/16"],
-                   check=True)
+    subprocess.run(["ip", "-n", os.path.basename(pod), "route", "del", "10.244.0.0/16"], check=True)
     code, out = node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result))
     assert code == 1 and out["code"] == 103
     assert out["msg"] == f"route 10.244.0.0/16 via 10.244.1.1 is missing in netns {pod}"
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (["addr", "flush", "dev", "eth0"], "address 10.244.1.2/24 is missing on eth0"),
-    (["link", "set", "eth0", "address", "02:00:00:00:00:99"], "interface eth0 has MAC "
-                                                               "02:00:00:00:00:99"),
-    (["link", "del", "eth0"], "interface eth0 is missing in netns"),
-    (["node", "link", "set", "VETH", "nomaster"], "is not attached to cni0"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (["addr", "flush", "dev", "eth0"], "address 10.244.1.2/24 is missing on eth0"),
+        (
+            ["link", "set", "eth0", "address", "02:00:00:00:00:99"],
+            "interface eth0 has MAC 02:00:00:00:00:99",
+        ),
+        (["link", "del", "eth0"], "interface eth0 is missing in netns"),
+        (["node", "link", "set", "VETH", "nomaster"], "is not attached to cni0"),
+    ],
+)
 def test_check_names_what_differs(node, breakage, message):
     pod = node.pod("p1")
     _, result = node.cni("ADD", netns=pod)
     where = node.netns if breakage[0] == "node" else os.path.basename(pod)
-    argv = [a.replace("VETH", result["interfaces"][0]["name"]) for a in breakage
-            if a != "node"]
+    argv = [a.replace("VETH", result["interfaces"][0]["name"]) for a in breakage if a != "node"]
     subprocess.run(["ip", "-n", where, *argv], check=True)
     code, out = node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result))
     assert code == 1 and out["code"] == 103 and message in out["msg"], out
@@ -232,9 +302,10 @@ def test_check_names_what_differs(node, breakage, message):
 
 def test_calico_check_names_the_missing_node_route(tmp_path):
     node = Node(tmp_path, "calico-vxlan", "1.0.0")
-    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
-                           "mtu": 1450},
-                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    node.conf.update(
+        node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
+        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+    )
     args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
     try:
         pod = node.pod("p1")
@@ -244,8 +315,9 @@ def test_calico_check_names_the_missing_node_route(tmp_path):
         subprocess.run(["ip", "-n", node.netns, "route", "del", "192.168.0.0/32"], check=True)
         code, out = node.cni("CHECK", netns=pod, conf=conf, CNI_ARGS=args)
         assert code == 1 and out["code"] == 103
-        assert out["msg"] == "route 192.168.0.0 dev cali0d7763386da is missing in the node's " \
-                             "namespace"
+        assert (
+            out["msg"] == "route 192.168.0.0 dev cali0d7763386da is missing in the node's namespace"
+        )
     finally:
         node.remove()
 
@@ -301,24 +373,33 @@ def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
     from netsim.kernel import sysctl
 
     node = Node(tmp_path, mode, "1.1.0")
-    ready = {"calico-vxlan": {"tunnel": "vxlan.calico"},
-             "calico-ipip": {"tunnelAddress": "192.168.0.0"}}.get(mode, {})
-    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
-                           "mtu": 1450, **ready},
-                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    ready = {
+        "calico-vxlan": {"tunnel": "vxlan.calico"},
+        "calico-ipip": {"tunnelAddress": "192.168.0.0"},
+    }.get(mode, {})
+    node.conf.update(
+        node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450, **ready},
+        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+    )
     try:
         sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
         steps = [["route", "add", "blackhole", "192.168.0.0/26"]]
         if mode == "calico-vxlan":
-            steps.insert(0, ["link", "add", "vxlan.calico", "type", "vxlan", "id", "4096",
-                             "dstport", "4789"])
+            steps.insert(
+                0, ["link", "add", "vxlan.calico", "type", "vxlan", "id", "4096", "dstport", "4789"]
+            )
         if mode == "calico-ipip":  # the eBPF carrier's shape: no tunl0, the address on lo
             steps.insert(0, ["addr", "add", "192.168.0.0/32", "dev", "lo"])
         for step in steps:
             code, out = node.cni("STATUS")
             assert code == 1 and out["code"] == 50, out
-            assert ("blackhole" if step[0] == "route" else "vxlan.calico is missing"
-                    if step[0] == "link" else "tunnel address 192.168.0.0") in out["msg"], out
+            assert (
+                "blackhole"
+                if step[0] == "route"
+                else "vxlan.calico is missing"
+                if step[0] == "link"
+                else "tunnel address 192.168.0.0"
+            ) in out["msg"], out
             subprocess.run(["ip", "-n", node.netns, *step], check=True)
         assert node.cni("STATUS") == (0, None)
     finally:
@@ -327,8 +408,13 @@ def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
 
 def test_prev_result_is_kept_and_extended(node):
     pod = node.pod("p1")
-    earlier = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": pod}],
-               "ips": [{"address": "127.0.0.1/8", "interface": 0}], "routes": [], "dns": {}}
+    earlier = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "lo", "sandbox": pod}],
+        "ips": [{"address": "127.0.0.1/8", "interface": 0}],
+        "routes": [],
+        "dns": {},
+    }
     code, result = node.cni("ADD", netns=pod, conf=with_prev(node.conf, earlier))
     assert code == 0
     assert result["interfaces"][0] == {"name": "lo", "sandbox": pod}
@@ -362,8 +448,12 @@ BAD = [
     ("invalid field", dict(conf="bad-subnet"), 7, "invalid field node.subnet"),
     ("unsupported version", dict(conf="version-9"), 1, "unsupported cniVersion '9.9.9'"),
     ("missing variable", dict(drop="CNI_NETNS"), 4, "CNI_NETNS is not set"),
-    ("no such netns", dict(netns="/run/netns/netsim.none-such"), 3,
-     "netns /run/netns/netsim.none-such does not exist"),
+    (
+        "no such netns",
+        dict(netns="/run/netns/netsim.none-such"),
+        3,
+        "netns /run/netns/netsim.none-such does not exist",
+    ),
     ("long ifname", dict(ifname="a-very-long-ifname0"), 4, "longer than 15 characters"),
     ("slash in ifname", dict(ifname="eth/0"), 4, "contains '/'"),
 ]
@@ -389,8 +479,13 @@ def test_bad_input_gets_the_right_code_and_leaves_nothing(node, what, kw, code, 
 
 
 def test_exhausted_range_and_unavailable_requested_ips(node):
-    conf = dict(node.conf, ipam=dict(node.conf["ipam"], ranges=[[{
-        "subnet": SUBNET, "rangeStart": "10.244.1.10", "rangeEnd": "10.244.1.10"}]]))
+    conf = dict(
+        node.conf,
+        ipam=dict(
+            node.conf["ipam"],
+            ranges=[[{"subnet": SUBNET, "rangeStart": "10.244.1.10", "rangeEnd": "10.244.1.10"}]],
+        ),
+    )
     assert node.cni("ADD", "c1", node.pod("p1"), conf=conf)[0] == 0
     code, out = node.cni("ADD", "c2", node.pod("p2"), conf=conf)
     assert code == 1 and out["code"] == 102
@@ -402,12 +497,20 @@ def test_exhausted_range_and_unavailable_requested_ips(node):
     assert node.allocated() == ["10.244.1.10"] and len(node.veths()) == 1
 
 
-@pytest.mark.skipif(not os.path.exists(f"{DEBIAN_CNI}/host-local"),
-                    reason="Debian's containernetworking-plugins is not installed")
+@pytest.mark.skipif(
+    not os.path.exists(f"{DEBIAN_CNI}/host-local"),
+    reason="Debian's containernetworking-plugins is not installed",
+)
 def test_ipam_delegated_to_debian_host_local(node):
-    conf = dict(node.conf, ipam={"type": "host-local", "ranges": [[{"subnet": SUBNET}]],
-                                 "routes": [{"dst": "10.244.0.0/16"}],
-                                 "dataDir": node.data_dir})
+    conf = dict(
+        node.conf,
+        ipam={
+            "type": "host-local",
+            "ranges": [[{"subnet": SUBNET}]],
+            "routes": [{"dst": "10.244.0.0/16"}],
+            "dataDir": node.data_dir,
+        },
+    )
     pod = node.pod("p1")
     code, out = node.cni("ADD", netns=pod, conf=conf)
     assert code == 0, out
@@ -418,21 +521,32 @@ def test_ipam_delegated_to_debian_host_local(node):
     assert node.allocated() == []
 
 
-@pytest.mark.skipif(not os.path.exists(f"{DEBIAN_CNI}/tuning"),
-                    reason="Debian's containernetworking-plugins is not installed")
+@pytest.mark.skipif(
+    not os.path.exists(f"{DEBIAN_CNI}/tuning"),
+    reason="Debian's containernetworking-plugins is not installed",
+)
 def test_apply_cni_exec_runs_a_chain_with_debian_tuning(cluster):
     cluster.write("flannel-host-gw.yaml", replicas=2)
-    text = Path(cluster.file).read_text().replace(
-        "mode: flannel-host-gw",
-        "mode: flannel-host-gw\n    plugins:\n    - type: tuning\n"
-        "      sysctl: {net.ipv4.conf.eth0.rp_filter: '2'}", 1)
+    text = (
+        Path(cluster.file)
+        .read_text()
+        .replace(
+            "mode: flannel-host-gw",
+            "mode: flannel-host-gw\n    plugins:\n    - type: tuning\n"
+            "      sysctl: {net.ipv4.conf.eth0.rp_filter: '2'}",
+            1,
+        )
+    )
     Path(cluster.file).write_text(text)
     run_netsim("apply", "-f", cluster.file, "--cni", "exec", check=True)
     record = cluster.record()
     pod = record.pods["web-0"]
     assert pod.via == "cni-exec"
-    sysctl = subprocess.run(["ip", "netns", "exec", pod.netns, "sysctl", "-n",
-                             "net.ipv4.conf.eth0.rp_filter"], capture_output=True, text=True)
+    sysctl = subprocess.run(
+        ["ip", "netns", "exec", pod.netns, "sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"],
+        capture_output=True,
+        text=True,
+    )
     assert sysctl.stdout.strip() == "2"  # tuning parsed netsim's prevResult and applied it
     node_dir = Path("/run/netsim") / cluster.name / "nodes" / pod.node
     conflist = json.loads((node_dir / "net.d" / "10-flannel-host-gw.conflist").read_text())
@@ -457,8 +571,12 @@ def test_cni_install_puts_the_plugin_under_its_type_name(tmp_path):
     done = run_netsim("cni", "install", "--bin-dir", str(bin_dir), check=True)
     installed = bin_dir / "netsim"
     assert done.stdout.strip() == f"installed {installed}"
-    version = subprocess.run([str(installed)], input=b'{"cniVersion":"1.0.0"}',
-                             env={"CNI_COMMAND": "VERSION"}, capture_output=True)
+    version = subprocess.run(
+        [str(installed)],
+        input=b'{"cniVersion":"1.0.0"}',
+        env={"CNI_COMMAND": "VERSION"},
+        capture_output=True,
+    )
     assert json.loads(version.stdout)["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
     other = tmp_path / "other"
     other.mkdir()
@@ -473,8 +591,16 @@ def test_host_local_layout_round_robin_and_gateway(tmp_path):
     the next ADD takes the one after it even when a lower one was freed, and an explicit
     gateway inside rangeStart..rangeEnd is skipped."""
     node = Node(tmp_path)
-    node.conf["ipam"]["ranges"] = [[{"subnet": SUBNET, "rangeStart": "10.244.1.10",
-                                     "rangeEnd": "10.244.1.13", "gateway": "10.244.1.11"}]]
+    node.conf["ipam"]["ranges"] = [
+        [
+            {
+                "subnet": SUBNET,
+                "rangeStart": "10.244.1.10",
+                "rangeEnd": "10.244.1.13",
+                "gateway": "10.244.1.11",
+            }
+        ]
+    ]
     store = Path(node.data_dir) / "cbr0"
     try:
         pods = [node.pod(f"p{i}") for i in range(3)]
@@ -496,9 +622,10 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
     from cni.calico_ipam import BlockStore
 
     node = Node(tmp_path, "calico-vxlan", "1.1.0")
-    node.conf.update(node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26,
-                           "mtu": 1450},
-                     ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir})
+    node.conf.update(
+        node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
+        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+    )
     store = BlockStore(node.data_dir, "192.168.0.0/16", 26)
     try:
         with store.session():
@@ -509,8 +636,7 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
             args = f"K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-{i}"
             assert node.cni("ADD", f"c{i}", pod, CNI_ARGS=args)[0] == 0
         keep = [{"containerID": "c0", "ifname": "eth0"}]
-        assert node.cni("GC", conf={**node.conf, "cni.dev/valid-attachments": keep}) == \
-            (0, None)
+        assert node.cni("GC", conf={**node.conf, "cni.dev/valid-attachments": keep}) == (0, None)
         with store.session():
             left = sorted((ip, cid) for ip, cid, _ in store.allocations("n1"))
         assert left == sorted([(tunnel, "vxlan-tunnel-addr-n1"), ("192.168.0.1", "c0")])

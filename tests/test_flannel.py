@@ -33,8 +33,7 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
     cluster.apply()
     record = cluster.record()
     nodes = record.nodes
-    assert [n.subnet for n in nodes.values()] == ["10.244.1.0/24", "10.244.2.0/24",
-                                                      "10.244.3.0/24"]
+    assert [n.subnet for n in nodes.values()] == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
     w1, w2 = nodes["worker-1"], nodes["worker-2"]
 
     link = ip_json(w1.netns, "-d", "link", "show", "flannel.1")[0]
@@ -42,18 +41,21 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
     assert (vx["id"], vx["port"], vx["learning"], vx["local"]) == (1, 8472, False, w1.ip)
     assert link["mtu"] == 1450 and link["address"] == w1.vtep_mac
     addrs = ip_json(w1.netns, "addr", "show", "flannel.1")[0]["addr_info"]
-    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == \
-        [("10.244.1.0", 32)]
+    assert [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet"] == [
+        ("10.244.1.0", 32)
+    ]
 
     neigh = ip_json(w1.netns, "neigh", "show", "dev", "flannel.1")
-    assert {"dst": "10.244.2.0", "lladdr": w2.vtep_mac, "state": ["PERMANENT"]} in \
-        [{k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh]
+    assert {"dst": "10.244.2.0", "lladdr": w2.vtep_mac, "state": ["PERMANENT"]} in [
+        {k: n[k] for k in ("dst", "lladdr", "state")} for n in neigh
+    ]
     fdb = json.loads(os.popen(f"bridge -n {w1.netns} -j fdb show dev flannel.1").read())
     entry = next(f for f in fdb if f["mac"] == w2.vtep_mac)
     assert entry["dst"] == w2.ip and entry["state"] == "permanent" and "self" in entry["flags"]
     routes = ip_json(w1.netns, "route", "show", "10.244.2.0/24")
-    assert routes == [{"dst": "10.244.2.0/24", "gateway": "10.244.2.0", "dev": "flannel.1",
-                       "flags": ["onlink"]}]
+    assert routes == [
+        {"dst": "10.244.2.0/24", "gateway": "10.244.2.0", "dev": "flannel.1", "flags": ["onlink"]}
+    ]
 
     cni0 = ip_json(w1.netns, "addr", "show", "cni0")[0]
     assert cni0["mtu"] == 1450
@@ -70,11 +72,16 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
     node_dir = state.node_dir(cluster.name, "worker-1")
     assert open(f"{node_dir}/subnet.env").read() == (
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n"
-        "FLANNEL_IPMASQ=true\n")
-    lease = json.load(open(f"{state.cluster_dir(cluster.name)}/etcd/coreos.com/network/subnets/"
-                           "10.244.1.0-24"))
-    assert lease == {"PublicIP": w1.ip, "BackendType": "vxlan",
-                     "BackendData": {"VNI": 1, "VtepMAC": w1.vtep_mac}}
+        "FLANNEL_IPMASQ=true\n"
+    )
+    lease = json.load(
+        open(f"{state.cluster_dir(cluster.name)}/etcd/coreos.com/network/subnets/10.244.1.0-24")
+    )
+    assert lease == {
+        "PublicIP": w1.ip,
+        "BackendType": "vxlan",
+        "BackendData": {"VNI": 1, "VtepMAC": w1.vtep_mac},
+    }
 
     other = _pod_on_other_node(record, "web-0")
     ping = cluster.netsim("ping", "web-0", other)
@@ -99,15 +106,30 @@ def test_host_gw_routes_via_peer_node_ip(cluster):
 def _kernel_view(record: dict) -> dict:
     """Everything an apply could change, read from every namespace of the cluster."""
     view = {}
-    for entry in [*record.nodes.values(), *record.pods.values(),
-                  *record.clients.values(), record.underlay]:
+    for entry in [
+        *record.nodes.values(),
+        *record.pods.values(),
+        *record.clients.values(),
+        record.underlay,
+    ]:
         ns = entry.netns
-        links = [{k: link.get(k) for k in ("ifindex", "ifname", "mtu", "address", "flags",
-                                           "master")} for link in ip_json(ns, "link")]
-        addrs = [(a["ifname"], [(i["local"], i["prefixlen"]) for i in a["addr_info"]
-                                if i["family"] == "inet"]) for a in ip_json(ns, "addr")]
-        view[ns] = (links, addrs, ip_json(ns, "route"),
-                    ip_json(ns, "neigh", "show", "nud", "permanent"))
+        links = [
+            {k: link.get(k) for k in ("ifindex", "ifname", "mtu", "address", "flags", "master")}
+            for link in ip_json(ns, "link")
+        ]
+        addrs = [
+            (
+                a["ifname"],
+                [(i["local"], i["prefixlen"]) for i in a["addr_info"] if i["family"] == "inet"],
+            )
+            for a in ip_json(ns, "addr")
+        ]
+        view[ns] = (
+            links,
+            addrs,
+            ip_json(ns, "route"),
+            ip_json(ns, "neigh", "show", "nud", "permanent"),
+        )
     return view
 
 
@@ -128,15 +150,25 @@ def test_second_apply_changes_nothing_and_scaling_changes_only_the_difference(cl
     record = cluster.record()
     assert sorted(record.pods) == ["web-0", "web-1"]
     assert _netns_ids(record) == {p: inodes[p] for p in ("web-0", "web-1")}
-    assert sorted(n.rsplit(".", 1)[1] for n in cluster.namespaces() if ".pod." in n) == \
-        ["web-0", "web-1"]
+    assert sorted(n.rsplit(".", 1)[1] for n in cluster.namespaces() if ".pod." in n) == [
+        "web-0",
+        "web-1",
+    ]
     for node in record.nodes.values():  # removed pods' host veths are gone at once
-        vethnames = {link["ifname"] for link in ip_json(node.netns, "link", "show",
-                                                         "master", "cni0")}
-        assert vethnames == {p.veth for p in record.pods.values()
-                             if p.netns and p.node == node.netns.rsplit(".", 1)[1]}
-    ipam_files = sorted(f for n in record.nodes for f in os.listdir(
-        f"{state.node_dir(cluster.name, n)}/ipam/cbr0") if f[0].isdigit())
+        vethnames = {
+            link["ifname"] for link in ip_json(node.netns, "link", "show", "master", "cni0")
+        }
+        assert vethnames == {
+            p.veth
+            for p in record.pods.values()
+            if p.netns and p.node == node.netns.rsplit(".", 1)[1]
+        }
+    ipam_files = sorted(
+        f
+        for n in record.nodes
+        for f in os.listdir(f"{state.node_dir(cluster.name, n)}/ipam/cbr0")
+        if f[0].isdigit()
+    )
     assert ipam_files == sorted(p.ip for p in record.pods.values())
 
 
@@ -169,11 +201,13 @@ cli.main(sys.argv[1:])
 
 @pytest.mark.parametrize("verb", [["get", "pods"], ["apply", "-f", "x.yaml"]])
 def test_non_root_gets_one_clear_line(verb):
-    result = subprocess.run([sys.executable, "-c", AS_NOBODY, *verb], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, *verb], capture_output=True, text=True, cwd=ROOT
+    )
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == ("netsim: must run as root (it creates network namespaces): "
-                             "sudo netsim ...\n")
+    assert result.stderr == (
+        "netsim: must run as root (it creates network namespaces): sudo netsim ...\n"
+    )
 
 
 def test_pod_containers_share_the_pod_namespace(cluster):

@@ -21,10 +21,13 @@ from netsim.kernel import netns as nsmod
 
 pytestmark = [
     needs_root,
-    pytest.mark.skipif(ipip_bpf.toolchain_missing() is not None,
-                       reason=ipip_bpf.toolchain_missing() or ""),
-    pytest.mark.skipif(shutil.which("bpftool") is None,
-                       reason="the carrier is loaded with bpftool: apt-get install bpftool"),
+    pytest.mark.skipif(
+        ipip_bpf.toolchain_missing() is not None, reason=ipip_bpf.toolchain_missing() or ""
+    ),
+    pytest.mark.skipif(
+        shutil.which("bpftool") is None,
+        reason="the carrier is loaded with bpftool: apt-get install bpftool",
+    ),
 ]
 
 NODE_A, NODE_B = "10.99.0.2", "10.99.0.3"
@@ -47,28 +50,48 @@ class Topology:
 
 
 def ip_batch(netns: str, *commands: str) -> None:
-    subprocess.run(["ip", "-n", netns, "-batch", "-"], input="\n".join(commands) + "\n",
-                   text=True, check=True, capture_output=True)
+    subprocess.run(
+        ["ip", "-n", netns, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
 
 
 def in_ns(netns: str, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
-                          text=True, **kw)
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, **kw
+    )
 
 
 def wire_pod(node: str, pod: str, host_if: str, pod_ip: str) -> None:
     """Calico's pod wiring: /32 in the pod, default via 169.254.1.1, host side ee:ee:ee:ee:ee:ee
     with proxy ARP. These nodes have no default route for proxy ARP to answer from, so the pod
     gets the gateway's neighbour entry up front."""
-    ip_batch(node, f"link add {host_if} mtu {POD_MTU} address {HOST_MAC} type veth peer name "
-             f"eth0 netns {pod}", f"link set {host_if} up",
-             f"route add {pod_ip}/32 dev {host_if} scope link")
-    ip_batch(pod, "link set lo up", f"link set eth0 mtu {POD_MTU} up",
-             f"addr add {pod_ip}/32 dev eth0", "route add 169.254.1.1 dev eth0 scope link",
-             "route add default via 169.254.1.1 dev eth0",
-             f"neigh add 169.254.1.1 lladdr {HOST_MAC} dev eth0 nud permanent")
-    in_ns(node, "sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1",
-          f"net.ipv4.neigh.{host_if}.proxy_delay=0", check=True)
+    ip_batch(
+        node,
+        f"link add {host_if} mtu {POD_MTU} address {HOST_MAC} type veth peer name eth0 netns {pod}",
+        f"link set {host_if} up",
+        f"route add {pod_ip}/32 dev {host_if} scope link",
+    )
+    ip_batch(
+        pod,
+        "link set lo up",
+        f"link set eth0 mtu {POD_MTU} up",
+        f"addr add {pod_ip}/32 dev eth0",
+        "route add 169.254.1.1 dev eth0 scope link",
+        "route add default via 169.254.1.1 dev eth0",
+        f"neigh add 169.254.1.1 lladdr {HOST_MAC} dev eth0 nud permanent",
+    )
+    in_ns(
+        node,
+        "sysctl",
+        "-qw",
+        f"net.ipv4.conf.{host_if}.proxy_arp=1",
+        f"net.ipv4.neigh.{host_if}.proxy_delay=0",
+        check=True,
+    )
 
 
 def build_topology(prefix: str) -> Topology:
@@ -76,11 +99,18 @@ def build_topology(prefix: str) -> Topology:
     for name in topo.all:
         nsmod.create(name)
     ip_batch(topo.node_a, f"link add eth0 type veth peer name eth0 netns {topo.node_b}")
-    for node, addr, peer, block in ((topo.node_a, NODE_A, NODE_B, BLOCK_B),
-                                    (topo.node_b, NODE_B, NODE_A, BLOCK_A)):
+    for node, addr, peer, block in (
+        (topo.node_a, NODE_A, NODE_B, BLOCK_B),
+        (topo.node_b, NODE_B, NODE_A, BLOCK_A),
+    ):
         # Calico's IPIP route, with the underlay device in place of tunl0
-        ip_batch(node, "link set lo up", f"addr add {addr}/24 dev eth0", "link set eth0 up",
-                 f"route add {block} via {peer} dev eth0 onlink")
+        ip_batch(
+            node,
+            "link set lo up",
+            f"addr add {addr}/24 dev eth0",
+            "link set eth0 up",
+            f"route add {block} via {peer} dev eth0 onlink",
+        )
         in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1", check=True)
     wire_pod(topo.node_a, topo.pod_a, "cali0a", POD_A)
     wire_pod(topo.node_b, topo.pod_b, "cali0b", POD_B)
@@ -117,8 +147,10 @@ def topo(tmp_path):
 
 
 def tc_state(netns: str) -> str:
-    out = [in_ns(netns, "tc", "filter", "show", "dev", "eth0", d, check=True).stdout
-           for d in ("egress", "ingress")]
+    out = [
+        in_ns(netns, "tc", "filter", "show", "dev", "eth0", d, check=True).stdout
+        for d in ("egress", "ingress")
+    ]
     qdiscs = in_ns(netns, "tc", "qdisc", "show", "dev", "eth0", check=True).stdout
     return "".join(out) + ("clsact" if "clsact" in qdiscs else "")
 
@@ -136,12 +168,22 @@ def test_pods_talk_over_standard_ipip(topo: Topology, tmp_path: Path):
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
     outer = [p[IP] for p in packets if IP in p and p[IP].proto == 4]
-    requests = [p for p in outer if (p.src, p.dst) == (NODE_A, NODE_B)
-                and ICMP in p and (p[IP:2].src, p[IP:2].dst) == (POD_A, POD_B)
-                and p[ICMP].type == 8]
-    replies = [p for p in outer if (p.src, p.dst) == (NODE_B, NODE_A)
-               and ICMP in p and (p[IP:2].src, p[IP:2].dst) == (POD_B, POD_A)
-               and p[ICMP].type == 0]
+    requests = [
+        p
+        for p in outer
+        if (p.src, p.dst) == (NODE_A, NODE_B)
+        and ICMP in p
+        and (p[IP:2].src, p[IP:2].dst) == (POD_A, POD_B)
+        and p[ICMP].type == 8
+    ]
+    replies = [
+        p
+        for p in outer
+        if (p.src, p.dst) == (NODE_B, NODE_A)
+        and ICMP in p
+        and (p[IP:2].src, p[IP:2].dst) == (POD_B, POD_A)
+        and p[ICMP].type == 0
+    ]
     assert len(requests) == 3 and len(replies) == 3, [p.summary() for p in outer]
     for packet in requests + replies:
         assert packet.ttl == 64 and packet.ihl == 5
@@ -150,8 +192,9 @@ def test_pods_talk_over_standard_ipip(topo: Topology, tmp_path: Path):
         del recomputed.chksum
         assert IP(bytes(recomputed)).chksum == packet.chksum, "bad outer checksum"
     # no pod address travels the underlay unencapsulated
-    assert not [p for p in packets if IP in p and p[IP].proto != 4
-                and POD_A in (p[IP].src, p[IP].dst)]
+    assert not [
+        p for p in packets if IP in p and p[IP].proto != 4 and POD_A in (p[IP].src, p[IP].dst)
+    ]
 
     for node in (topo.node_a, topo.node_b):
         assert ipip_bpf.detach(node, "eth0")
@@ -178,17 +221,30 @@ def test_peer_bookkeeping(topo: Topology):
 
 def iperf(topo: Topology, seconds: int = 3) -> float:
     """Gbit/s from pod A to pod B over one TCP stream."""
-    server = subprocess.Popen(["ip", "netns", "exec", topo.pod_b, "iperf3", "-s", "-1",
-                               "--forceflush"],  # else piped output waits in a buffer
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            topo.pod_b,
+            "iperf3",
+            "-s",
+            "-1",
+            "--forceflush",
+        ],  # else piped output waits in a buffer
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in server.stdout or ():
             if "Server listening" in line:
                 break
         else:
             raise AssertionError("iperf3 server did not start")
-        client = in_ns(topo.pod_a, "iperf3", "-c", POD_B, "-t", str(seconds), "-J",
-                       timeout=seconds + 30)
+        client = in_ns(
+            topo.pod_a, "iperf3", "-c", POD_B, "-t", str(seconds), "-J", timeout=seconds + 30
+        )
         assert client.returncode == 0, client.stdout + client.stderr
         return json.loads(client.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
     finally:
@@ -196,8 +252,10 @@ def iperf(topo: Topology, seconds: int = 3) -> float:
         server.communicate(timeout=10)
 
 
-@pytest.mark.skipif(not os.environ.get("NETSIM_IPERF"),
-                    reason="throughput is printed, not asserted: set NETSIM_IPERF=1 to run")
+@pytest.mark.skipif(
+    not os.environ.get("NETSIM_IPERF"),
+    reason="throughput is printed, not asserted: set NETSIM_IPERF=1 to run",
+)
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
 def test_throughput_vs_plain_routing(topo: Topology, capsys):
     with_bpf = iperf(topo)
@@ -205,5 +263,7 @@ def test_throughput_vs_plain_routing(topo: Topology, capsys):
         ipip_bpf.detach(node, "eth0")
     plain = iperf(topo)  # the same routes, now forwarded natively
     with capsys.disabled():
-        print(f"\npod->pod TCP: IPIP eBPF carrier {with_bpf:.2f} Gbit/s, "
-              f"plain routing {plain:.2f} Gbit/s")
+        print(
+            f"\npod->pod TCP: IPIP eBPF carrier {with_bpf:.2f} Gbit/s, "
+            f"plain routing {plain:.2f} Gbit/s"
+        )

@@ -77,11 +77,18 @@ spec:
 BACKENDS = ["nftables", "userspace"]
 
 
-def write(cluster, affinity: str = "ClientIP", timeout: int = 3, extra: str = "",
-          backend: str = "nftables") -> None:
+def write(
+    cluster,
+    affinity: str = "ClientIP",
+    timeout: int = 3,
+    extra: str = "",
+    backend: str = "nftables",
+) -> None:
     text = TOPOLOGY.read_text().replace("name: demo", f"name: {cluster.name}", 1)
-    text = text.replace("  serviceCIDR: 10.96.0.0/12",
-                        f"  serviceCIDR: 10.96.0.0/12\n  kubeProxy: {{mode: {backend}}}")
+    text = text.replace(
+        "  serviceCIDR: 10.96.0.0/12",
+        f"  serviceCIDR: 10.96.0.0/12\n  kubeProxy: {{mode: {backend}}}",
+    )
     cluster.backend = backend
     text = text.replace("- containerPort: 9376", "- containerPort: 9376\n              name: http")
     services = SERVICES.replace("AFFINITY", str(timeout))
@@ -91,16 +98,22 @@ def write(cluster, affinity: str = "ClientIP", timeout: int = 3, extra: str = ""
 
 
 def kube_proxy_table(netns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "ip",
-                           "kube-proxy"], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "list", "table", "ip", "kube-proxy"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def listening(netns: str, pid: int) -> set[int]:
     """The TCP and UDP ports process `pid` listens on in the namespace."""
-    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htulnp"], capture_output=True,
-                         text=True, check=True).stdout
-    return {int(line.split()[4].rsplit(":", 1)[1]) for line in out.splitlines()
-            if f"pid={pid}," in line}
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "ss", "-Htulnp"], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        int(line.split()[4].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line
+    }
 
 
 def assert_backend(cluster, backend: str) -> None:
@@ -163,13 +176,20 @@ def test_round_robin_is_exact_through_any_node(services):
 def affinity_clients(netns: str, service: str) -> set[str]:
     """Client IPs in the node's affinity sets of a Service (nftables backend): a set element
     is dropped by the kernel once its timeout has passed unused."""
-    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "sets", "ip"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "sets", "ip"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     found = set()
     for obj in json.loads(out)["nftables"]:
         s = obj.get("set", {})
-        if s.get("table") == "kube-proxy" and s["name"].startswith("affinity-") and \
-                f"/{service}/" in s["name"]:
+        if (
+            s.get("table") == "kube-proxy"
+            and s["name"].startswith("affinity-")
+            and f"/{service}/" in s["name"]
+        ):
             for e in s.get("elem", []):
                 found.add(e["elem"]["val"] if isinstance(e, dict) else e)
     return found
@@ -185,8 +205,12 @@ def test_client_ip_affinity_e2e_checks(services):
         node = record.nodes[record.pods["web-0"].node].netns
         client = record.pods["web-0"].ip
         assert client in affinity_clients(node, "web-aff")
-        wait_for(lambda: client not in affinity_clients(node, "web-aff"), 10,
-                 "the kernel drops web-0's affinity binding", interval=0.1)
+        wait_for(
+            lambda: client not in affinity_clients(node, "web-aff"),
+            10,
+            "the kernel drops web-0's affinity binding",
+            interval=0.1,
+        )
     else:  # the agent's proxy shows no state: wait until 3 s have passed since the last use
         wait_for(lambda: time.monotonic() - used > 3, 10, "3 s since the last use")
     after = who(record, "web-0", cip(record, "web-aff"), 80, 1)
@@ -206,14 +230,17 @@ def test_affinity_timeout_slides(services):
 def test_removed_endpoint_drops_only_its_own_clients_affinity(cluster, backend):
     """Two clients on worker-1 bound to different endpoints; the endpoint of one leaves the
     selector (its label changes): that client moves, the other keeps its pod."""
-    clients = "".join(f"""---
+    clients = "".join(
+        f"""---
 apiVersion: v1
 kind: Pod
 metadata: {{name: {n}, labels: {{role: client}}}}
 spec:
   nodeName: worker-1
   containers: [{{name: c, command: [sleep, "3600"]}}]
-""" for n in ("client-a", "client-b"))
+"""
+        for n in ("client-a", "client-b")
+    )
     write(cluster, timeout=600, extra="\n" + clients, backend=backend)
     run_netsim("apply", "-f", cluster.file, check=True)
     assert_backend(cluster, backend)
@@ -264,23 +291,54 @@ def test_kube_proxy_table_has_kube_proxys_shape(services):
     if services.backend != "nftables":
         pytest.skip("the userspace backend's table only redirects to the agent's proxy")
     record = services.record()
-    out = subprocess.run(["ip", "netns", "exec", record.nodes["worker-2"].netns, "nft",
-                          "-j", "list", "table", "ip", "kube-proxy"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            record.nodes["worker-2"].netns,
+            "nft",
+            "-j",
+            "list",
+            "table",
+            "ip",
+            "kube-proxy",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     objects = [next(iter(o.items())) for o in json.loads(out)["nftables"]]
     names = {(kind, o.get("name")) for kind, o in objects}
-    for expected in (("map", "service-ips"), ("map", "service-nodeports"),
-                     ("map", "no-endpoint-services"), ("chain", "mark-for-masquerade"),
-                     ("chain", "masquerading"), ("chain", "services")):
+    for expected in (
+        ("map", "service-ips"),
+        ("map", "service-nodeports"),
+        ("map", "no-endpoint-services"),
+        ("chain", "mark-for-masquerade"),
+        ("chain", "masquerading"),
+        ("chain", "services"),
+    ):
         assert expected in names
     chains = [o["name"] for kind, o in objects if kind == "chain"]
     assert any(c.startswith("service-") and c.endswith("-default/web/tcp/") for c in chains)
     assert sum(c.startswith("endpoint-") for c in chains) == 3 * 3 + 1  # web, web-aff, np; solo
     sets = [o for kind, o in objects if kind == "set" and o["name"].startswith("affinity-")]
     assert len(sets) == 3 and all(s["timeout"] == 3 and "timeout" in s["flags"] for s in sets)
-    text = subprocess.run(["ip", "netns", "exec", record.nodes["worker-2"].netns, "nft",
-                           "list", "table", "ip", "kube-proxy"], capture_output=True,
-                          text=True).stdout
+    text = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            record.nodes["worker-2"].netns,
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "kube-proxy",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "numgen inc mod 3 vmap" in text and "update @affinity-" in text
     assert "tcp . 30080 : goto external-" in text
 
@@ -316,13 +374,15 @@ def under_load(cluster, plans: list[dict]) -> tuple[int, int]:
         stop.set()
         thread.join(timeout=30)
     ok = [r for r in results if r[2] is None]
-    assert len(results) > 100 and len(ok) >= 0.999 * len(results), \
-        [r for r in results if r[2]][:5]
+    assert len(results) > 100 and len(ok) >= 0.999 * len(results), [r for r in results if r[2]][:5]
     late = []
     for started, pod, _ in ok:  # begun after an update ended, before the next one began
         done = [i for i, (_, end, _) in enumerate(steps) if end < started]
-        if done and (done[-1] + 1 == len(steps) or steps[done[-1] + 1][0] > started) and \
-                pod not in steps[done[-1]][2]:
+        if (
+            done
+            and (done[-1] + 1 == len(steps) or steps[done[-1] + 1][0] > started)
+            and pod not in steps[done[-1]][2]
+        ):
             late.append((started, pod))
     assert not late, late[:5]
     return len(ok), len(results)
@@ -352,13 +412,25 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     taken = cluster.netsim("expose", "deployment/web", "--port", "8081")
     assert taken.returncode != 0 and "service/web already exists" in taken.stderr
     assert cluster.record().services.keys() == record.services.keys()  # nothing changed
-    cluster.netsim("expose", "deployment/web", "--port", "8081", "--target-port", "9376",
-                   "--type", "NodePort", "--name", "web-ext", check=True)
+    cluster.netsim(
+        "expose",
+        "deployment/web",
+        "--port",
+        "8081",
+        "--target-port",
+        "9376",
+        "--type",
+        "NodePort",
+        "--name",
+        "web-ext",
+        check=True,
+    )
     ext = cluster.record().services["web-ext"]
     node_port = ext.ports[0].node_port
     assert 30000 <= node_port <= 32767 and node_port != 30080
-    answers = cluster.netsim("curl", "solo", "http://web-ext:8081/", "--count", "6",
-                             check=True).stdout.split()
+    answers = cluster.netsim(
+        "curl", "solo", "http://web-ext:8081/", "--count", "6", check=True
+    ).stdout.split()
     assert sorted(answers[1::2]) == ["web-0", "web-0", "web-1", "web-1", "web-2", "web-2"]
 
 
@@ -368,7 +440,7 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
     write(cluster)
     run_netsim("apply", "-f", cluster.file, check=True)
     assert_backend(cluster, "nftables")
-    namespace = cluster.record().pods['web-1'].netns
+    namespace = cluster.record().pods["web-1"].netns
     before = netns_cookie(namespace)
     cluster.netsim("delete", "pod", "web-1", check=True)
     after = cluster.record()
@@ -379,11 +451,12 @@ def test_delete_pod_updates_the_endpoints_on_every_node(cluster):
 
     cluster.netsim("delete", "pod", "solo", check=True)
     gone = cluster.record()
-    assert "solo" not in gone.pods and not any(n.endswith(".solo") for n in
-                                                  cluster.namespaces())
+    assert "solo" not in gone.pods and not any(n.endswith(".solo") for n in cluster.namespaces())
     endpoints = cluster.netsim("get", "endpoints", check=True).stdout
-    assert next(line.split() for line in endpoints.splitlines()
-                if line.startswith("solo "))[1] == "<none>"
+    assert (
+        next(line.split() for line in endpoints.splitlines() if line.startswith("solo "))[1]
+        == "<none>"
+    )
     for src in ("web-0", "web-1", "web-2"):
         started = time.monotonic()
         assert "refused" in (who(gone, src, cip(gone, "solo"), 80, 1)[0])
@@ -407,7 +480,10 @@ def test_an_established_connection_outlives_a_sync(services):
         while chunk := conn.recv(4096):
             reply += chunk
     assert reply.startswith(b"HTTP/1.") and reply.split(b"\r\n\r\n", 1)[1].strip() in (
-        b"web-0", b"web-1", b"web-2")  # one of the endpoints it was made to
+        b"web-0",
+        b"web-1",
+        b"web-2",
+    )  # one of the endpoints it was made to
 
 
 def auto_node_port(name: str) -> str:
@@ -433,26 +509,45 @@ def test_an_assigned_node_port_stays_with_its_service(cluster):
     write(cluster, extra=auto_node_port("a-np") + auto_node_port("b-np"))
     run_netsim("apply", "-f", cluster.file, check=True)
     record = cluster.record()
-    assert [record.services[s].ports[0].node_port for s in ("a-np", "b-np")] == \
-        [30001, 30000]
+    assert [record.services[s].ports[0].node_port for s in ("a-np", "b-np")] == [30001, 30000]
     assert who(record, "client", record.nodes["worker-2"].ip, 30001, 1)[0] in (
-        "web-0", "web-1", "web-2")
+        "web-0",
+        "web-1",
+        "web-2",
+    )
 
 
 def hooked_chains(netns: str) -> dict[str, int]:
     """Handles of the kube-proxy table and of its base chains: a table made again gets a new
     handle (chain handles count from 1 again in the new table)."""
-    listed = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list",
-                                        "chains", "ip"], capture_output=True, text=True,
-                                       check=True).stdout)["nftables"]
-    tables = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list",
-                                        "tables", "ip"], capture_output=True, text=True,
-                                       check=True).stdout)["nftables"]
-    handles = {"table": next(t["table"]["handle"] for t in tables
-                             if "table" in t and t["table"]["name"] == "kube-proxy")}
-    return handles | {c["chain"]["name"]: c["chain"]["handle"] for c in listed
-                      if "chain" in c and c["chain"]["table"] == "kube-proxy"
-                      and "hook" in c["chain"]}
+    listed = json.loads(
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "nft", "-j", "list", "chains", "ip"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["nftables"]
+    tables = json.loads(
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "nft", "-j", "list", "tables", "ip"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["nftables"]
+    handles = {
+        "table": next(
+            t["table"]["handle"]
+            for t in tables
+            if "table" in t and t["table"]["name"] == "kube-proxy"
+        )
+    }
+    return handles | {
+        c["chain"]["name"]: c["chain"]["handle"]
+        for c in listed
+        if "chain" in c and c["chain"]["table"] == "kube-proxy" and "hook" in c["chain"]
+    }
 
 
 def test_a_sync_keeps_the_nat_hooks_in_place(services):
@@ -469,15 +564,28 @@ def test_a_sync_keeps_the_nat_hooks_in_place(services):
 
 def test_rolling_replacement_under_continuous_connections(cluster, backend):
     """web-v2 (same labels) replaces web one pod at a time, each new pod ready first."""
-    v2 = TOPOLOGY.read_text().split("---")[1].replace("name: web", "name: web-v2", 1).replace(
-        "replicas: 3", "replicas: 0").replace("- containerPort: 9376",
-                                              "- containerPort: 9376\n              name: http")
+    v2 = (
+        TOPOLOGY.read_text()
+        .split("---")[1]
+        .replace("name: web", "name: web-v2", 1)
+        .replace("replicas: 3", "replicas: 0")
+        .replace("- containerPort: 9376", "- containerPort: 9376\n              name: http")
+    )
     write(cluster, extra="\n---" + v2, backend=backend)
     run_netsim("apply", "-f", cluster.file, check=True)
     assert_backend(cluster, backend)
-    plans = [{"web": 3, "web-v2": 1}, {"web": 2, "web-v2": 1}, {"web": 2, "web-v2": 2},
-             {"web": 1, "web-v2": 2}, {"web": 1, "web-v2": 3}, {"web": 0, "web-v2": 3}]
+    plans = [
+        {"web": 3, "web-v2": 1},
+        {"web": 2, "web-v2": 1},
+        {"web": 2, "web-v2": 2},
+        {"web": 1, "web-v2": 2},
+        {"web": 1, "web-v2": 3},
+        {"web": 0, "web-v2": 3},
+    ]
     ok, total = under_load(cluster, plans)
     print(f"\n{ok} of {total} requests succeeded during the rolling replacement")
-    assert {p for p in cluster.record().pods if p.startswith("web")} == \
-        {"web-v2-0", "web-v2-1", "web-v2-2"}
+    assert {p for p in cluster.record().pods if p.startswith("web")} == {
+        "web-v2-0",
+        "web-v2-1",
+        "web-v2-2",
+    }

@@ -129,16 +129,26 @@ class Lab:
     def redirect(self, tcp_port: int | None = None, udp_port: int | None = None) -> None:
         """Replace the node's table: the ClusterIP's port 80 and the node's TCP NodePort go
         to the proxy's ports."""
-        rules = [f"ip daddr {CLUSTER_IP} {proto} dport {SVC_PORT} redirect to :{port}"
-                 for proto, port in (("tcp", tcp_port), ("udp", udp_port)) if port]
+        rules = [
+            f"ip daddr {CLUSTER_IP} {proto} dport {SVC_PORT} redirect to :{port}"
+            for proto, port in (("tcp", tcp_port), ("udp", udp_port))
+            if port
+        ]
         if tcp_port:
             rules.append(f"ip daddr {NODE_IP} tcp dport {NODE_PORT} redirect to :{tcp_port}")
-        text = ("add table ip tkpu\ndelete table ip tkpu\ntable ip tkpu {\n"
-                " chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n"
-                + "".join(f"  {rule}\n" for rule in rules) + " }\n}\n")
+        text = (
+            "add table ip tkpu\ndelete table ip tkpu\ntable ip tkpu {\n"
+            " chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n"
+            + "".join(f"  {rule}\n" for rule in rules)
+            + " }\n}\n"
+        )
         run(["ip", "netns", "exec", self.node, "nft", "-f", "-"], input=text)
-        listed = subprocess.run(["ip", "netns", "exec", self.node, "nft", "list", "table", "ip",
-                                 "tkpu"], capture_output=True, text=True, check=True).stdout
+        listed = subprocess.run(
+            ["ip", "netns", "exec", self.node, "nft", "list", "table", "ip", "tkpu"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert [line.strip() for line in listed.splitlines() if "redirect" in line] == rules
 
 
@@ -163,15 +173,25 @@ def lab() -> Iterator[Lab]:
         for name in ["node", "client", *pods]:
             nsmod.create(prefix + name)
             lab.names.append(prefix + name)
-        ip_batch(lab.node, "link set lo up", "link add br0 type bridge",
-                 f"addr add {NODE_IP}/24 dev br0", "link set br0 up")
+        ip_batch(
+            lab.node,
+            "link set lo up",
+            "link add br0 type bridge",
+            f"addr add {NODE_IP}/24 dev br0",
+            "link set br0 up",
+        )
         for i, (name, ip) in enumerate([*pods.items(), ("client", CLIENT_A)]):
             ns = prefix + name
-            ip_batch(lab.node, f"link add v{i} type veth peer name eth0 netns {ns}",
-                     f"link set v{i} master br0", f"link set v{i} up")
+            ip_batch(
+                lab.node,
+                f"link add v{i} type veth peer name eth0 netns {ns}",
+                f"link set v{i} master br0",
+                f"link set v{i} up",
+            )
             ip_batch(ns, "link set lo up", "link set eth0 up", f"addr add {ip}/24 dev eth0")
-        ip_batch(lab.client, f"addr add {CLIENT_B}/24 dev eth0",
-                 f"route add 10.96.0.0/16 via {NODE_IP}")
+        ip_batch(
+            lab.client, f"addr add {CLIENT_B}/24 dev eth0", f"route add 10.96.0.0/16 via {NODE_IP}"
+        )
         for name in PODS:
             servers.add(prefix + name, name)
         servers.thread.start()
@@ -211,8 +231,12 @@ def client_socket(lab: Lab, kind: int, src: str) -> socket.socket:
     return sock
 
 
-def ask(lab: Lab, src: str = CLIENT_A, payload: bytes = b"hello",
-        dst: tuple[str, int] = (CLUSTER_IP, SVC_PORT)) -> str:
+def ask(
+    lab: Lab,
+    src: str = CLIENT_A,
+    payload: bytes = b"hello",
+    dst: tuple[str, int] = (CLUSTER_IP, SVC_PORT),
+) -> str:
     """One fresh TCP connection to the service: send, half-close, read the answer to EOF."""
     with client_socket(lab, socket.SOCK_STREAM, src) as sock:
         sock.connect(dst)
@@ -294,9 +318,11 @@ def test_concurrent_clients_while_syncing(lab: Lab, proxy: Proxy) -> None:
         except (OSError, AssertionError) as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(src, dst))
-               for src in (CLIENT_A, CLIENT_B)
-               for dst in ((CLUSTER_IP, SVC_PORT), (NODE_IP, NODE_PORT))]
+    threads = [
+        threading.Thread(target=client, args=(src, dst))
+        for src in (CLIENT_A, CLIENT_B)
+        for dst in ((CLUSTER_IP, SVC_PORT), (NODE_IP, NODE_PORT))
+    ]
     for thread in threads:
         thread.start()
     sets = [ALL, ALL[:1], ALL[1:], ALL]
@@ -335,8 +361,12 @@ def test_client_ip_affinity(lab: Lab, proxy: Proxy) -> None:
     # proxy drops the binding (it reaps every few seconds).
     proxy.sync({TCP_KEY: tcp_service(ALL, "ClientIP", timeout=1)})
     first = assert_sticky(lambda: pod_of(ask(lab, CLIENT_A)), 1, 2.4)
-    wait_for(lambda: CLIENT_A not in proxy.stats()[TCP_KEY]["affinity_clients"], 10,
-             "the proxy drops the expired binding", interval=0.1)
+    wait_for(
+        lambda: CLIENT_A not in proxy.stats()[TCP_KEY]["affinity_clients"],
+        10,
+        "the proxy drops the expired binding",
+        interval=0.1,
+    )
     after = pod_of(ask(lab, CLIENT_A))
     assert after != first  # expired: round robin gave the next endpoint
     assert pod_of(ask(lab, CLIENT_A)) == after
@@ -357,8 +387,10 @@ def test_dial_retry_skips_dead_endpoints(lab: Lab, proxy: Proxy) -> None:
     assert pod_of(ask(lab, CLIENT_A)) == "pod1"  # .50 -> .11 (first in order)
     assert pod_of(ask(lab, CLIENT_B)) == "pod1"  # .51 -> .14 refused -> .11
     clients = proxy.stats()[TCP_KEY]["affinity_clients"]
-    assert clients == {CLIENT_A: f"{PODS['pod1']}:{POD_PORT}",
-                       CLIENT_B: f"{PODS['pod1']}:{POD_PORT}"}
+    assert clients == {
+        CLIENT_A: f"{PODS['pod1']}:{POD_PORT}",
+        CLIENT_B: f"{PODS['pod1']}:{POD_PORT}",
+    }
 
     # Every endpoint refuses: the client is reset promptly and its binding dropped.
     proxy.sync({TCP_KEY: tcp_service(eps(REFUSING), "ClientIP")})
@@ -401,8 +433,7 @@ def test_udp_round_robin_and_flows(lab: Lab, proxy: Proxy) -> None:
     proxy.udp_idle_timeout = 1.0
     with client_socket(lab, socket.SOCK_DGRAM, CLIENT_A) as sock:
         assert len({ask_udp(lab, sock) for _ in range(5)}) == 1
-    wait_for(lambda: proxy.stats()[UDP_KEY]["active"] == 0, 5, "idle flows closed",
-             interval=0.1)
+    wait_for(lambda: proxy.stats()[UDP_KEY]["active"] == 0, 5, "idle flows closed", interval=0.1)
 
     proxy.sync({UDP_KEY: {"protocol": "UDP", "endpoints": []}})
     with client_socket(lab, socket.SOCK_DGRAM, CLIENT_A) as sock:
@@ -421,15 +452,20 @@ def test_sync_removes_and_close_releases(lab: Lab) -> None:
     fds, threads = _open_fds(), set(threading.enumerate())
     proxy = Proxy(lab.node)
     try:
-        ports = proxy.sync({TCP_KEY: tcp_service(ALL),  # before start(): served inline
-                            UDP_KEY: {"protocol": "UDP", "endpoints": ALL}})
+        ports = proxy.sync(
+            {
+                TCP_KEY: tcp_service(ALL),  # before start(): served inline
+                UDP_KEY: {"protocol": "UDP", "endpoints": ALL},
+            }
+        )
         proxy.start()
         lab.redirect(tcp_port=ports[TCP_KEY], udp_port=ports[UDP_KEY])
         assert pod_of(ask(lab)) == "pod1"
         assert ask_udp(lab) == "pod1"
 
         assert proxy.sync({UDP_KEY: {"protocol": "UDP", "endpoints": ALL}}) == {
-            UDP_KEY: ports[UDP_KEY]}
+            UDP_KEY: ports[UDP_KEY]
+        }
         with nsmod.entered(lab.node):
             probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         with probe, pytest.raises(ConnectionRefusedError):
@@ -442,8 +478,9 @@ def test_sync_removes_and_close_releases(lab: Lab) -> None:
         held = client_socket(lab, socket.SOCK_STREAM, CLIENT_A)
         held.connect((CLUSTER_IP, SVC_PORT))
         held.sendall(b"open")
-        wait_for(lambda: proxy.stats()[TCP_KEY]["active"] == 1, 3, "the held connection",
-                 interval=0.05)
+        wait_for(
+            lambda: proxy.stats()[TCP_KEY]["active"] == 1, 3, "the held connection", interval=0.05
+        )
     finally:
         proxy.close()
         lab.redirect()
@@ -504,15 +541,18 @@ def test_balancer_semantics() -> None:
     assert bal.next_endpoint("x") is None
 
 
-@pytest.mark.parametrize("spec, field", [
-    ({"protocol": "SCTP"}, "protocol"),
-    ({"affinity": "Cookie"}, "affinity"),
-    ({"timeout": 0}, "timeout"),
-    ({"timeout": 86401}, "timeout"),
-    ({"endpoints": [["10.0.0.300", 80]]}, "endpoint"),
-    ({"endpoints": [["10.0.0.3", 0]]}, "endpoint"),
-    ({"port": 70000}, "port"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"protocol": "SCTP"}, "protocol"),
+        ({"affinity": "Cookie"}, "affinity"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": 86401}, "timeout"),
+        ({"endpoints": [["10.0.0.300", 80]]}, "endpoint"),
+        ({"endpoints": [["10.0.0.3", 0]]}, "endpoint"),
+        ({"port": 70000}, "port"),
+    ],
+)
 def test_sync_rejects_bad_input_before_acting(spec: dict, field: str) -> None:
     proxy = Proxy(None)
     try:

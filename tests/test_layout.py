@@ -28,20 +28,30 @@ def _imports(path: Path) -> set[str]:
 
 
 def _allowed_below(name: str, allowed: tuple[str, ...]) -> bool:
-    return not name.startswith("netsim") or name == "netsim" or any(
-        name == a or name.startswith(a + ".") for a in allowed)
+    return (
+        not name.startswith("netsim")
+        or name == "netsim"
+        or any(name == a or name.startswith(a + ".") for a in allowed)
+    )
 
 
 def test_the_cni_plugin_uses_only_the_kernel_layer_of_netsim():
-    wrong = {f"{p.relative_to(ROOT)}: {name}" for p in _modules("cni") for name in _imports(p)
-             if not _allowed_below(name, ("netsim.kernel", "netsim.errors"))}
+    wrong = {
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in _modules("cni")
+        for name in _imports(p)
+        if not _allowed_below(name, ("netsim.kernel", "netsim.errors"))
+    }
     assert not wrong, sorted(wrong)
 
 
 def test_the_kernel_layer_imports_nothing_above_it():
-    wrong = {f"{p.relative_to(ROOT)}: {name}" for p in _modules("netsim/kernel")
-             for name in _imports(p) if not _allowed_below(name, ("netsim.kernel",
-                                                                   "netsim.errors"))}
+    wrong = {
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in _modules("netsim/kernel")
+        for name in _imports(p)
+        if not _allowed_below(name, ("netsim.kernel", "netsim.errors"))
+    }
     assert not wrong, sorted(wrong)
 
 

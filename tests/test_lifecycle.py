@@ -35,8 +35,10 @@ def test_invalid_topology_exits_2_and_creates_nothing(cluster, tmp_path):
     bad.write_text(text)
     result = run_netsim("apply", "-f", str(bad))
     assert result.returncode == 2
-    assert result.stderr.startswith(f"netsim: error: {bad}: document 1 (Cluster {cluster.name})"
-                                    ": spec.serviceCIDR: 10.244.0.0/16 overlaps")
+    assert result.stderr.startswith(
+        f"netsim: error: {bad}: document 1 (Cluster {cluster.name})"
+        ": spec.serviceCIDR: 10.244.0.0/16 overlaps"
+    )
     assert cluster.namespaces() == [] and state.load(cluster.name) is None
 
 
@@ -52,8 +54,9 @@ def test_failed_first_apply_rolls_back_everything(cluster, monkeypatch):
 
     original = bridge.BridgePodSide.attach_host
     monkeypatch.setattr(bridge.BridgePodSide, "attach_host", fail_on_third_pod)
-    with pytest.raises(NetsimError, match="apply failed, this apply's changes were undone: "
-                                          "injected failure"):
+    with pytest.raises(
+        NetsimError, match="apply failed, this apply's changes were undone: injected failure"
+    ):
         clustermod.apply(model)
     assert_nothing_left(cluster)
 
@@ -71,8 +74,7 @@ def test_failed_scale_up_keeps_the_running_cluster(cluster):
         after = cluster.record()
         assert after.pods.keys() == before.pods.keys()
         ipam = f"{state.node_dir(cluster.name, 'worker-1')}/ipam/cbr0"
-        assert sorted(f for f in os.listdir(ipam) if f[0].isdigit()) == \
-            [before.pods["web-0"].ip]
+        assert sorted(f for f in os.listdir(ipam) if f[0].isdigit()) == [before.pods["web-0"].ip]
         assert cluster.netsim("curl", "web-0", "http://web-1:9376/").stdout.strip() == "web-1"
     finally:
         nsmod.remove(squatter)
@@ -80,8 +82,12 @@ def test_failed_scale_up_keeps_the_running_cluster(cluster):
 
 def test_gc_collects_a_killed_apply(cluster):
     cluster.write(replicas=150)
-    proc = subprocess.Popen([*NETSIM, "apply", "-f", cluster.file], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*NETSIM, "apply", "-f", cluster.file],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not any(".pod." in n for n in cluster.namespaces()) and time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -111,12 +117,18 @@ def test_a_changed_host_namespace_fails_the_session(tmp_path):
     (tmp_path / "test_it.py").write_text(
         "import os\nimport conftest\n\n\ndef test_it():\n"
         "    if os.environ.get('PRETEND'):\n"
-        "        conftest.SNAPSHOT_BEFORE['routes'] += 'blackhole 203.0.113.0/24\\n'\n")
+        "        conftest.SNAPSHOT_BEFORE['routes'] += 'blackhole 203.0.113.0/24\\n'\n"
+    )
 
     def run(**env):
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "test_it.py"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**os.environ, **env}, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=120,
+        )
 
     clean = run()
     assert clean.returncode == 0, clean.stdout + clean.stderr

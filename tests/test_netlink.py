@@ -45,6 +45,9 @@ def test_the_first_refusal_of_a_large_batch_is_named(scratch):
         for i in range(3000):
             rt.route(f"10.0.{i >> 8}.{i & 255}/32", IFINDEX.LO)
         rt.route("10.0.0.5/32", IFINDEX.LO)  # a duplicate, after thousands of good ones
-        with pytest.raises(KernelError, match=r"add route 10.0.0.5/32 in netns nltest-.*"
-                                              r"File exists \(errno 17\)"):
+        with pytest.raises(
+            KernelError,
+            match=r"add route 10.0.0.5/32 in netns nltest-.*"
+            r"File exists \(errno 17\)",
+        ):
             rt.commit()

@@ -26,26 +26,73 @@ from netsim.record import (
 
 
 def _record() -> Record:
-    spec = ClusterSpec("calico-ipip", "192.168.0.0/16", 26, "10.96.0.0/12", 1500,
-                       [Segment("lan", "172.18.0.0/24")], [Node("w1", "lan", "172.18.0.2")], [],
-                       CalicoSpec(ipip_mode="Always", reflectors=("w1",)), "1.0.0",
-                       [{"type": "tuning"}], "nftables")
-    rec = Record("r", spec, Underlay("u", {"lan": "br-lan"}),
-                 Router("rt", {"lan": RouterLeg("r-lan", 100, "rp-lan")}))
-    rec.nodes["w1"] = NodeRecord("w1", "ns", "172.18.0.2", "lan", 24, "p-w1", "172.18.0.1",
-                                 blocks=["192.168.0.0/26"], carrier="userspace",
-                                 agent=Process(10, 20), proxy_ports={"a": 1},
-                                 agent_tunnel=TunnelSpec("ipip", "tunl0", "172.18.0.2", 1480,
-                                                         {"192.168.0.64/26": "172.18.0.3"},
-                                                         "192.168.0.0/32"))
-    pod = Pod("web-0", {"app": "web"}, (Container("c", (80,), ("sleep", "1"), (("http", 80),)),),
-              "w1", "web")
+    spec = ClusterSpec(
+        "calico-ipip",
+        "192.168.0.0/16",
+        26,
+        "10.96.0.0/12",
+        1500,
+        [Segment("lan", "172.18.0.0/24")],
+        [Node("w1", "lan", "172.18.0.2")],
+        [],
+        CalicoSpec(ipip_mode="Always", reflectors=("w1",)),
+        "1.0.0",
+        [{"type": "tuning"}],
+        "nftables",
+    )
+    rec = Record(
+        "r",
+        spec,
+        Underlay("u", {"lan": "br-lan"}),
+        Router("rt", {"lan": RouterLeg("r-lan", 100, "rp-lan")}),
+    )
+    rec.nodes["w1"] = NodeRecord(
+        "w1",
+        "ns",
+        "172.18.0.2",
+        "lan",
+        24,
+        "p-w1",
+        "172.18.0.1",
+        blocks=["192.168.0.0/26"],
+        carrier="userspace",
+        agent=Process(10, 20),
+        proxy_ports={"a": 1},
+        agent_tunnel=TunnelSpec(
+            "ipip", "tunl0", "172.18.0.2", 1480, {"192.168.0.64/26": "172.18.0.3"}, "192.168.0.0/32"
+        ),
+    )
+    pod = Pod(
+        "web-0",
+        {"app": "web"},
+        (Container("c", (80,), ("sleep", "1"), (("http", 80),)),),
+        "w1",
+        "web",
+    )
     rec.pods["web-0"] = PodRecord(pod, "pns", "192.168.0.1", "cali0123", 100, pids=[5])
-    rec.services["web"] = Service("web", {"app": "web"}, (ServicePort(80, "http", "TCP", "h"),),
-                                  cluster_ip="10.96.0.10", session_affinity="ClientIP")
-    rec.kube_proxy = KubeProxy("nftables", [ProxyPort("default", "web", "h", "TCP", "10.96.0.10",
-                                                      80, None, (Endpoint("192.168.0.1", 80),),
-                                                      10800)])
+    rec.services["web"] = Service(
+        "web",
+        {"app": "web"},
+        (ServicePort(80, "http", "TCP", "h"),),
+        cluster_ip="10.96.0.10",
+        session_affinity="ClientIP",
+    )
+    rec.kube_proxy = KubeProxy(
+        "nftables",
+        [
+            ProxyPort(
+                "default",
+                "web",
+                "h",
+                "TCP",
+                "10.96.0.10",
+                80,
+                None,
+                (Endpoint("192.168.0.1", 80),),
+                10800,
+            )
+        ],
+    )
     return rec
 
 

@@ -24,8 +24,9 @@ def _queued(call) -> list[bytes]:
 
 
 def _encode(msg, kind: int, flags: int, seq: int = 1) -> bytes:
-    msg["header"].update(type=kind, flags=NLM_F_REQUEST | NLM_F_ACK | flags,
-                         sequence_number=seq, pid=0)
+    msg["header"].update(
+        type=kind, flags=NLM_F_REQUEST | NLM_F_ACK | flags, sequence_number=seq, pid=0
+    )
     msg.encode()
     return bytes(msg.data)
 
@@ -38,26 +39,58 @@ def _link(index: int, flags: int = 0, ifname: str | None = None) -> ifinfmsg:
     return msg
 
 
-@pytest.mark.parametrize("mac,master,peer_mac,alias", [
-    (None, None, None, None), ("ee:ee:ee:ee:ee:ee", None, None, "web-0"),
-    (None, 4, "02:00:00:00:00:01", "c1/eth0")])
+@pytest.mark.parametrize(
+    "mac,master,peer_mac,alias",
+    [
+        (None, None, None, None),
+        ("ee:ee:ee:ee:ee:ee", None, None, "web-0"),
+        (None, 4, "02:00:00:00:00:01", "c1/eth0"),
+    ],
+)
 def test_veth(mac, master, peer_mac, alias):
-    peer = {"index": 2, "flags": 0, "change": 0,
-            "attrs": [("IFLA_IFNAME", "eth0"), ("IFLA_MTU", 1450), ("IFLA_NET_NS_FD", 7)]
-            + ([("IFLA_ADDRESS", peer_mac)] if peer_mac else [])}
+    peer = {
+        "index": 2,
+        "flags": 0,
+        "change": 0,
+        "attrs": [("IFLA_IFNAME", "eth0"), ("IFLA_MTU", 1450), ("IFLA_NET_NS_FD", 7)]
+        + ([("IFLA_ADDRESS", peer_mac)] if peer_mac else []),
+    }
     msg = _link(105, IFF_UP)
-    msg["attrs"] = ([("IFLA_IFNAME", "veth0123abcd"), ("IFLA_MTU", 1450)]
-                    + ([("IFLA_ADDRESS", mac)] if mac else [])
-                    + ([("IFLA_MASTER", master)] if master else [])
-                    + [("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth"), (
-                        "IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]})]})])
+    msg["attrs"] = (
+        [("IFLA_IFNAME", "veth0123abcd"), ("IFLA_MTU", 1450)]
+        + ([("IFLA_ADDRESS", mac)] if mac else [])
+        + ([("IFLA_MASTER", master)] if master else [])
+        + [
+            (
+                "IFLA_LINKINFO",
+                {
+                    "attrs": [
+                        ("IFLA_INFO_KIND", "veth"),
+                        ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
+                    ]
+                },
+            )
+        ]
+    )
     want = [_encode(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)]
     if alias:
         alias_msg = _link(105, ifname="veth0123abcd")
         alias_msg["attrs"].append(("IFLA_IFALIAS", alias))
         want.append(_encode(alias_msg, RTM_NEWLINK, 0, 2))
-    got = _queued(lambda rt: rt.veth("veth0123abcd", 105, "eth0", 2, 7, 1450, master=master,
-                                     alias=alias, peer_mac=peer_mac, mac=mac))
+    got = _queued(
+        lambda rt: rt.veth(
+            "veth0123abcd",
+            105,
+            "eth0",
+            2,
+            7,
+            1450,
+            master=master,
+            alias=alias,
+            peer_mac=peer_mac,
+            mac=mac,
+        )
+    )
     assert got == want
 
 
@@ -68,9 +101,17 @@ def test_links_up_deleted_and_hairpinned(index, name):
     gone = _encode(_link(index, ifname=name), RTM_DELLINK, 0)
     assert _queued(lambda rt: rt.link_delete(index, name)) == [gone]
     msg = _link(index, ifname=name)
-    msg["attrs"] += [("IFLA_LINKINFO", {"attrs": [
-        ("IFLA_INFO_SLAVE_KIND", "bridge"),
-        ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_MODE", 1)]})]})]
+    msg["attrs"] += [
+        (
+            "IFLA_LINKINFO",
+            {
+                "attrs": [
+                    ("IFLA_INFO_SLAVE_KIND", "bridge"),
+                    ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_MODE", 1)]}),
+                ]
+            },
+        )
+    ]
     assert _queued(lambda rt: rt.hairpin(index, name)) == [_encode(msg, RTM_NEWLINK, 0)]
 
 
@@ -82,10 +123,16 @@ def test_address():
     assert _queued(lambda rt: rt.address(2, "10.244.1.2", 24, "eth0")) == [want]
 
 
-@pytest.mark.parametrize("dst,gateway,onlink,scope,proto,kind", [
-    ("default", "10.244.1.1", False, None, 3, 1), ("10.244.2.0/24", "10.244.2.0", True, None, 3, 1),
-    ("169.254.1.1/32", None, False, None, 3, 1), ("192.168.0.5/32", None, False, 253, 80, 1),
-    ("192.168.0.0/26", None, False, None, 80, RTN_BLACKHOLE)])
+@pytest.mark.parametrize(
+    "dst,gateway,onlink,scope,proto,kind",
+    [
+        ("default", "10.244.1.1", False, None, 3, 1),
+        ("10.244.2.0/24", "10.244.2.0", True, None, 3, 1),
+        ("169.254.1.1/32", None, False, None, 3, 1),
+        ("192.168.0.5/32", None, False, 253, 80, 1),
+        ("192.168.0.0/26", None, False, None, 80, RTN_BLACKHOLE),
+    ],
+)
 def test_route(dst, gateway, onlink, scope, proto, kind):
     net, _, plen = ("0.0.0.0/0" if dst == "default" else dst).partition("/")
     msg = rtmsg()
@@ -95,11 +142,15 @@ def test_route(dst, gateway, onlink, scope, proto, kind):
     msg["flags"] = netlink.RTNH_F_ONLINK if onlink else 0
     attrs = [("RTA_TABLE", 254)] + ([("RTA_DST", net)] if msg["dst_len"] else [])
     attrs += ([("RTA_GATEWAY", gateway)] if gateway else []) + (
-        [("RTA_OIF", 3)] if kind == 1 else [])
+        [("RTA_OIF", 3)] if kind == 1 else []
+    )
     msg["attrs"] = attrs
     want = _encode(msg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL)
-    got = _queued(lambda rt: rt.route(dst, 3, gateway=gateway, onlink=onlink, scope=scope,
-                                      proto=proto, kind=kind))
+    got = _queued(
+        lambda rt: rt.route(
+            dst, 3, gateway=gateway, onlink=onlink, scope=scope, proto=proto, kind=kind
+        )
+    )
     assert got == [want]
 
 

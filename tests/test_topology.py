@@ -18,20 +18,45 @@ TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 FILE = "test.yaml"
 
 BASE = [
-    {"apiVersion": "netsim.dev/v1alpha1", "kind": "Cluster", "metadata": {"name": "t"},
-     "spec": {"cni": {"mode": "flannel-vxlan",
-                      "flannel": {"Network": "10.244.0.0/16", "SubnetLen": 24}},
-              "serviceCIDR": "10.96.0.0/12",
-              "underlay": {"segments": [{"name": "lan", "subnet": "172.18.0.0/24"}]},
-              "nodes": [{"name": f"n{i}", "segment": "lan"} for i in (1, 2, 3)]}},
-    {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-     "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
-              "template": {"metadata": {"labels": {"app": "web"}},
-                           "spec": {"containers": [{"name": "hostname"}]}}}},
-    {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "solo", "labels": {"app": "solo"}},
-     "spec": {"containers": [{"name": "hostname"}]}},
-    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-     "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 9376}]}},
+    {
+        "apiVersion": "netsim.dev/v1alpha1",
+        "kind": "Cluster",
+        "metadata": {"name": "t"},
+        "spec": {
+            "cni": {
+                "mode": "flannel-vxlan",
+                "flannel": {"Network": "10.244.0.0/16", "SubnetLen": 24},
+            },
+            "serviceCIDR": "10.96.0.0/12",
+            "underlay": {"segments": [{"name": "lan", "subnet": "172.18.0.0/24"}]},
+            "nodes": [{"name": f"n{i}", "segment": "lan"} for i in (1, 2, 3)],
+        },
+    },
+    {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "hostname"}]},
+            },
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "solo", "labels": {"app": "solo"}},
+        "spec": {"containers": [{"name": "hostname"}]},
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 9376}]},
+    },
 ]
 CLUSTER, DEPLOYMENT, POD, SERVICE = range(4)
 
@@ -53,17 +78,21 @@ def _set(doc: dict, path: str, value) -> None:
 
 def put(index: int, changes: dict):
     """Edit: set dotted paths in document `index`."""
+
     def edit(docs: list[dict]) -> None:
         for path, value in changes.items():
             _set(docs[index], path, value)
+
     return edit
 
 
 def extra(index: int, changes: dict | None = None):
     """Edit: append a copy of document `index`, with dotted paths changed."""
+
     def edit(docs: list[dict]) -> None:
         docs.append(copy.deepcopy(docs[index]))
         put(-1, changes or {})(docs)
+
     return edit
 
 
@@ -80,6 +109,7 @@ def lan(*subnets: str) -> list[dict]:
 
 
 # ---- shipped topologies -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["flannel-vxlan", "flannel-host-gw"])
 def test_shipped_topology_parses(name):
@@ -121,6 +151,7 @@ def test_load_missing_file():
 
 # ---- rejections ---------------------------------------------------------------------------
 
+
 def test_malformed_yaml_names_the_line():
     err = fail(build() + "---\nkind: Pod\nmetadata:\n  name: a: b\n")
     line = len(build().splitlines()) + 4  # the "name: a: b" line
@@ -132,77 +163,174 @@ NP = {"spec.type": "NodePort", "spec.ports": [{"port": 80, "nodePort": 30080}]}
 HOST_GW_TWO_SEGMENTS = {
     "spec.cni.mode": "flannel-host-gw",
     "spec.underlay.segments": lan("172.18.0.0/24", "172.19.0.0/24"),
-    "spec.nodes": [{"name": "n1", "segment": "lan"}, {"name": "n2", "segment": "lan1"}]}
+    "spec.nodes": [{"name": "n1", "segment": "lan"}, {"name": "n2", "segment": "lan1"}],
+}
 CASES = [
     ("unknown-kind", [put(POD, {"kind": "StatefulSet"})], "kind", "unknown kind 'StatefulSet'"),
     ("no-cluster", [lambda d: d.pop(CLUSTER)], "kind", "found 0 Cluster documents"),
     ("two-clusters", [extra(CLUSTER)], "kind", "found 2 Cluster documents"),
     ("duplicate-pod", [extra(POD)], "metadata.name", "duplicate pod name 'solo'"),
-    ("duplicate-node", [lambda d: d[CLUSTER]["spec"]["nodes"].append({"name": "n1"})],
-     "spec.nodes", "duplicate node or external client name 'n1'"),
+    (
+        "duplicate-node",
+        [lambda d: d[CLUSTER]["spec"]["nodes"].append({"name": "n1"})],
+        "spec.nodes",
+        "duplicate node or external client name 'n1'",
+    ),
     ("duplicate-service", [extra(SERVICE)], "metadata.name", "duplicate service name 'web'"),
-    ("node-not-dns1123", [put(CLUSTER, {"spec.nodes": [{"name": "Web_1"}]})],
-     "spec.nodes[0].name", "'Web_1' is not a DNS-1123 label"),
-    ("pod-not-dns1123", [put(POD, {"metadata.name": "Web_1"})],
-     "metadata.name", "'Web_1' is not a DNS-1123 label"),
-    ("segments-overlap",
-     [put(CLUSTER, {"spec.underlay.segments": lan("172.18.0.0/24", "172.18.0.0/25")})],
-     "spec.underlay.segments[1].subnet", "overlaps 172.18.0.0/24"),
-    ("network-overlaps-segment", [put(CLUSTER, {"spec.cni.flannel.Network": "172.16.0.0/12"})],
-     "spec.cni.flannel.Network", "overlaps 172.18.0.0/24"),
-    ("network-overlaps-service-cidr", [put(CLUSTER, {"spec.serviceCIDR": "10.240.0.0/12"})],
-     "spec.serviceCIDR", "overlaps 10.244.0.0/16"),
-    ("segment-too-small", [put(CLUSTER, {"spec.underlay.segments": lan("172.18.0.0/30")})],
-     "spec.underlay.segments", "has room for 1 hosts, not 3"),
-    ("network-too-small",
-     [put(CLUSTER, {"spec.cni.flannel.Network": "10.244.0.0/23",
-                    "spec.nodes": [{"name": "n1"}, {"name": "n2"}]})],
-     "spec.cni.flannel.Network", "holds 1 /24 subnets for 2 nodes"),
-    ("service-selector-matches-nothing", [put(SERVICE, {"spec.selector": {"app": "nope"}})],
-     "spec.selector", "matches no pod"),
-    ("deployment-selector-mismatch",
-     [put(DEPLOYMENT, {"spec.selector.matchLabels": {"app": "other"}})],
-     "spec.selector.matchLabels", "does not match the template labels"),
-    ("unknown-node-name", [put(POD, {"spec.nodeName": "n9"})], "spec.nodeName",
-     "no node named 'n9'"),
-    ("unknown-cni-mode", [put(CLUSTER, {"spec.cni.mode": "calico"})], "spec.cni.mode",
-     "unknown mode 'calico'"),
-    ("host-gw-two-segments", [put(CLUSTER, HOST_GW_TWO_SEGMENTS)], "spec.nodes",
-     "host-gw needs every node on one L2 segment"),
-    ("port-70000", [put(SERVICE, {"spec.ports": [{"port": 70000}]})], "spec.ports[0].port",
-     "70000 is not a port"),
-    ("node-port-out-of-range",
-     [put(SERVICE, {**NP, "spec.ports": [{"port": 80, "nodePort": 29999}]})],
-     "spec.ports[0].nodePort", "29999 is outside 30000-32767"),
-    ("node-port-taken", [put(SERVICE, NP), extra(SERVICE, {"metadata.name": "web2"})],
-     "nodePort", "nodePort 30080 is already taken by Service web"),
-    *[(f"affinity-timeout-{t}",
-       [put(SERVICE, {"spec.sessionAffinity": "ClientIP",
-                      "spec.sessionAffinityConfig.clientIP.timeoutSeconds": t})],
-       "spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{t} is out of range")
-      for t in (0, 86401)],
-    ("port-0", [put(SERVICE, {"spec.ports": [{"port": 0}]})], "spec.ports[0].port",
-     "0 is not a port"),
-    ("target-port-name-undeclared",
-     [put(SERVICE, {"spec.ports": [{"port": 80, "targetPort": "http"}]})],
-     "spec.ports[0].targetPort", "no container of the selected pods declares a port named"),
-    ("selector-less-service", [put(SERVICE, {"spec.selector": {}})], "spec.selector",
-     "a Service needs a selector"),
-    ("unknown-kube-proxy-mode", [put(CLUSTER, {"spec.kubeProxy": {"mode": "ipvs"}})],
-     "spec.kubeProxy.mode", "unknown kube-proxy mode 'ipvs'"),
-    ("cidr-host-bits", [put(CLUSTER, {"spec.cni.flannel.Network": "10.244.1.0/16"})],
-     "spec.cni.flannel.Network", "10.244.1.0/16 has host bits set"),
+    (
+        "node-not-dns1123",
+        [put(CLUSTER, {"spec.nodes": [{"name": "Web_1"}]})],
+        "spec.nodes[0].name",
+        "'Web_1' is not a DNS-1123 label",
+    ),
+    (
+        "pod-not-dns1123",
+        [put(POD, {"metadata.name": "Web_1"})],
+        "metadata.name",
+        "'Web_1' is not a DNS-1123 label",
+    ),
+    (
+        "segments-overlap",
+        [put(CLUSTER, {"spec.underlay.segments": lan("172.18.0.0/24", "172.18.0.0/25")})],
+        "spec.underlay.segments[1].subnet",
+        "overlaps 172.18.0.0/24",
+    ),
+    (
+        "network-overlaps-segment",
+        [put(CLUSTER, {"spec.cni.flannel.Network": "172.16.0.0/12"})],
+        "spec.cni.flannel.Network",
+        "overlaps 172.18.0.0/24",
+    ),
+    (
+        "network-overlaps-service-cidr",
+        [put(CLUSTER, {"spec.serviceCIDR": "10.240.0.0/12"})],
+        "spec.serviceCIDR",
+        "overlaps 10.244.0.0/16",
+    ),
+    (
+        "segment-too-small",
+        [put(CLUSTER, {"spec.underlay.segments": lan("172.18.0.0/30")})],
+        "spec.underlay.segments",
+        "has room for 1 hosts, not 3",
+    ),
+    (
+        "network-too-small",
+        [
+            put(
+                CLUSTER,
+                {
+                    "spec.cni.flannel.Network": "10.244.0.0/23",
+                    "spec.nodes": [{"name": "n1"}, {"name": "n2"}],
+                },
+            )
+        ],
+        "spec.cni.flannel.Network",
+        "holds 1 /24 subnets for 2 nodes",
+    ),
+    (
+        "service-selector-matches-nothing",
+        [put(SERVICE, {"spec.selector": {"app": "nope"}})],
+        "spec.selector",
+        "matches no pod",
+    ),
+    (
+        "deployment-selector-mismatch",
+        [put(DEPLOYMENT, {"spec.selector.matchLabels": {"app": "other"}})],
+        "spec.selector.matchLabels",
+        "does not match the template labels",
+    ),
+    (
+        "unknown-node-name",
+        [put(POD, {"spec.nodeName": "n9"})],
+        "spec.nodeName",
+        "no node named 'n9'",
+    ),
+    (
+        "unknown-cni-mode",
+        [put(CLUSTER, {"spec.cni.mode": "calico"})],
+        "spec.cni.mode",
+        "unknown mode 'calico'",
+    ),
+    (
+        "host-gw-two-segments",
+        [put(CLUSTER, HOST_GW_TWO_SEGMENTS)],
+        "spec.nodes",
+        "host-gw needs every node on one L2 segment",
+    ),
+    (
+        "port-70000",
+        [put(SERVICE, {"spec.ports": [{"port": 70000}]})],
+        "spec.ports[0].port",
+        "70000 is not a port",
+    ),
+    (
+        "node-port-out-of-range",
+        [put(SERVICE, {**NP, "spec.ports": [{"port": 80, "nodePort": 29999}]})],
+        "spec.ports[0].nodePort",
+        "29999 is outside 30000-32767",
+    ),
+    (
+        "node-port-taken",
+        [put(SERVICE, NP), extra(SERVICE, {"metadata.name": "web2"})],
+        "nodePort",
+        "nodePort 30080 is already taken by Service web",
+    ),
+    *[
+        (
+            f"affinity-timeout-{t}",
+            [
+                put(
+                    SERVICE,
+                    {
+                        "spec.sessionAffinity": "ClientIP",
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds": t,
+                    },
+                )
+            ],
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            f"{t} is out of range",
+        )
+        for t in (0, 86401)
+    ],
+    (
+        "port-0",
+        [put(SERVICE, {"spec.ports": [{"port": 0}]})],
+        "spec.ports[0].port",
+        "0 is not a port",
+    ),
+    (
+        "target-port-name-undeclared",
+        [put(SERVICE, {"spec.ports": [{"port": 80, "targetPort": "http"}]})],
+        "spec.ports[0].targetPort",
+        "no container of the selected pods declares a port named",
+    ),
+    (
+        "selector-less-service",
+        [put(SERVICE, {"spec.selector": {}})],
+        "spec.selector",
+        "a Service needs a selector",
+    ),
+    (
+        "unknown-kube-proxy-mode",
+        [put(CLUSTER, {"spec.kubeProxy": {"mode": "ipvs"}})],
+        "spec.kubeProxy.mode",
+        "unknown kube-proxy mode 'ipvs'",
+    ),
+    (
+        "cidr-host-bits",
+        [put(CLUSTER, {"spec.cni.flannel.Network": "10.244.1.0/16"})],
+        "spec.cni.flannel.Network",
+        "10.244.1.0/16 has host bits set",
+    ),
 ]
 
 
-@pytest.mark.parametrize("edits, field, phrase", [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("edits, field, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_rejected(edits, field, phrase):
     err = fail(build(*edits))
     assert field in err.field
     assert phrase in err.problem
     assert f": {err.field}: " in str(err) and phrase in str(err)
-
 
 
 CRASHES = {  # wrongly shaped input: a TopologyError, never a Python exception
@@ -217,19 +345,30 @@ CRASHES = {  # wrongly shaped input: a TopologyError, never a Python exception
 def test_bad_shape_is_a_topology_error(edit):
     fail(build(edit))
 
+
 # ---- scheduler ----------------------------------------------------------------------------
 
+
 def cluster_of(pods: list[Pod] = (), services: list[Service] = ()) -> Cluster:
-    return Cluster(name="t", mode="flannel-vxlan", pod_network="10.244.0.0/16", subnet_len=24,
-                   service_cidr="10.96.0.0/12", mtu=1500,
-                   segments=[Segment("lan", "172.18.0.0/24")],
-                   nodes=[Node(f"n{i}", "lan") for i in (1, 2, 3)],
-                   pods=list(pods), services=list(services))
+    return Cluster(
+        name="t",
+        mode="flannel-vxlan",
+        pod_network="10.244.0.0/16",
+        subnet_len=24,
+        service_cidr="10.96.0.0/12",
+        mtu=1500,
+        segments=[Segment("lan", "172.18.0.0/24")],
+        nodes=[Node(f"n{i}", "lan") for i in (1, 2, 3)],
+        pods=list(pods),
+        services=list(services),
+    )
 
 
 def pods(n: int, **pins: str) -> list[Pod]:
-    return [Pod(f"p{i}", {"app": "p"}, (Container("hostname"),), pins.get(f"p{i}", ""))
-            for i in range(n)]
+    return [
+        Pod(f"p{i}", {"app": "p"}, (Container("hostname"),), pins.get(f"p{i}", ""))
+        for i in range(n)
+    ]
 
 
 def test_schedule_spreads_three_two_two():
@@ -254,9 +393,12 @@ def test_schedule_keeps_previous_placement():
 
 # ---- ClusterIPs ---------------------------------------------------------------------------
 
+
 def services(*names: str, **explicit: str) -> list[Service]:
-    return [Service(n, {"app": "p"}, (ServicePort(80, 80),), cluster_ip=explicit.get(n, ""))
-            for n in names]
+    return [
+        Service(n, {"app": "p"}, (ServicePort(80, 80),), cluster_ip=explicit.get(n, ""))
+        for n in names
+    ]
 
 
 def test_cluster_ips_start_at_dot_ten():
@@ -277,6 +419,7 @@ def test_cluster_ips_honour_explicit_address():
 
 
 # ---- the sound house: every input is built as written, or refused with one line -----------
+
 
 def laughs(levels: int = 9) -> str:
     """YAML whose aliases expand to 9**levels values ("billion laughs")."""
@@ -356,20 +499,27 @@ def test_nesting_depth_boundary():
     fail(raw(POD, "metadata.annotations", "[" * (deepest + 1) + "]" * (deepest + 1)))
 
 
-@pytest.mark.parametrize("path, value", [
-    ("spec.cni.calico.bgp.routeReflectors", [{"n1": "x"}]),
-    ("spec.nodes", {"n1": "lan"}),
-    ("spec.underlay.segments", {"lan": "172.18.0.0/24"}),
-])
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        ("spec.cni.calico.bgp.routeReflectors", [{"n1": "x"}]),
+        ("spec.nodes", {"n1": "lan"}),
+        ("spec.underlay.segments", {"lan": "172.18.0.0/24"}),
+    ],
+)
 def test_a_mapping_where_names_are_expected(path, value):
-    edits = [put(CLUSTER, {"spec.cni.mode": "calico-bgp", "spec.cni.flannel": None}),
-             put(CLUSTER, {path: value})]
+    edits = [
+        put(CLUSTER, {"spec.cni.mode": "calico-bgp", "spec.cni.flannel": None}),
+        put(CLUSTER, {path: value}),
+    ]
     one_line(fail(build(*edits)), path)
 
 
 def test_billion_laughs_in_a_label():
-    err = quick(raw(DEPLOYMENT, "spec.template.metadata.labels.app", laughs()),
-                "spec.template.metadata.labels.app")
+    err = quick(
+        raw(DEPLOYMENT, "spec.template.metadata.labels.app", laughs()),
+        "spec.template.metadata.labels.app",
+    )
     assert "alias" in err.problem and str(topology.MAX_VALUES) in err.problem
 
 
@@ -384,7 +534,8 @@ def test_a_recursive_alias():
 
 def test_a_few_aliases_are_read_as_written():
     text = raw(DEPLOYMENT, "spec.selector.matchLabels", "&labels {app: web}").replace(
-        "labels:\n        app: web", "labels: *labels")
+        "labels:\n        app: web", "labels: *labels"
+    )
     assert "*labels" in text
     assert [p.name for p in topology.parse(text, FILE)[0].pods] == ["web-0", "web-1", "solo"]
 
@@ -395,8 +546,12 @@ def test_a_huge_flannel_network_plans_at_once():
     text = build(put(CLUSTER, {"spec.cni.flannel": {"Network": "32.0.0.0/3", "SubnetLen": 28}}))
     cluster = topology.parse(text, FILE)[0]
     start = time.monotonic()
-    leases = allocate_subnets(cluster.pod_network, cluster.subnet_len,
-                              [n.name for n in cluster.nodes], {"n2": "32.0.0.16/28"})
+    leases = allocate_subnets(
+        cluster.pod_network,
+        cluster.subnet_len,
+        [n.name for n in cluster.nodes],
+        {"n2": "32.0.0.16/28"},
+    )
     assert time.monotonic() - start < 0.5
     assert leases == {"n2": "32.0.0.16/28", "n1": "32.0.0.32/28", "n3": "32.0.0.48/28"}
 
@@ -404,11 +559,18 @@ def test_a_huge_flannel_network_plans_at_once():
 def test_allocate_subnets_keeps_only_leases_of_the_network():
     from netsim.modes.flannel import allocate_subnets
 
-    got = allocate_subnets("10.244.0.0/16", 24, ["a", "b", "c", "d"],
-                           {"a": "10.244.7.0/24", "b": "10.244.0.0/24", "c": "10.245.1.0/24",
-                            "d": "10.244.8.0/25"})
-    assert got == {"a": "10.244.7.0/24", "b": "10.244.1.0/24", "c": "10.244.2.0/24",
-                   "d": "10.244.3.0/24"}
+    got = allocate_subnets(
+        "10.244.0.0/16",
+        24,
+        ["a", "b", "c", "d"],
+        {"a": "10.244.7.0/24", "b": "10.244.0.0/24", "c": "10.245.1.0/24", "d": "10.244.8.0/25"},
+    )
+    assert got == {
+        "a": "10.244.7.0/24",
+        "b": "10.244.1.0/24",
+        "c": "10.244.2.0/24",
+        "d": "10.244.3.0/24",
+    }
 
 
 # flannel: a /28 per node holds 16 - 3 = 13 pods; three nodes 39
@@ -416,10 +578,10 @@ FLANNEL_28 = put(CLUSTER, {"spec.cni.flannel.SubnetLen": 28})
 
 
 def test_flannel_node_subnet_holds_its_pods_exactly():
-    cluster = topology.parse(build(*NO_SOLO, FLANNEL_28, put(DEPLOYMENT,
-                                                             {"spec.replicas": 39})), FILE)[0]
-    assert Counter(p.node for p in topology.schedule(cluster, {})) == {
-        "n1": 13, "n2": 13, "n3": 13}
+    cluster = topology.parse(
+        build(*NO_SOLO, FLANNEL_28, put(DEPLOYMENT, {"spec.replicas": 39})), FILE
+    )[0]
+    assert Counter(p.node for p in topology.schedule(cluster, {})) == {"n1": 13, "n2": 13, "n3": 13}
 
 
 def test_more_pods_than_a_flannel_node_subnet_holds():
@@ -437,8 +599,16 @@ def test_pinned_pods_count_on_their_node():
 
 
 def calico(mode: str, cidr: str, block: int = 26) -> list:
-    return [put(CLUSTER, {"spec.cni.mode": mode, "spec.cni.flannel": None,
-                          "spec.cni.calico": {"ipPool": {"cidr": cidr, "blockSize": block}}})]
+    return [
+        put(
+            CLUSTER,
+            {
+                "spec.cni.mode": mode,
+                "spec.cni.flannel": None,
+                "spec.cni.calico": {"ipPool": {"cidr": cidr, "blockSize": block}},
+            },
+        )
+    ]
 
 
 def test_calico_pool_with_fewer_blocks_than_nodes():
@@ -462,9 +632,17 @@ def test_calico_pool_holds_its_pods_exactly(mode, most):
 
 
 def node_port_service(ports: int, **spec) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "many"},
-            "spec": {"type": "NodePort", "selector": {"app": "web"}, **spec,
-                     "ports": [{"name": f"p{i}", "port": i} for i in range(1, ports + 1)]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "many"},
+        "spec": {
+            "type": "NodePort",
+            "selector": {"app": "web"},
+            **spec,
+            "ports": [{"name": f"p{i}", "port": i} for i in range(1, ports + 1)],
+        },
+    }
 
 
 def test_node_ports_exactly_fill_the_range():
@@ -479,22 +657,27 @@ def test_two_unnamed_ports_in_one_service():
     err = fail(build(put(SERVICE, {"spec.ports": [{"port": 80}, {"port": 81}]})))
     one_line(err, "spec.ports[0].name")
     assert "must name each" in err.problem
-    topology.parse(build(put(SERVICE, {"spec.ports": [{"port": 80, "name": "a"},
-                                                      {"port": 81, "name": "b"}]})), FILE)
+    topology.parse(
+        build(put(SERVICE, {"spec.ports": [{"port": 80, "name": "a"}, {"port": 81, "name": "b"}]})),
+        FILE,
+    )
 
 
 @pytest.mark.parametrize("name", ["a b", "a" * 64, "-a", "a-", "A", "a_b", 80, ["a"]])
 def test_bad_service_port_names(name):
-    one_line(fail(build(put(SERVICE, {"spec.ports": [{"port": 80, "name": name}]}))),
-             "spec.ports[0].name")
+    one_line(
+        fail(build(put(SERVICE, {"spec.ports": [{"port": 80, "name": name}]}))),
+        "spec.ports[0].name",
+    )
 
 
 def test_service_port_names_are_dns_labels_as_in_kubernetes():
     """Kubernetes validates a Service port's name as a DNS-1123 label (up to 63 characters);
     the names a targetPort refers to are containerPort names, IANA_SVC_NAMEs (up to 15)."""
     name = "a" * 40
-    svc = topology.parse(build(put(SERVICE, {"spec.ports": [{"port": 80, "name": name}]})),
-                         FILE)[0].services[0]
+    svc = topology.parse(build(put(SERVICE, {"spec.ports": [{"port": 80, "name": name}]})), FILE)[
+        0
+    ].services[0]
     assert svc.ports[0].name == name
 
 
@@ -521,15 +704,22 @@ def test_duplicate_port_and_protocol_in_one_service():
     assert "80/TCP" in err.problem
     both = [{"port": 53, "name": "dns", "protocol": "UDP"}, {"port": 53, "name": "dns-tcp"}]
     topology.parse(build(put(SERVICE, {"spec.ports": both})), FILE)
-    err = fail(build(put(SERVICE, {"spec.ports": [{"port": 80, "name": "a"},
-                                                  {"port": 81, "name": "a"}]})))
+    err = fail(
+        build(put(SERVICE, {"spec.ports": [{"port": 80, "name": "a"}, {"port": 81, "name": "a"}]}))
+    )
     one_line(err, "spec.ports[1].name")
 
 
-@pytest.mark.parametrize("ip, words", [("10.96.0.0", "network address"),
-                                       ("10.111.255.255", "broadcast address"),
-                                       ("None", "headless"), ("10.96.0.010", "not an IPv4"),
-                                       ("10.112.0.1", "not in the service CIDR")])
+@pytest.mark.parametrize(
+    "ip, words",
+    [
+        ("10.96.0.0", "network address"),
+        ("10.111.255.255", "broadcast address"),
+        ("None", "headless"),
+        ("10.96.0.010", "not an IPv4"),
+        ("10.112.0.1", "not in the service CIDR"),
+    ],
+)
 def test_bad_cluster_ips(ip, words):
     err = one_line(fail(build(put(SERVICE, {"spec.clusterIP": ip}))), "spec.clusterIP")
     assert words in err.problem
@@ -550,6 +740,7 @@ def services_in(cidr: str, count: int, **ips: str):
         for doc in docs:
             if doc["kind"] == "Service" and doc["metadata"]["name"] in ips:
                 doc["spec"]["clusterIP"] = ips[doc["metadata"]["name"]]
+
     return edit
 
 
@@ -557,7 +748,8 @@ def test_service_cidr_holds_its_services_exactly():
     # a /28: netsim allocates from .10 to .14, five addresses
     cluster = topology.parse(build(services_in("10.96.0.0/28", 5)), FILE)[0]
     assert sorted(topology.allocate_cluster_ips(cluster, {}).values()) == [
-        f"10.96.0.{i}" for i in range(10, 15)]
+        f"10.96.0.{i}" for i in range(10, 15)
+    ]
     err = fail(build(services_in("10.96.0.0/28", 6)))
     one_line(err, "spec.serviceCIDR")
     assert "room for 5" in err.problem and "Service web5 gets none" in err.problem
@@ -584,12 +776,19 @@ def test_service_cidr_larger_than_kube_apiserver_takes():
     one_line(fail(build(put(CLUSTER, {"spec.serviceCIDR": "10.64.0.0/11"}))), "spec.serviceCIDR")
 
 
-@pytest.mark.parametrize("field, cidr", [
-    ("spec.cni.flannel.Network", "127.16.0.0/16"), ("spec.cni.flannel.Network", "169.254.0.0/16"),
-    ("spec.cni.flannel.Network", "168.0.0.0/6"), ("spec.cni.flannel.Network", "224.1.0.0/16"),
-    ("spec.cni.flannel.Network", "240.0.0.0/16"), ("spec.cni.flannel.Network", "0.0.0.0/1"),
-    ("spec.serviceCIDR", "127.96.0.0/12"), ("spec.underlay.segments[0].subnet", "127.0.0.0/24"),
-])
+@pytest.mark.parametrize(
+    "field, cidr",
+    [
+        ("spec.cni.flannel.Network", "127.16.0.0/16"),
+        ("spec.cni.flannel.Network", "169.254.0.0/16"),
+        ("spec.cni.flannel.Network", "168.0.0.0/6"),
+        ("spec.cni.flannel.Network", "224.1.0.0/16"),
+        ("spec.cni.flannel.Network", "240.0.0.0/16"),
+        ("spec.cni.flannel.Network", "0.0.0.0/1"),
+        ("spec.serviceCIDR", "127.96.0.0/12"),
+        ("spec.underlay.segments[0].subnet", "127.0.0.0/24"),
+    ],
+)
 def test_reserved_ranges(field, cidr):
     path = "spec.underlay.segments" if "segments" in field else field
     value = lan(cidr) if "segments" in field else cidr
@@ -598,16 +797,20 @@ def test_reserved_ranges(field, cidr):
 
 
 def test_calico_pool_holding_the_pod_gateway():
-    err = one_line(fail(build(*calico("calico-vxlan", "169.254.0.0/16"))),
-                   "spec.cni.calico.ipPool.cidr")
+    err = one_line(
+        fail(build(*calico("calico-vxlan", "169.254.0.0/16"))), "spec.cni.calico.ipPool.cidr"
+    )
     assert "169.254.1.1" in err.problem
 
 
 def test_bgp_peer_with_the_clusters_own_as():
-    peers = {"spec.cni.calico.bgp": {"asNumber": 64512,
-                                     "peers": [{"name": "tor", "asNumber": 64512}]}}
-    err = one_line(fail(build(*calico("calico-bgp", "10.244.0.0/16"), put(CLUSTER, peers))),
-                   "spec.cni.calico.bgp.peers[0].asNumber")
+    peers = {
+        "spec.cni.calico.bgp": {"asNumber": 64512, "peers": [{"name": "tor", "asNumber": 64512}]}
+    }
+    err = one_line(
+        fail(build(*calico("calico-bgp", "10.244.0.0/16"), put(CLUSTER, peers))),
+        "spec.cni.calico.bgp.peers[0].asNumber",
+    )
     assert "iBGP" in err.problem
     peers["spec.cni.calico.bgp"]["peers"][0]["asNumber"] = 65001
     topology.parse(build(*calico("calico-bgp", "10.244.0.0/16"), put(CLUSTER, peers)), FILE)
@@ -626,6 +829,7 @@ def test_flannel_settings_in_a_calico_mode():
 
 
 # ---- the loader's limits ------------------------------------------------------------------
+
 
 def test_file_size_limit(tmp_path):
     path = tmp_path / "big.yaml"
@@ -654,8 +858,16 @@ def test_duplicate_keys():
     one_line(fail(text), "spec.replicas")
 
 
-@pytest.mark.parametrize("tag", ["!!binary aGk=", "!!set {a: null}", "!!timestamp 2001-12-14",
-                                 "!!python/object/apply:os.system [true]", "!local x"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "!!binary aGk=",
+        "!!set {a: null}",
+        "!!timestamp 2001-12-14",
+        "!!python/object/apply:os.system [true]",
+        "!local x",
+    ],
+)
 def test_yaml_tags(tag):
     err = one_line(fail(raw(POD, "metadata.annotations", tag)), "metadata.annotations")
     assert "tag" in err.problem
@@ -669,9 +881,19 @@ def test_malformed_typed_scalars(snippet):
 def test_timestamps_and_base_60_are_strings_as_in_kubernetes():
     labels = {"app": "web", "day": "SNAP1"}
     containers = [{"name": "c", "command": ["sleep", "SNAP2"]}]
-    text = build(put(DEPLOYMENT, {"spec.template.metadata.labels": labels,
-                                  "spec.template.spec.containers": containers})).replace(
-        "SNAP1", "2001-12-14").replace("SNAP2", "1:20")
+    text = (
+        build(
+            put(
+                DEPLOYMENT,
+                {
+                    "spec.template.metadata.labels": labels,
+                    "spec.template.spec.containers": containers,
+                },
+            )
+        )
+        .replace("SNAP1", "2001-12-14")
+        .replace("SNAP2", "1:20")
+    )
     assert "day: 2001-12-14" in text and "- 1:20" in text
     pod = topology.parse(text, FILE)[0].pods[0]
     assert pod.labels == {"app": "web", "day": "2001-12-14"}
@@ -680,18 +902,28 @@ def test_timestamps_and_base_60_are_strings_as_in_kubernetes():
 
 # ---- what Kubernetes refuses --------------------------------------------------------------
 
-@pytest.mark.parametrize("index, version", [(CLUSTER, "v1"), (POD, "apps/v1"),
-                                            (DEPLOYMENT, "extensions/v1beta1"), (SERVICE, None)])
+
+@pytest.mark.parametrize(
+    "index, version",
+    [(CLUSTER, "v1"), (POD, "apps/v1"), (DEPLOYMENT, "extensions/v1beta1"), (SERVICE, None)],
+)
 def test_api_version_per_kind(index, version):
     one_line(fail(build(put(index, {"apiVersion": version}))), "apiVersion")
 
 
-@pytest.mark.parametrize("labels, field", [
-    ({"app": 1}, "metadata.labels.app"), ({"app": True}, "metadata.labels.app"),
-    ({"app": "a b"}, "metadata.labels.app"), ({"app": "x" * 64}, "metadata.labels.app"),
-    ({"a b": "x"}, "metadata.labels"), ({"-a": "x"}, "metadata.labels"),
-    ({"Example.com/a": "x"}, "metadata.labels"), ({1: "x"}, "metadata.labels"),
-])
+@pytest.mark.parametrize(
+    "labels, field",
+    [
+        ({"app": 1}, "metadata.labels.app"),
+        ({"app": True}, "metadata.labels.app"),
+        ({"app": "a b"}, "metadata.labels.app"),
+        ({"app": "x" * 64}, "metadata.labels.app"),
+        ({"a b": "x"}, "metadata.labels"),
+        ({"-a": "x"}, "metadata.labels"),
+        ({"Example.com/a": "x"}, "metadata.labels"),
+        ({1: "x"}, "metadata.labels"),
+    ],
+)
 def test_bad_labels(labels, field):
     one_line(fail(build(put(POD, {"metadata.labels": labels}))), field)
 
@@ -699,8 +931,7 @@ def test_bad_labels(labels, field):
 def test_labels_kubernetes_takes():
     labels = {"app": "solo", "example.com/tier": "Front_end.1", "empty": "", "null": None}
     pod = topology.parse(build(put(POD, {"metadata.labels": labels})), FILE)[0].pods[-1]
-    assert pod.labels == {"app": "solo", "example.com/tier": "Front_end.1", "empty": "",
-                          "null": ""}
+    assert pod.labels == {"app": "solo", "example.com/tier": "Front_end.1", "empty": "", "null": ""}
 
 
 def test_command_words_are_strings():
@@ -721,21 +952,24 @@ def test_service_name_starts_with_a_letter():
 def test_kubernetes_defaults_for_null_and_zero():
     """targetPort: null is the port, protocol: null is TCP, nodePort: 0 is "allocate one"."""
     ports = [{"port": 80, "targetPort": None, "protocol": None, "nodePort": 0}]
-    svc = topology.parse(build(put(SERVICE, {"spec.type": "NodePort", "spec.ports": ports})),
-                         FILE)[0].services[0]
+    svc = topology.parse(build(put(SERVICE, {"spec.type": "NodePort", "spec.ports": ports})), FILE)[
+        0
+    ].services[0]
     assert svc.ports[0] == ServicePort(80, 80, "TCP", "", None)
 
 
 @pytest.mark.parametrize("ip", ["172.18.0.010", "172.18.0.5 ", 2886860805, "::1"])
 def test_node_ip_is_a_dotted_quad(ip):
-    one_line(fail(build(put(CLUSTER, {"spec.nodes": [{"name": "n1", "ip": ip}]}))),
-             "spec.nodes[0].ip")
+    one_line(
+        fail(build(put(CLUSTER, {"spec.nodes": [{"name": "n1", "ip": ip}]}))), "spec.nodes[0].ip"
+    )
 
 
 def test_cni_plugin_type_is_a_file_name():
     for kind in ("..", "a b", "x\x00", "/bin/sh"):
-        one_line(fail(build(put(CLUSTER, {"spec.cni.plugins": [{"type": kind}]}))),
-                 "spec.cni.plugins[0]")
+        one_line(
+            fail(build(put(CLUSTER, {"spec.cni.plugins": [{"type": kind}]}))), "spec.cni.plugins[0]"
+        )
 
 
 def test_scale_override_on_a_bad_document():
@@ -753,8 +987,9 @@ def test_long_values_are_cut_in_messages():
     assert len(str(err)) < 400
     nodes = [{"name": f"n{i}"} for i in range(1, 201)]
     big = {"spec.nodes": nodes, "spec.underlay.segments": lan("172.18.0.0/16")}
-    err = one_line(fail(build(put(CLUSTER, big), put(POD, {
-        "spec.nodeName": "n999"}))), "spec.nodeName")
+    err = one_line(
+        fail(build(put(CLUSTER, big), put(POD, {"spec.nodeName": "n999"}))), "spec.nodeName"
+    )
     assert "and 190 more" in err.fix
 
 
@@ -769,14 +1004,21 @@ def test_a_large_cluster_parses_in_seconds():
     scheduler once looked up each node's position for each pod: minutes)."""
     segments = [{"name": f"s{i}", "subnet": f"10.{i // 256}.{i % 256}.0/24"} for i in range(1000)]
     nodes = [{"name": f"n{i}", "segment": f"s{i % 1000}"} for i in range(2000)]
-    big = {"spec.underlay.segments": segments, "spec.nodes": nodes, "spec.serviceCIDR":
-           "10.200.0.0/16", "spec.cni.flannel": {"Network": "100.64.0.0/10", "SubnetLen": 24}}
+    big = {
+        "spec.underlay.segments": segments,
+        "spec.nodes": nodes,
+        "spec.serviceCIDR": "10.200.0.0/16",
+        "spec.cni.flannel": {"Network": "100.64.0.0/10", "SubnetLen": 24},
+    }
     start = time.monotonic()
-    cluster = topology.parse(build(put(CLUSTER, big), put(DEPLOYMENT, {"spec.replicas": 10000})),
-                             FILE)[0]
+    cluster = topology.parse(
+        build(put(CLUSTER, big), put(DEPLOYMENT, {"spec.replicas": 10000})), FILE
+    )[0]
     assert len(cluster.pods) == 10001 and time.monotonic() - start < 10
-    assert Counter(Counter(p.node for p in topology.schedule(cluster, {})).values()) == {5: 1999,
-                                                                                        6: 1}
+    assert Counter(Counter(p.node for p in topology.schedule(cluster, {})).values()) == {
+        5: 1999,
+        6: 1,
+    }
 
 
 def test_cni_plugin_config_is_json():

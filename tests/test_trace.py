@@ -82,8 +82,7 @@ def test_flannel_vxlan_trace_pcap_and_service(cluster, tmp_path):
     wire = hop_at(t, record.pods[src].node, "eth0")
     assert wire.encapsulation == "vxlan" and wire.vni == 1 and wire.udp_port == 8472
     assert (wire.outer.src, wire.outer.dst) == (src_node.ip, dst_node.ip)
-    assert (wire.inner.src, wire.inner.dst) == (record.pods[src].ip,
-                                                record.pods[dst].ip)
+    assert (wire.inner.src, wire.inner.dst) == (record.pods[src].ip, record.pods[dst].ip)
     assert "UDP 8472 VXLAN vni=1" in trace.format_trace(t)
 
     # the merged capture: scapy reads it, the probe is in it at several hops, in time order
@@ -151,7 +150,9 @@ def test_calico_vxlan_trace(cluster, source, vni, port):
     wire = hop_at(t, node, "eth0")
     assert (wire.encapsulation, wire.vni, wire.udp_port) == ("vxlan", vni, port)
     assert (wire.outer.src, wire.outer.dst) == (
-        record.nodes[node].ip, record.nodes[record.pods[dst].node].ip)
+        record.nodes[node].ip,
+        record.nodes[record.pods[dst].node].ip,
+    )
     assert hop_at(t, record.pods[dst].node, "vxlan.calico").encapsulation is None
 
 
@@ -164,8 +165,7 @@ def test_calico_ipip_trace(cluster):
     node, far = record.pods[src].node, record.pods[dst].node
     for hop in (hop_at(t, node, "eth0"), hop_at(t, far, "eth0")):
         assert hop.encapsulation == "ipip" and hop.outer.proto == 4
-        assert (hop.outer.src, hop.outer.dst) == (record.nodes[node].ip,
-                                                  record.nodes[far].ip)
+        assert (hop.outer.src, hop.outer.dst) == (record.nodes[node].ip, record.nodes[far].ip)
         assert hop.inner.dst == record.pods[dst].ip
     assert "IPIP (IP proto 4)" in trace.format_trace(t)
 
@@ -179,8 +179,7 @@ def test_calico_bgp_trace_has_no_encapsulation(cluster):
     for node in (record.pods[src].node, record.pods[dst].node):
         wire = hop_at(t, node, "eth0")
         assert wire.encapsulation is None and len(wire.layers) == 1
-        assert (wire.outer.src, wire.outer.dst) == (record.pods[src].ip,
-                                                    record.pods[dst].ip)
+        assert (wire.outer.src, wire.outer.dst) == (record.pods[src].ip, record.pods[dst].ip)
     assert not any(h.iface in {m.tunnel for m in modes.every() if m.tunnel} for h in t.hops)
 
 
@@ -193,8 +192,11 @@ def test_capture_node_eth0(cluster, tmp_path):
     pinging: list[threading.Thread] = []
 
     def start_ping():
-        thread = threading.Thread(target=probe.ping, args=(
-            record.pods[src].netns, record.pods[dst].ip), kwargs={"count": 6})
+        thread = threading.Thread(
+            target=probe.ping,
+            args=(record.pods[src].netns, record.pods[dst].ip),
+            kwargs={"count": 6},
+        )
         thread.start()
         pinging.append(thread)
 
@@ -250,20 +252,26 @@ def test_udp_and_tcp_probes_to_a_pod_ip_a_lost_probe_and_a_pod_capture(cluster, 
     syn = trace.trace(record, src, dst_ip, proto="tcp", port=9376)
     assert syn.delivered and syn.reply and "[S.]" in syn.reply, trace.format_trace(syn)
 
-    subprocess.run(["ip", "-n", record.nodes[dst_node].netns, "route", "add",
-                    "blackhole", f"{dst_ip}/32"], check=True)
+    subprocess.run(
+        ["ip", "-n", record.nodes[dst_node].netns, "route", "add", "blackhole", f"{dst_ip}/32"],
+        check=True,
+    )
     lost = trace.trace(record, src, dst, timeout=1.0)
     text = trace.format_trace(lost)
     assert not lost.delivered and lost.reply is None, text
     seen = [h for h in lost.hops if h.seen]
     assert (seen[-1].owner, seen[-1].iface) == (dst_node, "eth0"), text
     assert f"lost after hop {seen[-1].index} ({dst_node} eth0)" in text.splitlines()[-1]
-    subprocess.run(["ip", "-n", record.nodes[dst_node].netns, "route", "del",
-                    "blackhole", f"{dst_ip}/32"], check=True)
+    subprocess.run(
+        ["ip", "-n", record.nodes[dst_node].netns, "route", "del", "blackhole", f"{dst_ip}/32"],
+        check=True,
+    )
 
     out = tmp_path / "pod.pcap"
-    pinger = subprocess.Popen(["ip", "netns", "exec", record.pods[src].netns, "ping",
-                               "-c", "20", "-i", "0.2", dst_ip], stdout=subprocess.DEVNULL)
+    pinger = subprocess.Popen(
+        ["ip", "netns", "exec", record.pods[src].netns, "ping", "-c", "20", "-i", "0.2", dst_ip],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         done = cluster.netsim("capture", dst, "-w", str(out), "-c", "6", "--duration", "8")
     finally:

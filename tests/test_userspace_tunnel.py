@@ -46,13 +46,20 @@ class Nodes:
 
 
 def ip_batch(netns: str, *commands: str) -> None:
-    subprocess.run(["ip", "-n", netns, "-batch", "-"], input="\n".join(commands) + "\n",
-                   text=True, check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ip", "-n", netns, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def in_ns(netns: str, *argv: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def build(prefix: str, nets: tuple[str, str], pod_mtu: int) -> Nodes:
@@ -62,13 +69,26 @@ def build(prefix: str, nets: tuple[str, str], pod_mtu: int) -> Nodes:
     for name in nodes.all:
         nsmod.create(name)
     ip_batch(nodes.node_a, f"link add eth0 type veth peer name eth0 netns {nodes.node_b}")
-    for node, pod, addr, net in ((nodes.node_a, nodes.pod_a, NODE_A, nodes.net_a),
-                                 (nodes.node_b, nodes.pod_b, NODE_B, nodes.net_b)):
-        ip_batch(node, "link set lo up", f"addr add {addr}/24 dev eth0", "link set eth0 up",
-                 f"link add veth0 mtu {pod_mtu} type veth peer name eth0 netns {pod}",
-                 f"addr add {net}.1/24 dev veth0", "link set veth0 up")
-        ip_batch(pod, "link set lo up", f"link set eth0 mtu {pod_mtu} up",
-                 f"addr add {net}.2/24 dev eth0", f"route add default via {net}.1")
+    for node, pod, addr, net in (
+        (nodes.node_a, nodes.pod_a, NODE_A, nodes.net_a),
+        (nodes.node_b, nodes.pod_b, NODE_B, nodes.net_b),
+    ):
+        ip_batch(
+            node,
+            "link set lo up",
+            f"addr add {addr}/24 dev eth0",
+            "link set eth0 up",
+            f"link add veth0 mtu {pod_mtu} type veth peer name eth0 netns {pod}",
+            f"addr add {net}.1/24 dev veth0",
+            "link set veth0 up",
+        )
+        ip_batch(
+            pod,
+            "link set lo up",
+            f"link set eth0 mtu {pod_mtu} up",
+            f"addr add {net}.2/24 dev eth0",
+            f"route add default via {net}.1",
+        )
         in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1", check=True)
     return nodes
 
@@ -95,12 +115,21 @@ def link_exists(netns: str, name: str) -> bool:
 
 def iperf3(nodes: Nodes) -> float:
     """TCP throughput pod A -> pod B over 3 s, in Gbit/s (server ended by its PID)."""
-    server = subprocess.Popen(["ip", "netns", "exec", nodes.pod_b, "iperf3", "-s", "-1", "-B",
-                               nodes.pod_b_ip], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", nodes.pod_b, "iperf3", "-s", "-1", "-B", nodes.pod_b_ip],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_for(lambda: in_ns(nodes.pod_b, "ss", "-Hltn", "sport = :5201").stdout
-                 or server.poll() is not None, 15, "the iperf3 server listens")
+        wait_for(
+            lambda: (
+                in_ns(nodes.pod_b, "ss", "-Hltn", "sport = :5201").stdout
+                or server.poll() is not None
+            ),
+            15,
+            "the iperf3 server listens",
+        )
         if server.poll() is not None:
             raise AssertionError(f"iperf3 server did not listen: {server.communicate(5)[0]}")
         result = in_ns(nodes.pod_a, "iperf3", "-c", nodes.pod_b_ip, "-t", "3", "-J", timeout=30)
@@ -118,10 +147,15 @@ def iperf3(nodes: Nodes) -> float:
 
 def test_longest_prefix_match():
     tunnel = Tunnel("unused", "ipip", "tunl0", NODE_A, 1480)
-    tunnel.update_peers({"192.168.0.0/16": "10.0.0.1", "192.168.2.0/26": "10.0.0.2",
-                         "192.168.2.0/24": "10.0.0.3"})
-    for dst, peer in (("192.168.2.5", "10.0.0.2"), ("192.168.2.200", "10.0.0.3"),
-                      ("192.168.9.1", "10.0.0.1"), ("10.1.1.1", None)):
+    tunnel.update_peers(
+        {"192.168.0.0/16": "10.0.0.1", "192.168.2.0/26": "10.0.0.2", "192.168.2.0/24": "10.0.0.3"}
+    )
+    for dst, peer in (
+        ("192.168.2.5", "10.0.0.2"),
+        ("192.168.2.200", "10.0.0.3"),
+        ("192.168.9.1", "10.0.0.1"),
+        ("10.1.1.1", None),
+    ):
         found = tunnel._lookup(socket.inet_aton(dst))
         assert (found[0] if found else None) == peer, dst
     tunnel.update_peers({})
@@ -139,10 +173,24 @@ def test_ipip_tunnel(prefix, tmp_path):
     nodes = build(prefix, IPIP_NETS, default_mtu("ipip"))
     a = b = None
     try:
-        a = Tunnel.open(nodes.node_a, "ipip", "tunl0", NODE_A, default_mtu("ipip"),
-                        {f"{nodes.net_b}.0/24": NODE_B}, address=f"{nodes.net_a}.64/32")
-        b = Tunnel.open(nodes.node_b, "ipip", "tunl0", NODE_B, default_mtu("ipip"),
-                        {f"{nodes.net_a}.0/24": NODE_A}, address=f"{nodes.net_b}.64/32")
+        a = Tunnel.open(
+            nodes.node_a,
+            "ipip",
+            "tunl0",
+            NODE_A,
+            default_mtu("ipip"),
+            {f"{nodes.net_b}.0/24": NODE_B},
+            address=f"{nodes.net_a}.64/32",
+        )
+        b = Tunnel.open(
+            nodes.node_b,
+            "ipip",
+            "tunl0",
+            NODE_B,
+            default_mtu("ipip"),
+            {f"{nodes.net_a}.0/24": NODE_A},
+            address=f"{nodes.net_b}.64/32",
+        )
         a.start()
         b.start()
         # Calico's route shape: <remote block> via <remote node IP> dev tunl0 onlink
@@ -159,12 +207,25 @@ def test_ipip_tunnel(prefix, tmp_path):
         from scapy.layers.inet import ICMP, IP
 
         outer = [p[IP] for p in packets if IP in p and p[IP].proto == 4]
-        requests = [p for p in outer if p.src == NODE_A and p.dst == NODE_B
-                    and isinstance(p.payload, IP) and ICMP in p.payload
-                    and p.payload.src == nodes.pod_a_ip and p.payload.dst == nodes.pod_b_ip
-                    and p.payload[ICMP].type == 8]
-        replies = [p for p in outer if p.src == NODE_B and p.dst == NODE_A
-                   and isinstance(p.payload, IP) and p.payload.src == nodes.pod_b_ip]
+        requests = [
+            p
+            for p in outer
+            if p.src == NODE_A
+            and p.dst == NODE_B
+            and isinstance(p.payload, IP)
+            and ICMP in p.payload
+            and p.payload.src == nodes.pod_a_ip
+            and p.payload.dst == nodes.pod_b_ip
+            and p.payload[ICMP].type == 8
+        ]
+        replies = [
+            p
+            for p in outer
+            if p.src == NODE_B
+            and p.dst == NODE_A
+            and isinstance(p.payload, IP)
+            and p.payload.src == nodes.pod_b_ip
+        ]
         assert len(requests) == 3 and len(replies) == 3, [p.summary() for p in packets]
         first = requests[0]
         assert first.ihl == 5 and first.len == 20 + first.payload.len
@@ -175,14 +236,17 @@ def test_ipip_tunnel(prefix, tmp_path):
 
         # An IPIP packet from an outer source that is no peer node is dropped; the same packet
         # from node A's address is delivered (positive control for the capture).
-        pod_capture = Capture(nodes.pod_b, "eth0", "icmp and icmp[0] == 8",
-                              tmp_path / "pod.pcap")
+        pod_capture = Capture(nodes.pod_b, "eth0", "icmp and icmp[0] == 8", tmp_path / "pod.pcap")
         with nsmod.entered(nodes.node_a):
             raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         with raw:
+
             def send(source: str, ident: int) -> None:
-                packet = IP(src=source, dst=NODE_B, proto=4) / IP(
-                    src=nodes.pod_a_ip, dst=nodes.pod_b_ip) / ICMP(id=ident)
+                packet = (
+                    IP(src=source, dst=NODE_B, proto=4)
+                    / IP(src=nodes.pod_a_ip, dst=nodes.pod_b_ip)
+                    / ICMP(id=ident)
+                )
                 raw.sendto(bytes(packet), (NODE_B, 0))
 
             rx = b.stats["rx"]
@@ -212,10 +276,24 @@ def test_flannel_udp_tunnel(prefix, tmp_path):
     try:
         # flannel's udp backend: flannel0 holds <subnet>.0/16, so the kernel adds the one route
         # for the whole Network: 10.244.0.0/16 dev flannel0
-        a = Tunnel.open(nodes.node_a, "udp", "flannel0", NODE_A, default_mtu("udp"),
-                        {f"{nodes.net_b}.0/24": NODE_B}, address=f"{nodes.net_a}.0/16")
-        b = Tunnel.open(nodes.node_b, "udp", "flannel0", NODE_B, default_mtu("udp"),
-                        {f"{nodes.net_a}.0/24": NODE_A}, address=f"{nodes.net_b}.0/16")
+        a = Tunnel.open(
+            nodes.node_a,
+            "udp",
+            "flannel0",
+            NODE_A,
+            default_mtu("udp"),
+            {f"{nodes.net_b}.0/24": NODE_B},
+            address=f"{nodes.net_a}.0/16",
+        )
+        b = Tunnel.open(
+            nodes.node_b,
+            "udp",
+            "flannel0",
+            NODE_B,
+            default_mtu("udp"),
+            {f"{nodes.net_a}.0/24": NODE_A},
+            address=f"{nodes.net_b}.0/16",
+        )
         a.start()
         b.start()
         routes = in_ns(nodes.node_a, "ip", "route", "show", "dev", "flannel0").stdout
@@ -223,8 +301,9 @@ def test_flannel_udp_tunnel(prefix, tmp_path):
         link = json.loads(in_ns(nodes.node_a, "ip", "-j", "link", "show", "flannel0").stdout)[0]
         assert link["mtu"] == 1472 and "UP" in link["flags"]
 
-        capture = Capture(nodes.node_b, "eth0", f"udp port {FLANNEL_UDP_PORT}",
-                          tmp_path / "udp.pcap")
+        capture = Capture(
+            nodes.node_b, "eth0", f"udp port {FLANNEL_UDP_PORT}", tmp_path / "udp.pcap"
+        )
         result = ping(nodes.pod_a, nodes.pod_b_ip)
         packets = capture.stop(expect=6)  # 3 requests, 3 replies
         assert result.returncode == 0, result.stdout + result.stderr
@@ -264,8 +343,12 @@ def test_open_fails_cleanly_when_name_taken(prefix):
     """A second tunnel with the same name is refused, and the first keeps working."""
     node = f"{prefix}node"
     nsmod.create(node)
-    ip_batch(node, "link add veth0 type veth peer name veth1", f"addr add {NODE_A}/24 dev veth0",
-             "link set veth0 up")
+    ip_batch(
+        node,
+        "link add veth0 type veth peer name veth1",
+        f"addr add {NODE_A}/24 dev veth0",
+        "link set veth0 up",
+    )
     first = Tunnel.open(node, "udp", "flannel0", NODE_A, 1472, {})
     try:
         from netsim.errors import KernelError

@@ -31,12 +31,14 @@ _SUN_PATH_MAX = 107
 
 
 def _timers(connect_delay: int, hold_time: int, keepalive_time: int) -> str:
-    return (f"  connect delay time {connect_delay};\n"
-            "  connect retry time 2;\n"
-            "  error wait time 1, 5;\n"
-            "  error forget time 10;\n"
-            f"  hold time {hold_time};\n"
-            f"  keepalive time {keepalive_time};\n")
+    return (
+        f"  connect delay time {connect_delay};\n"
+        "  connect retry time 2;\n"
+        "  error wait time 1, 5;\n"
+        "  error forget time 10;\n"
+        f"  hold time {hold_time};\n"
+        f"  keepalive time {keepalive_time};\n"
+    )
 
 
 _TIMERS_COMMENT = """\
@@ -61,13 +63,15 @@ def _net(value: object, what: str) -> str:
     try:
         return str(ipaddress.IPv4Network(str(value)))
     except ValueError:
-        raise NetsimError(f"BGP: {what} {value!r} is not an IPv4 network "
-                          "(address bits beyond the prefix must be zero)") from None
+        raise NetsimError(
+            f"BGP: {what} {value!r} is not an IPv4 network "
+            "(address bits beyond the prefix must be zero)"
+        ) from None
 
 
 def _quote(text: object) -> str:
     """A BIRD string literal; names come from topology files, so keep them inert."""
-    return '"' + re.sub(r'[^A-Za-z0-9_.:/ -]', "_", str(text)) + '"'
+    return '"' + re.sub(r"[^A-Za-z0-9_.:/ -]", "_", str(text)) + '"'
 
 
 def _protocol_name(prefix: str, ip: str) -> str:
@@ -80,19 +84,29 @@ def _prefix_set(nets: list[str]) -> str:
 
 
 def _header(kind: str, name: str, ip: str, asn: int) -> str:
-    return (f"# BIRD 2 configuration of {kind} {_quote(name)} (AS {asn}), rendered by netsim.\n"
-            "# netsim rewrites this file: edits are lost.\n"
-            f"# netsim-node: {_quote(name)[1:-1]}\n\n"
-            "log stderr all;\n"
-            f"router id {ip};\n"
-            "timeformat protocol iso long ms;\n\n"
-            "# Interfaces and their addresses, for next-hop checks and resolution.\n"
-            "protocol device {\n  scan time 10;\n}\n\n")
+    return (
+        f"# BIRD 2 configuration of {kind} {_quote(name)} (AS {asn}), rendered by netsim.\n"
+        "# netsim rewrites this file: edits are lost.\n"
+        f"# netsim-node: {_quote(name)[1:-1]}\n\n"
+        "log stderr all;\n"
+        f"router id {ip};\n"
+        "timeformat protocol iso long ms;\n\n"
+        "# Interfaces and their addresses, for next-hop checks and resolution.\n"
+        "protocol device {\n  scan time 10;\n}\n\n"
+    )
 
 
-def render(node: dict, peers: list[dict], asn: int = DEFAULT_ASN, *,
-           pools: tuple[str, ...] | list[str] = DEFAULT_POOLS, cluster_id: str | None = None,
-           connect_delay: int = 1, hold_time: int = 9, keepalive_time: int = 1) -> str:
+def render(
+    node: dict,
+    peers: list[dict],
+    asn: int = DEFAULT_ASN,
+    *,
+    pools: tuple[str, ...] | list[str] = DEFAULT_POOLS,
+    cluster_id: str | None = None,
+    connect_delay: int = 1,
+    hold_time: int = 9,
+    keepalive_time: int = 1,
+) -> str:
     """The bird.conf of a Calico node: announce its blocks, learn its peers' blocks into the
     kernel as `<block> via <peer IP> dev eth0 proto bird`."""
     name, ip = str(node["name"]), _ip(node["ip"], f"node {node.get('name')} ip")
@@ -103,11 +117,14 @@ def render(node: dict, peers: list[dict], asn: int = DEFAULT_ASN, *,
     if cluster_id is not None:
         cluster_id = _ip(cluster_id, "route reflector cluster id")
     if not 3 <= hold_time <= 65535 or not 1 <= keepalive_time < hold_time:
-        raise NetsimError(f"BGP: hold time {hold_time} s must be at least 3 and above the "
-                          f"keepalive time {keepalive_time} s")
+        raise NetsimError(
+            f"BGP: hold time {hold_time} s must be at least 3 and above the "
+            f"keepalive time {keepalive_time} s"
+        )
     for block in blocks:
-        if not any(ipaddress.ip_network(block).subnet_of(ipaddress.ip_network(p))
-                   for p in pool_nets):
+        if not any(
+            ipaddress.ip_network(block).subnet_of(ipaddress.ip_network(p)) for p in pool_nets
+        ):
             raise NetsimError(f"BGP: node {name} block {block} is in no IP pool ({pool_nets})")
 
     sessions, seen = [], {ip: f"node {name} itself"}
@@ -115,20 +132,26 @@ def render(node: dict, peers: list[dict], asn: int = DEFAULT_ASN, *,
         pname, pip = str(peer["name"]), _ip(peer["ip"], f"peer {peer.get('name')} ip")
         role, pasn = peer.get("role", "mesh"), int(peer.get("asn", asn))
         if role not in ROLES:
-            raise NetsimError(f"BGP: peer {pname} of node {name} has role {role!r}; "
-                              f"use one of {', '.join(ROLES)}")
+            raise NetsimError(
+                f"BGP: peer {pname} of node {name} has role {role!r}; use one of {', '.join(ROLES)}"
+            )
         if pip in seen:
-            raise NetsimError(f"BGP: peer {pname} of node {name} has address {pip}, "
-                              f"already used by {seen[pip]}")
+            raise NetsimError(
+                f"BGP: peer {pname} of node {name} has address {pip}, already used by {seen[pip]}"
+            )
         seen[pip] = f"peer {pname}"
         if role == "external" and pasn == asn:
-            raise NetsimError(f"BGP: external peer {pname} has the cluster's AS {asn}; an "
-                              "external (eBGP) peer needs an AS of its own")
+            raise NetsimError(
+                f"BGP: external peer {pname} has the cluster's AS {asn}; an "
+                "external (eBGP) peer needs an AS of its own"
+            )
         if role != "external" and pasn != asn:
             raise NetsimError(f"BGP: {role} peer {pname} has AS {pasn}, the cluster's is {asn}")
         if role == "rr-client" and not reflector:
-            raise NetsimError(f"BGP: node {name} has route reflector client {pname} but is "
-                              "not a reflector (set reflector: true)")
+            raise NetsimError(
+                f"BGP: node {name} has route reflector client {pname} but is "
+                "not a reflector (set reflector: true)"
+            )
         sessions.append((pname, pip, role, pasn))
 
     own = _prefix_set(blocks) if blocks else None
@@ -210,8 +233,10 @@ template bgp calico_ibgp {{
 """)
     if reflector:
         cid = cluster_id or ip
-        out.append(f"\n# This node is a route reflector (cluster id {cid}); its clients peer "
-                   "only with reflectors.\n")
+        out.append(
+            f"\n# This node is a route reflector (cluster id {cid}); its clients peer "
+            "only with reflectors.\n"
+        )
     for pname, pip, role, pasn in sessions:
         if role == "external":
             out.append(f"""
@@ -244,9 +269,16 @@ protocol bgp {_protocol_name(prefix, pip)} from calico_ibgp {{
     return "".join(out)
 
 
-def render_external(router: dict, peers: list[dict], asn: int, *,
-                    pools: tuple[str, ...] | list[str] = DEFAULT_POOLS,
-                    connect_delay: int = 1, hold_time: int = 9, keepalive_time: int = 1) -> str:
+def render_external(
+    router: dict,
+    peers: list[dict],
+    asn: int,
+    *,
+    pools: tuple[str, ...] | list[str] = DEFAULT_POOLS,
+    connect_delay: int = 1,
+    hold_time: int = 9,
+    keepalive_time: int = 1,
+) -> str:
     """The bird.conf of a top-of-rack router: eBGP with each node, installs their blocks in its
     kernel and announces nothing, so the cluster cannot be disturbed through it."""
     name, ip = str(router["name"]), _ip(router["ip"], f"router {router.get('name')} ip")
@@ -286,8 +318,10 @@ template bgp tor_node {{
         pname, pip = str(peer["name"]), _ip(peer["ip"], f"peer {peer.get('name')} ip")
         pasn = int(peer.get("asn", DEFAULT_ASN))
         if pasn == asn:
-            raise NetsimError(f"BGP: router {name} and node {pname} share AS {asn}; the "
-                              "external router needs an AS of its own")
+            raise NetsimError(
+                f"BGP: router {name} and node {pname} share AS {asn}; the "
+                "external router needs an AS of its own"
+            )
         if pip in seen:
             raise NetsimError(f"BGP: router {name} lists address {pip} twice")
         seen.add(pip)
@@ -306,15 +340,28 @@ protocol bgp {_protocol_name("Node", pip)} from tor_node {{
 
 def _paths(directory: str) -> dict[str, str]:
     d = os.path.abspath(directory)
-    return {k: os.path.join(d, f) for k, f in
-            (("conf", CONF), ("ctl", CTL), ("pid", PID), ("log", LOG), ("netns", NETNS_FILE))}
+    return {
+        k: os.path.join(d, f)
+        for k, f in (
+            ("conf", CONF),
+            ("ctl", CTL),
+            ("pid", PID),
+            ("log", LOG),
+            ("netns", NETNS_FILE),
+        )
+    }
 
 
 def _run_in(netns: str | None, argv: list[str], timeout: float = 10) -> subprocess.CompletedProcess:
     """Run a BIRD tool inside the node's namespace (the root namespace is never involved)."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=(lambda: nsmod.enter_for_exec(netns)) if netns else None)
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=(lambda: nsmod.enter_for_exec(netns)) if netns else None,
+        )
     except FileNotFoundError:
         raise NetsimError(f"{argv[0]} not found: install BIRD 2 (apt-get install bird2)") from None
     except subprocess.TimeoutExpired:
@@ -360,8 +407,10 @@ def start(netns: str, directory: str, config: str) -> tuple[int, int]:
     netsim owns its PID; returns (pid, start time) once its control socket answers."""
     p = _paths(directory)
     if len(p["ctl"]) > _SUN_PATH_MAX:
-        raise NetsimError(f"BIRD control socket path {p['ctl']} is longer than "
-                          f"{_SUN_PATH_MAX} bytes; use a shorter directory")
+        raise NetsimError(
+            f"BIRD control socket path {p['ctl']} is longer than "
+            f"{_SUN_PATH_MAX} bytes; use a shorter directory"
+        )
     if not nsmod.exists(netns):
         raise NetsimError(f"cannot start BIRD: netns {netns} does not exist")
     os.makedirs(os.path.dirname(p["conf"]), exist_ok=True)
@@ -371,8 +420,9 @@ def start(netns: str, directory: str, config: str) -> tuple[int, int]:
         os.unlink(p["ctl"])  # left by a BIRD that died
     _install(p["conf"], config, netns)
     _write(p["netns"], netns + "\n")
-    pid, started = proc.spawn(["bird", "-f", "-c", p["conf"], "-s", p["ctl"], "-P", p["pid"]],
-                              p["log"], netns=netns)
+    pid, started = proc.spawn(
+        ["bird", "-f", "-c", p["conf"], "-s", p["ctl"], "-P", p["pid"]], p["log"], netns=netns
+    )
     deadline = time.monotonic() + 5
     while True:
         if _answers(directory):
@@ -382,8 +432,9 @@ def start(netns: str, directory: str, config: str) -> tuple[int, int]:
             raise NetsimError(f"BIRD in netns {netns} exited at start:\n{log_tail(directory)}")
         if time.monotonic() > deadline:
             proc.stop([(pid, started)])
-            raise NetsimError(f"BIRD in netns {netns} did not open {p['ctl']} within 5 s:\n"
-                              f"{log_tail(directory)}")
+            raise NetsimError(
+                f"BIRD in netns {netns} did not open {p['ctl']} within 5 s:\n{log_tail(directory)}"
+            )
         time.sleep(0.01)
 
 
@@ -457,8 +508,10 @@ def _read_reply(reader) -> list[tuple[int, str]]:
     raise EOFError("BIRD reply too long")
 
 
-_ROW = re.compile(r"^(?P<name>\S+)\s+(?P<proto>\S+)\s+(?P<table>\S+)\s+(?P<state>\S+)\s+"
-                  r"(?P<since>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?|\S+)\s*(?P<info>.*)$")
+_ROW = re.compile(
+    r"^(?P<name>\S+)\s+(?P<proto>\S+)\s+(?P<table>\S+)\s+(?P<state>\S+)\s+"
+    r"(?P<since>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?|\S+)\s*(?P<info>.*)$"
+)
 
 
 def parse_protocols(rows: list[tuple[int, str]]) -> list[dict]:
@@ -502,9 +555,11 @@ def wait_established(directories: list[str], timeout: float) -> None:
         pending = {}
         for directory in directories:
             try:
-                down = [f"{p['name']} ({p['info'] or p['state']})"
-                        for p in protocols(directory)
-                        if p["proto"] == "BGP" and not p["info"].startswith("Established")]
+                down = [
+                    f"{p['name']} ({p['info'] or p['state']})"
+                    for p in protocols(directory)
+                    if p["proto"] == "BGP" and not p["info"].startswith("Established")
+                ]
             except NetsimError as exc:
                 down = [f"BIRD does not answer: {exc}"]
             if down:
@@ -517,8 +572,12 @@ def wait_established(directories: list[str], timeout: float) -> None:
     parts = []
     for directory, down in pending.items():
         node, described = _describe(directory)
-        named = [f"{d} [{described[d.split(' ')[0]]}]" if d.split(" ")[0] in described else d
-                 for d in down]
-        parts.append(f"node {node}: not established: {', '.join(named)}\n"
-                     f"last lines of {_paths(directory)['log']}:\n{log_tail(directory)}")
+        named = [
+            f"{d} [{described[d.split(' ')[0]]}]" if d.split(" ")[0] in described else d
+            for d in down
+        ]
+        parts.append(
+            f"node {node}: not established: {', '.join(named)}\n"
+            f"last lines of {_paths(directory)['log']}:\n{log_tail(directory)}"
+        )
     raise NetsimError(f"BGP sessions not established within {timeout} s:\n" + "\n".join(parts))

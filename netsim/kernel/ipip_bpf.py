@@ -62,8 +62,14 @@ HEADERS = {
 }
 
 # bpf(2): the syscall number and the commands used here
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
-           "riscv64": 280}
+_NR_BPF = {
+    "x86_64": 321,
+    "aarch64": 280,
+    "armv7l": 386,
+    "ppc64le": 361,
+    "s390x": 351,
+    "riscv64": 280,
+}
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 1, 2, 3
 BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET = 4, 7
 BPF_ANY, BPF_NOEXIST = 0, 1
@@ -79,8 +85,10 @@ def toolchain_missing() -> str | None:
     missing += [pkg for header, pkg in HEADERS.items() if not os.path.exists(header)]
     if not missing:
         return None
-    return (f"the IPIP eBPF carrier needs clang and BPF headers (missing: "
-            f"{' '.join(dict.fromkeys(missing))}): apt-get install {PACKAGES}")
+    return (
+        f"the IPIP eBPF carrier needs clang and BPF headers (missing: "
+        f"{' '.join(dict.fromkeys(missing))}): apt-get install {PACKAGES}"
+    )
 
 
 def build(output_dir: str = DEFAULT_BUILD_DIR) -> str:
@@ -95,13 +103,16 @@ def build(output_dir: str = DEFAULT_BUILD_DIR) -> str:
         raise NetsimError(reason)
     os.makedirs(output_dir, exist_ok=True)
     tmp = f"{out}.{os.getpid()}.tmp"
-    result = subprocess.run(["clang", *CFLAGS, "-c", str(SOURCE), "-o", tmp],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["clang", *CFLAGS, "-c", str(SOURCE), "-o", tmp], capture_output=True, text=True
+    )
     if result.returncode != 0:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise NetsimError(f"clang could not build {SOURCE}:\n{result.stderr.strip()}\n"
-                          f"(Debian packages needed: {PACKAGES})")
+        raise NetsimError(
+            f"clang could not build {SOURCE}:\n{result.stderr.strip()}\n"
+            f"(Debian packages needed: {PACKAGES})"
+        )
     os.replace(tmp, out)  # atomic: a concurrent build never sees half an object
     return out
 
@@ -126,17 +137,23 @@ def _ensure_bpffs() -> None:
     with open("/proc/self/mounts") as fh:
         if any(line.split()[1:3] == [BPFFS, "bpf"] for line in fh):
             return
-    if _libc.mount(b"bpf", BPFFS.encode(), b"bpf", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                   b"mode=0700") != 0:
+    if (
+        _libc.mount(b"bpf", BPFFS.encode(), b"bpf", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0700")
+        != 0
+    ):
         raise KernelError(ctypes.get_errno(), f"mount bpffs on {BPFFS}", None)
 
 
 def _tc(netns: str, commands: list[str], force: bool = False) -> subprocess.CompletedProcess:
     """One `tc -batch` inside the namespace. Only the network namespace is switched (a
     preexec setns), so the host's /sys/fs/bpf stays visible to tc."""
-    return subprocess.run(["tc", *(["-force"] if force else []), "-batch", "-"],
-                          input="\n".join(commands) + "\n", capture_output=True, text=True,
-                          preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    return subprocess.run(
+        ["tc", *(["-force"] if force else []), "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: nsmod.enter_for_exec(netns),
+    )
 
 
 def attach(netns: str, ifname: str, obj: str, local_ip: str) -> None:
@@ -147,8 +164,9 @@ def attach(netns: str, ifname: str, obj: str, local_ip: str) -> None:
         raise KernelError(errnos.ENOENT, "attach ipip carrier", netns, "no such namespace")
     pins = pin_dir(netns)
     if os.path.exists(pins):
-        raise KernelError(errnos.EEXIST, f"attach ipip carrier: {pins}", netns,
-                          "already attached; detach first")
+        raise KernelError(
+            errnos.EEXIST, f"attach ipip carrier: {pins}", netns, "already attached; detach first"
+        )
     _ensure_bpffs()
     try:
         os.makedirs(pins)
@@ -156,20 +174,39 @@ def attach(netns: str, ifname: str, obj: str, local_ip: str) -> None:
         os.makedirs(pins)
     try:
         result = subprocess.run(
-            ["bpftool", "prog", "loadall", obj, os.path.join(pins, "prog"), "type",
-             "classifier", "pinmaps", os.path.join(pins, "map")],
-            capture_output=True, text=True)
+            [
+                "bpftool",
+                "prog",
+                "loadall",
+                obj,
+                os.path.join(pins, "prog"),
+                "type",
+                "classifier",
+                "pinmaps",
+                os.path.join(pins, "map"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
-            raise KernelError(0, f"bpftool prog loadall {obj}", netns,
-                              result.stderr.strip()[-2000:])
+            raise KernelError(
+                0, f"bpftool prog loadall {obj}", netns, result.stderr.strip()[-2000:]
+            )
         with _Map(_map_pin(netns, CONFIG), netns) as config:
             config.update(struct.pack("=I", 0), local)
-        result = _tc(netns, [f"qdisc replace dev {ifname} clsact"] + [
-            f"filter replace dev {ifname} {direction} pref {PREF} handle 1 bpf da pinned "
-            f"{_prog_pin(netns, direction)}" for direction in PROGRAMS])
+        result = _tc(
+            netns,
+            [f"qdisc replace dev {ifname} clsact"]
+            + [
+                f"filter replace dev {ifname} {direction} pref {PREF} handle 1 bpf da pinned "
+                f"{_prog_pin(netns, direction)}"
+                for direction in PROGRAMS
+            ],
+        )
         if result.returncode != 0:
-            raise KernelError(0, f"tc attach ipip carrier on {ifname}", netns,
-                              result.stderr.strip())
+            raise KernelError(
+                0, f"tc attach ipip carrier on {ifname}", netns, result.stderr.strip()
+            )
     except BaseException:
         detach(netns, ifname)
         raise
@@ -262,16 +299,17 @@ def peers(netns: str) -> dict[str, str]:
     with _maps(netns) as (routes, _, _):
         for key in routes.keys(8):
             plen, addr = struct.unpack("=I4s", key)
-            result[f"{socket.inet_ntoa(addr)}/{plen}"] = socket.inet_ntoa(
-                routes.lookup(key, 8)[:4])
+            result[f"{socket.inet_ntoa(addr)}/{plen}"] = socket.inet_ntoa(routes.lookup(key, 8)[:4])
     return result
 
 
 def peer_nodes(netns: str) -> dict[str, int]:
     """Peer node IPs ingress accepts, with the number of blocks routed to each."""
     with _maps(netns) as (_, peer_map, _):
-        return {socket.inet_ntoa(k): struct.unpack("=I", peer_map.lookup(k, 4))[0]
-                for k in peer_map.keys(4)}
+        return {
+            socket.inet_ntoa(k): struct.unpack("=I", peer_map.lookup(k, 4))[0]
+            for k in peer_map.keys(4)
+        }
 
 
 def _count(peers_map: _Map, node_ip: bytes, delta: int) -> None:
@@ -291,9 +329,11 @@ def _count(peers_map: _Map, node_ip: bytes, delta: int) -> None:
 
 @contextlib.contextmanager
 def _maps(netns: str) -> Iterator[tuple[_Map, _Map, _Map]]:
-    with (_Map(_map_pin(netns, ROUTES), netns) as routes,
-          _Map(_map_pin(netns, PEERS), netns) as peer_map,
-          _Map(_map_pin(netns, CONFIG), netns) as config):
+    with (
+        _Map(_map_pin(netns, ROUTES), netns) as routes,
+        _Map(_map_pin(netns, PEERS), netns) as peer_map,
+        _Map(_map_pin(netns, CONFIG), netns) as config,
+    ):
         yield routes, peer_map, config
 
 
@@ -305,18 +345,29 @@ class _Map:
 
     def __enter__(self) -> _Map:
         path = ctypes.create_string_buffer(self.pin.encode())
-        self.fd = _bpf(BPF_OBJ_GET, struct.pack("=QII", ctypes.addressof(path), 0, 0),
-                       f"open BPF map {self.pin}", self.netns)
+        self.fd = _bpf(
+            BPF_OBJ_GET,
+            struct.pack("=QII", ctypes.addressof(path), 0, 0),
+            f"open BPF map {self.pin}",
+            self.netns,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
 
-    def _elem(self, cmd: int, key: bytes | None, value: ctypes.Array | None, flags: int,
-              what: str) -> None:
+    def _elem(
+        self, cmd: int, key: bytes | None, value: ctypes.Array | None, flags: int, what: str
+    ) -> None:
         kbuf = ctypes.create_string_buffer(key, len(key)) if key is not None else None
-        attr = struct.pack("=IIQQQ", self.fd, 0, ctypes.addressof(kbuf) if kbuf else 0,
-                           ctypes.addressof(value) if value is not None else 0, flags)
+        attr = struct.pack(
+            "=IIQQQ",
+            self.fd,
+            0,
+            ctypes.addressof(kbuf) if kbuf else 0,
+            ctypes.addressof(value) if value is not None else 0,
+            flags,
+        )
         _bpf(cmd, attr, f"{what} {os.path.basename(self.pin)}", self.netns)
 
     def lookup(self, key: bytes, size: int) -> bytes:
@@ -325,8 +376,13 @@ class _Map:
         return value.raw
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-        self._elem(BPF_MAP_UPDATE_ELEM, key, ctypes.create_string_buffer(value, len(value)),
-                   flags, "update")
+        self._elem(
+            BPF_MAP_UPDATE_ELEM,
+            key,
+            ctypes.create_string_buffer(value, len(value)),
+            flags,
+            "update",
+        )
 
     def delete(self, key: bytes) -> None:
         self._elem(BPF_MAP_DELETE_ELEM, key, None, 0, "delete from")
@@ -336,8 +392,7 @@ class _Map:
         nxt = ctypes.create_string_buffer(size)
         while True:
             try:
-                self._elem(BPF_MAP_GET_NEXT_KEY, found[-1] if found else None, nxt, 0,
-                           "iterate")
+                self._elem(BPF_MAP_GET_NEXT_KEY, found[-1] if found else None, nxt, 0, "iterate")
             except KernelError as exc:
                 if exc.errno == errnos.ENOENT:
                     return found
@@ -348,11 +403,11 @@ class _Map:
 def _bpf(cmd: int, attr: bytes, what: str, netns: str | None) -> int:
     number = _NR_BPF.get(platform.machine())
     if number is None:
-        raise KernelError(errnos.ENOSYS, what, netns, f"bpf(2) number unknown on "
-                          f"{platform.machine()}")
+        raise KernelError(
+            errnos.ENOSYS, what, netns, f"bpf(2) number unknown on {platform.machine()}"
+        )
     buf = ctypes.create_string_buffer(attr, len(attr))
-    result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(cmd), buf,
-                           ctypes.c_uint(len(attr)))
+    result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
     if result < 0:
         raise KernelError(ctypes.get_errno(), what, netns)
     return result

@@ -148,9 +148,19 @@ class Rtnl:
         msg["attrs"] = [("IFLA_IFNAME", ifname)] if ifname and not index else []
         return msg
 
-    def _add_link(self, index: int, ifname: str, kind: int | None, info, up: bool, what: str,
-                  mtu: int | None = None, mac: str | None = None, master: int | None = None,
-                  alias: str | None = None) -> None:
+    def _add_link(
+        self,
+        index: int,
+        ifname: str,
+        kind: int | None,
+        info,
+        up: bool,
+        what: str,
+        mtu: int | None = None,
+        mac: str | None = None,
+        master: int | None = None,
+        alias: str | None = None,
+    ) -> None:
         msg = self._link(index, IFF_UP if up else 0)
         attrs = [("IFLA_IFNAME", ifname)]
         if mtu:
@@ -169,53 +179,102 @@ class Rtnl:
 
     # -- links ---------------------------------------------------------------------------------
 
-    def veth(self, ifname: str, index: int, peer_ifname: str, peer_index: int, peer_netns_fd: int,
-             mtu: int, master: int | None = None, alias: str | None = None,
-             peer_mac: str | None = None, mac: str | None = None) -> None:
+    def veth(
+        self,
+        ifname: str,
+        index: int,
+        peer_ifname: str,
+        peer_index: int,
+        peer_netns_fd: int,
+        mtu: int,
+        master: int | None = None,
+        alias: str | None = None,
+        peer_mac: str | None = None,
+        mac: str | None = None,
+    ) -> None:
         """A veth pair whose peer is created directly in the other namespace. This end comes up;
         the peer must be set up from its own namespace (this kernel refuses IFF_UP on a veth
         peer at creation with ENOTCONN, as `ip link add ... peer name x up` shows)."""
         p = rtpack
-        peer = (p.ifinfo(peer_index) + p.text(p.IFLA_IFNAME, peer_ifname)
-                + p.u32(p.IFLA_MTU, mtu) + p.u32(p.IFLA_NET_NS_FD, peer_netns_fd)
-                + (p.mac(p.IFLA_ADDRESS, peer_mac) if peer_mac else b""))
+        peer = (
+            p.ifinfo(peer_index)
+            + p.text(p.IFLA_IFNAME, peer_ifname)
+            + p.u32(p.IFLA_MTU, mtu)
+            + p.u32(p.IFLA_NET_NS_FD, peer_netns_fd)
+            + (p.mac(p.IFLA_ADDRESS, peer_mac) if peer_mac else b"")
+        )
         info = p.text(p.IFLA_INFO_KIND, "veth") + p.attr(
-            p.IFLA_INFO_DATA, p.attr(p.VETH_INFO_PEER, peer))
-        body = (p.ifinfo(index, IFF_UP, IFF_UP) + p.text(p.IFLA_IFNAME, ifname)
-                + p.u32(p.IFLA_MTU, mtu) + (p.mac(p.IFLA_ADDRESS, mac) if mac else b"")
-                + (p.u32(p.IFLA_MASTER, master) if master else b"")
-                + p.attr(p.IFLA_LINKINFO, info))
-        self._queue_raw(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body,
-                        f"add veth {ifname}/{peer_ifname}")
+            p.IFLA_INFO_DATA, p.attr(p.VETH_INFO_PEER, peer)
+        )
+        body = (
+            p.ifinfo(index, IFF_UP, IFF_UP)
+            + p.text(p.IFLA_IFNAME, ifname)
+            + p.u32(p.IFLA_MTU, mtu)
+            + (p.mac(p.IFLA_ADDRESS, mac) if mac else b"")
+            + (p.u32(p.IFLA_MASTER, master) if master else b"")
+            + p.attr(p.IFLA_LINKINFO, info)
+        )
+        self._queue_raw(
+            RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"add veth {ifname}/{peer_ifname}"
+        )
         if alias:
             self.alias(index, ifname, alias)
 
     def alias(self, index: int, ifname: str, alias: str) -> None:
         """The kernel ignores IFLA_IFALIAS when it creates a link: it is set after."""
-        self._queue_raw(RTM_NEWLINK, 0, self._link_head(index, ifname=ifname)
-                        + rtpack.text(rtpack.IFLA_IFALIAS, alias), f"set alias of {ifname}")
+        self._queue_raw(
+            RTM_NEWLINK,
+            0,
+            self._link_head(index, ifname=ifname) + rtpack.text(rtpack.IFLA_IFALIAS, alias),
+            f"set alias of {ifname}",
+        )
 
-    def bridge(self, ifname: str, index: int, mtu: int | None = None,
-               mac: str | None = None) -> None:
-        self._add_link(index, ifname, None, [("IFLA_INFO_KIND", "bridge")], True,
-                       f"add bridge {ifname}", mtu=mtu, mac=mac)
+    def bridge(
+        self, ifname: str, index: int, mtu: int | None = None, mac: str | None = None
+    ) -> None:
+        self._add_link(
+            index,
+            ifname,
+            None,
+            [("IFLA_INFO_KIND", "bridge")],
+            True,
+            f"add bridge {ifname}",
+            mtu=mtu,
+            mac=mac,
+        )
 
-    def vxlan(self, ifname: str, index: int, vni: int, local: str, link: int, port: int,
-              mtu: int, mac: str) -> None:
+    def vxlan(
+        self,
+        ifname: str,
+        index: int,
+        vni: int,
+        local: str,
+        link: int,
+        port: int,
+        mtu: int,
+        mac: str,
+    ) -> None:
         """A VXLAN device with learning off: peers are programmed as static ARP and FDB entries."""
         # no outer UDP checksum: flannel and Calico create their devices through the netlink
         # library with UDPCSum false, which is what `ip -d link` shows on a real node
-        data = [("IFLA_VXLAN_ID", vni), ("IFLA_VXLAN_LOCAL", local), ("IFLA_VXLAN_LINK", link),
-                ("IFLA_VXLAN_PORT", port), ("IFLA_VXLAN_LEARNING", 0),
-                ("IFLA_VXLAN_UDP_CSUM", 0)]
+        data = [
+            ("IFLA_VXLAN_ID", vni),
+            ("IFLA_VXLAN_LOCAL", local),
+            ("IFLA_VXLAN_LINK", link),
+            ("IFLA_VXLAN_PORT", port),
+            ("IFLA_VXLAN_LEARNING", 0),
+            ("IFLA_VXLAN_UDP_CSUM", 0),
+        ]
         info = [("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]
-        self._add_link(index, ifname, None, info, True, f"add vxlan {ifname} (VNI {vni})",
-                       mtu=mtu, mac=mac)
+        self._add_link(
+            index, ifname, None, info, True, f"add vxlan {ifname} (VNI {vni})", mtu=mtu, mac=mac
+        )
 
     def link_up(self, index: int, what: str) -> None:
         """Set a link up, by index, or by name (`what`) with index 0."""
-        self._queue_raw(RTM_NEWLINK, 0, self._link_head(index, IFF_UP, ifname=what),
-                        f"set {what} up")
+        self._queue_raw(
+            RTM_NEWLINK, 0, self._link_head(index, IFF_UP, ifname=what), f"set {what} up"
+        )
 
     def link_set(self, index: int, ifname: str, mtu: int | None = None, up: bool = True) -> None:
         """Change an existing link (by index, or by name with index 0): MTU, then up."""
@@ -226,57 +285,90 @@ class Rtnl:
 
     def link_delete(self, index: int, what: str) -> None:
         """Delete a link (by index, or by name with index 0); one already gone is no error."""
-        self._queue_raw(RTM_DELLINK, 0, self._link_head(index, ifname=what), f"delete {what}",
-                        tolerate=(19,))  # ENODEV
+        self._queue_raw(
+            RTM_DELLINK, 0, self._link_head(index, ifname=what), f"delete {what}", tolerate=(19,)
+        )  # ENODEV
 
     def hairpin(self, index: int, what: str) -> None:
         """Let a bridge port send a frame back out where it came in (pod -> own Service)."""
         p = rtpack
         slave = p.text(p.IFLA_INFO_SLAVE_KIND, "bridge") + p.attr(
-            p.IFLA_INFO_SLAVE_DATA, p.attr(p.IFLA_BRPORT_MODE, b"\1"))
-        self._queue_raw(RTM_NEWLINK, 0, self._link_head(index, ifname=what)
-                        + p.attr(p.IFLA_LINKINFO, slave), f"hairpin on {what}")
+            p.IFLA_INFO_SLAVE_DATA, p.attr(p.IFLA_BRPORT_MODE, b"\1")
+        )
+        self._queue_raw(
+            RTM_NEWLINK,
+            0,
+            self._link_head(index, ifname=what) + p.attr(p.IFLA_LINKINFO, slave),
+            f"hairpin on {what}",
+        )
 
     # -- addresses, routes, neighbours ---------------------------------------------------------
 
     def address(self, index: int, ip: str, prefixlen: int, what: str) -> None:
         p = rtpack
         body = p.ifaddr(index, prefixlen) + p.ipv4(p.IFA_LOCAL, ip) + p.ipv4(p.IFA_ADDRESS, ip)
-        self._queue_raw(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body,
-                        f"add address {ip}/{prefixlen} on {what}")
+        self._queue_raw(
+            RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body, f"add address {ip}/{prefixlen} on {what}"
+        )
 
-    def route(self, dst: str, oif: int, gateway: str | None = None, onlink: bool = False,
-              scope: int | None = None, proto: int = RTPROT_BOOT, kind: int = RTN_UNICAST,
-              table: int = 254) -> None:
+    def route(
+        self,
+        dst: str,
+        oif: int,
+        gateway: str | None = None,
+        onlink: bool = False,
+        scope: int | None = None,
+        proto: int = RTPROT_BOOT,
+        kind: int = RTN_UNICAST,
+        table: int = 254,
+    ) -> None:
         """`ip route add DST [via GW] dev OIF [onlink]`; DST in CIDR form, 'default' allowed."""
         p = rtpack
         net, _, plen = ("0.0.0.0/0" if dst == "default" else dst).partition("/")
         dst_len = int(plen or 32)
         if scope is None:
             scope = RT_SCOPE_UNIVERSE if gateway or kind != RTN_UNICAST else RT_SCOPE_LINK
-        body = (p.rtmsg(dst_len, table, proto, scope, kind, RTNH_F_ONLINK if onlink else 0)
-                + p.u32(p.RTA_TABLE, table) + (p.ipv4(p.RTA_DST, net) if dst_len else b"")
-                + (p.ipv4(p.RTA_GATEWAY, gateway) if gateway else b"")
-                + (p.u32(p.RTA_OIF, oif) if kind == RTN_UNICAST else b""))
+        body = (
+            p.rtmsg(dst_len, table, proto, scope, kind, RTNH_F_ONLINK if onlink else 0)
+            + p.u32(p.RTA_TABLE, table)
+            + (p.ipv4(p.RTA_DST, net) if dst_len else b"")
+            + (p.ipv4(p.RTA_GATEWAY, gateway) if gateway else b"")
+            + (p.u32(p.RTA_OIF, oif) if kind == RTN_UNICAST else b"")
+        )
         via = f" via {gateway}" if gateway else ""
-        self._queue_raw(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body,
-                        f"add route {dst}{via}{' onlink' if onlink else ''}")
+        self._queue_raw(
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_EXCL,
+            body,
+            f"add route {dst}{via}{' onlink' if onlink else ''}",
+        )
 
     def neighbour(self, index: int, ip: str, mac: str, what: str) -> None:
         """A permanent ARP entry: `ip neigh add IP lladdr MAC dev X nud permanent`."""
         p = rtpack
-        body = (p.ndmsg(AF_INET, index, NUD_PERMANENT, 0) + p.ipv4(p.NDA_DST, ip)
-                + p.mac(p.NDA_LLADDR, mac))
-        self._queue_raw(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body,
-                        f"add neighbour {ip} lladdr {mac} on {what}")
+        body = (
+            p.ndmsg(AF_INET, index, NUD_PERMANENT, 0)
+            + p.ipv4(p.NDA_DST, ip)
+            + p.mac(p.NDA_LLADDR, mac)
+        )
+        self._queue_raw(
+            RTM_NEWNEIGH,
+            NLM_F_CREATE | NLM_F_EXCL,
+            body,
+            f"add neighbour {ip} lladdr {mac} on {what}",
+        )
 
     def fdb(self, index: int, mac: str, dst: str, what: str) -> None:
         """A permanent FDB entry: `bridge fdb add MAC dev X dst IP self permanent`."""
         p = rtpack
-        body = (p.ndmsg(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF) + p.mac(p.NDA_LLADDR, mac)
-                + p.ipv4(p.NDA_DST, dst))
-        self._queue_raw(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body,
-                        f"add fdb {mac} dst {dst} on {what}")
+        body = (
+            p.ndmsg(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF)
+            + p.mac(p.NDA_LLADDR, mac)
+            + p.ipv4(p.NDA_DST, dst)
+        )
+        self._queue_raw(
+            RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body, f"add fdb {mac} dst {dst} on {what}"
+        )
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -305,9 +397,9 @@ class Rtnl:
                             raise KernelError(err, "query", self.netns)
                         return found
                     if cls is None:
-                        found.append(data[offset:offset + length])
+                        found.append(data[offset : offset + length])
                     else:
-                        answer = cls(data[offset:offset + length])
+                        answer = cls(data[offset : offset + length])
                         answer.decode()
                         found.append(answer)
                     if not flags & NLM_F_DUMP:
@@ -334,8 +426,10 @@ class Rtnl:
         """Every IPv4 address as (ifindex, address, prefixlen)."""
         msg = ifaddrmsg()
         msg["family"] = AF_INET
-        return [(a["index"], a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-                for a in self._dump(msg, RTM_GETADDR, ifaddrmsg)]
+        return [
+            (a["index"], a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+            for a in self._dump(msg, RTM_GETADDR, ifaddrmsg)
+        ]
 
     def routes(self, table: int = 254) -> list[dict]:
         """IPv4 routes of a table as {dst ('a.b.c.d/n' or 'default'), gateway, oif, scope,
@@ -347,9 +441,15 @@ class Rtnl:
             if (r.get_attr("RTA_TABLE") or r["table"]) != table:
                 continue
             dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}" if r["dst_len"] else "default"
-            found.append({"dst": dst, "gateway": r.get_attr("RTA_GATEWAY"),
-                          "oif": r.get_attr("RTA_OIF"), "scope": r["scope"],
-                          "type": r["type"]})
+            found.append(
+                {
+                    "dst": dst,
+                    "gateway": r.get_attr("RTA_GATEWAY"),
+                    "oif": r.get_attr("RTA_OIF"),
+                    "scope": r["scope"],
+                    "type": r["type"],
+                }
+            )
         return found
 
     # -- sending -------------------------------------------------------------------------------
@@ -360,8 +460,10 @@ class Rtnl:
         sent = 0
         while sent < len(pending):
             chunk, size = [], 0
-            while sent < len(pending) and (not chunk or (
-                    size + len(pending[sent].data) <= _CHUNK and len(chunk) < _CHUNK_MESSAGES)):
+            while sent < len(pending) and (
+                not chunk
+                or (size + len(pending[sent].data) <= _CHUNK and len(chunk) < _CHUNK_MESSAGES)
+            ):
                 chunk.append(pending[sent])
                 size += len(pending[sent].data)
                 sent += 1
@@ -369,8 +471,11 @@ class Rtnl:
                 self._sock.send(b"".join(r.data for r in chunk))
                 self._collect({r.seq: r for r in chunk})
             except OSError as exc:  # the socket itself failed, not one request
-                raise KernelError(exc.errno or 0, f"netlink batch of {len(pending)} requests "
-                                  f"(at {chunk[0].what})", self.netns) from None
+                raise KernelError(
+                    exc.errno or 0,
+                    f"netlink batch of {len(pending)} requests (at {chunk[0].what})",
+                    self.netns,
+                ) from None
         return len(pending)
 
     def _collect(self, waiting: dict[int, _Request]) -> None:
@@ -384,8 +489,9 @@ class Rtnl:
                     request = waiting.pop(seq)
                     err = -struct.unpack_from("=i", data, offset + 16)[0]
                     if err and err not in request.tolerate and failure is None:
-                        failure = KernelError(err, request.what, self.netns,
-                                              _extack(data, offset, length, flags))
+                        failure = KernelError(
+                            err, request.what, self.netns, _extack(data, offset, length, flags)
+                        )
                 offset += (length + 3) & ~3
         if failure is not None:
             raise failure
@@ -396,8 +502,11 @@ def _link_dict(data: bytes) -> dict:
     decode of every nested attribute costs more than the rest of a CNI ADD."""
     index, flags = struct.unpack_from("=iI", data, 20)
     attrs = dict(_attributes(data, 32, len(data)))
-    info = dict(_attributes(attrs[IFLA_LINKINFO], 0, len(attrs[IFLA_LINKINFO]))) \
-        if IFLA_LINKINFO in attrs else {}
+    info = (
+        dict(_attributes(attrs[IFLA_LINKINFO], 0, len(attrs[IFLA_LINKINFO])))
+        if IFLA_LINKINFO in attrs
+        else {}
+    )
 
     def text(raw: bytes | None) -> str | None:
         return raw.rstrip(b"\0").decode() if raw is not None else None
@@ -406,11 +515,16 @@ def _link_dict(data: bytes) -> dict:
         return struct.unpack("=I", raw)[0] if raw is not None else None
 
     mac = attrs.get(IFLA_ADDRESS)
-    return {"index": index, "name": text(attrs.get(IFLA_IFNAME)),
-            "mac": ":".join(f"{b:02x}" for b in mac) if mac is not None else None,
-            "mtu": u32(attrs.get(IFLA_MTU)), "up": bool(flags & IFF_UP),
-            "master": u32(attrs.get(IFLA_MASTER)), "alias": text(attrs.get(IFLA_IFALIAS)),
-            "kind": text(info.get(IFLA_INFO_KIND))}
+    return {
+        "index": index,
+        "name": text(attrs.get(IFLA_IFNAME)),
+        "mac": ":".join(f"{b:02x}" for b in mac) if mac is not None else None,
+        "mtu": u32(attrs.get(IFLA_MTU)),
+        "up": bool(flags & IFF_UP),
+        "master": u32(attrs.get(IFLA_MASTER)),
+        "alias": text(attrs.get(IFLA_IFALIAS)),
+        "kind": text(info.get(IFLA_INFO_KIND)),
+    }
 
 
 def _attributes(data: bytes, pos: int, end: int):
@@ -419,7 +533,7 @@ def _attributes(data: bytes, pos: int, end: int):
         alen, atype = struct.unpack_from("=HH", data, pos)
         if alen < 4:
             return
-        yield atype & 0x3FFF, data[pos + 4:pos + alen]
+        yield atype & 0x3FFF, data[pos + 4 : pos + alen]
         pos += (alen + 3) & ~3
 
 

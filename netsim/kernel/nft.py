@@ -19,13 +19,22 @@ def apply(netns: str, ruleset: str) -> None:
     nft = available()
     if nft is None:
         raise NetsimError("nft not found: install nftables (apt-get install nftables)")
-    result = subprocess.run([nft, "-f", "-"], input=ruleset, text=True, capture_output=True,
-                            preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    result = subprocess.run(
+        [nft, "-f", "-"],
+        input=ruleset,
+        text=True,
+        capture_output=True,
+        preexec_fn=lambda: nsmod.enter_for_exec(netns),
+    )
     if result.returncode != 0:
         raise NetsimError(f"nft -f in netns {netns} failed: {result.stderr.strip()}")
 
 
 def ruleset(netns: str) -> str:
-    result = subprocess.run([available() or "nft", "list", "ruleset"], text=True,
-                            capture_output=True, preexec_fn=lambda: nsmod.enter_for_exec(netns))
+    result = subprocess.run(
+        [available() or "nft", "list", "ruleset"],
+        text=True,
+        capture_output=True,
+        preexec_fn=lambda: nsmod.enter_for_exec(netns),
+    )
     return result.stdout

@@ -99,8 +99,14 @@ def cmp(op: int, data: bytes, sreg: int = REG_1) -> bytes:
 @functools.lru_cache(maxsize=1 << 15)
 def bitwise(mask: bytes, sreg: int = REG_1, dreg: int = REG_1) -> bytes:
     zero = bytes(len(mask))
-    return _expr("bitwise", _u32(1, sreg), _u32(2, dreg), _u32(3, len(mask)),
-                 _nested(4, _attr(1, mask)), _nested(5, _attr(1, zero)))
+    return _expr(
+        "bitwise",
+        _u32(1, sreg),
+        _u32(2, dreg),
+        _u32(3, len(mask)),
+        _nested(4, _attr(1, mask)),
+        _nested(5, _attr(1, zero)),
+    )
 
 
 @functools.lru_cache(maxsize=1 << 15)
@@ -133,14 +139,19 @@ def dynset_update(set_name: str, sreg: int = REG_1) -> bytes:
 
 @functools.lru_cache(maxsize=1 << 15)
 def dnat(addr_reg: int, proto_reg: int) -> bytes:
-    return _expr("nat", _u32(1, NAT_DNAT), _u32(2, NFPROTO_IPV4), _u32(3, addr_reg),
-                 _u32(5, proto_reg), _u32(7, NAT_RANGE_PROTO_SPECIFIED))
+    return _expr(
+        "nat",
+        _u32(1, NAT_DNAT),
+        _u32(2, NFPROTO_IPV4),
+        _u32(3, addr_reg),
+        _u32(5, proto_reg),
+        _u32(7, NAT_RANGE_PROTO_SPECIFIED),
+    )
 
 
 @functools.lru_cache(maxsize=1 << 15)
 def numgen_inc(modulus: int, dreg: int = REG_1) -> bytes:
-    return _expr("numgen", _u32(1, dreg), _u32(2, modulus), _u32(3, NG_INCREMENTAL),
-                 _u32(4, 0))
+    return _expr("numgen", _u32(1, dreg), _u32(2, modulus), _u32(3, NG_INCREMENTAL), _u32(4, 0))
 
 
 # -- the batch ---------------------------------------------------------------------------------
@@ -176,16 +187,31 @@ class Batch:
         self._add(DELCHAIN, 0, self._table_attr + _str(3, name), f"delete chain {name}")
 
     def add_rule(self, chain: str, exprs: bytes, text: str = "") -> None:
-        self._add(NEWRULE, NLM_F_CREATE | NLM_F_APPEND,
-                  self._table_attr + _str(2, chain) + _nested(4, exprs),
-                  f"add rule {chain} {text}".rstrip())
+        self._add(
+            NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            self._table_attr + _str(2, chain) + _nested(4, exprs),
+            f"add rule {chain} {text}".rstrip(),
+        )
 
-    def add_set(self, name: str, key_type: int, key_len: int, flags: int = 0,
-                timeout_ms: int | None = None, verdict_map: bool = False,
-                userdata: bytes = b"") -> None:
+    def add_set(
+        self,
+        name: str,
+        key_type: int,
+        key_len: int,
+        flags: int = 0,
+        timeout_ms: int | None = None,
+        verdict_map: bool = False,
+        userdata: bytes = b"",
+    ) -> None:
         self._set_id += 1
-        attrs = [self._table_attr, _str(2, name), _u32(3, flags | (SET_MAP if verdict_map else 0)),
-                 _u32(4, key_type), _u32(5, key_len)]
+        attrs = [
+            self._table_attr,
+            _str(2, name),
+            _u32(3, flags | (SET_MAP if verdict_map else 0)),
+            _u32(4, key_type),
+            _u32(5, key_len),
+        ]
         if verdict_map:
             attrs += [_u32(6, DATA_VERDICT), _u32(7, 0)]
         attrs.append(_u32(10, self._set_id))
@@ -198,8 +224,9 @@ class Batch:
     def delete_set(self, name: str) -> None:
         self._add(DELSET, 0, self._table_attr + _str(2, name), f"delete set {name}")
 
-    def add_elements(self, set_name: str, elements: list[tuple[bytes, tuple[int, str] | None]]
-                     ) -> None:
+    def add_elements(
+        self, set_name: str, elements: list[tuple[bytes, tuple[int, str] | None]]
+    ) -> None:
         """Elements as (key, verdict) pairs; verdict is (JUMP|GOTO, chain) for a verdict map,
         None for a plain set."""
         items = []
@@ -214,8 +241,9 @@ class Batch:
         items = [_nested(1, _nested(1, _attr(1, key))) for key in keys]
         self._elements(DELSETELEM, 0, set_name, items, f"delete element {set_name}")
 
-    def _elements(self, msg_type: int, flags: int, set_name: str, items: list[bytes],
-                  what: str) -> None:
+    def _elements(
+        self, msg_type: int, flags: int, set_name: str, items: list[bytes], what: str
+    ) -> None:
         """As many messages as the elements need: a netlink attribute holds at most 64 KiB."""
         head = _str(1, self.table) + _str(2, set_name)
         chunk: list[bytes] = []
@@ -234,16 +262,22 @@ class Batch:
 
         def message(msg_type: int, flags: int, family: int, res_id: int, body: bytes) -> None:
             nonlocal seq
-            header = struct.pack("=IHHII", 16 + 4 + len(body), msg_type, NLM_F_REQUEST | flags,
-                                 seq, 0)
+            header = struct.pack(
+                "=IHHII", 16 + 4 + len(body), msg_type, NLM_F_REQUEST | flags, seq, 0
+            )
             parts.append(header + struct.pack("=BBH", family, 0, socket.htons(res_id)) + body)
             seq += 1
 
         message(NFNL_MSG_BATCH_BEGIN, 0, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")
         last = len(self._messages)
         for index, (msg_type, flags, body) in enumerate(self._messages, start=1):
-            message((NFNL_SUBSYS_NFTABLES << 8) | msg_type,
-                    flags | (NLM_F_ACK if index == last else 0), self.family, 0, body)
+            message(
+                (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                flags | (NLM_F_ACK if index == last else 0),
+                self.family,
+                0,
+                body,
+            )
         message(NFNL_MSG_BATCH_END, 0, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")
         return b"".join(parts), last + 1
 
@@ -269,9 +303,11 @@ class Batch:
         if errors:
             seq, code = errors[0]
             what = self._what[seq - 2] if 2 <= seq < last_seq + 1 else "the batch"
-            raise NetsimError(f"nf_tables in netns {netns} refused {what!r}: "
-                              f"{os.strerror(code)} ({errno.errorcode.get(code, code)}); "
-                              "nothing was changed")
+            raise NetsimError(
+                f"nf_tables in netns {netns} refused {what!r}: "
+                f"{os.strerror(code)} ({errno.errorcode.get(code, code)}); "
+                "nothing was changed"
+            )
 
     @staticmethod
     def _replies(sock: socket.socket, last_seq: int) -> list[tuple[int, int]]:

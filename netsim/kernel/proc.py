@@ -20,14 +20,21 @@ def start_time(pid: int) -> int | None:
         return None
 
 
-def spawn(argv: list[str], log: str, netns: str | None = None,
-          pass_fds: tuple[int, ...] = ()) -> tuple[int, int]:
+def spawn(
+    argv: list[str], log: str, netns: str | None = None, pass_fds: tuple[int, ...] = ()
+) -> tuple[int, int]:
     """Start a detached process (own session), optionally inside a namespace."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, pass_fds=pass_fds,
-            preexec_fn=(lambda: nsmod.enter_for_exec(netns)) if netns else None)
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=pass_fds,
+            preexec_fn=(lambda: nsmod.enter_for_exec(netns)) if netns else None,
+        )
     return proc.pid, start_time(proc.pid) or 0
 
 

@@ -126,8 +126,7 @@ def affinity_set(sp: ProxyPort, ep: Endpoint) -> str:
     return f"affinity-{_hash(name)}-{name}"
 
 
-FIXED_MAPS = ("service-ips", "service-nodeports", "no-endpoint-services",
-              "no-endpoint-nodeports")
+FIXED_MAPS = ("service-ips", "service-nodeports", "no-endpoint-services", "no-endpoint-nodeports")
 ENDPOINTS_MAP = "typeof numgen inc mod 2 : verdict;"
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
@@ -136,9 +135,18 @@ PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 # endpoints maps, host byte order, `typeof numgen inc mod 2` as the key, a verdict as the data
 AFFINITY_UDATA = bytes.fromhex("000402000000")
 ENDPOINTS_UDATA = bytes.fromhex(
-    "000401000000" "010400000000"
-    "031a" "0004170000000112" "0004000000000104" "0200000002040000" "0000"
-    "0408" "0004010000000100" "0604" "00000000")
+    "000401000000"
+    "010400000000"
+    "031a"
+    "0004170000000112"
+    "0004000000000104"
+    "0200000002040000"
+    "0000"
+    "0408"
+    "0004010000000100"
+    "0604"
+    "00000000"
+)
 
 
 @dataclass(frozen=True)
@@ -175,49 +183,75 @@ def _saddr_outside(cidr: str) -> bytes:
     byte-aligned."""
     net = ipaddress.ip_network(cidr, strict=False)
     if net.prefixlen % 8 == 0:
-        prefix = net.network_address.packed[:net.prefixlen // 8]
-        return (nftnl.payload(nftnl.NETWORK_HEADER, 12, len(prefix))
-                + nftnl.cmp(nftnl.CMP_NEQ, prefix))
-    return (nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.bitwise(net.netmask.packed)
-            + nftnl.cmp(nftnl.CMP_NEQ, net.network_address.packed))
+        prefix = net.network_address.packed[: net.prefixlen // 8]
+        return nftnl.payload(nftnl.NETWORK_HEADER, 12, len(prefix)) + nftnl.cmp(
+            nftnl.CMP_NEQ, prefix
+        )
+    return (
+        nftnl.payload(nftnl.NETWORK_HEADER, 12, 4)
+        + nftnl.bitwise(net.netmask.packed)
+        + nftnl.cmp(nftnl.CMP_NEQ, net.network_address.packed)
+    )
 
 
 def _masquerade_outside(sp: ProxyPort, proto: str, cidr: str) -> Rule:
     """Traffic to the ClusterIP from outside the pod network is masqueraded."""
-    return Rule(f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} ip saddr != {cidr} "
-                f"jump mark-for-masquerade",
-                lambda: _eq(nftnl.NETWORK_HEADER, 16, socket.inet_aton(sp.cluster_ip))
-                + _l4proto(proto) + _eq(nftnl.TRANSPORT_HEADER, 2, struct.pack("!H", sp.port))
-                + _saddr_outside(cidr) + _jump("jump", "mark-for-masquerade"))
+    return Rule(
+        f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} ip saddr != {cidr} "
+        f"jump mark-for-masquerade",
+        lambda: (
+            _eq(nftnl.NETWORK_HEADER, 16, socket.inet_aton(sp.cluster_ip))
+            + _l4proto(proto)
+            + _eq(nftnl.TRANSPORT_HEADER, 2, struct.pack("!H", sp.port))
+            + _saddr_outside(cidr)
+            + _jump("jump", "mark-for-masquerade")
+        ),
+    )
 
 
 def _affine(aset: str, chain: str) -> Rule:
-    return Rule(f"ip saddr @{aset} goto {chain}",
-                lambda: nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.lookup(aset)
-                + _jump("goto", chain))
+    return Rule(
+        f"ip saddr @{aset} goto {chain}",
+        lambda: (
+            nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.lookup(aset) + _jump("goto", chain)
+        ),
+    )
 
 
 def _round_robin(count: int, choices: str) -> Rule:
-    return Rule(f"numgen inc mod {count} vmap @{choices}",
-                lambda: nftnl.numgen_inc(count) + nftnl.lookup(choices, dreg=nftnl.REG_VERDICT))
+    return Rule(
+        f"numgen inc mod {count} vmap @{choices}",
+        lambda: nftnl.numgen_inc(count) + nftnl.lookup(choices, dreg=nftnl.REG_VERDICT),
+    )
 
 
 def _hairpin(ip: str) -> Rule:
-    return Rule(f"ip saddr {ip} jump mark-for-masquerade",
-                lambda: _eq(nftnl.NETWORK_HEADER, 12, socket.inet_aton(ip))
-                + _jump("jump", "mark-for-masquerade"))
+    return Rule(
+        f"ip saddr {ip} jump mark-for-masquerade",
+        lambda: (
+            _eq(nftnl.NETWORK_HEADER, 12, socket.inet_aton(ip))
+            + _jump("jump", "mark-for-masquerade")
+        ),
+    )
 
 
 def _remember(aset: str) -> Rule:
-    return Rule(f"update @{aset} {{ ip saddr }}",
-                lambda: nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.dynset_update(aset))
+    return Rule(
+        f"update @{aset} {{ ip saddr }}",
+        lambda: nftnl.payload(nftnl.NETWORK_HEADER, 12, 4) + nftnl.dynset_update(aset),
+    )
 
 
 def _dnat(proto: str, ep: Endpoint) -> Rule:
-    return Rule(f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}",
-                lambda: _l4proto(proto) + nftnl.immediate(socket.inet_aton(ep.ip), nftnl.REG_1)
-                + nftnl.immediate(struct.pack("!H", ep.port), nftnl.REG_2)
-                + nftnl.dnat(nftnl.REG_1, nftnl.REG_2))
+    return Rule(
+        f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}",
+        lambda: (
+            _l4proto(proto)
+            + nftnl.immediate(socket.inet_aton(ep.ip), nftnl.REG_1)
+            + nftnl.immediate(struct.pack("!H", ep.port), nftnl.REG_2)
+            + nftnl.dnat(nftnl.REG_1, nftnl.REG_2)
+        ),
+    )
 
 
 def _bare(word: str, chain: str) -> Rule:
@@ -231,8 +265,9 @@ class Ruleset:
 
     chains: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     sets: dict[str, int] = field(default_factory=dict)
-    maps: dict[str, dict[str, str]] = field(default_factory=lambda: {
-        name: {} for name in FIXED_MAPS})
+    maps: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {name: {} for name in FIXED_MAPS}
+    )
     cluster_ips: set[str] = field(default_factory=set)
 
 
@@ -279,8 +314,9 @@ def _fragment(sp: ProxyPort, cluster_cidr: str) -> tuple:
         ep_rules.append(_dnat(proto, ep))
         chains[ep_chain] = tuple(ep_rules)
     choices = endpoints_map(sp)
-    maps.append((choices, {str(i): f"goto {endpoint_chain(sp, ep)}"
-                           for i, ep in enumerate(endpoints)}))
+    maps.append(
+        (choices, {str(i): f"goto {endpoint_chain(sp, ep)}" for i, ep in enumerate(endpoints)})
+    )
     rules.append(_round_robin(len(endpoints), choices))
     chains[chain] = tuple(rules)
     maps.append(("service-ips", {ip_key: f"goto {chain}"}))
@@ -302,19 +338,29 @@ def full(rs: Ruleset) -> str:
     out = [f"table ip {TABLE}\ndelete table ip {TABLE}\n", BASE, f"table ip {TABLE} {{\n"]
     out += [f"  set {name} {{ {_set_definition(timeout)} }}\n" for name, timeout in rs.sets.items()]
     out += [f"  chain {name} {{ }}\n" for name in rs.chains]  # the maps jump to them
-    out += [f"  map {name} {{ {ENDPOINTS_MAP} elements = {{ "
-            + ", ".join(f"{k} : {v}" for k, v in elements.items()) + " } }\n"
-            for name, elements in rs.maps.items() if name not in FIXED_MAPS]
-    out += [f"  chain {name} {{\n" + "".join(f"    {rule.text}\n" for rule in rules) + "  }\n"
-            for name, rules in rs.chains.items()]
+    out += [
+        f"  map {name} {{ {ENDPOINTS_MAP} elements = {{ "
+        + ", ".join(f"{k} : {v}" for k, v in elements.items())
+        + " } }\n"
+        for name, elements in rs.maps.items()
+        if name not in FIXED_MAPS
+    ]
+    out += [
+        f"  chain {name} {{\n" + "".join(f"    {rule.text}\n" for rule in rules) + "  }\n"
+        for name, rules in rs.chains.items()
+    ]
     out.append("}\n")
     for name in FIXED_MAPS:
         if rs.maps[name]:
-            out.append(f"add element ip {TABLE} {name} {{ "
-                       + ", ".join(f"{k} : {v}" for k, v in rs.maps[name].items()) + " }\n")
+            out.append(
+                f"add element ip {TABLE} {name} {{ "
+                + ", ".join(f"{k} : {v}" for k, v in rs.maps[name].items())
+                + " }\n"
+            )
     if rs.cluster_ips:
-        out.append(f"add element ip {TABLE} cluster-ips {{ "
-                   f"{', '.join(sorted(rs.cluster_ips))} }}\n")
+        out.append(
+            f"add element ip {TABLE} cluster-ips {{ {', '.join(sorted(rs.cluster_ips))} }}\n"
+        )
     return "".join(out)
 
 
@@ -339,8 +385,9 @@ def _map_verdict(value: str) -> tuple[int, str]:
     return _verdict(word, chain)
 
 
-def changes(old_ports: list[ProxyPort], new_ports: list[ProxyPort],
-            cluster_cidr: str) -> nftnl.Batch:
+def changes(
+    old_ports: list[ProxyPort], new_ports: list[ProxyPort], cluster_cidr: str
+) -> nftnl.Batch:
     """The batch that brings a table synced to `old_ports` to `new_ports`. Only the service
     ports that differ are computed and compared, as kube-proxy's change tracker does, so one
     endpoint changing among thousands costs what that one service costs."""
@@ -361,8 +408,12 @@ def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
     # an affinity set whose timeout changed is made again, so the rules naming it go first
     redefined = [n for n, t in new.sets.items() if n in old.sets and old.sets[n] != t]
     naming = tuple(f"@{name} " for name in redefined)
-    changed = [n for n, rules in new.chains.items() if old.chains.get(n) != rules
-               or (naming and any(ref in r.text for r in rules for ref in naming))]
+    changed = [
+        n
+        for n, rules in new.chains.items()
+        if old.chains.get(n) != rules
+        or (naming and any(ref in r.text for r in rules for ref in naming))
+    ]
     removed = [n for n in old.chains if n not in new.chains]
     for name in changed + removed:
         if name in old.chains:
@@ -384,12 +435,17 @@ def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
             batch.add_chain(name)
     for name, timeout in new.sets.items():
         if name not in old.sets or name in redefined:
-            batch.add_set(name, nftnl.TYPE_IPADDR, 4, nftnl.SET_TIMEOUT | nftnl.SET_EVAL,
-                          timeout_ms=timeout * 1000, userdata=AFFINITY_UDATA)
+            batch.add_set(
+                name,
+                nftnl.TYPE_IPADDR,
+                4,
+                nftnl.SET_TIMEOUT | nftnl.SET_EVAL,
+                timeout_ms=timeout * 1000,
+                userdata=AFFINITY_UDATA,
+            )
     for name in new.maps:
         if name not in old.maps:
-            batch.add_set(name, nftnl.TYPE_INTEGER, 4, verdict_map=True,
-                          userdata=ENDPOINTS_UDATA)
+            batch.add_set(name, nftnl.TYPE_INTEGER, 4, verdict_map=True, userdata=ENDPOINTS_UDATA)
     for mapname, after in new.maps.items():
         before = old.maps.get(mapname, {})
         added = [(k, v) for k, v in after.items() if before.get(k) != v]
@@ -402,7 +458,5 @@ def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
     if gone_ips:
         batch.delete_elements("cluster-ips", [socket.inet_aton(ip) for ip in sorted(gone_ips)])
     if new_ips:
-        batch.add_elements("cluster-ips", [(socket.inet_aton(ip), None)
-                                           for ip in sorted(new_ips)])
+        batch.add_elements("cluster-ips", [(socket.inet_aton(ip), None) for ip in sorted(new_ips)])
     return batch
-

@@ -13,8 +13,11 @@ from netsim.model import Cluster
 from netsim.record import KubeProxy, PodRecord, Record
 
 
-def sync(cluster: Cluster, record: Record, terminating: dict[str, PodRecord] | None = None,
-         ) -> None:
+def sync(
+    cluster: Cluster,
+    record: Record,
+    terminating: dict[str, PodRecord] | None = None,
+) -> None:
     """Pods `terminating` are out of the Services but still serve (the userspace proxies'
     agents keep them) until the caller stops them."""
     from netsim.kubeproxy import nftables as kp
@@ -56,10 +59,15 @@ def _sync_userspace(record: Record, ports: list, terminating: dict | None) -> No
     every proxy has let them go."""
     from netsim.kubeproxy import userspace_rules
 
-    table = {userspace_rules.key(p): {
-        "protocol": p.protocol, "endpoints": [[e.ip, e.port] for e in p.endpoints],
-        "affinity": "ClientIP" if p.affinity_timeout else "None",
-        "timeout": p.affinity_timeout} for p in ports}
+    table = {
+        userspace_rules.key(p): {
+            "protocol": p.protocol,
+            "endpoints": [[e.ip, e.port] for e in p.endpoints],
+            "affinity": "ClientIP" if p.affinity_timeout else "None",
+            "timeout": p.affinity_timeout,
+        }
+        for p in ports
+    }
     for entry in table.values():
         if entry["timeout"] is None:
             del entry["timeout"]  # the proxy's default

@@ -86,7 +86,6 @@ _AFFINITIES = ("None", "ClientIP")
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
-
 def _ep_text(ep: Endpoint) -> str:
     return f"{ep[0]}:{ep[1]}"
 
@@ -125,8 +124,12 @@ class Balancer:
         self.timeout: float = DEFAULT_AFFINITY_TIMEOUT
         self.clients: dict[str, list] = {}  # client IP -> [endpoint, last used]
 
-    def update(self, endpoints: list[Endpoint], affinity: str = "None",
-               timeout: float = DEFAULT_AFFINITY_TIMEOUT) -> None:
+    def update(
+        self,
+        endpoints: list[Endpoint],
+        affinity: str = "None",
+        timeout: float = DEFAULT_AFFINITY_TIMEOUT,
+    ) -> None:
         """New endpoints and policy; only bindings to removed endpoints are forgotten."""
         ordered = sorted(endpoints, key=_ep_order)
         if ordered != self.endpoints:
@@ -182,8 +185,11 @@ def _validate(services: dict[str, dict]) -> dict[str, dict]:
         timeout = spec.get("timeout", DEFAULT_AFFINITY_TIMEOUT)
         if timeout is None:
             timeout = DEFAULT_AFFINITY_TIMEOUT
-        if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
-                or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT):
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT
+        ):
             raise ValueError(f"{where}: timeout {timeout!r}: seconds between 1 and 86400")
         port = spec.get("port") or 0
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -196,11 +202,15 @@ def _validate(services: dict[str, dict]) -> dict[str, dict]:
                 if not isinstance(ep_port, int) or not 1 <= ep_port <= 65535:
                     raise ValueError(ep_port)
             except (TypeError, ValueError):
-                raise ValueError(f"{where}: endpoint {item!r}: use [IPv4 address, port]") \
-                    from None
+                raise ValueError(f"{where}: endpoint {item!r}: use [IPv4 address, port]") from None
             endpoints.append((str(ip), ep_port))
-        out[key] = {"protocol": protocol, "affinity": affinity, "timeout": timeout,
-                    "port": port, "endpoints": endpoints}
+        out[key] = {
+            "protocol": protocol,
+            "affinity": affinity,
+            "timeout": timeout,
+            "port": port,
+            "endpoints": endpoints,
+        }
     return out
 
 
@@ -237,8 +247,7 @@ class _Relay:
     """Bytes both ways between a client and its endpoint, with half-close and back-pressure.
     Side 0 is the client, side 1 the endpoint; bufs[i] holds bytes waiting to go to side i."""
 
-    def __init__(self, proxy: Proxy, svc: _Service, client: socket.socket,
-                 upstream: socket.socket):
+    def __init__(self, proxy: Proxy, svc: _Service, client: socket.socket, upstream: socket.socket):
         self.proxy, self.svc = proxy, svc
         self.socks = (client, upstream)
         self.bufs = (bytearray(), bytearray())
@@ -315,8 +324,9 @@ class _Relay:
 class _Flow:
     """One UDP client of a service port: a socket connected to its endpoint."""
 
-    def __init__(self, proxy: Proxy, svc: _Service, client: Endpoint, sock: socket.socket,
-                 endpoint: Endpoint):
+    def __init__(
+        self, proxy: Proxy, svc: _Service, client: Endpoint, sock: socket.socket, endpoint: Endpoint
+    ):
         self.proxy, self.svc, self.client = proxy, svc, client
         self.sock, self.endpoint = sock, endpoint
         self.last = time.monotonic()
@@ -366,9 +376,13 @@ class _Call:
 class Proxy:
     """The userspace proxy of one node. See the module docstring for the API."""
 
-    def __init__(self, netns: str | None, address: str = "0.0.0.0",
-                 udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
-                 dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS):
+    def __init__(
+        self,
+        netns: str | None,
+        address: str = "0.0.0.0",
+        udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
+        dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS,
+    ):
         self.netns, self.address = netns, address
         self.udp_idle_timeout = udp_idle_timeout
         self.dial_timeouts = dial_timeouts
@@ -410,8 +424,9 @@ class Proxy:
             if self._thread is not None:
                 return
             self._running = True
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name=f"kubeproxy-userspace@{self.netns}")
+            self._thread = threading.Thread(
+                target=self._run, daemon=True, name=f"kubeproxy-userspace@{self.netns}"
+            )
             self._thread.start()
 
     def close(self) -> None:
@@ -521,8 +536,9 @@ class Proxy:
             for svc in self._services.values():
                 svc.balancer.reap()
 
-    def _set_mask(self, sock: socket.socket, old: int, new: int,
-                  handler: Callable[[int], None] | None) -> None:
+    def _set_mask(
+        self, sock: socket.socket, old: int, new: int, handler: Callable[[int], None] | None
+    ) -> None:
         if old and new:
             self.sel.modify(sock, new, handler)
         elif new:
@@ -549,9 +565,15 @@ class Proxy:
     def _apply(self, wanted: dict[str, dict]) -> dict[str, int]:
         """Converge to `wanted`: new listen sockets are opened first, so a bind failure
         changes nothing."""
-        replace = {key for key, spec in wanted.items() if key in self._services and (
-            self._services[key].protocol != spec["protocol"]
-            or spec["port"] not in (0, self._services[key].port))}
+        replace = {
+            key
+            for key, spec in wanted.items()
+            if key in self._services
+            and (
+                self._services[key].protocol != spec["protocol"]
+                or spec["port"] not in (0, self._services[key].port)
+            )
+        }
         fresh: dict[str, socket.socket] = {}
         try:
             for key, spec in wanted.items():
@@ -573,8 +595,9 @@ class Proxy:
                 handler = self._accept if svc.protocol == "TCP" else self._datagrams
                 self.sel.register(sock, selectors.EVENT_READ, partial(handler, svc))
                 self._services[key] = svc
-            self._services[key].balancer.update(spec["endpoints"], spec["affinity"],
-                                                spec["timeout"])
+            self._services[key].balancer.update(
+                spec["endpoints"], spec["affinity"], spec["timeout"]
+            )
         return {key: self._services[key].port for key in wanted}
 
     def _remove(self, key: str) -> None:
@@ -593,13 +616,18 @@ class Proxy:
         for key, svc in self._services.items():
             bal = svc.balancer
             out[key] = {
-                "protocol": svc.protocol, "port": svc.port,
+                "protocol": svc.protocol,
+                "port": svc.port,
                 "endpoints": [_ep_text(ep) for ep in bal.endpoints],
-                "affinity": bal.affinity, "timeout": bal.timeout,
+                "affinity": bal.affinity,
+                "timeout": bal.timeout,
                 "affinity_clients": {ip: _ep_text(b[0]) for ip, b in bal.clients.items()},
-                "connections": dict(svc.connections), "frontends": dict(svc.frontends),
-                "active": len(svc.active), "rejects": svc.rejects,
-                "dial_failures": svc.dial_failures, "failed": svc.failed,
+                "connections": dict(svc.connections),
+                "frontends": dict(svc.frontends),
+                "active": len(svc.active),
+                "rejects": svc.rejects,
+                "dial_failures": svc.dial_failures,
+                "failed": svc.failed,
             }
         return out
 

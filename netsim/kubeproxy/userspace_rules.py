@@ -21,8 +21,7 @@ def key(sp: ProxyPort) -> str:
     return f"{sp.namespace}/{sp.name}:{sp.port}/{sp.protocol}"
 
 
-def ruleset(ports: list[ProxyPort], listen: dict[str, int], node_ip: str,
-            fresh: bool) -> str:
+def ruleset(ports: list[ProxyPort], listen: dict[str, int], node_ip: str, fresh: bool) -> str:
     """The table's text for `nft -f`; `fresh` (the first sync, or a switch from the nftables
     backend) replaces the whole table, later syncs only the chains' rules."""
     rules = []
@@ -31,17 +30,22 @@ def ruleset(ports: list[ProxyPort], listen: dict[str, int], node_ip: str,
         if not target:
             continue
         proto = sp.protocol.lower()
-        rules.append(f"    ip daddr {sp.cluster_ip} {proto} dport {sp.port} "
-                      f"dnat to {node_ip}:{target}")
+        rules.append(
+            f"    ip daddr {sp.cluster_ip} {proto} dport {sp.port} dnat to {node_ip}:{target}"
+        )
         if sp.node_port:
-            rules.append(f"    fib daddr type local {proto} dport {sp.node_port} "
-                         f"dnat to {node_ip}:{target}")
+            rules.append(
+                f"    fib daddr type local {proto} dport {sp.node_port} dnat to {node_ip}:{target}"
+            )
     body = "\n".join(rules)
-    fill = (f"flush chain ip {TABLE} services\n"
-            f"table ip {TABLE} {{\n  chain services {{\n{body}\n  }}\n}}\n")
+    fill = (
+        f"flush chain ip {TABLE} services\n"
+        f"table ip {TABLE} {{\n  chain services {{\n{body}\n  }}\n}}\n"
+    )
     if not fresh:
         return fill
-    return f"""table ip {TABLE}
+    return (
+        f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
   comment "kube-proxy userspace mode (netsim): Service traffic to the node agent's proxy"
@@ -54,4 +58,6 @@ table ip {TABLE} {{
     jump services
   }}
 }}
-""" + fill
+"""
+        + fill
+    )

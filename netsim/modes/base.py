@@ -96,8 +96,9 @@ class Mode:
     def add_peer(self, rtnl: Rtnl, node: NodeRecord, peer: NodeRecord) -> None:
         """What node needs to reach peer's pods (queued on rtnl)."""
 
-    def tunnel_spec(self, cluster: Cluster, node: NodeRecord,
-                    peers: list[NodeRecord]) -> TunnelSpec | None:
+    def tunnel_spec(
+        self, cluster: Cluster, node: NodeRecord, peers: list[NodeRecord]
+    ) -> TunnelSpec | None:
         """The userspace carrier the node's agent serves, if the mode uses one here."""
         return None
 
@@ -113,28 +114,36 @@ class Mode:
         """The shared facts, one file per datastore key."""
         return {}
 
-    def start_cluster(self, cluster: Cluster, record: Record, cluster_dir: str,
-                      started: Callable[[Process], None],
-                      progress: Callable[[str], None]) -> None:
+    def start_cluster(
+        self,
+        cluster: Cluster,
+        record: Record,
+        cluster_dir: str,
+        started: Callable[[Process], None],
+        progress: Callable[[str], None],
+    ) -> None:
         """Daemons that need every node up first (BIRD); `started` records each at once."""
 
-    def describe_node(self, record: Record, node: NodeRecord,
-                      run: Callable[..., str]) -> list[tuple[str, str]]:
+    def describe_node(
+        self, record: Record, node: NodeRecord, run: Callable[..., str]
+    ) -> list[tuple[str, str]]:
         """Sections for `describe node`: (title, text); run(*argv) runs a tool in the node."""
         return []
 
     # -- Calico's blocks (other modes have none) -----------------------------------------------
 
-    def new_blocks(self, cluster: Cluster, cluster_dir: str,
-                   record: Record) -> dict[str, list[str]]:
+    def new_blocks(
+        self, cluster: Cluster, cluster_dir: str, record: Record
+    ) -> dict[str, list[str]]:
         """Blocks nodes claimed since they were programmed: node -> blocks."""
         return {}
 
     def own_block(self, rtnl: Rtnl, block: str) -> None:
         """What the owner of a new block programs."""
 
-    def peer_blocks(self, rtnl: Rtnl, node: NodeRecord, peer: NodeRecord,
-                    blocks: list[str]) -> None:
+    def peer_blocks(
+        self, rtnl: Rtnl, node: NodeRecord, peer: NodeRecord, blocks: list[str]
+    ) -> None:
         """What node programs to reach peer's new blocks."""
 
     def blocks_changed(self, cluster: Cluster, record: Record, node_name: str) -> None:
@@ -159,7 +168,8 @@ class Mode:
     def pod_prefixlen(self, node: NodeRecord) -> int:
         raise NotImplementedError
 
-    def cni_config(self, cluster: Cluster, node: NodeRecord, cluster_dir: str,
-                   node_dir: str) -> dict:
+    def cni_config(
+        self, cluster: Cluster, node: NodeRecord, cluster_dir: str, node_dir: str
+    ) -> dict:
         """netsim's plugin entry in the node's CNI config list."""
         raise NotImplementedError

@@ -37,8 +37,9 @@ class CalicoIpam:
 def block_store(cluster, cluster_dir: str):
     from cni.calico_ipam import BlockStore
 
-    return BlockStore(os.path.join(cluster_dir, "calico-ipam"), cluster.pod_network,
-                      cluster.subnet_len)
+    return BlockStore(
+        os.path.join(cluster_dir, "calico-ipam"), cluster.pod_network, cluster.subnet_len
+    )
 
 
 class CalicoBackend(Mode):
@@ -62,7 +63,8 @@ class CalicoBackend(Mode):
                 plan[node] = {"blocks": [store.claim(node)], "encap": self.setting(cluster)}
                 if self.tunnel:
                     plan[node]["tunnel_ip"] = store.allocate(
-                        node, f"{self.encapsulation}-tunnel-addr-{node}", self.tunnel)[0]
+                        node, f"{self.encapsulation}-tunnel-addr-{node}", self.tunnel
+                    )[0]
         return plan
 
     def ipam(self, cluster, cluster_dir: str, node) -> CalicoIpam:
@@ -70,8 +72,9 @@ class CalicoBackend(Mode):
 
     def encapsulates(self, node, peer) -> bool:
         """Always: every peer; CrossSubnet: peers on another segment; Never: none."""
-        return node.encap == "Always" or (node.encap == "CrossSubnet"
-                                          and node.segment != peer.segment)
+        return node.encap == "Always" or (
+            node.encap == "CrossSubnet" and node.segment != peer.segment
+        )
 
     # -- a node --------------------------------------------------------------------------------
 
@@ -143,16 +146,24 @@ class CalicoBackend(Mode):
     def cni_config(self, cluster, node, cluster_dir: str, node_dir: str) -> dict:
         """netsim's plugin entry of the node's config list: the node, the pool, the store, and
         what the node must have before pods are wired (the tunnel device, or its address)."""
-        ready = {"tunnel": self.tunnel_device(node) if self.tunnel_device(node) != "eth0"
-                 else None}
+        ready = {"tunnel": self.tunnel_device(node) if self.tunnel_device(node) != "eth0" else None}
         if self.tunnel and ready["tunnel"] is None:
             ready["tunnelAddress"] = node.tunnel_ip
-        return {"type": "netsim", "mode": self.name,
-                "node": {"name": node.name, "network": cluster.pod_network,
-                         "blockSize": cluster.subnet_len, "mtu": self.pod_mtu(cluster.mtu),
-                         **ready},
-                "ipam": {"type": "netsim-calico-ipam",
-                         "dataDir": os.path.join(cluster_dir, "calico-ipam")}}
+        return {
+            "type": "netsim",
+            "mode": self.name,
+            "node": {
+                "name": node.name,
+                "network": cluster.pod_network,
+                "blockSize": cluster.subnet_len,
+                "mtu": self.pod_mtu(cluster.mtu),
+                **ready,
+            },
+            "ipam": {
+                "type": "netsim-calico-ipam",
+                "dataDir": os.path.join(cluster_dir, "calico-ipam"),
+            },
+        }
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -160,8 +171,12 @@ class CalicoBackend(Mode):
         """natOutgoing: pod traffic leaving the pool is masqueraded (Calico's
         cali-nat-outgoing), traffic between pods is not."""
         pool = cluster.pod_network
-        rule = (f"ip saddr {pool} ip daddr != {pool} masquerade fully-random "
-                f'comment "cali-nat-outgoing"' if cluster.calico.nat_outgoing else "")
+        rule = (
+            f"ip saddr {pool} ip daddr != {pool} masquerade fully-random "
+            f'comment "cali-nat-outgoing"'
+            if cluster.calico.nat_outgoing
+            else ""
+        )
         return f"""table ip calico
 delete table ip calico
 table ip calico {{

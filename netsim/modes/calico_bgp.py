@@ -46,15 +46,20 @@ class CalicoBgp(CalicoBackend):
 
     def validate(self, cluster, fail) -> list[str]:
         if len({n.segment for n in cluster.nodes}) > 1:
-            return ["calico-bgp across underlay segments: the routers between them learn no "
-                    "pod routes, so pods on different segments cannot reach each other (as on "
-                    "a fabric whose routers do not peer); use calico-ipip or calico-vxlan "
-                    "with CrossSubnet to cross them"]
+            return [
+                "calico-bgp across underlay segments: the routers between them learn no "
+                "pod routes, so pods on different segments cannot reach each other (as on "
+                "a fabric whose routers do not peer); use calico-ipip or calico-vxlan "
+                "with CrossSubnet to cross them"
+            ]
         return []
 
     def unavailable(self) -> str | None:
-        return None if shutil.which("bird") else \
-            "bird is not installed: apt-get install bird2 (./bootstrap installs it)"
+        return (
+            None
+            if shutil.which("bird")
+            else "bird is not installed: apt-get install bird2 (./bootstrap installs it)"
+        )
 
     def data_path(self) -> str:
         return "BIRD 2 per node" if shutil.which("bird") else "unavailable: apt-get install bird2"
@@ -72,20 +77,31 @@ class CalicoBgp(CalicoBackend):
         from netsim.bgp import bird
 
         node = record.nodes[node_name]
-        me = {"name": node_name, "ip": node.ip, "blocks": node.blocks,
-              "reflector": node_name in cluster.calico.reflectors}
-        return bird.render(me, sessions(record, node_name, cluster.calico.asn,
-                                        list(cluster.calico.reflectors)),
-                           cluster.calico.asn, pools=[cluster.pod_network])
+        me = {
+            "name": node_name,
+            "ip": node.ip,
+            "blocks": node.blocks,
+            "reflector": node_name in cluster.calico.reflectors,
+        }
+        return bird.render(
+            me,
+            sessions(record, node_name, cluster.calico.asn, list(cluster.calico.reflectors)),
+            cluster.calico.asn,
+            pools=[cluster.pod_network],
+        )
 
     def _router_config(self, cluster, record, name: str) -> str:
         from netsim.bgp import bird
 
         router = record.clients[name]
-        peers = [{"name": n, "ip": e.ip, "asn": cluster.calico.asn, "role": "external"}
-                 for n, e in record.nodes.items() if e.segment == router.segment]
-        return bird.render_external({"name": name, "ip": router.ip}, peers, router.asn,
-                                    pools=[cluster.pod_network])
+        peers = [
+            {"name": n, "ip": e.ip, "asn": cluster.calico.asn, "role": "external"}
+            for n, e in record.nodes.items()
+            if e.segment == router.segment
+        ]
+        return bird.render_external(
+            {"name": name, "ip": router.ip}, peers, router.asn, pools=[cluster.pod_network]
+        )
 
     def start_cluster(self, cluster, record, cluster_dir: str, started, progress) -> None:
         """One BIRD per node and per top-of-rack router; then wait for every session.
@@ -94,11 +110,23 @@ class CalicoBgp(CalicoBackend):
         from netsim.record import Process
 
         progress("BGP: starting BIRD on every node, waiting for the sessions")
-        daemons = [(record.nodes[n], self._config(cluster, record, n),
-                    os.path.join(cluster_dir, "nodes", n, "bird")) for n in record.nodes]
-        daemons += [(e, self._router_config(cluster, record, n),
-                     os.path.join(cluster_dir, "routers", n, "bird"))
-                    for n, e in record.clients.items() if e.asn]
+        daemons = [
+            (
+                record.nodes[n],
+                self._config(cluster, record, n),
+                os.path.join(cluster_dir, "nodes", n, "bird"),
+            )
+            for n in record.nodes
+        ]
+        daemons += [
+            (
+                e,
+                self._router_config(cluster, record, n),
+                os.path.join(cluster_dir, "routers", n, "bird"),
+            )
+            for n, e in record.clients.items()
+            if e.asn
+        ]
         for host, config, directory in daemons:
             pid, start = bird.start(host.netns, directory, config)
             host.bird = Process(pid, start, directory)
@@ -109,5 +137,4 @@ class CalicoBgp(CalicoBackend):
         """Announce the new block: BIRD re-reads its config, sessions stay up."""
         from netsim.bgp import bird
 
-        bird.reconfigure(record.nodes[node_name].bird.dir,
-                         self._config(cluster, record, node_name))
+        bird.reconfigure(record.nodes[node_name].bird.dir, self._config(cluster, record, node_name))

@@ -42,8 +42,10 @@ def choose_carrier(wanted: str = "auto") -> tuple[str, str]:
         return "ebpf", "no ipip module here: tc eBPF encapsulator on eth0"
     if os.path.exists("/dev/net/tun"):
         return "userspace", f"no ipip module and no eBPF carrier ({ipip_bpf.unavailable_reason()})"
-    return "", (f"no ipip module (modprobe ipip), no eBPF carrier "
-                f"({ipip_bpf.unavailable_reason()}) and no /dev/net/tun (modprobe tun)")
+    return "", (
+        f"no ipip module (modprobe ipip), no eBPF carrier "
+        f"({ipip_bpf.unavailable_reason()}) and no /dev/net/tun (modprobe tun)"
+    )
 
 
 class CalicoIpip(CalicoBackend):
@@ -108,10 +110,15 @@ class CalicoIpip(CalicoBackend):
 
         if node.carrier != "userspace":
             return None
-        table = {block: peer.ip for peer in peers if self.encapsulates(node, peer)
-                 for block in peer.blocks}
-        return TunnelSpec("ipip", DEVICE, node.ip, self.pod_mtu(cluster.mtu), table,
-                          f"{node.tunnel_ip}/32")
+        table = {
+            block: peer.ip
+            for peer in peers
+            if self.encapsulates(node, peer)
+            for block in peer.blocks
+        }
+        return TunnelSpec(
+            "ipip", DEVICE, node.ip, self.pod_mtu(cluster.mtu), table, f"{node.tunnel_ip}/32"
+        )
 
     def encap_route(self, rtnl, node, peer, block: str, first: bool) -> None:
         from netsim.kernel.netlink import IFINDEX
@@ -133,6 +140,10 @@ class CalicoIpip(CalicoBackend):
     def describe_node(self, record, node, run) -> list[tuple[str, str]]:
         sections = super().describe_node(record, node, run) if node.carrier != "ebpf" else []
         if node.carrier == "ebpf":
-            sections.append(("tc filter show dev eth0 egress",
-                             run("tc", "filter", "show", "dev", "eth0", "egress")))
+            sections.append(
+                (
+                    "tc filter show dev eth0 egress",
+                    run("tc", "filter", "show", "dev", "eth0", "egress"),
+                )
+            )
         return sections

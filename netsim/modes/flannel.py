@@ -19,8 +19,9 @@ class FlannelBackend(Mode):
     backend = ""  # flannel's Backend.Type
 
     def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
-        subnets = allocate_subnets(cluster.pod_network, cluster.subnet_len,
-                                   [n.name for n in cluster.nodes], {})
+        subnets = allocate_subnets(
+            cluster.pod_network, cluster.subnet_len, [n.name for n in cluster.nodes], {}
+        )
         return {name: {"subnet": subnet} for name, subnet in subnets.items()}
 
     @property
@@ -32,8 +33,9 @@ class FlannelBackend(Mode):
     def ipam(self, cluster, cluster_dir: str, node):
         from cni.ipam import HostLocal
 
-        return HostLocal(os.path.join(cluster_dir, "nodes", node.name, "ipam"), CNI_NETWORK,
-                         node.subnet)
+        return HostLocal(
+            os.path.join(cluster_dir, "nodes", node.name, "ipam"), CNI_NETWORK, node.subnet
+        )
 
     def host_veth(self, namespace: str, pod: str) -> str:
         from cni.bridge import veth_name
@@ -51,25 +53,40 @@ class FlannelBackend(Mode):
     def cni_config(self, cluster, node, cluster_dir: str, node_dir: str) -> dict:
         """netsim's plugin entry of the node's config list: what subnet.env carries (network,
         subnet, MTU) and a host-local compatible store whose routes reach the whole network."""
-        return {"type": "netsim", "mode": self.name,
-                "node": {"network": cluster.pod_network, "subnet": node.subnet,
-                         "mtu": self.pod_mtu(cluster.mtu), "tunnel": self.tunnel},
-                "isDefaultGateway": True,
-                "ipam": {"type": "netsim-host-local", "ranges": [[{"subnet": node.subnet}]],
-                         "routes": [{"dst": cluster.pod_network}],
-                         "dataDir": os.path.join(node_dir, "ipam")}}
+        return {
+            "type": "netsim",
+            "mode": self.name,
+            "node": {
+                "network": cluster.pod_network,
+                "subnet": node.subnet,
+                "mtu": self.pod_mtu(cluster.mtu),
+                "tunnel": self.tunnel,
+            },
+            "isDefaultGateway": True,
+            "ipam": {
+                "type": "netsim-host-local",
+                "ranges": [[{"subnet": node.subnet}]],
+                "routes": [{"dst": cluster.pod_network}],
+                "dataDir": os.path.join(node_dir, "ipam"),
+            },
+        }
 
     def node_files(self, cluster, node) -> dict[str, str]:
-        return {"subnet.env": subnet_env(cluster.pod_network, node.subnet,
-                                         self.pod_mtu(cluster.mtu))}
+        return {
+            "subnet.env": subnet_env(cluster.pod_network, node.subnet, self.pod_mtu(cluster.mtu))
+        }
 
     def cluster_files(self, cluster, record) -> dict[str, str]:
         """flannel's etcd keys and values, one file per key under etcd/."""
-        files = {"etcd/coreos.com/network/config": network_config(
-            cluster.pod_network, cluster.subnet_len, self.backend)}
+        files = {
+            "etcd/coreos.com/network/config": network_config(
+                cluster.pod_network, cluster.subnet_len, self.backend
+            )
+        }
         for node in record.nodes.values():
             files["etcd" + lease_key(node.subnet)] = lease_value(
-                node.ip, self.backend, self.backend_data(node))
+                node.ip, self.backend, self.backend_data(node)
+            )
         return files
 
     def backend_data(self, node) -> dict | None:
@@ -84,8 +101,10 @@ class FlannelBackend(Mode):
         node_dir = state.node_dir(record.cluster, node.name)
         lease = os.path.join(state.cluster_dir(record.cluster), "etcd") + lease_key(node.subnet)
         sections = []
-        for title, path in (("subnet.env", os.path.join(node_dir, "subnet.env")),
-                            (f"etcd {lease_key(node.subnet)}", lease)):
+        for title, path in (
+            ("subnet.env", os.path.join(node_dir, "subnet.env")),
+            (f"etcd {lease_key(node.subnet)}", lease),
+        ):
             with open(path) as fh:
                 sections.append((title, fh.read()))
         return sections + self.describe_tunnel(node, run)
@@ -113,8 +132,9 @@ def network_config(network: str, subnet_len: int, backend: str) -> str:
     return json.dumps({"Network": network, "SubnetLen": subnet_len, "Backend": {"Type": backend}})
 
 
-def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
-                     leased: dict[str, str]) -> dict[str, str]:
+def allocate_subnets(
+    network: str, subnet_len: int, nodes: list[str], leased: dict[str, str]
+) -> dict[str, str]:
     """A /SubnetLen per node, starting at SubnetMin (the network's second subnet) as flannel
     does; a node keeps the lease it already holds. The subnets are counted, not listed: a /8
     cut into /28s has a million of them."""
@@ -129,8 +149,12 @@ def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
             sub = IPv4Network(lease)
         except (TypeError, ValueError):
             return False
-        return sub.prefixlen == subnet_len and sub.subnet_of(net) and str(sub) == lease and \
-            sub.network_address != net.network_address
+        return (
+            sub.prefixlen == subnet_len
+            and sub.subnet_of(net)
+            and str(sub) == lease
+            and sub.network_address != net.network_address
+        )
 
     result = {n: leased[n] for n in nodes if leasable(leased.get(n))}
     taken = set(result.values())
@@ -144,8 +168,10 @@ def allocate_subnets(network: str, subnet_len: int, nodes: list[str],
 def subnet_env(network: str, subnet: str, mtu: int) -> str:
     """/run/flannel/subnet.env as flannel writes it on a node."""
     net = IPv4Network(subnet)
-    return (f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={net.network_address + 1}/{net.prefixlen}\n"
-            f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
+    return (
+        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={net.network_address + 1}/{net.prefixlen}\n"
+        f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
+    )
 
 
 def masquerade_ruleset(cluster: str, network: str, subnet: str) -> str:

@@ -13,8 +13,11 @@ class FlannelHostGw(flannel.FlannelBackend):
 
     def validate(self, cluster, fail) -> list[str]:
         if len({n.segment for n in cluster.nodes}) > 1:
-            raise fail("spec.nodes", "host-gw needs every node on one L2 segment",
-                       "put all nodes on one segment, or use mode flannel-vxlan")
+            raise fail(
+                "spec.nodes",
+                "host-gw needs every node on one L2 segment",
+                "put all nodes on one segment, or use mode flannel-vxlan",
+            )
         return []
 
     def encapsulates(self, node, peer) -> bool:

@@ -25,8 +25,7 @@ class FlannelUdp(flannel.FlannelBackend):
     summary = f"TUN, UDP {PORT} by the node agent"
 
     def unavailable(self) -> str | None:
-        return None if os.path.exists("/dev/net/tun") else \
-            "/dev/net/tun is missing (modprobe tun)"
+        return None if os.path.exists("/dev/net/tun") else "/dev/net/tun is missing (modprobe tun)"
 
     def setup_node(self, rtnl, node, underlay_mtu: int) -> None:
         from cni import bridge
@@ -39,6 +38,11 @@ class FlannelUdp(flannel.FlannelBackend):
         from netsim.record import TunnelSpec
 
         network = IPv4Network(cluster.pod_network)
-        return TunnelSpec("udp", self.tunnel, node.ip, self.pod_mtu(cluster.mtu),
-                          {peer.subnet: peer.ip for peer in peers},
-                          f"{IPv4Network(node.subnet).network_address}/{network.prefixlen}")
+        return TunnelSpec(
+            "udp",
+            self.tunnel,
+            node.ip,
+            self.pod_mtu(cluster.mtu),
+            {peer.subnet: peer.ip for peer in peers},
+            f"{IPv4Network(node.subnet).network_address}/{network.prefixlen}",
+        )

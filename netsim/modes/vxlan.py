@@ -26,8 +26,16 @@ class VxlanDevice:
     def add_device(self, rtnl, node, underlay_mtu: int, address: str) -> None:
         from netsim.kernel.netlink import IFINDEX
 
-        rtnl.vxlan(self.tunnel, IFINDEX.TUNNEL, self.vni, node.ip, IFINDEX.ETH0, self.udp_port,
-                   self.pod_mtu(underlay_mtu), node.vtep_mac)
+        rtnl.vxlan(
+            self.tunnel,
+            IFINDEX.TUNNEL,
+            self.vni,
+            node.ip,
+            IFINDEX.ETH0,
+            self.udp_port,
+            self.pod_mtu(underlay_mtu),
+            node.vtep_mac,
+        )
         rtnl.address(IFINDEX.TUNNEL, address, 32, self.tunnel)
 
     def reach_vtep(self, rtnl, vtep: str, peer) -> None:
@@ -42,13 +50,19 @@ class VxlanDevice:
         rtnl.route(prefix, IFINDEX.TUNNEL, gateway=vtep, onlink=True, proto=self.route_proto)
 
     def describe_vtep(self, run) -> list[tuple[str, str]]:
-        return [(f"ip neigh show dev {self.tunnel}", run("ip", "neigh", "show", "dev",
-                                                           self.tunnel)),
-                (f"bridge fdb show dev {self.tunnel}", run("bridge", "fdb", "show", "dev",
-                                                             self.tunnel))]
+        return [
+            (f"ip neigh show dev {self.tunnel}", run("ip", "neigh", "show", "dev", self.tunnel)),
+            (
+                f"bridge fdb show dev {self.tunnel}",
+                run("bridge", "fdb", "show", "dev", self.tunnel),
+            ),
+        ]
 
     def unavailable(self) -> str | None:
         from netsim.kernel import features
 
-        return None if features.link_kinds().get("vxlan") else \
-            "this kernel has no vxlan module (modprobe vxlan)"
+        return (
+            None
+            if features.link_kinds().get("vxlan")
+            else "this kernel has no vxlan module (modprobe vxlan)"
+        )

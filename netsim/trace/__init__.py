@@ -141,8 +141,9 @@ def _craft(proto: int, src_ip: str, dst_ip: str, port: int | None, marker: Marke
     return bytes(pkt)
 
 
-def _send_and_wait(netns: str, probe: bytes, dst_ip: str, marker: Marker,
-                   timeout: float) -> tuple[float, str | None, float | None, bool]:
+def _send_and_wait(
+    netns: str, probe: bytes, dst_ip: str, marker: Marker, timeout: float
+) -> tuple[float, str | None, float | None, bool]:
     """Send the probe from a raw socket opened in the namespace; wait for the reply on raw
     sockets of the same namespace. Returns (send time, reply in words, rtt ms, whether the
     destination itself answered rather than an ICMP error from the way)."""
@@ -166,8 +167,12 @@ def _send_and_wait(netns: str, probe: bytes, dst_ip: str, marker: Marker,
                 if layers and marker.is_reply(data, 0, layers[0]):
                     rtt = (time.monotonic() - start) * 1000
                     answered = layers[0].src == dst_ip and "unreachable" not in layers[0].detail
-                    return (sent_at, f"{layers[0].src} > {layers[0].dst} {layers[0].detail}", rtt,
-                            answered)
+                    return (
+                        sent_at,
+                        f"{layers[0].src} > {layers[0].dst} {layers[0].detail}",
+                        rtt,
+                        answered,
+                    )
         return sent_at, None, None, False
     except OSError as exc:
         raise NetsimError(f"sending the probe from {netns}: {exc}") from None
@@ -179,8 +184,15 @@ def _send_and_wait(netns: str, probe: bytes, dst_ip: str, marker: Marker,
 # -- trace ----------------------------------------------------------------------------------
 
 
-def trace(record: Record, src: str, dst: str, proto: str | None = None, port: int | None = None,
-          pcap: str | None = None, timeout: float = 3.0) -> Trace:
+def trace(
+    record: Record,
+    src: str,
+    dst: str,
+    proto: str | None = None,
+    port: int | None = None,
+    pcap: str | None = None,
+    timeout: float = 3.0,
+) -> Trace:
     """Follow ONE probe from src to dst through every interface on its way (see module doc).
     proto: icmp (default), tcp or udp; for a Service, its first port's protocol and port."""
     if not 0 < timeout <= 60:
@@ -192,8 +204,10 @@ def trace(record: Record, src: str, dst: str, proto: str | None = None, port: in
     service = None if dst_place is not None else record.service(dst)
     if dst_place is None and service is None:
         # only the cluster's own addresses: a probe never heads for the outside world
-        raise NetsimError(f"no pod, node, client or Service named {dst}; `netsim get pods` "
-                          "and `netsim get services` list them")
+        raise NetsimError(
+            f"no pod, node, client or Service named {dst}; `netsim get pods` "
+            "and `netsim get services` list them"
+        )
     proto, port, endpoints = _protocol(record, service, proto, port)
     dst_ip = service.cluster_ip if service else (dst_place.ip if dst_place else dst)
     tcpdump_binary()
@@ -205,19 +219,33 @@ def trace(record: Record, src: str, dst: str, proto: str | None = None, port: in
         if not endpoints:
             notes.append(f"Service {service.name} has no endpoints: kube-proxy rejects the probe")
         if record.kube_proxy is not None and record.kube_proxy.mode == "userspace":
-            notes.append("kube-proxy runs in userspace mode: the node's proxy ends the probe's "
-                         "connection and opens its own to an endpoint, so the probe stops there")
+            notes.append(
+                "kube-proxy runs in userspace mode: the node's proxy ends the probe's "
+                "connection and opens its own to an endpoint, so the probe stops there"
+            )
         if len(endpoints) > MAX_ENDPOINTS:
-            notes.append(f"{len(endpoints)} endpoints: only the paths to the first "
-                         f"{MAX_ENDPOINTS} are captured")
+            notes.append(
+                f"{len(endpoints)} endpoints: only the paths to the first "
+                f"{MAX_ENDPOINTS} are captured"
+            )
         for pod in endpoints[:MAX_ENDPOINTS]:
-            candidates.append((pod.name, pod.ip, predict_path(record, source, pod.ip,
-                                                        record.place(pod.name), True)))
+            candidates.append(
+                (
+                    pod.name,
+                    pod.ip,
+                    predict_path(record, source, pod.ip, record.place(pod.name), True),
+                )
+            )
         if not candidates:
             candidates.append((None, dst_ip, predict_path(record, source, dst_ip, None)))
     else:
-        candidates.append((dst_place.name if dst_place else None, dst_ip,
-                           predict_path(record, source, dst_ip, dst_place)))
+        candidates.append(
+            (
+                dst_place.name if dst_place else None,
+                dst_ip,
+                predict_path(record, source, dst_ip, dst_place),
+            )
+        )
 
     specs = dedupe([h for _, _, path in candidates for h in path])
     specs, missing = _existing(specs)
@@ -226,23 +254,31 @@ def trace(record: Record, src: str, dst: str, proto: str | None = None, port: in
     if source.kind != "pod":
         src_ip = route_get(source.netns, candidates[0][1]).get("prefsrc") or source.ip
     proto_num = PROTOCOLS[proto]
-    marker = Marker(proto_num, random.randint(1, 0xFFFF), random.randint(1, 0xFFFF), 1,
-                     random.randint(33000, 60999), b"netsim-trace-%016x" % random.getrandbits(64))
+    marker = Marker(
+        proto_num,
+        random.randint(1, 0xFFFF),
+        random.randint(1, 0xFFFF),
+        1,
+        random.randint(33000, 60999),
+        b"netsim-trace-%016x" % random.getrandbits(64),
+    )
     if proto_num == socket.IPPROTO_TCP:
         marker.seq = random.getrandbits(32)
     probe = _craft(proto_num, src_ip, dst_ip, port, marker)
 
     with tempfile.TemporaryDirectory(prefix="netsim-trace-") as tmp:
-        runs = [(ns, iface, os.path.join(tmp, f"{i}.pcap")) for i, (_, ns, iface) in
-                enumerate(specs)]
+        runs = [
+            (ns, iface, os.path.join(tmp, f"{i}.pcap")) for i, (_, ns, iface) in enumerate(specs)
+        ]
         with running(runs) as dumps:
             pids = [d.proc.pid for d in dumps]
-            _, reply, rtt, answered = _send_and_wait(source.netns, probe, dst_ip, marker,
-                                                     timeout)
+            _, reply, rtt, answered = _send_and_wait(source.netns, probe, dst_ip, marker, timeout)
             time.sleep(SETTLE)
         captured = {(ns, iface): read_pcap(f) for ns, iface, f in runs}
-        found = {key: find_probe(linktype, frames, marker)
-                 for key, (linktype, frames) in captured.items()}
+        found = {
+            key: find_probe(linktype, frames, marker)
+            for key, (linktype, frames) in captured.items()
+        }
         if pcap:
             _merge(pcap, specs, captured, marker)
 
@@ -280,14 +316,31 @@ def trace(record: Record, src: str, dst: str, proto: str | None = None, port: in
         delivered = bool(hops) and hops[-1].seen and (target is not None or not service)
     else:  # an address outside the cluster's records: only an answer from it proves delivery
         delivered = answered
-    result = Trace(src, dst, proto, port, src_ip, dst_ip, target_ip if target else None, target,
-                   hops, delivered, reply, rtt, "", notes, pcap, pids)
+    result = Trace(
+        src,
+        dst,
+        proto,
+        port,
+        src_ip,
+        dst_ip,
+        target_ip if target else None,
+        target,
+        hops,
+        delivered,
+        reply,
+        rtt,
+        "",
+        notes,
+        pcap,
+        pids,
+    )
     result.verdict = _verdict(result, timeout)
     return result
 
 
-def _protocol(record: Record, service: Service | None, proto: str | None,
-              port: int | None) -> tuple[str, int | None, list[PodRecord]]:
+def _protocol(
+    record: Record, service: Service | None, proto: str | None, port: int | None
+) -> tuple[str, int | None, list[PodRecord]]:
     """(proto, port, the Service's endpoint pods) checked against the Service."""
     if proto is not None and proto.lower() not in PROTOCOLS:
         raise NetsimError(f"protocol {proto}: use icmp, tcp or udp")
@@ -306,20 +359,27 @@ def _protocol(record: Record, service: Service | None, proto: str | None,
         raise NetsimError(f"Service {name} has no ports")
     if proto == "icmp":
         have = ", ".join(f"{p.port}/{p.protocol}" for p in ports)
-        raise NetsimError(f"Service {name}: a ClusterIP answers only on its ports ({have}), "
-                          "not to ping; trace with tcp or udp")
+        raise NetsimError(
+            f"Service {name}: a ClusterIP answers only on its ports ({have}), "
+            "not to ping; trace with tcp or udp"
+        )
     if port is None:
         chosen = next((p for p in ports if proto is None or p.protocol.lower() == proto), None)
         if chosen is None:
             have = ", ".join(f"{p.port}/{p.protocol}" for p in ports)
             raise NetsimError(f"Service {name} has no {proto.upper()} port; it has {have}")
     else:
-        chosen = next((p for p in ports if p.port == port
-                       and (proto is None or p.protocol.lower() == proto)), None)
+        chosen = next(
+            (p for p in ports if p.port == port and (proto is None or p.protocol.lower() == proto)),
+            None,
+        )
         if chosen is None:
             have = ", ".join(f"{p.port}/{p.protocol}" for p in ports)
-            raise NetsimError(f"Service {name} has no port {port}"
-                              + (f"/{proto.upper()}" if proto else "") + f"; it has {have}")
+            raise NetsimError(
+                f"Service {name} has no port {port}"
+                + (f"/{proto.upper()}" if proto else "")
+                + f"; it has {have}"
+            )
     return chosen.protocol.lower(), chosen.port, endpoints(record, service)
 
 
@@ -338,8 +398,9 @@ def _existing(specs: list[HopSpec]) -> tuple[list[HopSpec], list[str]]:
     return kept, notes
 
 
-def _merge(path: str, specs: list[HopSpec], captured: dict[tuple[str, str], Any],
-           marker: Marker) -> None:
+def _merge(
+    path: str, specs: list[HopSpec], captured: dict[tuple[str, str], Any], marker: Marker
+) -> None:
     """Every captured packet of every hop into one pcapng, in time order; the probe's copies
     carry a comment naming the hop. Bare-IP devices (flannel0, tunl0) get a zero Ethernet
     header so that every interface has one link type: tcpdump -r (libpcap) refuses a file
@@ -348,9 +409,14 @@ def _merge(path: str, specs: list[HopSpec], captured: dict[tuple[str, str], Any]
     for i, (owner, ns, iface) in enumerate(specs):
         linktype, frames = captured[(ns, iface)]
         bare = linktype in (12, 14, 101, 228)
-        interfaces.append((f"{owner}:{iface}", 1 if bare or not linktype else linktype,
-                           f"netns {ns}" + ("; bare IP device, Ethernet header added by netsim"
-                                            if bare else "")))
+        interfaces.append(
+            (
+                f"{owner}:{iface}",
+                1 if bare or not linktype else linktype,
+                f"netns {ns}"
+                + ("; bare IP device, Ethernet header added by netsim" if bare else ""),
+            )
+        )
         for ts, raw in frames:
             comment = ""
             frame = b"\0" * 12 + b"\x08\x00" + raw if bare else raw
@@ -369,8 +435,9 @@ def _merge(path: str, specs: list[HopSpec], captured: dict[tuple[str, str], Any]
 
 
 def _verdict(t: Trace, timeout: float) -> str:
-    reply = (f"reply {t.reply} after {t.rtt_ms:.2f} ms" if t.reply
-             else f"no reply within {timeout:g} s")
+    reply = (
+        f"reply {t.reply} after {t.rtt_ms:.2f} ms" if t.reply else f"no reply within {timeout:g} s"
+    )
     last_seen = max((h.index for h in t.hops if h.seen), default=0)
     if t.delivered:
         where = f"{t.target} ({t.target_ip})" if t.target else (t.target_ip or t.dst_ip)
@@ -398,16 +465,20 @@ def _summary(hop: Hop) -> str:
     if len(hop.layers) == 1:
         text = bare
     else:
-        short = (f"{inner.src} > {inner.dst} {PROTO_NAMES.get(inner.proto, inner.proto)} "
-                 f"ttl={inner.ttl}")
+        short = (
+            f"{inner.src} > {inner.dst} {PROTO_NAMES.get(inner.proto, inner.proto)} ttl={inner.ttl}"
+        )
         if outer.encap == "vxlan":
-            text = (f"{outer.src} > {outer.dst} UDP {outer.dport} VXLAN vni={outer.vni} "
-                    f"ttl={outer.ttl} [{short}]")
+            text = (
+                f"{outer.src} > {outer.dst} UDP {outer.dport} VXLAN vni={outer.vni} "
+                f"ttl={outer.ttl} [{short}]"
+            )
         elif outer.encap == "ipip":
             text = f"{outer.src} > {outer.dst} IPIP (IP proto 4) ttl={outer.ttl} [{short}]"
         else:
-            text = (f"{outer.src} > {outer.dst} UDP {outer.dport} flannel-udp "
-                    f"ttl={outer.ttl} [{short}]")
+            text = (
+                f"{outer.src} > {outer.dst} UDP {outer.dport} flannel-udp ttl={outer.ttl} [{short}]"
+            )
     return text
 
 
@@ -436,9 +507,15 @@ def format_trace(t: Trace) -> str:
 # -- capture --------------------------------------------------------------------------------
 
 
-def capture(record: Record, target: str, iface: str | None = None, out: str = "capture.pcap",
-            count: int = 100, duration: float = 10.0,
-            ready: Callable[[], None] | None = None) -> int:
+def capture(
+    record: Record,
+    target: str,
+    iface: str | None = None,
+    out: str = "capture.pcap",
+    count: int = 100,
+    duration: float = 10.0,
+    ready: Callable[[], None] | None = None,
+) -> int:
     """tcpdump on one interface of a node, pod, client, "underlay" or "router" into a pcap
     Wireshark opens; ends after `count` packets or `duration` seconds. `ready` is called once
     tcpdump listens (to start traffic). Returns the number of packets written."""
@@ -467,4 +544,3 @@ def capture(record: Record, target: str, iface: str | None = None, out: str = "c
         for started in dumps:
             started.stop()
     return len(read_pcap(out)[1])
-

@@ -32,8 +32,12 @@ def link_names(netns: str) -> list[str]:
 def route_get(netns: str, dst: str) -> dict:
     """`ip route get` inside the namespace: the device and source the kernel would use."""
     try:
-        out = subprocess.run(["ip", "-j", "-n", netns, "route", "get", dst], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["ip", "-j", "-n", netns, "route", "get", dst],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NetsimError(f"ip route get {dst} in {netns}: {exc}") from None
     if out.returncode != 0:
@@ -62,8 +66,9 @@ def namespace_target(record: Record, target: str) -> tuple[str, str, str]:
 HopSpec = tuple[str, str, str]  # (owner, netns, iface)
 
 
-def predict_path(record: Record, src: Place, dst_ip: str, dst: Place | None,
-          service: bool = False) -> list[HopSpec]:
+def predict_path(
+    record: Record, src: Place, dst_ip: str, dst: Place | None, service: bool = False
+) -> list[HopSpec]:
     """The interfaces a packet from src to dst_ip crosses, in order. The source side follows
     the kernel's own route lookup in the source node (so CrossSubnet's native routes and the
     eBPF IPIP carrier, which has no tunl0, come out right); the far side mirrors it. An
@@ -145,5 +150,3 @@ def dedupe(hops: list[HopSpec]) -> list[HopSpec]:
             seen.add((hop[1], hop[2]))
             out.append(hop)
     return out
-
-

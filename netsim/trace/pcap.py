@@ -14,7 +14,6 @@ from netsim.errors import NetsimError
 PROTO_NAMES = {1: "ICMP", 4: "IPIP", 6: "TCP", 17: "UDP", 47: "GRE"}
 
 
-
 @dataclass
 class IPLayer:
     """One IPv4 header of a captured packet; `encap` says what the next layer is carried in."""
@@ -44,8 +43,12 @@ def read_pcap(path: str) -> tuple[int, list[tuple[float, bytes]]]:
     if len(data) < 24:
         return 0, []
     magic = data[:4]
-    endian = {b"\xd4\xc3\xb2\xa1": "<", b"\x4d\x3c\xb2\xa1": "<",
-              b"\xa1\xb2\xc3\xd4": ">", b"\xa1\xb2\x3c\x4d": ">"}.get(magic)
+    endian = {
+        b"\xd4\xc3\xb2\xa1": "<",
+        b"\x4d\x3c\xb2\xa1": "<",
+        b"\xa1\xb2\xc3\xd4": ">",
+        b"\xa1\xb2\x3c\x4d": ">",
+    }.get(magic)
     if endian is None:
         raise NetsimError(f"{path}: not a pcap file")
     nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
@@ -57,13 +60,14 @@ def read_pcap(path: str) -> tuple[int, list[tuple[float, bytes]]]:
         pos += 16
         if pos + caplen > len(data):
             break  # a record cut short by a kill
-        packets.append((sec + frac / (1e9 if nano else 1e6), data[pos:pos + caplen]))
+        packets.append((sec + frac / (1e9 if nano else 1e6), data[pos : pos + caplen]))
         pos += caplen
     return linktype, packets
 
 
-def write_pcapng(path: str, interfaces: list[tuple[str, int, str]],
-                 packets: list[tuple[float, int, bytes, str]]) -> None:
+def write_pcapng(
+    path: str, interfaces: list[tuple[str, int, str]], packets: list[tuple[float, int, bytes, str]]
+) -> None:
     """A pcapng file: one interface block per hop (name, linktype, description), so Wireshark
     shows which interface each packet was seen on, and the packets (timestamp, interface
     number, frame, comment) in the order given."""
@@ -85,8 +89,13 @@ def write_pcapng(path: str, interfaces: list[tuple[str, int, str]],
             fh.write(block(1, struct.pack("<HHI", linktype, 0, 262144) + opts))
         for ts, ifid, frame, comment in packets:
             micros = int(round(ts * 1e6))
-            body = struct.pack("<IIIII", ifid, micros >> 32, micros & 0xFFFFFFFF, len(frame),
-                               len(frame)) + frame + b"\0" * (-len(frame) % 4)
+            body = (
+                struct.pack(
+                    "<IIIII", ifid, micros >> 32, micros & 0xFFFFFFFF, len(frame), len(frame)
+                )
+                + frame
+                + b"\0" * (-len(frame) % 4)
+            )
             if comment:
                 body += option(1, comment.encode()) + option(0, b"")
             fh.write(block(6, body))
@@ -118,8 +127,11 @@ def ip_offset(linktype: int, frame: bytes) -> int | None:
 @functools.cache
 def udp_carriers() -> dict[int, str]:
     """UDP port -> what it carries, asked of the modes: "vxlan", or the mode's name."""
-    return {m.udp_port: "vxlan" if m.encapsulation == "vxlan" else m.name
-            for m in modes.every() if m.udp_port}
+    return {
+        m.udp_port: "vxlan" if m.encapsulation == "vxlan" else m.name
+        for m in modes.every()
+        if m.udp_port
+    }
 
 
 def _ip4(raw: bytes) -> str:
@@ -138,8 +150,13 @@ def decode(frame: bytes, offset: int) -> list[IPLayer]:
         total = struct.unpack_from("!H", frame, offset + 2)[0]
         ident = struct.unpack_from("!H", frame, offset + 4)[0]
         ttl, proto = frame[offset + 8], frame[offset + 9]
-        layer = IPLayer(_ip4(frame[offset + 12:offset + 16]), _ip4(frame[offset + 16:offset + 20]),
-                        proto, ttl, ident)
+        layer = IPLayer(
+            _ip4(frame[offset + 12 : offset + 16]),
+            _ip4(frame[offset + 16 : offset + 20]),
+            proto,
+            ttl,
+            ident,
+        )
         layers.append(layer)
         l4 = offset + ihl
         end = min(len(frame), offset + total) if total else len(frame)
@@ -154,8 +171,8 @@ def decode(frame: bytes, offset: int) -> list[IPLayer]:
             carried = carriers.get(layer.dport) or carriers.get(layer.sport)
             if carried == "vxlan" and payload + 8 + 14 <= end and frame[payload] & 0x08:
                 layer.encap = "vxlan"
-                layer.vni = int.from_bytes(frame[payload + 4:payload + 7], "big")
-                inner = ip_offset(1, frame[payload + 8:end])
+                layer.vni = int.from_bytes(frame[payload + 4 : payload + 7], "big")
+                inner = ip_offset(1, frame[payload + 8 : end])
                 if inner is None:
                     break
                 offset = payload + 8 + inner
@@ -177,14 +194,25 @@ def _l4_detail(proto: int, frame: bytes, l4: int, end: int, layer: IPLayer) -> s
         text = f"ICMP {names.get(kind, f'type {kind}')}"
         if kind in (0, 8):
             return f"{text} id={ident:#06x} seq={seq}"
-        reasons = {0: "net", 1: "host", 3: "port", 9: "net prohibited", 10: "host prohibited",
-                   13: "administratively prohibited"} if kind == 3 else {}
+        reasons = (
+            {
+                0: "net",
+                1: "host",
+                3: "port",
+                9: "net prohibited",
+                10: "host prohibited",
+                13: "administratively prohibited",
+            }
+            if kind == 3
+            else {}
+        )
         return f"{text} ({reasons[code]})" if code in reasons else f"{text} code={code}"
     if proto == 6 and l4 + 14 <= end:
         seq = struct.unpack_from("!I", frame, l4 + 4)[0]
         flags = frame[l4 + 13]
-        letters = "".join(c for bit, c in ((2, "S"), (16, "."), (1, "F"), (4, "R"), (8, "P"))
-                          if flags & bit)
+        letters = "".join(
+            c for bit, c in ((2, "S"), (16, "."), (1, "F"), (4, "R"), (8, "P")) if flags & bit
+        )
         return f"TCP {layer.sport} > {layer.dport} [{letters}] seq={seq}"
     if proto == 17:
         return f"UDP {layer.sport} > {layer.dport}"
@@ -210,10 +238,10 @@ class Marker:
             return False
         l4 = offset + (frame[offset] & 0x0F) * 4
         if self.proto == 1:
-            return frame[l4:l4 + 1] == b"\x08" and frame[l4 + 8:].startswith(self.token)
+            return frame[l4 : l4 + 1] == b"\x08" and frame[l4 + 8 :].startswith(self.token)
         if self.proto == 6:
-            return frame[l4 + 4:l4 + 8] == struct.pack("!I", self.seq)
-        return frame[l4 + 8:].startswith(self.token)
+            return frame[l4 + 4 : l4 + 8] == struct.pack("!I", self.seq)
+        return frame[l4 + 8 :].startswith(self.token)
 
     def is_reply(self, frame: bytes, offset: int, layer: IPLayer) -> bool:
         l4 = offset + (frame[offset] & 0x0F) * 4
@@ -222,7 +250,7 @@ class Marker:
         if layer.proto != self.proto:
             return False
         if self.proto == 1:
-            return frame[l4:l4 + 1] == b"\x00" and frame[l4 + 8:].startswith(self.token)
+            return frame[l4 : l4 + 1] == b"\x00" and frame[l4 + 8 :].startswith(self.token)
         if layer.dport != self.sport:
             return False
         if self.proto == 6 and l4 + 12 <= len(frame):
@@ -237,8 +265,11 @@ class Marker:
         return struct.unpack_from("!H", frame, l4 + 12)[0] == self.ip_id
 
 
-def find_probe(linktype: int, frames: list[tuple[float, bytes]], marker: Marker,
-          ) -> tuple[list[tuple[float, list[IPLayer]]], bool]:
+def find_probe(
+    linktype: int,
+    frames: list[tuple[float, bytes]],
+    marker: Marker,
+) -> tuple[list[tuple[float, list[IPLayer]]], bool]:
     """Every copy of the probe in a capture (time, layers), and whether a reply was seen."""
     copies: list[tuple[float, list[IPLayer]]] = []
     reply = False
@@ -264,7 +295,7 @@ def inner_offset(frame: bytes, offset: int, layers: list[IPLayer]) -> int | None
         if layer.encap == "ipip":
             offset = l4
         elif layer.encap == "vxlan":
-            inner = ip_offset(1, frame[l4 + 16:])
+            inner = ip_offset(1, frame[l4 + 16 :])
             if inner is None:
                 return None
             offset = l4 + 16 + inner
@@ -273,5 +304,3 @@ def inner_offset(frame: bytes, offset: int, layers: list[IPLayer]) -> int | None
         else:
             return None
     return offset
-
-

@@ -33,16 +33,34 @@ def tcpdump_binary() -> str:
 class Tcpdump:
     """One tcpdump inside a namespace, writing a pcap; ended by its PID."""
 
-    def __init__(self, netns: str, iface: str, out: str, registry: list[Tcpdump],
-                 count: int | None = None):
+    def __init__(
+        self, netns: str, iface: str, out: str, registry: list[Tcpdump], count: int | None = None
+    ):
         self.netns, self.iface, self.out = netns, iface, out
-        argv = [tcpdump_binary(), "-i", iface, "-n", "-Z", "root", "--immediate-mode", "-U",
-                "-s", "262144", "-w", out]
+        argv = [
+            tcpdump_binary(),
+            "-i",
+            iface,
+            "-n",
+            "-Z",
+            "root",
+            "--immediate-mode",
+            "-U",
+            "-s",
+            "262144",
+            "-w",
+            out,
+        ]
         if count is not None:
             argv[1:1] = ["-c", str(count)]
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            close_fds=True, preexec_fn=lambda: nsmod.enter_for_exec(netns))
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+            preexec_fn=lambda: nsmod.enter_for_exec(netns),
+        )
         registry.append(self)  # at once: whoever holds the registry stops it
         STARTED_PIDS.append(self.proc.pid)
         self.listening = False
@@ -82,8 +100,10 @@ def wait_listening(dumps: list[Tcpdump], timeout: float = LISTEN_TIMEOUT) -> Non
     for dump in dumps:
         if not dump.listening:
             problem = dump.message.strip().splitlines()
-            raise NetsimError(f"tcpdump on {dump.iface} in {dump.netns} did not start: "
-                              + (problem[-1] if problem else f"silent for {timeout:.0f} s"))
+            raise NetsimError(
+                f"tcpdump on {dump.iface} in {dump.netns} did not start: "
+                + (problem[-1] if problem else f"silent for {timeout:.0f} s")
+            )
 
 
 @contextlib.contextmanager
@@ -103,5 +123,3 @@ def running(specs: list[tuple[str, str, str]]) -> Iterator[list[Tcpdump]]:
                     dump.proc.send_signal(signal.SIGTERM)
         for dump in dumps:
             dump.stop()
-
-
