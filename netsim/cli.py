@@ -35,12 +35,27 @@ def pick_cluster(name: str | None) -> tuple[str, Record]:
         if record is None:
             raise NetsimError(f"no cluster named {name}; `netsim get clusters` lists them")
         return name, record
-    names = [n for n in state.clusters() if state.load(n) is not None]
-    if not names:
+    records = {n: r for n, r in _readable_clusters().items() if r is not None}
+    if not records:
         raise NetsimError("no cluster exists; create one with netsim apply -f FILE")
-    if len(names) > 1:
-        raise NetsimError(f"several clusters exist ({', '.join(names)}): add --cluster NAME")
-    return names[0], state.load(names[0])
+    if len(records) > 1:
+        raise NetsimError(f"several clusters exist ({', '.join(records)}): add --cluster NAME")
+    return next(iter(records.items()))
+
+
+def _readable_clusters() -> dict[str, Record | None]:
+    """Every recorded cluster; None for one whose record this netsim cannot read, so that
+    one damaged or older record does not hide the others."""
+    found = {}
+    for name in state.clusters():
+        try:
+            record = state.load(name)
+        except NetsimError:
+            found[name] = None
+            continue
+        if record is not None:
+            found[name] = record
+    return found
 
 
 def resolve(record: Record, target: str) -> tuple[str, str, str]:
@@ -77,6 +92,16 @@ def cmd_apply(args) -> int:
     model, notes = topology.load(args.file)
     for note in notes:
         print(f"netsim: {note}", file=sys.stderr)
+    try:
+        known = state.load(model.name)
+    except NetsimError:
+        known = None
+    if model.cni_plugins and args.cni != "exec" and not (known and known.cni_exec):
+        print(
+            "netsim: warning: spec.cni.plugins run only when pods are wired through the "
+            "node's CNI chain: apply with --cni exec (it then stays so for this cluster)",
+            file=sys.stderr,
+        )
     start = time.monotonic()
     changes = clustermod.apply(model, progress, cni_exec=args.cni == "exec")
     print(
@@ -228,9 +253,10 @@ def _delete_pod(args) -> int:
 def cmd_get(args) -> int:
     if args.what in ("clusters", "cluster"):
         rows = []
-        for name in state.clusters():
-            record = state.load(name)
-            if record:
+        for name, record in _readable_clusters().items():
+            if record is None:
+                rows.append([name, "<unreadable>", "-", "-", f"netsim --cluster {name} gc"])
+            else:
                 rows.append(
                     [
                         name,
@@ -586,8 +612,8 @@ def cmd_demo(args) -> int:
     model, _ = topology.load(file)
     steps = [
         ["apply", "-f", file],
-        ["get", "nodes", "-o", "wide"],
-        ["get", "pods", "-o", "wide"],
+        ["--cluster", model.name, "get", "nodes", "-o", "wide"],
+        ["--cluster", model.name, "get", "pods", "-o", "wide"],
     ]
     status = 0
     try:

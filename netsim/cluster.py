@@ -32,6 +32,23 @@ def quiet(_: str) -> None:
     pass
 
 
+# the topology fields behind each ClusterSpec field, for messages
+SPEC_FIELDS = {
+    "mode": "spec.cni.mode",
+    "pod_network": "pod network (spec.cni.flannel.Network or spec.cni.calico.ipPool.cidr)",
+    "subnet_len": "subnet length (spec.cni.flannel.SubnetLen or ipPool.blockSize)",
+    "service_cidr": "spec.serviceCIDR",
+    "mtu": "spec.underlay.mtu",
+    "segments": "spec.underlay.segments",
+    "nodes": "spec.nodes",
+    "clients": "spec.externalClients (or BGP peers)",
+    "calico": "spec.cni.calico",
+    "cni_version": "spec.cni.cniVersion",
+    "cni_plugins": "spec.cni.plugins",
+    "proxy_mode": "spec.kubeProxy.mode",
+}
+
+
 def spec_of(cluster: Cluster) -> ClusterSpec:
     """The cluster-level part of a topology, which an apply may not change in place."""
     return ClusterSpec(
@@ -61,7 +78,7 @@ def preflight(cluster: Cluster) -> None:
     if taken and state.load(cluster.name) is None:
         raise NetsimError(
             f"namespaces of cluster {cluster.name} exist but it has no record "
-            f"({taken[0]} ...): run `netsim gc` first"
+            f"({taken[0]} ...): run `netsim --cluster {cluster.name} gc` first"
         )
 
 
@@ -81,13 +98,15 @@ def apply(
     with state.locked(cluster.name):
         record = state.load(cluster.name)
         if record is not None and asdict(record.spec) != asdict(spec_of(cluster)):
+            before, after = asdict(record.spec), asdict(spec_of(cluster))
+            changed = [SPEC_FIELDS[k] for k in after if before.get(k) != after[k]]
             raise NetsimError(
-                f"cluster {cluster.name} exists with a different mode, CIDRs, MTU, segments, "
-                f"nodes or Calico settings; netsim changes pods and services in place, not "
-                f"those: run `netsim delete -f {cluster.source}` with the old file (or `netsim "
-                f"down {cluster.name}`), then apply again"
+                f"cluster {cluster.name} exists with another {', '.join(changed)}; netsim "
+                f"changes pods and Services in place, not those: run `netsim down "
+                f"{cluster.name}`, then apply again"
             )
         fresh = record is None
+        cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
         tx = Transaction(cluster.name)
         changes = Changes()
         try:
@@ -96,6 +115,7 @@ def apply(
             pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec)
             services.reconcile(cluster, record, changes)
             sync.sync(cluster, record)
+            record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again
             if changes or fresh:

@@ -173,6 +173,7 @@ class Record:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     kube_proxy: KubeProxy | None = None
+    cni_exec: bool = False  # pods are wired by executing each node's CNI chain (--cni exec)
     source: str = ""  # the topology file, absolute
     overrides: dict = field(default_factory=dict)  # what scale, expose, delete pod changed
 
@@ -212,11 +213,12 @@ def encode(record: Record, indent: int = 0) -> bytes:
     return msgspec.json.format(data, indent=indent) if indent else data
 
 
-def decode(data: bytes, where: str = "the record") -> Record:
+def decode(data: bytes, where: str = "the record", cluster: str = "<name>") -> Record:
     try:
         return _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise NetsimError(
             f"{where} cannot be read ({exc}): it was written by another netsim "
-            "version or damaged; `netsim gc` removes what it names"
+            f"version or damaged; `netsim --cluster {cluster} gc` removes the cluster by its "
+            "names and the processes it records"
         ) from None

@@ -58,7 +58,7 @@ def load(cluster: str) -> Record | None:
             data = fh.read()
     except FileNotFoundError:
         return None
-    return record.decode(data, path)
+    return record.decode(data, path, cluster)
 
 
 def save(rec: Record) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 
 from netsim import agents, state
@@ -29,6 +31,26 @@ def _readable(name: str) -> Record | None:
         return None
 
 
+def _processes_in(name: str) -> list[tuple[int, int]]:
+    """Every (pid, start) a record holds, read as plain JSON: a record this netsim cannot
+    decode (another version's, or damaged) still names the processes it started."""
+    try:
+        with open(os.path.join(state.cluster_dir(name), "state.json")) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    found, todo = [], [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("pid"), int) and isinstance(item.get("start"), int):
+                found.append((item["pid"], item["start"]))
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return found
+
+
 def _namespaces(record: Record) -> list[str]:
     return (
         [p.netns for p in record.pods.values()]
@@ -45,6 +67,8 @@ def _remove_everything(
     if record:
         processes += agents.daemons(record)
         namespaces += _namespaces(record)
+    else:
+        processes += _processes_in(name)
     processes += [(e["pid"], e["start"]) for e in journal if "pid" in e]
     namespaces += [e["netns"] for e in journal if "netns" in e]
     prefix = state.netns_prefix(name)

@@ -564,6 +564,38 @@ def test_apply_cni_exec_runs_a_chain_with_debian_tuning(cluster):
     assert not (gone_dir / "cni-cache" / "results" / "cbr0-web-1-eth0").exists()
     assert not (gone_dir / "ipam" / "cbr0" / gone.ip).exists()
     assert not nsmod.exists(gone.netns)
+    # the choice stays with the cluster: a scale (no --cni flag) wires through the chain too
+    scaled = cluster.netsim("scale", "deployment/web", "--replicas", "2", check=True)
+    assert "warning" not in scaled.stderr
+    again = cluster.record().pods["web-1"]
+    assert again.via == "cni-exec"
+    assert (gone_dir / "cni-cache" / "results" / "cbr0-web-1-eth0").exists() or (
+        Path("/run/netsim")
+        / cluster.name
+        / "nodes"
+        / again.node
+        / "cni-cache"
+        / "results"
+        / "cbr0-web-1-eth0"
+    ).exists()
+
+
+def test_plugins_without_cni_exec_are_named_as_unused(cluster):
+    cluster.write("flannel-host-gw.yaml", replicas=1)
+    text = (
+        Path(cluster.file)
+        .read_text()
+        .replace(
+            "mode: flannel-host-gw", "mode: flannel-host-gw\n    plugins:\n    - type: tuning", 1
+        )
+    )
+    Path(cluster.file).write_text(text)
+    done = run_netsim("apply", "-f", cluster.file, check=True)
+    assert (
+        "spec.cni.plugins run only when pods are wired through the node's CNI chain: "
+        "apply with --cni exec" in done.stderr
+    )
+    assert cluster.record().pods["web-0"].via == "in-process"
 
 
 def test_cni_install_puts_the_plugin_under_its_type_name(tmp_path):

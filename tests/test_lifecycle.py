@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -138,3 +139,14 @@ def test_a_changed_host_namespace_fails_the_session(tmp_path):
     assert "1 passed" in changed.stdout
     assert "the test run changed the root network namespace: routes" in changed.stdout
     assert "-blackhole 203.0.113.0/24" in changed.stdout
+
+
+def test_a_cluster_level_change_is_refused_naming_the_field(cluster):
+    cluster.apply()
+    text = Path(cluster.file).read_text().replace("mtu: 1500", "mtu: 1400")
+    assert text != Path(cluster.file).read_text()
+    Path(cluster.file).write_text(text)
+    refused = run_netsim("apply", "-f", cluster.file)
+    assert refused.returncode == 1
+    assert f"cluster {cluster.name} exists with another spec.underlay.mtu; " in refused.stderr
+    assert f"netsim down {cluster.name}" in refused.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -112,3 +113,24 @@ def test_a_damaged_record_is_named_and_gc_still_sees_the_cluster(tmp_path, monke
     (tmp_path / "broken" / "state.json").write_text('{"cluster": 5}')
     with pytest.raises(NetsimError, match=r"broken/state.json cannot be read .*Expected `str`"):
         state.load("broken")
+
+
+def test_gc_of_an_unreadable_record_still_stops_the_processes_it_names(tmp_path, monkeypatch):
+    from netsim import teardown
+    from netsim.kernel import proc
+
+    monkeypatch.setattr(state, "ROOT", str(tmp_path))
+    pid, start = proc.spawn(["sleep", "30"], str(tmp_path / "sleep.log"))
+    try:
+        (tmp_path / "oldformat").mkdir()
+        (tmp_path / "oldformat" / "state.json").write_text(
+            json.dumps(
+                {"cluster": "oldformat", "nodes": {"w1": {"agent": {"pid": pid, "start": start}}}}
+            )
+        )
+        report = teardown.gc("oldformat")
+        assert f"process {pid}" in report["oldformat"]
+        assert not proc.alive(pid, start)
+        assert not (tmp_path / "oldformat").exists()
+    finally:
+        proc.stop([(pid, start)])
