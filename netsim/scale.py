@@ -83,6 +83,18 @@ def _slab_mib() -> float:
     return int(values["SUnreclaim"].split()[0]) / 1024
 
 
+def settle(limit: float = 90.0) -> None:
+    """Wait (up to `limit` s) while the kernel still frees an earlier cluster's namespaces in
+    the background, so one size's memory and time are not another's teardown."""
+    deadline, last = time.monotonic() + limit, _slab_mib()
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        now = _slab_mib()
+        if now > last - 8:  # less than 4 MiB/s still freed: settled
+            return
+        last = now
+
+
 def _agents_rss_mib(record) -> float:
     total = 0
     for node in record.nodes.values():
@@ -102,6 +114,7 @@ def measure(mode: str, pods: int, progress=lambda line: None) -> Point:
     name = f"scale-{uuid.uuid4().hex[:4]}"
     model, _ = topo.parse(topology(mode, name, pods), f"scale:{mode}:{pods}")
     point = Point(mode, pods, len(model.nodes))
+    settle()
     slab = _slab_mib()
     try:
         start = time.monotonic()
