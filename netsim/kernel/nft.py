@@ -19,13 +19,10 @@ def apply(netns: str, ruleset: str) -> None:
     nft = available()
     if nft is None:
         raise NetsimError("nft not found: install nftables (apt-get install nftables)")
-    result = subprocess.run(
-        [nft, "-f", "-"],
-        input=ruleset,
-        text=True,
-        capture_output=True,
-        preexec_fn=lambda: nsmod.enter_for_exec(netns),
-    )
+    # started from a thread inside the namespace (a child begins where its parent thread is):
+    # no Python runs between fork and exec, so this is safe from several threads at once
+    with nsmod.entered(netns):
+        result = subprocess.run([nft, "-f", "-"], input=ruleset, text=True, capture_output=True)
     if result.returncode != 0:
         raise NetsimError(f"nft -f in netns {netns} failed: {result.stderr.strip()}")
 
