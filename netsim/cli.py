@@ -160,6 +160,19 @@ def cmd_scale(args) -> int:
 def cmd_expose(args) -> int:
     """A Service for a Deployment's pods, as `kubectl expose deployment` makes it."""
     name = _deployment_name(args.target)
+    for flag, value in (("--port", args.port), ("--target-port", args.target_port)):
+        if value is not None and not 1 <= value <= 65535:
+            raise TopologyError(
+                "netsim expose", flag, "", f"{value} is not a port", "use 1 to 65535"
+            )
+    if args.name is not None and not topology.DNS1123_LABEL.match(args.name):
+        raise TopologyError(
+            "netsim expose",
+            "--name",
+            "",
+            f"{args.name!r} is not a DNS-1123 label",
+            "use lowercase letters, digits and '-'",
+        )
     _, record = pick_cluster(args.cluster)
     deployment = _deployment_doc(record, name)
     selector = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}

@@ -150,3 +150,15 @@ def test_a_cluster_level_change_is_refused_naming_the_field(cluster):
     assert refused.returncode == 1
     assert f"cluster {cluster.name} exists with another spec.underlay.mtu; " in refused.stderr
     assert f"netsim down {cluster.name}" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--port", "70000"], "netsim expose: --port: 70000 is not a port — use 1 to 65535"),
+        (["--port", "80", "--name", "Bad Name"], "netsim expose: --name: 'Bad Name' is not a"),
+    ],
+)
+def test_expose_names_the_flag_that_is_wrong(argv, words):
+    done = run_netsim("expose", "deployment/web", *argv)
+    assert done.returncode == 2 and words in done.stderr, done.stderr
