@@ -48,18 +48,18 @@ def sync(
     """Tell each node's agent the exact set of pods it serves (the recorded ones, and those
     `terminating`: out of the Services already, still serving), and wait for it to confirm."""
     services = record.kube_proxy.userspace if record.kube_proxy else None
-    serving = record.pods | (terminating or {})
-    for node_name in nodes:
-        node = record.nodes[node_name]
-        pods = {
-            name: {
+    wanted = set(nodes)
+    by_node: dict[str, dict[str, dict]] = {name: {} for name in nodes}
+    for name, p in (record.pods | (terminating or {})).items():  # one pass, not one per node
+        if p.pod.node in wanted:
+            by_node[p.pod.node][name] = {
                 "netns": p.netns,
                 "ports": list(p.pod.serve_ports),
                 "commands": [list(c.command) for c in p.pod.containers if c.command],
             }
-            for name, p in serving.items()
-            if p.node == node_name
-        }
+    for node_name in nodes:
+        node = record.nodes[node_name]
+        pods = by_node[node_name]
         path = os.path.join(state.node_dir(record.cluster, node_name), "agent.sock")
         tunnel = dataclasses.asdict(node.agent_tunnel) if node.agent_tunnel else None
         try:
