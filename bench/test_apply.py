@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reference_ipbatch  # noqa: E402
 
 from netsim import cluster as clustermod  # noqa: E402
-from netsim import state, teardown, topology  # noqa: E402
+from netsim import scale, state, teardown, topology  # noqa: E402
 
 NODES, PODS_PER_NODE, ROUNDS = 10, 50, 3
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -36,14 +36,6 @@ def _model(mode: str):
     return topology.parse(yaml.safe_dump_all(docs))[0]
 
 
-def _agents_rss_mib(name: str) -> float:
-    total = 0
-    for node in state.load(name).nodes.values():
-        with open(f"/proc/{node.agent.pid}/status") as fh:
-            total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
-    return total / 1024
-
-
 @pytest.fixture(params=MODES)
 def model(request):
     m = _model(request.param)
@@ -59,7 +51,7 @@ def test_apply_netsim(benchmark, model):
 
     benchmark.pedantic(clustermod.apply, setup=setup, rounds=ROUNDS, iterations=1)
     assert len(state.load(model.name).pods) == NODES * PODS_PER_NODE
-    benchmark.extra_info["agents_rss_mib"] = round(_agents_rss_mib(model.name), 1)
+    benchmark.extra_info["agents_rss_mib"] = round(scale.agents_rss_mib(state.load(model.name)), 1)
 
 
 @pytest.mark.benchmark(group="delete 10x50")

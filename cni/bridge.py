@@ -66,16 +66,7 @@ class BridgePodSide:
         self.bridge_index = bridge_index
 
     def attach_host(self, node: Rtnl, attachment: Attachment) -> None:
-        node.veth(
-            attachment.veth,
-            attachment.index,
-            attachment.ifname,
-            attachment.pod_index,
-            attachment.pod_fd,
-            attachment.mtu,
-            master=self.bridge_index,
-            alias=attachment.alias,
-        )
+        attachment.make_host_end(node, master=self.bridge_index)
         node.hairpin(attachment.index, attachment.veth)
 
     def after_host(self, node: Rtnl, attachments: list[Attachment]) -> None:

@@ -39,16 +39,7 @@ class CalicoPodSide:
 
     def attach_host(self, node: Rtnl, attachment: Attachment) -> None:
         """The cali veth (peer created in the pod), MAC ee:ee:ee:ee:ee:ee."""
-        node.veth(
-            attachment.veth,
-            attachment.index,
-            attachment.ifname,
-            attachment.pod_index,
-            attachment.pod_fd,
-            attachment.mtu,
-            alias=attachment.alias,
-            mac=HOST_MAC,
-        )
+        attachment.make_host_end(node, mac=HOST_MAC)
 
     def after_host(self, node: Rtnl, attachments: list[Attachment]) -> None:
         """`<podIP> dev caliX scope link` on the node, and the cali sysctls."""

@@ -53,24 +53,26 @@ def _store(conf: NetConf) -> HostLocal:
         raise CniError(spec.INVALID_CONFIG, f"invalid field ipam.ranges: {exc}") from None
 
 
+def _delegate(conf: NetConf, env: Env, command: str) -> dict | None:
+    """Run the configured IPAM plugin with this attachment, as the runtime ran us."""
+    from cni import invoke  # subprocess: only for a delegated IPAM plugin
+
+    return invoke.execute(
+        conf.ipam["type"],
+        command,
+        env.path,
+        conf.raw,
+        env.container_id,
+        env.netns,
+        env.ifname,
+        env.args_text,
+    )
+
+
 def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
     """(ips, routes) for the attachment, from the built-in store or the delegated plugin."""
     if conf.ipam["type"] not in (spec.BUILTIN_IPAM, spec.CALICO_IPAM):
-        from cni import invoke  # subprocess: only for a delegated IPAM plugin
-
-        answer = (
-            invoke.execute(
-                conf.ipam["type"],
-                "ADD",
-                env.path,
-                conf.raw,
-                env.container_id,
-                env.netns,
-                env.ifname,
-                env.args_text,
-            )
-            or {}
-        )
+        answer = _delegate(conf, env, "ADD") or {}
         ips = [ip for ip in answer.get("ips", []) if ":" not in ip.get("address", ":")]
         if not ips:
             _ipam_del(conf, env)
@@ -114,18 +116,7 @@ def _ipam_del(conf: NetConf, env: Env) -> None:
             blocks.release(conf.node_name, env.container_id, env.ifname)
         return
     if conf.ipam["type"] != spec.BUILTIN_IPAM:
-        from cni import invoke
-
-        invoke.execute(
-            conf.ipam["type"],
-            "DEL",
-            env.path,
-            conf.raw,
-            env.container_id,
-            env.netns,
-            env.ifname,
-            env.args_text,
-        )
+        _delegate(conf, env, "DEL")
         return
     store = _store(conf)
     try:

@@ -34,6 +34,20 @@ class Attachment:
     pod_link: dict | None = field(default=None, init=False)  # looked up when pod_index was 0
     host_index: int = field(default=0, init=False)  # the host end's index once it exists
 
+    def make_host_end(self, node: Rtnl, **link) -> None:
+        """Queue the veth pair: this end on the node, the peer made in the pod; `link` adds
+        what the pod side sets on the host end (master, mac)."""
+        node.veth(
+            self.veth,
+            self.index,
+            self.ifname,
+            self.pod_index,
+            self.pod_fd,
+            self.mtu,
+            alias=self.alias,
+            **link,
+        )
+
 
 class PodSide(Protocol):
     name: str

@@ -95,7 +95,8 @@ def settle(limit: float = 90.0) -> None:
         last = now
 
 
-def _agents_rss_mib(record) -> float:
+def agents_rss_mib(record) -> float:
+    """The resident memory of every node agent the record holds, in MiB."""
     total = 0
     for node in record.nodes.values():
         try:
@@ -123,7 +124,7 @@ def measure(mode: str, pods: int, progress=lambda line: None) -> Point:
         point.pods_per_s = pods / point.apply_s
         point.kernel_mib = _slab_mib() - slab
         record = state.load(name)
-        point.agents_rss_mib = _agents_rss_mib(record)
+        point.agents_rss_mib = agents_rss_mib(record)
         progress(f"{mode} {pods} pods: up in {point.apply_s:.1f} s")
         first, last = min(record.pods), max(record.pods, key=lambda p: (len(p), p))
         ping = probe.ping(record.pods[first].netns, record.pods[last].ip, count=1)

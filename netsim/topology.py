@@ -338,17 +338,21 @@ def _show(value: Any, limit: int = 60) -> str:
     return _short(repr(value), limit)
 
 
+def _too_large(file: str) -> TopologyError:
+    return TopologyError(
+        file,
+        "file",
+        "",
+        f"is larger than {MAX_BYTES >> 20} MiB",
+        f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use Deployments with "
+        "replicas instead of many Pod documents",
+    )
+
+
 def _read_yaml(text: str, file: str) -> list:
     """The non-empty documents of the text, or a TopologyError naming the line."""
     if len(text) > MAX_BYTES:
-        raise TopologyError(
-            file,
-            "file",
-            "",
-            f"is larger than {MAX_BYTES >> 20} MiB",
-            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
-            "Deployments with replicas instead of many Pod documents",
-        )
+        raise _too_large(file)
     loader = None
     try:
         loader = _Loader(text)  # its reader refuses characters YAML does not allow at once
@@ -520,14 +524,7 @@ def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
             file, "file", "", f"cannot read it: {exc}", "check the path given to -f"
         ) from None
     if len(data) > MAX_BYTES:
-        raise TopologyError(
-            file,
-            "file",
-            "",
-            f"is larger than {MAX_BYTES >> 20} MiB",
-            f"netsim reads topology files of up to {MAX_BYTES >> 20} MiB: use "
-            "Deployments with replicas instead of many Pod documents",
-        )
+        raise _too_large(file)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
