@@ -41,6 +41,16 @@ def _attrs(**attrs: object) -> str:
     return "[" + ", ".join(f"{k}={quote(v)}" for k, v in attrs.items()) + "]"
 
 
+def _node(name: str, indent: str, **attrs: object) -> str:
+    """One dot node statement."""
+    return f"{indent}{quote(name)} {_attrs(**attrs)}"
+
+
+def _edge(a: str, b: str, indent: str, **attrs: object) -> str:
+    """One dot edge statement, a -> b."""
+    return f"{indent}{quote(a)} -> {quote(b)} {_attrs(**attrs)}"
+
+
 def _ip_key(ip: str) -> tuple[int, ...]:
     try:
         return (int(ipaddress.ip_address(ip)),)
@@ -122,10 +132,9 @@ def to_dot(record: Record) -> str:
             shown[pod_name] = f"pod:{pod_name}"
             pod = pods[pod_name]
             lines.append(
-                indent
-                + quote(shown[pod_name])
-                + " "
-                + _attrs(
+                _node(
+                    shown[pod_name],
+                    indent,
                     label=f"{pod_name}\n{pod.ip}",
                     shape="box",
                     style="rounded,filled",
@@ -139,10 +148,9 @@ def to_dot(record: Record) -> str:
             for pod_name in hidden:
                 shown[pod_name] = f"pods-more:{node_name}"
             lines.append(
-                indent
-                + quote(f"pods-more:{node_name}")
-                + " "
-                + _attrs(
+                _node(
+                    f"pods-more:{node_name}",
+                    indent,
                     label=f"+{len(hidden)} more pods",
                     shape="box",
                     style="rounded,dashed",
@@ -151,14 +159,7 @@ def to_dot(record: Record) -> str:
                 )
             )
         for target in dict.fromkeys(shown[p] for p in names):
-            links.append(
-                "  "
-                + quote(f"node:{node_name}")
-                + " -> "
-                + quote(target)
-                + " "
-                + _attrs(dir="none", color="#999999")
-            )
+            links.append(_edge(f"node:{node_name}", target, "  ", dir="none", color="#999999"))
         return lines
 
     # the segments, each with its bridge, its nodes (and their pods) and its clients
@@ -175,10 +176,9 @@ def to_dot(record: Record) -> str:
             )
         )
         out.append(
-            "    "
-            + quote(f"segment:{seg}")
-            + " "
-            + _attrs(
+            _node(
+                f"segment:{seg}",
+                "    ",
                 label=f"{bridge or seg}\nL2 {subnet}",
                 shape="box",
                 style="filled",
@@ -200,10 +200,9 @@ def to_dot(record: Record) -> str:
                 )
             )
             out.append(
-                "      "
-                + quote(f"node:{node_name}")
-                + " "
-                + _attrs(
+                _node(
+                    f"node:{node_name}",
+                    "      ",
                     label=_node_label(mode, node_name, node),
                     shape="box",
                     style="filled",
@@ -220,10 +219,9 @@ def to_dot(record: Record) -> str:
                 else f"external client {client_name}"
             )
             out.append(
-                "    "
-                + quote(f"client:{client_name}")
-                + " "
-                + _attrs(
+                _node(
+                    f"client:{client_name}",
+                    "    ",
                     label=f"{label}\n{client.ip}",
                     shape="hexagon" if client.asn else "box",
                     style="filled",
@@ -236,28 +234,30 @@ def to_dot(record: Record) -> str:
     # the underlay links: hosts to their segment, the router to every segment at its .1
     for node_name, node in sorted(nodes.items()):
         out.append(
-            "  "
-            + quote(f"segment:{node.segment}")
-            + " -> "
-            + quote(f"node:{node_name}")
-            + " "
-            + _attrs(dir="none", color="#4a6fa5", label="eth0")
+            _edge(
+                f"segment:{node.segment}",
+                f"node:{node_name}",
+                "  ",
+                dir="none",
+                color="#4a6fa5",
+                label="eth0",
+            )
         )
     for client_name, client in sorted(clients.items()):
         out.append(
-            "  "
-            + quote(f"segment:{client.segment}")
-            + " -> "
-            + quote(f"client:{client_name}")
-            + " "
-            + _attrs(dir="none", color="#4a6fa5")
+            _edge(
+                f"segment:{client.segment}",
+                f"client:{client_name}",
+                "  ",
+                dir="none",
+                color="#4a6fa5",
+            )
         )
     if record.router.legs:
         out.append(
-            "  "
-            + quote("router")
-            + " "
-            + _attrs(
+            _node(
+                "router",
+                "  ",
                 label=f"router\n{record.router.netns}",
                 shape="octagon",
                 style="filled",
@@ -268,12 +268,15 @@ def to_dot(record: Record) -> str:
         for seg, leg in record.router.legs.items():
             address = f"{segments[seg].router_ip}/{segments[seg].prefixlen}"
             out.append(
-                "  "
-                + quote("router")
-                + " -> "
-                + quote(f"segment:{seg}")
-                + " "
-                + _attrs(dir="none", color="#4a6fa5", penwidth="2", label=f"{leg.ifname} {address}")
+                _edge(
+                    "router",
+                    f"segment:{seg}",
+                    "  ",
+                    dir="none",
+                    color="#4a6fa5",
+                    penwidth="2",
+                    label=f"{leg.ifname} {address}",
+                )
             )
 
     # the overlay between nodes
@@ -294,12 +297,10 @@ def to_dot(record: Record) -> str:
                 if mode.tunnel_device(nodes[a]) != mode.tunnel:
                     label = f"{mode.encapsulation.upper()} ({mode.carrier_text(nodes[a])})"
                 out.append(
-                    "  "
-                    + quote(f"node:{a}")
-                    + " -> "
-                    + quote(f"node:{b}")
-                    + " "
-                    + _attrs(
+                    _edge(
+                        f"node:{a}",
+                        f"node:{b}",
+                        "  ",
                         dir="both",
                         style="dashed",
                         color="#b45f06",
@@ -318,12 +319,10 @@ def to_dot(record: Record) -> str:
             for node_name in names:
                 if nodes[node_name].segment == client.segment:
                     out.append(
-                        "  "
-                        + quote(f"client:{client_name}")
-                        + " -> "
-                        + quote(f"node:{node_name}")
-                        + " "
-                        + _attrs(
+                        _edge(
+                            f"client:{client_name}",
+                            f"node:{node_name}",
+                            "  ",
                             dir="both",
                             style="dotted",
                             color="#a61c00",
@@ -332,10 +331,14 @@ def to_dot(record: Record) -> str:
                         )
                     )
     out.append(
-        "  "
-        + quote("legend")
-        + " "
-        + _attrs(label="\n".join(legend), shape="note", style="filled", fillcolor="#fffbe6")
+        _node(
+            "legend",
+            "  ",
+            label="\n".join(legend),
+            shape="note",
+            style="filled",
+            fillcolor="#fffbe6",
+        )
     )
 
     # Services and their endpoints
@@ -345,24 +348,21 @@ def to_dot(record: Record) -> str:
         if svc.session_affinity != "None":
             lines.append(f"affinity {svc.session_affinity}")
         out.append(
-            "  "
-            + quote(f"service:{svc_name}")
-            + " "
-            + _attrs(label="\n".join(lines), shape="ellipse", style="filled", fillcolor="#dae8fc")
+            _node(
+                f"service:{svc_name}",
+                "  ",
+                label="\n".join(lines),
+                shape="ellipse",
+                style="filled",
+                fillcolor="#dae8fc",
+            )
         )
         targets = list(
             dict.fromkeys(shown[p.name] for p in endpoints(record, svc) if p.name in shown)
         )
         for target in targets:
             # drawn pod -> Service with the arrowhead at the pod, so Services sit below the pods
-            out.append(
-                "  "
-                + quote(target)
-                + " -> "
-                + quote(f"service:{svc_name}")
-                + " "
-                + _attrs(dir="back", color="#1c4587")
-            )
+            out.append(_edge(target, f"service:{svc_name}", "  ", dir="back", color="#1c4587"))
     out.append("}")
     return "\n".join(out) + "\n"
 
