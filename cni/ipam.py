@@ -40,6 +40,7 @@ class HostLocal:
         self.start = IPAddress(range_start) if range_start else self.subnet.network_address + 1
         self.end = IPAddress(range_end) if range_end else self.subnet.broadcast_address - 1
         self._taken: set[IPAddress] | None = None
+        self._last_ip: IPAddress | None = None  # last_reserved_ip.0 as this session knows it
 
     @contextlib.contextmanager
     def session(self) -> Iterator[HostLocal]:
@@ -49,9 +50,10 @@ class HostLocal:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._taken = {IPAddress(name) for name in os.listdir(self.dir) if _is_ip(name)}
+            self._last_ip = self._last()
             yield self
         finally:
-            self._taken = None
+            self._taken = self._last_ip = None
             os.close(fd)
 
     def _path(self, ip: IPAddress | str) -> str:
@@ -77,11 +79,12 @@ class HostLocal:
             fh.write(f"{container_id}\r\n{ifname}")
         _overwrite(self._path("last_reserved_ip.0"), str(ip))
         self._taken.add(ip)
+        self._last_ip = ip
         return str(ip)
 
     def _next(self) -> IPAddress:
         size = int(self.end) - int(self.start) + 1
-        last = self._last()
+        last = self._last_ip
         offset = (int(last) - int(self.start) + 1) if last and self.start <= last <= self.end else 0
         for step in range(size):
             ip = self.start + (offset + step) % size
