@@ -50,8 +50,13 @@ class HostLocal:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._taken = {IPAddress(name) for name in os.listdir(self.dir) if _is_ip(name)}
-            self._last_ip = self._last()
-            yield self
+            self._last_ip = recorded = self._last()
+            try:
+                yield self
+            finally:
+                # last_reserved_ip.0 is written once a session: only the last one counts
+                if self._last_ip != recorded:
+                    _overwrite(self._path("last_reserved_ip.0"), str(self._last_ip))
         finally:
             self._taken = self._last_ip = None
             os.close(fd)
@@ -77,7 +82,6 @@ class HostLocal:
             ip = self._next()
         with open(self._path(ip), "x", newline="") as fh:
             fh.write(f"{container_id}\r\n{ifname}")
-        _overwrite(self._path("last_reserved_ip.0"), str(ip))
         self._taken.add(ip)
         self._last_ip = ip
         return str(ip)

@@ -10,6 +10,7 @@ with the fix: delete, then apply. Removal lives in netsim.teardown.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -110,11 +111,17 @@ def apply(
         tx = Transaction(cluster.name)
         changes = Changes()
         try:
+            alongside = None
             if fresh:
                 record = _build_base(cluster, mode, tx, progress, changes)
-            pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec)
+                if cluster.proxy_mode == "nftables":
+                    # a new cluster's kube-proxy tables are loaded while its pods are wired:
+                    # the wiring waits on the kernel's one rtnl lock, nftables does not
+                    services.reconcile(cluster, record, changes)
+                    alongside = functools.partial(sync.sync, cluster, record)
+            pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
             services.reconcile(cluster, record, changes)
-            sync.sync(cluster, record)
+            sync.sync(cluster, record)  # the first sync again when it could not run alongside
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again

@@ -40,7 +40,10 @@ def reconcile(
     progress: Progress,
     changes: Changes,
     cni_exec: bool = False,
+    alongside: Callable[[], None] | None = None,
 ) -> None:
+    """`alongside`: work that needs the new pods' addresses but not their wiring, done while
+    the nodes wire them (a new cluster's first kube-proxy sync)."""
     from netsim.kubeproxy import sync
 
     recorded = record.pods
@@ -70,8 +73,11 @@ def reconcile(
         progress(f"pods: removed {len(removing)}")
         changes.removed += [f"pod {n}" for n in removing]
         state.save(record)  # removals are done: a later failure rolls back to this record
+    if new and cni_exec:
+        _exec_pods(cluster, record, mode, new, tx, progress, changes)
+    elif new:
+        _add_pods(cluster, record, mode, new, tx, progress, changes, alongside)
     if new:
-        (_exec_pods if cni_exec else _add_pods)(cluster, record, mode, new, tx, progress, changes)
         sync_blocks(cluster, record, mode)
         agents.sync(record, sorted({p.node for p in new}))
 
@@ -96,59 +102,68 @@ def _add_pods(
     tx: Transaction,
     progress: Progress,
     changes: Changes,
+    alongside: Callable[[], None] | None = None,
 ) -> None:
-    """The in-process path: nodes side by side, each with one IPAM session, its pods'
-    namespaces, one netlink batch for the host ends and one small batch inside each pod."""
+    """The in-process path: every node's new pods get their addresses first (one IPAM
+    session a node), then the nodes are wired side by side: its pods' namespaces, one netlink
+    batch for the host ends, one small batch inside each pod. `alongside` runs in a thread of
+    its own while the nodes are wired: the record already holds every new pod."""
     from concurrent.futures import ThreadPoolExecutor
 
-    groups = _by_node(pods)
-    done = 0
+    groups = list(_by_node(pods).values())
     with ThreadPoolExecutor(min(len(groups), WORKERS)) as pool:
-        futures = [
-            pool.submit(_add_on_node, cluster, record, mode, node_pods, tx)
-            for node_pods in groups.values()
-        ]
-        failure = None
-        for future in futures:  # every node finishes (or fails) before the undo runs
-            try:
-                made = future.result()
-            except BaseException as exc:
-                failure = failure or exc
-                continue
+        addressed = _each(
+            [pool.submit(_address_on_node, cluster, record, mode, group, tx) for group in groups]
+        )
+        for made in addressed:
             for name, entry in made.items():
                 record.pods[name] = entry
                 tx.on_undo(f"record of {name}", lambda p=name: record.pods.pop(p, None))
-                changes.created.append(f"pod {name}")
-            done += len(made)
-            progress(f"pods: {done}/{len(pods)}")
+        beside = ThreadPoolExecutor(1)
+        try:
+            side = [beside.submit(alongside)] if alongside is not None else []
+            wiring = [pool.submit(_wire_on_node, cluster, record, mode, m, tx) for m in addressed]
+            done = 0
+
+            def wired(made: dict[str, PodRecord]) -> None:
+                nonlocal done
+                changes.created.extend(f"pod {name}" for name in made)
+                done += len(made)
+                progress(f"pods: {done}/{len(pods)}")
+
+            _each(wiring + side, wired)
+        finally:
+            beside.shutdown()
+
+
+def _each(futures: list, each: Callable | None = None) -> list:
+    """Every future's result in order, `each` called on each as it is taken; all of them
+    finish (or fail) before the first failure is raised, so the undo sees the whole of it."""
+    results, failure = [], None
+    for future in futures:
+        try:
+            result = future.result()
+        except BaseException as exc:
+            failure = failure or exc
+            continue
+        results.append(result)
+        if each is not None and result is not None:
+            each(result)
     if failure is not None:
         raise failure
+    return results
 
 
-def _add_on_node(
-    cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction
+def _wire_on_node(
+    cluster: Cluster, record: Record, mode: Mode, made: dict[str, PodRecord], tx: Transaction
 ) -> dict[str, PodRecord]:
-    """One node's new pods, addressed, made and wired; what was made for each."""
+    """One node's addressed pods: their namespaces made and wired."""
     from cni.wiring import Attachment, wire
     from netsim.kernel.netlink import Rtnl
 
-    node = record.nodes[pods[0].node]
-    ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
+    node = record.nodes[next(iter(made.values())).node]
     routes, prefixlen = mode.pod_routes(cluster, node), mode.pod_prefixlen(node)
     mtu = mode.pod_mtu(cluster.mtu)
-    made = {}
-    with ipam.session():
-        for pod in pods:
-            ip = ipam.allocate(pod.name, "eth0")
-            tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
-            made[pod.name] = PodRecord(
-                pod,
-                naming.ns_name(cluster.name, "pod", pod.name),
-                ip,
-                mode.host_veth(services.NAMESPACE, pod.name),
-                node.next_ifindex,
-            )
-            node.next_ifindex += 1
     for entry in made.values():
         tx.netns(entry.netns)
     attachments = []
@@ -172,6 +187,28 @@ def _add_on_node(
     finally:
         for attachment in attachments:
             os.close(attachment.pod_fd)
+    return made
+
+
+def _address_on_node(
+    cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction
+) -> dict[str, PodRecord]:
+    """One IPAM session for the node's new pods: each one's address, names and index."""
+    node = record.nodes[pods[0].node]
+    ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
+    made = {}
+    with ipam.session():
+        for pod in pods:
+            ip = ipam.allocate(pod.name, "eth0")
+            tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
+            made[pod.name] = PodRecord(
+                pod,
+                naming.ns_name(cluster.name, "pod", pod.name),
+                ip,
+                mode.host_veth(services.NAMESPACE, pod.name),
+                node.next_ifindex,
+            )
+            node.next_ifindex += 1
     return made
 
 

@@ -676,3 +676,24 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
         assert veths == ["cali0d7763386da"]  # web-0's; web-1's went with its attachment
     finally:
         node.remove()
+
+
+def test_host_local_session_writes_the_last_reserved_address_once_even_on_failure(tmp_path):
+    """Many allocations in one session go round robin among themselves; the last one is on
+    disk when the session ends, also when the work inside it failed."""
+    from cni.ipam import HostLocal
+
+    store = HostLocal(str(tmp_path), "net", "10.9.0.0/29")
+    with store.session():
+        assert [store.allocate(f"c{i}", "eth0") for i in range(3)] == [
+            "10.9.0.2",
+            "10.9.0.3",
+            "10.9.0.4",
+        ]
+    assert (tmp_path / "net" / "last_reserved_ip.0").read_text() == "10.9.0.4"
+    with pytest.raises(RuntimeError), store.session():
+        assert store.allocate("c3", "eth0") == "10.9.0.5"
+        raise RuntimeError("the pod's wiring failed")
+    assert (tmp_path / "net" / "last_reserved_ip.0").read_text() == "10.9.0.5"
+    with store.session():
+        assert store.allocate("c4", "eth0") == "10.9.0.6"  # after .5, not a hole before it
