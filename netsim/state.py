@@ -79,6 +79,24 @@ def remove(cluster: str) -> None:
     shutil.rmtree(cluster_dir(cluster), ignore_errors=True)
 
 
+def remove_files(cluster: str) -> None:
+    """Everything in the cluster's directory but what finds its objects again after a crash
+    (the record, the journal) and its lock."""
+    directory = cluster_dir(cluster)
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name in ("state.json", "journal", "lock"):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
 def journal(cluster: str, entry: dict[str, Any]) -> None:
     """Note an object about to be created, so a crash cannot hide it from gc."""
     directory = cluster_dir(cluster)

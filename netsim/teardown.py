@@ -74,7 +74,9 @@ def _remove_everything(
     prefix = state.netns_prefix(name)
     namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
     removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
-    proc.stop(list(set(processes)))
+    signalled = proc.terminate(list(set(processes)))
+    state.remove_files(name)  # while they exit: all but the record and the journal
+    proc.finish(signalled)
     # the kernel tears namespaces down in the background and that competes for the CPU, so
     # whatever else is to be removed goes first; a crash from here leaves only namespaces
     # that carry the cluster's name, which gc finds by name

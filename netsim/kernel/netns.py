@@ -90,11 +90,11 @@ def create(name: str) -> None:
 def remove(name: str) -> bool:
     """Unmount and unlink the namespace; False if it was already gone."""
     target = path(name)
-    if not os.path.exists(target):
-        return False
-    _libc.umount2(target.encode(), MNT_DETACH)
-    with contextlib.suppress(FileNotFoundError):
+    _libc.umount2(target.encode(), MNT_DETACH)  # fails harmlessly when not mounted
+    try:
         os.unlink(target)
+    except FileNotFoundError:
+        return False
     return True
 
 

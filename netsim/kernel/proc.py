@@ -75,6 +75,12 @@ def _state(pid: int) -> str | None:
 def stop(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
     """SIGTERM to each (pid, start time) that is still the process we started, then SIGKILL
     what is left after the grace period."""
+    finish(terminate(processes), grace)
+
+
+def terminate(processes: list[tuple[int, int]]) -> dict[int, int]:
+    """SIGTERM to each (pid, start time) that is still the process we started; the pidfds
+    of those signalled, for `finish`."""
     # a pidfd names exactly this process, even if the PID is reused later, and polls readable
     # when it exits: no sleeping loop, no signal to a stranger
     fds = {}
@@ -88,6 +94,11 @@ def stop(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
             signal.pidfd_send_signal(fd, signal.SIGTERM)
         else:
             os.close(fd)
+    return fds
+
+
+def finish(fds: dict[int, int], grace: float = 2.0) -> None:
+    """Wait for the signalled processes to exit; SIGKILL what is left after the grace."""
     _wait_exit(fds, grace)
     for fd in list(fds):
         signal.pidfd_send_signal(fd, signal.SIGKILL)

@@ -385,6 +385,12 @@ def _map_verdict(value: str) -> tuple[int, str]:
     return _verdict(word, chain)
 
 
+def first_sync(ports: list[ProxyPort], cluster_cidr: str) -> tuple[str, nftnl.Batch]:
+    """A node's first sync: the table's fixed part as `nft -f` text, then every Service as
+    one batch (built once, it can go to every node: nft would parse the text in each)."""
+    return full(compute([], cluster_cidr)), changes([], ports, cluster_cidr)
+
+
 def changes(
     old_ports: list[ProxyPort], new_ports: list[ProxyPort], cluster_cidr: str
 ) -> nftnl.Batch:

@@ -27,10 +27,7 @@ def sync(
         return _sync_userspace(record, ports, terminating)
     previous = record.kube_proxy
     if previous is None or previous.mode != "nftables":
-        # the first sync: the fixed part by `nft -f`, then every Service as one batch built
-        # once and sent to every node (nft would parse the same text again in each node)
-        base = kp.full(kp.compute([], cluster.pod_network))
-        batch = kp.changes([], ports, cluster.pod_network)
+        base, batch = kp.first_sync(ports, cluster.pod_network)
         on_every_node(record, lambda netns: (nft.apply(netns, base), batch.commit(netns)))
     else:
         batch = kp.changes(previous.ports, ports, cluster.pod_network)
