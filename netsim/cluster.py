@@ -133,6 +133,7 @@ def apply(
                 if record is not None:
                     agents.stop_all(record)
                 state.remove(cluster.name)
+                nsmod.remove_group(state.netns_dir(cluster.name))
             else:
                 committed = state.load(cluster.name)
                 agents.sync(committed, list(committed.nodes))

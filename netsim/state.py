@@ -37,6 +37,12 @@ def node_dir(cluster: str, node: str) -> str:
     return os.path.join(ROOT, cluster, "nodes", node)
 
 
+def netns_dir(cluster: str) -> str:
+    """Where the cluster's namespaces are mounted (a tmpfs; /run/netns links there). A dot
+    name: no cluster can be called so."""
+    return os.path.join(ROOT, ".netns", cluster)
+
+
 def netns_prefix(cluster: str) -> str:
     """Names are DNS-1123 labels (no dots), so this prefix belongs to one cluster only."""
     return f"{PREFIX}.{cluster}."
@@ -44,7 +50,11 @@ def netns_prefix(cluster: str) -> str:
 
 def clusters() -> list[str]:
     try:
-        return sorted(d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d)))
+        return sorted(
+            d
+            for d in os.listdir(ROOT)
+            if not d.startswith(".") and os.path.isdir(os.path.join(ROOT, d))
+        )
     except FileNotFoundError:
         return []
 

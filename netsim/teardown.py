@@ -75,15 +75,16 @@ def _remove_everything(
     namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
     removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
     signalled = proc.terminate(list(set(processes)))
-    state.remove_files(name)  # while they exit: all but the record and the journal
+    # while they exit: the cluster's files but the record, and its namespaces' names
+    state.remove_files(name)
+    ours = [netns for netns in dict.fromkeys(namespaces) if netns.startswith(prefix)]
+    removed += [f"netns {n}" for n in nsmod.unlink_all(state.netns_dir(name), ours)]
     proc.finish(signalled)
-    # the kernel tears namespaces down in the background and that competes for the CPU, so
-    # whatever else is to be removed goes first; a crash from here leaves only namespaces
-    # that carry the cluster's name, which gc finds by name
+    # the record goes once its processes are gone, then every namespace with one unmount (the
+    # kernel tears them down in the background); a crash in between leaves only what carries
+    # the cluster's name, which gc finds
     before_namespaces()
-    for netns in dict.fromkeys(namespaces):
-        if netns.startswith(prefix) and nsmod.remove(netns):
-            removed.append(f"netns {netns}")
+    nsmod.remove_group(state.netns_dir(name))
     for netns in ipip_bpf.pinned_namespaces():  # eBPF pins outlive their namespace
         if netns.startswith(prefix) and ipip_bpf.remove_pins(netns):
             removed.append(f"bpf pins of {netns}")
@@ -100,6 +101,7 @@ def gc(only: str | None = None) -> dict[str, list[str]]:
         for n in nsmod.names()
         if n.startswith(state.PREFIX + ".") and n.count(".") >= 2
     }
+    names |= set(nsmod.groups(os.path.dirname(state.netns_dir("-"))))  # only mounts left
     names.discard("probe")
     report: dict[str, list[str]] = {}
     for name in sorted(names):

@@ -45,7 +45,7 @@ class Transaction:
 
     def netns(self, name: str) -> None:
         state.journal(self.cluster, {"netns": name})
-        nsmod.create(name)
+        nsmod.create(name, under=state.netns_dir(self.cluster))
         self.undo.append((f"netns {name}", lambda: nsmod.remove(name)))
 
     def process(self, what: str, pid: int, start: int) -> None:

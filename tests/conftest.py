@@ -172,6 +172,9 @@ def assert_nothing_left(cluster: ClusterUnderTest) -> None:
     assert cluster.namespaces() == []
     assert agent_pids(cluster.name) == []
     assert not os.path.exists(state.cluster_dir(cluster.name))
+    with open("/proc/self/mountinfo") as fh:  # the tmpfs its namespaces were mounted on
+        assert f" {state.netns_dir(cluster.name)}" not in fh.read()
+    assert not os.path.exists(state.netns_dir(cluster.name))
 
 
 def host_snapshot() -> dict[str, str]:

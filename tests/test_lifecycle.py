@@ -162,3 +162,32 @@ def test_a_cluster_level_change_is_refused_naming_the_field(cluster):
 def test_expose_names_the_flag_that_is_wrong(argv, words):
     done = run_netsim("expose", "deployment/web", *argv)
     assert done.returncode == 2 and words in done.stderr, done.stderr
+
+
+def test_namespaces_are_links_that_ip_netns_follows_and_go_with_one_unmount(cluster):
+    """Every namespace of a cluster is mounted on its own tmpfs and named by a link in
+    /run/netns: `ip netns list`, `ip netns exec` and `ip netns del` work on it as on any
+    other, and delete unmounts the lot at once, leaving no mount behind."""
+    cluster.apply()
+    record = cluster.record()
+    first, second = record.pods["web-0"], record.pods["web-1"]
+    group = state.netns_dir(cluster.name)
+    assert os.readlink(nsmod.path(first.netns)) == f"{group}/{first.netns}"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert first.netns in listed.split()
+    shown = subprocess.run(
+        ["ip", "netns", "exec", first.netns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f" {first.ip}/" in shown
+    with open("/proc/self/mountinfo") as fh:
+        mounted = [line.split()[4] for line in fh if f" {group}" in line]
+    assert sorted(mounted) == sorted([group] + [f"{group}/{n}" for n in cluster.namespaces()])
+    subprocess.run(["ip", "netns", "del", second.netns], check=True)
+    assert second.netns not in cluster.namespaces()
+    with open("/proc/self/mountinfo") as fh:
+        assert f" {group}/{second.netns} " not in fh.read()
+    assert run_netsim("down", cluster.name).returncode == 0
+    assert_nothing_left(cluster)

@@ -4,6 +4,12 @@ pyroute2's own netns helpers fork a child per call (about 10 ms each); a cluster
 pods cannot pay that. Here the calling thread unshares a new network namespace, bind-mounts it
 on /run/netns/<name> (so `ip netns exec` works) and returns to where it was: under half a
 millisecond. Sockets opened while inside a namespace stay in it after the thread returns.
+
+A namespace made `under` a directory is mounted on a file there, on a tmpfs of that directory's
+own, and /run/netns/<name> is a symlink to it (`ip netns exec`, `ip -n`, `ip netns list` and
+`ip netns del` follow it). Unmounting one namespace costs the kernel time in proportion to all
+the mounts beside it (5000: 0.8 s for all one by one); unmounting the directory takes every
+namespace under it at once (5000: 16 ms): a cluster goes with one unmount.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import contextlib
 import ctypes
 import errno as errnos
 import os
+import threading
 from collections.abc import Iterator
 
 from netsim.errors import KernelError
 
 RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC, MS_BIND, MS_SHARED = 0x4000, 0x1000, 1 << 20
 MNT_DETACH = 2
 
@@ -26,6 +34,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # before any thread could have moved, so it can never be mistaken for a visited namespace.
 _HOME_FD = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 _run_dir_ready = False
+_groups_ready: set[str] = set()  # directories whose tmpfs this process has seen mounted
+_groups_lock = threading.Lock()
 
 
 def _check(result: int, what: str, name: str | None) -> None:
@@ -62,14 +72,37 @@ def names() -> list[str]:
         return []
 
 
-def create(name: str) -> None:
-    """Create the named namespace; EEXIST if the name is taken."""
+def _prepare_group(under: str) -> None:
+    """A tmpfs on `under`, shared like /run/netns, unless one is there already."""
+    with _groups_lock:
+        if under in _groups_ready:
+            return
+        os.makedirs(under, exist_ok=True)
+        if not os.path.ismount(under):
+            flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+            made = _libc.mount(b"tmpfs", under.encode(), b"tmpfs", flags, b"mode=0755")
+            _check(made, f"mount a tmpfs on {under}", None)
+            _check(_libc.mount(b"none", under.encode(), None, MS_SHARED, None), "share", None)
+        _groups_ready.add(under)
+
+
+def create(name: str, under: str | None = None) -> None:
+    """Create the named namespace; EEXIST if the name is taken. With `under`, its mount lives
+    in that directory (see the module's note) and /run/netns/<name> links to it."""
     _prepare_run_dir()
     home = _HOME_FD
-    target = path(name)
+    link = path(name)
+    target = link
+    if under:
+        _prepare_group(under)
+        target = os.path.join(under, name)
     try:
         os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+        if target != link:
+            os.symlink(target, link)
     except FileExistsError:
+        if target != link and os.path.exists(target) and not os.path.ismount(target):
+            os.unlink(target)  # ours from a moment ago: the name in /run/netns was taken
         raise KernelError(errnos.EEXIST, f"create netns {name}", None) from None
     try:
         _check(_libc.unshare(CLONE_NEWNET), f"unshare for netns {name}", None)
@@ -82,20 +115,70 @@ def create(name: str) -> None:
         finally:
             _check(_libc.setns(home, CLONE_NEWNET), "return to home netns", None)
     except KernelError:
-        with contextlib.suppress(OSError):
-            os.unlink(target)
+        for made in {link, target}:
+            with contextlib.suppress(OSError):
+                os.unlink(made)
         raise
 
 
 def remove(name: str) -> bool:
-    """Unmount and unlink the namespace; False if it was already gone."""
-    target = path(name)
-    _libc.umount2(target.encode(), MNT_DETACH)  # fails harmlessly when not mounted
+    """Unmount and unlink the namespace (and its link); False if it was already gone."""
+    link = path(name)
     try:
-        os.unlink(target)
+        target = os.readlink(link)
     except FileNotFoundError:
         return False
+    except OSError:  # not a link: the namespace is mounted on /run/netns/<name> itself
+        target = link
+    _libc.umount2(target.encode(), MNT_DETACH)  # fails harmlessly when not mounted
+    try:
+        os.unlink(link)
+    except FileNotFoundError:
+        return False
+    if target != link:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
     return True
+
+
+def unlink_all(under: str, names: list[str]) -> list[str]:
+    """The names' links in /run/netns, for namespaces mounted under the directory: nothing
+    finds them by name any more, `remove_group` unmounts them. A name mounted elsewhere is
+    removed on its own. The names that existed."""
+    removed = []
+    for name in names:
+        link = path(name)
+        try:
+            inside = os.path.dirname(os.readlink(link)) == under
+        except FileNotFoundError:
+            continue
+        except OSError:  # not a link
+            inside = False
+        if inside:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            removed.append(name)
+        elif remove(name):
+            removed.append(name)
+    return removed
+
+
+def remove_group(under: str) -> None:
+    """Every namespace mounted under the directory at once, with its tmpfs."""
+    with _groups_lock:
+        _groups_ready.discard(under)
+        if os.path.ismount(under):
+            _check(_libc.umount2(under.encode(), MNT_DETACH), f"unmount {under}", None)
+        with contextlib.suppress(OSError):
+            os.rmdir(under)
+
+
+def groups(root: str) -> list[str]:
+    """The directories under `root` that hold namespaces (or held them)."""
+    try:
+        return sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
 
 
 @contextlib.contextmanager
