@@ -62,6 +62,8 @@ def resolve(record: Record, target: str) -> tuple[str, str, str]:
     """A pod, node or external client name, or an IP -> (kind, netns, ip)."""
     place = record.place(target)
     if place:
+        if place.netns and not nsmod.exists(place.netns):
+            raise NetsimError(_lost(place.kind, target, place.netns))
         return place.kind, place.netns, place.ip
     svc = record.services.get(target)
     if svc:
@@ -72,6 +74,16 @@ def resolve(record: Record, target: str) -> tuple[str, str, str]:
         f"no pod, node, client or service named {target!r} in cluster "
         f"{record.cluster}; `netsim get pods` lists them"
     )
+
+
+def _lost(kind: str, name: str, netns: str) -> str:
+    """What to do about a namespace removed behind netsim's back (`ip netns del`)."""
+    fix = (
+        f"`netsim delete pod {name}`, then `netsim apply -f FILE` builds it again"
+        if kind == "pod"
+        else "`netsim down`, then `netsim apply -f FILE`"
+    )
+    return f"{kind} {name} is Lost: its namespace {netns} was removed outside netsim; {fix}"
 
 
 # -- verbs ------------------------------------------------------------------------------------
@@ -400,6 +412,9 @@ def cmd_describe(args) -> int:
     name, record = pick_cluster(args.cluster)
     from netsim import describe
 
+    place = record.place(args.name)
+    if place and place.netns and not nsmod.exists(place.netns):
+        raise NetsimError(_lost(place.kind, args.name, place.netns))
     if args.what in ("node", "no", "nodes"):
         print(describe.node(record, args.name))
     elif args.what in ("pod", "po", "pods"):
@@ -764,9 +779,13 @@ def parser() -> argparse.ArgumentParser:
         "by cluster size (flannel-vxlan and calico-vxlan, 100 pods per node)",
     )
     b.add_argument("--sizes", help="with --scale: pod counts (default 500,1000,2000,5000,10000)")
-    b.add_argument("--json", help="write every sample, the machine and the carriers")
+    b.add_argument(
+        "--json", help="write every sample, the machine and the carriers (--scale: every point)"
+    )
     b.add_argument("--csv", help="write every sample")
-    b.add_argument("--png", metavar="DIR", help="write throughput.png and latency.png")
+    b.add_argument(
+        "--png", metavar="DIR", help="write throughput.png and latency.png (--scale: scale.png)"
+    )
     b.set_defaults(func=cmd_bench)
     tr = sub.add_parser("trace", help="one probe from SRC to DST, shown at every interface")
     tr.add_argument("src", help="pod (or node, client)")

@@ -189,5 +189,13 @@ def test_namespaces_are_links_that_ip_netns_follows_and_go_with_one_unmount(clus
     assert second.netns not in cluster.namespaces()
     with open("/proc/self/mountinfo") as fh:
         assert f" {group}/{second.netns} " not in fh.read()
+    lost = cluster.netsim("exec", "web-1", "--", "true")
+    assert lost.returncode != 0 and "Traceback" not in lost.stderr
+    assert f"pod web-1 is Lost: its namespace {second.netns} was removed outside netsim" in (
+        lost.stderr
+    )
+    # the pod is replaced in a namespace of the same name (the file `ip netns del` left)
+    assert cluster.netsim("delete", "pod", "web-1").returncode == 0
+    assert cluster.netsim("ping", "web-0", "web-1").returncode == 0
     assert run_netsim("down", cluster.name).returncode == 0
     assert_nothing_left(cluster)

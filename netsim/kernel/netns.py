@@ -97,12 +97,16 @@ def create(name: str, under: str | None = None) -> None:
         _prepare_group(under)
         target = os.path.join(under, name)
     try:
-        os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
-        if target != link:
+        if target == link:
+            os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+        else:
+            if os.path.lexists(link) or os.path.ismount(target):
+                raise FileExistsError
+            # an empty file left there is reused: `ip netns del` unmounts it and unlinks
+            # only the name in /run/netns
+            os.close(os.open(target, os.O_RDONLY | os.O_CREAT, 0))
             os.symlink(target, link)
     except FileExistsError:
-        if target != link and os.path.exists(target) and not os.path.ismount(target):
-            os.unlink(target)  # ours from a moment ago: the name in /run/netns was taken
         raise KernelError(errnos.EEXIST, f"create netns {name}", None) from None
     try:
         _check(_libc.unshare(CLONE_NEWNET), f"unshare for netns {name}", None)
