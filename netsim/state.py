@@ -86,25 +86,13 @@ def save(rec: Record) -> None:
 
 
 def remove(cluster: str) -> None:
-    shutil.rmtree(cluster_dir(cluster), ignore_errors=True)
+    """The cluster's directory: its tmpfs goes with one unmount (a directory left by an older
+    netsim, or made without a lock, is removed file by file)."""
+    from netsim.kernel import tmpfs
 
-
-def remove_files(cluster: str) -> None:
-    """Everything in the cluster's directory but what finds its objects again after a crash
-    (the record, the journal) and its lock."""
     directory = cluster_dir(cluster)
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if entry.name in ("state.json", "journal", "lock"):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+    tmpfs.remove(directory)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def journal(cluster: str, entry: dict[str, Any]) -> None:
@@ -125,9 +113,12 @@ def journal_entries(cluster: str) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def locked(cluster: str, wait: bool = True) -> Iterator[None]:
-    """Hold the cluster's lock; with wait=False raise at once if another run holds it."""
+    """Hold the cluster's lock; with wait=False raise at once if another run holds it. The
+    cluster's directory is a tmpfs of its own from here on."""
+    from netsim.kernel import tmpfs
+
     directory = cluster_dir(cluster)
-    os.makedirs(directory, exist_ok=True)
+    tmpfs.mount(directory)
     fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:

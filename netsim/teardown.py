@@ -75,8 +75,7 @@ def _remove_everything(
     namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
     removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
     signalled = proc.terminate(list(set(processes)))
-    # while they exit: the cluster's files but the record, and its namespaces' names
-    state.remove_files(name)
+    # while they exit: the namespaces' names
     ours = [netns for netns in dict.fromkeys(namespaces) if netns.startswith(prefix)]
     removed += [f"netns {n}" for n in nsmod.unlink_all(state.netns_dir(name), ours)]
     proc.finish(signalled)

@@ -45,7 +45,9 @@ class Transaction:
 
     def netns(self, name: str) -> None:
         state.journal(self.cluster, {"netns": name})
-        nsmod.create(name, under=state.netns_dir(self.cluster))
+        prefix = state.netns_prefix(self.cluster)  # the file: the name without it
+        short = name[len(prefix) :] if name.startswith(prefix) else None
+        nsmod.create(name, under=state.netns_dir(self.cluster), file=short)
         self.undo.append((f"netns {name}", lambda: nsmod.remove(name)))
 
     def process(self, what: str, pid: int, start: int) -> None:

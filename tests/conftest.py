@@ -172,8 +172,10 @@ def assert_nothing_left(cluster: ClusterUnderTest) -> None:
     assert cluster.namespaces() == []
     assert agent_pids(cluster.name) == []
     assert not os.path.exists(state.cluster_dir(cluster.name))
-    with open("/proc/self/mountinfo") as fh:  # the tmpfs its namespaces were mounted on
-        assert f" {state.netns_dir(cluster.name)}" not in fh.read()
+    with open("/proc/self/mountinfo") as fh:  # its tmpfs: the namespaces', the directory's
+        mounts = fh.read()
+    assert f" {state.netns_dir(cluster.name)}" not in mounts
+    assert f" {state.cluster_dir(cluster.name)} " not in mounts
     assert not os.path.exists(state.netns_dir(cluster.name))
 
 

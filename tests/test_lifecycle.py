@@ -172,7 +172,14 @@ def test_namespaces_are_links_that_ip_netns_follows_and_go_with_one_unmount(clus
     record = cluster.record()
     first, second = record.pods["web-0"], record.pods["web-1"]
     group = state.netns_dir(cluster.name)
-    assert os.readlink(nsmod.path(first.netns)) == f"{group}/{first.netns}"
+    short = first.netns.removeprefix(state.netns_prefix(cluster.name))
+    target = os.path.join(
+        os.path.dirname(nsmod.path(first.netns)), os.readlink(nsmod.path(first.netns))
+    )
+    assert (
+        os.path.normpath(target) == f"{group}/{short}"
+        and len(os.readlink(nsmod.path(first.netns))) < 60
+    )
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert first.netns in listed.split()
     shown = subprocess.run(
@@ -184,11 +191,14 @@ def test_namespaces_are_links_that_ip_netns_follows_and_go_with_one_unmount(clus
     assert f" {first.ip}/" in shown
     with open("/proc/self/mountinfo") as fh:
         mounted = [line.split()[4] for line in fh if f" {group}" in line]
-    assert sorted(mounted) == sorted([group] + [f"{group}/{n}" for n in cluster.namespaces()])
+    prefix = state.netns_prefix(cluster.name)
+    assert sorted(mounted) == sorted(
+        [group] + [f"{group}/{n.removeprefix(prefix)}" for n in cluster.namespaces()]
+    )
     subprocess.run(["ip", "netns", "del", second.netns], check=True)
     assert second.netns not in cluster.namespaces()
     with open("/proc/self/mountinfo") as fh:
-        assert f" {group}/{second.netns} " not in fh.read()
+        assert f" {group}/{second.netns.removeprefix(prefix)} " not in fh.read()
     lost = cluster.netsim("exec", "web-1", "--", "true")
     assert lost.returncode != 0 and "Traceback" not in lost.stderr
     assert f"pod web-1 is Lost: its namespace {second.netns} was removed outside netsim" in (
