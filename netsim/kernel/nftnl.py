@@ -52,9 +52,13 @@ NG_INCREMENTAL = 0
 REG_VERDICT, REG_1, REG_2 = 0, 1, 2
 
 
+_HEADER = struct.Struct("=HH").pack  # compiled once: tens of thousands of attributes a table
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
 def _attr(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+    return _HEADER(length, kind) + payload + _PAD[length & 3]
 
 
 def _nested(kind: int, *attrs: bytes) -> bytes:
