@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from ipaddress import IPv4Network
 
 from cni.wiring import Attachment
@@ -26,9 +27,19 @@ def gateway(subnet: str) -> str:
     return str(IPv4Network(subnet).network_address + 1)
 
 
+def fixed_mac() -> str:
+    """A random, locally administered MAC given to cni0 when it is made. The bridge plugin
+    sets the bridge's MAC to itself for the same reason: a bridge whose MAC was never set takes
+    its lowest port's, and changes as pods come and go (every pod's ARP entry for the gateway
+    then points at another pod)."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
 def setup_bridge(rtnl: Rtnl, subnet: str, mtu: int, index: int = IFINDEX.BRIDGE) -> None:
     """cni0 holding the gateway address .1 of the node's subnet."""
-    rtnl.bridge(BRIDGE, index, mtu=mtu)
+    rtnl.bridge(BRIDGE, index, mtu=mtu, mac=fixed_mac())
     rtnl.address(index, gateway(subnet), IPv4Network(subnet).prefixlen, BRIDGE)
 
 
@@ -37,7 +48,7 @@ def ensure_bridge(rtnl: Rtnl, subnet: str, mtu: int) -> int:
     link = rtnl.link(BRIDGE)
     if link is None:  # parallel ADDs race to make it: whoever loses uses the winner's
         for step in (
-            lambda: rtnl.bridge(BRIDGE, 0, mtu=mtu),
+            lambda: rtnl.bridge(BRIDGE, 0, mtu=mtu, mac=fixed_mac()),
             lambda: rtnl.address(
                 rtnl.link(BRIDGE)["index"], gateway(subnet), IPv4Network(subnet).prefixlen, BRIDGE
             ),

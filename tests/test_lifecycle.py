@@ -209,3 +209,25 @@ def test_namespaces_are_links_that_ip_netns_follows_and_go_with_one_unmount(clus
     assert cluster.netsim("ping", "web-0", "web-1").returncode == 0
     assert run_netsim("down", cluster.name).returncode == 0
     assert_nothing_left(cluster)
+
+
+def test_cni0_keeps_its_mac_as_pods_come_and_go(cluster):
+    """cni0's MAC is set when it is made, as the bridge plugin sets it: a bridge whose MAC
+    was never set takes its lowest port's, and every pod's ARP entry for the gateway would
+    then point at another pod."""
+    cluster.apply()
+    node = cluster.record().nodes["worker-1"].netns
+
+    def cni0() -> tuple[str, str]:
+        read = ["ip", "netns", "exec", node, "cat", "/sys/class/net/cni0/address"]
+        kind = read[:-1] + ["/sys/class/net/cni0/addr_assign_type"]
+        return tuple(  # ip netns exec mounts the namespace's own /sys
+            subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+            for argv in (read, kind)
+        )
+
+    before = cni0()
+    assert before[1] == "3"  # NET_ADDR_SET
+    cluster.write(replicas=12)
+    assert run_netsim("apply", "-f", cluster.file).returncode == 0
+    assert cni0() == before
