@@ -60,10 +60,8 @@ def _readable_clusters() -> dict[str, Record | None]:
 
 def resolve(record: Record, target: str) -> tuple[str, str, str]:
     """A pod, node or external client name, or an IP -> (kind, netns, ip)."""
-    place = record.place(target)
+    place = _present(record, target)
     if place:
-        if place.netns and not nsmod.exists(place.netns):
-            raise NetsimError(_lost(place.kind, target, place.netns))
         return place.kind, place.netns, place.ip
     svc = record.services.get(target)
     if svc:
@@ -76,14 +74,21 @@ def resolve(record: Record, target: str) -> tuple[str, str, str]:
     )
 
 
-def _lost(kind: str, name: str, netns: str) -> str:
-    """What to do about a namespace removed behind netsim's back (`ip netns del`)."""
-    fix = (
-        f"`netsim delete pod {name}`, then `netsim apply -f FILE` builds it again"
-        if kind == "pod"
-        else "`netsim down`, then `netsim apply -f FILE`"
-    )
-    return f"{kind} {name} is Lost: its namespace {netns} was removed outside netsim; {fix}"
+def _present(record: Record, name: str):
+    """The pod, node or client of that name (None if there is none), refused with the fix
+    when its namespace was removed behind netsim's back (`ip netns del`)."""
+    place = record.place(name)
+    if place and place.netns and not nsmod.exists(place.netns):
+        fix = (
+            f"`netsim delete pod {name}`, then `netsim apply -f FILE` builds it again"
+            if place.kind == "pod"
+            else "`netsim down`, then `netsim apply -f FILE`"
+        )
+        raise NetsimError(
+            f"{place.kind} {name} is Lost: its namespace {place.netns} was removed outside "
+            f"netsim; {fix}"
+        )
+    return place
 
 
 # -- verbs ------------------------------------------------------------------------------------
@@ -412,9 +417,7 @@ def cmd_describe(args) -> int:
     name, record = pick_cluster(args.cluster)
     from netsim import describe
 
-    place = record.place(args.name)
-    if place and place.netns and not nsmod.exists(place.netns):
-        raise NetsimError(_lost(place.kind, args.name, place.netns))
+    _present(record, args.name)
     if args.what in ("node", "no", "nodes"):
         print(describe.node(record, args.name))
     elif args.what in ("pod", "po", "pods"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from netsim import agents, naming, services, state
 from netsim.errors import NetsimError
@@ -111,44 +112,44 @@ def _add_pods(
     from concurrent.futures import ThreadPoolExecutor
 
     groups = list(_by_node(pods).values())
-    with ThreadPoolExecutor(min(len(groups), WORKERS)) as pool:
+    with ThreadPoolExecutor(min(len(groups), WORKERS) + (alongside is not None)) as pool:
         addressed = _each(
-            [pool.submit(_address_on_node, cluster, record, mode, group, tx) for group in groups]
+            [(pool.submit(_address_on_node, cluster, record, mode, g, tx), None) for g in groups]
         )
         for made in addressed:
             for name, entry in made.items():
                 record.pods[name] = entry
                 tx.on_undo(f"record of {name}", lambda p=name: record.pods.pop(p, None))
-        beside = ThreadPoolExecutor(1)
-        try:
-            side = [beside.submit(alongside)] if alongside is not None else []
-            wiring = [pool.submit(_wire_on_node, cluster, record, mode, m, tx) for m in addressed]
-            done = 0
+        side = [(pool.submit(alongside), None)] if alongside is not None else []
+        done = 0
 
-            def wired(made: dict[str, PodRecord]) -> None:
-                nonlocal done
-                changes.created.extend(f"pod {name}" for name in made)
-                done += len(made)
-                progress(f"pods: {done}/{len(pods)}")
+        def wired(made: dict[str, PodRecord]) -> None:
+            nonlocal done
+            changes.created.extend(f"pod {name}" for name in made)
+            done += len(made)
+            progress(f"pods: {done}/{len(pods)}")
 
-            _each(wiring + side, wired)
-        finally:
-            beside.shutdown()
+        wiring = [
+            (pool.submit(_wire_on_node, cluster, record, mode, made, tx), wired)
+            for made in addressed
+        ]
+        _each(side + wiring)
 
 
-def _each(futures: list, each: Callable | None = None) -> list:
-    """Every future's result in order, `each` called on each as it is taken; all of them
-    finish (or fail) before the first failure is raised, so the undo sees the whole of it."""
+def _each(futures: list[tuple[Future, Callable | None]]) -> list:
+    """Every future's result in order, each one's callback (if any) called on it as it is
+    taken; all of them finish (or fail) before the first failure is raised, so the undo sees
+    the whole of it."""
     results, failure = [], None
-    for future in futures:
+    for future, then in futures:
         try:
             result = future.result()
         except BaseException as exc:
             failure = failure or exc
             continue
         results.append(result)
-        if each is not None and result is not None:
-            each(result)
+        if then is not None:
+            then(result)
     if failure is not None:
         raise failure
     return results

@@ -37,10 +37,15 @@ def node_dir(cluster: str, node: str) -> str:
     return os.path.join(ROOT, cluster, "nodes", node)
 
 
+def netns_root() -> str:
+    """Where clusters' namespaces are mounted, one tmpfs each. A dot name: no cluster can be
+    called so."""
+    return os.path.join(ROOT, ".netns")
+
+
 def netns_dir(cluster: str) -> str:
-    """Where the cluster's namespaces are mounted (a tmpfs; /run/netns links there). A dot
-    name: no cluster can be called so."""
-    return os.path.join(ROOT, ".netns", cluster)
+    """Where the cluster's namespaces are mounted (a tmpfs; /run/netns links there)."""
+    return os.path.join(netns_root(), cluster)
 
 
 def netns_prefix(cluster: str) -> str:

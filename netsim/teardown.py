@@ -100,7 +100,7 @@ def gc(only: str | None = None) -> dict[str, list[str]]:
         for n in nsmod.names()
         if n.startswith(state.PREFIX + ".") and n.count(".") >= 2
     }
-    names |= set(nsmod.groups(os.path.dirname(state.netns_dir("-"))))  # only mounts left
+    names |= set(nsmod.groups(state.netns_root()))  # only their mounts left
     names.discard("probe")
     report: dict[str, list[str]] = {}
     for name in sorted(names):

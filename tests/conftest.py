@@ -67,6 +67,18 @@ def assert_sticky(
     return pod
 
 
+def ip_batch(netns: str, *commands: str) -> None:
+    """Lines of `ip -batch` run inside the namespace (test scaffolding, not netsim's path)."""
+    result = subprocess.run(
+        ["ip", "-n", netns, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        text=True,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, f"ip -n {netns} -batch: {result.stderr}"
+
+
 def ip_json(netns: str, *argv: str):
     """`ip -j ARGS` inside the namespace, decoded."""
     out = subprocess.run(

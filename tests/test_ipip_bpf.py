@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Capture, needs_root
+from conftest import Capture, ip_batch, needs_root
 
 from netsim.kernel import ipip_bpf
 from netsim.kernel import netns as nsmod
@@ -47,16 +47,6 @@ class Topology:
     @property
     def all(self) -> list[str]:
         return [self.pod_a, self.pod_b, self.node_a, self.node_b]
-
-
-def ip_batch(netns: str, *commands: str) -> None:
-    subprocess.run(
-        ["ip", "-n", netns, "-batch", "-"],
-        input="\n".join(commands) + "\n",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
 
 
 def in_ns(netns: str, *argv: str, **kw) -> subprocess.CompletedProcess:

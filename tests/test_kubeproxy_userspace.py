@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import assert_sticky, needs_root, wait_for
+from conftest import assert_sticky, ip_batch, needs_root, wait_for
 
 from netsim.kernel import netns as nsmod
 from netsim.kubeproxy.userspace import Balancer, Proxy
@@ -155,10 +155,6 @@ class Lab:
 def run(argv: list[str], input: str | None = None) -> None:
     result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
-
-
-def ip_batch(netns: str, *commands: str) -> None:
-    run(["ip", "-n", netns, "-batch", "-"], input="\n".join(commands) + "\n")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import Capture, needs_root, wait_for
+from conftest import Capture, ip_batch, needs_root, wait_for
 
 from netsim.kernel import netns as nsmod
 from netsim.kernel.netlink import Rtnl
@@ -43,17 +43,6 @@ class Nodes:
     @property
     def pod_b_ip(self) -> str:
         return f"{self.net_b}.2"
-
-
-def ip_batch(netns: str, *commands: str) -> None:
-    subprocess.run(
-        ["ip", "-n", netns, "-batch", "-"],
-        input="\n".join(commands) + "\n",
-        text=True,
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
 
 
 def in_ns(netns: str, *argv: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
