@@ -121,7 +121,7 @@ def apply(
                     alongside = functools.partial(sync.sync, cluster, record)
             pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
             services.reconcile(cluster, record, changes)
-            sync.sync(cluster, record)  # the first sync again when it could not run alongside
+            sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again

@@ -31,7 +31,8 @@ def sync(
         on_every_node(record, lambda netns: (nft.apply(netns, base), batch.commit(netns)))
     else:
         batch = kp.changes(previous.ports, ports, cluster.pod_network)
-        on_every_node(record, batch.commit)
+        if len(batch):  # nothing changed (a new cluster's second pass): no node to visit
+            on_every_node(record, batch.commit)
     record.kube_proxy = KubeProxy("nftables", ports)
 
 
