@@ -422,7 +422,14 @@ def test_no_endpoints_rejects_at_once(lab: Lab, proxy: Proxy) -> None:
 def test_udp_round_robin_and_flows(lab: Lab, proxy: Proxy) -> None:
     ports = proxy.sync({UDP_KEY: {"protocol": "UDP", "endpoints": ALL}})
     lab.redirect(udp_port=ports[UDP_KEY])
-    answers = [ask_udp(lab) for _ in range(30)]  # a fresh client port each: a new flow each
+    # a client port of its own each, all bound at once (a port freed and handed out again
+    # within the idle timeout would be the same flow): a new flow each
+    socks = [client_socket(lab, socket.SOCK_DGRAM, CLIENT_A) for _ in range(30)]
+    try:
+        answers = [ask_udp(lab, sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
     assert answers == ["pod1", "pod2", "pod3"] * 10
     # one flow, one endpoint: the idle timeout is raised for this check, so a scheduling
     # hiccup on a loaded host cannot end the flow between two datagrams
