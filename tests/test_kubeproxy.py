@@ -3,6 +3,8 @@ the built-in hostname servers through ClusterIPs and NodePorts."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import socket
 import subprocess
@@ -320,7 +322,9 @@ def test_kube_proxy_table_has_kube_proxys_shape(services):
     ):
         assert expected in names
     chains = [o["name"] for kind, o in objects if kind == "chain"]
-    assert any(c.startswith("service-") and c.endswith("-default/web/tcp/") for c in chains)
+    # kube-proxy's prefix: base32 of the first five bytes of sha256("<ns>/<svc>/<proto>/<port>")
+    prefix = base64.b32encode(hashlib.sha256(b"default/web/tcp/").digest()[:5]).decode()
+    assert f"service-{prefix}-default/web/tcp/" in chains
     assert sum(c.startswith("endpoint-") for c in chains) == 3 * 3 + 1  # web, web-aff, np; solo
     sets = [o for kind, o in objects if kind == "set" and o["name"].startswith("affinity-")]
     assert len(sets) == 3 and all(s["timeout"] == 3 and "timeout" in s["flags"] for s in sets)

@@ -82,8 +82,28 @@ def _expr(name: str, *attrs: bytes) -> bytes:
 
 
 def _verdict(code: int, chain: str | None) -> bytes:
-    inner = [_i32(1, code)] + ([_str(2, chain)] if chain else [])
-    return _nested(2, *inner)  # NFTA_DATA_VERDICT{CODE, CHAIN}
+    if chain:
+        return _last(_verdict_to, (code,), chain.encode() + b"\0")
+    return _nested(2, _i32(1, code))  # NFTA_DATA_VERDICT{CODE}
+
+
+def _verdict_to(code: int, name: bytes) -> bytes:
+    return _nested(2, _i32(1, code), _attr(2, name))  # NFTA_DATA_VERDICT{CODE, CHAIN}
+
+
+_HEADS: dict[tuple, bytes] = {}
+
+
+def _last(build, args: tuple, data: bytes) -> bytes:
+    """build(*args, data), where `data` is the last attribute at every level of nesting: what
+    comes before it depends only on its length, so it is built once per length and the data
+    appended (a table's ten thousand endpoint addresses and chain names cost a join each)."""
+    key = (build, args, len(data))
+    head = _HEADS.get(key)
+    if head is None:
+        whole = build(*args, bytes(len(data)))
+        head = _HEADS[key] = whole[: len(whole) - len(data) - len(_PAD[len(data) & 3])]
+    return head + data + _PAD[len(data) & 3]
 
 
 # -- expressions (the bytecode nft emits for the same rule text) -------------------------------
@@ -95,8 +115,11 @@ def payload(base: int, offset: int, length: int, dreg: int = REG_1) -> bytes:
     return _expr("payload", _u32(1, dreg), _u32(2, base), _u32(3, offset), _u32(4, length))
 
 
-@functools.lru_cache(maxsize=1 << 15)
 def cmp(op: int, data: bytes, sreg: int = REG_1) -> bytes:
+    return _last(_cmp, (op, sreg), data)
+
+
+def _cmp(op: int, sreg: int, data: bytes) -> bytes:
     return _expr("cmp", _u32(1, sreg), _u32(2, op), _nested(3, _attr(1, data)))
 
 
@@ -118,14 +141,22 @@ def meta(key: int, dreg: int = REG_1) -> bytes:
     return _expr("meta", _u32(1, dreg), _u32(2, key))
 
 
-@functools.lru_cache(maxsize=1 << 15)
 def immediate(data: bytes, dreg: int) -> bytes:
+    return _last(_immediate, (dreg,), data)
+
+
+def _immediate(dreg: int, data: bytes) -> bytes:
     return _expr("immediate", _u32(1, dreg), _nested(2, _attr(1, data)))
 
 
-@functools.lru_cache(maxsize=1 << 15)
 def verdict(code: int, chain: str | None = None) -> bytes:
-    return _expr("immediate", _u32(1, REG_VERDICT), _nested(2, _verdict(code, chain)))
+    if chain:
+        return _last(_verdict_expr, (code,), chain.encode() + b"\0")
+    return _expr("immediate", _u32(1, REG_VERDICT), _nested(2, _verdict(code, None)))
+
+
+def _verdict_expr(code: int, name: bytes) -> bytes:
+    return _expr("immediate", _u32(1, REG_VERDICT), _nested(2, _verdict_to(code, name)))
 
 
 @functools.lru_cache(maxsize=1 << 15)

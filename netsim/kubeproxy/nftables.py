@@ -22,8 +22,9 @@ re-checks every element's jump for loops, so each of a thousand rules would walk
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import functools
+import gc
 import hashlib
 import ipaddress
 import socket
@@ -97,11 +98,16 @@ BASE = f"""table ip {TABLE} {{
 """
 
 
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _hash(text: str) -> str:
-    """8 characters of base32(sha256), as kube-proxy prefixes its chain names (the first five
-    bytes make exactly those eight characters)."""
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:5]).decode()
+    """8 characters of base32(sha256), as kube-proxy prefixes its chain names: the first five
+    bytes make exactly those eight characters, five bits each (base64.b32encode gives the same
+    text, in pure Python and ten times slower)."""
+    bits = int.from_bytes(hashlib.sha256(text.encode()).digest()[:5], "big")
+    return "".join(_BASE32[(bits >> shift) & 31] for shift in range(35, -1, -5))
 
 
 def service_chain(sp: ProxyPort) -> str:
@@ -399,11 +405,26 @@ def changes(
     endpoint changing among thousands costs what that one service costs."""
     before = {sp.key: sp for sp in old_ports}
     after = {sp.key: sp for sp in new_ports}
-    old = compute([sp for key, sp in before.items() if after.get(key) != sp], cluster_cidr)
-    new = compute([sp for key, sp in after.items() if before.get(key) != sp], cluster_cidr)
-    old.cluster_ips = {sp.cluster_ip for sp in old_ports}
-    new.cluster_ips = {sp.cluster_ip for sp in new_ports}
-    return _difference(old, new)
+    with _collector_paused():
+        old = compute([sp for key, sp in before.items() if after.get(key) != sp], cluster_cidr)
+        new = compute([sp for key, sp in after.items() if before.get(key) != sp], cluster_cidr)
+        old.cluster_ips = {sp.cluster_ip for sp in old_ports}
+        new.cluster_ips = {sp.cluster_ip for sp in new_ports}
+        return _difference(old, new)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cycle collector off while a table is built: the tens of thousands of rules it
+    allocates (none in a cycle) would otherwise trigger full collections that walk the whole
+    heap, a third of a cold 1000-Service build."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
