@@ -81,12 +81,14 @@ def sync(
 
 
 def daemons(record: Record) -> list[tuple[int, int]]:
-    """(pid, start time) of every process the record holds: agents, BIRDs."""
+    """(pid, start time) of every process the record holds: agents, BIRDs, etcd."""
     found = []
     for host in record.hosts():
         for process in (getattr(host, "agent", None), host.bird):
             if process is not None:
                 found.append((process.pid, process.start))
+    if record.master is not None and record.master.etcd is not None:
+        found.append((record.master.etcd.pid, record.master.etcd.start))
     return found
 
 

@@ -47,6 +47,7 @@ SPEC_FIELDS = {
     "cni_version": "spec.cni.cniVersion",
     "cni_plugins": "spec.cni.plugins",
     "proxy_mode": "spec.kubeProxy.mode",
+    "datastore": "spec.datastore",
 }
 
 
@@ -65,6 +66,7 @@ def spec_of(cluster: Cluster) -> ClusterSpec:
         cluster.cni_version,
         cluster.cni_plugins,
         cluster.proxy_mode,
+        cluster.datastore,
     )
 
 

@@ -58,6 +58,20 @@ class CalicoSpec:
 
 
 @dataclass(frozen=True)
+class Datastore:
+    """Where the cluster's state lives: the etcd netsim runs on the master (no endpoints), or
+    the user's etcd at `endpoints`, reached from the namespace `netns` ("" the host's own)."""
+
+    endpoints: tuple[str, ...] = ()
+    netns: str = ""
+    master_ip: str = ""  # netsim's own etcd: the master's address on the first segment
+
+    @property
+    def own(self) -> bool:
+        return not self.endpoints
+
+
+@dataclass(frozen=True)
 class Container:
     name: str
     ports: tuple[int, ...] = ()
@@ -129,6 +143,7 @@ class Cluster:
     proxy_mode: str = "nftables"  # kube-proxy's backend: nftables | userspace
     cni_version: str = "1.0.0"  # of the node's CNI config list
     cni_plugins: list[dict] = field(default_factory=list)  # chained after netsim's plugin
+    datastore: Datastore = field(default_factory=Datastore)
     source: str = ""  # the file it came from
 
     def node(self, name: str) -> Node:

@@ -16,7 +16,7 @@ import msgspec
 
 from netsim.errors import NetsimError
 from netsim.kubeproxy.ports import ProxyPort
-from netsim.model import CalicoSpec, ExternalClient, Node, Pod, Segment, Service
+from netsim.model import CalicoSpec, Datastore, ExternalClient, Node, Pod, Segment, Service
 
 
 @dataclass
@@ -120,6 +120,19 @@ class Underlay:
 
 
 @dataclass
+class Master:
+    """The control plane's namespace on the first segment, where netsim runs the cluster's
+    etcd (as the guides run it on their master)."""
+
+    netns: str
+    ip: str
+    segment: str
+    port: str  # its port on the segment's bridge
+    etcd: Process | None = None
+    etcd_started_s: float = 0.0  # how long etcd took to answer, reported apart from apply
+
+
+@dataclass
 class Router:
     netns: str
     legs: dict[str, RouterLeg] = field(default_factory=dict)  # segment -> leg
@@ -141,6 +154,7 @@ class ClusterSpec:
     cni_version: str
     cni_plugins: list[dict]
     proxy_mode: str
+    datastore: Datastore = field(default_factory=Datastore)
 
 
 @dataclass
@@ -173,6 +187,7 @@ class Record:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     kube_proxy: KubeProxy | None = None
+    master: Master | None = None  # netsim's own etcd; None when the user's etcd is used
     cni_exec: bool = False  # pods are wired by executing each node's CNI chain (--cni exec)
     source: str = ""  # the topology file, absolute
     overrides: dict = field(default_factory=dict)  # what scale, expose, delete pod changed

@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from netaddr import AddrFormatError, IPAddress, IPNetwork
@@ -29,6 +30,7 @@ from netsim.model import (
     CalicoSpec,
     Cluster,
     Container,
+    Datastore,
     ExternalClient,
     Node,
     Pod,
@@ -118,6 +120,10 @@ _KNOWN = {
         "spec.underlay.segments",
         "spec.nodes",
         "spec.externalClients",
+        "spec.datastore",
+        "spec.datastore.etcd",
+        "spec.datastore.etcd.endpoints",
+        "spec.datastore.etcd.netns",
     },
     "Pod": {
         "apiVersion",
@@ -747,7 +753,9 @@ def _cluster(doc: _Doc) -> Cluster:
     if calico:
         clients += _bgp_peers(doc, mode, segments, calico_spec.asn)
     _unique([(h.name, doc) for h in nodes + clients], "spec.nodes", "node or external client")
-    _assign_ips(doc, segments, nodes, clients)
+    datastore = _datastore(doc)
+    master_ip = _assign_ips(doc, segments, nodes, clients, datastore.own)
+    datastore = replace(datastore, master_ip=master_ip)
     available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
     if not calico and len(nodes) > available:
         raise doc.fail(
@@ -785,6 +793,7 @@ def _cluster(doc: _Doc) -> Cluster:
         cni_version=cni_version,
         cni_plugins=plugins,
         proxy_mode=proxy_mode,
+        datastore=datastore,
     )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")
@@ -1023,20 +1032,26 @@ def _first_overlap(nets: list[IPNetwork]) -> tuple[int, int] | None:
     )
 
 
-def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) -> None:
-    """Give hosts without an ip the next free address; .1 of each segment stays for a router."""
+def _assign_ips(
+    doc: _Doc, segments: list[Segment], nodes: list, clients: list, master: bool
+) -> str:
+    """Give hosts without an ip the next free address; .1 of each segment stays for a router.
+    With `master`, the first segment's highest address not given to a host is the master's
+    (where netsim runs the cluster's etcd), which is returned."""
     places: dict[str, list[tuple[list, int]]] = {s.name: [] for s in segments}
     for group in (nodes, clients):
         for i, host in enumerate(group):
             places[host.segment].append((group, i))
-    for seg in segments:
+    master_ip = ""
+    for index, seg in enumerate(segments):
         net = IPNetwork(seg.subnet)
         members = [group[i] for group, i in places[seg.name]]
-        if len(members) > max(net.size - 3, 0):
+        room = max(net.size - 3 - (master and index == 0), 0)
+        if len(members) > room:
+            also = " beside the master (its etcd)" if master and index == 0 else ""
             raise doc.fail(
                 "spec.underlay.segments",
-                f"segment {seg.name} ({net}) has room for "
-                f"{max(net.size - 3, 0)} hosts, not {len(members)}",
+                f"segment {seg.name} ({net}) has room for {room} hosts{also}, not {len(members)}",
                 "use a larger subnet or spread the nodes over more segments",
             )
         taken = {h.ip for h in members if h.ip}
@@ -1046,10 +1061,46 @@ def _assign_ips(doc: _Doc, segments: list[Segment], nodes: list, clients: list) 
                 f"two hosts on segment {seg.name} share an ip",
                 "give each node and client its own address",
             )
+        if master and index == 0:
+            top = net.broadcast - 1
+            while str(top) in taken:
+                top -= 1
+            master_ip = str(top)
+            taken.add(master_ip)
         free = (str(a) for a in net.iter_hosts() if a != net.network + 1 and str(a) not in taken)
         for group, i in places[seg.name]:
             if not group[i].ip:
                 group[i] = replace(group[i], ip=next(free))
+    return master_ip
+
+
+def _datastore(doc: _Doc) -> Datastore:
+    """spec.datastore.etcd: the user's etcd endpoints (http URLs) and the namespace to reach
+    them from; without it netsim runs an etcd of the cluster's own on its master."""
+    endpoints = doc.get("spec.datastore.etcd.endpoints", [], list)
+    urls = []
+    for i, url in enumerate(endpoints):
+        field = f"spec.datastore.etcd.endpoints[{i}]"
+        parts = urlsplit(url) if isinstance(url, str) else None
+        try:
+            port = parts.port if parts else None
+        except ValueError:
+            port = None
+        if not parts or parts.scheme != "http" or not parts.hostname or not port:
+            raise doc.fail(
+                field,
+                f"{_show(url)} is not an etcd client URL netsim can use",
+                "write http://HOST:PORT, e.g. http://10.0.0.5:2379 (TLS is not supported)",
+            )
+        urls.append(url.rstrip("/"))
+    netns = doc.get("spec.datastore.etcd.netns", "", str)
+    if netns and not urls:
+        raise doc.fail(
+            "spec.datastore.etcd.netns",
+            "a namespace to reach etcd from, but no endpoints",
+            "add spec.datastore.etcd.endpoints, or remove netns to let netsim run etcd",
+        )
+    return Datastore(tuple(urls), netns)
 
 
 def _labels(doc: _Doc, path: str) -> dict[str, str]:

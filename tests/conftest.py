@@ -177,6 +177,53 @@ def cluster(tmp_path):
     assert not c.namespaces(), f"cleanup left namespaces: {c.namespaces()}"
 
 
+class EtcdUnderTest:
+    """A real etcd in a namespace of the test's own, on its loopback: `store` speaks to it,
+    `netns` and `url` are what a topology's spec.datastore.etcd names."""
+
+    def __init__(self, tmp_path: Path):
+        from netsim.kernel import netns as nsmod
+        from netsim.store import server
+        from netsim.store.client import Store
+
+        self.netns = f"netsim-test-etcd-{uuid.uuid4().hex[:6]}"  # not a cluster's name
+        nsmod.create(self.netns)
+        try:
+            subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+            self.url = "http://127.0.0.1:2379"
+            self.process = server.start(str(tmp_path), self.netns, "external", "127.0.0.1")
+        except BaseException:
+            nsmod.remove(self.netns)
+            raise
+        self.store = Store([self.url], self.netns)
+
+    def etcdctl(self, *argv: str) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns, "etcdctl", *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        ).stdout
+
+    def close(self) -> None:
+        from netsim.kernel import netns as nsmod
+        from netsim.kernel import proc
+
+        proc.stop([self.process])
+        nsmod.remove(self.netns)
+
+
+@pytest.fixture
+def etcd(tmp_path) -> Iterator[EtcdUnderTest]:
+    """A real etcd of the test's own, stopped and removed after it, whatever happened."""
+    server = EtcdUnderTest(tmp_path)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def assert_nothing_left(cluster: ClusterUnderTest) -> None:
     """No namespace, agent process or state file of the cluster remains."""
     from netsim import state

@@ -1,6 +1,6 @@
 """The layering the code promises, checked on its imports and literals: the CNI plugin (cni/)
-uses only netsim's kernel layer and errors, the kernel layer uses nothing above it, and no
-module outside netsim/modes names a mode (readers ask the mode instead)."""
+uses only netsim's kernel layer, errors and the etcd client, the kernel layer uses nothing
+above it, and no module outside netsim/modes names a mode (readers ask the mode instead)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,20 @@ def _allowed_below(name: str, allowed: tuple[str, ...]) -> bool:
     )
 
 
-def test_the_cni_plugin_uses_only_the_kernel_layer_of_netsim():
+def test_the_cni_plugin_uses_only_the_kernel_layer_of_netsim_and_the_store_client():
     wrong = {
         f"{p.relative_to(ROOT)}: {name}"
         for p in _modules("cni")
         for name in _imports(p)
+        if not _allowed_below(name, ("netsim.kernel", "netsim.errors", "netsim.store.client"))
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_the_store_client_stands_on_the_kernel_layer_alone():
+    wrong = {
+        name
+        for name in _imports(ROOT / "netsim" / "store" / "client.py")
         if not _allowed_below(name, ("netsim.kernel", "netsim.errors"))
     }
     assert not wrong, sorted(wrong)

@@ -211,7 +211,7 @@ CASES = [
         "segment-too-small",
         [put(CLUSTER, {"spec.underlay.segments": lan("172.18.0.0/30")})],
         "spec.underlay.segments",
-        "has room for 1 hosts, not 3",
+        "has room for 0 hosts beside the master (its etcd), not 3",
     ),
     (
         "network-too-small",
