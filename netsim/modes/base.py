@@ -110,8 +110,11 @@ class Mode:
         """Files the real daemon keeps on the node's disk (flannel's subnet.env)."""
         return {}
 
-    def cluster_files(self, cluster: Cluster, record: Record) -> dict[str, str]:
-        """The shared facts, one file per datastore key."""
+    def store_keys(self, cluster: Cluster, record: Record) -> dict[str, str]:
+        """The mode's shared facts as the real system keeps them in etcd, key -> value,
+        written once the nodes are built (flannel's network config; Calico's IP pool, nodes,
+        BGP configuration and peers). What the mode claims at plan time (flannel's leases,
+        Calico's blocks) it writes itself, with a transaction, in plan_nodes."""
         return {}
 
     def start_cluster(
