@@ -11,7 +11,9 @@ makes the agent serve exactly those pods (and the node's userspace carrier, if t
 one: netsim/userspace_tunnel.py, in threads of its own; and, with "services", kube-proxy's
 userspace proxy, netsim/kubeproxy/userspace.py) and answers {"ok": true, "serving": [...],
 "pids": {...}}.
-It deliberately imports only the standard library and netsim.kernel.netns to stay small.
+It also renews the node's flannel lease in etcd, as flanneld does (LeaseRenewer).
+It deliberately imports only the standard library and netsim.kernel.netns to stay small (the
+etcd client only on nodes that hold a lease).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 from netsim.kernel import netns as nsmod
 
@@ -40,6 +43,7 @@ class Agent:
         self.tunnel = None  # a userspace carrier (netsim.userspace_tunnel.Tunnel)
         self.proxy = None  # kube-proxy's userspace mode (netsim.kubeproxy.userspace.Proxy)
         self.tunnel_key: dict = {}
+        self.renewer: LeaseRenewer | None = None  # flanneld's renewal of the node's lease
         self.sel.register(self.control, selectors.EVENT_READ, ("control-accept", None))
 
     # -- pods ----------------------------------------------------------------------------------
@@ -198,6 +202,7 @@ class Agent:
         with conn, conn.makefile("rwb") as stream:
             for line in stream:
                 request = json.loads(line)
+                self.renewer = LeaseRenewer.follow(self.renewer, request.get("lease"))
                 problem = self.sync_tunnel(request.get("tunnel"))
                 reply = self.sync(request["pods"])
                 reply["proxy_ports"], proxy_problem = self.sync_proxy(request.get("services"))
@@ -207,6 +212,50 @@ class Agent:
                         reply["errors"][what] = text
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
+
+
+class LeaseRenewer(threading.Thread):
+    """flanneld's lease renewal: the node's subnet lease is bound to an etcd lease of the
+    cluster's TTL (flannel's 24 h), renewed `margin` before it would end (flannel's
+    --subnet-lease-renew-margin, 60 minutes; a third of a short TTL), and every minute after
+    a failed try. Each renewal is logged."""
+
+    def __init__(self, spec: dict):
+        super().__init__(daemon=True, name="lease-renewer")
+        self.spec = spec
+        self.stopped = threading.Event()
+
+    @classmethod
+    def follow(cls, current: LeaseRenewer | None, spec: dict | None) -> LeaseRenewer | None:
+        if current is not None and current.spec == spec:
+            return current
+        if current is not None:
+            current.stopped.set()
+        if spec is None:
+            return None
+        renewer = cls(spec)
+        renewer.start()
+        return renewer
+
+    def run(self) -> None:
+        from netsim.store.client import Store  # only flannel's nodes pay for the client
+
+        store = Store(self.spec["endpoints"], self.spec["netns"])
+        ttl = self.spec["ttl"]
+        margin = min(3600, ttl // 3)
+        wait = ttl - margin
+        while not self.stopped.wait(wait):
+            try:
+                left = store.keep_alive(self.spec["id"])
+            except Exception as exc:  # the store is down: flannel retries every minute
+                print(f"lease {self.spec['id']:x}: renewal failed ({exc})", flush=True)
+                wait = min(60, margin)
+                continue
+            if left <= 0:
+                print(f"lease {self.spec['id']:x} has been revoked", flush=True)
+                return
+            print(f"lease {self.spec['id']:x} renewed: TTL {left} s", flush=True)
+            wait = ttl - margin
 
 
 def _end(procs: list[subprocess.Popen]) -> None:
@@ -226,16 +275,16 @@ def request(
     pods: dict[str, dict],
     tunnel: dict | None = None,
     services: dict | None = None,
+    lease: dict | None = None,
     timeout: float = 30.0,
 ) -> dict:
     """Ask a running agent to serve exactly these pods (and this tunnel, and these Services in
-    kube-proxy's userspace mode); return its reply."""
+    kube-proxy's userspace mode, and keep this flannel lease alive); return its reply."""
+    message = {"pods": pods, "tunnel": tunnel, "services": services, "lease": lease}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)
-        sock.sendall(
-            json.dumps({"pods": pods, "tunnel": tunnel, "services": services}).encode() + b"\n"
-        )
+        sock.sendall(json.dumps(message).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

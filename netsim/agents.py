@@ -63,7 +63,7 @@ def sync(
         path = os.path.join(state.node_dir(record.cluster, node_name), "agent.sock")
         tunnel = dataclasses.asdict(node.agent_tunnel) if node.agent_tunnel else None
         try:
-            reply = agentmod.request(path, pods, tunnel, services)
+            reply = agentmod.request(path, pods, tunnel, services, _lease(record, node))
         except OSError as exc:
             raise NetsimError(
                 f"the agent of node {node_name} did not answer ({exc}); see "
@@ -78,6 +78,22 @@ def sync(
             if pod_name in record.pods:
                 record.pods[pod_name].pids = pids
         node.proxy_ports = reply.get("proxy_ports") or {}
+
+
+def _lease(record: Record, node) -> dict | None:
+    """What the agent needs to renew the node's flannel lease, as flanneld does: the etcd
+    lease, its TTL, and how the node reaches the store."""
+    if not node.lease:
+        return None
+    from netsim import store as storemod
+
+    store = storemod.from_node(record.cluster, record.spec.datastore, node.netns)
+    return {
+        "id": node.lease,
+        "ttl": record.spec.lease_ttl,
+        "endpoints": store.endpoints,
+        "netns": store.netns,
+    }
 
 
 def daemons(record: Record) -> list[tuple[int, int]]:

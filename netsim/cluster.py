@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from netsim import agents, pods, services, state, underlay
+from netsim import agents, pods, registry, services, state, underlay
+from netsim import store as storemod
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
 from netsim.kernel import nft, sysctl
@@ -48,6 +50,7 @@ SPEC_FIELDS = {
     "cni_plugins": "spec.cni.plugins",
     "proxy_mode": "spec.kubeProxy.mode",
     "datastore": "spec.datastore",
+    "lease_ttl": "spec.cni.flannel.leaseTTL",
 }
 
 
@@ -67,6 +70,7 @@ def spec_of(cluster: Cluster) -> ClusterSpec:
         cluster.cni_plugins,
         cluster.proxy_mode,
         cluster.datastore,
+        cluster.lease_ttl,
     )
 
 
@@ -83,6 +87,14 @@ def preflight(cluster: Cluster) -> None:
             f"namespaces of cluster {cluster.name} exist but it has no record "
             f"({taken[0]} ...): run `netsim --cluster {cluster.name} gc` first"
         )
+    datastore = cluster.datastore
+    if not datastore.own:
+        if datastore.netns and datastore.netns not in nsmod.names():
+            raise NetsimError(
+                f"spec.datastore.etcd.netns: no network namespace {datastore.netns}; name one "
+                "`ip netns list` shows, or leave netns out to reach etcd from the host's own"
+            )
+        storemod.of(cluster.name, datastore).revision()  # unreachable: one line, nothing made
 
 
 def apply(
@@ -121,9 +133,12 @@ def apply(
                     # the wiring waits on the kernel's one rtnl lock, nftables does not
                     services.reconcile(cluster, record, changes)
                     alongside = functools.partial(sync.sync, cluster, record)
+            elif _revive_etcd(record, tx, progress):
+                changes.updated.append("etcd (restarted)")
             pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
             services.reconcile(cluster, record, changes)
             sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
+            registry.sync(storemod.of(cluster.name, cluster.datastore), record)
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again
@@ -156,10 +171,12 @@ def _build_base(
 
     name = cluster.name
     state.journal(name, {"apply": os.getpid()})
-    plan = mode.plan_nodes(cluster, state.cluster_dir(name))
     progress(f"underlay: {len(cluster.segments)} segment(s) and their router")
-    ul, router, nodes, clients = underlay.build(cluster, tx, changes)
-    record = Record(name, spec_of(cluster), ul, router, nodes, clients)
+    ul, router, nodes, clients, master = underlay.build(cluster, tx, changes)
+    record = Record(name, spec_of(cluster), ul, router, nodes, clients, master=master)
+    if master is not None:
+        _start_etcd(record, tx, progress)
+    plan = mode.plan_nodes(cluster, state.cluster_dir(name))
     for node_name, facts in plan.items():
         for key, value in facts.items():
             setattr(nodes[node_name], key, value)
@@ -182,11 +199,43 @@ def _build_base(
             rt.commit()
         nft.apply(node.netns, mode.masquerade(cluster, node))
         write_node_files(cluster, node, mode)
-    for path, text in mode.cluster_files(cluster, record).items():
-        state.write_file(os.path.join(state.cluster_dir(name), path), text)
+    mode.publish(storemod.of(name, cluster.datastore), cluster, record)
 
     def started(process) -> None:
         tx.process(f"process {process.pid}", process.pid, process.start)
 
     mode.start_cluster(cluster, record, state.cluster_dir(name), started, progress)
     return record
+
+
+def _start_etcd(record: Record, tx: Transaction, progress: Progress) -> None:
+    """netsim's etcd for the cluster, in the master namespace; how long it took to answer is
+    kept apart from the build's own time."""
+    from netsim.record import Process
+    from netsim.store import server
+
+    master = record.master
+    started = time.perf_counter()
+    progress(f"etcd: in {master.netns}, http://{master.ip}:2379")
+
+    def spawned(process: tuple[int, int]) -> None:
+        tx.process("etcd", *process)
+        master.etcd = Process(*process, server.directory(state.cluster_dir(record.cluster)))
+
+    server.start(state.cluster_dir(record.cluster), master.netns, "master", master.ip, spawned)
+    master.etcd_started_s = round(time.perf_counter() - started, 3)
+
+
+def _revive_etcd(record: Record, tx: Transaction, progress: Progress) -> bool:
+    """A cluster whose etcd has died (killed, or the host's processes ended) gets it back with
+    its data before anything else changes; True if it had to."""
+    from netsim.kernel import proc
+
+    master = record.master
+    if master is None or (
+        master.etcd is not None and proc.alive(master.etcd.pid, master.etcd.start)
+    ):
+        return False
+    progress("etcd was not running: starting it again with its data")
+    _start_etcd(record, tx, progress)
+    return True

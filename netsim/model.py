@@ -144,6 +144,7 @@ class Cluster:
     cni_version: str = "1.0.0"  # of the node's CNI config list
     cni_plugins: list[dict] = field(default_factory=list)  # chained after netsim's plugin
     datastore: Datastore = field(default_factory=Datastore)
+    lease_ttl: int = 86400  # flannel's subnet lease TTL (flannel fixes it at 24 h)
     source: str = ""  # the file it came from
 
     def node(self, name: str) -> Node:

@@ -65,6 +65,7 @@ class NodeRecord(Host):
 
     next_ifindex: int = 0  # the next interface index netsim gives a pod's host veth
     subnet: str = ""  # flannel: the node's lease, its podCIDR
+    lease: int = 0  # flannel: the etcd lease its subnet lease is bound to (the agent renews it)
     blocks: list[str] = field(default_factory=list)  # Calico: IPAM blocks affine to the node
     encap: str = "Never"  # Calico: the pool's ipipMode or vxlanMode
     tunnel_ip: str = ""  # Calico VXLAN / IPIP: the node's tunnel address
@@ -155,6 +156,7 @@ class ClusterSpec:
     cni_plugins: list[dict]
     proxy_mode: str
     datastore: Datastore = field(default_factory=Datastore)
+    lease_ttl: int = 86400
 
 
 @dataclass

@@ -112,6 +112,7 @@ _KNOWN = {
         "spec.cni.calico.bgp.routeReflectors",
         "spec.cni.calico.bgp.peers",
         "spec.cni.flannel.SubnetLen",
+        "spec.cni.flannel.leaseTTL",
         "spec.serviceCIDR",
         "spec.underlay",
         "spec.kubeProxy",
@@ -718,6 +719,13 @@ def _cluster(doc: _Doc) -> Cluster:
                 f"{subnet_len} does not fit Network {network}",
                 f"use a length between {network.prefixlen + 1} and 28",
             )
+    lease_ttl = doc.get("spec.cni.flannel.leaseTTL", 86400, int)
+    if not 10 <= lease_ttl <= 86400:
+        raise doc.fail(
+            "spec.cni.flannel.leaseTTL",
+            f"{lease_ttl} s is out of range",
+            "use 10 to 86400 seconds (flannel's own is 86400, 24 h)",
+        )
     service_cidr = doc.cidr(
         doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]), "spec.serviceCIDR"
     )
@@ -794,6 +802,7 @@ def _cluster(doc: _Doc) -> Cluster:
         cni_plugins=plugins,
         proxy_mode=proxy_mode,
         datastore=datastore,
+        lease_ttl=lease_ttl,
     )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")

@@ -1,7 +1,8 @@
 """The underlay: one bridge per segment in the underlay namespace, a router namespace with a
 leg on every segment holding its .1 (it routes between the racks' subnets, as a top-of-rack /
 spine pair would), and every node and external client attached to its segment by a veth, with
-its address and a default route via the segment's router."""
+its address and a default route via the segment's router; and the master namespace, where
+netsim runs the cluster's etcd, on the first segment."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import os
 from netsim import naming
 from netsim.kernel import netns as nsmod
 from netsim.kernel import sysctl
-from netsim.model import Cluster
-from netsim.record import ClientRecord, NodeRecord, Router, RouterLeg, Underlay
+from netsim.model import Cluster, ExternalClient
+from netsim.record import ClientRecord, Host, Master, NodeRecord, Router, RouterLeg, Underlay
 from netsim.transaction import Changes, Transaction
+
+MASTER = "master"
+MASTER_PORT = "p_master"  # "_" is in no node's name (DNS-1123 labels), so no port is called so
 
 
 def build(
     cluster: Cluster, tx: Transaction, changes: Changes
-) -> tuple[Underlay, Router, dict[str, NodeRecord], dict[str, ClientRecord]]:
-    """Every namespace of the underlay and its hosts, wired; hosts get no mode state yet."""
+) -> tuple[Underlay, Router, dict[str, NodeRecord], dict[str, ClientRecord], Master | None]:
+    """Every namespace of the underlay and its hosts, wired; hosts get no mode state yet. With
+    netsim's own etcd, the master namespace too (on the first segment)."""
     from netsim.kernel.netlink import IFINDEX, Rtnl
 
     name = cluster.name
@@ -37,14 +42,19 @@ def build(
         nodes: dict[str, NodeRecord] = {}
         clients: dict[str, ClientRecord] = {}
         hosts = [("node", n) for n in cluster.nodes] + [("ext", c) for c in cluster.clients]
+        if cluster.datastore.own:
+            first = cluster.segments[0].name
+            hosts.append(("master", ExternalClient(MASTER, first, cluster.datastore.master_ip)))
+        master = None
         for i, (role, host) in enumerate(hosts):
-            netns = naming.ns_name(name, role, host.name)
+            netns = naming.ns_name(name, role, "" if role == "master" else host.name)
+            port = MASTER_PORT if role == "master" else naming.port_name(host.name)
             tx.netns(netns)
             changes.created.append(f"netns {netns}")
             fd = nsmod.open_fd(netns)
             try:
                 ul.veth(
-                    naming.port_name(host.name),
+                    port,
                     IFINDEX.FIRST_DYNAMIC + i,
                     "eth0",
                     IFINDEX.ETH0,
@@ -63,14 +73,18 @@ def build(
                 ip=host.ip,
                 segment=host.segment,
                 prefixlen=segment.prefixlen,
-                port=naming.port_name(host.name),
+                port=port,
                 gateway=segment.router_ip,
             )
             if role == "node":
                 nodes[host.name] = NodeRecord(**facts, next_ifindex=IFINDEX.FIRST_DYNAMIC)
-            else:
+            elif role == "ext":
                 clients[host.name] = ClientRecord(**facts, asn=host.asn)
-    for host in [*nodes.values(), *clients.values()]:
+            else:
+                master = Master(netns, host.ip, host.segment, port)
+                addressed = Host(**facts)
+    hosts_up = [*nodes.values(), *clients.values()] + ([addressed] if master else [])
+    for host in hosts_up:
         with Rtnl(host.netns) as rt:
             rt.link_up(IFINDEX.LO, "lo")
             rt.link_up(IFINDEX.ETH0, "eth0")
@@ -79,7 +93,7 @@ def build(
             # default route is what makes Calico's proxy ARP answer for 169.254.1.1
             rt.route("default", IFINDEX.ETH0, gateway=host.gateway)
             rt.commit()
-    return underlay, router, nodes, clients
+    return underlay, router, nodes, clients, master
 
 
 def _router(cluster: Cluster, tx: Transaction, ul, bridges: dict, changes: Changes) -> Router:

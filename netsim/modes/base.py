@@ -117,6 +117,10 @@ class Mode:
         Calico's blocks) it writes itself, with a transaction, in plan_nodes."""
         return {}
 
+    def publish(self, store, cluster: Cluster, record: Record) -> None:
+        """Write the mode's keys to the cluster's etcd once its nodes are built."""
+        store.put_all(self.store_keys(cluster, record))
+
     def start_cluster(
         self,
         cluster: Cluster,

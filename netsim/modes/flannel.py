@@ -1,5 +1,6 @@
-"""What flannel's backends share: subnet leases, the bridge pod side with host-local IPAM,
-subnet.env and the lease files, the masquerade rules."""
+"""What flannel's backends share: subnet leases in etcd (the network config, one lease per
+node bound to an etcd lease), the bridge pod side with host-local IPAM, subnet.env, the
+masquerade rules."""
 
 from __future__ import annotations
 
@@ -19,10 +20,54 @@ class FlannelBackend(Mode):
     backend = ""  # flannel's Backend.Type
 
     def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
+        """A subnet per node, as flanneld picks one: the lease the store holds for the node's
+        PublicIP if there is one, else the first free subnet (leases of other hosts kept)."""
+        from netsim import store as storemod
+
+        held = storemod.of(cluster.name, cluster.datastore).range(SUBNETS, prefix=True)
+        by_ip = {}
+        for kv in held:
+            try:
+                by_ip[kv.json().get("PublicIP")] = key_subnet(kv.key)
+            except (ValueError, AttributeError):
+                continue  # not a lease flannel could read either
+        leased = {n.name: by_ip[n.ip] for n in cluster.nodes if n.ip in by_ip}
+        others = set(by_ip.values()) - set(leased.values())
         subnets = allocate_subnets(
-            cluster.pod_network, cluster.subnet_len, [n.name for n in cluster.nodes], {}
+            cluster.pod_network, cluster.subnet_len, [n.name for n in cluster.nodes], leased, others
         )
         return {name: {"subnet": subnet} for name, subnet in subnets.items()}
+
+    def store_keys(self, cluster, record) -> dict[str, str]:
+        return {
+            CONFIG: network_config(
+                cluster.pod_network, cluster.subnet_len, self.backend, self.backend_options()
+            )
+        }
+
+    def publish(self, store, cluster, record) -> None:
+        """The network config, then each node's lease bound to an etcd lease of flannel's TTL
+        (a node's agent renews it before it ends): created with a transaction that holds only
+        while the key is absent, or taken over when it already names this node's PublicIP."""
+        from netsim.store import client
+
+        super().publish(store, cluster, record)
+        for node in record.nodes.values():
+            key = lease_key(node.subnet)
+            value = lease_value(node.ip, self.backend, self.backend_data(node))
+            node.lease = store.grant(cluster.lease_ttl)
+            put = [client.put_op(key, value, node.lease)]
+            if store.txn([client.absent(key)], put)["succeeded"]:
+                continue
+            current = store.get(key)
+            mine = current is not None and current.json().get("PublicIP") == node.ip
+            if not (mine and store.txn([client.unchanged(current)], put)["succeeded"]):
+                from netsim.errors import NetsimError
+
+                raise NetsimError(
+                    f"flannel lease {key} for node {node.name} is held by another host in "
+                    f"{store}: delete it, or give the node another address"
+                )
 
     @property
     def pod_side(self):
@@ -76,38 +121,36 @@ class FlannelBackend(Mode):
             "subnet.env": subnet_env(cluster.pod_network, node.subnet, self.pod_mtu(cluster.mtu))
         }
 
-    def cluster_files(self, cluster, record) -> dict[str, str]:
-        """flannel's etcd keys and values, one file per key under etcd/."""
-        files = {
-            "etcd/coreos.com/network/config": network_config(
-                cluster.pod_network, cluster.subnet_len, self.backend
-            )
-        }
-        for node in record.nodes.values():
-            files["etcd" + lease_key(node.subnet)] = lease_value(
-                node.ip, self.backend, self.backend_data(node)
-            )
-        return files
-
     def backend_data(self, node) -> dict | None:
         return None
+
+    def backend_options(self) -> dict:
+        """The backend's settings in the network config beside Type (vxlan: VNI and Port)."""
+        return {}
 
     def masquerade(self, cluster, node) -> str:
         return masquerade_ruleset(cluster.name, cluster.pod_network, node.subnet)
 
     def describe_node(self, record, node, run) -> list[tuple[str, str]]:
         from netsim import state
+        from netsim import store as storemod
 
-        node_dir = state.node_dir(record.cluster, node.name)
-        lease = os.path.join(state.cluster_dir(record.cluster), "etcd") + lease_key(node.subnet)
-        sections = []
-        for title, path in (
-            ("subnet.env", os.path.join(node_dir, "subnet.env")),
-            (f"etcd {lease_key(node.subnet)}", lease),
-        ):
-            with open(path) as fh:
-                sections.append((title, fh.read()))
-        return sections + self.describe_tunnel(node, run)
+        with open(os.path.join(state.node_dir(record.cluster, node.name), "subnet.env")) as fh:
+            sections = [("subnet.env", fh.read())]
+        store = storemod.of(record.cluster, record.spec.datastore)
+        lease = store.get(lease_key(node.subnet))
+        if lease is None:
+            text = "(not in the store: its etcd lease expired or it was deleted)"
+        else:
+            remaining, granted = store.time_to_live(lease.lease) if lease.lease else (-1, 0)
+            text = lease.value.decode() + (
+                f"\nTTL {remaining} s of {granted} s (etcd lease {lease.lease:x})"
+                if lease.lease
+                else ""
+            )
+        return (
+            sections + [(f"etcd {lease_key(node.subnet)}", text)] + self.describe_tunnel(node, run)
+        )
 
     def describe_tunnel(self, node, run) -> list[tuple[str, str]]:
         if not self.tunnel:
@@ -115,9 +158,19 @@ class FlannelBackend(Mode):
         return [(f"ip -d link show {self.tunnel}", run("ip", "-d", "link", "show", self.tunnel))]
 
 
+CONFIG = "/coreos.com/network/config"
+SUBNETS = "/coreos.com/network/subnets/"
+LEASE_TTL = 24 * 3600  # flannel's subnetTTL
+
+
 def lease_key(subnet: str) -> str:
     """flannel's etcd key for a node's lease: /coreos.com/network/subnets/10.244.1.0-24."""
-    return "/coreos.com/network/subnets/" + subnet.replace("/", "-")
+    return SUBNETS + subnet.replace("/", "-")
+
+
+def key_subnet(key: str) -> str:
+    """The subnet a lease key names (10.244.1.0-24 -> 10.244.1.0/24)."""
+    return key[len(SUBNETS) :].replace("-", "/")
 
 
 def lease_value(public_ip: str, backend: str, backend_data: dict | None) -> str:
@@ -127,13 +180,30 @@ def lease_value(public_ip: str, backend: str, backend_data: dict | None) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def network_config(network: str, subnet_len: int, backend: str) -> str:
-    """The value of /coreos.com/network/config (kube-flannel's net-conf.json)."""
-    return json.dumps({"Network": network, "SubnetLen": subnet_len, "Backend": {"Type": backend}})
+def network_config(network: str, subnet_len: int, backend: str, options: dict) -> str:
+    """The value of /coreos.com/network/config (kube-flannel's net-conf.json), with the
+    defaults flannel's CheckNetworkConfig fills in written out: SubnetMin is the network's
+    second subnet, SubnetMax its last."""
+    net = IPv4Network(network)
+    step = 2 ** (32 - subnet_len)
+    last = int(net.broadcast_address) + 1 - step
+    return json.dumps(
+        {
+            "Network": network,
+            "SubnetLen": subnet_len,
+            "SubnetMin": str(net.network_address + step),
+            "SubnetMax": str(IPv4Network((last, 32)).network_address),
+            "Backend": {"Type": backend, **options},
+        }
+    )
 
 
 def allocate_subnets(
-    network: str, subnet_len: int, nodes: list[str], leased: dict[str, str]
+    network: str,
+    subnet_len: int,
+    nodes: list[str],
+    leased: dict[str, str],
+    taken_by_others: set[str] = frozenset(),
 ) -> dict[str, str]:
     """A /SubnetLen per node, starting at SubnetMin (the network's second subnet) as flannel
     does; a node keeps the lease it already holds. The subnets are counted, not listed: a /8
@@ -157,7 +227,7 @@ def allocate_subnets(
         )
 
     result = {n: leased[n] for n in nodes if leasable(leased.get(n))}
-    taken = set(result.values())
+    taken = set(result.values()) | set(taken_by_others)
     free = (s for s in map(subnet, range(1, 2 ** (subnet_len - net.prefixlen))) if s not in taken)
     for node in nodes:
         if node not in result:

@@ -38,6 +38,9 @@ class FlannelVxlan(VxlanDevice, flannel.FlannelBackend):
     def backend_data(self, node) -> dict:
         return {"VNI": VNI, "VtepMAC": node.vtep_mac}
 
+    def backend_options(self) -> dict:
+        return {"VNI": VNI, "Port": PORT}
+
     def setup_node(self, rtnl, node, underlay_mtu: int) -> None:
         from cni import bridge
 

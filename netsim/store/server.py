@@ -55,8 +55,12 @@ def argv(name: str, ip: str, data_dir: str) -> list[str]:
     ]
 
 
-def start(cluster_dir: str, netns: str, name: str, ip: str) -> tuple[int, int]:
-    """Start etcd in the master namespace and wait until it answers; (pid, start time)."""
+def start(
+    cluster_dir: str, netns: str, name: str, ip: str, started=lambda process: None
+) -> tuple[int, int]:
+    """Start etcd in the master namespace and wait until it answers; (pid, start time).
+    `started` hears of the process as soon as it exists, before the wait, so a failure to
+    answer cannot hide it."""
     from shutil import which
 
     if which("etcd") is None:
@@ -67,6 +71,7 @@ def start(cluster_dir: str, netns: str, name: str, ip: str) -> tuple[int, int]:
     home = directory(cluster_dir)
     os.makedirs(home, exist_ok=True)
     process = proc.spawn(argv(name, ip, os.path.join(home, "data")), os.path.join(home, LOG), netns)
+    started(process)
     wait_ready(Store([f"http://{ip}:{CLIENT_PORT}"], netns), process, log_path(cluster_dir))
     return process
 

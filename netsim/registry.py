@@ -1,0 +1,158 @@
+"""The Kubernetes objects netsim models, as kube-apiserver keeps them in etcd under /registry
+(as JSON here, where the API server writes protobuf): nodes, pods, Services and their
+Endpoints. One read of /registry shows the cluster; `netsim get` lists from it.
+
+    /registry/minions/<node>
+    /registry/pods/<namespace>/<pod>
+    /registry/services/specs/<namespace>/<service>
+    /registry/services/endpoints/<namespace>/<service>
+
+Pure: the record in, key -> JSON text out; `sync` writes only what differs from the store.
+"""
+
+from __future__ import annotations
+
+import json
+
+from netsim.record import NodeRecord, PodRecord, Record
+from netsim.services import NAMESPACE, endpoints, target_port
+
+PREFIX = "/registry/"
+NODES = "/registry/minions/"
+PODS = "/registry/pods/"
+SERVICES = "/registry/services/specs/"
+ENDPOINTS = "/registry/services/endpoints/"
+
+
+def _text(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+def node_object(node: NodeRecord) -> dict:
+    cidrs = node.pod_cidrs
+    return {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+        "spec": {"podCIDR": cidrs[0] if cidrs else "", "podCIDRs": cidrs},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": node.ip},
+                {"type": "Hostname", "address": node.name},
+            ],
+        },
+    }
+
+
+def pod_object(pod: PodRecord, node_ip: str) -> dict:
+    meta: dict = {"name": pod.name, "namespace": NAMESPACE, "labels": dict(pod.labels)}
+    if pod.pod.owner:
+        meta["ownerReferences"] = [{"kind": "Deployment", "name": pod.pod.owner}]
+    containers = []
+    for c in pod.pod.containers:
+        names = {p: n for n, p in c.port_names}
+        container: dict = {"name": c.name}
+        if c.ports:
+            container["ports"] = [
+                {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in c.ports
+            ]
+        if c.command:
+            container["command"] = list(c.command)
+        containers.append(container)
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": meta,
+        "spec": {"nodeName": pod.node, "containers": containers},
+        "status": {
+            "phase": "Running",
+            "hostIP": node_ip,
+            "podIP": pod.ip,
+            "podIPs": [{"ip": pod.ip}],
+        },
+    }
+
+
+def service_object(record: Record, name: str) -> dict:
+    svc = record.services[name]
+    ports = []
+    for p in svc.ports:
+        port: dict = {"protocol": p.protocol, "port": p.port, "targetPort": p.target_port}
+        if p.name:
+            port["name"] = p.name
+        if p.node_port:
+            port["nodePort"] = p.node_port
+        ports.append(port)
+    spec: dict = {
+        "type": svc.type,
+        "clusterIP": svc.cluster_ip,
+        "clusterIPs": [svc.cluster_ip],
+        "selector": dict(svc.selector),
+        "ports": ports,
+        "sessionAffinity": svc.session_affinity,
+    }
+    if svc.session_affinity == "ClientIP":
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": svc.affinity_timeout}}
+    return {
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": spec,
+    }
+
+
+def endpoints_object(record: Record, name: str) -> dict:
+    """One subset per Service port (the addresses whose pod resolves that port), as the
+    endpoints controller groups addresses by the port set they share."""
+    svc = record.services[name]
+    pods = endpoints(record, svc)
+    subsets = []
+    for port in svc.ports:
+        addresses = [
+            {"ip": p.ip, "nodeName": p.node, "targetRef": {"kind": "Pod", "name": p.name}}
+            for p in pods
+            if target_port(p, port)
+        ]
+        if addresses:
+            number = target_port(next(p for p in pods if target_port(p, port)), port)
+            entry: dict = {"port": number, "protocol": port.protocol}
+            if port.name:
+                entry["name"] = port.name
+            subsets.append({"addresses": addresses, "ports": [entry]})
+    return {
+        "kind": "Endpoints",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "subsets": subsets,
+    }
+
+
+def objects(record: Record) -> dict[str, str]:
+    """Every /registry key of the cluster and its value."""
+    keys = {NODES + n.name: _text(node_object(n)) for n in record.nodes.values()}
+    for pod in record.pods.values():
+        node_ip = record.nodes[pod.node].ip if pod.node in record.nodes else ""
+        keys[f"{PODS}{NAMESPACE}/{pod.name}"] = _text(pod_object(pod, node_ip))
+    for name in record.services:
+        keys[f"{SERVICES}{NAMESPACE}/{name}"] = _text(service_object(record, name))
+        keys[f"{ENDPOINTS}{NAMESPACE}/{name}"] = _text(endpoints_object(record, name))
+    return keys
+
+
+def sync(store, record: Record) -> int:
+    """Make /registry hold exactly the record's objects: one range read, then puts and
+    deletes of what differs. The number of keys changed."""
+    wanted = objects(record)
+    held = {kv.key: kv.value.decode() for kv in store.range(PREFIX, prefix=True)}
+    changed = {k: v for k, v in wanted.items() if held.get(k) != v}
+    gone = [k for k in held if k not in wanted]
+    if changed:
+        store.put_all(changed)
+    if gone:
+        store.delete_all(gone)
+    return len(changed) + len(gone)
+
+
+def listed(store, prefix: str) -> list[dict]:
+    """The objects under one /registry prefix, in key order."""
+    return [kv.json() for kv in store.range(prefix, prefix=True)]
