@@ -7,11 +7,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from netsim import cluster as clustermod
-from netsim import columns, probe, services, state, teardown, topology
+from netsim import columns, probe, state, teardown, topology
+from netsim import store as storemod
 from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
 from netsim.model import HOSTNAME_PORT
@@ -308,22 +308,29 @@ def cmd_get(args) -> int:
         "service": "services",
         "ep": "endpoints",
     }.get(args.what, args.what)
+    from netsim import registry
+
+    store = storemod.of(record.cluster, record.spec.datastore)  # the objects come from etcd
     if what == "nodes":
-        counts = {n: 0 for n in record.nodes}
-        for p in record.pods.values():
-            counts[p.node] += 1
-        items = [
-            {
-                "name": n,
-                "netns": e.netns,
-                "ip": e.ip,
-                "podCIDR": ",".join(e.pod_cidrs),
-                "segment": e.segment,
-                "mode": record.mode,
-                "pods": counts[n],
-            }
-            for n, e in record.nodes.items()
-        ]
+        pods_listed = registry.listed(store, registry.PODS)
+        counts: dict[str, int] = {}
+        for p in pods_listed:
+            counts[p["spec"]["nodeName"]] = counts.get(p["spec"]["nodeName"], 0) + 1
+        items = []
+        for obj in registry.listed(store, registry.NODES):
+            n = obj["metadata"]["name"]
+            local = record.nodes.get(n)
+            items.append(
+                {
+                    "name": n,
+                    "netns": local.netns if local else "",
+                    "ip": _internal_ip(obj),
+                    "podCIDR": ",".join(obj["spec"].get("podCIDRs", [])),
+                    "segment": local.segment if local else "",
+                    "mode": record.mode,
+                    "pods": counts.get(n, 0),
+                }
+            )
         header = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "PODS"]
         rows = [
             [i["name"], _status(i["netns"]), i["ip"], i["podCIDR"], str(i["pods"])] for i in items
@@ -334,42 +341,31 @@ def cmd_get(args) -> int:
                 r + [i["segment"], i["mode"], i["netns"]] for r, i in zip(rows, items, strict=True)
             ]
     elif what == "pods":
-        items = [
-            {
-                "name": n,
-                "node": p.node,
-                "ip": p.ip,
-                "netns": p.netns,
-                "veth": p.veth,
-                "labels": p.labels,
-            }
-            for n, p in record.pods.items()
-        ]
+        items = []
+        for obj in registry.listed(store, registry.PODS):
+            n = obj["metadata"]["name"]
+            local = record.pods.get(n)
+            items.append(
+                {
+                    "name": n,
+                    "node": obj["spec"]["nodeName"],
+                    "ip": obj["status"]["podIP"],
+                    "netns": local.netns if local else "",
+                    "veth": local.veth if local else "",
+                    "labels": obj["metadata"].get("labels", {}),
+                }
+            )
         header = ["NAME", "STATUS", "IP", "NODE"]
         rows = [[i["name"], _status(i["netns"]), i["ip"], i["node"]] for i in items]
         if args.output == "wide":
             header += ["VETH", "NETNS"]
             rows = [r + [i["veth"], i["netns"]] for r, i in zip(rows, items, strict=True)]
     elif what in ("services", "endpoints"):
-        items = []
-        for n, s in record.services.items():
-            items.append(
-                {
-                    "name": n,
-                    "type": s.type,
-                    "clusterIP": s.cluster_ip,
-                    "ports": [asdict(p) for p in s.ports],
-                    "selector": s.selector,
-                    "endpoints": [
-                        {
-                            "pod": p.name,
-                            "ip": p.ip,
-                            "ports": [services.target_port(p, port) for port in s.ports],
-                        }
-                        for p in services.endpoints(record, s)
-                    ],
-                }
-            )
+        held = {o["metadata"]["name"]: o for o in registry.listed(store, registry.ENDPOINTS)}
+        items = [
+            _service_item(obj, held.get(obj["metadata"]["name"]))
+            for obj in registry.listed(store, registry.SERVICES)
+        ]
         if what == "services":
             header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
             rows = [[i["name"], i["type"], i["clusterIP"], _ports(i["ports"])] for i in items]
@@ -403,7 +399,48 @@ def cmd_get(args) -> int:
 
 
 def _status(netns: str) -> str:
-    return "Ready" if nsmod.exists(netns) else "Lost"
+    return "Ready" if netns and nsmod.exists(netns) else "Lost"
+
+
+def _internal_ip(node: dict) -> str:
+    addresses = node.get("status", {}).get("addresses", [])
+    return next((a["address"] for a in addresses if a.get("type") == "InternalIP"), "")
+
+
+def _service_item(obj: dict, endpoints: dict | None) -> dict:
+    """A Service and its Endpoints as stored, in the shape `get services -o json` prints."""
+    spec = obj["spec"]
+    ports = [
+        {
+            "port": p["port"],
+            "target_port": p.get("targetPort", p["port"]),
+            "protocol": p.get("protocol", "TCP"),
+            "name": p.get("name", ""),
+            "node_port": p.get("nodePort"),
+        }
+        for p in spec.get("ports", [])
+    ]
+    by_pod: dict[str, dict] = {}
+    for subset in (endpoints or {}).get("subsets", []):
+        port = subset["ports"][0]
+        index = next((i for i, p in enumerate(ports) if p["name"] == port.get("name", "")), None)
+        for address in subset["addresses"]:
+            pod = address.get("targetRef", {}).get("name", address["ip"])
+            entry = by_pod.setdefault(
+                pod, {"pod": pod, "ip": address["ip"], "ports": [None] * len(ports)}
+            )
+            if index is not None:
+                entry["ports"][index] = port["port"]
+    return {
+        "name": obj["metadata"]["name"],
+        "type": spec.get("type", "ClusterIP"),
+        "clusterIP": spec.get("clusterIP", ""),
+        "ports": ports,
+        "selector": spec.get("selector", {}),
+        "endpoints": sorted(
+            by_pod.values(), key=lambda e: tuple(int(o) for o in e["ip"].split("."))
+        ),
+    }
 
 
 def _ports(ports: list[dict]) -> str:
@@ -417,13 +454,18 @@ def cmd_describe(args) -> int:
     name, record = pick_cluster(args.cluster)
     from netsim import describe
 
+    if args.what == "cluster":
+        print(describe.cluster(record))
+        return 0
+    if not args.name:
+        raise NetsimError(f"describe {args.what} needs a name")
     _present(record, args.name)
     if args.what in ("node", "no", "nodes"):
         print(describe.node(record, args.name))
     elif args.what in ("pod", "po", "pods"):
         print(describe.pod(record, args.name))
     else:
-        raise NetsimError(f"cannot describe {args.what!r}: use node or pod")
+        raise NetsimError(f"cannot describe {args.what!r}: use cluster, node or pod")
     return 0
 
 
@@ -737,9 +779,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("what")
     g.add_argument("-o", "--output", choices=["wide", "json"])
     g.set_defaults(func=cmd_get)
-    ds = sub.add_parser("describe", help="show a node or pod in detail, read from the kernel")
+    ds = sub.add_parser("describe", help="show the cluster (its etcd), a node or a pod in detail")
     ds.add_argument("what")
-    ds.add_argument("name")
+    ds.add_argument("name", nargs="?")
     ds.set_defaults(func=cmd_describe)
     e = sub.add_parser("exec", help="run a command in a pod's (or node's) namespace")
     e.add_argument("--fork", action="store_true", help=argparse.SUPPRESS)

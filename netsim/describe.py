@@ -5,6 +5,7 @@ carrier) the mode adds itself."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from netsim import modes
@@ -86,3 +87,48 @@ def pod(record: Record, name: str) -> str:
             _section("ip route", _ip(entry.netns, "ip", "route")),
         ]
     )
+
+
+def cluster(record: Record) -> str:
+    """The cluster and its datastore: where etcd is, how to read it, what it holds."""
+    from netsim import store as storemod
+    from netsim.store import server
+    from netsim.store.client import StoreError
+
+    spec = record.spec
+    store = storemod.of(record.cluster, spec.datastore)
+    head = [
+        f"Name:          {record.cluster}",
+        f"Mode:          {record.mode}",
+        f"Nodes:         {len(record.nodes)}    Pods: {len(record.pods)}    "
+        f"Services: {len(record.services)}",
+        f"Source:        {record.source or '-'}",
+    ]
+    master = record.master
+    if master is not None:
+        running = master.etcd is not None and proc.alive(master.etcd.pid, master.etcd.start)
+        log = server.log_path(os.path.dirname(master.etcd.dir)) if master.etcd else "-"
+        head += [
+            f"Datastore:     etcd run by netsim on the master, http://{master.ip}:2379",
+            f"Master:        {master.netns} ({master.ip} on segment {master.segment})",
+            f"etcd:          pid {master.etcd.pid if master.etcd else None} "
+            f"{'running' if running else 'NOT RUNNING (the next apply starts it again)'}, "
+            f"answered {master.etcd_started_s:.2f} s after it started",
+            f"etcd data:     {master.etcd.dir if master.etcd else '-'}/data",
+            f"etcd log:      {log}",
+            f"Read it:       ip netns exec {master.netns} etcdctl get --prefix / --keys-only",
+        ]
+    else:
+        where = f" from netns {spec.datastore.netns}" if spec.datastore.netns else ""
+        head.append(f"Datastore:     the user's etcd at {', '.join(store.endpoints)}{where}")
+    try:
+        keys = store.range("/", prefix=True)
+        counts: dict[str, int] = {}
+        for kv in keys:
+            top = "/".join(kv.key.split("/")[:3]) + "/"
+            counts[top] = counts.get(top, 0) + 1
+        body = "\n".join(f"{prefix:<32} {n} keys" for prefix, n in sorted(counts.items()))
+        head.append(f"Revision:      {store.revision()}")
+    except StoreError as exc:
+        body = str(exc)
+    return "\n".join(head) + "\n\n" + _section("Keys", body)

@@ -44,6 +44,12 @@ def argv(name: str, ip: str, data_dir: str) -> list[str]:
         f"{name}=http://{ip}:{PEER_PORT}",
         "--initial-cluster-state",
         "new",
+        # a member alone elects itself after its election timeout: etcd's 1 s default made
+        # a cluster wait 0.3-1 s for its store; the underlay is one host's bridges
+        "--heartbeat-interval",
+        "10",
+        "--election-timeout",
+        "100",
         "--max-txn-ops",
         "1024",
         "--snapshot-count",
