@@ -137,8 +137,9 @@ def apply(
                 changes.updated.append("etcd (restarted)")
             pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
             services.reconcile(cluster, record, changes)
-            sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
+            # the store first: if etcd is gone, nothing has reached kube-proxy's tables yet
             registry.sync(storemod.of(cluster.name, cluster.datastore), record)
+            sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again

@@ -18,9 +18,29 @@ def delete(name: str, progress: Callable[[str], None] = lambda _: None) -> list[
     """Remove everything of the cluster; list what was removed."""
     with state.locked(name):
         record = _readable(name)
-        removed = _remove_everything(name, record, before_namespaces=lambda: state.remove(name))
+        removed = _clear_users_store(record)
+        removed += _remove_everything(name, record, before_namespaces=lambda: state.remove(name))
     progress(f"removed {len(removed)} objects")
     return removed
+
+
+# what netsim writes into a store: kube-apiserver's, flannel's and Calico's prefixes
+STORE_PREFIXES = ("/registry/", "/coreos.com/network/", "/calico/")
+
+
+def _clear_users_store(record: Record | None) -> list[str]:
+    """The keys netsim wrote into the user's etcd (netsim's own etcd goes with its data).
+    The store is the cluster's: real layouts carry no cluster name, so the prefixes go."""
+    if record is None or record.spec.datastore.own:
+        return []
+    from netsim import store as storemod
+
+    store = storemod.of(record.cluster, record.spec.datastore)
+    try:
+        count = sum(store.delete(prefix, prefix=True) for prefix in STORE_PREFIXES)
+    except NetsimError as exc:
+        return [f"etcd keys left in place ({exc})"]
+    return [f"{count} keys in {store}"]
 
 
 def _readable(name: str) -> Record | None:

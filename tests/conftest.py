@@ -138,6 +138,23 @@ class ClusterUnderTest:
         return [n for n in netns.names() if n.startswith(state.netns_prefix(self.name))]
 
 
+def etcd_pids(cluster: str) -> list[int]:
+    """Live etcd processes whose data lives under the cluster's directory (for assertions)."""
+    from netsim import state
+
+    where = state.cluster_dir(cluster).encode() + b"/"
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[0].endswith(b"etcd") and any(arg.startswith(where) for arg in cmd):
+                pids.append(int(entry))
+    return pids
+
+
 def netns_cookie(netns: str) -> int:
     """The namespace's cookie (SO_NETNS_COOKIE): never reused, unlike its nsfs inode number,
     which a namespace made after another was freed may get again."""
@@ -191,7 +208,8 @@ class EtcdUnderTest:
         try:
             subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
             self.url = "http://127.0.0.1:2379"
-            self.process = server.start(str(tmp_path), self.netns, "external", "127.0.0.1")
+            self.dir = tmp_path / "etcd-server"
+            self.process = server.start(str(self.dir), self.netns, "external", "127.0.0.1")
         except BaseException:
             nsmod.remove(self.netns)
             raise
@@ -206,11 +224,21 @@ class EtcdUnderTest:
             env={**os.environ, "ETCDCTL_API": "3"},
         ).stdout
 
-    def close(self) -> None:
-        from netsim.kernel import netns as nsmod
+    def stop(self) -> None:
         from netsim.kernel import proc
 
         proc.stop([self.process])
+
+    def restart(self) -> None:
+        """Start it again on the same data, as after a crash."""
+        from netsim.store import server
+
+        self.process = server.start(str(self.dir), self.netns, "external", "127.0.0.1")
+
+    def close(self) -> None:
+        from netsim.kernel import netns as nsmod
+
+        self.stop()
         nsmod.remove(self.netns)
 
 
@@ -230,6 +258,7 @@ def assert_nothing_left(cluster: ClusterUnderTest) -> None:
 
     assert cluster.namespaces() == []
     assert agent_pids(cluster.name) == []
+    assert etcd_pids(cluster.name) == []
     assert not os.path.exists(state.cluster_dir(cluster.name))
     with open("/proc/self/mountinfo") as fh:  # its tmpfs: the namespaces', the directory's
         mounts = fh.read()

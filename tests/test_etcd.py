@@ -1,0 +1,173 @@
+"""The cluster's state in a real etcd: netsim's own on the master, or the user's. Read back
+with etcdctl (not netsim's client): flannel's config and leases with their TTL, the /registry
+objects; an external etcd used and none started; an unreachable one refused before any kernel
+change; etcd stopped mid-apply and the next apply converging; the renewal of a short lease."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import etcd_pids, ip_json, needs_root, run_netsim, wait_for
+
+from netsim.kernel import proc
+
+pytestmark = needs_root
+
+FLANNEL = {"mode": "flannel-vxlan", "flannel": {"Network": "10.244.0.0/16", "SubnetLen": 24}}
+
+
+def etcdctl(netns: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "etcdctl", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    ).stdout
+
+
+def test_flannel_config_leases_and_registry_as_etcdctl_reads_them(cluster):
+    cluster.apply()
+    record = cluster.record()
+    master = record.master.netns
+    config = json.loads(etcdctl(master, "get", "/coreos.com/network/config", "--print-value-only"))
+    assert config == {
+        "Network": "10.244.0.0/16",
+        "SubnetLen": 24,
+        "SubnetMin": "10.244.1.0",
+        "SubnetMax": "10.244.255.0",
+        "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472},
+    }
+    # a node reads the same store over the underlay, as flanneld reaches etcd
+    node = record.nodes["worker-2"]
+    out = etcdctl(
+        node.netns,
+        "--endpoints",
+        f"http://{record.master.ip}:2379",
+        "get",
+        "--prefix",
+        "/coreos.com/network/subnets/",
+        "-w",
+        "json",
+    )
+    leases = json.loads(out)["kvs"]
+    assert len(leases) == len(record.nodes)
+    by_ip = {}
+    for kv in leases:
+        value = json.loads(base64.b64decode(kv["value"]))
+        by_ip[value["PublicIP"]] = (kv, value)
+    for n in record.nodes.values():
+        kv, value = by_ip[n.ip]
+        key = base64.b64decode(kv["key"]).decode()
+        assert key == "/coreos.com/network/subnets/" + n.subnet.replace("/", "-")
+        mac = ip_json(n.netns, "link", "show", "flannel.1")[0]["address"]
+        assert value["BackendType"] == "vxlan"
+        assert value["BackendData"] == {"VNI": 1, "VtepMAC": mac}
+        ttl = etcdctl(master, "lease", "timetolive", format(int(kv["lease"]), "x"))
+        granted = int(ttl.split("granted with TTL(")[1].split("s)")[0])
+        remaining = int(ttl.split("remaining(")[1].split("s)")[0])
+        assert granted == 86400 and 86000 < remaining <= 86400, ttl
+    pods = etcdctl(master, "get", "--prefix", "/registry/pods/", "--print-value-only").split()
+    stored = {json.loads(p)["metadata"]["name"]: json.loads(p) for p in pods}
+    assert {n: p["status"]["podIP"] for n, p in stored.items()} == {
+        n: p.ip for n, p in record.pods.items()
+    }
+    listed = json.loads(cluster.netsim("get", "pods", "-o", "json", check=True).stdout)["items"]
+    assert {i["name"]: i["ip"] for i in listed} == {n: p.ip for n, p in record.pods.items()}
+    etcd = record.master.etcd
+    cluster.netsim("delete", "-f", cluster.file, check=True)
+    assert etcd_pids(cluster.name) == [] and not proc.alive(etcd.pid, etcd.start)
+
+
+def test_a_short_lease_is_renewed_by_the_node_agent(cluster):
+    cni = {**FLANNEL, "flannel": {**FLANNEL["flannel"], "leaseTTL": 10}}
+    cluster.apply(replicas=1, cni=cni)
+    record = cluster.record()
+    master, node = record.master.netns, record.nodes["worker-1"]
+    lease = format(node.lease, "x")
+    log = f"/run/netsim/{cluster.name}/nodes/worker-1/agent.log"
+    wait_for(lambda: "renewed" in open(log).read(), 15, "the agent renewing its lease")
+    ttl = etcdctl(master, "lease", "timetolive", lease)
+    assert "granted with TTL(10s)" in ttl and "remaining(" in ttl, ttl
+    key = "/coreos.com/network/subnets/" + node.subnet.replace("/", "-")
+    assert etcdctl(master, "get", key, "--print-value-only").strip()  # past its first TTL
+
+
+def test_an_external_etcd_is_used_and_none_started(cluster, etcd):
+    datastore = {"etcd": {"endpoints": [etcd.url], "netns": etcd.netns}}
+    cluster.apply(replicas=2, datastore=datastore)
+    assert not any(n.endswith(".master") for n in cluster.namespaces())
+    assert etcd_pids(cluster.name) == []
+    keys = etcd.etcdctl("get", "--prefix", "/", "--keys-only").split()
+    assert "/coreos.com/network/config" in keys
+    assert sum(k.startswith("/registry/pods/") for k in keys) == 2
+    assert (
+        "the user's etcd at http://127.0.0.1:2379"
+        in cluster.netsim("describe", "cluster", check=True).stdout
+    )
+    assert cluster.netsim("ping", "web-0", "web-1", "-c", "1").returncode == 0
+    cluster.netsim("delete", "-f", cluster.file, check=True)
+    assert etcd.etcdctl("get", "--prefix", "/", "--keys-only").split() == []
+
+
+def test_an_unreachable_etcd_is_one_line_before_any_kernel_change(cluster, etcd):
+    cluster.write(datastore={"etcd": {"endpoints": ["http://127.0.0.1:2999"], "netns": etcd.netns}})
+    result = run_netsim("apply", "-f", cluster.file)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("netsim: ignoring")]
+    assert len(lines) == 1 and "http://127.0.0.1:2999" in lines[0], result.stderr
+    assert "not reachable" in lines[0] and "Traceback" not in result.stderr
+    assert cluster.namespaces() == []
+
+
+def test_etcd_stopped_mid_apply_then_the_next_apply_converges(cluster, etcd):
+    datastore = {"etcd": {"endpoints": [etcd.url], "netns": etcd.netns}}
+    cluster.apply(replicas=2, datastore=datastore)
+    etcd.stop()
+    cluster.write(replicas=3, datastore=datastore)
+    failed = run_netsim("apply", "-f", cluster.file)
+    assert failed.returncode != 0 and "not reachable" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert sorted(cluster.record().pods) == ["web-0", "web-1"]  # undone, record unchanged
+    assert not any(n.endswith(".pod.web-2") for n in cluster.namespaces())
+    etcd.restart()
+    run_netsim("apply", "-f", cluster.file, check=True)
+    keys = etcd.etcdctl("get", "--prefix", "/registry/pods/", "--keys-only").split()
+    assert sorted(keys) == [f"/registry/pods/default/web-{i}" for i in range(3)]
+    assert cluster.netsim("ping", "web-0", "web-2", "-c", "1").returncode == 0
+
+
+def test_netsims_own_etcd_killed_comes_back_with_its_data(cluster):
+    cluster.apply(replicas=2)
+    record = cluster.record()
+    os.kill(record.master.etcd.pid, signal.SIGKILL)
+    wait_for(lambda: etcd_pids(cluster.name) == [], 5, "etcd to die")
+    result = run_netsim("apply", "-f", cluster.file, check=True)
+    assert "etcd" in result.stdout + result.stderr
+    assert len(etcd_pids(cluster.name)) == 1
+    keys = etcdctl(cluster.record().master.netns, "get", "--prefix", "/", "--keys-only").split()
+    assert sum(k.startswith("/coreos.com/network/subnets/") for k in keys) == 3
+    assert sum(k.startswith("/registry/pods/") for k in keys) == 2
+    started = time.monotonic()
+    assert run_netsim("apply", "-f", cluster.file, check=True).stdout.count("unchanged") == 1
+    assert time.monotonic() - started < 30  # bounded, not a timing figure
+
+
+@pytest.mark.parametrize(
+    "field, value, phrase",
+    [
+        ("endpoints", ["https://10.0.0.5:2379"], "TLS is not supported"),
+        ("endpoints", ["10.0.0.5"], "is not an etcd client URL"),
+    ],
+)
+def test_datastore_fields_are_checked(cluster, field, value, phrase):
+    cluster.write(datastore={"etcd": {field: value}})
+    result = run_netsim("apply", "-f", cluster.file)
+    assert result.returncode == 2 and f"spec.datastore.etcd.{field}[0]" in result.stderr
+    assert phrase in result.stderr and cluster.namespaces() == []
