@@ -12,6 +12,7 @@ _spec = importlib.util.spec_from_file_location(
 _suite = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_suite)
 needs_root, wait_for = _suite.needs_root, _suite.wait_for  # as tests/test_bgp_bird imports them
+etcd = _suite.etcd  # a real etcd of the benchmark's own
 
 
 def pytest_terminal_summary(terminalreporter, config):

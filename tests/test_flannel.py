@@ -74,10 +74,12 @@ def test_vxlan_cluster_kernel_state_and_traffic(cluster):
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n"
         "FLANNEL_IPMASQ=true\n"
     )
-    lease = json.load(
-        open(f"{state.cluster_dir(cluster.name)}/etcd/coreos.com/network/subnets/10.244.1.0-24")
+    from netsim import store
+
+    lease = store.of(cluster.name, record.spec.datastore).get(
+        "/coreos.com/network/subnets/10.244.1.0-24"
     )
-    assert lease == {
+    assert lease.json() == {
         "PublicIP": w1.ip,
         "BackendType": "vxlan",
         "BackendData": {"VNI": 1, "VtepMAC": w1.vtep_mac},
