@@ -680,13 +680,15 @@ def cmd_bgp_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The README's first command: apply, look, ping across nodes, curl a pod, delete."""
+    """The README's first command: apply, look (at the nodes, the pods, the cluster's etcd),
+    ping across nodes, curl a pod, delete."""
     file = args.file or str(DEFAULT_TOPOLOGY)
     model, _ = topology.load(file)
     steps = [
         ["apply", "-f", file],
         ["--cluster", model.name, "get", "nodes", "-o", "wide"],
         ["--cluster", model.name, "get", "pods", "-o", "wide"],
+        ["--cluster", model.name, "describe", "cluster"],  # the etcd the cluster keeps its state in
     ]
     status = 0
     try:

@@ -76,6 +76,7 @@ def _namespaces(record: Record) -> list[str]:
         [p.netns for p in record.pods.values()]
         + [h.netns for h in record.hosts()]
         + [record.underlay.netns, record.router.netns]
+        + ([record.master.netns] if record.master else [])
     )
 
 
