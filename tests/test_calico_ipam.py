@@ -171,3 +171,109 @@ def test_an_unreachable_store_is_a_store_error(etcd, tmp_path):
     with pytest.raises(StoreError, match="etcd is not reachable"):
         with store.session():
             store.allocate("n1", "h", "eth0")
+
+
+def _cluster(etcd, **calico):
+    from types import SimpleNamespace
+
+    from netsim.model import CalicoSpec, Datastore
+
+    return SimpleNamespace(
+        name="ipamtest",
+        datastore=Datastore(endpoints=(etcd.url,), netns=etcd.netns),
+        pod_network=POOL,
+        subnet_len=26,
+        mtu=1500,
+        nodes=[SimpleNamespace(name=n) for n in ("n1", "n2")],
+        calico=CalicoSpec(**calico),
+    )
+
+
+def test_the_mode_plans_blocks_and_tunnel_addresses_in_etcd(etcd):
+    """Each node's first block, its first address the tunnel's (under Calico's tunnel handle);
+    the CNI config tells the plugin where etcd is instead of a directory."""
+    from types import SimpleNamespace
+
+    from netsim.modes import get
+
+    mode = get("calico-vxlan")
+    cluster = _cluster(etcd, vxlan_mode="Always")
+    plan = mode.plan_nodes(cluster, "")
+    assert {n: (p["blocks"], p["tunnel_ip"]) for n, p in plan.items()} == {
+        "n1": (["192.168.0.0/26"], "192.168.0.0"),
+        "n2": (["192.168.0.64/26"], "192.168.0.64"),
+    }
+    handle = etcdctl_json(etcd, "/calico/ipam/v2/handle/vxlan-tunnel-addr-n2")
+    assert handle == {"block": {"192.168.0.64/26": 1}, "deleted": False}
+    block = etcdctl_json(etcd, BLOCK + "192.168.0.64-26")
+    assert block["attributes"][0]["secondary"] == {"node": "n2", "type": "vxlanTunnelAddress"}
+    ipam = mode.ipam(cluster, "", SimpleNamespace(name="n1"))
+    with ipam.session():
+        assert ipam.allocate("web-0", "eth0") == "192.168.0.1"
+    node = SimpleNamespace(name="n1", netns="netsim.ipamtest.n1", tunnel_ip="192.168.0.0")
+    conf = mode.cni_config(cluster, node, "", "")
+    assert conf["ipam"] == {
+        "type": "netsim-calico-ipam",
+        "etcdEndpoints": [etcd.url],
+        "etcdNetns": etcd.netns,
+    }
+    assert mode.new_blocks(cluster, "", SimpleNamespace(nodes={})) == {}
+
+
+def test_store_keys_are_calicos_v3_resources(etcd):
+    from types import SimpleNamespace
+
+    from netsim.modes import get
+
+    cluster = _cluster(etcd, ipip_mode="CrossSubnet", reflectors=("n1",))
+    node = dict(prefixlen=24, segment="rack1", tunnel_ip="")
+    record = SimpleNamespace(
+        nodes={
+            "n1": SimpleNamespace(ip="10.0.0.2", **{**node, "tunnel_ip": "192.168.0.0"}),
+            "n2": SimpleNamespace(ip="10.0.0.3", **node),
+        },
+        clients={
+            "tor1": SimpleNamespace(ip="10.0.0.254", segment="rack1", asn=65001),
+            "client": SimpleNamespace(ip="10.0.0.253", segment="rack1", asn=0),
+        },
+    )
+    keys = get("calico-ipip").store_keys(cluster, record)
+    etcd.store.put_all(keys)
+    v3 = "/calico/resources/v3/projectcalico.org/"
+    assert sorted(k[len(v3) :] for k in keys) == [
+        "bgpconfigurations/default",
+        "bgppeers/peer-with-route-reflectors",
+        "bgppeers/tor1",
+        "ippools/default-ipv4-ippool",
+        "nodes/n1",
+        "nodes/n2",
+    ]
+    pool = etcdctl_json(etcd, v3 + "ippools/default-ipv4-ippool")
+    assert pool["kind"] == "IPPool" and pool["apiVersion"] == "projectcalico.org/v3"
+    assert pool["metadata"] == {"name": "default-ipv4-ippool"}
+    assert pool["spec"] == {
+        "cidr": POOL,
+        "blockSize": 26,
+        "ipipMode": "CrossSubnet",
+        "vxlanMode": "Never",
+        "natOutgoing": True,
+        "nodeSelector": "all()",
+    }
+    n1 = etcdctl_json(etcd, v3 + "nodes/n1")
+    assert n1["spec"] == {
+        "bgp": {
+            "ipv4Address": "10.0.0.2/24",
+            "ipv4IPIPTunnelAddr": "192.168.0.0",
+            "routeReflectorClusterID": "10.0.0.2",
+        }
+    }
+    assert n1["metadata"]["labels"]["route-reflector"] == "true"
+    assert etcdctl_json(etcd, v3 + "nodes/n2")["spec"] == {"bgp": {"ipv4Address": "10.0.0.3/24"}}
+    config = etcdctl_json(etcd, v3 + "bgpconfigurations/default")["spec"]
+    assert config["nodeToNodeMeshEnabled"] is False and config["asNumber"] == 64512
+    tor = etcdctl_json(etcd, v3 + "bgppeers/tor1")["spec"]
+    assert tor == {
+        "nodeSelector": "netsim.io/segment == 'rack1'",
+        "peerIP": "10.0.0.254",
+        "asNumber": 65001,
+    }
