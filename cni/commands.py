@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import time
 
 from cni import bridge, calico_pod, spec, wiring
 from cni.calico_ipam import BlockStore
@@ -19,6 +20,7 @@ from cni.spec import CniError, Env, NetConf
 from netsim.errors import KernelError
 from netsim.kernel import netns as nsmod
 from netsim.kernel.netlink import Rtnl
+from netsim.store.client import Store, StoreError
 
 # -- IPAM -------------------------------------------------------------------------------------
 
@@ -83,13 +85,26 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
     wanted = spec.requested_ips(conf, env)
     if conf.ipam["type"] == spec.CALICO_IPAM:
         blocks = _blocks(conf)
+        pod = {
+            attr: env.args[arg]
+            for attr, arg in (("namespace", "K8S_POD_NAMESPACE"), ("pod", "K8S_POD_NAME"))
+            if env.args.get(arg)
+        }
+        if pod:  # as Calico's plugin records a pod's addresses
+            pod["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())
         try:
             with blocks.session():
                 ip, _ = blocks.allocate(
-                    conf.node_name, env.container_id, env.ifname, wanted[0] if wanted else None
+                    conf.node_name,
+                    _handle(conf, env.container_id),
+                    env.ifname,
+                    wanted[0] if wanted else None,
+                    attrs=pod,
                 )
         except IpamError as exc:
             raise CniError(spec.IPAM_FAILURE, str(exc)) from None
+        except StoreError as exc:
+            raise CniError(spec.TRY_AGAIN_LATER, str(exc)) from None
         return [{"address": f"{ip}/32"}], []
     store = _store(conf)
     try:
@@ -104,16 +119,43 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
 
 
 def _blocks(conf: NetConf) -> BlockStore:
+    """The cluster's Calico IPAM, in the etcd the ipam section names (etcdEndpoints: client
+    URLs; etcdNetns: the namespace they are reached from, null for the plugin's own)."""
+    endpoints = conf.ipam.get("etcdEndpoints")
+    if (
+        not isinstance(endpoints, list)
+        or not endpoints
+        or not all(isinstance(e, str) and "://" in e for e in endpoints)
+    ):
+        raise CniError(
+            spec.INVALID_CONFIG,
+            f"{'missing' if endpoints is None else 'invalid'} field ipam.etcdEndpoints",
+            'give the cluster\'s etcd client URLs: ["http://10.0.0.1:2379"]',
+        )
+    if "etcdNetns" not in conf.ipam or not isinstance(conf.ipam["etcdNetns"], (str, type(None))):
+        raise CniError(
+            spec.INVALID_CONFIG,
+            f"{'missing' if 'etcdNetns' not in conf.ipam else 'invalid'} field ipam.etcdNetns",
+            "name the network namespace etcd is reached from, or null for the plugin's own",
+        )
     return BlockStore(
-        conf.ipam.get("dataDir") or spec.DEFAULT_DATA_DIR + "/calico", conf.network, conf.block_size
+        Store(endpoints, conf.ipam["etcdNetns"] or None), conf.network, conf.block_size
     )
+
+
+def _handle(conf: NetConf, container_id: str) -> str:
+    """Calico's handle for a pod's addresses: "<network>.<containerID>"."""
+    return f"{conf.name}.{container_id}"
 
 
 def _ipam_del(conf: NetConf, env: Env) -> None:
     if conf.ipam["type"] == spec.CALICO_IPAM:
         blocks = _blocks(conf)
-        with blocks.session():
-            blocks.release(conf.node_name, env.container_id, env.ifname)
+        try:
+            with blocks.session():
+                blocks.release(conf.node_name, _handle(conf, env.container_id), env.ifname)
+        except StoreError as exc:
+            raise CniError(spec.TRY_AGAIN_LATER, str(exc)) from None
         return
     if conf.ipam["type"] != spec.BUILTIN_IPAM:
         _delegate(conf, env, "DEL")
@@ -385,11 +427,15 @@ def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
         node.commit()
     if conf.ipam["type"] == spec.CALICO_IPAM:
         blocks = _blocks(conf)
-        with blocks.session():
-            for ip, container_id, ifname in blocks.allocations(conf.node_name):
-                tunnel = container_id.endswith(f"-tunnel-addr-{conf.node_name}")  # the node's
-                if (container_id, ifname) not in valid and not tunnel:
-                    blocks.release_ip(conf.node_name, ip)
+        handles = {_handle(conf, cid) for cid, _ in valid}
+        try:
+            with blocks.session():
+                for ip, handle in blocks.allocations(conf.node_name):
+                    tunnel = handle.endswith(f"-tunnel-addr-{conf.node_name}")  # the node's
+                    if handle not in handles and not tunnel:
+                        blocks.release_ip(conf.node_name, ip)
+        except StoreError as exc:
+            raise CniError(spec.TRY_AGAIN_LATER, str(exc)) from None
     if conf.ipam["type"] == spec.BUILTIN_IPAM:
         store = _store(conf)
         with store.session():

@@ -20,6 +20,7 @@ pytestmark = needs_root
 PLUGIN = str(Path(sys.executable).parent / "netsim-cni")
 DEBIAN_CNI = "/usr/lib/cni"
 SUBNET = "10.244.1.0/24"
+BLOCK = "/calico/ipam/v2/assignment/ipv4/block/192.168.0.0-26"
 
 
 class Node:
@@ -109,6 +110,16 @@ def node(tmp_path):
     n.remove()
 
 
+def calico_ipam(etcd) -> dict:
+    """The ipam section of a Calico node's config: the test's etcd and where it is reached."""
+    return {"type": "netsim-calico-ipam", "etcdEndpoints": [etcd.url], "etcdNetns": etcd.netns}
+
+
+def etcd_json(etcd, key: str):
+    out = etcd.etcdctl("get", key, "--print-value-only")
+    return json.loads(out) if out.strip() else None
+
+
 def with_prev(conf: dict, result: dict) -> dict:
     return {**conf, "prevResult": result}
 
@@ -177,14 +188,14 @@ def _pairs(addr_info: list[dict]) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["calico-vxlan", "calico-ipip", "calico-bgp"])
-def test_calico_add_check_del_del(tmp_path, mode):
+def test_calico_add_check_del_del(etcd, tmp_path, mode):
     """Calico's pod side, the same in its three modes: cali veth with ee:ee:ee:ee:ee:ee and
     proxy ARP, a /32 from the node's block, 169.254.1.1 as the pod's gateway; the pod answers
     through the node's route."""
     node = Node(tmp_path, mode, "1.0.0")
     node.conf.update(
         node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
-        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+        ipam=calico_ipam(etcd),
     )
     try:
         pod = node.pod("p1")
@@ -224,37 +235,47 @@ def test_calico_add_check_del_del(tmp_path, mode):
             text=True,
         ).stdout.split()
         assert sysctl == ["1", "0"]
-        block = Path(node.data_dir) / "blocks" / "192.168.0.0-26"
-        assert block.read_text() == "n1"
+        block = etcd_json(etcd, BLOCK)
+        assert block["affinity"] == "host:n1" and block["allocations"][0] == 0
+        assert block["attributes"][0]["handle_id"] == "cbr0.c1"  # <network>.<containerID>
+        assert block["attributes"][0]["secondary"]["pod"] == "web-0"
+        assert etcd_json(etcd, "/calico/ipam/v2/handle/cbr0.c1") == {
+            "block": {"192.168.0.0/26": 1},
+            "deleted": False,
+        }
         assert node.cni("CHECK", netns=pod, conf=with_prev(node.conf, result), CNI_ARGS=args) == (
             0,
             None,
         )
         assert node.cni("DEL", netns=pod, CNI_ARGS=args) == (0, None)
-        assert not list((Path(node.data_dir) / "192.168.0.0-26").glob("192.*"))
+        assert etcd_json(etcd, BLOCK)["allocations"][0] is None
+        assert etcd_json(etcd, "/calico/ipam/v2/handle/cbr0.c1") is None
         assert ip_json(node.netns, "link", "show", "type", "veth") == []
         assert node.cni("DEL", netns=pod, CNI_ARGS=args) == (0, None)
     finally:
         node.remove()
 
 
-def test_a_failure_after_ipam_gives_the_address_back(tmp_path):
+def test_a_failure_after_ipam_gives_the_address_back(etcd, tmp_path):
     """A second pod with the same Kubernetes name (so the same cali veth name) fails after
     Calico IPAM gave it an address: the ADD fails with the veth named, and the address is
     free again, the first pod's untouched."""
     node = Node(tmp_path, "calico-vxlan", "1.0.0")
     node.conf.update(
         node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
-        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+        ipam=calico_ipam(etcd),
     )
     args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
-    block = Path(node.data_dir) / "192.168.0.0-26"
+
+    def held():
+        block = etcd_json(etcd, BLOCK)
+        return [block["attributes"][i]["handle_id"] for i in block["allocations"] if i is not None]
+
     try:
         assert node.cni("ADD", container="c1", netns=node.pod("p1"), CNI_ARGS=args)[0] == 0
-        held = sorted(p.name for p in block.glob("192.*"))
         code, out = node.cni("ADD", container="c2", netns=node.pod("p2"), CNI_ARGS=args)
         assert code == 1 and "cali0d7763386da" in out["msg"], out
-        assert sorted(p.name for p in block.glob("192.*")) == held == ["192.168.0.0"]
+        assert held() == ["cbr0.c1"]
         assert [link["ifname"] for link in ip_json(f"{node.prefix}.p2", "link")] == ["lo"]
     finally:
         node.remove()
@@ -300,11 +321,11 @@ def test_check_names_what_differs(node, breakage, message):
     assert code == 1 and out["code"] == 103 and message in out["msg"], out
 
 
-def test_calico_check_names_the_missing_node_route(tmp_path):
+def test_calico_check_names_the_missing_node_route(etcd, tmp_path):
     node = Node(tmp_path, "calico-vxlan", "1.0.0")
     node.conf.update(
         node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
-        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+        ipam=calico_ipam(etcd),
     )
     args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
     try:
@@ -366,7 +387,7 @@ def test_status_reports_code_50_until_the_node_is_set_up(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["calico-vxlan", "calico-ipip", "calico-bgp"])
-def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
+def test_calico_status_is_50_until_calico_node_set_the_node_up(etcd, tmp_path, mode):
     """Ready needs forwarding, what the node's config says the mode needs (vxlan.calico; or
     the eBPF IPIP carrier's tunnel address on lo) and the blackhole of a block affine to the
     node."""
@@ -379,7 +400,7 @@ def test_calico_status_is_50_until_calico_node_set_the_node_up(tmp_path, mode):
     }.get(mode, {})
     node.conf.update(
         node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450, **ready},
-        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+        ipam=calico_ipam(etcd),
     )
     try:
         sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
@@ -650,15 +671,15 @@ def test_host_local_layout_round_robin_and_gateway(tmp_path):
         node.remove()
 
 
-def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
+def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(etcd, tmp_path):
     from cni.calico_ipam import BlockStore
 
     node = Node(tmp_path, "calico-vxlan", "1.1.0")
     node.conf.update(
         node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
-        ipam={"type": "netsim-calico-ipam", "dataDir": node.data_dir},
+        ipam=calico_ipam(etcd),
     )
-    store = BlockStore(node.data_dir, "192.168.0.0/16", 26)
+    store = BlockStore(etcd.store, "192.168.0.0/16", 26)
     try:
         with store.session():
             # as calico-node takes its own, under Calico's handle for it
@@ -670,8 +691,8 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(tmp_path):
         keep = [{"containerID": "c0", "ifname": "eth0"}]
         assert node.cni("GC", conf={**node.conf, "cni.dev/valid-attachments": keep}) == (0, None)
         with store.session():
-            left = sorted((ip, cid) for ip, cid, _ in store.allocations("n1"))
-        assert left == sorted([(tunnel, "vxlan-tunnel-addr-n1"), ("192.168.0.1", "c0")])
+            left = sorted(store.allocations("n1"))
+        assert left == sorted([(tunnel, "vxlan-tunnel-addr-n1"), ("192.168.0.1", "cbr0.c0")])
         veths = [link["ifname"] for link in ip_json(node.netns, "link", "show", "type", "veth")]
         assert veths == ["cali0d7763386da"]  # web-0's; web-1's went with its attachment
     finally:
@@ -697,3 +718,25 @@ def test_host_local_session_writes_the_last_reserved_address_once_even_on_failur
     assert (tmp_path / "net" / "last_reserved_ip.0").read_text() == "10.9.0.5"
     with store.session():
         assert store.allocate("c4", "eth0") == "10.9.0.6"  # after .5, not a hole before it
+
+
+def test_calico_ipam_names_a_missing_etcd_field_and_says_try_again_when_etcd_is_down(
+    etcd, tmp_path
+):
+    """No etcdEndpoints: INVALID_CONFIG naming the field. etcd not answering: code 11, "try
+    again later", one line naming the endpoint, and nothing left in the node."""
+    node = Node(tmp_path, "calico-vxlan", "1.0.0")
+    node.conf["node"] = {"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450}
+    args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+    try:
+        pod = node.pod("p1")
+        node.conf["ipam"] = {"type": "netsim-calico-ipam", "etcdNetns": etcd.netns}
+        code, out = node.cni("ADD", netns=pod, CNI_ARGS=args)
+        assert code == 1 and out["code"] == 7 and "ipam.etcdEndpoints" in out["msg"], out
+        node.conf["ipam"] = {**calico_ipam(etcd), "etcdEndpoints": ["http://127.0.0.1:9"]}
+        code, out = node.cni("ADD", netns=pod, CNI_ARGS=args)
+        assert code == 1 and out["code"] == 11, out
+        assert "etcd is not reachable" in out["msg"] and "\n" not in out["msg"], out
+        assert ip_json(node.netns, "link", "show", "type", "veth") == []
+    finally:
+        node.remove()

@@ -10,12 +10,15 @@ BGP, native via the peer's node IP.
 
 from __future__ import annotations
 
-import os
+import json
+import time
 
 from netsim.modes.base import Mode
 
 RTPROT_FELIX = 80  # the protocol number Calico's felix marks its routes with
 CNI_NETWORK = "k8s-pod-network"  # the network name in Calico's CNI config
+RESOURCES = "/calico/resources/v3/projectcalico.org"  # v3 resources in Calico's etcdv3 store
+SEGMENT_LABEL = "netsim.io/segment"  # on Node resources: external BGP peers select by it
 
 
 class CalicoIpam:
@@ -28,18 +31,35 @@ class CalicoIpam:
         return self.store.session()
 
     def allocate(self, handle: str, ifname: str, requested: str | None = None) -> str:
-        return self.store.allocate(self.node, handle, ifname, requested)[0]
+        """An address for pod `handle` (netsim's in-process pods are handled by name)."""
+        from netsim.services import NAMESPACE
+
+        now = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())
+        attrs = {"namespace": NAMESPACE, "pod": handle, "timestamp": now}
+        return self.store.allocate(self.node, handle, ifname, requested, attrs)[0]
 
     def release(self, handle: str, ifname: str) -> list[str]:
         return self.store.release(self.node, handle, ifname)
 
 
-def block_store(cluster, cluster_dir: str):
+def block_store(cluster, cluster_dir: str = ""):
+    """The cluster's Calico IPAM, in its etcd as the CLI reaches it (cluster_dir: unused, the
+    blocks live in etcd)."""
     from cni.calico_ipam import BlockStore
+    from netsim import store
 
     return BlockStore(
-        os.path.join(cluster_dir, "calico-ipam"), cluster.pod_network, cluster.subnet_len
+        store.of(cluster.name, cluster.datastore), cluster.pod_network, cluster.subnet_len
     )
+
+
+def resource(
+    kind: str, plural: str, name: str, spec: dict, labels: dict | None = None
+) -> dict[str, str]:
+    """{key: value} of a Calico v3 resource as Calico's etcdv3 backend keeps it."""
+    metadata = {"name": name, **({"labels": labels} if labels else {})}
+    value = {"kind": kind, "apiVersion": "projectcalico.org/v3", "metadata": metadata}
+    return {f"{RESOURCES}/{plural}/{name}": json.dumps({**value, "spec": spec})}
 
 
 class CalicoBackend(Mode):
@@ -63,7 +83,10 @@ class CalicoBackend(Mode):
                 plan[node] = {"blocks": [store.claim(node)], "encap": self.setting(cluster)}
                 if self.tunnel:
                     plan[node]["tunnel_ip"] = store.allocate(
-                        node, f"{self.encapsulation}-tunnel-addr-{node}", self.tunnel
+                        node,
+                        f"{self.encapsulation}-tunnel-addr-{node}",
+                        self.tunnel,
+                        attrs={"type": f"{self.encapsulation}TunnelAddress"},
                     )[0]
         return plan
 
@@ -159,11 +182,65 @@ class CalicoBackend(Mode):
                 "mtu": self.pod_mtu(cluster.mtu),
                 **ready,
             },
-            "ipam": {
-                "type": "netsim-calico-ipam",
-                "dataDir": os.path.join(cluster_dir, "calico-ipam"),
-            },
+            "ipam": {"type": "netsim-calico-ipam", **etcd_fields(cluster, node)},
         }
+
+    # -- the store -----------------------------------------------------------------------------
+
+    def store_keys(self, cluster, record) -> dict[str, str]:
+        """Calico's v3 resources: the IP pool, a Node per node (its BGP address, its tunnel
+        address, route reflector cluster ID), the default BGPConfiguration, and BGPPeers for
+        the route reflectors and the top-of-rack routers."""
+        calico = cluster.calico
+        reflectors = set(calico.reflectors)
+        pool = {
+            "cidr": cluster.pod_network,
+            "blockSize": cluster.subnet_len,
+            "ipipMode": calico.ipip_mode,
+            "vxlanMode": calico.vxlan_mode,
+            "natOutgoing": calico.nat_outgoing,
+            "nodeSelector": "all()",
+        }
+        keys = resource("IPPool", "ippools", "default-ipv4-ippool", pool)
+        for name, node in record.nodes.items():
+            bgp = {"ipv4Address": f"{node.ip}/{node.prefixlen}"}
+            spec: dict = {"bgp": bgp}
+            if node.tunnel_ip and self.encapsulation == "ipip":
+                bgp["ipv4IPIPTunnelAddr"] = node.tunnel_ip
+            if node.tunnel_ip and self.encapsulation == "vxlan":
+                spec["ipv4VXLANTunnelAddr"] = node.tunnel_ip
+            labels = {SEGMENT_LABEL: node.segment}
+            if name in reflectors:  # each reflector its own cluster, as BIRD is configured
+                bgp["routeReflectorClusterID"] = node.ip
+                labels["route-reflector"] = "true"
+            keys |= resource("Node", "nodes", name, spec, labels)
+        config = {
+            "logSeverityScreen": "Info",
+            "nodeToNodeMeshEnabled": not reflectors,
+            "asNumber": calico.asn,
+        }
+        keys |= resource("BGPConfiguration", "bgpconfigurations", "default", config)
+        if reflectors:
+            peers = {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}
+            keys |= resource("BGPPeer", "bgppeers", "peer-with-route-reflectors", peers)
+        for name, client in record.clients.items():
+            if client.asn:  # a top-of-rack router: the nodes of its segment peer with it
+                peer = {
+                    "nodeSelector": f"{SEGMENT_LABEL} == '{client.segment}'",
+                    "peerIP": client.ip,
+                    "asNumber": client.asn,
+                }
+                keys |= resource("BGPPeer", "bgppeers", name, peer)
+        return keys
+
+
+def etcd_fields(cluster, node) -> dict:
+    """What the CNI plugin in the node needs to reach the cluster's etcd: netsim's own over
+    the underlay from the node's namespace, or the user's from where they named."""
+    from netsim import store
+
+    reach = store.from_node(cluster.name, cluster.datastore, node.netns)
+    return {"etcdEndpoints": list(reach.endpoints), "etcdNetns": reach.netns}
 
     # -- rules ---------------------------------------------------------------------------------
 

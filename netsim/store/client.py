@@ -122,14 +122,24 @@ class Store:
         found = self.range(key)
         return found[0] if found else None
 
-    def range(self, key: str, prefix: bool = False, revision: int = 0) -> list[KeyValue]:
-        """The key, or every key under the prefix, in key order (at a revision if given)."""
-        body: dict = {"key": _b64(key)}
-        if prefix:
-            body["range_end"] = prefix_end(key)
+    def range(
+        self, key: str, prefix: bool = False, revision: int = 0, keys_only: bool = False
+    ) -> list[KeyValue]:
+        """The key, or every key under the prefix, in key order (at a revision if given;
+        with empty values if keys_only)."""
+        body = range_op(key, prefix, keys_only)["request_range"]
         if revision:
             body["revision"] = revision
         return [_kv(item) for item in self.call("kv/range", body).get("kvs", [])]
+
+    def get_many(self, keys: list[str]) -> dict[str, KeyValue | None]:
+        """Several keys (None where absent), one request (one revision) per MAX_TXN_OPS keys."""
+        found: dict[str, KeyValue | None] = dict.fromkeys(keys)
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            result = self.txn([], [range_op(k) for k in keys[start : start + MAX_TXN_OPS]])
+            for kv in ranged(result):
+                found[kv.key] = kv
+        return found
 
     def revision(self) -> int:
         """The store's current revision."""
@@ -158,7 +168,7 @@ class Store:
         return int(self.call("kv/deleterange", body).get("deleted", 0))
 
     def delete_all(self, keys: list[str]) -> None:
-        ops = [{"request_delete_range": {"key": _b64(k)}} for k in keys]
+        ops = [delete_op(k) for k in keys]
         for start in range(0, len(ops), MAX_TXN_OPS):
             self.txn([], ops[start : start + MAX_TXN_OPS])
 
@@ -203,6 +213,28 @@ def put_op(key: str, value: str | bytes, lease: int = 0) -> dict:
     if lease:
         op["lease"] = str(lease)
     return {"request_put": op}
+
+
+def delete_op(key: str) -> dict:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+def range_op(key: str, prefix: bool = False, keys_only: bool = False) -> dict:
+    op: dict = {"key": _b64(key)}
+    if prefix:
+        op["range_end"] = prefix_end(key)
+    if keys_only:
+        op["keys_only"] = True
+    return {"request_range": op}
+
+
+def ranged(result: dict) -> list[KeyValue]:
+    """Every key a transaction's range operations returned, in order."""
+    return [
+        _kv(item)
+        for response in result.get("responses", [])
+        for item in response.get("response_range", {}).get("kvs", [])
+    ]
 
 
 def absent(key: str) -> dict:
