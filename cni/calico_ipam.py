@@ -63,7 +63,7 @@ HANDLES = f"{PREFIX}/handle/"
 CONFIG = f"{PREFIX}/config"
 IPAM_CONFIG = {"strict_affinity": False, "auto_allocate_blocks": True, "maxBlocksPerHost": 0}
 AFFINITY = {"state": "confirmed", "deleted": False}
-LOCK_DIR = "/run/netsim/calico-ipam"  # one flock per node (Calico: /var/run/calico/ipam.lock)
+LOCK_DIR = "/run/calico"  # one flock per node, where Calico keeps its ipam.lock (/var/run/calico)
 RETRIES = 20  # compare-and-swap attempts before a write gives up
 
 

@@ -14,7 +14,7 @@ import os
 import time
 
 from cni import bridge, calico_pod, spec, wiring
-from cni.calico_ipam import BlockStore
+from cni.calico_ipam import LOCK_DIR, BlockStore
 from cni.ipam import HostLocal, IpamError
 from cni.spec import CniError, Env, NetConf
 from netsim.errors import KernelError
@@ -139,7 +139,10 @@ def _blocks(conf: NetConf) -> BlockStore:
             "name the network namespace etcd is reached from, or null for the plugin's own",
         )
     return BlockStore(
-        Store(endpoints, conf.ipam["etcdNetns"] or None), conf.network, conf.block_size
+        Store(endpoints, conf.ipam["etcdNetns"] or None),
+        conf.network,
+        conf.block_size,
+        lock_dir=conf.ipam.get("dataDir") or LOCK_DIR,  # netsim's nodes: the cluster's state
     )
 
 

@@ -189,7 +189,7 @@ def _cluster(etcd, **calico):
     )
 
 
-def test_the_mode_plans_blocks_and_tunnel_addresses_in_etcd(etcd):
+def test_the_mode_plans_blocks_and_tunnel_addresses_in_etcd(etcd, tmp_path):
     """Each node's first block, its first address the tunnel's (under Calico's tunnel handle);
     the CNI config tells the plugin where etcd is instead of a directory."""
     from types import SimpleNamespace
@@ -198,7 +198,7 @@ def test_the_mode_plans_blocks_and_tunnel_addresses_in_etcd(etcd):
 
     mode = get("calico-vxlan")
     cluster = _cluster(etcd, vxlan_mode="Always")
-    plan = mode.plan_nodes(cluster, "")
+    plan = mode.plan_nodes(cluster, str(tmp_path))
     assert {n: (p["blocks"], p["tunnel_ip"]) for n, p in plan.items()} == {
         "n1": (["192.168.0.0/26"], "192.168.0.0"),
         "n2": (["192.168.0.64/26"], "192.168.0.64"),
@@ -207,17 +207,18 @@ def test_the_mode_plans_blocks_and_tunnel_addresses_in_etcd(etcd):
     assert handle == {"block": {"192.168.0.64/26": 1}, "deleted": False}
     block = etcdctl_json(etcd, BLOCK + "192.168.0.64-26")
     assert block["attributes"][0]["secondary"] == {"node": "n2", "type": "vxlanTunnelAddress"}
-    ipam = mode.ipam(cluster, "", SimpleNamespace(name="n1"))
+    ipam = mode.ipam(cluster, str(tmp_path), SimpleNamespace(name="n1"))
     with ipam.session():
         assert ipam.allocate("web-0", "eth0") == "192.168.0.1"
     node = SimpleNamespace(name="n1", netns="netsim.ipamtest.n1", tunnel_ip="192.168.0.0")
-    conf = mode.cni_config(cluster, node, "", "")
+    conf = mode.cni_config(cluster, node, str(tmp_path), "")
     assert conf["ipam"] == {
         "type": "netsim-calico-ipam",
         "etcdEndpoints": [etcd.url],
         "etcdNetns": etcd.netns,
+        "dataDir": f"{tmp_path}/calico-ipam",
     }
-    assert mode.new_blocks(cluster, "", SimpleNamespace(nodes={})) == {}
+    assert mode.new_blocks(cluster, str(tmp_path), SimpleNamespace(nodes={})) == {}
 
 
 def test_store_keys_are_calicos_v3_resources(etcd):

@@ -11,6 +11,7 @@ BGP, native via the peer's node IP.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from netsim.modes.base import Mode
@@ -42,14 +43,17 @@ class CalicoIpam:
         return self.store.release(self.node, handle, ifname)
 
 
-def block_store(cluster, cluster_dir: str = ""):
-    """The cluster's Calico IPAM, in its etcd as the CLI reaches it (cluster_dir: unused, the
-    blocks live in etcd)."""
+def block_store(cluster, cluster_dir: str):
+    """The cluster's Calico IPAM, in its etcd as the CLI reaches it; the per-node locks in the
+    cluster's state directory (they go with it)."""
     from cni.calico_ipam import BlockStore
     from netsim import store
 
     return BlockStore(
-        store.of(cluster.name, cluster.datastore), cluster.pod_network, cluster.subnet_len
+        store.of(cluster.name, cluster.datastore),
+        cluster.pod_network,
+        cluster.subnet_len,
+        lock_dir=os.path.join(cluster_dir, "calico-ipam"),
     )
 
 
@@ -182,7 +186,11 @@ class CalicoBackend(Mode):
                 "mtu": self.pod_mtu(cluster.mtu),
                 **ready,
             },
-            "ipam": {"type": "netsim-calico-ipam", **etcd_fields(cluster, node)},
+            "ipam": {
+                "type": "netsim-calico-ipam",
+                **etcd_fields(cluster, node),
+                "dataDir": os.path.join(cluster_dir, "calico-ipam"),  # the nodes' locks
+            },
         }
 
     # -- the store -----------------------------------------------------------------------------
@@ -233,15 +241,6 @@ class CalicoBackend(Mode):
                 keys |= resource("BGPPeer", "bgppeers", name, peer)
         return keys
 
-
-def etcd_fields(cluster, node) -> dict:
-    """What the CNI plugin in the node needs to reach the cluster's etcd: netsim's own over
-    the underlay from the node's namespace, or the user's from where they named."""
-    from netsim import store
-
-    reach = store.from_node(cluster.name, cluster.datastore, node.netns)
-    return {"etcdEndpoints": list(reach.endpoints), "etcdNetns": reach.netns}
-
     # -- rules ---------------------------------------------------------------------------------
 
     def masquerade(self, cluster, node) -> str:
@@ -265,3 +264,12 @@ table ip calico {{
   }}
 }}
 """
+
+
+def etcd_fields(cluster, node) -> dict:
+    """What the CNI plugin in the node needs to reach the cluster's etcd: netsim's own over
+    the underlay from the node's namespace, or the user's from where they named."""
+    from netsim import store
+
+    reach = store.from_node(cluster.name, cluster.datastore, node.netns)
+    return {"etcdEndpoints": list(reach.endpoints), "etcdNetns": reach.netns}
