@@ -32,15 +32,20 @@ class CalicoIpam:
         return self.store.session()
 
     def allocate(self, handle: str, ifname: str, requested: str | None = None) -> str:
-        """An address for pod `handle` (netsim's in-process pods are handled by name)."""
+        """An address for the pod netsim names `handle` (its container ID is its name), held
+        under Calico's handle `k8s-pod-network.<containerID>`."""
         from netsim.services import NAMESPACE
 
         now = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())
         attrs = {"namespace": NAMESPACE, "pod": handle, "timestamp": now}
-        return self.store.allocate(self.node, handle, ifname, requested, attrs)[0]
+        return self.store.allocate(self.node, _handle(handle), ifname, requested, attrs)[0]
 
     def release(self, handle: str, ifname: str) -> list[str]:
-        return self.store.release(self.node, handle, ifname)
+        return self.store.release(self.node, _handle(handle), ifname)
+
+
+def _handle(container: str) -> str:
+    return f"{CNI_NETWORK}.{container}"
 
 
 def block_store(cluster, cluster_dir: str):
