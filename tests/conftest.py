@@ -138,11 +138,8 @@ class ClusterUnderTest:
         return [n for n in netns.names() if n.startswith(state.netns_prefix(self.name))]
 
 
-def etcd_pids(cluster: str) -> list[int]:
-    """Live etcd processes whose data lives under the cluster's directory (for assertions)."""
-    from netsim import state
-
-    where = state.cluster_dir(cluster).encode() + b"/"
+def _pids(matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """Live processes whose command line (argv as bytes) `matches`, read from /proc."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -150,9 +147,17 @@ def etcd_pids(cluster: str) -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if cmd[0].endswith(b"etcd") and any(arg.startswith(where) for arg in cmd):
+            if matches(cmd):
                 pids.append(int(entry))
     return pids
+
+
+def etcd_pids(cluster: str) -> list[int]:
+    """Live etcd processes whose data lives under the cluster's directory (for assertions)."""
+    from netsim import state
+
+    where = state.cluster_dir(cluster).encode() + b"/"
+    return _pids(lambda cmd: cmd[0].endswith(b"etcd") and any(a.startswith(where) for a in cmd))
 
 
 def netns_cookie(netns: str) -> int:
@@ -170,16 +175,7 @@ def netns_cookie(netns: str) -> int:
 
 def agent_pids(cluster: str) -> list[int]:
     """Live agent processes of a cluster, found by reading /proc (for assertions only)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"netsim.agent" in cmd and cluster.encode() in cmd:
-                pids.append(int(entry))
-    return pids
+    return _pids(lambda cmd: b"netsim.agent" in cmd and cluster.encode() in cmd)
 
 
 @pytest.fixture
