@@ -251,11 +251,31 @@ class LeaseRenewer(threading.Thread):
                 print(f"lease {self.spec['id']:x}: renewal failed ({exc})", flush=True)
                 wait = min(60, margin)
                 continue
-            if left <= 0:
-                print(f"lease {self.spec['id']:x} has been revoked", flush=True)
+            if left <= 0 and not self.take_again(store):
                 return
-            print(f"lease {self.spec['id']:x} renewed: TTL {left} s", flush=True)
+            if left > 0:
+                print(f"lease {self.spec['id']:x} renewed: TTL {left} s", flush=True)
             wait = ttl - margin
+
+    def take_again(self, store) -> bool:
+        """The lease ended (the node was away longer than its TTL): take the subnet again
+        under a new one, as flanneld does at its start, unless another host holds it now."""
+        import json as json_
+
+        from netsim.store import client
+
+        key, value = self.spec["key"], self.spec["value"]
+        lease = store.grant(self.spec["ttl"])
+        put = [client.put_op(key, value, lease)]
+        if not store.txn([client.absent(key)], put)["succeeded"]:
+            current = store.get(key)
+            mine = current and current.json().get("PublicIP") == json_.loads(value)["PublicIP"]
+            if not (mine and store.txn([client.unchanged(current)], put)["succeeded"]):
+                print(f"lease {self.spec['id']:x} ended and {key} is another host's", flush=True)
+                return False
+        print(f"lease {self.spec['id']:x} had ended: {key} taken again as {lease:x}", flush=True)
+        self.spec = {**self.spec, "id": lease}
+        return True
 
 
 def _end(procs: list[subprocess.Popen]) -> None:

@@ -85,14 +85,19 @@ def _lease(record: Record, node) -> dict | None:
     lease, its TTL, and how the node reaches the store."""
     if not node.lease:
         return None
+    from netsim import modes
     from netsim import store as storemod
+    from netsim.modes.flannel import lease_key, lease_value
 
+    mode = modes.get(record.mode)
     store = storemod.from_node(record.cluster, record.spec.datastore, node.netns)
     return {
         "id": node.lease,
         "ttl": record.spec.lease_ttl,
         "endpoints": store.endpoints,
         "netns": store.netns,
+        "key": lease_key(node.subnet),  # to take the lease again if it ended
+        "value": lease_value(node.ip, mode.backend, mode.backend_data(node)),
     }
 
 

@@ -886,6 +886,9 @@ def main(argv: list[str] | None = None, exit: bool = True) -> int:
             code = exc.exit_code
         except KeyboardInterrupt:
             code = 130
+        except BrokenPipeError:  # `netsim get pods | head`: the reader has gone, as for ls
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141
     if exit:
         sys.exit(code)
     return code

@@ -94,7 +94,9 @@ def preflight(cluster: Cluster) -> None:
                 f"spec.datastore.etcd.netns: no network namespace {datastore.netns}; name one "
                 "`ip netns list` shows, or leave netns out to reach etcd from the host's own"
             )
-        storemod.of(cluster.name, datastore).revision()  # unreachable: one line, nothing made
+        store = storemod.of(cluster.name, datastore)
+        store.revision()  # unreachable: one line, before anything is made
+        storemod.check_owner(store, cluster.name)
 
 
 def apply(
@@ -133,13 +135,22 @@ def apply(
                     # the wiring waits on the kernel's one rtnl lock, nftables does not
                     services.reconcile(cluster, record, changes)
                     alongside = functools.partial(sync.sync, cluster, record)
-            elif _revive_etcd(record, tx, progress):
-                changes.updated.append("etcd (restarted)")
+            else:
+                if _revive_etcd(record, tx, progress):
+                    changes.updated.append("etcd (restarted)")
+                store = storemod.of(cluster.name, cluster.datastore)
+                restored = [storemod.OWNER] if storemod.claim(store, cluster.name) else []
+                restored += mode.publish(store, cluster, record)
+                changes.updated += [f"etcd key {key} (restored)" for key in restored]
+                if restored:  # a flannel lease taken again: its node's agent renews the new one
+                    agents.sync(record, list(record.nodes))
             pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
             services.reconcile(cluster, record, changes)
             # the store first: if etcd is gone, nothing has reached kube-proxy's tables yet
             registry.sync(storemod.of(cluster.name, cluster.datastore), record)
             sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
+            if fresh:  # nodes with no pod have not heard from netsim yet: their lease to renew
+                agents.sync(record, [n for n in record.nodes if not record.pods_on(n)])
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again
@@ -200,7 +211,9 @@ def _build_base(
             rt.commit()
         nft.apply(node.netns, mode.masquerade(cluster, node))
         write_node_files(cluster, node, mode)
-    mode.publish(storemod.of(name, cluster.datastore), cluster, record)
+    store = storemod.of(name, cluster.datastore)
+    storemod.claim(store, name)
+    mode.publish(store, cluster, record)
 
     def started(process) -> None:
         tx.process(f"process {process.pid}", process.pid, process.start)

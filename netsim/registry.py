@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from netsim import collector
 from netsim.record import NodeRecord, PodRecord, Record
 from netsim.services import NAMESPACE, endpoints, target_port
 
@@ -155,4 +156,5 @@ def sync(store, record: Record) -> int:
 
 def listed(store, prefix: str) -> list[dict]:
     """The objects under one /registry prefix, in key order."""
-    return [kv.json() for kv in store.range(prefix, prefix=True)]
+    with collector.paused():
+        return [kv.json() for kv in store.range(prefix, prefix=True)]

@@ -6,7 +6,7 @@ remove exactly that.
 - journal: one JSON line per namespace or process, written *before* it is created by a run
   that has not committed yet; `gc` reads it after a crash.
 - lock: flock-ed by the run that is changing the cluster, so gc never races a live apply.
-- etcd/coreos.com/network/...: flannel's keys and values, as flannel stores them in etcd.
+- etcd/: netsim's etcd for the cluster (its data on a ramfs of its own, its log).
 - nodes/<node>/: subnet.env, the CNI IPAM store, the agent's socket and log.
 """
 
@@ -96,6 +96,7 @@ def remove(cluster: str) -> None:
     from netsim.kernel import tmpfs
 
     directory = cluster_dir(cluster)
+    tmpfs.remove(os.path.join(directory, "etcd"))  # its own ramfs, if the directory is not one
     tmpfs.remove(directory)
     shutil.rmtree(directory, ignore_errors=True)
 

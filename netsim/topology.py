@@ -16,6 +16,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from ipaddress import IPv4Address
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -1086,6 +1087,15 @@ def _assign_ips(
 def _datastore(doc: _Doc) -> Datastore:
     """spec.datastore.etcd: the user's etcd endpoints (http URLs) and the namespace to reach
     them from; without it netsim runs an etcd of the cluster's own on its master."""
+    datastore = doc.get("spec.datastore", {}, dict)
+    if any(key != "etcd" for key in datastore):
+        other = next(key for key in datastore if key != "etcd")
+        raise doc.fail(
+            "spec.datastore",
+            f"unknown datastore {_show(other)}",
+            "use etcd: {endpoints: [http://IP:2379]}, or leave spec.datastore out to let "
+            "netsim run the cluster's etcd",
+        )
     endpoints = doc.get("spec.datastore.etcd.endpoints", [], list)
     urls = []
     for i, url in enumerate(endpoints):
@@ -1093,15 +1103,25 @@ def _datastore(doc: _Doc) -> Datastore:
         parts = urlsplit(url) if isinstance(url, str) else None
         try:
             port = parts.port if parts else None
-        except ValueError:
+            IPv4Address(parts.hostname or "")
+        except (ValueError, AttributeError):
             port = None
-        if not parts or parts.scheme != "http" or not parts.hostname or not port:
+        if (
+            not parts
+            or parts.scheme != "http"
+            or not port
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
             raise doc.fail(
                 field,
                 f"{_show(url)} is not an etcd client URL netsim can use",
-                "write http://HOST:PORT, e.g. http://10.0.0.5:2379 (TLS is not supported)",
+                "write http://IPv4:PORT, e.g. http://10.0.0.5:2379 (no path; TLS and names "
+                "are not supported)",
             )
-        urls.append(url.rstrip("/"))
+        urls.append(f"http://{parts.hostname}:{port}")
     netns = doc.get("spec.datastore.etcd.netns", "", str)
     if netns and not urls:
         raise doc.fail(

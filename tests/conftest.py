@@ -233,9 +233,12 @@ class EtcdUnderTest:
 
     def close(self) -> None:
         from netsim.kernel import netns as nsmod
+        from netsim.kernel import tmpfs
+        from netsim.store import server
 
         self.stop()
         nsmod.remove(self.netns)
+        tmpfs.remove(server.directory(str(self.dir)))  # etcd's data is on a ramfs
 
 
 @pytest.fixture

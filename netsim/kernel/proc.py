@@ -78,9 +78,11 @@ def stop(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
     finish(terminate(processes), grace)
 
 
-def terminate(processes: list[tuple[int, int]]) -> dict[int, int]:
-    """SIGTERM to each (pid, start time) that is still the process we started; the pidfds
-    of those signalled, for `finish`."""
+def terminate(
+    processes: list[tuple[int, int]], how: signal.Signals = signal.SIGTERM
+) -> dict[int, int]:
+    """SIGTERM (or `how`) to each (pid, start time) that is still the process we started; the
+    pidfds of those signalled, for `finish`."""
     # a pidfd names exactly this process, even if the PID is reused later, and polls readable
     # when it exits: no sleeping loop, no signal to a stranger
     fds = {}
@@ -91,7 +93,7 @@ def terminate(processes: list[tuple[int, int]]) -> dict[int, int]:
             continue
         if alive(pid, started):
             fds[fd] = pid
-            signal.pidfd_send_signal(fd, signal.SIGTERM)
+            signal.pidfd_send_signal(fd, how)
         else:
             os.close(fd)
     return fds

@@ -16,10 +16,10 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def mount(directory: str, shared: bool = False) -> None:
-    """A tmpfs on the directory unless one is there, or the directory already holds files
-    (made before netsim used a tmpfs: they stay visible); under a lock beside it, so two
-    runs never stack two."""
+def mount(directory: str, shared: bool = False, fstype: str = "tmpfs") -> None:
+    """A tmpfs (or `fstype`: ramfs) on the directory unless one is there, or the directory
+    already holds files (made before netsim used a tmpfs: they stay visible); under a lock
+    beside it, so two runs never stack two."""
     os.makedirs(directory, exist_ok=True)
     fd = os.open(os.path.dirname(directory.rstrip("/")) or "/", os.O_RDONLY)
     try:
@@ -27,8 +27,9 @@ def mount(directory: str, shared: bool = False) -> None:
         if os.path.ismount(directory) or os.listdir(directory):
             return
         flags = MS_NOSUID | MS_NODEV  # not noexec: the cluster's CNI launcher lives there
-        if _libc.mount(b"tmpfs", directory.encode(), b"tmpfs", flags, b"mode=0755") != 0:
-            raise KernelError(ctypes.get_errno(), f"mount a tmpfs on {directory}", None)
+        kind = fstype.encode()
+        if _libc.mount(kind, directory.encode(), kind, flags, b"mode=0755") != 0:
+            raise KernelError(ctypes.get_errno(), f"mount a {fstype} on {directory}", None)
         if shared and _libc.mount(b"none", directory.encode(), None, MS_SHARED, None) != 0:
             raise KernelError(ctypes.get_errno(), f"share {directory}", None)
     finally:

@@ -22,9 +22,7 @@ re-checks every element's jump for loops, so each of a thousand rules would walk
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import hashlib
 import ipaddress
 import socket
@@ -32,6 +30,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netsim import collector
 from netsim.kernel import nftnl
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
 
@@ -405,26 +404,12 @@ def changes(
     endpoint changing among thousands costs what that one service costs."""
     before = {sp.key: sp for sp in old_ports}
     after = {sp.key: sp for sp in new_ports}
-    with _collector_paused():
+    with collector.paused():
         old = compute([sp for key, sp in before.items() if after.get(key) != sp], cluster_cidr)
         new = compute([sp for key, sp in after.items() if before.get(key) != sp], cluster_cidr)
         old.cluster_ips = {sp.cluster_ip for sp in old_ports}
         new.cluster_ips = {sp.cluster_ip for sp in new_ports}
         return _difference(old, new)
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cycle collector off while a table is built: the tens of thousands of rules it
-    allocates (none in a cycle) would otherwise trigger full collections that walk the whole
-    heap, a third of a cold 1000-Service build."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:

@@ -117,9 +117,18 @@ class Mode:
         Calico's blocks) it writes itself, with a transaction, in plan_nodes."""
         return {}
 
-    def publish(self, store, cluster: Cluster, record: Record) -> None:
-        """Write the mode's keys to the cluster's etcd once its nodes are built."""
-        store.put_all(self.store_keys(cluster, record))
+    def publish(self, store, cluster: Cluster, record: Record) -> list[str]:
+        """Write the mode's keys to the cluster's etcd once its nodes are built, and on every
+        later apply those that are missing or differ (lost with etcd's data, or deleted by
+        hand); the keys written."""
+        wanted = self.store_keys(cluster, record)
+        held = store.get_many(list(wanted))
+        changed = {
+            k: v for k, v in wanted.items() if held[k] is None or held[k].value.decode() != v
+        }
+        if changed:
+            store.put_all(changed)
+        return list(changed)
 
     def start_cluster(
         self,

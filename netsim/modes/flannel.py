@@ -8,6 +8,7 @@ import json
 import os
 from ipaddress import IPv4Network
 
+from netsim.errors import NetsimError
 from netsim.modes.base import Mode
 
 CNI_NETWORK = "cbr0"  # the network name in kube-flannel's CNI config
@@ -45,29 +46,36 @@ class FlannelBackend(Mode):
             )
         }
 
-    def publish(self, store, cluster, record) -> None:
+    def publish(self, store, cluster, record) -> list[str]:
         """The network config, then each node's lease bound to an etcd lease of flannel's TTL
         (a node's agent renews it before it ends): created with a transaction that holds only
-        while the key is absent, or taken over when it already names this node's PublicIP."""
+        while the key is absent, or taken over when it already names this node's PublicIP. A
+        lease the store still holds as it should is left alone."""
         from netsim.store import client
 
-        super().publish(store, cluster, record)
-        for node in record.nodes.values():
-            key = lease_key(node.subnet)
+        written = super().publish(store, cluster, record)
+        keys = {name: lease_key(node.subnet) for name, node in record.nodes.items()}
+        held = store.get_many(list(keys.values()))
+        for name, node in record.nodes.items():
+            key = keys[name]
             value = lease_value(node.ip, self.backend, self.backend_data(node))
+            current = held[key]
+            if current is not None and current.value.decode() == value and current.lease:
+                node.lease = current.lease  # the agent may have taken a new one
+                continue
             node.lease = store.grant(cluster.lease_ttl)
             put = [client.put_op(key, value, node.lease)]
+            written.append(key)
             if store.txn([client.absent(key)], put)["succeeded"]:
                 continue
             current = store.get(key)
             mine = current is not None and current.json().get("PublicIP") == node.ip
             if not (mine and store.txn([client.unchanged(current)], put)["succeeded"]):
-                from netsim.errors import NetsimError
-
                 raise NetsimError(
                     f"flannel lease {key} for node {node.name} is held by another host in "
                     f"{store}: delete it, or give the node another address"
                 )
+        return written
 
     @property
     def pod_side(self):
@@ -138,9 +146,14 @@ class FlannelBackend(Mode):
         with open(os.path.join(state.node_dir(record.cluster, node.name), "subnet.env")) as fh:
             sections = [("subnet.env", fh.read())]
         store = storemod.of(record.cluster, record.spec.datastore)
-        lease = store.get(lease_key(node.subnet))
+        try:
+            lease = store.get(lease_key(node.subnet))
+        except NetsimError as exc:  # the kernel's view is worth showing without the store
+            lease, missing = None, str(exc)
+        else:
+            missing = "(not in the store: its etcd lease expired or it was deleted)"
         if lease is None:
-            text = "(not in the store: its etcd lease expired or it was deleted)"
+            text = missing
         else:
             remaining, granted = store.time_to_live(lease.lease) if lease.lease else (-1, 0)
             text = lease.value.decode() + (

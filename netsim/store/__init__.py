@@ -16,7 +16,12 @@ def of(cluster: str, datastore: Datastore) -> Store:
     """The cluster's store as the CLI reaches it: netsim's etcd from the master namespace, or
     the user's endpoints from the namespace they named (else the host's own)."""
     if datastore.own:
-        return Store([f"http://{datastore.master_ip}:{CLIENT_PORT}"], master_netns(cluster))
+        return Store(
+            [f"http://{datastore.master_ip}:{CLIENT_PORT}"],
+            master_netns(cluster),
+            fix=f"netsim's etcd for cluster {cluster} is not running; the next "
+            "`netsim apply -f FILE` starts it again with its data",
+        )
     return Store(datastore.endpoints, datastore.netns or None)
 
 
@@ -26,3 +31,39 @@ def from_node(cluster: str, datastore: Datastore, node_netns: str) -> Store:
     if datastore.own:
         return Store([f"http://{datastore.master_ip}:{CLIENT_PORT}"], node_netns)
     return Store(datastore.endpoints, datastore.netns or None)
+
+
+# netsim's own key: which cluster a store belongs to (the real layouts name none)
+OWNER = "/netsim.dev/cluster"
+WRITTEN = ("/registry/", "/coreos.com/network/", "/calico/")  # what netsim writes
+
+
+def check_owner(store: Store, cluster: str) -> None:
+    """Refuse a store that holds another cluster's state: flannel's, Calico's and the API
+    server's keys name no cluster, so two clusters in one etcd would overwrite each other."""
+    from netsim.errors import NetsimError
+
+    owner = store.get(OWNER)
+    if owner is not None:
+        name = owner.json().get("name")
+        if name != cluster:
+            raise NetsimError(
+                f"{store} holds cluster {name}'s state: give cluster {cluster} an etcd of its "
+                f"own (or `netsim down {name}` first)"
+            )
+        return
+    for prefix in WRITTEN:
+        if store.range(prefix, prefix=True, keys_only=True):
+            raise NetsimError(
+                f"{store} already holds keys under {prefix} that netsim did not write: give "
+                f"cluster {cluster} an etcd of its own, or empty it (etcdctl del --prefix "
+                f"{prefix})"
+            )
+
+
+def claim(store: Store, cluster: str) -> bool:
+    """Mark the store as this cluster's (check_owner reads it), unless it is marked already;
+    True if it was not."""
+    import json
+
+    return store.create(OWNER, json.dumps({"name": cluster}))
