@@ -238,13 +238,15 @@ class LeaseRenewer(threading.Thread):
         return renewer
 
     def run(self) -> None:
-        from netsim.store.client import Store  # only flannel's nodes pay for the client
-
-        store = Store(self.spec["endpoints"], self.spec["netns"])
         ttl = self.spec["ttl"]
         margin = min(3600, ttl // 3)
         wait = ttl - margin
         while not self.stopped.wait(wait):
+            # the etcd client (17 MiB with its HTTP stack) is loaded when a renewal is due,
+            # not when the agent starts: a hundred agents of a 24 h lease stay small
+            from netsim.store.client import Store
+
+            store = Store(self.spec["endpoints"], self.spec["netns"])
             try:
                 left = store.keep_alive(self.spec["id"])
             except Exception as exc:  # the store is down: flannel retries every minute
