@@ -111,8 +111,14 @@ def node(tmp_path):
 
 
 def calico_ipam(etcd) -> dict:
-    """The ipam section of a Calico node's config: the test's etcd and where it is reached."""
-    return {"type": "netsim-calico-ipam", "etcdEndpoints": [etcd.url], "etcdNetns": etcd.netns}
+    """The ipam section of a Calico node's config: the test's etcd and where it is reached,
+    and the nodes' locks in the test's own directory (not the plugin's default, /run/calico)."""
+    return {
+        "type": "netsim-calico-ipam",
+        "etcdEndpoints": [etcd.url],
+        "etcdNetns": etcd.netns,
+        "dataDir": str(etcd.dir / "locks"),
+    }
 
 
 def etcd_json(etcd, key: str):
@@ -679,7 +685,7 @@ def test_calico_gc_keeps_valid_pods_and_the_node_tunnel_address(etcd, tmp_path):
         node={"name": "n1", "network": "192.168.0.0/16", "blockSize": 26, "mtu": 1450},
         ipam=calico_ipam(etcd),
     )
-    store = BlockStore(etcd.store, "192.168.0.0/16", 26)
+    store = BlockStore(etcd.store, "192.168.0.0/16", 26, lock_dir=str(tmp_path / "locks"))
     try:
         with store.session():
             # as calico-node takes its own, under Calico's handle for it
