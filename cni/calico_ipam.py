@@ -80,6 +80,11 @@ def affinity_key(node: str, block: str) -> str:
     return f"{HOSTS}{node}/ipv4/block/{block_name(block)}"
 
 
+def pod_handle(network: str, container_id: str) -> str:
+    """Calico's handle for a pod's addresses: "<network>.<containerID>"."""
+    return f"{network}.{container_id}"
+
+
 def handle_key(handle: str) -> str:
     return HANDLES + handle
 

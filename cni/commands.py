@@ -14,7 +14,7 @@ import os
 import time
 
 from cni import bridge, calico_pod, spec, wiring
-from cni.calico_ipam import LOCK_DIR, BlockStore
+from cni.calico_ipam import LOCK_DIR, BlockStore, pod_handle
 from cni.ipam import HostLocal, IpamError
 from cni.spec import CniError, Env, NetConf
 from netsim.errors import KernelError
@@ -96,7 +96,7 @@ def _ipam_add(conf: NetConf, env: Env) -> tuple[list[dict], list[dict]]:
             with blocks.session():
                 ip, _ = blocks.allocate(
                     conf.node_name,
-                    _handle(conf, env.container_id),
+                    pod_handle(conf.name, env.container_id),
                     env.ifname,
                     wanted[0] if wanted else None,
                     attrs=pod,
@@ -146,17 +146,12 @@ def _blocks(conf: NetConf) -> BlockStore:
     )
 
 
-def _handle(conf: NetConf, container_id: str) -> str:
-    """Calico's handle for a pod's addresses: "<network>.<containerID>"."""
-    return f"{conf.name}.{container_id}"
-
-
 def _ipam_del(conf: NetConf, env: Env) -> None:
     if conf.ipam["type"] == spec.CALICO_IPAM:
         blocks = _blocks(conf)
         try:
             with blocks.session():
-                blocks.release(conf.node_name, _handle(conf, env.container_id), env.ifname)
+                blocks.release(conf.node_name, pod_handle(conf.name, env.container_id), env.ifname)
         except StoreError as exc:
             raise CniError(spec.TRY_AGAIN_LATER, str(exc)) from None
         return
@@ -430,7 +425,7 @@ def gc(conf: NetConf, env: Env, host_netns: str | None = None) -> None:
         node.commit()
     if conf.ipam["type"] == spec.CALICO_IPAM:
         blocks = _blocks(conf)
-        handles = {_handle(conf, cid) for cid, _ in valid}
+        handles = {pod_handle(conf.name, cid) for cid, _ in valid}
         try:
             with blocks.session():
                 for ip, handle in blocks.allocations(conf.node_name):

@@ -262,19 +262,11 @@ class LeaseRenewer(threading.Thread):
     def take_again(self, store) -> bool:
         """The lease ended (the node was away longer than its TTL): take the subnet again
         under a new one, as flanneld does at its start, unless another host holds it now."""
-        import json as json_
-
-        from netsim.store import client
-
         key, value = self.spec["key"], self.spec["value"]
         lease = store.grant(self.spec["ttl"])
-        put = [client.put_op(key, value, lease)]
-        if not store.txn([client.absent(key)], put)["succeeded"]:
-            current = store.get(key)
-            mine = current and current.json().get("PublicIP") == json_.loads(value)["PublicIP"]
-            if not (mine and store.txn([client.unchanged(current)], put)["succeeded"]):
-                print(f"lease {self.spec['id']:x} ended and {key} is another host's", flush=True)
-                return False
+        if not store.take(key, value, lease, mine=lambda kv: kv.value.decode() == value):
+            print(f"lease {self.spec['id']:x} ended and {key} is another host's", flush=True)
+            return False
         print(f"lease {self.spec['id']:x} had ended: {key} taken again as {lease:x}", flush=True)
         self.spec = {**self.spec, "id": lease}
         return True

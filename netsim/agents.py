@@ -83,21 +83,22 @@ def sync(
 def _lease(record: Record, node) -> dict | None:
     """What the agent needs to renew the node's flannel lease, as flanneld does: the etcd
     lease, its TTL, and how the node reaches the store."""
-    if not node.lease:
-        return None
     from netsim import modes
-    from netsim import store as storemod
-    from netsim.modes.flannel import lease_key, lease_value
 
-    mode = modes.get(record.mode)
-    store = storemod.from_node(record.cluster, record.spec.datastore, node.netns)
+    held = node.lease and modes.get(record.mode).lease(node)
+    if not held:
+        return None
+    from netsim import store as storemod
+
+    store = storemod.of(record.cluster, record.spec.datastore, node.netns)
+    key, value = held
     return {
         "id": node.lease,
         "ttl": record.spec.lease_ttl,
         "endpoints": store.endpoints,
         "netns": store.netns,
-        "key": lease_key(node.subnet),  # to take the lease again if it ended
-        "value": lease_value(node.ip, mode.backend, mode.backend_data(node)),
+        "key": key,  # to take the lease again if it ended
+        "value": value,
     }
 
 

@@ -124,12 +124,13 @@ def apply(
             )
         fresh = record is None
         cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
+        store = storemod.of(cluster.name, cluster.datastore)
         tx = Transaction(cluster.name)
         changes = Changes()
         try:
             alongside = None
             if fresh:
-                record = _build_base(cluster, mode, tx, progress, changes)
+                record = _build_base(cluster, mode, store, tx, progress, changes)
                 if cluster.proxy_mode == "nftables":
                     # a new cluster's kube-proxy tables are loaded while its pods are wired:
                     # the wiring waits on the kernel's one rtnl lock, nftables does not
@@ -138,16 +139,16 @@ def apply(
             else:
                 if _revive_etcd(record, tx, progress):
                     changes.updated.append("etcd (restarted)")
-                store = storemod.of(cluster.name, cluster.datastore)
+                leases = {name: node.lease for name, node in record.nodes.items()}
                 restored = [storemod.OWNER] if storemod.claim(store, cluster.name) else []
                 restored += mode.publish(store, cluster, record)
                 changes.updated += [f"etcd key {key} (restored)" for key in restored]
-                if restored:  # a flannel lease taken again: its node's agent renews the new one
-                    agents.sync(record, list(record.nodes))
+                # a lease taken again: its node's agent renews the new one
+                agents.sync(record, [n for n, v in leases.items() if record.nodes[n].lease != v])
             pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
             services.reconcile(cluster, record, changes)
             # the store first: if etcd is gone, nothing has reached kube-proxy's tables yet
-            registry.sync(storemod.of(cluster.name, cluster.datastore), record)
+            registry.sync(store, record)
             sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
             if fresh:  # nodes with no pod have not heard from netsim yet: their lease to renew
                 agents.sync(record, [n for n in record.nodes if not record.pods_on(n)])
@@ -176,7 +177,7 @@ def apply(
 
 
 def _build_base(
-    cluster: Cluster, mode, tx: Transaction, progress: Progress, changes: Changes
+    cluster: Cluster, mode, store, tx: Transaction, progress: Progress, changes: Changes
 ) -> Record:
     from netsim.cniconf import write_node_files
     from netsim.kernel.netlink import Rtnl
@@ -211,7 +212,6 @@ def _build_base(
             rt.commit()
         nft.apply(node.netns, mode.masquerade(cluster, node))
         write_node_files(cluster, node, mode)
-    store = storemod.of(name, cluster.datastore)
     storemod.claim(store, name)
     mode.publish(store, cluster, record)
 

@@ -99,13 +99,10 @@ def _remove_everything(
     prefix = state.netns_prefix(name)
     namespaces += [n for n in nsmod.names() if n.startswith(prefix)]
     removed = [f"process {pid}" for pid, started in set(processes) if proc.alive(pid, started)]
-    # netsim's etcd goes with its data, so it is not asked to shut down cleanly: SIGKILL, and
-    # no wait, so that freeing its data (128 MiB of preallocated WAL on the state tmpfs: 25 ms)
-    # happens as it dies, on its own time, not on delete's
+    # netsim's etcd goes with its data, so it is not asked to shut down cleanly
     etcd = [(m.etcd.pid, m.etcd.start) for m in [record and record.master] if m and m.etcd]
-    for fd in proc.terminate(etcd, signal.SIGKILL):
-        os.close(fd)
-    signalled = proc.terminate([p for p in set(processes) if p not in etcd])
+    signalled = proc.terminate(etcd, signal.SIGKILL)
+    signalled |= proc.terminate([p for p in set(processes) if p not in etcd])
     # while they exit: the namespaces' names
     ours = [netns for netns in dict.fromkeys(namespaces) if netns.startswith(prefix)]
     removed += [f"netns {n}" for n in nsmod.unlink_all(state.netns_dir(name), ours)]

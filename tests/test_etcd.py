@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 from conftest import etcd_pids, ip_json, needs_root, run_netsim, wait_for
@@ -97,7 +96,17 @@ def test_a_short_lease_is_renewed_by_the_node_agent(cluster):
     ttl = etcdctl(master, "lease", "timetolive", lease)
     assert "granted with TTL(10s)" in ttl and "remaining(" in ttl, ttl
     key = "/coreos.com/network/subnets/" + node.subnet.replace("/", "-")
-    assert etcdctl(master, "get", key, "--print-value-only").strip()  # past its first TTL
+    value = etcdctl(master, "get", key, "--print-value-only").strip()  # past its first TTL
+    assert value
+    # the lease ends (as if the node had been away too long): its agent takes the subnet again
+    etcdctl(master, "lease", "revoke", lease)
+    assert etcdctl(master, "get", key, "--print-value-only").strip() == ""
+    wait_for(
+        lambda: etcdctl(master, "get", key, "--print-value-only").strip() == value,
+        15,
+        "worker-1's agent taking its lease again",
+    )
+    assert "taken again" in open(f"/run/netsim/{cluster.name}/nodes/worker-1/agent.log").read()
 
 
 def test_an_external_etcd_is_used_and_none_started(cluster, etcd):
@@ -150,14 +159,12 @@ def test_netsims_own_etcd_killed_comes_back_with_its_data(cluster):
     os.kill(record.master.etcd.pid, signal.SIGKILL)
     wait_for(lambda: etcd_pids(cluster.name) == [], 5, "etcd to die")
     result = run_netsim("apply", "-f", cluster.file, check=True)
-    assert "etcd" in result.stdout + result.stderr
+    assert "etcd was not running: starting it again" in result.stdout + result.stderr
     assert len(etcd_pids(cluster.name)) == 1
     keys = etcdctl(cluster.record().master.netns, "get", "--prefix", "/", "--keys-only").split()
     assert sum(k.startswith("/coreos.com/network/subnets/") for k in keys) == 3
     assert sum(k.startswith("/registry/pods/") for k in keys) == 2
-    started = time.monotonic()
     assert run_netsim("apply", "-f", cluster.file, check=True).stdout.count("unchanged") == 1
-    assert time.monotonic() - started < 30  # bounded, not a timing figure
 
 
 @pytest.mark.parametrize(

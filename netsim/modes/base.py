@@ -117,6 +117,11 @@ class Mode:
         Calico's blocks) it writes itself, with a transaction, in plan_nodes."""
         return {}
 
+    def lease(self, node: NodeRecord) -> tuple[str, str] | None:
+        """The key and value a node holds under an etcd lease its agent renews (flannel's
+        subnet lease), or None."""
+        return None
+
     def publish(self, store, cluster: Cluster, record: Record) -> list[str]:
         """Write the mode's keys to the cluster's etcd once its nodes are built, and on every
         later apply those that are missing or differ (lost with etcd's data, or deleted by

@@ -34,18 +34,19 @@ class CalicoIpam:
     def allocate(self, handle: str, ifname: str, requested: str | None = None) -> str:
         """An address for the pod netsim names `handle` (its container ID is its name), held
         under Calico's handle `k8s-pod-network.<containerID>`."""
+        from cni.calico_ipam import pod_handle
         from netsim.services import NAMESPACE
 
         now = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())
         attrs = {"namespace": NAMESPACE, "pod": handle, "timestamp": now}
-        return self.store.allocate(self.node, _handle(handle), ifname, requested, attrs)[0]
+        return self.store.allocate(
+            self.node, pod_handle(CNI_NETWORK, handle), ifname, requested, attrs
+        )[0]
 
     def release(self, handle: str, ifname: str) -> list[str]:
-        return self.store.release(self.node, _handle(handle), ifname)
+        from cni.calico_ipam import pod_handle
 
-
-def _handle(container: str) -> str:
-    return f"{CNI_NETWORK}.{container}"
+        return self.store.release(self.node, pod_handle(CNI_NETWORK, handle), ifname)
 
 
 def block_store(cluster, cluster_dir: str):
@@ -276,5 +277,5 @@ def etcd_fields(cluster, node) -> dict:
     the underlay from the node's namespace, or the user's from where they named."""
     from netsim import store
 
-    reach = store.from_node(cluster.name, cluster.datastore, node.netns)
+    reach = store.of(cluster.name, cluster.datastore, node.netns)
     return {"etcdEndpoints": list(reach.endpoints), "etcdNetns": reach.netns}

@@ -51,26 +51,18 @@ class FlannelBackend(Mode):
         (a node's agent renews it before it ends): created with a transaction that holds only
         while the key is absent, or taken over when it already names this node's PublicIP. A
         lease the store still holds as it should is left alone."""
-        from netsim.store import client
-
         written = super().publish(store, cluster, record)
-        keys = {name: lease_key(node.subnet) for name, node in record.nodes.items()}
-        held = store.get_many(list(keys.values()))
+        leases = {name: self.lease(node) for name, node in record.nodes.items()}
+        held = store.get_many([key for key, _ in leases.values()])
         for name, node in record.nodes.items():
-            key = keys[name]
-            value = lease_value(node.ip, self.backend, self.backend_data(node))
+            key, value = leases[name]
             current = held[key]
             if current is not None and current.value.decode() == value and current.lease:
                 node.lease = current.lease  # the agent may have taken a new one
                 continue
             node.lease = store.grant(cluster.lease_ttl)
-            put = [client.put_op(key, value, node.lease)]
             written.append(key)
-            if store.txn([client.absent(key)], put)["succeeded"]:
-                continue
-            current = store.get(key)
-            mine = current is not None and current.json().get("PublicIP") == node.ip
-            if not (mine and store.txn([client.unchanged(current)], put)["succeeded"]):
+            if not store.take(key, value, node.lease, mine=held_by(node.ip)):
                 raise NetsimError(
                     f"flannel lease {key} for node {node.name} is held by another host in "
                     f"{store}: delete it, or give the node another address"
@@ -129,6 +121,9 @@ class FlannelBackend(Mode):
             "subnet.env": subnet_env(cluster.pod_network, node.subnet, self.pod_mtu(cluster.mtu))
         }
 
+    def lease(self, node) -> tuple[str, str]:
+        return lease_key(node.subnet), lease_value(node.ip, self.backend, self.backend_data(node))
+
     def backend_data(self, node) -> dict | None:
         return None
 
@@ -173,7 +168,6 @@ class FlannelBackend(Mode):
 
 CONFIG = "/coreos.com/network/config"
 SUBNETS = "/coreos.com/network/subnets/"
-LEASE_TTL = 24 * 3600  # flannel's subnetTTL
 
 
 def lease_key(subnet: str) -> str:
@@ -184,6 +178,11 @@ def lease_key(subnet: str) -> str:
 def key_subnet(key: str) -> str:
     """The subnet a lease key names (10.244.1.0-24 -> 10.244.1.0/24)."""
     return key[len(SUBNETS) :].replace("-", "/")
+
+
+def held_by(public_ip: str):
+    """Whether a lease as stored names this PublicIP (flanneld takes such a lease over)."""
+    return lambda kv: kv.json().get("PublicIP") == public_ip
 
 
 def lease_value(public_ip: str, backend: str, backend_data: dict | None) -> str:
@@ -199,13 +198,12 @@ def network_config(network: str, subnet_len: int, backend: str, options: dict) -
     second subnet, SubnetMax its last."""
     net = IPv4Network(network)
     step = 2 ** (32 - subnet_len)
-    last = int(net.broadcast_address) + 1 - step
     return json.dumps(
         {
             "Network": network,
             "SubnetLen": subnet_len,
             "SubnetMin": str(net.network_address + step),
-            "SubnetMax": str(IPv4Network((last, 32)).network_address),
+            "SubnetMax": str(net.broadcast_address + 1 - step),
             "Backend": {"Type": backend, **options},
         }
     )

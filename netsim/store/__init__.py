@@ -12,24 +12,17 @@ def master_netns(cluster: str) -> str:
     return naming.ns_name(cluster, "master")
 
 
-def of(cluster: str, datastore: Datastore) -> Store:
-    """The cluster's store as the CLI reaches it: netsim's etcd from the master namespace, or
-    the user's endpoints from the namespace they named (else the host's own)."""
+def of(cluster: str, datastore: Datastore, node_netns: str | None = None) -> Store:
+    """The cluster's store: netsim's etcd, reached from the master namespace (the CLI) or over
+    the underlay from a node's own (`node_netns`); or the user's endpoints, from the namespace
+    they named (else the host's own)."""
     if datastore.own:
         return Store(
             [f"http://{datastore.master_ip}:{CLIENT_PORT}"],
-            master_netns(cluster),
+            node_netns or master_netns(cluster),
             fix=f"netsim's etcd for cluster {cluster} is not running; the next "
             "`netsim apply -f FILE` starts it again with its data",
         )
-    return Store(datastore.endpoints, datastore.netns or None)
-
-
-def from_node(cluster: str, datastore: Datastore, node_netns: str) -> Store:
-    """The store as a node reaches it: netsim's etcd over the underlay from the node's own
-    namespace; the user's from where they named."""
-    if datastore.own:
-        return Store([f"http://{datastore.master_ip}:{CLIENT_PORT}"], node_netns)
     return Store(datastore.endpoints, datastore.netns or None)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -130,14 +130,10 @@ class Store:
         found = self.range(key)
         return found[0] if found else None
 
-    def range(
-        self, key: str, prefix: bool = False, revision: int = 0, keys_only: bool = False
-    ) -> list[KeyValue]:
-        """The key, or every key under the prefix, in key order (at a revision if given;
-        with empty values if keys_only)."""
+    def range(self, key: str, prefix: bool = False, keys_only: bool = False) -> list[KeyValue]:
+        """The key, or every key under the prefix, in key order (with empty values if
+        keys_only)."""
         body = range_op(key, prefix, keys_only)["request_range"]
-        if revision:
-            body["revision"] = revision
         return [_kv(item) for item in self.call("kv/range", body).get("kvs", [])]
 
     def get_many(self, keys: list[str]) -> dict[str, KeyValue | None]:
@@ -159,15 +155,25 @@ class Store:
             body["lease"] = str(lease)
         return int(self.call("kv/put", body)["header"]["revision"])
 
-    def put_all(self, items: dict[str, str | bytes], lease: int = 0) -> None:
+    def put_all(self, items: dict[str, str | bytes]) -> None:
         """Many keys, in transactions of at most MAX_TXN_OPS puts each."""
-        ops = [put_op(k, v, lease) for k, v in items.items()]
+        ops = [put_op(k, v) for k, v in items.items()]
         for start in range(0, len(ops), MAX_TXN_OPS):
             self.txn([], ops[start : start + MAX_TXN_OPS])
 
     def create(self, key: str, value: str | bytes, lease: int = 0) -> bool:
         """Put the key only if it does not exist (flannel's and Calico's way to claim)."""
         return self.txn([absent(key)], [put_op(key, value, lease)])["succeeded"]
+
+    def take(self, key: str, value: str, lease: int, mine: Callable[[KeyValue], bool]) -> bool:
+        """Put the key under the lease if it is absent, or if what it holds is `mine` and
+        unchanged since read (flanneld's create, then its take-over of its own lease); False
+        if someone else holds it."""
+        if self.create(key, value, lease):
+            return True
+        current = self.get(key)
+        put = [put_op(key, value, lease)]
+        return bool(current and mine(current) and self.txn([unchanged(current)], put)["succeeded"])
 
     def delete(self, key: str, prefix: bool = False) -> int:
         body: dict = {"key": _b64(key)}
@@ -208,17 +214,6 @@ class Store:
         except StoreError as exc:
             if "not found" not in str(exc):
                 raise
-
-    # -- watches -------------------------------------------------------------------------------
-
-    def watch(self, prefix: str, start_revision: int) -> tuple[Iterator[dict], callable]:
-        """Events under the prefix from a revision on (list, then watch from the list's
-        revision + 1), as (iterator, cancel)."""
-        import etcd3gw.watch  # noqa: F401  (the watcher thread's module)
-
-        client = self._client(self.endpoints[0])
-        with nsmod.entered(self.netns):
-            return client.watch_prefix(prefix, start_revision=start_revision)
 
 
 def put_op(key: str, value: str | bytes, lease: int = 0) -> dict:
