@@ -44,6 +44,8 @@ class Agent:
         self.proxy = None  # kube-proxy's userspace mode (netsim.kubeproxy.userspace.Proxy)
         self.tunnel_key: dict = {}
         self.renewer: LeaseRenewer | None = None  # flanneld's renewal of the node's lease
+        self.informer = None  # the node's daemons against the store (netsim/daemons)
+        self.daemons_config: dict | None = None
         self.sel.register(self.control, selectors.EVENT_READ, ("control-accept", None))
 
     # -- pods ----------------------------------------------------------------------------------
@@ -76,6 +78,25 @@ class Agent:
                 self.tunnel.update_peers(spec["peers"])
         except (OSError, ValueError, RuntimeError) as exc:
             return f"tunnel {spec.get('name') if spec else ''}: {exc}"
+        return None
+
+    def sync_daemons(self, config: dict | None) -> str | None:
+        """Run the node's daemons (netsim/daemons) with this configuration, or none; an
+        error as text. An unchanged configuration leaves them running."""
+        if config == self.daemons_config:
+            return None
+        if self.informer is not None:
+            self.informer.stop()
+            self.informer = None
+        self.daemons_config = config
+        if config is None:
+            return None
+        try:
+            from netsim.daemons import start  # only agents that run daemons pay
+
+            self.informer = start(config, self.log_dir, lambda: self.tunnel)
+        except (OSError, ValueError, RuntimeError) as exc:
+            return f"daemons: {exc}"
         return None
 
     def sync_proxy(self, services: dict | None) -> tuple[dict, str | None]:
@@ -204,6 +225,7 @@ class Agent:
                 request = json.loads(line)
                 self.renewer = LeaseRenewer.follow(self.renewer, request.get("lease"))
                 problem = self.sync_tunnel(request.get("tunnel"))
+                problem = problem or self.sync_daemons(request.get("daemons"))
                 reply = self.sync(request["pods"])
                 reply["proxy_ports"], proxy_problem = self.sync_proxy(request.get("services"))
                 for what, text in (("tunnel", problem), ("proxy", proxy_problem)):
@@ -290,11 +312,19 @@ def request(
     tunnel: dict | None = None,
     services: dict | None = None,
     lease: dict | None = None,
+    daemons: dict | None = None,
     timeout: float = 30.0,
 ) -> dict:
     """Ask a running agent to serve exactly these pods (and this tunnel, and these Services in
-    kube-proxy's userspace mode, and keep this flannel lease alive); return its reply."""
-    message = {"pods": pods, "tunnel": tunnel, "services": services, "lease": lease}
+    kube-proxy's userspace mode, and keep this flannel lease alive, and run the node's daemons
+    against the store); return its reply."""
+    message = {
+        "pods": pods,
+        "tunnel": tunnel,
+        "services": services,
+        "lease": lease,
+        "daemons": daemons,
+    }
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)

@@ -7,6 +7,8 @@ import dataclasses
 import os
 import sys
 
+import msgspec
+
 from netsim import agent as agentmod
 from netsim import state
 from netsim.errors import NetsimError
@@ -59,11 +61,15 @@ def sync(
             }
     for node_name in nodes:
         node = record.nodes[node_name]
+        if node.down:  # stopped (`netsim node stop`): told everything when it starts
+            continue
         pods = by_node[node_name]
         path = os.path.join(state.node_dir(record.cluster, node_name), "agent.sock")
         tunnel = dataclasses.asdict(node.agent_tunnel) if node.agent_tunnel else None
         try:
-            reply = agentmod.request(path, pods, tunnel, services, _lease(record, node))
+            reply = agentmod.request(
+                path, pods, tunnel, services, _lease(record, node), daemons_config(record, node)
+            )
         except OSError as exc:
             raise NetsimError(
                 f"the agent of node {node_name} did not answer ({exc}); see "
@@ -78,6 +84,86 @@ def sync(
             if pod_name in record.pods:
                 record.pods[pod_name].pids = pids
         node.proxy_ports = reply.get("proxy_ports") or {}
+
+
+def daemons_config(record: Record, node: NodeRecord) -> dict | None:
+    """What the node's daemons need to run against the store (netsim/daemons): the node, its
+    mode, the pod network, kube-proxy's mode and how the node reaches etcd; None if it runs
+    none."""
+    from netsim import store as storemod
+
+    if not watched(record):
+        return None
+    store = storemod.of(record.cluster, record.spec.datastore, node.netns)
+    return {
+        "cluster": record.cluster,
+        "mode": record.mode,
+        "network": record.spec.pod_network,
+        "kube_proxy": record.spec.proxy_mode,
+        "node": msgspec.to_builtins(_lasting(node)),
+        "store": {"endpoints": store.endpoints, "netns": store.netns},
+    }
+
+
+def _lasting(node: NodeRecord) -> NodeRecord:
+    """The node's facts that stay while it lives (what changes with its pods, processes and
+    leases cleared): a change of these, and only these, restarts its daemons."""
+    return dataclasses.replace(
+        node,
+        next_ifindex=0,
+        lease=0,
+        bird=None,
+        agent=None,
+        agent_tunnel=None,
+        tunnel_index=0,
+        proxy_ports={},
+        down=False,
+    )
+
+
+def watched(record: Record) -> list[str]:
+    """The prefixes every node's daemons watch: flannel's leases (flanneld), Services and
+    Endpoints (kube-proxy in nftables mode)."""
+    from netsim import modes, registry
+
+    found = list(modes.get(record.mode).watches)
+    if record.spec.proxy_mode == "nftables":
+        found.append(registry.SERVICES_ALL)
+    return found
+
+
+def wait_applied(store, record: Record, timeout: float = 30.0) -> float:
+    """Wait until every node reports (its status key) that its daemons applied this
+    client's last write under each prefix they watch; the seconds that took."""
+    import time
+
+    from netsim import store as storemod
+
+    targets = {p: store.written(p) for p in watched(record)}
+    targets = {p: r for p, r in targets.items() if r}
+    started = time.monotonic()
+    behind: dict[str, str] = {}
+    while targets:
+        applied = {
+            kv.key[len(storemod.STATUS) :]: kv.json().get("applied", {})
+            for kv in store.range(storemod.STATUS, prefix=True)
+        }
+        behind = {}
+        for name in [n for n, node in record.nodes.items() if not node.down]:
+            for prefix, revision in targets.items():
+                if applied.get(name, {}).get(prefix, 0) < revision:
+                    behind[name] = f"{prefix} at revision {revision}"
+        if not behind:
+            break
+        if time.monotonic() - started > timeout:
+            name, what = next(iter(behind.items()))
+            raise NetsimError(
+                f"node {name} has not applied {what} within {timeout:.0f} s "
+                f"({len(behind)} node(s) behind): see "
+                f"{state.node_dir(record.cluster, name)}/agent.log"
+            )
+        time.sleep(0.005)
+    return time.monotonic() - started
 
 
 def _lease(record: Record, node) -> dict | None:

@@ -280,6 +280,29 @@ def _delete_pod(args) -> int:
     )
 
 
+def _events(record, output: str | None) -> int:
+    """What each node's daemons did, oldest first, as `kubectl get events` lists them."""
+    from netsim import events
+
+    found = events.read(record.cluster)
+    if output == "json":
+        print(json.dumps(found, indent=2))
+        return 0
+    now = time.time()
+    rows = [[_age(now - e["time"]), e["node"], e["daemon"], e["message"]] for e in found]
+    print(table(rows, ["AGE", "NODE", "DAEMON", "MESSAGE"]))
+    return 0
+
+
+def _age(seconds: float) -> str:
+    """kubectl's age column: 45s, 3m, 2h."""
+    if seconds < 120:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
 def cmd_get(args) -> int:
     if args.what in ("clusters", "cluster"):
         rows = []
@@ -307,7 +330,11 @@ def cmd_get(args) -> int:
         "svc": "services",
         "service": "services",
         "ep": "endpoints",
+        "ev": "events",
+        "event": "events",
     }.get(args.what, args.what)
+    if what == "events":
+        return _events(record, args.output)
     from netsim import registry
 
     store = storemod.of(record.cluster, record.spec.datastore)  # the objects come from etcd
@@ -656,6 +683,20 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    """`node stop NAME` (a power cut) and `node start NAME` (power back, daemons resync)."""
+    from netsim import membership
+
+    name, _ = pick_cluster(args.cluster)
+    if args.node_command == "stop":
+        membership.stop(name, args.name)
+        print(f"node/{args.name} stopped (its processes killed, its underlay port down)")
+    else:
+        took = membership.start(name, args.name)
+        print(f"node/{args.name} started; its daemons applied the store in {took:.2f}s")
+    return 0
+
+
 def cmd_bgp_status(args) -> int:
     """Each BIRD's BGP sessions, as `birdc show protocols` reports them, peers named."""
     from netsim.bgp import bird
@@ -777,7 +818,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="remove a cluster by name")
     d.add_argument("name")
     d.set_defaults(func=cmd_delete, file=None, pod=None)
-    g = sub.add_parser("get", help="list nodes, pods, services, endpoints or clusters")
+    g = sub.add_parser("get", help="list nodes, pods, services, endpoints, events or clusters")
     g.add_argument("what")
     g.add_argument("-o", "--output", choices=["wide", "json"])
     g.set_defaults(func=cmd_get)
@@ -853,6 +894,15 @@ def parser() -> argparse.ArgumentParser:
     gr = sub.add_parser("graph", help="a picture of the cluster: .png, .svg or .dot")
     gr.add_argument("-o", "--output", default="cluster.png")
     gr.set_defaults(func=cmd_graph)
+    node = sub.add_parser("node", help="stop a node as a power cut does, or start it again")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    for verb, text in (
+        ("stop", "kill the node's processes and take its underlay port down"),
+        ("start", "bring the node back: port up, agent, daemons resync from etcd"),
+    ):
+        v = node_sub.add_parser(verb, help=text)
+        v.add_argument("name")
+        v.set_defaults(func=cmd_node)
     bgp = sub.add_parser("bgp", help="Calico's BGP sessions")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True)
     bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)").set_defaults(

@@ -10,17 +10,16 @@ with the fix: delete, then apply. Removal lives in netsim.teardown.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from netsim import agents, pods, registry, services, state, underlay
+from netsim import agents, membership, pods, services, state, underlay
 from netsim import store as storemod
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
-from netsim.kernel import nft, sysctl
+from netsim.kernel import nft
 from netsim.model import Cluster
 from netsim.record import ClusterSpec, Record
 from netsim.transaction import Changes, Transaction
@@ -114,28 +113,18 @@ def apply(
     mode = modes.get(cluster.mode)
     with state.locked(cluster.name):
         record = state.load(cluster.name)
-        if record is not None and asdict(record.spec) != asdict(spec_of(cluster)):
-            before, after = asdict(record.spec), asdict(spec_of(cluster))
-            changed = [SPEC_FIELDS[k] for k in after if before.get(k) != after[k]]
-            raise NetsimError(
-                f"cluster {cluster.name} exists with another {', '.join(changed)}; netsim "
-                f"changes pods and Services in place, not those: run `netsim down "
-                f"{cluster.name}`, then apply again"
-            )
+        if record is not None:
+            cluster = membership.keep_addresses(cluster, record)
+            _check_in_place(cluster, record, mode)
         fresh = record is None
         cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
         store = storemod.of(cluster.name, cluster.datastore)
         tx = Transaction(cluster.name)
         changes = Changes()
+        joining, leaving = [], []
         try:
-            alongside = None
             if fresh:
                 record = _build_base(cluster, mode, store, tx, progress, changes)
-                if cluster.proxy_mode == "nftables":
-                    # a new cluster's kube-proxy tables are loaded while its pods are wired:
-                    # the wiring waits on the kernel's one rtnl lock, nftables does not
-                    services.reconcile(cluster, record, changes)
-                    alongside = functools.partial(sync.sync, cluster, record)
             else:
                 if _revive_etcd(record, tx, progress):
                     changes.updated.append("etcd (restarted)")
@@ -145,13 +134,20 @@ def apply(
                 changes.updated += [f"etcd key {key} (restored)" for key in restored]
                 # a lease taken again: its node's agent renews the new one
                 agents.sync(record, [n for n, v in leases.items() if record.nodes[n].lease != v])
-            pods.reconcile(cluster, record, mode, tx, progress, changes, cni_exec, alongside)
+                joining, leaving = membership.changed_nodes(cluster, record)
+                if joining:
+                    progress(f"nodes: {', '.join(n.name for n in joining)} joining")
+                    membership.join(cluster, record, mode, store, tx, joining)
+                    changes.created += [f"node {n.name}" for n in joining]
+            pods.reconcile(cluster, record, mode, tx, progress, changes, store, cni_exec)
+            if leaving:  # their pods are running elsewhere now
+                progress(f"nodes: {', '.join(leaving)} leaving")
+                membership.leave(cluster, record, mode, store, leaving)
+                changes.removed += [f"node {n}" for n in leaving]
+            record.spec = spec_of(cluster)
             services.reconcile(cluster, record, changes)
-            # the store first: if etcd is gone, nothing has reached kube-proxy's tables yet
-            registry.sync(store, record)
-            sync.sync(cluster, record)  # every change (a new cluster's: unless done alongside)
-            if fresh:  # nodes with no pod have not heard from netsim yet: their lease to renew
-                agents.sync(record, [n for n in record.nodes if not record.pods_on(n)])
+            # the objects go to the store; the nodes' daemons apply them, and apply waits
+            sync.sync(cluster, record, store)
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again
@@ -176,11 +172,25 @@ def apply(
         return changes
 
 
+def _check_in_place(cluster: Cluster, record: Record, mode) -> None:
+    """Refuse what a real cluster cannot change in place (mode, CIDRs, the underlay ...);
+    nodes may join and leave where the mode's daemons follow the store."""
+    before, after = asdict(record.spec), asdict(spec_of(cluster))
+    if mode.watches:
+        before.pop("nodes"), after.pop("nodes")
+    changed = [SPEC_FIELDS[k] for k in after if before.get(k) != after[k]]
+    if changed:
+        nodes = "" if mode.watches else " (nodes join and leave live in flannel modes only)"
+        raise NetsimError(
+            f"cluster {cluster.name} exists with another {', '.join(changed)}; netsim "
+            f"changes nodes, pods and Services in place, not those{nodes}: run `netsim down "
+            f"{cluster.name}`, then apply again"
+        )
+
+
 def _build_base(
     cluster: Cluster, mode, store, tx: Transaction, progress: Progress, changes: Changes
 ) -> Record:
-    from netsim.cniconf import write_node_files
-    from netsim.kernel.netlink import Rtnl
 
     name = cluster.name
     state.journal(name, {"apply": os.getpid()})
@@ -194,26 +204,10 @@ def _build_base(
         for key, value in facts.items():
             setattr(nodes[node_name], key, value)
     progress(f"nodes: {len(cluster.nodes)} in mode {cluster.mode}")
-    for node in nodes.values():
-        with Rtnl(node.netns) as rt:
-            mode.setup_node(rt, node, cluster.mtu)
-            rt.commit()
-    for node in nodes.values():
-        tx.on_undo(f"carrier of {node.name}", lambda n=node: mode.stop_node(n))
-        mode.start_node(state.cluster_dir(name), node)
-        agents.start(name, node, tx)
-    pods.agent_tunnels(cluster, record, mode)
-    for node in nodes.values():
-        sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
-        with Rtnl(node.netns) as rt:
-            for peer in nodes.values():
-                if peer is not node:
-                    mode.add_peer(rt, node, peer)
-            rt.commit()
-        nft.apply(node.netns, mode.masquerade(cluster, node))
-        write_node_files(cluster, node, mode)
+    membership.bring_up(cluster, record, mode, list(nodes.values()), tx)
     storemod.claim(store, name)
     mode.publish(store, cluster, record)
+    agents.sync(record, list(nodes))  # the nodes' daemons start: list, then watch
 
     def started(process) -> None:
         tx.process(f"process {process.pid}", process.pid, process.start)

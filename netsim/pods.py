@@ -40,11 +40,9 @@ def reconcile(
     tx: Transaction,
     progress: Progress,
     changes: Changes,
+    store,
     cni_exec: bool = False,
-    alongside: Callable[[], None] | None = None,
 ) -> None:
-    """`alongside`: work that needs the new pods' addresses but not their wiring, done while
-    the nodes wire them (a new cluster's first kube-proxy sync)."""
     from netsim.kubeproxy import sync
 
     recorded = record.pods
@@ -65,7 +63,7 @@ def reconcile(
         if record.kube_proxy is not None:
             # endpoints leave every node's Services first, as a terminating pod leaves its
             # EndpointSlice before it is killed: no new connection goes to a pod being removed
-            sync.sync(cluster, record, terminating=removing)
+            sync.sync(cluster, record, store, terminating=removing)
             if record.services:
                 time.sleep(TERMINATION_GRACE)
         # a replaced pod keeps its name: take the old one down before building the new one
@@ -77,7 +75,7 @@ def reconcile(
     if new and cni_exec:
         _exec_pods(cluster, record, mode, new, tx, progress, changes)
     elif new:
-        _add_pods(cluster, record, mode, new, tx, progress, changes, alongside)
+        _add_pods(cluster, record, mode, new, tx, progress, changes)
     if new:
         sync_blocks(cluster, record, mode)
         agents.sync(record, sorted({p.node for p in new}))

@@ -75,6 +75,7 @@ class NodeRecord(Host):
     agent: Process | None = None
     agent_tunnel: TunnelSpec | None = None  # a userspace carrier served by the agent
     proxy_ports: dict[str, int] = field(default_factory=dict)  # userspace kube-proxy
+    down: bool = False  # stopped by `netsim node stop` (a power cut) until `node start`
 
     @property
     def pod_cidrs(self) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from netsim import collector
+from netsim.kubeproxy.ports import Endpoint, ProxyPort
 from netsim.record import NodeRecord, PodRecord, Record
 from netsim.services import NAMESPACE, endpoints, target_port
 
@@ -23,6 +24,7 @@ NODES = "/registry/minions/"
 PODS = "/registry/pods/"
 SERVICES = "/registry/services/specs/"
 ENDPOINTS = "/registry/services/endpoints/"
+SERVICES_ALL = "/registry/services/"  # kube-proxy watches both, in one stream
 
 
 def _text(obj: dict) -> str:
@@ -152,6 +154,52 @@ def sync(store, record: Record) -> int:
     if gone:
         store.delete_all(gone)
     return len(changed) + len(gone)
+
+
+def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[ProxyPort]:
+    """Every Service port with its endpoints, read from the Service and Endpoints objects as
+    kube-proxy reads them (name -> object): what services.proxy_ports computes from the record,
+    in the same order."""
+    found = []
+    for name in sorted(services):
+        svc = services[name]
+        spec = svc["spec"]
+        namespace = svc["metadata"].get("namespace", NAMESPACE)
+        affinity = None
+        if spec.get("sessionAffinity") == "ClientIP":
+            affinity = spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"]
+        subsets = (endpoints.get(name) or {}).get("subsets", [])
+        for port in spec.get("ports", []):
+            pname, proto = port.get("name", ""), port.get("protocol", "TCP")
+            backends = sorted(
+                (
+                    Endpoint(address["ip"], entry["port"])
+                    for subset in subsets
+                    for entry in subset.get("ports", [])
+                    if entry.get("name", "") == pname and entry.get("protocol", "TCP") == proto
+                    for address in subset.get("addresses", [])
+                ),
+                key=lambda e: tuple(int(o) for o in e.ip.split(".")),
+            )
+            found.append(
+                ProxyPort(
+                    namespace,
+                    name,
+                    pname,
+                    proto,
+                    spec["clusterIP"],
+                    port["port"],
+                    port.get("nodePort"),
+                    tuple(backends),
+                    affinity,
+                )
+            )
+    return found
+
+
+def by_name(kvs, prefix: str) -> dict[str, dict]:
+    """The objects under prefix/<namespace>/ as name -> object."""
+    return {kv.key.rsplit("/", 1)[1]: kv.json() for kv in kvs if kv.key.startswith(prefix)}
 
 
 def listed(store, prefix: str) -> list[dict]:

@@ -19,8 +19,14 @@ def delete(name: str, progress: Callable[[str], None] = lambda _: None) -> list[
     """Remove everything of the cluster; list what was removed."""
     with state.locked(name):
         record = _readable(name)
-        removed = _clear_users_store(record)
-        removed += _remove_everything(name, record, before_namespaces=lambda: state.remove(name))
+        cleared: list[str] = []
+
+        def processes_gone() -> None:  # no daemon of the cluster writes to its store now
+            cleared.extend(_clear_users_store(record))
+            state.remove(name)
+
+        removed = _remove_everything(name, record, before_namespaces=processes_gone)
+        removed += cleared
     progress(f"removed {len(removed)} objects")
     return removed
 
@@ -41,7 +47,8 @@ def _clear_users_store(record: Record | None) -> list[str]:
         for node in record.nodes.values():
             if node.lease:
                 store.revoke(node.lease)  # its keys go with it
-        count = sum(store.delete(p, prefix=True) for p in (*storemod.WRITTEN, storemod.OWNER))
+        prefixes = (*storemod.WRITTEN, storemod.STATUS, storemod.OWNER)
+        count = sum(store.delete(p, prefix=True) for p in prefixes)
     except NetsimError as exc:
         return [f"etcd keys left in place ({exc})"]
     return [f"{count} keys in {store}"]

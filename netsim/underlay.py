@@ -16,6 +16,7 @@ from netsim.record import ClientRecord, Host, Master, NodeRecord, Router, Router
 from netsim.transaction import Changes, Transaction
 
 MASTER = "master"
+IFINDEX_ETH0 = 2  # a host's underlay interface (netsim.kernel.netlink.IFINDEX.ETH0)
 MASTER_PORT = "p_master"  # "_" is in no node's name (DNS-1123 labels), so no port is called so
 
 
@@ -47,53 +48,90 @@ def build(
             hosts.append(("master", ExternalClient(MASTER, first, cluster.datastore.master_ip)))
         master = None
         for i, (role, host) in enumerate(hosts):
-            netns = naming.ns_name(name, role, "" if role == "master" else host.name)
-            port = MASTER_PORT if role == "master" else naming.port_name(host.name)
-            tx.netns(netns)
-            changes.created.append(f"netns {netns}")
-            fd = nsmod.open_fd(netns)
-            try:
-                ul.veth(
-                    port,
-                    IFINDEX.FIRST_DYNAMIC + i,
-                    "eth0",
-                    IFINDEX.ETH0,
-                    fd,
-                    cluster.mtu,
-                    master=bridges[host.segment],
-                    alias=host.name,
-                )
-                ul.commit()
-            finally:
-                os.close(fd)
-            segment = cluster.segment(host.segment)
-            facts = dict(
-                name=host.name,
-                netns=netns,
-                ip=host.ip,
-                segment=host.segment,
-                prefixlen=segment.prefixlen,
-                port=port,
-                gateway=segment.router_ip,
-            )
+            attached = _attach(cluster, ul, role, host, IFINDEX.FIRST_DYNAMIC + i, bridges, tx)
+            changes.created.append(f"netns {attached.netns}")
             if role == "node":
-                nodes[host.name] = NodeRecord(**facts, next_ifindex=IFINDEX.FIRST_DYNAMIC)
+                nodes[host.name] = NodeRecord(**vars(attached), next_ifindex=IFINDEX.FIRST_DYNAMIC)
             elif role == "ext":
-                clients[host.name] = ClientRecord(**facts, asn=host.asn)
+                clients[host.name] = ClientRecord(**vars(attached), asn=host.asn)
             else:
-                master = Master(netns, host.ip, host.segment, port)
-                addressed = Host(**facts)
+                master = Master(attached.netns, host.ip, host.segment, attached.port)
+                addressed = attached
     hosts_up = [*nodes.values(), *clients.values()] + ([addressed] if master else [])
     for host in hosts_up:
-        with Rtnl(host.netns) as rt:
-            rt.link_up(IFINDEX.LO, "lo")
-            rt.link_up(IFINDEX.ETH0, "eth0")
-            rt.address(IFINDEX.ETH0, host.ip, host.prefixlen, "eth0")
-            # the segment's router is every host's gateway: it joins the racks, and a node's
-            # default route is what makes Calico's proxy ARP answer for 169.254.1.1
-            rt.route("default", IFINDEX.ETH0, gateway=host.gateway)
-            rt.commit()
+        _address(host)
     return underlay, router, nodes, clients, master
+
+
+def _attach(cluster: Cluster, ul, role: str, host, index: int, bridges: dict, tx) -> Host:
+    """The host's namespace, plugged into its segment's bridge by a veth (queued on ul and
+    sent); its address comes later (_address)."""
+    netns = naming.ns_name(cluster.name, role, "" if role == "master" else host.name)
+    port = MASTER_PORT if role == "master" else naming.port_name(host.name)
+    tx.netns(netns)
+    fd = nsmod.open_fd(netns)
+    try:
+        ul.veth(
+            port,
+            index,
+            "eth0",
+            IFINDEX_ETH0,
+            fd,
+            cluster.mtu,
+            master=bridges[host.segment],
+            alias=host.name,
+        )
+        ul.commit()
+    finally:
+        os.close(fd)
+    segment = cluster.segment(host.segment)
+    return Host(
+        name=host.name,
+        netns=netns,
+        ip=host.ip,
+        segment=host.segment,
+        prefixlen=segment.prefixlen,
+        port=port,
+        gateway=segment.router_ip,
+    )
+
+
+def _address(host: Host) -> None:
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    with Rtnl(host.netns) as rt:
+        rt.link_up(IFINDEX.LO, "lo")
+        rt.link_up(IFINDEX.ETH0, "eth0")
+        rt.address(IFINDEX.ETH0, host.ip, host.prefixlen, "eth0")
+        # the segment's router is every host's gateway: it joins the racks, and a node's
+        # default route is what makes Calico's proxy ARP answer for 169.254.1.1
+        rt.route("default", IFINDEX.ETH0, gateway=host.gateway)
+        rt.commit()
+
+
+def join(cluster: Cluster, underlay: Underlay, node, tx: Transaction) -> NodeRecord:
+    """A node joining a running cluster: its namespace on its segment's bridge, addressed."""
+    from netsim.kernel.netlink import IFINDEX, Rtnl
+
+    with Rtnl(underlay.netns) as ul:
+        links = {link["name"]: link["index"] for link in ul.links()}
+        bridges = {seg: links[name] for seg, name in underlay.bridges.items()}
+        index = max(max(links.values()) + 1, IFINDEX.FIRST_DYNAMIC)
+        attached = _attach(cluster, ul, "node", node, index, bridges, tx)
+    _address(attached)
+    return NodeRecord(**vars(attached), next_ifindex=IFINDEX.FIRST_DYNAMIC)
+
+
+def set_port(underlay: Underlay, host: Host, up: bool) -> None:
+    """The host's port on its segment bridge up or down: down, nothing reaches the host and
+    nothing leaves it (a power cut, or a pulled cable)."""
+    from netsim.kernel.netlink import Rtnl
+
+    with Rtnl(underlay.netns) as ul:
+        link = ul.link(host.port)
+        if link is not None:
+            ul.link_set(link["index"], host.port, up=up)
+            ul.commit()
 
 
 def _router(cluster: Cluster, tx: Transaction, ul, bridges: dict, changes: Changes) -> Router:

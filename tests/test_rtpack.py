@@ -18,7 +18,7 @@ from netsim.kernel.netlink import IFF_UP, RTN_BLACKHOLE, Rtnl
 def _queued(call) -> list[bytes]:
     """What one Rtnl method queues, without a socket."""
     rt = Rtnl.__new__(Rtnl)
-    rt._pending, rt._seq, rt.netns = [], 0, None
+    rt._pending, rt._seq, rt.netns, rt.replace = [], 0, None, False
     call(rt)
     return [r.data for r in rt._pending]
 

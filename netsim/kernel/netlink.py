@@ -18,8 +18,11 @@ from socket import AF_BRIDGE, AF_INET
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
     RTM_GETADDR,
     RTM_GETLINK,
+    RTM_GETNEIGH,
     RTM_GETROUTE,
     RTM_NEWADDR,
     RTM_NEWLINK,
@@ -28,6 +31,7 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from netsim.errors import KernelError
@@ -48,6 +52,8 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3
 SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
 SO_RCVBUFFORCE = 33
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
+NLM_F_REPLACE = 0x100  # on a new object: replace the one with the same key
+ENOENT, ESRCH = 2, 3
 NLMSGERR_ATTR_MSG = 1
 _CHUNK = 48 * 1024  # bytes of requests per send
 # requests per send: the kernel queues one ack per request as its own skb (truesize ~1 KiB, far
@@ -78,8 +84,9 @@ class Rtnl:
     """Queue changes, then `commit()` sends them; `link()`, `addresses()`, `routes()` and
     pyroute2's `ipr` answer queries."""
 
-    def __init__(self, netns: str | None):
+    def __init__(self, netns: str | None, replace: bool = False):
         self.netns = netns  # a name under /run/netns, a netns path, or None for this namespace
+        self.replace = replace  # adds of routes, neighbours, FDB entries replace what is there
         self._pending: list[_Request] = []
         self._ipr = None
         self._seq = 0
@@ -277,8 +284,9 @@ class Rtnl:
         )
 
     def link_set(self, index: int, ifname: str, mtu: int | None = None, up: bool = True) -> None:
-        """Change an existing link (by index, or by name with index 0): MTU, then up."""
+        """Change an existing link (by index, or by name with index 0): MTU, then up or down."""
         msg = self._link(index, IFF_UP if up else 0, ifname=ifname)
+        msg["change"] = IFF_UP  # down too: with no change mask the kernel changes nothing
         if mtu:
             msg["attrs"].append(("IFLA_MTU", mtu))
         self._queue(msg, RTM_NEWLINK, 0, f"set {ifname}" + (f" mtu {mtu}" if mtu else ""))
@@ -321,8 +329,10 @@ class Rtnl:
         proto: int = RTPROT_BOOT,
         kind: int = RTN_UNICAST,
         table: int = 254,
+        replace: bool = False,
     ) -> None:
-        """`ip route add DST [via GW] dev OIF [onlink]`; DST in CIDR form, 'default' allowed."""
+        """`ip route add DST [via GW] dev OIF [onlink]`; DST in CIDR form, 'default' allowed;
+        with replace, `ip route replace` (what a daemon that resyncs sends)."""
         p = rtpack
         net, _, plen = ("0.0.0.0/0" if dst == "default" else dst).partition("/")
         dst_len = int(plen or 32)
@@ -338,13 +348,24 @@ class Rtnl:
         via = f" via {gateway}" if gateway else ""
         self._queue_raw(
             RTM_NEWROUTE,
-            NLM_F_CREATE | NLM_F_EXCL,
+            _create(replace or self.replace),
             body,
-            f"add route {dst}{via}{' onlink' if onlink else ''}",
+            f"{'replace' if replace else 'add'} route {dst}{via}{' onlink' if onlink else ''}",
         )
 
-    def neighbour(self, index: int, ip: str, mac: str, what: str) -> None:
-        """A permanent ARP entry: `ip neigh add IP lladdr MAC dev X nud permanent`."""
+    def route_delete(self, dst: str, table: int = 254) -> None:
+        """`ip route del DST`; one already gone is fine."""
+        p = rtpack
+        net, _, plen = dst.partition("/")
+        body = (
+            p.rtmsg(int(plen or 32), table, 0, 0, 0, 0)
+            + p.u32(p.RTA_TABLE, table)
+            + p.ipv4(p.RTA_DST, net)
+        )
+        self._queue_raw(RTM_DELROUTE, 0, body, f"delete route {dst}", tolerate=(ESRCH, ENOENT))
+
+    def neighbour(self, index: int, ip: str, mac: str, what: str, replace: bool = False) -> None:
+        """A permanent ARP entry: `ip neigh add|replace IP lladdr MAC dev X nud permanent`."""
         p = rtpack
         body = (
             p.ndmsg(AF_INET, index, NUD_PERMANENT, 0)
@@ -353,13 +374,28 @@ class Rtnl:
         )
         self._queue_raw(
             RTM_NEWNEIGH,
-            NLM_F_CREATE | NLM_F_EXCL,
+            _create(replace or self.replace),
             body,
             f"add neighbour {ip} lladdr {mac} on {what}",
         )
 
-    def fdb(self, index: int, mac: str, dst: str, what: str) -> None:
-        """A permanent FDB entry: `bridge fdb add MAC dev X dst IP self permanent`."""
+    def neighbour_delete(self, index: int, ip: str, what: str) -> None:
+        """`ip neigh del IP dev X`; one already gone is fine."""
+        body = rtpack.ndmsg(AF_INET, index, 0, 0) + rtpack.ipv4(rtpack.NDA_DST, ip)
+        self._queue_raw(RTM_DELNEIGH, 0, body, f"delete neighbour {ip} on {what}", (ENOENT,))
+
+    def fdb_delete(self, index: int, mac: str, dst: str, what: str) -> None:
+        """`bridge fdb del MAC dev X dst IP self`; one already gone is fine."""
+        p = rtpack
+        body = (
+            p.ndmsg(AF_BRIDGE, index, 0, NTF_SELF)
+            + p.mac(p.NDA_LLADDR, mac)
+            + p.ipv4(p.NDA_DST, dst)
+        )
+        self._queue_raw(RTM_DELNEIGH, 0, body, f"delete fdb {mac} on {what}", (ENOENT,))
+
+    def fdb(self, index: int, mac: str, dst: str, what: str, replace: bool = False) -> None:
+        """A permanent FDB entry: `bridge fdb add|replace MAC dev X dst IP self permanent`."""
         p = rtpack
         body = (
             p.ndmsg(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF)
@@ -367,7 +403,10 @@ class Rtnl:
             + p.ipv4(p.NDA_DST, dst)
         )
         self._queue_raw(
-            RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body, f"add fdb {mac} dst {dst} on {what}"
+            RTM_NEWNEIGH,
+            _create(replace or self.replace),
+            body,
+            f"add fdb {mac} dst {dst} on {what}",
         )
 
     # -- queries -------------------------------------------------------------------------------
@@ -452,6 +491,17 @@ class Rtnl:
             )
         return found
 
+    def neighbours(self, index: int, family: int = AF_INET) -> list[tuple[str | None, str]]:
+        """(IP or FDB destination, MAC) of each entry on one link: ARP (AF_INET) or FDB
+        (AF_BRIDGE) entries."""
+        msg = ndmsg()
+        msg["family"], msg["ifindex"] = family, index
+        found = []
+        for n in self._dump(msg, RTM_GETNEIGH, ndmsg):
+            if n["ifindex"] == index and n.get_attr("NDA_LLADDR"):
+                found.append((n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")))
+        return found
+
     # -- sending -------------------------------------------------------------------------------
 
     def commit(self) -> int:
@@ -495,6 +545,10 @@ class Rtnl:
                 offset += (length + 3) & ~3
         if failure is not None:
             raise failure
+
+
+def _create(replace: bool) -> int:
+    return NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
 
 
 def _link_dict(data: bytes) -> dict:

@@ -1,13 +1,14 @@
-"""kube-proxy's sync on every node, from the record's Services: the nftables backend loads the
-whole table with `nft -f` first and later sends only what changed as one nf_tables batch per
-node; the userspace backend gives every node agent the service table and points the node's
+"""kube-proxy's sync on every node, from the record's Services. The Services and Endpoints go
+to the store (/registry); in nftables mode each node's own kube-proxy daemon watches them and
+programs its table (netsim/daemons/kube_proxy.py), and the sync waits until every node reports
+it has; the userspace backend gives every node agent the service table and points the node's
 nftables at the agent's proxy ports."""
 
 from __future__ import annotations
 
 import os
 
-from netsim import agents, services
+from netsim import agents, registry, services
 from netsim.kernel import nft
 from netsim.model import Cluster
 from netsim.record import KubeProxy, PodRecord, Record
@@ -16,24 +17,18 @@ from netsim.record import KubeProxy, PodRecord, Record
 def sync(
     cluster: Cluster,
     record: Record,
+    store,
     terminating: dict[str, PodRecord] | None = None,
 ) -> None:
     """Pods `terminating` are out of the Services but still serve (the userspace proxies'
     agents keep them) until the caller stops them."""
-    from netsim.kubeproxy import nftables as kp
-
     ports = services.proxy_ports(record)
+    registry.sync(store, record)  # first: if etcd is gone, no node has heard of the change
     if cluster.proxy_mode == "userspace":
-        return _sync_userspace(record, ports, terminating)
-    previous = record.kube_proxy
-    if previous is None or previous.mode != "nftables":
-        base, batch = kp.first_sync(ports, cluster.pod_network)
-        on_every_node(record, lambda netns: (nft.apply(netns, base), batch.commit(netns)))
+        _sync_userspace(record, ports, terminating)
     else:
-        batch = kp.changes(previous.ports, ports, cluster.pod_network)
-        if len(batch):  # nothing changed (a new cluster's second pass): no node to visit
-            on_every_node(record, batch.commit)
-    record.kube_proxy = KubeProxy("nftables", ports)
+        record.kube_proxy = KubeProxy("nftables", ports)
+    agents.wait_applied(store, record)
 
 
 def on_every_node(record: Record, step, workers: int = 0) -> None:

@@ -39,6 +39,9 @@ class Mode:
     cni_network: str = ""  # the network name in the real CNI config
     bgp: bool = False  # runs BGP (route reflectors and external peers need it)
     summary: str = ""  # the data path in one line: "VXLAN VNI 1, UDP 8472"
+    # the store prefixes the node daemon watches to reach its peers (flanneld: the leases);
+    # a mode with none has its peers programmed by apply
+    watches: tuple[str, ...] = ()
 
     # -- this host -----------------------------------------------------------------------------
 
@@ -96,6 +99,14 @@ class Mode:
     def add_peer(self, rtnl: Rtnl, node: NodeRecord, peer: NodeRecord) -> None:
         """What node needs to reach peer's pods (queued on rtnl)."""
 
+    def remove_peer(self, rtnl: Rtnl, node: NodeRecord, peer) -> None:
+        """Undo add_peer for a peer that left (queued on rtnl)."""
+
+    def peers_in_kernel(self, rtnl: Rtnl, node: NodeRecord, network: str) -> dict:
+        """The peers node's kernel is programmed to reach, read back (a restarted daemon
+        starts from them): key -> peer, as the node's daemon keys them."""
+        return {}
+
     def tunnel_spec(
         self, cluster: Cluster, node: NodeRecord, peers: list[NodeRecord]
     ) -> TunnelSpec | None:
@@ -144,6 +155,9 @@ class Mode:
         progress: Callable[[str], None],
     ) -> None:
         """Daemons that need every node up first (BIRD); `started` records each at once."""
+
+    def restart_node(self, cluster: Cluster, record: Record, cluster_dir: str, node) -> None:
+        """A stopped node's daemons outside the agent (BIRD), started again."""
 
     def describe_node(
         self, record: Record, node: NodeRecord, run: Callable[..., str]

@@ -133,6 +133,15 @@ class CalicoBgp(CalicoBackend):
             started(host.bird)
         bird.wait_established([d for _, _, d in daemons], CONVERGE_TIMEOUT)
 
+    def restart_node(self, cluster, record, cluster_dir: str, node) -> None:
+        """BIRD again, with the node's configuration; its sessions come back by themselves."""
+        from netsim.bgp import bird
+        from netsim.record import Process
+
+        directory = os.path.join(cluster_dir, "nodes", node.name, "bird")
+        pid, start = bird.start(node.netns, directory, self._config(cluster, record, node.name))
+        node.bird = Process(pid, start, directory)
+
     def blocks_changed(self, cluster, record, node_name: str) -> None:
         """Announce the new block: BIRD re-reads its config, sessions stay up."""
         from netsim.bgp import bird

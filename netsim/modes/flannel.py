@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
+from typing import NamedTuple
 
 from netsim.errors import NetsimError
 from netsim.modes.base import Mode
@@ -19,6 +20,7 @@ class FlannelBackend(Mode):
     daemon = "flanneld"
     cni_network = CNI_NETWORK
     backend = ""  # flannel's Backend.Type
+    watches = ("/coreos.com/network/subnets/",)  # SUBNETS
 
     def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
         """A subnet per node, as flanneld picks one: the lease the store holds for the node's
@@ -124,6 +126,18 @@ class FlannelBackend(Mode):
     def lease(self, node) -> tuple[str, str]:
         return lease_key(node.subnet), lease_value(node.ip, self.backend, self.backend_data(node))
 
+    def peer_routes(self, rtnl, node, network: str, oif: int) -> dict[str, dict]:
+        """The node's routes out of `oif` to other subnets of the network: subnet -> route."""
+        network = IPv4Network(network)
+        found = {}
+        for route in rtnl.routes():
+            if route["oif"] != oif or route["dst"] in ("default", node.subnet):
+                continue
+            dst = IPv4Network(route["dst"])
+            if dst.subnet_of(network) and dst.prefixlen == IPv4Network(node.subnet).prefixlen:
+                found[route["dst"]] = route
+        return found
+
     def backend_data(self, node) -> dict | None:
         return None
 
@@ -168,6 +182,29 @@ class FlannelBackend(Mode):
 
 CONFIG = "/coreos.com/network/config"
 SUBNETS = "/coreos.com/network/subnets/"
+
+
+class LeasePeer(NamedTuple):
+    """Another node as its lease tells flanneld of it (what add_peer needs of a peer)."""
+
+    subnet: str
+    ip: str  # PublicIP
+    vtep_mac: str = ""  # vxlan's BackendData.VtepMAC
+
+    @classmethod
+    def of(cls, kv, backend: str) -> LeasePeer | None:
+        """The peer a lease names, or None for a lease of another backend or one flannel
+        could not read either."""
+        try:
+            attrs = kv.json()
+            if attrs.get("BackendType") != backend:
+                return None
+            subnet = str(IPv4Network(key_subnet(kv.key)))
+            ip = str(IPv4Address(attrs["PublicIP"]))
+            mac = (attrs.get("BackendData") or {}).get("VtepMAC", "")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return cls(subnet, ip, mac)
 
 
 def lease_key(subnet: str) -> str:

@@ -32,3 +32,13 @@ class FlannelHostGw(flannel.FlannelBackend):
         from netsim.kernel.netlink import IFINDEX
 
         rtnl.route(peer.subnet, IFINDEX.ETH0, gateway=peer.ip)
+
+    def remove_peer(self, rtnl, node, peer) -> None:
+        rtnl.route_delete(peer.subnet)
+
+    def peers_in_kernel(self, rtnl, node, network: str) -> dict:
+        from netsim.kernel.netlink import IFINDEX
+        from netsim.modes.flannel import LeasePeer
+
+        routes = self.peer_routes(rtnl, node, network, IFINDEX.ETH0)
+        return {s: LeasePeer(s, r["gateway"] or "") for s, r in routes.items()}

@@ -10,6 +10,7 @@ The order matters: with the route first the kernel would ARP for the gateway ove
 from __future__ import annotations
 
 from ipaddress import IPv4Network
+from socket import AF_BRIDGE
 
 from netsim.modes import flannel
 from netsim.modes.vxlan import VxlanDevice
@@ -51,6 +52,27 @@ class FlannelVxlan(VxlanDevice, flannel.FlannelBackend):
         vtep = str(IPv4Network(peer.subnet).network_address)
         self.reach_vtep(rtnl, vtep, peer)
         self.route_via_vtep(rtnl, peer.subnet, vtep)
+
+    def remove_peer(self, rtnl, node, peer) -> None:
+        """flanneld's order on a lease's removal: ARP entry, FDB entry, route."""
+        from netsim.kernel.netlink import IFINDEX
+
+        vtep = str(IPv4Network(peer.subnet).network_address)
+        rtnl.neighbour_delete(IFINDEX.TUNNEL, vtep, self.tunnel)
+        rtnl.fdb_delete(IFINDEX.TUNNEL, peer.vtep_mac, peer.ip, self.tunnel)
+        rtnl.route_delete(peer.subnet)
+
+    def peers_in_kernel(self, rtnl, node, network: str) -> dict:
+        from netsim.kernel.netlink import IFINDEX
+        from netsim.modes.flannel import LeasePeer
+
+        arp = dict(rtnl.neighbours(IFINDEX.TUNNEL))
+        fdb = {mac: dst for dst, mac in rtnl.neighbours(IFINDEX.TUNNEL, AF_BRIDGE)}
+        found = {}
+        for subnet in self.peer_routes(rtnl, node, network, IFINDEX.TUNNEL):
+            mac = arp.get(str(IPv4Network(subnet).network_address), "")
+            found[subnet] = LeasePeer(subnet, fdb.get(mac, ""), mac)
+        return found
 
     def describe_tunnel(self, node, run) -> list[tuple[str, str]]:
         return super().describe_tunnel(node, run) + self.describe_vtep(run)

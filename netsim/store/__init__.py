@@ -28,6 +28,8 @@ def of(cluster: str, datastore: Datastore, node_netns: str | None = None) -> Sto
 
 # netsim's own key: which cluster a store belongs to (the real layouts name none)
 OWNER = "/netsim.dev/cluster"
+# each node's daemons publish here the revision of each prefix they have applied
+STATUS = "/netsim.dev/status/"
 WRITTEN = ("/registry/", "/coreos.com/network/", "/calico/")  # what netsim writes
 
 

@@ -68,6 +68,19 @@ class KeyValue:
         return _decode(self.value)
 
 
+@dataclass(frozen=True)
+class Event:
+    """One change a watch saw: PUT (created or changed) or DELETE (deleted, or its lease
+    ended); a DELETE's kv holds the key and the revision of the delete."""
+
+    type: str
+    kv: KeyValue
+
+
+class Compacted(NetsimError):
+    """The revision a watch asked for is gone from etcd's history: list again."""
+
+
 class Store:
     """One cluster's etcd: its client URLs and the namespace they are reached from."""
 
@@ -83,6 +96,7 @@ class Store:
         self.timeout = timeout
         self.fix = fix  # what an unreachable store's message tells the user to do
         self._local = threading.local()  # one connection pool per thread
+        self.writes: dict[str, int] = {}  # key -> revision of this client's last write of it
 
     def __repr__(self) -> str:
         return f"etcd at {', '.join(self.endpoints)}"
@@ -136,6 +150,62 @@ class Store:
         body = range_op(key, prefix, keys_only)["request_range"]
         return [_kv(item) for item in self.call("kv/range", body).get("kvs", [])]
 
+    def list(self, prefix: str) -> tuple[int, list[KeyValue]]:
+        """Every key under the prefix and the revision they were read at (where a watch
+        goes on from: client-go's list, then watch)."""
+        result = self.call("kv/range", range_op(prefix, True)["request_range"])
+        return int(result["header"]["revision"]), [_kv(i) for i in result.get("kvs", [])]
+
+    def watch(
+        self,
+        prefix: str,
+        start_revision: int,
+        handle: Callable[[int, list[Event]], None],
+        stopped: threading.Event,
+    ) -> None:
+        """Stream every change under the prefix from start_revision on: handle(revision,
+        events) per watch response, in revision order, until `stopped` is set (checked between
+        responses) or the stream breaks (StoreError: list again, then watch again). A revision
+        etcd has compacted away raises Compacted."""
+        import requests
+
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": prefix_end(prefix),
+                "start_revision": start_revision,
+            }
+        }
+        endpoint = self.endpoints[0]
+        client = self._client(endpoint)
+        try:
+            with nsmod.entered(self.netns):  # the stream's socket stays in this namespace
+                response = client.session.post(
+                    client.get_url("watch"), json=body, stream=True, timeout=(self.timeout, None)
+                )
+            with response:
+                for line in response.iter_lines(chunk_size=None):
+                    if stopped.is_set():
+                        return
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if int(result.get("compact_revision", 0)):
+                        raise Compacted(int(result["compact_revision"]))
+                    if result.get("canceled"):
+                        raise StoreError(f"etcd at {endpoint} ended the watch of {prefix}")
+                    events = [
+                        Event(e.get("type", "PUT"), _kv(e["kv"])) for e in result.get("events", [])
+                    ]
+                    if events:
+                        handle(int(result["header"]["revision"]), events)
+                        if stopped.is_set():
+                            return
+        except requests.RequestException as exc:
+            raise StoreError(f"etcd at {endpoint}: watch of {prefix} broke ({exc})") from None
+        if not stopped.is_set():
+            raise StoreError(f"etcd at {endpoint} closed the watch of {prefix}")
+
     def get_many(self, keys: list[str]) -> dict[str, KeyValue | None]:
         """Several keys (None where absent), one request (one revision) per MAX_TXN_OPS keys."""
         found: dict[str, KeyValue | None] = dict.fromkeys(keys)
@@ -153,7 +223,14 @@ class Store:
         body = {"key": _b64(key), "value": _b64(value)}
         if lease:
             body["lease"] = str(lease)
-        return int(self.call("kv/put", body)["header"]["revision"])
+        revision = int(self.call("kv/put", body)["header"]["revision"])
+        self.writes[key] = revision
+        return revision
+
+    def written(self, prefix: str) -> int:
+        """The revision of this client's last write under the prefix (0: none): what a node
+        that watches the prefix must have seen to have applied it."""
+        return max((r for k, r in self.writes.items() if k.startswith(prefix)), default=0)
 
     def put_all(self, items: dict[str, str | bytes]) -> None:
         """Many keys, in transactions of at most MAX_TXN_OPS puts each."""
@@ -179,7 +256,11 @@ class Store:
         body: dict = {"key": _b64(key)}
         if prefix:
             body["range_end"] = prefix_end(key)
-        return int(self.call("kv/deleterange", body).get("deleted", 0))
+        result = self.call("kv/deleterange", body)
+        deleted = int(result.get("deleted", 0))
+        if deleted:  # a delete of nothing makes no revision, and no watch sees it
+            self.writes[key] = int(result["header"]["revision"])
+        return deleted
 
     def delete_all(self, keys: list[str]) -> None:
         ops = [delete_op(k) for k in keys]
@@ -190,6 +271,16 @@ class Store:
         """One v3 transaction; `succeeded` tells which branch ran."""
         result = self.call("kv/txn", {"compare": compare, "success": success, "failure": failure})
         result["succeeded"] = bool(result.get("succeeded", False))
+        revision = int(result["header"]["revision"])
+        ops = success if result["succeeded"] else failure
+        for op, response in zip(ops, result.get("responses", []), strict=False):
+            # a delete of nothing makes no revision, and no watch sees it
+            done = "request_put" in op or int(
+                response.get("response_delete_range", {}).get("deleted", 0)
+            )
+            change = op.get("request_put") or op.get("request_delete_range")
+            if change is not None and done:
+                self.writes[_unb64(change["key"]).decode()] = revision
         return result
 
     # -- leases --------------------------------------------------------------------------------

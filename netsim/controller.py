@@ -1,0 +1,167 @@
+"""The node lifecycle part of kube-controller-manager, one process per cluster.
+
+Every node's kubelet (its agent) renews a Lease under /registry/leases/kube-node-lease/ every
+quarter of the grace period (kubelet: 10 s of 40). When a node's lease has not been renewed for
+the node-monitor grace period (Kubernetes' 40 s, spec.controlPlane.nodeMonitorGracePeriod), the
+controller marks the node NotReady (its Ready condition Unknown, "Kubelet stopped posting node
+status.") and the endpoints controller's part follows: that node's pods move from `addresses`
+to `notReadyAddresses` in every Endpoints object, so every kube-proxy drops them. When the
+lease is renewed again, the node is Ready and its pods return.
+
+It polls the store once a second (the grace is tens of seconds) and records what it did as
+events of its own. Run as `python -m netsim.controller CONFIG.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+
+from netsim import events, registry
+
+LEASES = "/registry/leases/kube-node-lease/"
+
+
+def rfc3339(t: float) -> str:
+    """A MicroTime as the API server writes it: 2026-12-02T06:30:00.123456Z."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def node_lease(node: str, duration: int, now: float) -> str:
+    """The kubelet's heartbeat object (coordination.k8s.io/v1 Lease)."""
+    return json.dumps(
+        {
+            "kind": "Lease",
+            "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": node, "namespace": "kube-node-lease"},
+            "spec": {
+                "holderIdentity": node,
+                "leaseDurationSeconds": duration,
+                "renewTime": rfc3339(now),
+            },
+        },
+        separators=(",", ":"),
+    )
+
+
+def ready_condition(ready: bool, now: float) -> dict:
+    if ready:
+        return {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "kubelet is posting ready status",
+            "lastTransitionTime": rfc3339(now),
+        }
+    return {
+        "type": "Ready",
+        "status": "Unknown",
+        "reason": "NodeStatusUnknown",
+        "message": "Kubelet stopped posting node status.",
+        "lastTransitionTime": rfc3339(now),
+    }
+
+
+def is_ready(node: dict) -> bool:
+    """A node object's Ready condition (a node no controller has judged yet is Ready)."""
+    for condition in node.get("status", {}).get("conditions", []):
+        if condition.get("type") == "Ready":
+            return condition.get("status") == "True"
+    return True
+
+
+def split_endpoints(obj: dict, not_ready: set[str]) -> dict:
+    """The Endpoints object with the addresses of pods on `not_ready` nodes in
+    notReadyAddresses and the others in addresses (the endpoints controller's view of pods
+    whose Ready condition went false with their node)."""
+    subsets = []
+    for subset in obj.get("subsets", []):
+        every = subset.get("addresses", []) + subset.get("notReadyAddresses", [])
+        every.sort(key=lambda a: tuple(int(o) for o in a["ip"].split(".")))
+        out = {k: v for k, v in subset.items() if k not in ("addresses", "notReadyAddresses")}
+        ready = [a for a in every if a.get("nodeName") not in not_ready]
+        waiting = [a for a in every if a.get("nodeName") in not_ready]
+        if ready:
+            out["addresses"] = ready
+        if waiting:
+            out["notReadyAddresses"] = waiting
+        subsets.append(out)
+    return {**obj, "subsets": subsets}
+
+
+class Controller:
+    def __init__(self, store, grace: float, log_dir: str):
+        self.store, self.grace, self.log_dir = store, grace, log_dir
+        self.first_seen: dict[str, float] = {}  # nodes with no lease yet: when first listed
+
+    def event(self, node: str, message: str) -> None:
+        events.record(self.log_dir, node, "node-controller", message)
+
+    def step(self, now: float) -> None:
+        leases = {kv.key[len(LEASES) :]: kv.json() for kv in self.store.range(LEASES, True)}
+        nodes = {kv.key: kv for kv in self.store.range(registry.NODES, True)}
+        not_ready, changed = set(), {}
+        for key, kv in nodes.items():
+            name = key[len(registry.NODES) :]
+            node = kv.json()
+            lease = leases.get(name)
+            if lease is not None:
+                renewed = parse_time(lease["spec"]["renewTime"])
+            else:  # a node that has not posted yet gets the grace from when it was listed
+                renewed = self.first_seen.setdefault(name, now)
+            ready = now - renewed <= self.grace
+            if not ready:
+                not_ready.add(name)
+            if ready != is_ready(node):
+                status = node.setdefault("status", {})
+                others = [c for c in status.get("conditions", []) if c.get("type") != "Ready"]
+                status["conditions"] = others + [ready_condition(ready, now)]
+                changed[key] = (kv, json.dumps(node, separators=(",", ":"), sort_keys=True))
+                self.event(
+                    name,
+                    "node is Ready: its kubelet posts status again"
+                    if ready
+                    else f"node is NotReady: no heartbeat for {self.grace:.0f} s; its pods "
+                    "leave every Service's endpoints",
+                )
+        for kv in self.store.range(registry.ENDPOINTS, True):
+            obj = kv.json()
+            split = split_endpoints(obj, not_ready)
+            if split != obj:
+                changed[kv.key] = (kv, json.dumps(split, separators=(",", ":"), sort_keys=True))
+        from netsim.store.client import put_op, unchanged
+
+        for key, (kv, value) in changed.items():
+            # only if nobody (an apply) changed it since it was read: the next step sees theirs
+            self.store.txn([unchanged(kv)], [put_op(key, value)])
+
+    def run(self) -> None:
+        from netsim.errors import NetsimError
+
+        while True:
+            try:
+                self.step(time.time())
+            except NetsimError as exc:  # the store is away: try again
+                print(f"controller: {exc}", flush=True)
+            time.sleep(1.0)
+
+
+def main() -> None:
+    from netsim.store.client import Store
+
+    with open(sys.argv[1]) as fh:
+        config = json.load(fh)
+    store = Store(config["endpoints"], config["netns"])
+    print(f"netsim controller {os.getpid()} for cluster {config['cluster']}", flush=True)
+    Controller(store, config["grace"], os.path.dirname(sys.argv[1])).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""A node's daemons, run by its agent against the cluster's etcd, as on a real node: flanneld
+reaches the peers the subnet leases name; kube-proxy (nftables mode) programs the Services and
+Endpoints. Each watches the store (informer.py), changes only its own node's kernel, records
+what it did (events.py) and publishes the revision it applied under /netsim.dev/status/<node>,
+which `netsim apply` waits for."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+
+def start(config: dict, node_dir: str, tunnel: Callable[[], object]):
+    """Start the daemons this configuration (netsim.agents.daemons_config) calls for; the
+    running informer."""
+    import msgspec
+
+    from netsim import events, modes
+    from netsim import store as storemod
+    from netsim.daemons.informer import Informer, status
+    from netsim.record import NodeRecord
+    from netsim.store.client import Store, StoreError
+
+    node = msgspec.convert(config["node"], NodeRecord)
+    mode = modes.get(config["mode"])
+    store = Store(config["store"]["endpoints"], config["store"]["netns"])
+
+    def recorder(daemon: str) -> Callable[[str], None]:
+        return lambda message: events.record(node_dir, node.name, daemon, message)
+
+    daemons: list = []
+    if mode.watches:
+        from netsim.daemons.flanneld import Flanneld
+
+        udp = tunnel if mode.encapsulation == "udp" else None
+        daemons.append(Flanneld(mode, node, config["network"], recorder("flanneld"), udp))
+    if config["kube_proxy"] == "nftables":
+        from netsim.daemons.kube_proxy import KubeProxy
+
+        daemons.append(KubeProxy(node.netns, config["network"], recorder("kube-proxy")))
+
+    def report(applied: dict[str, int]) -> None:
+        try:
+            store.put(storemod.STATUS + node.name, json.dumps(status(node.name, applied)))
+        except StoreError as exc:
+            print(f"status: {exc}", flush=True)
+
+    informer = Informer(store, daemons, report, lambda text: print(text, flush=True))
+    os.makedirs(node_dir, exist_ok=True)
+    informer.start()
+    return informer

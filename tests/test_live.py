@@ -1,0 +1,206 @@
+"""The live cluster: each node's daemons watch etcd and change only their own node. A lease or
+an Endpoints object written into the store by hand (etcdctl, as another host or a controller
+would) reaches every node's kernel; the watch itself sees puts and deletes in order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import pytest
+from conftest import ip_json, needs_root, wait_for
+
+pytestmark = needs_root
+
+SUBNETS = "/coreos.com/network/subnets/"
+
+
+def test_watch_sees_puts_and_deletes_from_a_revision(etcd):
+    from netsim.store.client import Compacted
+
+    store = etcd.store
+    start = store.put("/w/a", "1")
+    store.put("/w/b", "2")
+    store.delete("/w/a")
+    seen, stopped = [], threading.Event()
+
+    def handle(revision, events):
+        seen.extend((e.type, e.kv.key, e.kv.mod_revision) for e in events)
+        if len(seen) == 4:
+            stopped.set()
+
+    thread = threading.Thread(target=lambda: store.watch("/w/", start, handle, stopped))
+    thread.start()
+    store.put("/w/c", "3")  # one more after the watch began: it ends the test's wait
+    store.put("/x/outside", "not under the prefix")
+    thread.join(10)
+    assert not thread.is_alive()
+    assert [(t, k) for t, k, _ in seen] == [
+        ("PUT", "/w/a"),
+        ("PUT", "/w/b"),
+        ("DELETE", "/w/a"),
+        ("PUT", "/w/c"),
+    ]
+    assert [r for *_, r in seen] == sorted(r for *_, r in seen)
+    # a revision etcd has compacted away: the watcher must list again
+    now = store.put("/w/d", "4")
+    store.call("kv/compaction", {"revision": now, "physical": True})
+    with pytest.raises(Compacted):
+        store.watch("/w/", start, lambda *_: None, threading.Event())
+
+
+def _peer_state(netns: str, subnet: str, vtep: str) -> tuple[bool, bool, bool]:
+    routes = {r["dst"] for r in ip_json(netns, "route", "show")}
+    arp = {n["dst"] for n in ip_json(netns, "neigh", "show", "dev", "flannel.1")}
+    out = subprocess.run(
+        ["bridge", "-n", netns, "-j", "fdb", "show", "dev", "flannel.1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    fdb = {f.get("dst") for f in json.loads(out)}
+    return subnet in routes, vtep in arp, "172.18.0.250" in fdb
+
+
+def test_a_lease_written_to_etcd_reaches_every_node_and_its_removal_too(cluster):
+    """What a host joining (flanneld on it takes a lease) looks like to every node."""
+    from netsim import store as storemod
+
+    cluster.apply()
+    record = cluster.record()
+    store = storemod.of(record.cluster, record.spec.datastore)
+    lease = {
+        "PublicIP": "172.18.0.250",
+        "BackendType": "vxlan",
+        "BackendData": {"VNI": 1, "VtepMAC": "02:aa:bb:cc:dd:ee"},
+    }
+    for present, what in ((True, "reach the new lease's subnet"), (False, "drop it")):
+        if present:
+            store.put(SUBNETS + "10.244.200.0-24", json.dumps(lease))
+        else:
+            store.delete(SUBNETS + "10.244.200.0-24")
+        for node in record.nodes.values():  # route, ARP and FDB entries: all or none
+            wait_for(
+                lambda n=node, p=present: (
+                    _peer_state(n.netns, "10.244.200.0/24", "10.244.200.0") == (p, p, p)
+                ),
+                10,
+                f"{node.name} to {what}",
+            )
+    events = cluster.netsim("get", "events", check=True).stdout
+    assert "added the route to 10.244.200.0/24 via node 172.18.0.250" in events
+    assert "removed the route to 10.244.200.0/24" in events
+
+
+def test_an_endpoints_object_written_to_etcd_reaches_every_kube_proxy(cluster):
+    """kube-proxy follows the Endpoints in the store, whoever wrote them."""
+    from netsim import store as storemod
+    from netsim.kernel import nft
+
+    cluster.apply()
+    record = cluster.record()
+    store = storemod.of(record.cluster, record.spec.datastore)
+    key = "/registry/services/endpoints/default/web"
+    endpoints = store.get(key).json()
+    endpoints["subsets"][0]["addresses"].append({"ip": "10.244.9.9", "nodeName": "nowhere"})
+    store.put(key, json.dumps(endpoints))
+    for node in record.nodes.values():
+        wait_for(
+            lambda n=node: "10.244.9.9" in nft.ruleset(n.netns),
+            10,
+            f"{node.name}'s kube-proxy to add the endpoint",
+        )
+
+
+def _flannel_routes(netns: str) -> set[str]:
+    return {r["dst"] for r in ip_json(netns, "route", "show") if r.get("dev") == "flannel.1"}
+
+
+def _nodes_doc(path: str, names: list[str]) -> None:
+    """The topology file with exactly these nodes on the one segment."""
+    import yaml
+
+    docs = list(yaml.safe_load_all(open(path)))
+    for doc in docs:
+        if doc["kind"] == "Cluster":
+            doc["spec"]["nodes"] = [{"name": n, "segment": "underlay"} for n in names]
+    with open(path, "w") as fh:
+        yaml.safe_dump_all(docs, fh, sort_keys=False)
+
+
+def test_a_node_joins_and_serves_then_another_drains(cluster):
+    cluster.apply()
+    before = cluster.record()
+    _nodes_doc(cluster.file, ["worker-1", "worker-2", "worker-3", "worker-4"])
+    cluster.netsim("apply", "-f", cluster.file, check=True)
+    record = cluster.record()
+    joined = record.nodes["worker-4"]
+    # nothing running moved: pods, their addresses and the other nodes' addresses
+    assert {n: p.ip for n, p in record.pods.items()} == {n: p.ip for n, p in before.pods.items()}
+    assert {n: h.ip for n, h in before.nodes.items()} == {
+        n: record.nodes[n].ip for n in before.nodes
+    }
+    assert joined.ip not in {h.ip for h in record.hosts() if h is not joined}
+    for node in record.nodes.values():
+        others = {n.subnet for n in record.nodes.values() if n is not node}
+        assert _flannel_routes(node.netns) == others, node.name
+    # worker-2 drains: its pod is made again elsewhere and answers through the Service
+    _nodes_doc(cluster.file, ["worker-1", "worker-3", "worker-4"])
+    cluster.netsim("apply", "-f", cluster.file, check=True)
+    record = cluster.record()
+    assert "worker-2" not in record.nodes
+    assert all(p.node != "worker-2" for p in record.pods.values())
+    assert not [n for n in cluster.namespaces() if n.endswith(".worker-2")]
+    for node in record.nodes.values():
+        others = {n.subnet for n in record.nodes.values() if n is not node}
+        assert _flannel_routes(node.netns) == others, node.name
+    answered = {
+        cluster.netsim("exec", "web-0", "--", "curl", "-s", "-m", "2", f"{ip}:80").stdout
+        for ip in [record.services["web"].cluster_ip] * 12
+    }
+    assert answered == set(record.pods), answered
+    gets = cluster.netsim("get", "nodes", check=True).stdout
+    assert "worker-4" in gets and "worker-2" not in gets
+
+
+def _kernel_state(netns: str) -> dict:
+    from netsim.kernel import nft
+
+    return {
+        "routes": ip_json(netns, "route", "show"),
+        "neigh": ip_json(netns, "neigh", "show", "nud", "permanent"),
+        "fdb": json.loads(
+            subprocess.run(
+                ["bridge", "-n", netns, "-j", "fdb", "show", "dev", "flannel.1"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        ),
+        "nft": nft.ruleset(netns),
+    }
+
+
+def test_flannel_peers_keep_a_stopped_nodes_routes_until_its_lease_expires(cluster):
+    """`node stop` is a power cut: the others keep its routes until its lease's TTL ends,
+    then drop them; `node start` brings it back to exactly the kernel state it had."""
+    flannel = {"Network": "10.244.0.0/16", "SubnetLen": 24, "leaseTTL": 10}
+    cluster.apply(cni={"mode": "flannel-vxlan", "flannel": flannel})
+    record = cluster.record()
+    w1, w3 = record.nodes["worker-1"], record.nodes["worker-3"]
+    before = _kernel_state(w3.netns)
+    cluster.netsim("node", "stop", "worker-3", check=True)
+    assert w3.subnet in _flannel_routes(w1.netns)  # its lease is still live
+    assert cluster.netsim("ping", "web-0", record.pods["web-2"].ip, "-c", "1").returncode != 0
+    wait_for(
+        lambda: w3.subnet not in _flannel_routes(w1.netns),
+        15,
+        "worker-1 to drop worker-3's route when its 10 s lease expired",
+    )
+    cluster.netsim("node", "start", "worker-3", check=True)
+    wait_for(lambda: w3.subnet in _flannel_routes(w1.netns), 5, "the lease taken again")
+    assert _kernel_state(w3.netns) == before
+    assert cluster.netsim("ping", "web-0", "web-2", "-c", "1").returncode == 0
+    events = cluster.netsim("get", "events", check=True).stdout
+    assert f"removed the route to {w3.subnet}" in events
