@@ -17,29 +17,55 @@ from netsim.record import NodeRecord, PodRecord, Process, Record
 from netsim.transaction import Transaction
 
 
-def start(cluster: str, node: NodeRecord, tx: Transaction) -> None:
-    """The agent binds nothing itself: netsim hands it the control socket, already listening,
+def start(record: Record, node: NodeRecord, tx: Transaction) -> None:
+    """The agent, forked by the cluster's zygote (netsim/zygote.py; started first if it is not
+    running). It binds nothing itself: netsim hands it the control socket, already listening,
     so requests can be sent at once."""
+    from netsim import zygote
+
+    cluster = record.cluster
     directory = state.node_dir(cluster, node.name)
     os.makedirs(directory, exist_ok=True)
+    running = record.zygote
+    if running is None or not proc.alive(running.pid, running.start):
+        _start_zygote(record, tx)
     control = agentmod.listen(os.path.join(directory, "agent.sock"))
     try:
-        argv = [
-            sys.executable,
-            "-m",
-            "netsim.agent",
-            str(control.fileno()),
-            cluster,
-            node.name,
-            node.netns,
-        ]
-        pid, started = proc.spawn(
-            argv, os.path.join(directory, "agent.log"), pass_fds=(control.fileno(),)
-        )
+        request = {
+            "cluster": cluster,
+            "node": node.name,
+            "netns": node.netns,
+            "log": os.path.join(directory, "agent.log"),
+        }
+        pid = zygote.fork_agent(_zygote_path(cluster), control, request)
+    except OSError as exc:
+        raise NetsimError(
+            f"the agents' zygote did not fork node {node.name}'s agent ({exc}); see "
+            f"{state.cluster_dir(cluster)}/zygote.log"
+        ) from None
     finally:
         control.close()
+    started = proc.start_time(pid) or 0
     tx.process(f"agent of {node.name}", pid, started)
     node.agent = Process(pid, started)
+
+
+def _zygote_path(cluster: str) -> str:
+    return os.path.join(state.cluster_dir(cluster), "zygote.sock")
+
+
+def _start_zygote(record: Record, tx: Transaction) -> None:
+    """The zygote gets its socket already listening: the first fork request waits in the
+    backlog while it imports."""
+    control = agentmod.listen(_zygote_path(record.cluster))
+    try:
+        argv = [sys.executable, "-m", "netsim.zygote", str(control.fileno()), record.cluster]
+        log = os.path.join(state.cluster_dir(record.cluster), "zygote.log")
+        pid, started = proc.spawn(argv, log, pass_fds=(control.fileno(),))
+    finally:
+        control.close()
+    tx.process("the agents' zygote", pid, started)
+    record.zygote = Process(pid, started)
 
 
 def sync(
@@ -100,6 +126,7 @@ def daemons_config(record: Record, node: NodeRecord) -> dict | None:
         "mode": record.mode,
         "network": record.spec.pod_network,
         "kube_proxy": record.spec.proxy_mode,
+        "grace": record.spec.node_grace,
         "node": msgspec.to_builtins(_lasting(node)),
         "store": {"endpoints": store.endpoints, "netns": store.netns},
     }
@@ -166,6 +193,25 @@ def wait_applied(store, record: Record, timeout: float = 30.0) -> float:
     return time.monotonic() - started
 
 
+def wait_reported(store, record: Record, name: str, since: float, timeout: float = 30.0) -> float:
+    """Wait until the node's daemons report (after `since`, a wall-clock time) that they
+    applied what they listed; the seconds from `since`."""
+    import time
+
+    from netsim import store as storemod
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = store.get(storemod.STATUS + name)
+        if status is not None and status.json().get("time", 0) >= since:
+            return status.json()["time"] - since
+        time.sleep(0.005)
+    raise NetsimError(
+        f"node {name} has not reported within {timeout:.0f} s: see "
+        f"{state.node_dir(record.cluster, name)}/agent.log"
+    )
+
+
 def _lease(record: Record, node) -> dict | None:
     """What the agent needs to renew the node's flannel lease, as flanneld does: the etcd
     lease, its TTL, and how the node reaches the store."""
@@ -197,6 +243,9 @@ def daemons(record: Record) -> list[tuple[int, int]]:
                 found.append((process.pid, process.start))
     if record.master is not None and record.master.etcd is not None:
         found.append((record.master.etcd.pid, record.master.etcd.start))
+    for process in (record.controller, record.zygote):
+        if process is not None:
+            found.append((process.pid, process.start))
     return found
 
 

@@ -356,12 +356,11 @@ def cmd_get(args) -> int:
                     "segment": local.segment if local else "",
                     "mode": record.mode,
                     "pods": counts.get(n, 0),
+                    "status": _node_status(local, obj),
                 }
             )
         header = ["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "PODS"]
-        rows = [
-            [i["name"], _status(i["netns"]), i["ip"], i["podCIDR"], str(i["pods"])] for i in items
-        ]
+        rows = [[i["name"], i["status"], i["ip"], i["podCIDR"], str(i["pods"])] for i in items]
         if args.output == "wide":
             header += ["SEGMENT", "MODE", "NETNS"]
             rows = [
@@ -423,6 +422,16 @@ def cmd_get(args) -> int:
     else:
         print(table(rows, header))
     return 0
+
+
+def _node_status(local, obj: dict) -> str:
+    """kubectl's STATUS: Ready, or NotReady once the node controller judged it; Lost when
+    its namespace is gone."""
+    from netsim.controller import is_ready
+
+    if local is None or not nsmod.exists(local.netns):
+        return "Lost"
+    return "Ready" if is_ready(obj) else "NotReady"
 
 
 def _status(netns: str) -> str:

@@ -11,6 +11,7 @@ with the fix: delete, then apply. Removal lives in netsim.teardown.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -50,6 +51,7 @@ SPEC_FIELDS = {
     "proxy_mode": "spec.kubeProxy.mode",
     "datastore": "spec.datastore",
     "lease_ttl": "spec.cni.flannel.leaseTTL",
+    "node_grace": "spec.controlPlane.nodeMonitorGracePeriod",
 }
 
 
@@ -70,6 +72,7 @@ def spec_of(cluster: Cluster) -> ClusterSpec:
         cluster.proxy_mode,
         cluster.datastore,
         cluster.lease_ttl,
+        cluster.node_grace,
     )
 
 
@@ -128,6 +131,8 @@ def apply(
             else:
                 if _revive_etcd(record, tx, progress):
                     changes.updated.append("etcd (restarted)")
+                if _revive_controller(record, tx):
+                    changes.updated.append("node controller (restarted)")
                 leases = {name: node.lease for name, node in record.nodes.items()}
                 restored = [storemod.OWNER] if storemod.claim(store, cluster.name) else []
                 restored += mode.publish(store, cluster, record)
@@ -206,6 +211,7 @@ def _build_base(
     progress(f"nodes: {len(cluster.nodes)} in mode {cluster.mode}")
     membership.bring_up(cluster, record, mode, list(nodes.values()), tx)
     storemod.claim(store, name)
+    _start_controller(record, tx)
     mode.publish(store, cluster, record)
     agents.sync(record, list(nodes))  # the nodes' daemons start: list, then watch
 
@@ -232,6 +238,46 @@ def _start_etcd(record: Record, tx: Transaction, progress: Progress) -> None:
 
     server.start(state.cluster_dir(record.cluster), master.netns, "master", master.ip, spawned)
     master.etcd_started_s = round(time.perf_counter() - started, 3)
+
+
+def _start_controller(record: Record, tx: Transaction) -> None:
+    """The node lifecycle controller (netsim/controller.py), reaching the store as the CLI
+    does."""
+    import json
+
+    from netsim.kernel import proc
+    from netsim.record import Process
+
+    store = storemod.of(record.cluster, record.spec.datastore)
+    directory = os.path.join(state.cluster_dir(record.cluster), "controller")
+    os.makedirs(directory, exist_ok=True)
+    config = os.path.join(directory, "config.json")
+    state.write_file(
+        config,
+        json.dumps(
+            {
+                "cluster": record.cluster,
+                "endpoints": store.endpoints,
+                "netns": store.netns,
+                "grace": record.spec.node_grace,
+            }
+        ),
+    )
+    argv = [sys.executable, "-m", "netsim.controller", config]
+    pid, start = proc.spawn(argv, os.path.join(directory, "controller.log"))
+    tx.process("node controller", pid, start)
+    record.controller = Process(pid, start, directory)
+
+
+def _revive_controller(record: Record, tx: Transaction) -> bool:
+    """A cluster whose controller died gets it back; True if it had to."""
+    from netsim.kernel import proc
+
+    running = record.controller
+    if running is not None and proc.alive(running.pid, running.start):
+        return False
+    _start_controller(record, tx)
+    return True
 
 
 def _revive_etcd(record: Record, tx: Transaction, progress: Progress) -> bool:

@@ -22,9 +22,13 @@ def read(cluster: str) -> list[dict]:
 
     found = []
     nodes = os.path.join(state.cluster_dir(cluster), "nodes")
-    for name in sorted(os.listdir(nodes)) if os.path.isdir(nodes) else []:
+    dirs = (
+        [os.path.join(nodes, n) for n in sorted(os.listdir(nodes))] if os.path.isdir(nodes) else []
+    )
+    dirs.append(os.path.join(state.cluster_dir(cluster), "controller"))
+    for directory in dirs:
         try:
-            with open(os.path.join(nodes, name, FILE)) as fh:
+            with open(os.path.join(directory, FILE)) as fh:
                 found += [json.loads(line) for line in fh if line.strip()]
         except (OSError, ValueError):
             continue

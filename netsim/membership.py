@@ -13,11 +13,13 @@ namespace is touched.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import replace
 from ipaddress import IPv4Network
 
 from netsim import agents, state, underlay
 from netsim import store as storemod
+from netsim.controller import LEASES
 from netsim.errors import NetsimError
 from netsim.kernel import proc, sysctl
 from netsim.model import Cluster
@@ -76,7 +78,7 @@ def bring_up(cluster: Cluster, record: Record, mode, nodes: list[NodeRecord], tx
     for node in nodes:
         tx.on_undo(f"carrier of {node.name}", lambda n=node: mode.stop_node(n))
         mode.start_node(state.cluster_dir(cluster.name), node)
-        agents.start(cluster.name, node, tx)
+        agents.start(record, node, tx)
     pods.agent_tunnels(cluster, record, mode)
     for node in nodes:
         sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
@@ -125,6 +127,7 @@ def leave(cluster: Cluster, record: Record, mode, store, names: list[str]) -> No
         if node.lease:
             store.revoke(node.lease)
         store.delete(storemod.STATUS + name)
+        store.delete(LEASES + name)
         nsmod.remove(node.netns)
         shutil.rmtree(state.node_dir(cluster.name, name), ignore_errors=True)
         del record.nodes[name]
@@ -172,14 +175,15 @@ def start(cluster_name: str, name: str) -> float:
         store = storemod.of(record.cluster, record.spec.datastore)
         underlay.set_port(record.underlay, node, up=True)
         tx = Transaction(cluster_name)
-        agents.start(cluster_name, node, tx)
+        agents.start(record, node, tx)
         node.down = False
         cluster = _cluster_of(record)
         mode.publish(store, cluster, record)  # flanneld at its start: take the lease again
         mode.restart_node(cluster, record, state.cluster_dir(cluster_name), node)
+        began = time.time()
         agents.sync(record, [name])
         state.save(record)
-        return agents.wait_applied(store, record)
+        return agents.wait_reported(store, record, name, began)
 
 
 def _node(cluster_name: str, name: str) -> tuple[Record, NodeRecord]:

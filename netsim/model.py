@@ -145,6 +145,7 @@ class Cluster:
     cni_plugins: list[dict] = field(default_factory=list)  # chained after netsim's plugin
     datastore: Datastore = field(default_factory=Datastore)
     lease_ttl: int = 86400  # flannel's subnet lease TTL (flannel fixes it at 24 h)
+    node_grace: int = 40  # kube-controller-manager's --node-monitor-grace-period, seconds
     source: str = ""  # the file it came from
 
     def node(self, name: str) -> Node:

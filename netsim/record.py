@@ -158,6 +158,7 @@ class ClusterSpec:
     proxy_mode: str
     datastore: Datastore = field(default_factory=Datastore)
     lease_ttl: int = 86400
+    node_grace: int = 40
 
 
 @dataclass
@@ -191,6 +192,8 @@ class Record:
     services: dict[str, Service] = field(default_factory=dict)
     kube_proxy: KubeProxy | None = None
     master: Master | None = None  # netsim's own etcd; None when the user's etcd is used
+    controller: Process | None = None  # the node lifecycle controller (netsim/controller.py)
+    zygote: Process | None = None  # forks the node agents (netsim/zygote.py)
     cni_exec: bool = False  # pods are wired by executing each node's CNI chain (--cni exec)
     source: str = ""  # the topology file, absolute
     overrides: dict = field(default_factory=dict)  # what scale, expose, delete pod changed

@@ -25,6 +25,7 @@ PODS = "/registry/pods/"
 SERVICES = "/registry/services/specs/"
 ENDPOINTS = "/registry/services/endpoints/"
 SERVICES_ALL = "/registry/services/"  # kube-proxy watches both, in one stream
+MANAGED = (NODES, PODS, SERVICES, ENDPOINTS)  # what apply writes (not the kubelets' leases)
 
 
 def _text(obj: dict) -> str:
@@ -144,9 +145,31 @@ def objects(record: Record) -> dict[str, str]:
 
 def sync(store, record: Record) -> int:
     """Make /registry hold exactly the record's objects: one range read, then puts and
-    deletes of what differs. The number of keys changed."""
+    deletes of what differs. The number of keys changed. The node lifecycle controller's
+    judgement is kept: a node's conditions as stored, and the pods of NotReady nodes in their
+    Endpoints' notReadyAddresses (netsim/controller.py)."""
+    from netsim.controller import is_ready, split_endpoints
+
     wanted = objects(record)
-    held = {kv.key: kv.value.decode() for kv in store.range(PREFIX, prefix=True)}
+    held = {
+        kv.key: kv.value.decode()
+        for kv in store.range(PREFIX, prefix=True)
+        if kv.key.startswith(MANAGED)  # not the kubelets' node leases
+    }
+    not_ready = set()
+    for key in wanted:
+        if key.startswith(NODES) and key in held:
+            stored = json.loads(held[key]).get("status", {}).get("conditions")
+            if stored:
+                obj = json.loads(wanted[key])
+                obj["status"]["conditions"] = stored
+                wanted[key] = _text(obj)
+                if not is_ready(obj):
+                    not_ready.add(obj["metadata"]["name"])
+    if not_ready:
+        for key in wanted:
+            if key.startswith(ENDPOINTS):
+                wanted[key] = _text(split_endpoints(json.loads(wanted[key]), not_ready))
     changed = {k: v for k, v in wanted.items() if held.get(k) != v}
     gone = [k for k in held if k not in wanted]
     if changed:

@@ -126,6 +126,8 @@ _KNOWN = {
         "spec.datastore.etcd",
         "spec.datastore.etcd.endpoints",
         "spec.datastore.etcd.netns",
+        "spec.controlPlane",
+        "spec.controlPlane.nodeMonitorGracePeriod",
     },
     "Pod": {
         "apiVersion",
@@ -727,6 +729,13 @@ def _cluster(doc: _Doc) -> Cluster:
             f"{lease_ttl} s is out of range",
             "use 10 to 86400 seconds (flannel's own is 86400, 24 h)",
         )
+    node_grace = doc.get("spec.controlPlane.nodeMonitorGracePeriod", 40, int)
+    if not 2 <= node_grace <= 3600:
+        raise doc.fail(
+            "spec.controlPlane.nodeMonitorGracePeriod",
+            f"{node_grace} s is out of range",
+            "use 2 to 3600 seconds (Kubernetes' default is 40)",
+        )
     service_cidr = doc.cidr(
         doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]), "spec.serviceCIDR"
     )
@@ -804,6 +813,7 @@ def _cluster(doc: _Doc) -> Cluster:
         proxy_mode=proxy_mode,
         datastore=datastore,
         lease_ttl=lease_ttl,
+        node_grace=node_grace,
     )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")

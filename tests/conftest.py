@@ -174,8 +174,10 @@ def netns_cookie(netns: str) -> int:
 
 
 def agent_pids(cluster: str) -> list[int]:
-    """Live agent processes of a cluster, found by reading /proc (for assertions only)."""
-    return _pids(lambda cmd: b"netsim.agent" in cmd and cluster.encode() in cmd)
+    """Live agents of a cluster, with the zygote that forks them (they keep its command line)
+    and its node controller, found by reading /proc (for assertions only)."""
+    ours = (b"netsim.agent", b"netsim.zygote", b"netsim.controller")
+    return _pids(lambda cmd: any(o in cmd for o in ours) and cluster.encode() in cmd)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import ip_json, needs_root, wait_for
+from conftest import NETSIM, ip_json, needs_root, wait_for
 
 pytestmark = needs_root
 
@@ -165,8 +165,6 @@ def test_a_node_joins_and_serves_then_another_drains(cluster):
 
 
 def _kernel_state(netns: str) -> dict:
-    from netsim.kernel import nft
-
     return {
         "routes": ip_json(netns, "route", "show"),
         "neigh": ip_json(netns, "neigh", "show", "nud", "permanent"),
@@ -178,21 +176,56 @@ def _kernel_state(netns: str) -> dict:
                 check=True,
             ).stdout
         ),
-        "nft": nft.ruleset(netns),
+        "nft": _objects(netns),
     }
 
 
+def _objects(netns: str) -> list[str]:
+    """The namespace's nftables objects, each as JSON without its handle, sorted: the same
+    tables, chains, rules, sets and maps whatever order they were made in."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def bare(item):
+        if isinstance(item, dict):
+            return {k: bare(v) for k, v in item.items() if k != "handle"}
+        if isinstance(item, list):
+            return [bare(v) for v in item]
+        return item
+
+    return sorted(json.dumps(bare(o), sort_keys=True) for o in json.loads(out)["nftables"])
+
+
 def test_flannel_peers_keep_a_stopped_nodes_routes_until_its_lease_expires(cluster):
-    """`node stop` is a power cut: the others keep its routes until its lease's TTL ends,
+    """`node stop` is a power cut: after the node-monitor grace period the node is NotReady
+    and its pods leave every kube-proxy; the others keep its routes until its lease's TTL ends,
     then drop them; `node start` brings it back to exactly the kernel state it had."""
+    from netsim.kernel import nft
+
     flannel = {"Network": "10.244.0.0/16", "SubnetLen": 24, "leaseTTL": 10}
-    cluster.apply(cni={"mode": "flannel-vxlan", "flannel": flannel})
+    cluster.apply(
+        cni={"mode": "flannel-vxlan", "flannel": flannel},
+        controlPlane={"nodeMonitorGracePeriod": 3},
+    )
     record = cluster.record()
     w1, w3 = record.nodes["worker-1"], record.nodes["worker-3"]
+    gone_pod = next(p for p in record.pods.values() if p.node == "worker-3")
     before = _kernel_state(w3.netns)
     cluster.netsim("node", "stop", "worker-3", check=True)
     assert w3.subnet in _flannel_routes(w1.netns)  # its lease is still live
-    assert cluster.netsim("ping", "web-0", record.pods["web-2"].ip, "-c", "1").returncode != 0
+    assert cluster.netsim("ping", "web-0", gone_pod.ip, "-c", "1").returncode != 0
+    wait_for(
+        lambda: f"dnat to {gone_pod.ip}" not in nft.ruleset(w1.netns),
+        10,
+        "worker-3's pod to leave worker-1's kube-proxy after the 3 s grace",
+    )
+    assert w3.subnet in _flannel_routes(w1.netns)  # NotReady, but its lease is not over yet
+    nodes = cluster.netsim("get", "nodes", check=True).stdout
+    assert next(line for line in nodes.splitlines() if "worker-3" in line).split()[1] == "NotReady"
     wait_for(
         lambda: w3.subnet not in _flannel_routes(w1.netns),
         15,
@@ -200,7 +233,39 @@ def test_flannel_peers_keep_a_stopped_nodes_routes_until_its_lease_expires(clust
     )
     cluster.netsim("node", "start", "worker-3", check=True)
     wait_for(lambda: w3.subnet in _flannel_routes(w1.netns), 5, "the lease taken again")
+    wait_for(
+        lambda: f"dnat to {gone_pod.ip}" in nft.ruleset(w1.netns), 5, "its pod back in Services"
+    )
     assert _kernel_state(w3.netns) == before
     assert cluster.netsim("ping", "web-0", "web-2", "-c", "1").returncode == 0
     events = cluster.netsim("get", "events", check=True).stdout
     assert f"removed the route to {w3.subnet}" in events
+    assert "node is NotReady" in events and "node is Ready" in events
+
+
+def test_two_applies_racing_leave_every_node_as_the_store_says(cluster):
+    """Applies take the cluster's lock in turn; whichever ran last, every node's kube-proxy
+    ends with exactly the endpoints the store holds and every node has reported them."""
+    import re
+
+    from netsim import store as storemod
+    from netsim.kernel import nft
+
+    cluster.apply()
+    racers = [
+        subprocess.Popen(
+            [*NETSIM, "--cluster", cluster.name, "scale", "deployment/web", "--replicas", n],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for n in ("5", "2", "4")
+    ]
+    assert all(p.wait(120) == 0 for p in racers), [p.stderr.read() for p in racers]
+    record = cluster.record()
+    store = storemod.of(record.cluster, record.spec.datastore)
+    held = store.get("/registry/services/endpoints/default/web").json()
+    wanted = {a["ip"] for s in held["subsets"] for a in s["addresses"]}
+    assert wanted == {p.ip for p in record.pods.values()}
+    for node in record.nodes.values():
+        programmed = set(re.findall(r"dnat to ([\d.]+):", nft.ruleset(node.netns)))
+        assert programmed == wanted, node.name

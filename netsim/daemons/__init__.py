@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Callable
 
 
@@ -49,4 +51,22 @@ def start(config: dict, node_dir: str, tunnel: Callable[[], object]):
     informer = Informer(store, daemons, report, lambda text: print(text, flush=True))
     os.makedirs(node_dir, exist_ok=True)
     informer.start()
+    threading.Thread(
+        target=heartbeat, args=(store, node.name, config["grace"], informer.stopped), daemon=True
+    ).start()
     return informer
+
+
+def heartbeat(store, node: str, grace: int, stopped) -> None:
+    """The kubelet's node lease, renewed every quarter of the grace period (10 s of 40), which
+    the node lifecycle controller reads (netsim/controller.py)."""
+    from netsim.controller import LEASES, node_lease
+    from netsim.store.client import StoreError
+
+    every = max(0.5, grace / 4)
+    while not stopped.is_set():
+        try:
+            store.put(LEASES + node, node_lease(node, grace, time.time()))
+        except StoreError as exc:
+            print(f"heartbeat: {exc}", flush=True)
+        stopped.wait(every)
