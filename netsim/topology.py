@@ -722,20 +722,17 @@ def _cluster(doc: _Doc) -> Cluster:
                 f"{subnet_len} does not fit Network {network}",
                 f"use a length between {network.prefixlen + 1} and 28",
             )
-    lease_ttl = doc.get("spec.cni.flannel.leaseTTL", 86400, int)
-    if not 10 <= lease_ttl <= 86400:
-        raise doc.fail(
-            "spec.cni.flannel.leaseTTL",
-            f"{lease_ttl} s is out of range",
-            "use 10 to 86400 seconds (flannel's own is 86400, 24 h)",
-        )
-    node_grace = doc.get("spec.controlPlane.nodeMonitorGracePeriod", 40, int)
-    if not 2 <= node_grace <= 3600:
-        raise doc.fail(
-            "spec.controlPlane.nodeMonitorGracePeriod",
-            f"{node_grace} s is out of range",
-            "use 2 to 3600 seconds (Kubernetes' default is 40)",
-        )
+    lease_ttl = _seconds(
+        doc, "spec.cni.flannel.leaseTTL", 86400, 10, "flannel's own is 86400, 24 h"
+    )
+    node_grace = _seconds(
+        doc,
+        "spec.controlPlane.nodeMonitorGracePeriod",
+        40,
+        2,
+        "Kubernetes' default is 40",
+        most=3600,
+    )
     service_cidr = doc.cidr(
         doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]), "spec.serviceCIDR"
     )
@@ -1050,6 +1047,16 @@ def _first_overlap(nets: list[IPNetwork]) -> tuple[int, int] | None:
     return i, next(
         j for j in range(i + 1, len(nets)) if a.first <= nets[j].last and nets[j].first <= a.last
     )
+
+
+def _seconds(doc: _Doc, field: str, default: int, least: int, real: str, most: int = 86400):
+    """A duration in whole seconds, within [least, most]."""
+    value = doc.get(field, default, int)
+    if not least <= value <= most:
+        raise doc.fail(
+            field, f"{value} s is out of range", f"use {least} to {most} seconds ({real})"
+        )
+    return value
 
 
 def _assign_ips(
