@@ -20,9 +20,9 @@ def pytest_terminal_summary(terminalreporter, config):
     benches = [b for b in getattr(session, "benchmarks", []) if getattr(b, "stats", None)]
     medians = {b.name: b.stats.median for b in benches}
     lines = [
-        f"{b.name}: agents' RSS {b.extra_info['agents_rss_mib']} MiB"
+        f"{b.name}: agents' PSS {b.extra_info['agents_pss_mib']} MiB"
         for b in benches
-        if "agents_rss_mib" in b.extra_info
+        if "agents_pss_mib" in b.extra_info
     ]
     for name, ours in medians.items():
         for verb in ("apply", "delete"):

@@ -28,7 +28,7 @@ def start(record: Record, node: NodeRecord, tx: Transaction) -> None:
     os.makedirs(directory, exist_ok=True)
     running = record.zygote
     if running is None or not proc.alive(running.pid, running.start):
-        _start_zygote(record, tx)
+        record.zygote = start_zygote(cluster, tx)
     control = agentmod.listen(os.path.join(directory, "agent.sock"))
     try:
         request = {
@@ -54,18 +54,19 @@ def _zygote_path(cluster: str) -> str:
     return os.path.join(state.cluster_dir(cluster), "zygote.sock")
 
 
-def _start_zygote(record: Record, tx: Transaction) -> None:
+def start_zygote(cluster: str, tx: Transaction) -> Process:
     """The zygote gets its socket already listening: the first fork request waits in the
-    backlog while it imports."""
-    control = agentmod.listen(_zygote_path(record.cluster))
+    backlog while it imports (a new cluster starts it first, so that happens while the
+    underlay is built)."""
+    control = agentmod.listen(_zygote_path(cluster))
     try:
-        argv = [sys.executable, "-m", "netsim.zygote", str(control.fileno()), record.cluster]
-        log = os.path.join(state.cluster_dir(record.cluster), "zygote.log")
+        argv = [sys.executable, "-m", "netsim.zygote", str(control.fileno()), cluster]
+        log = os.path.join(state.cluster_dir(cluster), "zygote.log")
         pid, started = proc.spawn(argv, log, pass_fds=(control.fileno(),))
     finally:
         control.close()
     tx.process("the agents' zygote", pid, started)
-    record.zygote = Process(pid, started)
+    return Process(pid, started)
 
 
 def sync(
@@ -159,7 +160,7 @@ def watched(record: Record) -> list[str]:
     return found
 
 
-def wait_applied(store, record: Record, timeout: float = 30.0) -> float:
+def wait_applied(store, record: Record, timeout: float = 60.0) -> float:
     """Wait until every node reports (its status key) that its daemons applied this
     client's last write under each prefix they watch; the seconds that took."""
     import time
@@ -170,6 +171,7 @@ def wait_applied(store, record: Record, timeout: float = 30.0) -> float:
     targets = {p: r for p, r in targets.items() if r}
     started = time.monotonic()
     behind: dict[str, str] = {}
+    pause = 0.002  # then longer: a hundred nodes' statuses are read at each look
     while targets:
         applied = {
             kv.key[len(storemod.STATUS) :]: kv.json().get("applied", {})
@@ -189,7 +191,8 @@ def wait_applied(store, record: Record, timeout: float = 30.0) -> float:
                 f"({len(behind)} node(s) behind): see "
                 f"{state.node_dir(record.cluster, name)}/agent.log"
             )
-        time.sleep(0.005)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.1)
     return time.monotonic() - started
 
 

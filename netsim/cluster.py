@@ -10,13 +10,14 @@ with the fix: delete, then apply. Removal lives in netsim.teardown.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from netsim import agents, membership, pods, services, state, underlay
+from netsim import agents, membership, pods, registry, services, state, underlay
 from netsim import store as storemod
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
@@ -126,8 +127,14 @@ def apply(
         changes = Changes()
         joining, leaving = [], []
         try:
+            alongside = None
             if fresh:
                 record = _build_base(cluster, mode, store, tx, progress, changes)
+                # a new cluster's Services and their endpoints go to the store as soon as its
+                # pods have addresses: every node's kube-proxy programs them while the pods are
+                # wired (nobody sends traffic to a cluster that is being built)
+                services.reconcile(cluster, record, changes)
+                alongside = functools.partial(registry.sync, store, record)
             else:
                 if _revive_etcd(record, tx, progress):
                     changes.updated.append("etcd (restarted)")
@@ -144,7 +151,7 @@ def apply(
                     progress(f"nodes: {', '.join(n.name for n in joining)} joining")
                     membership.join(cluster, record, mode, store, tx, joining)
                     changes.created += [f"node {n.name}" for n in joining]
-            pods.reconcile(cluster, record, mode, tx, progress, changes, store, cni_exec)
+            pods.reconcile(cluster, record, mode, tx, progress, changes, store, cni_exec, alongside)
             if leaving:  # their pods are running elsewhere now
                 progress(f"nodes: {', '.join(leaving)} leaving")
                 membership.leave(cluster, record, mode, store, leaving)
@@ -199,9 +206,11 @@ def _build_base(
 
     name = cluster.name
     state.journal(name, {"apply": os.getpid()})
+    zygote = agents.start_zygote(name, tx)  # it imports while the underlay is built
     progress(f"underlay: {len(cluster.segments)} segment(s) and their router")
     ul, router, nodes, clients, master = underlay.build(cluster, tx, changes)
     record = Record(name, spec_of(cluster), ul, router, nodes, clients, master=master)
+    record.zygote = zygote
     if master is not None:
         _start_etcd(record, tx, progress)
     plan = mode.plan_nodes(cluster, state.cluster_dir(name))

@@ -154,8 +154,10 @@ def stop(cluster_name: str, name: str) -> NodeRecord:
         record, node = _node(cluster_name, name)
         if node.down:
             raise NetsimError(f"node {name} is already stopped: `netsim node start {name}`")
-        proc.finish(proc.terminate(_processes(record, node), signal.SIGKILL))
+        # the port first: a dying process's sockets say goodbye (a FIN to its BGP peers),
+        # which a power cut does not let them do
         underlay.set_port(record.underlay, node, up=False)
+        proc.finish(proc.terminate(_processes(record, node), signal.SIGKILL))
         node.down = True
         state.save(record)
         return node

@@ -42,7 +42,11 @@ def reconcile(
     changes: Changes,
     store,
     cni_exec: bool = False,
+    alongside: Callable[[], None] | None = None,
 ) -> None:
+    """`alongside`: work that needs the new pods' addresses but not their wiring, done while
+    the nodes wire them (a new cluster's objects written to the store, so that every node's
+    kube-proxy programs them meanwhile)."""
     from netsim.kubeproxy import sync
 
     recorded = record.pods
@@ -75,7 +79,7 @@ def reconcile(
     if new and cni_exec:
         _exec_pods(cluster, record, mode, new, tx, progress, changes)
     elif new:
-        _add_pods(cluster, record, mode, new, tx, progress, changes)
+        _add_pods(cluster, record, mode, new, tx, progress, changes, alongside)
     if new:
         sync_blocks(cluster, record, mode)
         agents.sync(record, sorted({p.node for p in new}))

@@ -220,11 +220,6 @@ def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[P
     return found
 
 
-def by_name(kvs, prefix: str) -> dict[str, dict]:
-    """The objects under prefix/<namespace>/ as name -> object."""
-    return {kv.key.rsplit("/", 1)[1]: kv.json() for kv in kvs if kv.key.startswith(prefix)}
-
-
 def listed(store, prefix: str) -> list[dict]:
     """The objects under one /registry prefix, in key order."""
     with collector.paused():

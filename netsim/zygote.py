@@ -78,6 +78,9 @@ def _become_agent(request: dict, control_fd: int) -> None:
     try:
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the agent waits for its containers
+        # below etcd and netsim itself: a hundred kube-proxies syncing at once must not
+        # starve the store they read (a real node's daemons do not share its cores)
+        os.nice(5)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)

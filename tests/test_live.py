@@ -269,3 +269,63 @@ def test_two_applies_racing_leave_every_node_as_the_store_says(cluster):
     for node in record.nodes.values():
         programmed = set(re.findall(r"dnat to ([\d.]+):", nft.ruleset(node.netns)))
         assert programmed == wanted, node.name
+
+
+def test_calico_bgp_peers_withdraw_a_stopped_nodes_routes_after_the_hold_time(cluster):
+    """A power cut sends no BGP NOTIFICATION or FIN: the peers' BIRD keep the node's block
+    until their hold timer (9 s) ends, then withdraw it; `node start` brings BIRD back."""
+    import time
+
+    cluster.apply(source="calico-bgp.yaml")
+    record = cluster.record()
+    w1, w3 = record.nodes["worker-1"], record.nodes["worker-3"]
+
+    def bird_routes() -> set[str]:
+        return {r["dst"] for r in ip_json(w1.netns, "route", "show", "proto", "bird")}
+
+    assert set(w3.blocks) <= bird_routes()
+    cluster.netsim("node", "stop", "worker-3", check=True)
+    stopped = time.monotonic()
+    wait_for(lambda: not set(w3.blocks) & bird_routes(), 20, "the hold timer to withdraw")
+    assert time.monotonic() - stopped > 3  # not at once: nothing told the peers
+    cluster.netsim("node", "start", "worker-3", check=True)
+    wait_for(lambda: set(w3.blocks) <= bird_routes(), 20, "worker-3's block announced again")
+    assert cluster.netsim("ping", "web-0", "web-2", "-c", "1").returncode == 0
+
+
+def test_fresh_connections_survive_a_node_joining_and_another_draining(cluster):
+    """Continuous fresh connections to the Service from a pod on a node that stays, while
+    worker-4 joins and worker-3 drains: at least 99.9% are answered."""
+    import time
+
+    from netsim import probe
+
+    cluster.apply(replicas=6)
+    record = cluster.record()
+    client = next(p for p in record.pods.values() if p.node == "worker-1")
+    ip = record.services["web"].cluster_ip
+    results: list[str | None] = []
+    stop = threading.Event()
+
+    def connect() -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            results.append(probe.http_get(client.netns, ip, 80, timeout=2).error)
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        _nodes_doc(cluster.file, ["worker-1", "worker-2", "worker-3", "worker-4"])
+        cluster.netsim("apply", "-f", cluster.file, check=True)
+        time.sleep(0.5)
+        _nodes_doc(cluster.file, ["worker-1", "worker-2", "worker-4"])
+        cluster.netsim("apply", "-f", cluster.file, check=True)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(30)
+    failed = [e for e in results if e]
+    print(f"\n{len(results) - len(failed)} of {len(results)} connections answered")
+    assert len(results) > 100 and len(failed) <= 0.001 * len(results), failed[:5]
+    assert {p.node for p in cluster.record().pods.values()} == {"worker-1", "worker-2", "worker-4"}

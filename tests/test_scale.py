@@ -16,7 +16,7 @@ from netsim import scale, state, teardown, topology
 def test_a_few_hundred_pods_come_up_answer_and_go():
     point = scale.measure(scale.default_modes()[0], 300)
     assert point.reached and not point.errors, point
-    assert point.nodes == 3 and point.pods_per_s > 0 and point.agents_rss_mib > 0
+    assert point.nodes == 3 and point.pods_per_s > 0 and point.agents_pss_mib > 0
     assert not [n for n in state.clusters() if n.startswith("scale-")]
 
 

@@ -40,7 +40,8 @@ def start(config: dict, node_dir: str, tunnel: Callable[[], object]):
     if config["kube_proxy"] == "nftables":
         from netsim.daemons.kube_proxy import KubeProxy
 
-        daemons.append(KubeProxy(node.netns, config["network"], recorder("kube-proxy")))
+        plans = os.path.join(os.path.dirname(os.path.dirname(node_dir)), "kube-proxy-plans")
+        daemons.append(KubeProxy(node.netns, config["network"], recorder("kube-proxy"), plans))
 
     def report(applied: dict[str, int]) -> None:
         try:

@@ -1,6 +1,17 @@
 """kube-proxy on a node (nftables mode): watch Services and their Endpoints and keep the node's
 `ip kube-proxy` table in step — the whole table on the first sync, then one nf_tables batch of
-only what changed (netsim/kubeproxy/nftables.py computes both)."""
+only what changed (netsim/kubeproxy/nftables.py computes both).
+
+Each sync is computed and sent by a short-lived child of the agent (fork, then exit): a sync
+of one Service of 10,000 endpoints peaks at tens of MiB of rules, which a long-lived Python
+process would keep as heap, in every one of a hundred agents. The agent keeps only the
+objects as stored (their JSON) that the table was last synced to.
+
+What a sync sends is a pure function of the objects before and after (every node programs
+every Service the same way), so the agents of one host share it: the first to need a plan
+computes it under a lock and leaves it in the cluster's directory, keyed by the digest of its
+inputs; the others load it and send it to their own node. A hundred kube-proxies on two cores
+would otherwise compute the same 10,000-endpoint rule set a hundred times."""
 
 from __future__ import annotations
 
@@ -13,29 +24,105 @@ class KubeProxy:
     name = "kube-proxy"
     prefixes = (registry.SERVICES_ALL,)
 
-    def __init__(self, netns: str, cluster_cidr: str, event: Callable[[str], None]):
+    def __init__(self, netns: str, cluster_cidr: str, event: Callable[[str], None], plans: str):
         self.netns, self.cluster_cidr, self.event = netns, cluster_cidr, event
-        self.ports = None  # what the table holds; None until the first sync
+        self.plans = plans  # the directory of shared plans
+        self.synced: dict[str, bytes] | None = None  # what the table holds; None: nothing yet
 
     def sync(self, view: dict) -> None:
-        from netsim.kernel import nft
-        from netsim.kubeproxy import nftables as kp
+        from netsim.kernel import proc
 
-        kvs = view[registry.SERVICES_ALL].values()
-        ports = registry.proxy_ports(
-            registry.by_name(kvs, registry.SERVICES), registry.by_name(kvs, registry.ENDPOINTS)
+        current = {key: kv.value for key, kv in view[registry.SERVICES_ALL].items()}
+        if current == self.synced:
+            return
+        previous = self.synced
+        proc.in_child(lambda: self._program(previous, current))
+        self.synced = current
+
+    def _program(self, previous: dict | None, current: dict) -> None:
+        """In the child: the plan (shared, or computed), then the node's table."""
+        from netsim.kernel import nft
+
+        key = _digest(previous, current, self.cluster_cidr)
+        base, batch, summary = _shared(
+            self.plans, key, lambda: _plan(previous, current, self.cluster_cidr)
         )
-        if self.ports is None:
-            base, batch = kp.first_sync(ports, self.cluster_cidr)
+        if base is not None:
             nft.apply(self.netns, base)
+        if len(batch):
             batch.commit(self.netns)
-            self.event(f"synced the table: {len(ports)} service ports")
-        else:
-            batch = kp.changes(self.ports, ports, self.cluster_cidr)
-            if len(batch):
-                batch.commit(self.netns)
-                self.event(_summary(self.ports, ports))
-        self.ports = ports
+        if summary:
+            self.event(summary)
+
+
+def _plan(previous: dict | None, current: dict, cluster_cidr: str) -> tuple:
+    """(the table's fixed part as nft -f text on a first sync, else None; the batch; what
+    the sync did, in words)."""
+    from netsim.kubeproxy import nftables as kp
+
+    ports = _ports(current)
+    if previous is None:
+        base, batch = kp.first_sync(ports, cluster_cidr)
+        return base, batch, f"synced the table: {len(ports)} service ports"
+    before = _ports(previous)
+    batch = kp.changes(before, ports, cluster_cidr)
+    return None, batch, _summary(before, ports) if len(batch) else ""
+
+
+def _digest(previous: dict | None, current: dict, cluster_cidr: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(cluster_cidr.encode())
+    for label, objects in ((b"before", previous), (b"after", current)):
+        h.update(label if objects is not None else b"none")
+        for key in sorted(objects or {}):
+            h.update(key.encode() + b"\0" + objects[key] + b"\0")
+    return h.hexdigest()[:32]
+
+
+KEEP_PLANS = 60.0  # seconds: every agent has long since loaded a plan by then
+
+
+def _shared(directory: str, key: str, make: Callable[[], tuple]) -> tuple:
+    """The plan under `key`: loaded if another agent made it, else made and left for them
+    (under an flock, so a hundred agents woken by one write compute it once)."""
+    import fcntl
+    import os
+    import pickle
+    import time
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, key)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as fh:
+                return pickle.load(fh)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            pass
+        plan = make()
+        with open(path + ".tmp", "wb") as fh:
+            pickle.dump(plan, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(path + ".tmp", path)
+    now = time.time()
+    for name in os.listdir(directory):  # plans everyone has had time to load
+        try:
+            if now - os.stat(os.path.join(directory, name)).st_mtime > KEEP_PLANS:
+                os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    return plan
+
+
+def _ports(objects: dict[str, bytes]) -> list:
+    import json
+
+    services, endpoints = {}, {}
+    for key, value in objects.items():
+        for prefix, into in ((registry.SERVICES, services), (registry.ENDPOINTS, endpoints)):
+            if key.startswith(prefix):
+                into[key.rsplit("/", 1)[1]] = json.loads(value)
+    return registry.proxy_ports(services, endpoints)
 
 
 def _summary(before: list, after: list) -> str:

@@ -38,6 +38,27 @@ def spawn(
     return proc.pid, start_time(proc.pid) or 0
 
 
+def in_child(work) -> None:
+    """Run work() in a forked child and wait for it: what it allocates goes when it exits.
+    The child runs only the calling thread, so work must take no lock another thread may hold
+    (no print, no import of a module not yet loaded); its failure is written to stderr and
+    raised here as RuntimeError."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            work()
+        except BaseException:
+            import traceback
+
+            os.write(2, traceback.format_exc().encode())
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        raise RuntimeError(f"child {pid} failed (wait status {status}): see the log above")
+
+
 def alive(pid: int, started: int) -> bool:
     return start_time(pid) == started and _state(pid) not in ("Z", "X", None)
 

@@ -100,7 +100,7 @@ BASE = f"""table ip {TABLE} {{
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 15)
 def _hash(text: str) -> str:
     """8 characters of base32(sha256), as kube-proxy prefixes its chain names: the first five
     bytes make exactly those eight characters, five bits each (base64.b32encode gives the same
@@ -278,8 +278,7 @@ class Ruleset:
 
 def compute(ports: list[ProxyPort], cluster_cidr: str) -> Ruleset:
     """The whole desired rule set for these service ports (pure): the union of each port's
-    fragment. Fragments are cached by their input, as a long-running kube-proxy keeps its
-    per-service state: a sync after one endpoint changed computes one fragment again."""
+    fragment."""
     rs = Ruleset()
     for sp in ports:
         chains, sets, maps, cluster_ip = _fragment(sp, cluster_cidr)
@@ -291,9 +290,10 @@ def compute(ports: list[ProxyPort], cluster_cidr: str) -> Ruleset:
     return rs
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _fragment(sp: ProxyPort, cluster_cidr: str) -> tuple:
-    """One service port's chains, affinity sets and map elements."""
+    """One service port's chains, affinity sets and map elements. Not cached: a node's
+    kube-proxy lives long, one port of 10,000 endpoints is tens of MiB of rules, and a sync
+    computes only the ports that changed (their old and new fragments) anyway."""
     chains: dict[str, tuple[Rule, ...]] = {}
     sets: dict[str, int] = {}
     maps: list[tuple[str, dict[str, str]]] = []

@@ -90,10 +90,12 @@ class Store:
         netns: str | None = None,
         timeout: float = 5.0,
         fix: str = "start it, or fix spec.datastore.etcd.endpoints",
+        answer: float = 30.0,
     ):
         self.endpoints = list(endpoints)
         self.netns = netns
-        self.timeout = timeout
+        self.timeout = timeout  # to connect: an etcd that is not there is told at once
+        self.answer = answer  # to answer: a loaded etcd on two cores can take seconds
         self.fix = fix  # what an unreachable store's message tells the user to do
         self._local = threading.local()  # one connection pool per thread
         self.writes: dict[str, int] = {}  # key -> revision of this client's last write of it
@@ -115,7 +117,7 @@ class Store:
                 host=url.hostname,
                 port=url.port or CLIENT_PORT,
                 protocol=url.scheme or "http",
-                timeout=self.timeout,
+                timeout=(self.timeout, self.answer),
                 api_path="/v3/",
             )
         return clients[endpoint]
