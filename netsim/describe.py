@@ -57,11 +57,36 @@ def node(record: Record, name: str) -> str:
         f"Pods:          {len(pods)} ({', '.join(pods[:8])}{' ...' if len(pods) > 8 else ''})",
         f"CNI config:    {conflist_path(record.cluster, name, record.mode)}",
     ]
-    out = ["\n".join(head)]
+    out = ["\n".join(head), _section("daemons (netsim get events)", _daemons(record, entry))]
     for title, text in mode.describe_node(record, entry, lambda *argv: _ip(entry.netns, *argv)):
         out.append(_section(title, text))
     out.append(_section("ip route", _ip(entry.netns, "ip", "route")))
     return "\n\n".join(out)
+
+
+def _daemons(record: Record, entry) -> str:
+    """What the node's daemons last reported to the store, and their last events."""
+    import time
+
+    from netsim import events
+    from netsim import store as storemod
+    from netsim.store.client import StoreError
+
+    lines = ["down (netsim node stop): nothing runs" if entry.down else ""]
+    try:
+        status = storemod.of(record.cluster, record.spec.datastore).get(
+            storemod.STATUS + entry.name
+        )
+    except StoreError as exc:
+        status, lines[0] = None, str(exc)
+    if status is not None:
+        report = status.json()
+        applied = ", ".join(f"{p} at {r}" for p, r in sorted(report["applied"].items()))
+        ago = time.time() - report["time"]
+        lines.append(f"applied {applied} ({ago:.0f} s ago)")
+    mine = [e for e in events.read(record.cluster) if e["node"] == entry.name][-5:]
+    lines += [f"{e['daemon']}: {e['message']}" for e in mine]
+    return "\n".join(line for line in lines if line)
 
 
 def pod(record: Record, name: str) -> str:
