@@ -6,14 +6,14 @@ the pod's own container commands, started inside the pod's namespace. A socket o
 entering a pod's namespace stays in that namespace, so one process serves all pods.
 
 netsim talks to it over a unix socket in the node's state directory, one JSON line each way:
-{"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}, "tunnel": {...} | null}
-makes the agent serve exactly those pods (and the node's userspace carrier, if the mode has
-one: netsim/userspace_tunnel.py, in threads of its own; and, with "services", kube-proxy's
-userspace proxy, netsim/kubeproxy/userspace.py) and answers {"ok": true, "serving": [...],
-"pids": {...}}.
-It also renews the node's flannel lease in etcd, as flanneld does (LeaseRenewer).
-It deliberately imports only the standard library and netsim.kernel.netns to stay small (the
-etcd client only on nodes that hold a lease).
+{"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}, "tunnel": {...} | null,
+"lease": {...} | null, "daemons": {...} | null} makes the agent serve exactly those pods (and
+the node's userspace carrier, if the mode has one: netsim/userspace_tunnel.py, in threads of
+its own), renew the node's flannel lease as flanneld does (LeaseRenewer), and run the node's
+daemons against the store (netsim/daemons: flanneld, kube-proxy, whose userspace mode's proxy
+this agent serves: netsim/kubeproxy/userspace.py); it answers {"ok": true, "serving": [...],
+"pids": {...}}. Agents are forked from the cluster's zygote (netsim/zygote.py), which has
+imported all of this once.
 """
 
 from __future__ import annotations
@@ -94,28 +94,20 @@ class Agent:
         try:
             from netsim.daemons import start  # only agents that run daemons pay
 
-            self.informer = start(config, self.log_dir, lambda: self.tunnel)
+            self.informer = start(config, self.log_dir, lambda: self.tunnel, self.userspace_proxy)
         except (OSError, ValueError, RuntimeError) as exc:
             return f"daemons: {exc}"
         return None
 
-    def sync_proxy(self, services: dict | None) -> tuple[dict, str | None]:
-        """Serve kube-proxy's userspace mode (or stop it): (listen port per service port,
-        an error as text)."""
-        try:
-            if services is None:
-                if self.proxy is not None:
-                    self.proxy.close()
-                    self.proxy = None
-                return {}, None
-            if self.proxy is None:
-                from netsim.kubeproxy.userspace import Proxy  # only userspace clusters pay
+    def userspace_proxy(self):
+        """kube-proxy's userspace mode, served by this agent (made on first use by the node's
+        kube-proxy daemon)."""
+        if self.proxy is None:
+            from netsim.kubeproxy.userspace import Proxy
 
-                self.proxy = Proxy(self.netns)
-                self.proxy.start()
-            return self.proxy.sync(services), None
-        except (OSError, ValueError, RuntimeError) as exc:
-            return {}, f"userspace proxy: {exc}"
+            self.proxy = Proxy(self.netns)
+            self.proxy.start()
+        return self.proxy
 
     def sync(self, wanted: dict[str, dict]) -> dict:
         for name in list(self.pods):
@@ -227,11 +219,9 @@ class Agent:
                 problem = self.sync_tunnel(request.get("tunnel"))
                 problem = problem or self.sync_daemons(request.get("daemons"))
                 reply = self.sync(request["pods"])
-                reply["proxy_ports"], proxy_problem = self.sync_proxy(request.get("services"))
-                for what, text in (("tunnel", problem), ("proxy", proxy_problem)):
-                    if text:
-                        reply["ok"] = False
-                        reply["errors"][what] = text
+                if problem:
+                    reply["ok"] = False
+                    reply["errors"]["tunnel"] = problem
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
 
@@ -310,21 +300,13 @@ def request(
     control_path: str,
     pods: dict[str, dict],
     tunnel: dict | None = None,
-    services: dict | None = None,
     lease: dict | None = None,
     daemons: dict | None = None,
     timeout: float = 30.0,
 ) -> dict:
-    """Ask a running agent to serve exactly these pods (and this tunnel, and these Services in
-    kube-proxy's userspace mode, and keep this flannel lease alive, and run the node's daemons
-    against the store); return its reply."""
-    message = {
-        "pods": pods,
-        "tunnel": tunnel,
-        "services": services,
-        "lease": lease,
-        "daemons": daemons,
-    }
+    """Ask a running agent to serve exactly these pods (and this tunnel, and keep this
+    flannel lease alive, and run the node's daemons against the store); return its reply."""
+    message = {"pods": pods, "tunnel": tunnel, "lease": lease, "daemons": daemons}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)

@@ -76,7 +76,6 @@ def sync(
 ) -> None:
     """Tell each node's agent the exact set of pods it serves (the recorded ones, and those
     `terminating`: out of the Services already, still serving), and wait for it to confirm."""
-    services = record.kube_proxy.userspace if record.kube_proxy else None
     wanted = set(nodes)
     by_node: dict[str, dict[str, dict]] = {name: {} for name in nodes}
     for name, p in (record.pods | (terminating or {})).items():  # one pass, not one per node
@@ -95,7 +94,7 @@ def sync(
         tunnel = dataclasses.asdict(node.agent_tunnel) if node.agent_tunnel else None
         try:
             reply = agentmod.request(
-                path, pods, tunnel, services, _lease(record, node), daemons_config(record, node)
+                path, pods, tunnel, _lease(record, node), daemons_config(record, node)
             )
         except OSError as exc:
             raise NetsimError(
@@ -110,7 +109,6 @@ def sync(
         for pod_name, pids in reply.get("pids", {}).items():
             if pod_name in record.pods:
                 record.pods[pod_name].pids = pids
-        node.proxy_ports = reply.get("proxy_ports") or {}
 
 
 def daemons_config(record: Record, node: NodeRecord) -> dict | None:
@@ -144,20 +142,16 @@ def _lasting(node: NodeRecord) -> NodeRecord:
         agent=None,
         agent_tunnel=None,
         tunnel_index=0,
-        proxy_ports={},
         down=False,
     )
 
 
 def watched(record: Record) -> list[str]:
     """The prefixes every node's daemons watch: flannel's leases (flanneld), Services and
-    Endpoints (kube-proxy in nftables mode)."""
+    Endpoints (kube-proxy)."""
     from netsim import modes, registry
 
-    found = list(modes.get(record.mode).watches)
-    if record.spec.proxy_mode == "nftables":
-        found.append(registry.SERVICES_ALL)
-    return found
+    return [*modes.get(record.mode).watches, registry.SERVICES_ALL]
 
 
 def wait_applied(store, record: Record, timeout: float = 60.0) -> float:

@@ -67,7 +67,7 @@ def reconcile(
         if record.kube_proxy is not None:
             # endpoints leave every node's Services first, as a terminating pod leaves its
             # EndpointSlice before it is killed: no new connection goes to a pod being removed
-            sync.sync(cluster, record, store, terminating=removing)
+            sync.sync(cluster, record, store)
             if record.services:
                 time.sleep(TERMINATION_GRACE)
         # a replaced pod keeps its name: take the old one down before building the new one

@@ -74,7 +74,6 @@ class NodeRecord(Host):
     tunnel_index: int = 0  # the tunnel's interface index, where routes need it
     agent: Process | None = None
     agent_tunnel: TunnelSpec | None = None  # a userspace carrier served by the agent
-    proxy_ports: dict[str, int] = field(default_factory=dict)  # userspace kube-proxy
     down: bool = False  # stopped by `netsim node stop` (a power cut) until `node start`
 
     @property

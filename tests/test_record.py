@@ -58,7 +58,6 @@ def _record() -> Record:
         blocks=["192.168.0.0/26"],
         carrier="userspace",
         agent=Process(10, 20),
-        proxy_ports={"a": 1},
         agent_tunnel=TunnelSpec(
             "ipip", "tunl0", "172.18.0.2", 1480, {"192.168.0.64/26": "172.18.0.3"}, "192.168.0.0/32"
         ),

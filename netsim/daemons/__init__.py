@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 
 
-def start(config: dict, node_dir: str, tunnel: Callable[[], object]):
+def start(config: dict, node_dir: str, tunnel: Callable[[], object], proxy: Callable[[], object]):
     """Start the daemons this configuration (netsim.agents.daemons_config) calls for; the
-    running informer."""
+    running informer. `tunnel` and `proxy` give the agent's userspace carrier (None until it
+    runs) and its userspace proxy (made on first use)."""
     import msgspec
 
     from netsim import events, modes
@@ -42,6 +43,10 @@ def start(config: dict, node_dir: str, tunnel: Callable[[], object]):
 
         plans = os.path.join(os.path.dirname(os.path.dirname(node_dir)), "kube-proxy-plans")
         daemons.append(KubeProxy(node.netns, config["network"], recorder("kube-proxy"), plans))
+    else:
+        from netsim.daemons.kube_proxy import UserspaceKubeProxy
+
+        daemons.append(UserspaceKubeProxy(node.netns, node.ip, proxy, recorder("kube-proxy")))
 
     def report(applied: dict[str, int]) -> None:
         try:

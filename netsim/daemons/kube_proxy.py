@@ -55,6 +55,32 @@ class KubeProxy:
             self.event(summary)
 
 
+class UserspaceKubeProxy:
+    """kube-proxy's legacy userspace mode: the agent's proxy serves every Service port on a
+    port of its own, and the node's nftables send ClusterIP and NodePort traffic there."""
+
+    name = "kube-proxy"
+    prefixes = (registry.SERVICES_ALL,)
+
+    def __init__(self, netns: str, node_ip: str, proxy: Callable[[], object], event):
+        self.netns, self.node_ip, self.proxy, self.event = netns, node_ip, proxy, event
+        self.synced: dict[str, bytes] | None = None
+
+    def sync(self, view: dict) -> None:
+        from netsim.kernel import nft
+        from netsim.kubeproxy import userspace_rules
+
+        current = {key: kv.value for key, kv in view[registry.SERVICES_ALL].items()}
+        if current == self.synced:
+            return
+        ports = _ports(current)
+        listen = self.proxy().sync(userspace_rules.table(ports))
+        fresh = self.synced is None
+        nft.apply(self.netns, userspace_rules.ruleset(ports, listen, self.node_ip, fresh))
+        self.synced = current
+        self.event(f"userspace proxy: {len(listen)} service ports")
+
+
 def _plan(previous: dict | None, current: dict, cluster_cidr: str) -> tuple:
     """(the table's fixed part as nft -f text on a first sync, else None; the batch; what
     the sync did, in words)."""

@@ -21,6 +21,21 @@ def key(sp: ProxyPort) -> str:
     return f"{sp.namespace}/{sp.name}:{sp.port}/{sp.protocol}"
 
 
+def table(ports: list[ProxyPort]) -> dict[str, dict]:
+    """What the node agent's proxy serves, per service port (netsim.kubeproxy.userspace)."""
+    found = {}
+    for p in ports:
+        entry = {
+            "protocol": p.protocol,
+            "endpoints": [[e.ip, e.port] for e in p.endpoints],
+            "affinity": "ClientIP" if p.affinity_timeout else "None",
+        }
+        if p.affinity_timeout is not None:  # else the proxy's default
+            entry["timeout"] = p.affinity_timeout
+        found[key(p)] = entry
+    return found
+
+
 def ruleset(ports: list[ProxyPort], listen: dict[str, int], node_ip: str, fresh: bool) -> str:
     """The table's text for `nft -f`; `fresh` (the first sync, or a switch from the nftables
     backend) replaces the whole table, later syncs only the chains' rules."""
