@@ -252,10 +252,8 @@ class LeaseRenewer(threading.Thread):
     def run(self) -> None:
         ttl = self.spec["ttl"]
         margin = min(3600, ttl // 3)
-        wait = ttl - margin
+        wait = 0  # at its start, as flanneld does: the node may have been away a while
         while not self.stopped.wait(wait):
-            # the etcd client (17 MiB with its HTTP stack) is loaded when a renewal is due,
-            # not when the agent starts: a hundred agents of a 24 h lease stay small
             from netsim.store.client import Store
 
             store = Store(self.spec["endpoints"], self.spec["netns"])

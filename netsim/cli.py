@@ -415,7 +415,7 @@ def cmd_get(args) -> int:
             ]
     else:
         raise NetsimError(
-            f"cannot get {args.what!r}: use nodes, pods, services, endpoints or clusters"
+            f"cannot get {args.what!r}: use nodes, pods, services, endpoints, events or clusters"
         )
     if args.output == "json":
         print(json.dumps({"cluster": record.cluster, "items": items}, indent=2))

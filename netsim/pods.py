@@ -50,7 +50,9 @@ def reconcile(
     from netsim.kubeproxy import sync
 
     recorded = record.pods
-    desired = {p.name: p for p in schedule(cluster, {n: r.node for n, r in recorded.items()})}
+    stopped = frozenset(n for n, node in record.nodes.items() if node.down)
+    placed = {n: r.node for n, r in recorded.items()}
+    desired = {p.name: p for p in schedule(cluster, placed, stopped)}
     stale = [
         n
         for n, r in recorded.items()

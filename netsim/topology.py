@@ -1562,9 +1562,12 @@ def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
             raise doc.fail(field, problem, fix)
 
 
-def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
+def schedule(
+    cluster: Cluster, placed: dict[str, str], unschedulable: frozenset[str] = frozenset()
+) -> list[Pod]:
     """Place each pod: nodeName wins, a pod already running stays, others go to the emptiest
-    node (ties broken by node order) — a simple spreading scheduler."""
+    node (ties broken by node order) that is not `unschedulable` (stopped) while another is —
+    a simple spreading scheduler."""
     nodes = [n.name for n in cluster.nodes]
     load = dict.fromkeys(nodes, 0)
     result: dict[str, Pod] = {}
@@ -1573,7 +1576,8 @@ def schedule(cluster: Cluster, placed: dict[str, str]) -> list[Pod]:
         if node:
             result[pod.name] = replace(pod, node=node)
             load[node] += 1
-    emptiest = [(count, i, node) for i, (node, count) in enumerate(load.items())]
+    open_nodes = [n for n in nodes if n not in unschedulable] or nodes
+    emptiest = [(load[node], i, node) for i, node in enumerate(open_nodes)]
     heapq.heapify(emptiest)  # (pods, node order): the least loaded first, ties by node order
     for pod in cluster.pods:
         if pod.name not in result:

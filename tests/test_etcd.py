@@ -92,7 +92,11 @@ def test_a_short_lease_is_renewed_by_the_node_agent(cluster):
     lease = format(node.lease, "x")
     for name in record.nodes:  # two of the three nodes have no pod: they renew all the same
         log = f"/run/netsim/{cluster.name}/nodes/{name}/agent.log"
-        wait_for(lambda log=log: "renewed" in open(log).read(), 15, f"{name} renewing its lease")
+        wait_for(  # at its start, as flanneld does, then before each TTL ends
+            lambda log=log: open(log).read().count("renewed") >= 2,
+            15,
+            f"{name} renewing its lease twice",
+        )
     ttl = etcdctl(master, "lease", "timetolive", lease)
     assert "granted with TTL(10s)" in ttl and "remaining(" in ttl, ttl
     key = "/coreos.com/network/subnets/" + node.subnet.replace("/", "-")

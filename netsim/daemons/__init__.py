@@ -73,6 +73,8 @@ def heartbeat(store, node: str, grace: int, stopped) -> None:
     while not stopped.is_set():
         try:
             store.put(LEASES + node, node_lease(node, grace, time.time()))
-        except StoreError as exc:
+            wait = every
+        except StoreError as exc:  # e.g. just powered on, its neighbours not yet resolved
             print(f"heartbeat: {exc}", flush=True)
-        stopped.wait(every)
+            wait = min(every, 1.0)
+        stopped.wait(wait)
