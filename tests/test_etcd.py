@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from conftest import etcd_pids, ip_json, needs_root, run_netsim, wait_for
 
-from netsim.kernel import proc
+from netsim.kernel import nft, proc
 
 pytestmark = needs_root
 
@@ -169,6 +169,13 @@ def test_netsims_own_etcd_killed_comes_back_with_its_data(cluster):
     assert sum(k.startswith("/coreos.com/network/subnets/") for k in keys) == 3
     assert sum(k.startswith("/registry/pods/") for k in keys) == 2
     assert run_netsim("apply", "-f", cluster.file, check=True).stdout.count("unchanged") == 1
+    # the nodes' daemons lost their watches with etcd, listed again and watch on: a change
+    # reaches every node (the scale waits for every node's report)
+    cluster.netsim("scale", "deployment/web", "--replicas", "3", check=True)
+    ips = [p.ip for p in cluster.record().pods.values()]
+    for node in cluster.record().nodes.values():
+        table = nft.ruleset(node.netns)
+        assert all(f"dnat to {ip}:" in table for ip in ips), node.name
 
 
 @pytest.mark.parametrize(
