@@ -46,7 +46,7 @@ def live():
     try:
         clustermod.apply(model)
         record = state.load(model.name)
-        yield record, storemod.of(record.cluster, record.spec.datastore)
+        yield record, storemod.of(record.cluster, record.spec.datastore), model
     finally:
         teardown.delete(model.name)
 
@@ -70,7 +70,7 @@ def _applied_by_all(
 
 
 def test_one_new_endpoint_in_every_kube_proxy(benchmark, live):
-    record, store = live
+    record, store, _ = live
     key = "/registry/services/endpoints/default/web"
     original = store.get(key).value.decode()
     samples = []
@@ -96,7 +96,7 @@ def test_one_new_endpoint_in_every_kube_proxy(benchmark, live):
 
 
 def test_a_joining_nodes_routes_in_every_peer(benchmark, live):
-    record, store = live
+    record, store, _ = live
     samples = []
 
     def join(i: int) -> None:
@@ -119,10 +119,36 @@ def test_a_joining_nodes_routes_in_every_peer(benchmark, live):
     assert p50 < 0.5
 
 
+def test_a_node_joins_and_another_drains_by_apply(live):
+    """Not a timing loop: the wall time of the two applies, printed (`-s`)."""
+    from dataclasses import replace
+
+    from netsim.model import Node
+
+    record, _, model = live
+    segment = model.nodes[0].segment
+    bigger = replace(model, nodes=[*model.nodes, Node("worker-11", segment)])
+    started = time.monotonic()
+    clustermod.apply(bigger)
+    joined = time.monotonic() - started
+    smaller = replace(bigger, nodes=[n for n in bigger.nodes if n.name != "worker-2"])
+    started = time.monotonic()
+    clustermod.apply(smaller)
+    drained = time.monotonic() - started
+    after = state.load(record.cluster)
+    assert "worker-11" in after.nodes and "worker-2" not in after.nodes
+    assert len(after.pods) == NODES * PODS_PER_NODE
+    print(
+        f"\nworker-11 joined in {joined:.2f} s (apply, until every node reported); worker-2 "
+        f"drained in {drained:.2f} s (its {PODS_PER_NODE} pods made again elsewhere)"
+    )
+
+
 def test_a_stopped_nodes_routes_leave_every_peer_after_its_lease(live):
     """Not a timing loop: one stop, measured from the moment etcd ends the lease (it deletes
     the key: a watch sees it at once) to the last peer's report."""
-    record, store = live
+    record, store, _ = live
+    record = state.load(record.cluster)  # as the join and drain above left it
     node = record.nodes["worker-10"]
     subnet_key = SUBNETS + node.subnet.replace("/", "-")
     ended: list[tuple[int, float]] = []
