@@ -157,10 +157,11 @@ def test_a_node_joins_and_serves_then_another_drains(cluster):
     for node in record.nodes.values():
         others = {n.subnet for n in record.nodes.values() if n is not node}
         assert _flannel_routes(node.netns) == others, node.name
-    answered = {
-        cluster.netsim("exec", "web-0", "--", "curl", "-s", "-m", "2", f"{ip}:80").stdout
-        for ip in [record.services["web"].cluster_ip] * 12
-    }
+    from netsim import probe
+
+    client = record.pods["web-0"].netns  # fresh connections, as the README's `netsim curl`
+    ip = record.services["web"].cluster_ip
+    answered = {probe.http_get(client, ip, 80).body for _ in range(12)}
     assert answered == set(record.pods), answered
     gets = cluster.netsim("get", "nodes", check=True).stdout
     assert "worker-4" in gets and "worker-2" not in gets
