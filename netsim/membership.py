@@ -38,7 +38,7 @@ def keep_addresses(cluster: Cluster, record: Record) -> Cluster:
     for i, node in enumerate(nodes):
         if node.name in held:
             continue
-        if node.ip in taken:
+        if not node.ip or node.ip in taken:
             segment = cluster.segment(node.segment)
             net = IPv4Network(segment.subnet)
             free = (
@@ -48,7 +48,13 @@ def keep_addresses(cluster: Cluster, record: Record) -> Cluster:
                 and str(a) != segment.router_ip
                 and a != net.network_address + 1
             )
-            node = replace(node, ip=next(free, node.ip))
+            ip = next(free, None)
+            if ip is None:
+                raise NetsimError(
+                    f"spec.nodes: segment {node.segment} ({segment.subnet}) has no free "
+                    f"address left for node {node.name}: use a larger subnet, or another segment"
+                )
+            node = replace(node, ip=ip)
             nodes[i] = node
         taken.add(node.ip)
     return replace(cluster, nodes=nodes, clients=clients)
