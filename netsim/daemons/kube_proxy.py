@@ -2,25 +2,22 @@
 `ip kube-proxy` table in step — the whole table on the first sync, then one nf_tables batch of
 only what changed (netsim/kubeproxy/nftables.py computes both).
 
-A large sync is computed and sent by a short-lived child of the agent (fork, then exit): a
-sync of one Service of 10,000 endpoints peaks at tens of MiB of rules, which a long-lived
-Python process would keep as heap, in every one of a hundred agents. The agent keeps only the
+Each sync is computed and sent by a short-lived child of the agent (fork, then exit): a sync
+of one Service of 10,000 endpoints peaks at tens of MiB of rules, which a long-lived Python
+process would keep as heap, in every one of a hundred agents. The agent keeps only the
 objects as stored (their JSON) that the table was last synced to.
 
 What a sync sends is a pure function of the objects before and after (every node programs
-every Service the same way), so for a large one the agents of one host share it: the first to
-need a plan computes it under a lock and leaves it in the cluster's directory, keyed by the
-digest of its inputs; the others load it and send it to their own node. A hundred
-kube-proxies on two cores would otherwise compute the same 10,000-endpoint rule set a hundred
-times."""
+every Service the same way), so the agents of one host share it: the first to need a plan
+computes it under a lock and leaves it in the cluster's directory, keyed by the digest of its
+inputs; the others load it and send it to their own node. A hundred kube-proxies on two cores
+would otherwise compute the same 10,000-endpoint rule set a hundred times."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from netsim import registry
-
-LARGE = 256 * 1024  # bytes of objects: a sync above this runs in a child, its plan shared
 
 
 class KubeProxy:
@@ -39,25 +36,17 @@ class KubeProxy:
         if current == self.synced:
             return
         previous = self.synced
-        size = sum(map(len, current.values())) + sum(map(len, (previous or {}).values()))
-        if size > LARGE:
-            proc.in_child(lambda: self._program(previous, current, shared=True))
-        else:  # a small sync costs less than a fork and a file, and leaves no peak behind
-            self._program(previous, current, shared=False)
+        proc.in_child(lambda: self._program(previous, current))
         self.synced = current
 
-    def _program(self, previous: dict | None, current: dict, shared: bool) -> None:
-        """The plan (shared by the host's agents, or computed here), then the node's table."""
+    def _program(self, previous: dict | None, current: dict) -> None:
+        """In the child: the plan (shared, or computed), then the node's table."""
         from netsim.kernel import nft
 
-        def make() -> tuple:
-            return _plan(previous, current, self.cluster_cidr)
-
-        if shared:
-            key = _digest(previous, current, self.cluster_cidr)
-            base, batch, summary = _shared(self.plans, key, make)
-        else:
-            base, batch, summary = make()
+        key = _digest(previous, current, self.cluster_cidr)
+        base, batch, summary = _shared(
+            self.plans, key, lambda: _plan(previous, current, self.cluster_cidr)
+        )
         if base is not None:
             nft.apply(self.netns, base)
         if len(batch):
