@@ -62,7 +62,11 @@ def start_zygote(cluster: str, tx: Transaction) -> Process:
     try:
         argv = [sys.executable, "-m", "netsim.zygote", str(control.fileno()), cluster]
         log = os.path.join(state.cluster_dir(cluster), "zygote.log")
-        pid, started = proc.spawn(argv, log, pass_fds=(control.fileno(),))
+        # one malloc arena for all of an agent's threads: a hundred agents, five threads each,
+        # would otherwise each keep an arena per thread
+        pid, started = proc.spawn(
+            argv, log, pass_fds=(control.fileno(),), env={"MALLOC_ARENA_MAX": "1"}
+        )
     finally:
         control.close()
     tx.process("the agents' zygote", pid, started)

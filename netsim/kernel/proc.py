@@ -21,12 +21,18 @@ def start_time(pid: int) -> int | None:
 
 
 def spawn(
-    argv: list[str], log: str, netns: str | None = None, pass_fds: tuple[int, ...] = ()
+    argv: list[str],
+    log: str,
+    netns: str | None = None,
+    pass_fds: tuple[int, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[int, int]:
-    """Start a detached process (own session), optionally inside a namespace."""
+    """Start a detached process (own session), optionally inside a namespace, with `env`
+    added to netsim's environment."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             argv,
+            env={**os.environ, **env} if env else None,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
