@@ -140,12 +140,16 @@ def apply(
                     changes.updated.append("etcd (restarted)")
                 if _revive_controller(record, tx):
                     changes.updated.append("node controller (restarted)")
+                revived = _revive_agents(record, tx, progress)
+                changes.updated += [f"agent of {name} (restarted)" for name in revived]
                 leases = {name: node.lease for name, node in record.nodes.items()}
                 restored = [storemod.OWNER] if storemod.claim(store, cluster.name) else []
                 restored += mode.publish(store, cluster, record)
                 changes.updated += [f"etcd key {key} (restored)" for key in restored]
-                # a lease taken again: its node's agent renews the new one
-                agents.sync(record, [n for n, v in leases.items() if record.nodes[n].lease != v])
+                # a lease taken again: its node's agent renews the new one; a restarted agent
+                # gets its pods, tunnel and daemons (they list the store, then watch)
+                changed = [n for n, v in leases.items() if record.nodes[n].lease != v]
+                agents.sync(record, sorted(set(changed) | set(revived)))
                 joining, leaving = membership.changed_nodes(cluster, record)
                 if joining:
                     progress(f"nodes: {', '.join(n.name for n in joining)} joining")
@@ -287,6 +291,23 @@ def _revive_controller(record: Record, tx: Transaction) -> bool:
         return False
     _start_controller(record, tx)
     return True
+
+
+def _revive_agents(record: Record, tx: Transaction, progress: Progress) -> list[str]:
+    """Agents that died (killed, crashed) on nodes that are not stopped come back, as a
+    supervisor restarts a node's kubelet; the names of their nodes."""
+    from netsim.kernel import proc
+
+    dead = [
+        name
+        for name, node in record.nodes.items()
+        if not node.down
+        and (node.agent is None or not proc.alive(node.agent.pid, node.agent.start))
+    ]
+    for name in dead:
+        progress(f"the agent of node {name} was not running: starting it again")
+        agents.start(record, record.nodes[name], tx)
+    return dead
 
 
 def _revive_etcd(record: Record, tx: Transaction, progress: Progress) -> bool:

@@ -343,3 +343,29 @@ def test_fresh_connections_survive_a_node_joining_and_another_draining(cluster):
     print(f"\n{len(results) - len(failed)} of {len(results)} connections answered")
     assert len(results) > 100 and len(failed) <= 0.001 * len(results), failed[:5]
     assert {p.node for p in cluster.record().pods.values()} == {"worker-1", "worker-2", "worker-4"}
+
+
+def test_an_agent_killed_is_restarted_by_apply_and_resyncs_to_the_same_kernel_state(cluster):
+    """kill -9 of a node's agent (its daemons and pods' servers die with it); the next apply
+    starts it again, its daemons list the store and watch, and its node's kernel is exactly
+    as it was; its pod answers again."""
+    import os
+    import signal
+
+    from netsim import probe
+
+    cluster.apply()
+    record = cluster.record()
+    node = record.nodes["worker-2"]
+    before = _kernel_state(node.netns)
+    os.kill(node.agent.pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{node.agent.pid}/status"), 5, "the agent to die")
+    result = cluster.netsim("apply", "-f", cluster.file, check=True)
+    assert "agent of worker-2 (restarted)" in result.stdout + result.stderr or (
+        "the agent of node worker-2 was not running" in result.stdout + result.stderr
+    )
+    assert cluster.record().nodes["worker-2"].agent.pid != node.agent.pid
+    assert _kernel_state(node.netns) == before
+    pod = next(p for p in record.pods.values() if p.node == "worker-2")
+    answer = probe.http_get(record.pods["web-0"].netns, pod.ip, 9376)
+    assert answer.body == pod.name, answer
