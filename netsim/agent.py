@@ -24,7 +24,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 
 from netsim.kernel import netns as nsmod
@@ -216,12 +215,15 @@ class Agent:
             for line in stream:
                 request = json.loads(line)
                 self.renewer = LeaseRenewer.follow(self.renewer, request.get("lease"))
-                problem = self.sync_tunnel(request.get("tunnel"))
-                problem = problem or self.sync_daemons(request.get("daemons"))
+                problems = {
+                    "tunnel": self.sync_tunnel(request.get("tunnel")),
+                    "daemons": self.sync_daemons(request.get("daemons")),
+                }
                 reply = self.sync(request["pods"])
-                if problem:
-                    reply["ok"] = False
-                    reply["errors"]["tunnel"] = problem
+                for what, text in problems.items():
+                    if text:
+                        reply["ok"] = False
+                        reply["errors"][what] = text
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
 
@@ -234,12 +236,13 @@ class LeaseRenewer(threading.Thread):
 
     def __init__(self, spec: dict):
         super().__init__(daemon=True, name="lease-renewer")
-        self.spec = spec
+        self.requested = spec  # as netsim sent it: a renewal of the same lease keeps this one
+        self.spec = spec  # the lease renewed now (take_again may have taken a new one)
         self.stopped = threading.Event()
 
     @classmethod
     def follow(cls, current: LeaseRenewer | None, spec: dict | None) -> LeaseRenewer | None:
-        if current is not None and current.spec == spec:
+        if current is not None and spec in (current.requested, current.spec):
             return current
         if current is not None:
             current.stopped.set()
@@ -259,12 +262,12 @@ class LeaseRenewer(threading.Thread):
             store = Store(self.spec["endpoints"], self.spec["netns"])
             try:
                 left = store.keep_alive(self.spec["id"])
+                if left <= 0 and not self.take_again(store):
+                    return
             except Exception as exc:  # the store is down: flannel retries every minute
                 print(f"lease {self.spec['id']:x}: renewal failed ({exc})", flush=True)
                 wait = min(60, margin)
                 continue
-            if left <= 0 and not self.take_again(store):
-                return
             if left > 0:
                 print(f"lease {self.spec['id']:x} renewed: TTL {left} s", flush=True)
             wait = ttl - margin
@@ -327,15 +330,3 @@ def listen(control_path: str) -> socket.socket:
     sock.bind(control_path)
     sock.listen(64)
     return sock
-
-
-def main() -> None:
-    """python -m netsim.agent FD CLUSTER NODE NETNS (FD: the inherited control socket)."""
-    fd, cluster, node, netns = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    control = socket.socket(fileno=fd)
-    print(f"netsim agent {os.getpid()} for node {node} of cluster {cluster}", flush=True)
-    Agent(control, os.path.dirname(control.getsockname()), netns).run()
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ from netsim import agent as agentmod
 from netsim import state
 from netsim.errors import NetsimError
 from netsim.kernel import proc
-from netsim.record import NodeRecord, PodRecord, Process, Record
+from netsim.record import NodeRecord, Process, Record
 from netsim.transaction import Transaction
 
 
@@ -73,16 +73,12 @@ def start_zygote(cluster: str, tx: Transaction) -> Process:
     return Process(pid, started)
 
 
-def sync(
-    record: Record,
-    nodes: list[str],
-    terminating: dict[str, PodRecord] | None = None,
-) -> None:
-    """Tell each node's agent the exact set of pods it serves (the recorded ones, and those
-    `terminating`: out of the Services already, still serving), and wait for it to confirm."""
+def sync(record: Record, nodes: list[str]) -> None:
+    """Tell each node's agent the exact set of pods it serves (and its tunnel, lease and
+    daemons), and wait for it to confirm; stopped nodes are told when they start."""
     wanted = set(nodes)
     by_node: dict[str, dict[str, dict]] = {name: {} for name in nodes}
-    for name, p in (record.pods | (terminating or {})).items():  # one pass, not one per node
+    for name, p in record.pods.items():  # one pass, not one per node
         if p.pod.node in wanted:
             by_node[p.pod.node][name] = {
                 "netns": p.netns,
@@ -115,14 +111,11 @@ def sync(
                 record.pods[pod_name].pids = pids
 
 
-def daemons_config(record: Record, node: NodeRecord) -> dict | None:
+def daemons_config(record: Record, node: NodeRecord) -> dict:
     """What the node's daemons need to run against the store (netsim/daemons): the node, its
-    mode, the pod network, kube-proxy's mode and how the node reaches etcd; None if it runs
-    none."""
+    mode, the pod network, kube-proxy's mode and how the node reaches etcd."""
     from netsim import store as storemod
 
-    if not watched(record):
-        return None
     store = storemod.of(record.cluster, record.spec.datastore, node.netns)
     return {
         "cluster": record.cluster,
@@ -142,6 +135,7 @@ def _lasting(node: NodeRecord) -> NodeRecord:
         node,
         next_ifindex=0,
         lease=0,
+        blocks=[],
         bird=None,
         agent=None,
         agent_tunnel=None,

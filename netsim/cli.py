@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from netsim import cluster as clustermod
-from netsim import columns, probe, state, teardown, topology
+from netsim import columns, probe, services, state, teardown, topology
 from netsim import store as storemod
 from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
@@ -473,9 +473,7 @@ def _service_item(obj: dict, endpoints: dict | None) -> dict:
         "clusterIP": spec.get("clusterIP", ""),
         "ports": ports,
         "selector": spec.get("selector", {}),
-        "endpoints": sorted(
-            by_pod.values(), key=lambda e: tuple(int(o) for o in e["ip"].split("."))
-        ),
+        "endpoints": sorted(by_pod.values(), key=lambda e: services.ip_key(e["ip"])),
     }
 
 

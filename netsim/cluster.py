@@ -160,6 +160,8 @@ def apply(
                 progress(f"nodes: {', '.join(leaving)} leaving")
                 membership.leave(cluster, record, mode, store, leaving)
                 changes.removed += [f"node {n}" for n in leaving]
+                record.spec = spec_of(cluster)
+                state.save(record)  # they are gone: a later failure rolls back to this
             record.spec = spec_of(cluster)
             services.reconcile(cluster, record, changes)
             # the objects go to the store; the nodes' daemons apply them, and apply waits

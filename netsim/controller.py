@@ -21,6 +21,7 @@ import time
 from datetime import UTC, datetime
 
 from netsim import events, registry
+from netsim.services import ip_key
 
 LEASES = "/registry/leases/kube-node-lease/"
 
@@ -84,7 +85,7 @@ def split_endpoints(obj: dict, not_ready: set[str]) -> dict:
     subsets = []
     for subset in obj.get("subsets", []):
         every = subset.get("addresses", []) + subset.get("notReadyAddresses", [])
-        every.sort(key=lambda a: tuple(int(o) for o in a["ip"].split(".")))
+        every.sort(key=lambda a: ip_key(a["ip"]))
         out = {k: v for k, v in subset.items() if k not in ("addresses", "notReadyAddresses")}
         ready = [a for a in every if a.get("nodeName") not in not_ready]
         waiting = [a for a in every if a.get("nodeName") in not_ready]
@@ -100,6 +101,9 @@ class Controller:
     def __init__(self, store, grace: float, log_dir: str):
         self.store, self.grace, self.log_dir = store, grace, log_dir
         self.first_seen: dict[str, float] = {}  # nodes with no lease yet: when first listed
+        # the NotReady nodes every Endpoints object was last split for (None: not yet); an
+        # apply meanwhile keeps the split itself (registry.sync)
+        self.split_for: set[str] | None = None
 
     def event(self, node: str, message: str) -> None:
         events.record(self.log_dir, node, "node-controller", message)
@@ -131,16 +135,21 @@ class Controller:
                     else f"node is NotReady: no heartbeat for {self.grace:.0f} s; its pods "
                     "leave every Service's endpoints",
                 )
-        for kv in self.store.range(registry.ENDPOINTS, True):
-            obj = kv.json()
-            split = split_endpoints(obj, not_ready)
-            if split != obj:
-                changed[kv.key] = (kv, json.dumps(split, separators=(",", ":"), sort_keys=True))
+        if not_ready != self.split_for:  # else the Endpoints are as they should be
+            for kv in self.store.range(registry.ENDPOINTS, True):
+                obj = kv.json()
+                split = split_endpoints(obj, not_ready)
+                if split != obj:
+                    text = json.dumps(split, separators=(",", ":"), sort_keys=True)
+                    changed[kv.key] = (kv, text)
         from netsim.store.client import put_op, unchanged
 
+        done = True
         for key, (kv, value) in changed.items():
             # only if nobody (an apply) changed it since it was read: the next step sees theirs
-            self.store.txn([unchanged(kv)], [put_op(key, value)])
+            done &= self.store.txn([unchanged(kv)], [put_op(key, value)])["succeeded"]
+        if done:
+            self.split_for = not_ready
 
     def run(self) -> None:
         from netsim.errors import NetsimError

@@ -13,7 +13,6 @@ Everything here is pure apart from `render`, which runs `dot`.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from netsim.errors import NetsimError
 from netsim.model import ServicePort
 from netsim.modes import Mode
 from netsim.record import NodeRecord, Record
-from netsim.services import endpoints
+from netsim.services import endpoints, ip_key
 
 FORMATS = (".dot", ".png", ".svg")
 MESH_MAX_NODES = 5  # above this the overlay is one legend note, not a full mesh of edges
@@ -49,13 +48,6 @@ def _node(name: str, indent: str, **attrs: object) -> str:
 def _edge(a: str, b: str, indent: str, **attrs: object) -> str:
     """One dot edge statement, a -> b."""
     return f"{indent}{quote(a)} -> {quote(b)} {_attrs(**attrs)}"
-
-
-def _ip_key(ip: str) -> tuple[int, ...]:
-    try:
-        return (int(ipaddress.ip_address(ip)),)
-    except ValueError:
-        return (1 << 129,)
 
 
 def tunnel_text(mode: Mode, node: NodeRecord | None = None) -> str:
@@ -119,7 +111,7 @@ def to_dot(record: Record) -> str:
         "  " + "edge " + _attrs(fontname="Helvetica", fontsize="9"),
     ]
     pod_by_node: dict[str, list[str]] = {}
-    for pod_name, pod in sorted(pods.items(), key=lambda kv: _ip_key(kv[1].ip)):
+    for pod_name, pod in sorted(pods.items(), key=lambda kv: ip_key(kv[1].ip)):
         pod_by_node.setdefault(pod.node, []).append(pod_name)
     shown: dict[str, str] = {}  # pod name -> the dot node that stands for it
     links: list[str] = []  # node -> pod edges (the pods' veths), written after the subgraphs

@@ -15,7 +15,6 @@ from typing import NamedTuple
 import msgspec
 
 from netsim.errors import NetsimError
-from netsim.kubeproxy.ports import ProxyPort
 from netsim.model import CalicoSpec, Datastore, ExternalClient, Node, Pod, Segment, Service
 
 
@@ -162,11 +161,9 @@ class ClusterSpec:
 
 @dataclass
 class KubeProxy:
-    """What kube-proxy last programmed on every node, so the next sync sends the difference."""
+    """Which kube-proxy the nodes run (each node's daemon keeps what it programmed)."""
 
     mode: str  # nftables | userspace
-    ports: list[ProxyPort] = field(default_factory=list)
-    userspace: dict[str, dict] | None = None  # the userspace proxies' service table
 
 
 class Place(NamedTuple):

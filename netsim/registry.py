@@ -17,7 +17,7 @@ import json
 from netsim import collector
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
 from netsim.record import NodeRecord, PodRecord, Record
-from netsim.services import NAMESPACE, endpoints, target_port
+from netsim.services import NAMESPACE, endpoints, ip_key, target_port
 
 PREFIX = "/registry/"
 NODES = "/registry/minions/"
@@ -202,7 +202,7 @@ def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[P
                     if entry.get("name", "") == pname and entry.get("protocol", "TCP") == proto
                     for address in subset.get("addresses", [])
                 ),
-                key=lambda e: tuple(int(o) for o in e.ip.split(".")),
+                key=lambda e: ip_key(e.ip),
             )
             found.append(
                 ProxyPort(

@@ -15,7 +15,8 @@ from netsim.transaction import Changes
 NAMESPACE = "default"  # every object lives here until namespaces arrive
 
 
-def _ip_key(ip: str) -> tuple[int, ...]:
+def ip_key(ip: str) -> tuple[int, ...]:
+    """An IPv4 address as a sort key: endpoints in address order, as kube-proxy orders them."""
     return tuple(int(o) for o in ip.split("."))
 
 
@@ -26,7 +27,7 @@ def endpoints(record: Record, service: Service) -> list[PodRecord]:
         for p in record.pods.values()
         if all(p.labels.get(k) == v for k, v in service.selector.items())
     ]
-    return sorted(pods, key=lambda p: _ip_key(p.ip))
+    return sorted(pods, key=lambda p: ip_key(p.ip))
 
 
 def target_port(pod: PodRecord, port: ServicePort) -> int | None:

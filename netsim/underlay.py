@@ -16,7 +16,6 @@ from netsim.record import ClientRecord, Host, Master, NodeRecord, Router, Router
 from netsim.transaction import Changes, Transaction
 
 MASTER = "master"
-IFINDEX_ETH0 = 2  # a host's underlay interface (netsim.kernel.netlink.IFINDEX.ETH0)
 MASTER_PORT = "p_master"  # "_" is in no node's name (DNS-1123 labels), so no port is called so
 
 
@@ -66,6 +65,8 @@ def build(
 def _attach(cluster: Cluster, ul, role: str, host, index: int, bridges: dict, tx) -> Host:
     """The host's namespace, plugged into its segment's bridge by a veth (queued on ul and
     sent); its address comes later (_address)."""
+    from netsim.kernel.netlink import IFINDEX
+
     netns = naming.ns_name(cluster.name, role, "" if role == "master" else host.name)
     port = MASTER_PORT if role == "master" else naming.port_name(host.name)
     tx.netns(netns)
@@ -75,7 +76,7 @@ def _attach(cluster: Cluster, ul, role: str, host, index: int, bridges: dict, tx
             port,
             index,
             "eth0",
-            IFINDEX_ETH0,
+            IFINDEX.ETH0,
             fd,
             cluster.mtu,
             master=bridges[host.segment],

@@ -85,7 +85,6 @@ def _become_agent(request: dict, control_fd: int) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
-        sys.argv = ["netsim.agent", str(control_fd), request["cluster"], request["node"]]
         from netsim import agent
 
         control = socket.socket(fileno=control_fd)

@@ -173,11 +173,30 @@ def netns_cookie(netns: str) -> int:
         return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
 
 
+# netsim's own processes: agents keep the command line of the zygote that forked them
+NETSIM_PROCESSES = (b"netsim.agent", b"netsim.zygote", b"netsim.controller")
+STATE = b"/run/netsim/"
+
+
+def netsim_pids(names: Callable[[bytes], bool]) -> list[int]:
+    """Live netsim processes with an argument naming a cluster that `names` accepts: the
+    zygote's argument, or a path in the cluster's state directory (the controller's
+    configuration, etcd's data)."""
+
+    def cluster_of(arg: bytes) -> bytes:
+        return arg[len(STATE) :].split(b"/")[0] if arg.startswith(STATE) else arg
+
+    def match(cmd: list[bytes]) -> bool:
+        ours = any(o in cmd for o in NETSIM_PROCESSES) or cmd[0].endswith(b"etcd")
+        return ours and any(names(cluster_of(a.split(b"=")[-1])) for a in cmd[1:])
+
+    return _pids(match)
+
+
 def agent_pids(cluster: str) -> list[int]:
-    """Live agents of a cluster, with the zygote that forks them (they keep its command line)
-    and its node controller, found by reading /proc (for assertions only)."""
-    ours = (b"netsim.agent", b"netsim.zygote", b"netsim.controller")
-    return _pids(lambda cmd: any(o in cmd for o in ours) and cluster.encode() in cmd)
+    """Live agents of a cluster, its zygote and node controller (and etcd), found by reading
+    /proc (for assertions only)."""
+    return netsim_pids(lambda name: name == cluster.encode())
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import needs_root, run_netsim
+from conftest import needs_root, netsim_pids, run_netsim
 
 from netsim import bench
 from netsim.errors import NetsimError
@@ -18,19 +18,17 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def bench_processes() -> set[int]:
-    """PIDs of iperf3 servers and clients, and of bench clusters' node agents."""
+    """PIDs of iperf3 servers and clients, and of bench clusters' processes (agents, zygote,
+    controller, etcd)."""
     found = set()
     for entry in os.listdir("/proc"):
         try:
             argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
         except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
             continue
-        if argv and (
-            argv[0].endswith(b"iperf3")
-            or (b"netsim.agent" in argv and any(a.startswith(b"bench-") for a in argv))
-        ):
+        if argv and argv[0].endswith(b"iperf3"):
             found.add(int(entry))
-    return found
+    return found | set(netsim_pids(lambda name: name.startswith(b"bench-")))
 
 
 @needs_root

@@ -20,6 +20,7 @@ from conftest import assert_sticky, needs_root, netns_cookie, run_netsim, wait_f
 
 from netsim import cluster as clustermod
 from netsim import probe, topology
+from netsim import services as servicesmod
 from netsim.kernel import netns as nsmod
 
 pytestmark = needs_root
@@ -134,7 +135,7 @@ def assert_backend(cluster, backend: str) -> None:
         else:
             # one ClusterIP rule per service port, each to a port the agent listens on
             proxied = re.findall(rf"ip daddr [\d.]+ \w+ dport \d+ dnat to {node.ip}:(\d+)", table)
-            assert len(proxied) == len(record.kube_proxy.userspace), (name, table)
+            assert len(proxied) == len(servicesmod.proxy_ports(record)), (name, table)
             assert "map service-ips" not in table, name
             assert {int(p) for p in proxied} <= ports, (name, proxied, ports)
 

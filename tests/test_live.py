@@ -30,7 +30,9 @@ def test_watch_sees_puts_and_deletes_from_a_revision(etcd):
         if len(seen) == 4:
             stopped.set()
 
-    thread = threading.Thread(target=lambda: store.watch("/w/", start, handle, stopped))
+    thread = threading.Thread(
+        target=lambda: store.watch("/w/", start, handle, stopped), daemon=True
+    )
     thread.start()
     store.put("/w/c", "3")  # one more after the watch began: it ends the test's wait
     store.put("/x/outside", "not under the prefix")

@@ -15,6 +15,10 @@ would otherwise compute the same 10,000-endpoint rule set a hundred times."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pickle
+import time
 from collections.abc import Callable
 
 from netsim import registry
@@ -112,11 +116,6 @@ KEEP_PLANS = 60.0  # seconds: every agent has long since loaded a plan by then
 def _shared(directory: str, key: str, make: Callable[[], tuple]) -> tuple:
     """The plan under `key`: loaded if another agent made it, else made and left for them
     (under an flock, so a hundred agents woken by one write compute it once)."""
-    import fcntl
-    import os
-    import pickle
-    import time
-
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, key)
     with open(path + ".lock", "a") as lock:

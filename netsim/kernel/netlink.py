@@ -15,7 +15,14 @@ import socket
 import struct
 from socket import AF_BRIDGE, AF_INET
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+)
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
     RTM_DELNEIGH,
@@ -52,7 +59,6 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3
 SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
 SO_RCVBUFFORCE = 33
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
-NLM_F_REPLACE = 0x100  # on a new object: replace the one with the same key
 ENOENT, ESRCH = 2, 3
 NLMSGERR_ATTR_MSG = 1
 _CHUNK = 48 * 1024  # bytes of requests per send
@@ -286,7 +292,7 @@ class Rtnl:
     def link_set(self, index: int, ifname: str, mtu: int | None = None, up: bool = True) -> None:
         """Change an existing link (by index, or by name with index 0): MTU, then up or down."""
         msg = self._link(index, IFF_UP if up else 0, ifname=ifname)
-        msg["change"] = IFF_UP  # down too: with no change mask the kernel changes nothing
+        msg["change"] = IFF_UP  # down is flags 0: with a change mask of 0 too, nothing changes
         if mtu:
             msg["attrs"].append(("IFLA_MTU", mtu))
         self._queue(msg, RTM_NEWLINK, 0, f"set {ifname}" + (f" mtu {mtu}" if mtu else ""))
