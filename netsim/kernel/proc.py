@@ -49,10 +49,12 @@ def in_child(work) -> None:
     The child runs only the calling thread, so work must take no lock another thread may hold
     (no print, no import of a module not yet loaded); its failure is written to stderr and
     raised here as RuntimeError."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
+            _die_with_parent(parent)
             work()
         except BaseException:
             import traceback
@@ -63,6 +65,18 @@ def in_child(work) -> None:
     _, status = os.waitpid(pid, 0)
     if status:
         raise RuntimeError(f"child {pid} failed (wait status {status}): see the log above")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this child when the thread that forked it ends (PR_SET_PDEATHSIG), as when its
+    agent is stopped mid-sync: nothing of a cluster outlives it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # it ended before the prctl took hold
+        os._exit(1)
 
 
 def alive(pid: int, started: int) -> bool:
