@@ -403,6 +403,22 @@ class BlockStore:
                     freed.append(block.ip(ordinal))
         return freed
 
+    def forget_node(self, node: str) -> list[str]:
+        """A node that left the cluster: its blocks, their affinities and the handles still
+        holding addresses in them (its tunnel address) deleted, as Calico's IPAM garbage
+        collection does for a deleted node; the blocks."""
+        prefix = f"{HOSTS}{node}/"
+        affinities = [kv.key for kv in self.store.range(prefix, prefix=True, keys_only=True)]
+        blocks = [k.rsplit("/", 1)[1].replace("-", "/") for k in affinities if "/block/" in k]
+        handles = set()
+        for kv in self.store.get_many([block_key(b) for b in blocks]).values():
+            if kv is not None:
+                handles |= {a["handle_id"] for a in kv.json().get("attributes", []) if a}
+        self.store.delete_all(
+            affinities + [block_key(b) for b in blocks] + [handle_key(h) for h in sorted(handles)]
+        )
+        return blocks
+
     def allocations(self, node: str) -> list[tuple[str, str]]:
         """Every address of the node's blocks in use, as (ip, handle)."""
         found = []

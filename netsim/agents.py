@@ -141,6 +141,7 @@ def _lasting(node: NodeRecord) -> NodeRecord:
         agent_tunnel=None,
         tunnel_index=0,
         down=False,
+        evicted=False,
     )
 
 

@@ -53,6 +53,7 @@ SPEC_FIELDS = {
     "datastore": "spec.datastore",
     "lease_ttl": "spec.cni.flannel.leaseTTL",
     "node_grace": "spec.controlPlane.nodeMonitorGracePeriod",
+    "eviction_timeout": "spec.controlPlane.podEvictionTimeout",
 }
 
 
@@ -74,6 +75,7 @@ def spec_of(cluster: Cluster) -> ClusterSpec:
         cluster.datastore,
         cluster.lease_ttl,
         cluster.node_grace,
+        cluster.eviction_timeout,
     )
 
 
@@ -192,16 +194,14 @@ def apply(
 
 def _check_in_place(cluster: Cluster, record: Record, mode) -> None:
     """Refuse what a real cluster cannot change in place (mode, CIDRs, the underlay ...);
-    nodes may join and leave where the mode's daemons follow the store."""
+    nodes join and leave, since every node's daemons follow the store."""
     before, after = asdict(record.spec), asdict(spec_of(cluster))
-    if mode.watches:
-        before.pop("nodes"), after.pop("nodes")
+    before.pop("nodes"), after.pop("nodes")
     changed = [SPEC_FIELDS[k] for k in after if before.get(k) != after[k]]
     if changed:
-        nodes = "" if mode.watches else " (nodes join and leave live in flannel modes only)"
         raise NetsimError(
             f"cluster {cluster.name} exists with another {', '.join(changed)}; netsim "
-            f"changes nodes, pods and Services in place, not those{nodes}: run `netsim down "
+            f"changes nodes, pods and Services in place, not those: run `netsim down "
             f"{cluster.name}`, then apply again"
         )
 
@@ -275,6 +275,7 @@ def _start_controller(record: Record, tx: Transaction) -> None:
                 "endpoints": store.endpoints,
                 "netns": store.netns,
                 "grace": record.spec.node_grace,
+                "eviction_timeout": record.spec.eviction_timeout,
             }
         ),
     )

@@ -6,7 +6,9 @@ the node-monitor grace period (Kubernetes' 40 s, spec.controlPlane.nodeMonitorGr
 controller marks the node NotReady (its Ready condition Unknown, "Kubelet stopped posting node
 status.") and the endpoints controller's part follows: that node's pods move from `addresses`
 to `notReadyAddresses` in every Endpoints object, so every kube-proxy drops them. When the
-lease is renewed again, the node is Ready and its pods return.
+lease is renewed again, the node is Ready and its pods return. A node NotReady for longer than
+the eviction timeout is tainted and its Deployments' pods are made again elsewhere
+(netsim/eviction.py); the taint goes when the node is Ready again.
 
 It polls the store once a second (the grace is tens of seconds) and records what it did as
 events of its own. Run as `python -m netsim.controller CONFIG.json`.
@@ -97,9 +99,27 @@ def split_endpoints(obj: dict, not_ready: set[str]) -> dict:
     return {**obj, "subsets": subsets}
 
 
+def not_ready_since(node: dict, now: float) -> float:
+    """When the node's Ready condition last went to Unknown (now if it has not)."""
+    for condition in node.get("status", {}).get("conditions", []):
+        if condition.get("type") == "Ready" and condition.get("status") != "True":
+            return parse_time(condition["lastTransitionTime"])
+    return now
+
+
 class Controller:
-    def __init__(self, store, grace: float, log_dir: str):
+    def __init__(
+        self,
+        store,
+        grace: float,
+        log_dir: str,
+        cluster: str = "",
+        eviction_timeout: float = 300,
+        evicted: set[str] | None = None,
+    ):
         self.store, self.grace, self.log_dir = store, grace, log_dir
+        self.cluster, self.eviction_timeout = cluster, eviction_timeout
+        self.evicted = set(evicted or ())  # nodes tainted: their pods were made elsewhere
         self.first_seen: dict[str, float] = {}  # nodes with no lease yet: when first listed
         # the NotReady nodes every Endpoints object was last split for (None: not yet); an
         # apply meanwhile keeps the split itself (registry.sync)
@@ -123,6 +143,11 @@ class Controller:
             ready = now - renewed <= self.grace
             if not ready:
                 not_ready.add(name)
+            if not ready and name not in self.evicted and self.cluster:
+                if now - not_ready_since(node, now) >= self.eviction_timeout:
+                    self.evict(name)
+            elif ready and name in self.evicted:
+                self.readmit(name)
             if ready != is_ready(node):
                 status = node.setdefault("status", {})
                 others = [c for c in status.get("conditions", []) if c.get("type") != "Ready"]
@@ -151,6 +176,32 @@ class Controller:
         if done:
             self.split_for = not_ready
 
+    def evict(self, node: str) -> None:
+        from netsim import eviction
+
+        self.evicted.add(node)
+        self.event(
+            node,
+            f"NotReady for {self.eviction_timeout:.0f} s: tainted NoExecute, evicting its "
+            "Deployments' pods",
+        )
+        try:
+            moved = eviction.evict(self.cluster, node)
+        except Exception as exc:  # noqa: BLE001 -- a failed eviction is reported, then retried
+            self.evicted.discard(node)
+            self.event(node, f"eviction failed: {exc}")
+            return
+        if moved:
+            names = ", ".join(moved)
+            self.event(node, f"evicted {len(moved)} pod(s), made again elsewhere: {names}")
+
+    def readmit(self, node: str) -> None:
+        from netsim import eviction
+
+        self.evicted.discard(node)
+        if eviction.readmit(self.cluster, node):
+            self.event(node, "Ready again: taint removed, pods may be scheduled to it")
+
     def run(self) -> None:
         from netsim.errors import NetsimError
 
@@ -167,9 +218,20 @@ def main() -> None:
 
     with open(sys.argv[1]) as fh:
         config = json.load(fh)
+    from netsim import state
+
     store = Store(config["endpoints"], config["netns"])
     print(f"netsim controller {os.getpid()} for cluster {config['cluster']}", flush=True)
-    Controller(store, config["grace"], os.path.dirname(sys.argv[1])).run()
+    record = state.load(config["cluster"])
+    evicted = {n for n, node in record.nodes.items() if node.evicted} if record else set()
+    Controller(
+        store,
+        config["grace"],
+        os.path.dirname(sys.argv[1]),
+        config["cluster"],
+        config.get("eviction_timeout", 300),
+        evicted,
+    ).run()
 
 
 if __name__ == "__main__":

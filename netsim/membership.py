@@ -1,13 +1,14 @@
 """Nodes join, leave, stop and start while the cluster runs, as real nodes do.
 
 A joining node is plugged into its segment, sets up its own devices, takes its subnet lease
-in etcd and starts its daemons; the other nodes' flanneld see the lease and reach it. A leaving
-node's pods are made again elsewhere first (apply reschedules them), then its agent stops, its
-lease is deleted (every peer's flanneld drops its routes) and its namespace goes. `node stop` is
-a power cut: the node's processes are killed and its underlay port goes down, and nothing else
-is told; `node start` brings the port and the processes back, and the daemons resync from the
-store (list, then watch). Only what the node itself would do is done here: no other node's
-namespace is touched.
+(flannel) or its first IPAM block and its Node resource (Calico) in etcd and starts its
+daemons; the other nodes' flanneld, or felix and confd, see it and reach it. A leaving node's
+pods are made again elsewhere first (apply reschedules them), then its agent stops, its keys
+are deleted (every peer's daemons drop its routes and BGP session) and its namespace goes.
+`node stop` is a power cut: the node's processes are killed and its underlay port goes down,
+and nothing else is told; `node start` brings the port and the processes back, and the daemons
+resync from the store (list, then watch). Only what the node itself would do is done here: no
+other node's namespace is touched.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def changed_nodes(cluster: Cluster, record: Record) -> tuple[list, list[str]]:
 def bring_up(cluster: Cluster, record: Record, mode, nodes: list[NodeRecord], tx) -> None:
     """Each node's own part, as its daemons set it up at boot: devices, carrier, agent,
     forwarding, masquerade rules and the files flannel keeps on disk. Peers are the daemons'
-    job (or, for modes whose daemon does not watch the store yet, apply's)."""
+    job."""
     from netsim import pods
     from netsim.cniconf import write_node_files
     from netsim.kernel import nft
@@ -88,20 +89,15 @@ def bring_up(cluster: Cluster, record: Record, mode, nodes: list[NodeRecord], tx
     pods.agent_tunnels(cluster, record, mode)
     for node in nodes:
         sysctl.set_in(node.netns, {"net.ipv4.ip_forward": "1"})
-        if not mode.watches:
-            with Rtnl(node.netns) as rt:
-                for peer in record.nodes.values():
-                    if peer is not node:
-                        mode.add_peer(rt, node, peer)
-                rt.commit()
         nft.apply(node.netns, mode.masquerade(cluster, node))
         write_node_files(cluster, node, mode)
 
 
 def join(cluster: Cluster, record: Record, mode, store, tx: Transaction, joining: list) -> None:
-    """New nodes into the running cluster: plugged in, planned (a free subnet), brought up,
-    leased, their daemons started."""
-    plan = mode.plan_nodes(cluster, state.cluster_dir(cluster.name))
+    """New nodes into the running cluster: plugged in, planned (a free subnet, a block),
+    brought up, leased, their daemons started (BIRD too, for BGP)."""
+    cluster_dir = state.cluster_dir(cluster.name)
+    plan = mode.plan_nodes(cluster, cluster_dir, [n.name for n in joining])
     made = []
     for node in joining:
         made.append(underlay.join(cluster, record.underlay, node, tx))
@@ -115,21 +111,28 @@ def join(cluster: Cluster, record: Record, mode, store, tx: Transaction, joining
         held = mode.lease(node)
         if held:
             tx.on_undo(f"lease of {node.name}", lambda k=held[0]: store.delete(k))
+        tx.on_undo(
+            f"{node.name} in the store",
+            lambda n=node: mode.forget_node(store, cluster, cluster_dir, n),
+        )
     agents.sync(record, [n.name for n in made])
+    for node in made:
+        mode.restart_node(cluster, record, cluster_dir, node)
+        if node.bird is not None:
+            tx.process(f"BIRD of {node.name}", node.bird.pid, node.bird.start)
+    mode.nodes_changed(cluster, record)
 
 
 def leave(cluster: Cluster, record: Record, mode, store, names: list[str]) -> None:
-    """Nodes out of the cluster, their pods already gone: agent and daemons stopped, the
-    lease deleted (the peers' flanneld drop the routes), namespace and files removed."""
+    """Nodes out of the cluster, their pods already gone: agent and daemons stopped, its keys
+    deleted (the peers' daemons drop the routes), namespace and files removed."""
     from netsim.kernel import netns as nsmod
 
     for name in names:
         node = record.nodes[name]
         proc.stop(_processes(record, node))
         mode.stop_node(node)
-        held = mode.lease(node) if node.subnet else None
-        if held:
-            store.delete(held[0])
+        mode.forget_node(store, cluster, state.cluster_dir(cluster.name), node)
         if node.lease:
             store.revoke(node.lease)
         store.delete(storemod.STATUS + name)
@@ -137,6 +140,7 @@ def leave(cluster: Cluster, record: Record, mode, store, names: list[str]) -> No
         nsmod.remove(node.netns)
         shutil.rmtree(state.node_dir(cluster.name, name), ignore_errors=True)
         del record.nodes[name]
+    mode.nodes_changed(cluster, record)
     if mode.encapsulation == "udp":  # the agents' forwarding tables, as apply keeps them
         from netsim import pods
 
@@ -184,7 +188,7 @@ def start(cluster_name: str, name: str) -> float:
         underlay.set_port(record.underlay, node, up=True)
         tx = Transaction(cluster_name)
         agents.start(record, node, tx)
-        node.down = False
+        node.down = node.evicted = False
         cluster = _cluster_of(record)
         mode.publish(store, cluster, record)  # flanneld at its start: take the lease again
         mode.restart_node(cluster, record, state.cluster_dir(cluster_name), node)

@@ -146,6 +146,7 @@ class Cluster:
     datastore: Datastore = field(default_factory=Datastore)
     lease_ttl: int = 86400  # flannel's subnet lease TTL (flannel fixes it at 24 h)
     node_grace: int = 40  # kube-controller-manager's --node-monitor-grace-period, seconds
+    eviction_timeout: int = 300  # NotReady this long: its Deployments' pods are made elsewhere
     source: str = ""  # the file it came from
 
     def node(self, name: str) -> Node:

@@ -50,8 +50,11 @@ def reconcile(
     from netsim.kubeproxy import sync
 
     recorded = record.pods
-    stopped = frozenset(n for n, node in record.nodes.items() if node.down)
-    placed = {n: r.node for n, r in recorded.items()}
+    stopped = frozenset(n for n, node in record.nodes.items() if node.down or node.evicted)
+    # a Deployment's pods on a node evicted (NotReady past the timeout) are made elsewhere
+    placed = {
+        n: r.node for n, r in recorded.items() if not (record.nodes[r.node].evicted and r.pod.owner)
+    }
     desired = {p.name: p for p in schedule(cluster, placed, stopped)}
     stale = [
         n
@@ -263,24 +266,13 @@ def _exec_pods(
 
 
 def sync_blocks(cluster: Cluster, record: Record, mode: Mode) -> None:
-    """Calico: a node whose blocks filled up claimed another; program it as felix (or BIRD)
-    would: a blackhole on the owner, a route on every peer."""
-    from netsim.kernel.netlink import Rtnl
-
-    for node_name, new in mode.new_blocks(cluster, state.cluster_dir(cluster.name), record).items():
-        node = record.nodes[node_name]
-        with Rtnl(node.netns) as rt:
-            for block in new:
-                mode.own_block(rt, block)
-            rt.commit()
-        for peer_name, peer in record.nodes.items():
-            if peer_name != node_name:
-                with Rtnl(peer.netns) as rt:
-                    mode.peer_blocks(rt, peer, node, new)
-                    rt.commit()
-        node.blocks += new
-        mode.blocks_changed(cluster, record, node_name)
-        agent_tunnels(cluster, record, mode)
+    """Calico: a node whose blocks filled up claimed another; felix on every node (and confd,
+    for BGP) programs it from the store, the record notes it for its readers."""
+    new = mode.new_blocks(cluster, state.cluster_dir(cluster.name), record)
+    for node_name, blocks in new.items():
+        record.nodes[node_name].blocks += blocks
+    if new:
+        agent_tunnels(cluster, record, mode)  # a userspace carrier's table, as felix keeps it
 
 
 def agent_tunnels(cluster: Cluster, record: Record, mode: Mode) -> None:

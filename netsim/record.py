@@ -74,6 +74,7 @@ class NodeRecord(Host):
     agent: Process | None = None
     agent_tunnel: TunnelSpec | None = None  # a userspace carrier served by the agent
     down: bool = False  # stopped by `netsim node stop` (a power cut) until `node start`
+    evicted: bool = False  # NotReady past the eviction timeout: no pods go there until Ready
 
     @property
     def pod_cidrs(self) -> list[str]:
@@ -157,6 +158,7 @@ class ClusterSpec:
     datastore: Datastore = field(default_factory=Datastore)
     lease_ttl: int = 86400
     node_grace: int = 40
+    eviction_timeout: int = 300
 
 
 @dataclass

@@ -128,6 +128,7 @@ _KNOWN = {
         "spec.datastore.etcd.netns",
         "spec.controlPlane",
         "spec.controlPlane.nodeMonitorGracePeriod",
+        "spec.controlPlane.podEvictionTimeout",
     },
     "Pod": {
         "apiVersion",
@@ -733,6 +734,14 @@ def _cluster(doc: _Doc) -> Cluster:
         "Kubernetes' default is 40",
         most=3600,
     )
+    eviction_timeout = _seconds(
+        doc,
+        "spec.controlPlane.podEvictionTimeout",
+        300,
+        2,
+        "Kubernetes' default is 300",
+        most=3600,
+    )
     service_cidr = doc.cidr(
         doc.get("spec.serviceCIDR", DEFAULTS["service_cidr"]), "spec.serviceCIDR"
     )
@@ -811,6 +820,7 @@ def _cluster(doc: _Doc) -> Cluster:
         datastore=datastore,
         lease_ttl=lease_ttl,
         node_grace=node_grace,
+        eviction_timeout=eviction_timeout,
     )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")

@@ -169,20 +169,71 @@ def test_a_node_joins_and_serves_then_another_drains(cluster):
     assert "worker-4" in gets and "worker-2" not in gets
 
 
-def _kernel_state(netns: str) -> dict:
+def _fdb(netns: str, device: str) -> list[dict]:
+    out = subprocess.run(
+        ["bridge", "-n", netns, "-j", "fdb", "show", "dev", device],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def _kernel_state(netns: str, tunnel: str = "flannel.1") -> dict:
     return {
         "routes": ip_json(netns, "route", "show"),
         "neigh": ip_json(netns, "neigh", "show", "nud", "permanent"),
-        "fdb": json.loads(
-            subprocess.run(
-                ["bridge", "-n", netns, "-j", "fdb", "show", "dev", "flannel.1"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        ),
+        "fdb": _fdb(netns, tunnel),
         "nft": _objects(netns),
     }
+
+
+@pytest.mark.parametrize("source", ["calico-vxlan.yaml", "calico-bgp.yaml"])
+def test_calico_nodes_join_and_leave_and_every_peer_follows(cluster, source):
+    """felix (VXLAN: route, ARP and FDB entry per peer) or BIRD reconfigured by confd (BGP)
+    reach a joining node's block on every peer; when a node leaves, its block, affinity and
+    Node resource leave the store and every peer drops its routes."""
+    from netsim import store as storemod
+
+    bgp = source == "calico-bgp.yaml"
+    cluster.apply(source=source)
+    _nodes_doc(cluster.file, ["worker-1", "worker-2", "worker-3", "worker-4"])
+    cluster.netsim("apply", "-f", cluster.file, check=True)
+
+    def follows(record) -> None:
+        for node in record.nodes.values():
+            peers = [n for n in record.nodes.values() if n is not node]
+            wanted = {b for p in peers for b in p.blocks}
+            if bgp:
+
+                def learned(netns=node.netns):
+                    return {r["dst"] for r in ip_json(netns, "route", "show", "proto", "bird")}
+
+                wait_for(lambda w=wanted, f=learned: f() == w, 20, f"BGP routes on {node.name}")
+                continue
+            routes = ip_json(node.netns, "route", "show", "dev", "vxlan.calico")
+            assert {r["dst"] for r in routes} == wanted, node.name
+            arp = ip_json(node.netns, "neigh", "show", "dev", "vxlan.calico")
+            assert {(n["dst"], n["lladdr"]) for n in arp} == {
+                (p.tunnel_ip, p.vtep_mac) for p in peers
+            }, node.name
+            fdb = _fdb(node.netns, "vxlan.calico")
+            assert {(f["mac"], f["dst"]) for f in fdb} == {(p.vtep_mac, p.ip) for p in peers}
+
+    follows(cluster.record())
+    _nodes_doc(cluster.file, ["worker-1", "worker-3", "worker-4"])
+    cluster.netsim("apply", "-f", cluster.file, check=True)
+    record = cluster.record()
+    follows(record)
+    store = storemod.of(record.cluster, record.spec.datastore)
+    left = [kv.key for kv in store.range("/calico/", prefix=True, keys_only=True)]
+    assert not [k for k in left if "worker-2" in k], left
+    from netsim import probe
+
+    client = record.pods["web-0"].netns
+    ip = record.services["web"].cluster_ip
+    answered = {probe.http_get(client, ip, 80).body for _ in range(12)}
+    assert answered == set(record.pods), answered
 
 
 def _objects(netns: str) -> list[str]:
@@ -347,7 +398,13 @@ def test_fresh_connections_survive_a_node_joining_and_another_draining(cluster):
     assert {p.node for p in cluster.record().pods.values()} == {"worker-1", "worker-2", "worker-4"}
 
 
-def test_an_agent_killed_is_restarted_by_apply_and_resyncs_to_the_same_kernel_state(cluster):
+@pytest.mark.parametrize(
+    ("source", "tunnel"),
+    [("flannel-vxlan.yaml", "flannel.1"), ("calico-vxlan.yaml", "vxlan.calico")],
+)
+def test_an_agent_killed_is_restarted_by_apply_and_resyncs_to_the_same_kernel_state(
+    cluster, source, tunnel
+):
     """kill -9 of a node's agent (its daemons and pods' servers die with it); the next apply
     starts it again, its daemons list the store and watch, and its node's kernel is exactly
     as it was; its pod answers again."""
@@ -356,10 +413,10 @@ def test_an_agent_killed_is_restarted_by_apply_and_resyncs_to_the_same_kernel_st
 
     from netsim import probe
 
-    cluster.apply()
+    cluster.apply(source=source)
     record = cluster.record()
     node = record.nodes["worker-2"]
-    before = _kernel_state(node.netns)
+    before = _kernel_state(node.netns, tunnel)
     os.kill(node.agent.pid, signal.SIGKILL)
     wait_for(lambda: not os.path.exists(f"/proc/{node.agent.pid}/status"), 5, "the agent to die")
     result = cluster.netsim("apply", "-f", cluster.file, check=True)
@@ -367,7 +424,41 @@ def test_an_agent_killed_is_restarted_by_apply_and_resyncs_to_the_same_kernel_st
         "the agent of node worker-2 was not running" in result.stdout + result.stderr
     )
     assert cluster.record().nodes["worker-2"].agent.pid != node.agent.pid
-    assert _kernel_state(node.netns) == before
+    assert _kernel_state(node.netns, tunnel) == before
     pod = next(p for p in record.pods.values() if p.node == "worker-2")
     answer = probe.http_get(record.pods["web-0"].netns, pod.ip, 9376)
     assert answer.body == pod.name, answer
+
+
+def test_a_dead_nodes_deployment_pods_are_made_again_elsewhere_after_the_eviction_timeout(
+    cluster,
+):
+    """NotReady after the 2 s grace, then the 3 s eviction timeout: the node controller
+    taints worker-3 and its Deployment's pod is made again on a Ready node, answering through
+    the Service; back Ready, the taint goes and new pods may land on it again."""
+    from netsim import probe
+
+    cluster.apply(
+        source="calico-vxlan.yaml",
+        controlPlane={"nodeMonitorGracePeriod": 2, "podEvictionTimeout": 3},
+    )
+    record = cluster.record()
+    lost = next(p.name for p in record.pods.values() if p.node == "worker-3")
+    cluster.netsim("node", "stop", "worker-3", check=True)
+    wait_for(  # (while it is remade, the record has it in neither place)
+        lambda: cluster.record().pods.get(lost, record.pods[lost]).node != "worker-3",
+        30,
+        f"{lost} to be made again on another node",
+    )
+    after = cluster.record()
+    assert after.nodes["worker-3"].evicted
+    assert after.pods[lost].ip != record.pods[lost].ip  # a new pod, from its new node's block
+    ip = after.services["web"].cluster_ip
+    answered = {probe.http_get(after.pods["web-0"].netns, ip, 80).body for _ in range(12)}
+    assert answered == set(after.pods), answered
+    events = cluster.netsim("get", "events", check=True).stdout
+    assert f"evicted 1 pod(s), made again elsewhere: {lost}" in events, events
+    cluster.netsim("node", "start", "worker-3", check=True)
+    assert not cluster.record().nodes["worker-3"].evicted
+    cluster.netsim("scale", "deployment/web", "--replicas", "6", check=True)
+    assert "worker-3" in {p.node for p in cluster.record().pods.values()}

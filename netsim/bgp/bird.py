@@ -377,21 +377,23 @@ def check(config_path: str, netns: str | None = None) -> None:
 
 
 def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
 
-def _install(path: str, config: str, netns: str | None) -> None:
-    """Replace the config file only with text BIRD accepts; a rejected one is not left behind."""
-    _write(path + ".new", config)
+def install(path: str, config: str, netns: str | None) -> None:
+    """Replace the config file only with text BIRD accepts; a rejected one is not left behind.
+    The staged file is this process's own: netsim and the node's confd may write at once."""
+    staged = f"{path}.{os.getpid()}.new"
+    _write(staged, config)
     try:
-        check(path + ".new", netns)
+        check(staged, netns)
     except NetsimError:
-        os.unlink(path + ".new")
+        os.unlink(staged)
         raise
-    os.replace(path + ".new", path)
+    os.replace(staged, path)
 
 
 def log_tail(directory: str, lines: int = 10) -> str:
@@ -415,17 +417,17 @@ def start(netns: str, directory: str, config: str) -> tuple[int, int]:
         raise NetsimError(f"cannot start BIRD: netns {netns} does not exist")
     os.makedirs(os.path.dirname(p["conf"]), exist_ok=True)
     if os.path.exists(p["ctl"]):
-        if _answers(directory):
+        if answers(directory):
             raise NetsimError(f"a BIRD already answers on {p['ctl']}; stop it first")
         os.unlink(p["ctl"])  # left by a BIRD that died
-    _install(p["conf"], config, netns)
+    install(p["conf"], config, netns)
     _write(p["netns"], netns + "\n")
     pid, started = proc.spawn(
         ["bird", "-f", "-c", p["conf"], "-s", p["ctl"], "-P", p["pid"]], p["log"], netns=netns
     )
     deadline = time.monotonic() + 5
     while True:
-        if _answers(directory):
+        if answers(directory):
             return pid, started
         if not proc.alive(pid, started):
             proc.stop([(pid, started)])  # reaps it
@@ -438,7 +440,7 @@ def start(netns: str, directory: str, config: str) -> tuple[int, int]:
         time.sleep(0.01)
 
 
-def _answers(directory: str) -> bool:
+def answers(directory: str) -> bool:
     try:
         _ask(directory, "show status", timeout=1)
     except NetsimError:
@@ -458,7 +460,7 @@ def reconfigure(directory: str, config: str) -> None:
     """Check the new config, swap it in and have the running BIRD apply it (`birdc configure`):
     unchanged sessions stay up, added peers connect, removed ones are shut down."""
     p, netns = _paths(directory), _netns_of(directory)
-    _install(p["conf"], config, netns)
+    install(p["conf"], config, netns)
     result = _run_in(netns, ["birdc", "-s", p["ctl"], "configure"])
     text = (result.stdout + result.stderr).strip()
     ok = ("Reconfigured", "Reconfiguration in progress", "Nothing to do")

@@ -1,5 +1,6 @@
 """A node's daemons, run by its agent against the cluster's etcd, as on a real node: flanneld
-reaches the peers the subnet leases name; kube-proxy (nftables mode) programs the Services and
+reaches the peers the subnet leases name; calico-node's felix the peers' IPAM blocks, and its
+confd keeps BIRD's configuration; kube-proxy (nftables mode) programs the Services and
 Endpoints. Each watches the store (informer.py), changes only its own node's kernel, records
 what it did (events.py) and publishes the revision it applied under /netsim.dev/status/<node>,
 which `netsim apply` waits for."""
@@ -33,11 +34,18 @@ def start(config: dict, node_dir: str, tunnel: Callable[[], object], proxy: Call
         return lambda message: events.record(node_dir, node.name, daemon, message)
 
     daemons: list = []
-    if mode.watches:
+    if mode.family == "flannel":
         from netsim.daemons.flanneld import Flanneld
 
         udp = tunnel if mode.encapsulation == "udp" else None
         daemons.append(Flanneld(mode, node, config["network"], recorder("flanneld"), udp))
+    else:
+        from netsim.daemons.felix import Confd, Felix
+
+        carrier = tunnel if node.carrier == "userspace" else None
+        daemons.append(Felix(mode, node, recorder("felix"), carrier))
+        if mode.bgp:
+            daemons.append(Confd(node, os.path.join(node_dir, "bird"), recorder("confd")))
     if config["kube_proxy"] == "nftables":
         from netsim.daemons.kube_proxy import KubeProxy
 

@@ -98,6 +98,9 @@ class Informer:
             for i, daemon in enumerate(self.daemons):
                 if not (dirty & set(daemon.prefixes)) and i not in failed:
                     continue
+                if any(not seen[p] for p in daemon.prefixes):  # not listed yet: a sync on
+                    behind |= set(daemon.prefixes)  # half the picture would undo the rest
+                    continue
                 try:
                     daemon.sync(view)
                     failed.discard(i)

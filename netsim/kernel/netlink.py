@@ -478,7 +478,7 @@ class Rtnl:
 
     def routes(self, table: int = 254) -> list[dict]:
         """IPv4 routes of a table as {dst ('a.b.c.d/n' or 'default'), gateway, oif, scope,
-        type (RTN_*)}."""
+        type (RTN_*), proto (RTPROT_*: who made it)}."""
         msg = rtmsg()
         msg["family"] = AF_INET
         found = []
@@ -493,6 +493,7 @@ class Rtnl:
                     "oif": r.get_attr("RTA_OIF"),
                     "scope": r["scope"],
                     "type": r["type"],
+                    "proto": r["proto"],
                 }
             )
         return found

@@ -83,7 +83,9 @@ class Mode:
 
     # -- the node side -------------------------------------------------------------------------
 
-    def plan_nodes(self, cluster: Cluster, cluster_dir: str) -> dict[str, dict[str, Any]]:
+    def plan_nodes(
+        self, cluster: Cluster, cluster_dir: str, names: list[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Each node's facts (NodeRecord fields): its subnet or blocks, VTEP MAC, ..."""
         raise NotImplementedError
 
@@ -133,6 +135,16 @@ class Mode:
         subnet lease), or None."""
         return None
 
+    def forget_node(self, store, cluster: Cluster, cluster_dir: str, node: NodeRecord) -> None:
+        """A node left: delete what the store holds for it, so that every peer's daemon
+        drops it (flannel: its subnet lease)."""
+        held = self.lease(node) if node.subnet else None
+        if held:
+            store.delete(held[0])
+
+    def nodes_changed(self, cluster: Cluster, record: Record) -> None:
+        """Nodes joined or left: what outside the nodes follows them (BGP routers)."""
+
     def publish(self, store, cluster: Cluster, record: Record) -> list[str]:
         """Write the mode's keys to the cluster's etcd once its nodes are built, and on every
         later apply those that are missing or differ (lost with etcd's data, or deleted by
@@ -170,19 +182,8 @@ class Mode:
     def new_blocks(
         self, cluster: Cluster, cluster_dir: str, record: Record
     ) -> dict[str, list[str]]:
-        """Blocks nodes claimed since they were programmed: node -> blocks."""
+        """Blocks nodes claimed since the record noted theirs: node -> blocks."""
         return {}
-
-    def own_block(self, rtnl: Rtnl, block: str) -> None:
-        """What the owner of a new block programs."""
-
-    def peer_blocks(
-        self, rtnl: Rtnl, node: NodeRecord, peer: NodeRecord, blocks: list[str]
-    ) -> None:
-        """What node programs to reach peer's new blocks."""
-
-    def blocks_changed(self, cluster: Cluster, record: Record, node_name: str) -> None:
-        """A node took another block (BGP announces it)."""
 
     # -- the pod side --------------------------------------------------------------------------
 

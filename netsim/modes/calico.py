@@ -13,13 +13,70 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import NamedTuple
 
 from netsim.modes.base import Mode
 
 RTPROT_FELIX = 80  # the protocol number Calico's felix marks its routes with
 CNI_NETWORK = "k8s-pod-network"  # the network name in Calico's CNI config
-RESOURCES = "/calico/resources/v3/projectcalico.org"  # v3 resources in Calico's etcdv3 store
+RESOURCES = "/calico/resources/v3/projectcalico.org/"  # v3 resources in Calico's etcdv3 store
+NODES = RESOURCES + "nodes/"
+BLOCKS = "/calico/ipam/v2/assignment/ipv4/block/"  # IPAM blocks, each with its affinity
 SEGMENT_LABEL = "netsim.io/segment"  # on Node resources: external BGP peers select by it
+
+
+class CalicoPeer(NamedTuple):
+    """Another node as felix reads it from the store: its Node resource and its blocks."""
+
+    name: str
+    ip: str
+    segment: str
+    tunnel_ip: str
+    vtep_mac: str
+    blocks: tuple[str, ...]
+
+
+def block_order(block: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in block.replace("/", ".").split("."))
+
+
+def affine_blocks(blocks: dict) -> dict[str, list[str]]:
+    """node -> its blocks (in address order), from the IPAM block keys and their affinity."""
+    found: dict[str, list[str]] = {}
+    for kv in blocks.values():
+        data = kv.json()
+        affinity = data.get("affinity") or ""
+        if affinity.startswith("host:") and not data.get("deleted"):
+            found.setdefault(affinity[5:], []).append(data["cidr"])
+    return {node: sorted(b, key=block_order) for node, b in found.items()}
+
+
+def node_resources(resources: dict) -> dict[str, dict]:
+    """name -> the v3 Node resource, from the store's resources."""
+    return {
+        kv.key[len(NODES) :]: kv.json() for kv in resources.values() if kv.key.startswith(NODES)
+    }
+
+
+def peers_of(resources: dict, blocks: dict, me: str) -> tuple[dict[str, CalicoPeer], set[str]]:
+    """(every other node with an address, as felix reaches it; this node's own blocks)."""
+    affine = affine_blocks(blocks)
+    peers = {}
+    for name, node in node_resources(resources).items():
+        spec = node.get("spec", {})
+        bgp = spec.get("bgp", {})
+        address = bgp.get("ipv4Address", "").split("/")[0]
+        if name == me or not address:
+            continue
+        peers[name] = CalicoPeer(
+            name,
+            address,
+            node.get("metadata", {}).get("labels", {}).get(SEGMENT_LABEL, ""),
+            spec.get("ipv4VXLANTunnelAddr") or bgp.get("ipv4IPIPTunnelAddr", ""),
+            spec.get("vxlanTunnelMACAddr", ""),
+            tuple(affine.get(name, ())),
+        )
+    return peers, set(affine.get(me, ()))
 
 
 class CalicoIpam:
@@ -69,7 +126,7 @@ def resource(
     """{key: value} of a Calico v3 resource as Calico's etcdv3 backend keeps it."""
     metadata = {"name": name, **({"labels": labels} if labels else {})}
     value = {"kind": kind, "apiVersion": "projectcalico.org/v3", "metadata": metadata}
-    return {f"{RESOURCES}/{plural}/{name}": json.dumps({**value, "spec": spec})}
+    return {f"{RESOURCES}{plural}/{name}": json.dumps({**value, "spec": spec})}
 
 
 class CalicoBackend(Mode):
@@ -77,6 +134,7 @@ class CalicoBackend(Mode):
     daemon = "calico-node"
     cni_network = CNI_NETWORK
     encap_setting = ""  # the CalicoSpec field (ipip_mode, vxlan_mode) that decides encapsulation
+    watches = (BLOCKS, RESOURCES)  # felix and confd: the blocks' affinities, the Node resources
 
     # -- the cluster ---------------------------------------------------------------------------
 
@@ -84,12 +142,13 @@ class CalicoBackend(Mode):
         """The pool's ipipMode or vxlanMode for this mode's encapsulation; Never for BGP."""
         return getattr(cluster.calico, self.encap_setting) if self.encap_setting else "Never"
 
-    def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
-        """Each node's first block and, for the tunnelling modes, its tunnel address."""
+    def plan_nodes(self, cluster, cluster_dir: str, names=None) -> dict[str, dict]:
+        """Each node's (of `names`, else all) first block and, for the tunnelling modes, its
+        tunnel address."""
         store = block_store(cluster, cluster_dir)
         plan = {}
         with store.session():
-            for node in (n.name for n in cluster.nodes):
+            for node in names if names is not None else [n.name for n in cluster.nodes]:
                 plan[node] = {"blocks": [store.claim(node)], "encap": self.setting(cluster)}
                 if self.tunnel:
                     plan[node]["tunnel_ip"] = store.allocate(
@@ -124,8 +183,30 @@ class CalicoBackend(Mode):
     def add_peer(self, rtnl, node, peer) -> None:
         self.reach_peer(rtnl, node, peer, peer.blocks)
 
-    def peer_blocks(self, rtnl, node, peer, blocks: list[str]) -> None:
-        self.reach_peer(rtnl, node, peer, blocks, first=False)
+    def remove_peer(self, rtnl, node, peer, keep=None) -> None:
+        """Undo add_peer, except what `keep` (the same peer as it is now) still needs."""
+        for block in peer.blocks:
+            if keep is None or block not in keep.blocks:
+                rtnl.route_delete(block)
+                if self.encapsulates(node, peer):
+                    self.forget_route(node, peer, block)
+        same = keep is not None and keep[:5] == peer[:5] and keep.blocks
+        if self.encapsulates(node, peer) and not same:
+            self.forget_vtep(rtnl, peer)
+
+    def forget_route(self, node, peer, block: str) -> None:
+        """What encap_route programmed outside the routing table (the eBPF carrier's map)."""
+
+    def forget_vtep(self, rtnl, peer) -> None:
+        """What reaching the peer itself took (VXLAN: its ARP and FDB entries)."""
+
+    def sweep(self, rtnl, node, peers: dict, own: set[str]) -> None:
+        """A starting felix: remove the routes it marked that neither `own` nor a peer wants
+        (a node or block that left while it was away)."""
+        wanted = own | {b for p in peers.values() for b in p.blocks}
+        for route in rtnl.routes():
+            if route["proto"] == RTPROT_FELIX and route["dst"] not in wanted:
+                rtnl.route_delete(route["dst"])
 
     def reach_peer(self, rtnl, node, peer, blocks: list[str], first: bool = True) -> None:
         """Routes to a peer's blocks; `first` also programs what reaching the peer itself
@@ -141,6 +222,12 @@ class CalicoBackend(Mode):
 
     def encap_route(self, rtnl, node, peer, block: str, first: bool) -> None:
         raise NotImplementedError  # the modes that tunnel define it
+
+    def forget_node(self, store, cluster, cluster_dir: str, node) -> None:
+        """Its Node resource, blocks, affinities and tunnel handle: felix on every peer drops
+        its routes, confd its BGP session."""
+        store.delete(f"{NODES}{node.name}")
+        block_store(cluster, cluster_dir).forget_node(node.name)
 
     def new_blocks(self, cluster, cluster_dir: str, record) -> dict[str, list[str]]:
         affinity = block_store(cluster, cluster_dir).affinity()
@@ -223,6 +310,8 @@ class CalicoBackend(Mode):
                 bgp["ipv4IPIPTunnelAddr"] = node.tunnel_ip
             if node.tunnel_ip and self.encapsulation == "vxlan":
                 spec["ipv4VXLANTunnelAddr"] = node.tunnel_ip
+            if self.encapsulation == "vxlan" and node.vtep_mac:
+                spec["vxlanTunnelMACAddr"] = node.vtep_mac
             labels = {SEGMENT_LABEL: node.segment}
             if name in reflectors:  # each reflector its own cluster, as BIRD is configured
                 bgp["routeReflectorClusterID"] = node.ip

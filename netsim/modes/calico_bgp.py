@@ -9,34 +9,85 @@ and learns their blocks.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
-from netsim.modes.calico import CalicoBackend
+from netsim.errors import NetsimError
+from netsim.modes.calico import (
+    BLOCKS,
+    RESOURCES,
+    SEGMENT_LABEL,
+    CalicoBackend,
+    affine_blocks,
+    node_resources,
+)
 
 CONVERGE_TIMEOUT = 15.0  # seconds for every session to reach Established
 
 
-def sessions(record, node_name: str, asn: int, reflectors: list[str]) -> list[dict]:
-    """A node's BGP peers and their roles: full mesh, or the route-reflector shape; plus the
-    external routers on its segment."""
-    node = record.nodes[node_name]
+def sessions(
+    nodes: dict[str, tuple[str, str]],
+    routers: list[tuple[str, str, int, str]],
+    me: str,
+    asn: int,
+    reflectors: list[str],
+) -> list[dict]:
+    """A node's BGP peers and their roles, by name: full mesh, or the route-reflector shape;
+    plus the external routers (name, ip, asn, segment) on its segment. `nodes`: name -> (ip,
+    segment)."""
     peers = []
-    for other, entry in record.nodes.items():
-        if other == node_name:
+    for other, (ip, _) in sorted(nodes.items()):
+        if other == me:
             continue
         if not reflectors:
             role = "mesh"
-        elif node_name in reflectors:
+        elif me in reflectors:
             role = "mesh" if other in reflectors else "rr-client"
         elif other in reflectors:
             role = "reflector"
         else:
             continue
-        peers.append({"name": other, "ip": entry.ip, "asn": asn, "role": role})
-    for other, entry in record.clients.items():
-        if entry.asn and entry.segment == node.segment:
-            peers.append({"name": other, "ip": entry.ip, "asn": entry.asn, "role": "external"})
+        peers.append({"name": other, "ip": ip, "asn": asn, "role": role})
+    for name, ip, router_asn, segment in sorted(routers):
+        if segment == nodes[me][1]:
+            peers.append({"name": name, "ip": ip, "asn": router_asn, "role": "external"})
     return peers
+
+
+def config_from_store(resources: dict, blocks: dict, me: str) -> str | None:
+    """The node's bird.cfg as confd renders it from the store: the Node resources (addresses,
+    segments, route reflectors), the BGPConfiguration's AS, the BGPPeers naming external
+    routers, the IP pools and the node's own blocks; None while the node is not in the store."""
+    from netsim.bgp import bird
+
+    nodes, reflectors, routers, pools, asn = {}, [], [], [], bird.DEFAULT_ASN
+    for name, node in node_resources(resources).items():
+        bgp = node.get("spec", {}).get("bgp", {})
+        if bgp.get("ipv4Address"):
+            segment = node.get("metadata", {}).get("labels", {}).get(SEGMENT_LABEL, "")
+            nodes[name] = (bgp["ipv4Address"].split("/")[0], segment)
+            if bgp.get("routeReflectorClusterID"):
+                reflectors.append(name)
+    if me not in nodes:
+        return None
+    for kv in resources.values():
+        rest = kv.key[len(RESOURCES) :]
+        spec = kv.json().get("spec", {})
+        if rest == "bgpconfigurations/default":
+            asn = int(spec.get("asNumber", asn))
+        elif rest.startswith("ippools/"):
+            pools.append(spec["cidr"])
+        elif rest.startswith("bgppeers/") and spec.get("peerIP"):
+            segment = re.search(r"== '([^']*)'", spec.get("nodeSelector", ""))
+            if segment:
+                routers.append(
+                    (rest[len("bgppeers/") :], spec["peerIP"], int(spec["asNumber"]), segment[1])
+                )
+    own = affine_blocks(blocks).get(me, [])
+    node = {"name": me, "ip": nodes[me][0], "blocks": own, "reflector": me in reflectors}
+    return bird.render(
+        node, sessions(nodes, routers, me, asn, sorted(reflectors)), asn, pools=sorted(pools)
+    )
 
 
 class CalicoBgp(CalicoBackend):
@@ -70,25 +121,20 @@ class CalicoBgp(CalicoBackend):
     def add_peer(self, rtnl, node, peer) -> None:
         """Nothing to program: BIRD learns the peer's blocks and installs the routes."""
 
-    def peer_blocks(self, rtnl, node, peer, blocks: list[str]) -> None:
-        """A peer's new block arrives by BGP too."""
+    def remove_peer(self, rtnl, node, peer, keep=None) -> None:
+        """Nothing either: BIRD withdraws them when the peer's session ends."""
 
     def _config(self, cluster, record, node_name: str) -> str:
-        from netsim.bgp import bird
+        """The node's bird.cfg as its confd renders it, from the store."""
+        from netsim import store as storemod
 
-        node = record.nodes[node_name]
-        me = {
-            "name": node_name,
-            "ip": node.ip,
-            "blocks": node.blocks,
-            "reflector": node_name in cluster.calico.reflectors,
-        }
-        return bird.render(
-            me,
-            sessions(record, node_name, cluster.calico.asn, list(cluster.calico.reflectors)),
-            cluster.calico.asn,
-            pools=[cluster.pod_network],
-        )
+        store = storemod.of(record.cluster, record.spec.datastore)
+        resources = {kv.key: kv for kv in store.range(RESOURCES, prefix=True)}
+        blocks = {kv.key: kv for kv in store.range(BLOCKS, prefix=True)}
+        config = config_from_store(resources, blocks, node_name)
+        if config is None:
+            raise NetsimError(f"node {node_name} has no Calico Node resource in {store}")
+        return config
 
     def _router_config(self, cluster, record, name: str) -> str:
         from netsim.bgp import bird
@@ -133,6 +179,14 @@ class CalicoBgp(CalicoBackend):
             started(host.bird)
         bird.wait_established([d for _, _, d in daemons], CONVERGE_TIMEOUT)
 
+    def nodes_changed(self, cluster, record) -> None:
+        """The top-of-rack routers peer with the nodes of their segment: they re-read theirs."""
+        from netsim.bgp import bird
+
+        for name, router in record.clients.items():
+            if router.asn and router.bird is not None:
+                bird.reconfigure(router.bird.dir, self._router_config(cluster, record, name))
+
     def restart_node(self, cluster, record, cluster_dir: str, node) -> None:
         """BIRD again, with the node's configuration; its sessions come back by themselves."""
         from netsim.bgp import bird
@@ -141,9 +195,3 @@ class CalicoBgp(CalicoBackend):
         directory = os.path.join(cluster_dir, "nodes", node.name, "bird")
         pid, start = bird.start(node.netns, directory, self._config(cluster, record, node.name))
         node.bird = Process(pid, start, directory)
-
-    def blocks_changed(self, cluster, record, node_name: str) -> None:
-        """Announce the new block: BIRD re-reads its config, sessions stay up."""
-        from netsim.bgp import bird
-
-        bird.reconfigure(record.nodes[node_name].bird.dir, self._config(cluster, record, node_name))

@@ -64,11 +64,11 @@ class CalicoIpip(CalicoBackend):
         carrier, why = choose_carrier()
         return f"carrier {carrier}: {why}" if carrier else f"unavailable: {why}"
 
-    def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
+    def plan_nodes(self, cluster, cluster_dir: str, names=None) -> dict[str, dict]:
         carrier, why = choose_carrier(cluster.calico.ipip_carrier)
         if not carrier:
             raise NetsimError(f"calico-ipip cannot run here: {why}")
-        plan = super().plan_nodes(cluster, cluster_dir)
+        plan = super().plan_nodes(cluster, cluster_dir, names)
         for facts in plan.values():
             facts["carrier"] = carrier
         return plan
@@ -136,6 +136,23 @@ class CalicoIpip(CalicoBackend):
             from netsim.kernel import ipip_bpf
 
             ipip_bpf.add_peer(node.netns, block, peer.ip)
+
+    def forget_route(self, node, peer, block: str) -> None:
+        if node.carrier == "ebpf":
+            from netsim.kernel import ipip_bpf
+
+            ipip_bpf.remove_peer(node.netns, block, peer.ip)
+
+    def sweep(self, rtnl, node, peers: dict, own: set[str]) -> None:
+        """Also the eBPF carrier's map entries no peer wants any more."""
+        super().sweep(rtnl, node, peers, own)
+        if node.carrier == "ebpf":
+            from netsim.kernel import ipip_bpf
+
+            wanted = {(b, p.ip) for p in peers.values() for b in p.blocks}
+            for block, ip in ipip_bpf.peers(node.netns).items():
+                if (block, ip) not in wanted:
+                    ipip_bpf.remove_peer(node.netns, block, ip)
 
     def describe_node(self, record, node, run) -> list[tuple[str, str]]:
         sections = super().describe_node(record, node, run) if node.carrier != "ebpf" else []

@@ -25,8 +25,8 @@ class CalicoVxlan(VxlanDevice, CalicoBackend):
     mac_prefix = 0x66
     route_proto = RTPROT_FELIX
 
-    def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
-        plan = super().plan_nodes(cluster, cluster_dir)
+    def plan_nodes(self, cluster, cluster_dir: str, names=None) -> dict[str, dict]:
+        plan = super().plan_nodes(cluster, cluster_dir, names)
         for name, facts in plan.items():  # felix generates one and stores it on the node
             facts["vtep_mac"] = self.vtep_mac(cluster.name, name)
         return plan
@@ -39,6 +39,28 @@ class CalicoVxlan(VxlanDevice, CalicoBackend):
         if first:
             self.reach_vtep(rtnl, peer.tunnel_ip, peer)
         self.route_via_vtep(rtnl, block, peer.tunnel_ip)
+
+    def forget_vtep(self, rtnl, peer) -> None:
+        from netsim.kernel.netlink import IFINDEX
+
+        rtnl.neighbour_delete(IFINDEX.TUNNEL, peer.tunnel_ip, self.tunnel)
+        rtnl.fdb_delete(IFINDEX.TUNNEL, peer.vtep_mac, peer.ip, self.tunnel)
+
+    def sweep(self, rtnl, node, peers: dict, own: set[str]) -> None:
+        """Also the ARP and FDB entries of VTEPs no peer has any more."""
+        from socket import AF_BRIDGE
+
+        from netsim.kernel.netlink import IFINDEX
+
+        super().sweep(rtnl, node, peers, own)
+        vteps = {p.tunnel_ip for p in peers.values()}
+        macs = {(p.vtep_mac, p.ip) for p in peers.values()}
+        for ip, _ in rtnl.neighbours(IFINDEX.TUNNEL):
+            if ip not in vteps:
+                rtnl.neighbour_delete(IFINDEX.TUNNEL, ip, self.tunnel)
+        for dst, mac in rtnl.neighbours(IFINDEX.TUNNEL, AF_BRIDGE):
+            if (mac, dst) not in macs:
+                rtnl.fdb_delete(IFINDEX.TUNNEL, mac, dst, self.tunnel)
 
     def describe_node(self, record, node, run) -> list[tuple[str, str]]:
         return super().describe_node(record, node, run) + self.describe_vtep(run)

@@ -22,7 +22,7 @@ class FlannelBackend(Mode):
     backend = ""  # flannel's Backend.Type
     watches = ("/coreos.com/network/subnets/",)  # SUBNETS
 
-    def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
+    def plan_nodes(self, cluster, cluster_dir: str, names=None) -> dict[str, dict]:
         """A subnet per node, as flanneld picks one: the lease the store holds for the node's
         PublicIP if there is one, else the first free subnet (leases of other hosts kept)."""
         from netsim import store as storemod

@@ -30,8 +30,8 @@ class FlannelVxlan(VxlanDevice, flannel.FlannelBackend):
     summary = f"VXLAN VNI {VNI}, UDP {PORT}"
     mac_prefix = 0x02
 
-    def plan_nodes(self, cluster, cluster_dir: str) -> dict[str, dict]:
-        plan = super().plan_nodes(cluster, cluster_dir)
+    def plan_nodes(self, cluster, cluster_dir: str, names=None) -> dict[str, dict]:
+        plan = super().plan_nodes(cluster, cluster_dir, names)
         for name, facts in plan.items():
             facts["vtep_mac"] = self.vtep_mac(cluster.name, name)
         return plan

@@ -12,10 +12,21 @@ def master_netns(cluster: str) -> str:
     return naming.ns_name(cluster, "master")
 
 
+_stores: dict[tuple, Store] = {}
+
+
 def of(cluster: str, datastore: Datastore, node_netns: str | None = None) -> Store:
     """The cluster's store: netsim's etcd, reached from the master namespace (the CLI) or over
     the underlay from a node's own (`node_netns`); or the user's endpoints, from the namespace
-    they named (else the host's own)."""
+    they named (else the host's own). One client per process and place, so that what it wrote
+    (Store.written: the IPAM's blocks too) is what apply waits for the nodes to apply."""
+    key = (cluster, datastore, node_netns)
+    if key not in _stores:
+        _stores[key] = _new(cluster, datastore, node_netns)
+    return _stores[key]
+
+
+def _new(cluster: str, datastore: Datastore, node_netns: str | None) -> Store:
     if datastore.own:
         return Store(
             [f"http://{datastore.master_ip}:{CLIENT_PORT}"],
