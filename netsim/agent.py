@@ -6,20 +6,20 @@ the pod's own container commands, started inside the pod's namespace. A socket o
 entering a pod's namespace stays in that namespace, so one process serves all pods.
 
 netsim talks to it over a unix socket in the node's state directory, one JSON line each way:
-{"pods": {name: {"netns": ..., "ports": [...], "commands": [[...]]}}, "tunnel": {...} | null,
-"lease": {...} | null, "daemons": {...} | null} makes the agent serve exactly those pods (and
-the node's userspace carrier, if the mode has one: netsim/userspace_tunnel.py, in threads of
-its own), renew the node's flannel lease as flanneld does (LeaseRenewer), and run the node's
-daemons against the store (netsim/daemons: flanneld, kube-proxy, whose userspace mode's proxy
-this agent serves: netsim/kubeproxy/userspace.py); it answers {"ok": true, "serving": [...],
-"pids": {...}}. Agents are forked from the cluster's zygote (netsim/zygote.py), which has
-imported all of this once.
+{"tunnel": {...} | null, "lease": {...} | null, "daemons": {...} | null} makes the agent serve
+the node's userspace carrier, if the mode has one (netsim/userspace_tunnel.py, in threads of its
+own), renew the node's flannel lease as flanneld does (LeaseRenewer), and run the node's
+daemons against the store (netsim/daemons: the kubelet, which tells the agent which pods to
+serve; flanneld or calico-node; kube-proxy, whose userspace mode's proxy this agent serves:
+netsim/kubeproxy/userspace.py); it answers {"ok": true, "errors": {}}. Agents are forked from
+the cluster's zygote (netsim/zygote.py), which has imported all of this once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -46,6 +46,10 @@ class Agent:
         self.informer = None  # the node's daemons against the store (netsim/daemons)
         self.daemons_config: dict | None = None
         self.sel.register(self.control, selectors.EVENT_READ, ("control-accept", None))
+        # the kubelet's requests, from its thread, are served by the event loop's
+        self.requests: queue.Queue = queue.Queue()
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self.wake_read, selectors.EVENT_READ, ("wake", None))
 
     # -- pods ----------------------------------------------------------------------------------
 
@@ -93,7 +97,9 @@ class Agent:
         try:
             from netsim.daemons import start  # only agents that run daemons pay
 
-            self.informer = start(config, self.log_dir, lambda: self.tunnel, self.userspace_proxy)
+            self.informer = start(
+                config, self.log_dir, lambda: self.tunnel, self.userspace_proxy, self.serve
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             return f"daemons: {exc}"
         return None
@@ -107,6 +113,30 @@ class Agent:
             self.proxy = Proxy(self.netns)
             self.proxy.start()
         return self.proxy
+
+    def serve(self, wanted: dict[str, dict], timeout: float = 60.0) -> dict[str, list[int]]:
+        """Serve exactly these pods (called by the kubelet, from its thread); the PIDs of
+        each one's containers. Pods that could not start raise."""
+        done, box = threading.Event(), {}
+        self.requests.put((wanted, done, box))
+        os.write(self.wake_write, b"w")
+        if not done.wait(timeout):
+            raise RuntimeError(f"the agent did not serve its pods within {timeout:.0f} s")
+        reply = box["reply"]
+        if reply["errors"]:
+            raise RuntimeError(f"the agent could not serve pods: {reply['errors']}")
+        return reply["pids"]
+
+    def _on_wake(self, fd: int, _: object) -> None:
+        while True:
+            try:
+                os.read(fd, 4096)
+            except BlockingIOError:
+                break
+        while not self.requests.empty():
+            wanted, done, box = self.requests.get()
+            box["reply"] = self.sync(wanted)
+            done.set()
 
     def sync(self, wanted: dict[str, dict]) -> dict:
         for name in list(self.pods):
@@ -219,11 +249,8 @@ class Agent:
                     "tunnel": self.sync_tunnel(request.get("tunnel")),
                     "daemons": self.sync_daemons(request.get("daemons")),
                 }
-                reply = self.sync(request["pods"])
-                for what, text in problems.items():
-                    if text:
-                        reply["ok"] = False
-                        reply["errors"][what] = text
+                errors = {what: text for what, text in problems.items() if text}
+                reply = {"ok": not errors, "errors": errors}
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
 
@@ -299,15 +326,14 @@ def _end(procs: list[subprocess.Popen]) -> None:
 
 def request(
     control_path: str,
-    pods: dict[str, dict],
     tunnel: dict | None = None,
     lease: dict | None = None,
     daemons: dict | None = None,
     timeout: float = 30.0,
 ) -> dict:
-    """Ask a running agent to serve exactly these pods (and this tunnel, and keep this
-    flannel lease alive, and run the node's daemons against the store); return its reply."""
-    message = {"pods": pods, "tunnel": tunnel, "lease": lease, "daemons": daemons}
+    """Ask a running agent to serve this tunnel, keep this flannel lease alive and run the
+    node's daemons against the store; return its reply."""
+    message = {"tunnel": tunnel, "lease": lease, "daemons": daemons}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_path)

@@ -1,5 +1,6 @@
-"""The node agents from netsim's side: start one per node, tell each exactly which pods (and
-userspace carrier, and userspace proxy services) it serves, stop them by PID."""
+"""The node agents from netsim's side: start one per node, tell each its userspace carrier,
+lease and daemons (its kubelet takes its pods from the store), wait for what they report, stop
+them by PID."""
 
 from __future__ import annotations
 
@@ -74,27 +75,17 @@ def start_zygote(cluster: str, tx: Transaction) -> Process:
 
 
 def sync(record: Record, nodes: list[str]) -> None:
-    """Tell each node's agent the exact set of pods it serves (and its tunnel, lease and
-    daemons), and wait for it to confirm; stopped nodes are told when they start."""
-    wanted = set(nodes)
-    by_node: dict[str, dict[str, dict]] = {name: {} for name in nodes}
-    for name, p in record.pods.items():  # one pass, not one per node
-        if p.pod.node in wanted:
-            by_node[p.pod.node][name] = {
-                "netns": p.netns,
-                "ports": list(p.pod.serve_ports),
-                "commands": [list(c.command) for c in p.pod.containers if c.command],
-            }
+    """Tell each node's agent its tunnel, lease and daemons, and wait for it to confirm;
+    stopped nodes are told when they start."""
     for node_name in nodes:
         node = record.nodes[node_name]
         if node.down:  # stopped (`netsim node stop`): told everything when it starts
             continue
-        pods = by_node[node_name]
         path = os.path.join(state.node_dir(record.cluster, node_name), "agent.sock")
         tunnel = dataclasses.asdict(node.agent_tunnel) if node.agent_tunnel else None
         try:
             reply = agentmod.request(
-                path, pods, tunnel, _lease(record, node), daemons_config(record, node)
+                path, tunnel, _lease(record, node), daemons_config(record, node)
             )
         except OSError as exc:
             raise NetsimError(
@@ -103,12 +94,9 @@ def sync(record: Record, nodes: list[str]) -> None:
             ) from None
         if not reply.get("ok"):
             raise NetsimError(
-                f"the agent of node {node_name} could not serve pods or its "
-                f"tunnel: {reply.get('errors')}"
+                f"the agent of node {node_name} could not start its tunnel or daemons: "
+                f"{reply.get('errors')}"
             )
-        for pod_name, pids in reply.get("pids", {}).items():
-            if pod_name in record.pods:
-                record.pods[pod_name].pids = pids
 
 
 def daemons_config(record: Record, node: NodeRecord) -> dict:
@@ -117,8 +105,10 @@ def daemons_config(record: Record, node: NodeRecord) -> dict:
     from netsim import store as storemod
 
     store = storemod.of(record.cluster, record.spec.datastore, node.netns)
+    spec = dataclasses.replace(record.spec, nodes=[], clients=[])  # what stays while it lives
     return {
         "cluster": record.cluster,
+        "spec": msgspec.to_builtins(spec),
         "mode": record.mode,
         "network": record.spec.pod_network,
         "kube_proxy": record.spec.proxy_mode,
@@ -133,7 +123,6 @@ def _lasting(node: NodeRecord) -> NodeRecord:
     leases cleared): a change of these, and only these, restarts its daemons."""
     return dataclasses.replace(
         node,
-        next_ifindex=0,
         lease=0,
         blocks=[],
         bird=None,
@@ -145,23 +134,28 @@ def _lasting(node: NodeRecord) -> NodeRecord:
     )
 
 
-def watched(record: Record) -> list[str]:
-    """The prefixes every node's daemons watch: flannel's leases (flanneld), Services and
-    Endpoints (kube-proxy)."""
+def watched(record: Record, node: str) -> list[str]:
+    """The prefixes a node's daemons watch: its own pods (kubelet), its mode's (flannel's
+    leases; Calico's blocks and resources), Services and Endpoints (kube-proxy)."""
     from netsim import modes, registry
+    from netsim.daemons.kubelet import KUBELET
 
-    return [*modes.get(record.mode).watches, registry.SERVICES_ALL]
+    return [f"{KUBELET}{node}/", *modes.get(record.mode).watches, registry.SERVICES_ALL]
 
 
 def wait_applied(store, record: Record, timeout: float = 60.0) -> float:
-    """Wait until every node reports (its status key) that its daemons applied this
+    """Wait until every running node reports (its status key) that its daemons applied this
     client's last write under each prefix they watch; the seconds that took."""
     import time
 
     from netsim import store as storemod
 
-    targets = {p: store.written(p) for p in watched(record)}
-    targets = {p: r for p, r in targets.items() if r}
+    running = [name for name, node in record.nodes.items() if not node.down]
+    written = store.written_under(sorted({p for n in running for p in watched(record, n)}))
+    targets = {}
+    for name in running:
+        if wanted := {p: written[p] for p in watched(record, name) if written[p]}:
+            targets[name] = wanted
     started = time.monotonic()
     behind: dict[str, str] = {}
     pause = 0.002  # then longer: a hundred nodes' statuses are read at each look
@@ -171,8 +165,8 @@ def wait_applied(store, record: Record, timeout: float = 60.0) -> float:
             for kv in store.range(storemod.STATUS, prefix=True)
         }
         behind = {}
-        for name in [n for n, node in record.nodes.items() if not node.down]:
-            for prefix, revision in targets.items():
+        for name, wanted in targets.items():
+            for prefix, revision in wanted.items():
                 if applied.get(name, {}).get(prefix, 0) < revision:
                     behind[name] = f"{prefix} at revision {revision}"
         if not behind:

@@ -179,6 +179,10 @@ def apply(
                 if record is not None:
                     agents.stop_all(record)
                 state.remove(cluster.name)
+                # the pods' namespaces too, which the kubelets made
+                prefix = state.netns_prefix(cluster.name)
+                made = [n for n in nsmod.names() if n.startswith(prefix)]
+                nsmod.unlink_all(state.netns_dir(cluster.name), made)
                 nsmod.remove_group(state.netns_dir(cluster.name))
             else:
                 committed = state.load(cluster.name)

@@ -46,11 +46,15 @@ def cni_bin_dir(cluster: str) -> str:
 def runtime(record: Record, node_name: str):
     """A CNI runtime for one node: its config list, run inside the node's namespace, results
     cached in the node's state."""
+    return node_runtime(record.cluster, node_name, record.mode, record.nodes[node_name].netns)
+
+
+def node_runtime(cluster: str, node: str, mode: str, netns: str):
     from cni.runtime import DEFAULT_PATH, Runtime
 
     return Runtime(
-        conflist_path(record.cluster, node_name, record.mode),
-        [cni_bin_dir(record.cluster)] + DEFAULT_PATH,
-        os.path.join(state.node_dir(record.cluster, node_name), "cni-cache"),
-        run_in=record.nodes[node_name].netns,
+        conflist_path(cluster, node, mode),
+        [cni_bin_dir(cluster)] + DEFAULT_PATH,
+        os.path.join(state.node_dir(cluster, node), "cni-cache"),
+        run_in=netns,
     )

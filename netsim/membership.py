@@ -148,10 +148,16 @@ def leave(cluster: Cluster, record: Record, mode, store, names: list[str]) -> No
 
 
 def _processes(record: Record, node: NodeRecord) -> list[tuple[int, int]]:
-    """The node's agent and BIRD, and its pods' container processes."""
+    """The node's agent and BIRD, and its pods' container processes (as its kubelet noted
+    them on the node's disk)."""
+    import json
+    import os
+
     found = [(p.pid, p.start) for p in (node.agent, node.bird) if p is not None]
-    for pod in record.pods_on(node.name):
-        found += [(pid, proc.start_time(pid) or 0) for pid in pod.pids]
+    pods = os.path.join(state.node_dir(record.cluster, node.name), "pods")
+    for entry in os.listdir(pods) if os.path.isdir(pods) else []:
+        with open(os.path.join(pods, entry)) as fh:
+            found += [tuple(p) for p in json.load(fh).get("pids", [])]
     return [p for p in found if p[1]]
 
 
@@ -189,7 +195,7 @@ def start(cluster_name: str, name: str) -> float:
         tx = Transaction(cluster_name)
         agents.start(record, node, tx)
         node.down = node.evicted = False
-        cluster = _cluster_of(record)
+        cluster = record.spec.cluster(record.cluster)
         mode.publish(store, cluster, record)  # flanneld at its start: take the lease again
         mode.restart_node(cluster, record, state.cluster_dir(cluster_name), node)
         began = time.time()
@@ -207,12 +213,3 @@ def _node(cluster_name: str, name: str) -> tuple[Record, NodeRecord]:
             f"cluster {cluster_name} has no node {name}; its nodes: {', '.join(record.nodes)}"
         )
     return record, record.nodes[name]
-
-
-def _cluster_of(record: Record) -> Cluster:
-    """The cluster-level facts as the record keeps them (what publish and the daemons'
-    configuration read), without its pods and Services."""
-    from dataclasses import fields
-
-    spec = record.spec
-    return Cluster(record.cluster, **{f.name: getattr(spec, f.name) for f in fields(spec)})

@@ -1,20 +1,20 @@
-"""Pods: schedule them, wire the new ones, take down the stale ones, keep the record.
+"""Pods: schedule them, bind them to their nodes, keep the record.
 
-New pods are wired in-process (per node one IPAM session, one netlink batch for the host ends,
-one small batch inside each pod: cni.wiring, the code the CNI executable runs too) or, with
---cni exec, by executing each node's CNI config list as a container runtime would. A pod whose
-spec changed is replaced: its endpoints leave every node's Services first, it serves for a
-grace period, then goes, then its successor is built.
+apply is the scheduler and the API server here: it places each pod and binds it to its node
+(the pod's spec under the node's kubelet prefix in etcd, netsim/daemons/kubelet.py); the
+node's kubelet makes it (CNI ADD, in-process or by executing the node's CNI chain with --cni
+exec) and publishes its address, which apply reads back into the record. A pod whose spec
+changed is replaced: its endpoints leave every node's Services first, it serves for a grace
+period, then its binding goes (the kubelet runs the CNI DEL), then its successor is bound.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 
-from netsim import agents, naming, services, state
+from netsim import agents, naming, state
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
 from netsim.model import Cluster, Pod
@@ -26,9 +26,6 @@ from netsim.transaction import Changes, Transaction
 # a pod out of its Services keeps serving this long before it is stopped, as a terminating
 # pod does for its grace period, so a connection begun just before the update still finishes
 TERMINATION_GRACE = 0.2
-# nodes wired side by side: the kernel does most of a node's work inside its sends, with the
-# interpreter's lock released, so a few threads keep every core busy
-WORKERS = min(8, (os.cpu_count() or 1) + 1)
 
 Progress = Callable[[str], None]
 
@@ -44,18 +41,17 @@ def reconcile(
     cni_exec: bool = False,
     alongside: Callable[[], None] | None = None,
 ) -> None:
-    """`alongside`: work that needs the new pods' addresses but not their wiring, done while
-    the nodes wire them (a new cluster's objects written to the store, so that every node's
-    kube-proxy programs them meanwhile)."""
+    """`alongside`: work that needs the new pods' addresses (a new cluster's objects written
+    to the store), done once the kubelets have made them."""
     from netsim.kubeproxy import sync
 
     recorded = record.pods
-    stopped = frozenset(n for n, node in record.nodes.items() if node.down or node.evicted)
+    unschedulable = frozenset(n for n, node in record.nodes.items() if node.down or node.evicted)
     # a Deployment's pods on a node evicted (NotReady past the timeout) are made elsewhere
     placed = {
         n: r.node for n, r in recorded.items() if not (record.nodes[r.node].evicted and r.pod.owner)
     }
-    desired = {p.name: p for p in schedule(cluster, placed, stopped)}
+    desired = {p.name: p for p in schedule(cluster, placed, unschedulable)}
     stale = [
         n
         for n, r in recorded.items()
@@ -75,194 +71,101 @@ def reconcile(
             sync.sync(cluster, record, store)
             if record.services:
                 time.sleep(TERMINATION_GRACE)
-        # a replaced pod keeps its name: take the old one down before building the new one
-        agents.sync(record, sorted({p.node for p in removing.values()}))
-        remove(cluster, record, mode, removing)
+        unbind(record, store, removing)
         progress(f"pods: removed {len(removing)}")
         changes.removed += [f"pod {n}" for n in removing]
         state.save(record)  # removals are done: a later failure rolls back to this record
-    if new and cni_exec:
-        _exec_pods(cluster, record, mode, new, tx, progress, changes)
-    elif new:
-        _add_pods(cluster, record, mode, new, tx, progress, changes, alongside)
     if new:
+        bind(cluster, record, store, tx, new, "cni-exec" if cni_exec else "in-process", progress)
+        changes.created += [f"pod {p.name}" for p in new]
+        if alongside is not None:
+            alongside()
         sync_blocks(cluster, record, mode)
-        agents.sync(record, sorted({p.node for p in new}))
 
 
-def _by_node(pods: list[Pod]) -> dict[str, list[Pod]]:
-    found: dict[str, list[Pod]] = {}
-    for pod in pods:
-        found.setdefault(pod.node, []).append(pod)
-    return found
+def binding(pod: Pod) -> str:
+    """The key of a pod bound to its node: what the node's kubelet watches."""
+    from netsim.daemons.kubelet import KUBELET
+
+    return f"{KUBELET}{pod.node}/{pod.name}"
 
 
-def _release(ipam, pod: str) -> None:
-    with ipam.session():
-        ipam.release(pod, "eth0")
-
-
-def _add_pods(
+def bind(
     cluster: Cluster,
     record: Record,
-    mode: Mode,
-    pods: list[Pod],
+    store,
     tx: Transaction,
+    pods: list[Pod],
+    via: str,
     progress: Progress,
-    changes: Changes,
-    alongside: Callable[[], None] | None = None,
 ) -> None:
-    """The in-process path: every node's new pods get their addresses first (one IPAM
-    session a node), then the nodes are wired side by side: its pods' namespaces, one netlink
-    batch for the host ends, one small batch inside each pod. `alongside` runs in a thread of
-    its own while the nodes are wired: the record already holds every new pod."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    groups = list(_by_node(pods).values())
-    with ThreadPoolExecutor(min(len(groups), WORKERS) + (alongside is not None)) as pool:
-        addressed = _each(
-            [(pool.submit(_address_on_node, cluster, record, mode, g, tx), None) for g in groups]
+    """Bind the pods to their nodes and wait for the kubelets to make them; their records
+    from what the kubelets publish. Undone: the bindings go (the kubelets delete the pods)."""
+    bound = {
+        binding(pod): json.dumps(
+            {
+                "netns": naming.ns_name(cluster.name, "pod", pod.name),
+                "ports": list(pod.serve_ports),
+                "commands": [list(c.command) for c in pod.containers if c.command],
+                "via": via,
+            }
         )
-        for made in addressed:
-            for name, entry in made.items():
-                record.pods[name] = entry
-                tx.on_undo(f"record of {name}", lambda p=name: record.pods.pop(p, None))
-        side = [(pool.submit(alongside), None)] if alongside is not None else []
-        done = 0
+        for pod in pods
+    }
+    def unbound() -> None:  # the kubelets delete the pods
+        store.delete_all(list(bound))
+        agents.wait_applied(store, record)
 
-        def wired(made: dict[str, PodRecord]) -> None:
-            nonlocal done
-            changes.created.extend(f"pod {name}" for name in made)
-            done += len(made)
-            progress(f"pods: {done}/{len(pods)}")
-
-        wiring = [
-            (pool.submit(_wire_on_node, cluster, record, mode, made, tx), wired)
-            for made in addressed
-        ]
-        _each(side + wiring)
-
-
-def _each(futures: list[tuple[Future, Callable | None]]) -> list:
-    """Every future's result in order, each one's callback (if any) called on it as it is
-    taken; all of them finish (or fail) before the first failure is raised, so the undo sees
-    the whole of it."""
-    results, failure = [], None
-    for future, then in futures:
-        try:
-            result = future.result()
-        except BaseException as exc:
-            failure = failure or exc
-            continue
-        results.append(result)
-        if then is not None:
-            then(result)
-    if failure is not None:
-        raise failure
-    return results
-
-
-def _wire_on_node(
-    cluster: Cluster, record: Record, mode: Mode, made: dict[str, PodRecord], tx: Transaction
-) -> dict[str, PodRecord]:
-    """One node's addressed pods: their namespaces made and wired."""
-    from cni.wiring import Attachment, wire
-    from netsim.kernel.netlink import Rtnl
-
-    node = record.nodes[next(iter(made.values())).node]
-    routes, prefixlen = mode.pod_routes(cluster, node), mode.pod_prefixlen(node)
-    mtu = mode.pod_mtu(cluster.mtu)
-    for entry in made.values():
-        tx.netns(entry.netns)
-    attachments = []
-    try:
-        for name, entry in made.items():
-            attachments.append(
-                Attachment(
-                    entry.netns,
-                    nsmod.open_fd(entry.netns),
-                    entry.veth,
-                    entry.ip,
-                    prefixlen,
-                    routes,
-                    mtu,
-                    alias=name,
-                    index=entry.ifindex,
-                )
-            )
-        with Rtnl(node.netns) as rt:
-            wire(mode.pod_side, rt, attachments, loopback=True)
-    finally:
-        for attachment in attachments:
-            os.close(attachment.pod_fd)
-    return made
-
-
-def _address_on_node(
-    cluster: Cluster, record: Record, mode: Mode, pods: list[Pod], tx: Transaction
-) -> dict[str, PodRecord]:
-    """One IPAM session for the node's new pods: each one's address, names and index."""
-    node = record.nodes[pods[0].node]
-    ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
-    made = {}
-    with ipam.session():
-        for pod in pods:
-            ip = ipam.allocate(pod.name, "eth0")
-            tx.on_undo(f"ip of {pod.name}", lambda p=pod.name, i=ipam: _release(i, p))
-            made[pod.name] = PodRecord(
-                pod,
-                naming.ns_name(cluster.name, "pod", pod.name),
-                ip,
-                mode.host_veth(services.NAMESPACE, pod.name),
-                node.next_ifindex,
-            )
-            node.next_ifindex += 1
-    return made
-
-
-def _exec_pods(
-    cluster: Cluster,
-    record: Record,
-    mode: Mode,
-    pods: list[Pod],
-    tx: Transaction,
-    progress: Progress,
-    changes: Changes,
-) -> None:
-    """Wire each pod by executing its node's CNI chain, as containerd would: ADD through every
-    plugin, the result cached; a failure runs DEL through the chain."""
-    from cni.spec import CniError
-    from netsim.cniconf import runtime
-    from netsim.kernel.netlink import IFINDEX, Rtnl
-
-    for done, pod in enumerate(pods, 1):
-        netns = naming.ns_name(cluster.name, "pod", pod.name)
-        tx.netns(netns)
-        rt = runtime(record, pod.node)
-        path = nsmod.path(netns)
-        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={services.NAMESPACE};K8S_POD_NAME={pod.name}"
-        try:
-            result = rt.add(pod.name, path, "eth0", args)
-        except CniError as exc:
-            try:
-                rt.delete(pod.name, path, "eth0")
-            except CniError:
-                pass  # the ADD's own failure is the one to report
-            raise NetsimError(
-                f"CNI ADD for pod {pod.name} failed (code {exc.code}): {exc.msg}"
-                + (f" ({exc.details})" if exc.details else "")
-            ) from None
-        tx.on_undo(f"CNI DEL of {pod.name}", lambda r=rt, p=pod.name, n=path: r.delete(p, n))
-        with Rtnl(netns) as pod_rt:
-            pod_rt.link_up(IFINDEX.LO, "lo")  # the runtime's loopback plugin
-            pod_rt.commit()
-        address = next(ip["address"] for ip in result["ips"])
+    tx.on_undo("the pods' bindings", unbound)
+    store.put_all(bound)
+    nodes = sorted({p.node for p in pods})
+    progress(f"pods: {len(pods)} bound to {len(nodes)} node(s); their kubelets make them")
+    agents.wait_applied(store, record)
+    made = _statuses(store, pods)
+    failed = [(p, made[p.name]["error"]) for p in pods if made.get(p.name, {}).get("error")]
+    missing = [p for p in pods if p.name not in made]
+    if failed or missing:
+        pod, why = failed[0] if failed else (missing[0], "it published no status")
+        raise NetsimError(
+            f"the kubelet of node {pod.node} could not make pod {pod.name}: {why} (see "
+            f"{state.node_dir(cluster.name, pod.node)}/agent.log)"
+        )
+    for pod in pods:
+        status = made[pod.name]
         record.pods[pod.name] = PodRecord(
-            pod, netns, address.split("/")[0], result["interfaces"][0]["name"], via="cni-exec"
+            pod,
+            status["netns"],
+            status["ip"],
+            status["veth"],
+            status["ifindex"],
+            status["via"],
+            status["pids"],
         )
         tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record.pods.pop(p, None))
-        changes.created.append(f"pod {pod.name}")
-        progress(f"pods: {done}/{len(pods)} (CNI exec)")
+    progress(f"pods: {len(pods)} made")
+
+
+def _statuses(store, pods: list[Pod]) -> dict[str, dict]:
+    """What the pods' kubelets published: pod -> status."""
+    from netsim.daemons.kubelet import POD_STATUS
+
+    wanted = {f"{POD_STATUS}{p.node}/{p.name}": p.name for p in pods}
+    if len(wanted) > 256:  # many: one read of them all beats a request per 128
+        found = {kv.key: kv for kv in store.range(POD_STATUS, prefix=True) if kv.key in wanted}
+    else:
+        found = {k: kv for k, kv in store.get_many(list(wanted)).items() if kv is not None}
+    return {wanted[key]: kv.json() for key, kv in found.items()}
+
+
+def unbind(record: Record, store, removing: dict[str, PodRecord]) -> None:
+    """The pods' bindings go and their kubelets delete them (CNI DEL), waited for. A stopped
+    node's kubelet does so when it starts again; meanwhile its pods' namespaces are removed
+    here (their veths go with them), so their names are free for their successors."""
+    store.delete_all([binding(entry.pod) for entry in removing.values()])
+    for entry in removing.values():
+        if record.nodes[entry.node].down:
+            nsmod.remove(entry.netns)
+    agents.wait_applied(store, record)
 
 
 def sync_blocks(cluster: Cluster, record: Record, mode: Mode) -> None:

@@ -15,7 +15,16 @@ from typing import NamedTuple
 import msgspec
 
 from netsim.errors import NetsimError
-from netsim.model import CalicoSpec, Datastore, ExternalClient, Node, Pod, Segment, Service
+from netsim.model import (
+    CalicoSpec,
+    Cluster,
+    Datastore,
+    ExternalClient,
+    Node,
+    Pod,
+    Segment,
+    Service,
+)
 
 
 @dataclass
@@ -62,7 +71,6 @@ class ClientRecord(Host):
 class NodeRecord(Host):
     """A node, with the facts its mode planned for it (the rest stay empty)."""
 
-    next_ifindex: int = 0  # the next interface index netsim gives a pod's host veth
     subnet: str = ""  # flannel: the node's lease, its podCIDR
     lease: int = 0  # flannel: the etcd lease its subnet lease is bound to (the agent renews it)
     blocks: list[str] = field(default_factory=list)  # Calico: IPAM blocks affine to the node
@@ -159,6 +167,13 @@ class ClusterSpec:
     lease_ttl: int = 86400
     node_grace: int = 40
     eviction_timeout: int = 300
+
+    def cluster(self, name: str) -> Cluster:
+        """The cluster-level facts as a model Cluster (what the modes and the daemons read),
+        without its pods and Services."""
+        from dataclasses import fields
+
+        return Cluster(name, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass

@@ -47,7 +47,7 @@ def _clear_users_store(record: Record | None) -> list[str]:
         for node in record.nodes.values():
             if node.lease:
                 store.revoke(node.lease)  # its keys go with it
-        prefixes = (*storemod.WRITTEN, storemod.STATUS, storemod.OWNER)
+        prefixes = (*storemod.WRITTEN, storemod.NETSIM)
         count = sum(store.delete(p, prefix=True) for p in prefixes)
     except NetsimError as exc:
         return [f"etcd keys left in place ({exc})"]

@@ -50,7 +50,7 @@ def build(
             attached = _attach(cluster, ul, role, host, IFINDEX.FIRST_DYNAMIC + i, bridges, tx)
             changes.created.append(f"netns {attached.netns}")
             if role == "node":
-                nodes[host.name] = NodeRecord(**vars(attached), next_ifindex=IFINDEX.FIRST_DYNAMIC)
+                nodes[host.name] = NodeRecord(**vars(attached))
             elif role == "ext":
                 clients[host.name] = ClientRecord(**vars(attached), asn=host.asn)
             else:
@@ -120,7 +120,7 @@ def join(cluster: Cluster, underlay: Underlay, node, tx: Transaction) -> NodeRec
         index = max(max(links.values()) + 1, IFINDEX.FIRST_DYNAMIC)
         attached = _attach(cluster, ul, "node", node, index, bridges, tx)
     _address(attached)
-    return NodeRecord(**vars(attached), next_ifindex=IFINDEX.FIRST_DYNAMIC)
+    return NodeRecord(**vars(attached))
 
 
 def set_port(underlay: Underlay, host: Host, up: bool) -> None:

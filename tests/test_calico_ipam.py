@@ -207,7 +207,7 @@ def test_the_mode_plans_blocks_and_tunnel_addresses_in_etcd(etcd, tmp_path):
     assert handle == {"block": {"192.168.0.64/26": 1}, "deleted": False}
     block = etcdctl_json(etcd, BLOCK + "192.168.0.64-26")
     assert block["attributes"][0]["secondary"] == {"node": "n2", "type": "vxlanTunnelAddress"}
-    ipam = mode.ipam(cluster, str(tmp_path), SimpleNamespace(name="n1"))
+    ipam = mode.ipam(cluster, str(tmp_path), SimpleNamespace(name="n1", netns=None))
     with ipam.session():
         assert ipam.allocate("web-0", "eth0") == "192.168.0.1"
     node = SimpleNamespace(name="n1", netns="netsim.ipamtest.n1", tunnel_ip="192.168.0.0")

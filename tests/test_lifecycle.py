@@ -21,7 +21,6 @@ from conftest import (
     run_netsim,
 )
 
-from cni import bridge
 from netsim import cluster as clustermod
 from netsim import state, topology
 from netsim.errors import NetsimError
@@ -44,17 +43,17 @@ def test_invalid_topology_exits_2_and_creates_nothing(cluster, tmp_path):
 
 
 def test_failed_first_apply_rolls_back_everything(cluster, monkeypatch):
+    """A failure once the kubelets have made the pods: everything goes, theirs too."""
+    from netsim import pods
+
     model, _ = topology.parse(open(cluster.write()).read(), cluster.file)
-    calls = []
 
-    def fail_on_third_pod(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 3:
-            raise NetsimError("injected failure")
-        return original(*args, **kwargs)
+    def fail(*args, **kwargs):
+        assert original(*args, **kwargs)  # the pods are made
+        raise NetsimError("injected failure")
 
-    original = bridge.BridgePodSide.attach_host
-    monkeypatch.setattr(bridge.BridgePodSide, "attach_host", fail_on_third_pod)
+    original = pods._statuses
+    monkeypatch.setattr(pods, "_statuses", fail)
     with pytest.raises(
         NetsimError, match="apply failed, this apply's changes were undone: injected failure"
     ):

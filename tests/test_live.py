@@ -5,8 +5,10 @@ would) reaches every node's kernel; the watch itself sees puts and deletes in or
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
+from ipaddress import ip_address, ip_network
 
 import pytest
 from conftest import NETSIM, ip_json, needs_root, wait_for
@@ -462,3 +464,34 @@ def test_a_dead_nodes_deployment_pods_are_made_again_elsewhere_after_the_evictio
     assert not cluster.record().nodes["worker-3"].evicted
     cluster.netsim("scale", "deployment/web", "--replicas", "6", check=True)
     assert "worker-3" in {p.node for p in cluster.record().pods.values()}
+
+
+def test_the_kubelet_makes_the_pods_bound_to_its_node_and_deletes_those_unbound(cluster):
+    """A pod bound by hand in etcd (as a scheduler would) is made by its node's kubelet: its
+    namespace, address and veth, published as its status, and it answers; unbound, the
+    kubelet deletes it and frees its address."""
+    from netsim import probe
+    from netsim import store as storemod
+
+    cluster.apply(replicas=1)
+    record = cluster.record()
+    store = storemod.of(record.cluster, record.spec.datastore)
+    netns = f"netsim.{cluster.name}.pod.byhand"
+    spec = {"netns": netns, "ports": [9376], "commands": [], "via": "in-process"}
+    store.put("/netsim.dev/kubelet/worker-2/byhand", json.dumps(spec))
+    status_key = "/netsim.dev/pods/worker-2/byhand"
+    wait_for(lambda: store.get(status_key) is not None, 10, "the kubelet's status")
+    status = store.get(status_key).json()
+    assert status["node"] == "worker-2" and status["netns"] == netns
+    node = record.nodes["worker-2"]
+    assert ip_address(status["ip"]) in ip_network(node.subnet)  # from the node's own subnet
+    links = {link["ifname"] for link in ip_json(node.netns, "link", "show")}
+    assert status["veth"] in links
+    answer = probe.http_get(record.pods["web-0"].netns, status["ip"], 9376)
+    assert answer.body == "byhand", answer
+    store.delete("/netsim.dev/kubelet/worker-2/byhand")
+    wait_for(lambda: store.get(status_key) is None, 10, "the kubelet deleting it")
+    assert netns not in cluster.namespaces()
+    assert status["veth"] not in {link["ifname"] for link in ip_json(node.netns, "link", "show")}
+    ipam = f"/run/netsim/{cluster.name}/nodes/worker-2/ipam/cbr0/{status['ip']}"
+    assert not os.path.exists(ipam)

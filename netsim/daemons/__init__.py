@@ -1,4 +1,5 @@
-"""A node's daemons, run by its agent against the cluster's etcd, as on a real node: flanneld
+"""A node's daemons, run by its agent against the cluster's etcd, as on a real node: the
+kubelet makes the pods bound to the node and has the agent serve them; flanneld
 reaches the peers the subnet leases name; calico-node's felix the peers' IPAM blocks, and its
 confd keeps BIRD's configuration; kube-proxy (nftables mode) programs the Services and
 Endpoints. Each watches the store (informer.py), changes only its own node's kernel, records
@@ -14,26 +15,35 @@ import time
 from collections.abc import Callable
 
 
-def start(config: dict, node_dir: str, tunnel: Callable[[], object], proxy: Callable[[], object]):
+def start(
+    config: dict,
+    node_dir: str,
+    tunnel: Callable[[], object],
+    proxy: Callable[[], object],
+    serve: Callable[[dict], dict],
+):
     """Start the daemons this configuration (netsim.agents.daemons_config) calls for; the
     running informer. `tunnel` and `proxy` give the agent's userspace carrier (None until it
-    runs) and its userspace proxy (made on first use)."""
+    runs) and its userspace proxy (made on first use); `serve` has the agent serve exactly the
+    pods the kubelet gives it."""
     import msgspec
 
     from netsim import events, modes
     from netsim import store as storemod
     from netsim.daemons.informer import Informer, status
-    from netsim.record import NodeRecord
+    from netsim.daemons.kubelet import Kubelet
+    from netsim.record import ClusterSpec, NodeRecord
     from netsim.store.client import Store, StoreError
 
     node = msgspec.convert(config["node"], NodeRecord)
+    cluster = msgspec.convert(config["spec"], ClusterSpec).cluster(config["cluster"])
     mode = modes.get(config["mode"])
     store = Store(config["store"]["endpoints"], config["store"]["netns"])
 
     def recorder(daemon: str) -> Callable[[str], None]:
         return lambda message: events.record(node_dir, node.name, daemon, message)
 
-    daemons: list = []
+    daemons: list = [Kubelet(mode, cluster, node, node_dir, serve, store, recorder("kubelet"))]
     if mode.family == "flannel":
         from netsim.daemons.flanneld import Flanneld
 

@@ -86,7 +86,6 @@ def create(name: str, under: str | None = None, file: str | None = None) -> None
     /run/netns/<name> links to it, relatively and short: ext4 keeps a link shorter than 60
     bytes in its inode, a longer one in a data block that removing it must free."""
     _prepare_run_dir()
-    home = _HOME_FD
     link = path(name)
     target = link
     if under:
@@ -104,6 +103,8 @@ def create(name: str, under: str | None = None, file: str | None = None) -> None
             os.symlink(os.path.relpath(target, RUN_DIR), link)
     except FileExistsError:
         raise KernelError(errnos.EEXIST, f"create netns {name}", None) from None
+    # back to where the thread was (a node agent's threads live in the node's namespace)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _check(_libc.unshare(CLONE_NEWNET), f"unshare for netns {name}", None)
         try:
@@ -114,6 +115,7 @@ def create(name: str, under: str | None = None, file: str | None = None) -> None
             )
         finally:
             _check(_libc.setns(home, CLONE_NEWNET), "return to home netns", None)
+            os.close(home)
     except KernelError:
         for made in {link, target}:
             with contextlib.suppress(OSError):

@@ -106,14 +106,14 @@ class CalicoIpam:
         return self.store.release(self.node, pod_handle(CNI_NETWORK, handle), ifname)
 
 
-def block_store(cluster, cluster_dir: str):
-    """The cluster's Calico IPAM, in its etcd as the CLI reaches it; the per-node locks in the
-    cluster's state directory (they go with it)."""
+def block_store(cluster, cluster_dir: str, node_netns: str | None = None):
+    """The cluster's Calico IPAM, in its etcd as the CLI reaches it (or a node, from its
+    namespace); the per-node locks in the cluster's state directory (they go with it)."""
     from cni.calico_ipam import BlockStore
     from netsim import store
 
     return BlockStore(
-        store.of(cluster.name, cluster.datastore),
+        store.of(cluster.name, cluster.datastore, node_netns),
         cluster.pod_network,
         cluster.subnet_len,
         lock_dir=os.path.join(cluster_dir, "calico-ipam"),
@@ -160,7 +160,7 @@ class CalicoBackend(Mode):
         return plan
 
     def ipam(self, cluster, cluster_dir: str, node) -> CalicoIpam:
-        return CalicoIpam(block_store(cluster, cluster_dir), node.name)
+        return CalicoIpam(block_store(cluster, cluster_dir, node.netns), node.name)
 
     def encapsulates(self, node, peer) -> bool:
         """Always: every peer; CrossSubnet: peers on another segment; Never: none."""

@@ -37,10 +37,11 @@ def _new(cluster: str, datastore: Datastore, node_netns: str | None) -> Store:
     return Store(datastore.endpoints, datastore.netns or None)
 
 
-# netsim's own key: which cluster a store belongs to (the real layouts name none)
-OWNER = "/netsim.dev/cluster"
+NETSIM = "/netsim.dev/"  # netsim's own keys, beside the real systems' layouts
+# which cluster a store belongs to (the real layouts name none)
+OWNER = NETSIM + "cluster"
 # each node's daemons publish here the revision of each prefix they have applied
-STATUS = "/netsim.dev/status/"
+STATUS = NETSIM + "status/"
 WRITTEN = ("/registry/", "/coreos.com/network/", "/calico/")  # what netsim writes
 
 

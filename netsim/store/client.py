@@ -232,7 +232,19 @@ class Store:
     def written(self, prefix: str) -> int:
         """The revision of this client's last write under the prefix (0: none): what a node
         that watches the prefix must have seen to have applied it."""
-        return max((r for k, r in self.writes.items() if k.startswith(prefix)), default=0)
+        return self.written_under([prefix])[prefix]
+
+    def written_under(self, prefixes: list[str]) -> dict[str, int]:
+        """written() of each prefix (none inside another), in one pass over the writes."""
+        import bisect
+
+        ordered = sorted(prefixes)
+        found = dict.fromkeys(prefixes, 0)
+        for key, revision in self.writes.items():
+            at = bisect.bisect_right(ordered, key) - 1
+            if at >= 0 and key.startswith(ordered[at]) and revision > found[ordered[at]]:
+                found[ordered[at]] = revision
+        return found
 
     def put_all(self, items: dict[str, str | bytes]) -> None:
         """Many keys, in transactions of at most MAX_TXN_OPS puts each."""

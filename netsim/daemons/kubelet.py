@@ -1,0 +1,297 @@
+"""kubelet on a node: make the pods the store binds to the node, and only those.
+
+The API server hands a kubelet only its own node's pods (a watch with the field selector
+spec.nodeName=<node>); etcd cannot filter by value, so netsim's scheduler (apply) also writes
+each bound pod under /netsim.dev/kubelet/<node>/<pod>, and the kubelet watches that prefix.
+For a pod that appears it runs the CNI ADD — in-process with the plugin's own code (an IPAM
+session for the batch, the pods' namespaces, one netlink batch for the host ends), or by
+executing the node's CNI config list (`--cni exec`) — and has the agent serve it (its hostname
+server, its containers); for a pod that goes it stops the containers and runs the CNI DEL
+(veth, namespace, address). What it made it keeps on the node's disk (<node>/pods/<pod>.json,
+as a container runtime keeps its sandboxes), so a restarted kubelet adopts its pods instead of
+making them twice, and publishes each pod's address, namespace, veth and container PIDs under
+/netsim.dev/pods/<node>/<pod> (the pod status apply reads back; `error` if the ADD failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+from netsim.kernel import netns as nsmod
+
+KUBELET = "/netsim.dev/kubelet/"  # + <node>/<pod>: the pod spec bound to the node
+POD_STATUS = "/netsim.dev/pods/"  # + <node>/<pod>: what the node's kubelet made of it
+
+
+class Kubelet:
+    name = "kubelet"
+
+    def __init__(self, mode, cluster, node, node_dir: str, serve, store, event: Callable):
+        self.mode, self.cluster, self.node = mode, cluster, node
+        self.serve = serve  # the agent: serve exactly these pods -> {pod: container pids}
+        self.store, self.event = store, event
+        self.prefixes = (f"{KUBELET}{node.name}/",)
+        self.dir = os.path.join(node_dir, "pods")
+        self.cluster_dir = os.path.dirname(os.path.dirname(node_dir))
+        self.running: dict[str, dict] | None = None  # pod -> its checkpoint; None: not read
+
+    def sync(self, view: dict) -> None:
+        prefix = self.prefixes[0]
+        wanted = {kv.key[len(prefix) :]: kv.json() for kv in view[prefix].values()}
+        if self.running is None:
+            self.running = self._adopt()
+        running = self.running
+        gone = sorted(n for n, c in running.items() if wanted.get(n) != c["spec"])
+        statuses: dict[str, str | None] = {}
+        if gone:
+            self._serve({n: c for n, c in running.items() if n not in gone})
+            self._delete([running.pop(n) for n in gone])
+            statuses |= dict.fromkeys(gone, None)
+        new = {n: s for n, s in sorted(wanted.items()) if n not in running}
+        error = ""
+        if new:
+            made, error = self._add(new)
+            running |= made
+        self._serve(running)
+        for name in new:
+            value = {"error": error} if error else _status(running[name])
+            statuses[name] = json.dumps({"node": self.node.name, **value})
+        self._publish(statuses)
+        if gone:
+            self.event(f"deleted {_names(gone)} (CNI DEL)")
+        if new:
+            self.event(
+                f"could not make {_names(new)}: {error}"
+                if error
+                else f"made {_names(new)} (CNI ADD) and started their containers"
+            )
+
+    # -- the node's disk -----------------------------------------------------------------------
+
+    def _adopt(self) -> dict[str, dict]:
+        """The pods a previous kubelet made (their checkpoints); their containers, which
+        outlived it, are ended: the agent starts them again with its servers."""
+        from netsim.kernel import proc
+
+        found = {}
+        for entry in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
+            if entry.endswith(".json"):
+                with open(os.path.join(self.dir, entry)) as fh:
+                    checkpoint = json.load(fh)
+                proc.stop([tuple(p) for p in checkpoint.get("pids", [])])
+                checkpoint["pids"] = []
+                found[checkpoint["name"]] = checkpoint
+        return found
+
+    def _save(self, checkpoint: dict) -> None:
+        from netsim import state
+
+        os.makedirs(self.dir, exist_ok=True)
+        state.write_file(
+            os.path.join(self.dir, f"{checkpoint['name']}.json"), json.dumps(checkpoint)
+        )
+
+    def _forget(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.dir, f"{name}.json"))
+        except FileNotFoundError:
+            pass
+
+    # -- CNI ADD and DEL -----------------------------------------------------------------------
+
+    def _next_index(self) -> int:
+        from netsim.kernel.netlink import IFINDEX
+
+        used = [c["ifindex"] for c in (self.running or {}).values() if c.get("ifindex")]
+        return max(used, default=IFINDEX.FIRST_DYNAMIC - 1) + 1
+
+    def _add(self, specs: dict[str, dict]) -> tuple[dict[str, dict], str]:
+        """Make the pods; ({pod: checkpoint}, "") or ({}, why) with nothing of them left."""
+        from netsim.errors import NetsimError
+
+        made: dict[str, dict] = {}
+        try:
+            if any(s.get("via") == "cni-exec" for s in specs.values()):
+                for name, spec in specs.items():
+                    made[name] = self._exec_add(name, spec)
+            else:
+                made = self._wire(specs)
+        except (NetsimError, OSError) as exc:  # KernelError is a NetsimError
+            self._delete(list(made.values()))
+            return {}, str(exc)
+        for checkpoint in made.values():
+            self._save(checkpoint)
+        return made, ""
+
+    def _wire(self, specs: dict[str, dict]) -> dict[str, dict]:
+        """The in-process ADD: addresses from one IPAM session, then the namespaces, one
+        netlink batch for the host ends and a small one inside each pod (cni.wiring)."""
+        from cni.wiring import Attachment, wire
+        from netsim.kernel.netlink import Rtnl
+        from netsim.services import NAMESPACE
+
+        mode, node = self.mode, self.node
+        ipam = mode.ipam(self.cluster, self.cluster_dir, node)
+        made: dict[str, dict] = {}
+        try:
+            with ipam.session():
+                index = self._next_index()
+                for name, spec in specs.items():
+                    made[name] = {
+                        "name": name,
+                        "spec": spec,
+                        "ip": ipam.allocate(name, "eth0"),
+                        "netns": spec["netns"],
+                        "veth": mode.host_veth(NAMESPACE, name),
+                        "ifindex": index,
+                        "via": "in-process",
+                        "pids": [],
+                    }
+                    index += 1
+            routes, prefixlen = mode.pod_routes(self.cluster, node), mode.pod_prefixlen(node)
+            mtu = mode.pod_mtu(self.cluster.mtu)
+            attachments = []
+            try:
+                for name, checkpoint in made.items():
+                    _create_netns(self.cluster.name, checkpoint["netns"])
+                    attachments.append(
+                        Attachment(
+                            checkpoint["netns"],
+                            nsmod.open_fd(checkpoint["netns"]),
+                            checkpoint["veth"],
+                            checkpoint["ip"],
+                            prefixlen,
+                            routes,
+                            mtu,
+                            alias=name,
+                            index=checkpoint["ifindex"],
+                        )
+                    )
+                with Rtnl(node.netns) as rt:
+                    wire(mode.pod_side, rt, attachments, loopback=True)
+            finally:
+                for attachment in attachments:
+                    os.close(attachment.pod_fd)
+        except BaseException:
+            self._delete(list(made.values()))
+            raise
+        return made
+
+    def _runtime(self):
+        from netsim.cniconf import node_runtime
+
+        return node_runtime(self.cluster.name, self.node.name, self.mode.name, self.node.netns)
+
+    def _exec_add(self, name: str, spec: dict) -> dict:
+        """ADD by executing the node's CNI chain, as containerd does; DEL through it if it
+        fails."""
+        from cni.spec import CniError
+        from netsim.errors import NetsimError
+        from netsim.kernel.netlink import IFINDEX, Rtnl
+        from netsim.services import NAMESPACE
+
+        _create_netns(self.cluster.name, spec["netns"])
+        runtime, path = self._runtime(), nsmod.path(spec["netns"])
+        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}"
+        try:
+            result = runtime.add(name, path, "eth0", args)
+        except CniError as exc:
+            try:
+                runtime.delete(name, path, "eth0")
+            except CniError:
+                pass  # the ADD's own failure is the one to report
+            nsmod.remove(spec["netns"])
+            raise NetsimError(
+                f"CNI ADD for pod {name} failed (code {exc.code}): {exc.msg}"
+                + (f" ({exc.details})" if exc.details else "")
+            ) from None
+        with Rtnl(spec["netns"]) as pod_rt:
+            pod_rt.link_up(IFINDEX.LO, "lo")  # the runtime's loopback plugin
+            pod_rt.commit()
+        address = next(ip["address"] for ip in result["ips"])
+        return {
+            "name": name,
+            "spec": spec,
+            "ip": address.split("/")[0],
+            "netns": spec["netns"],
+            "veth": result["interfaces"][0]["name"],
+            "ifindex": 0,
+            "via": "cni-exec",
+            "pids": [],
+        }
+
+    def _delete(self, checkpoints: list[dict]) -> None:
+        """DEL: the host veth (it takes its peer), the namespace, then the address; what is
+        already gone is fine, as CNI's DEL wants."""
+        from netsim.kernel.netlink import Rtnl
+
+        if not checkpoints:
+            return
+        executed = [c for c in checkpoints if c.get("via") == "cni-exec"]
+        for checkpoint in executed:
+            self._runtime().delete(checkpoint["name"], nsmod.path(checkpoint["netns"]))
+        with Rtnl(self.node.netns) as rt:
+            for checkpoint in checkpoints:
+                if checkpoint not in executed and checkpoint.get("ifindex"):
+                    rt.link_delete(checkpoint["ifindex"], checkpoint["veth"])
+            rt.commit()
+        ipam = self.mode.ipam(self.cluster, self.cluster_dir, self.node)
+        with ipam.session():
+            for checkpoint in checkpoints:
+                nsmod.remove(checkpoint["netns"])
+                if checkpoint not in executed:
+                    ipam.release(checkpoint["name"], "eth0")
+                self._forget(checkpoint["name"])
+
+    # -- the agent and the store ---------------------------------------------------------------
+
+    def _serve(self, running: dict[str, dict]) -> None:
+        """The agent serves exactly these pods; their containers' processes are noted."""
+        from netsim.kernel import proc
+
+        pids = self.serve(
+            {
+                n: {
+                    "netns": c["netns"],
+                    "ports": c["spec"].get("ports", []),
+                    "commands": c["spec"].get("commands", []),
+                }
+                for n, c in running.items()
+            }
+        )
+        for name, checkpoint in running.items():
+            now = [[p, proc.start_time(p) or 0] for p in pids.get(name, [])]
+            if now != checkpoint["pids"]:
+                checkpoint["pids"] = now
+                self._save(checkpoint)
+
+    def _publish(self, statuses: dict[str, str | None]) -> None:
+        from netsim.store.client import MAX_TXN_OPS, delete_op, put_op
+
+        ops = [
+            put_op(key, v) if v is not None else delete_op(key)
+            for key, v in ((f"{POD_STATUS}{self.node.name}/{n}", v) for n, v in statuses.items())
+        ]
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            self.store.txn([], ops[start : start + MAX_TXN_OPS])
+
+
+def _names(pods) -> str:
+    pods = list(pods)
+    shown = ", ".join(pods[:3]) + (f" and {len(pods) - 3} more" if len(pods) > 3 else "")
+    return f"pod{'s' if len(pods) > 1 else ''} {shown}"
+
+
+def _status(checkpoint: dict) -> dict:
+    status = {k: checkpoint[k] for k in ("ip", "netns", "veth", "ifindex", "via")}
+    return status | {"pids": [pid for pid, _ in checkpoint["pids"]]}
+
+
+def _create_netns(cluster: str, name: str) -> None:
+    from netsim import state
+
+    prefix = state.netns_prefix(cluster)
+    short = name[len(prefix) :] if name.startswith(prefix) else None
+    nsmod.create(name, under=state.netns_dir(cluster), file=short)
