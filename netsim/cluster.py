@@ -123,6 +123,8 @@ def apply(
             cluster = membership.keep_addresses(cluster, record)
             _check_in_place(cluster, record, mode)
         fresh = record is None
+        if fresh:
+            storemod.forget(cluster.name)
         cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
         store = storemod.of(cluster.name, cluster.datastore)
         tx = Transaction(cluster.name)
@@ -167,7 +169,13 @@ def apply(
             record.spec = spec_of(cluster)
             services.reconcile(cluster, record, changes)
             # the objects go to the store; the nodes' daemons apply them, and apply waits
-            sync.sync(cluster, record, store)
+            waited = sync.sync(cluster, record, store)
+            revision = max(store.writes.values(), default=0)
+            running = sum(not n.down for n in record.nodes.values())
+            progress(
+                f"store: revision {revision}; every node ({running}) reported it applied, "
+                f"{waited:.3f} s after the last write"
+            )
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again

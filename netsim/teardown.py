@@ -27,6 +27,9 @@ def delete(name: str, progress: Callable[[str], None] = lambda _: None) -> list[
 
         removed = _remove_everything(name, record, before_namespaces=processes_gone)
         removed += cleared
+    from netsim import store
+
+    store.forget(name)
     progress(f"removed {len(removed)} objects")
     return removed
 

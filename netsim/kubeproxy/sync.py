@@ -11,9 +11,10 @@ from netsim.model import Cluster
 from netsim.record import KubeProxy, Record
 
 
-def sync(cluster: Cluster, record: Record, store) -> None:
+def sync(cluster: Cluster, record: Record, store) -> float:
     """Write the objects, then wait for every node's kube-proxy (pods out of the Services
-    still serve until their caller stops them: the proxies have let them go by then)."""
+    still serve until their caller stops them: the proxies have let them go by then); the
+    seconds from the write until every node reported it."""
     registry.sync(store, record)  # first: if etcd is gone, no node has heard of the change
     record.kube_proxy = KubeProxy(cluster.proxy_mode)
-    agents.wait_applied(store, record)
+    return agents.wait_applied(store, record)

@@ -26,6 +26,13 @@ def of(cluster: str, datastore: Datastore, node_netns: str | None = None) -> Sto
     return _stores[key]
 
 
+def forget(cluster: str) -> None:
+    """The cluster's etcd is new (or gone): what this process wrote to the old one says
+    nothing about the new one's revisions."""
+    for key in [k for k in _stores if k[0] == cluster]:
+        del _stores[key]
+
+
 def _new(cluster: str, datastore: Datastore, node_netns: str | None) -> Store:
     if datastore.own:
         return Store(
