@@ -153,15 +153,17 @@ def unlink_all(under: str, names: list[str]) -> list[str]:
     finds them by name any more, `remove_group` unmounts them. A name mounted elsewhere is
     removed on its own. The names that existed."""
     removed = []
+    # the links `create` makes, relative to /run/netns: compared as text, one readlink each
+    relative = os.path.relpath(under, RUN_DIR) + "/"
     for name in names:
-        link = path(name)
+        link = f"{RUN_DIR}/{name}"
         try:
-            inside = os.path.dirname(_resolved(link)) == under
+            target = os.readlink(link)
         except FileNotFoundError:
             continue
         except OSError:  # not a link
-            inside = False
-        if inside:
+            target = ""
+        if target.startswith(relative) and "/" not in target[len(relative) :]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(link)
             removed.append(name)
