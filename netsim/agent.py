@@ -88,9 +88,10 @@ class Agent:
         error as text. An unchanged configuration leaves them running."""
         if config == self.daemons_config:
             return None
+        previous = None
         if self.informer is not None:
             self.informer.stop()
-            self.informer = None
+            previous, self.informer = self.informer.worker, None
         self.daemons_config = config
         if config is None:
             return None
@@ -98,7 +99,12 @@ class Agent:
             from netsim.daemons import start  # only agents that run daemons pay
 
             self.informer = start(
-                config, self.log_dir, lambda: self.tunnel, self.userspace_proxy, self.serve
+                config,
+                self.log_dir,
+                lambda: self.tunnel,
+                self.userspace_proxy,
+                self.serve,
+                previous,
             )
         except (OSError, ValueError, RuntimeError) as exc:
             return f"daemons: {exc}"
@@ -114,18 +120,15 @@ class Agent:
             self.proxy.start()
         return self.proxy
 
-    def serve(self, wanted: dict[str, dict], timeout: float = 60.0) -> dict[str, list[int]]:
-        """Serve exactly these pods (called by the kubelet, from its thread); the PIDs of
-        each one's containers. Pods that could not start raise."""
+    def serve(self, wanted: dict[str, dict], timeout: float = 60.0) -> dict:
+        """Serve exactly these pods (called by the kubelet, from its thread): {"pids": the
+        PIDs of each one's containers, "errors": pod -> why it could not start}."""
         done, box = threading.Event(), {}
         self.requests.put((wanted, done, box))
         os.write(self.wake_write, b"w")
         if not done.wait(timeout):
             raise RuntimeError(f"the agent did not serve its pods within {timeout:.0f} s")
-        reply = box["reply"]
-        if reply["errors"]:
-            raise RuntimeError(f"the agent could not serve pods: {reply['errors']}")
-        return reply["pids"]
+        return box["reply"]
 
     def _on_wake(self, fd: int, _: object) -> None:
         while True:

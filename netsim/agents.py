@@ -143,15 +143,20 @@ def watched(record: Record, node: str) -> list[str]:
     return [f"{KUBELET}{node}/", *modes.get(record.mode).watches, registry.SERVICES_ALL]
 
 
-def wait_applied(store, record: Record, timeout: float = 60.0) -> float:
+def wait_applied(
+    store, record: Record, timeout: float = 60.0, at_least: dict[str, int] | None = None
+) -> float:
     """Wait until every running node reports (its status key) that its daemons applied this
-    client's last write under each prefix they watch; the seconds that took."""
+    client's last write under each prefix they watch (or the revision `at_least` names for a
+    prefix, if higher: what other clients wrote); the seconds that took."""
     import time
 
     from netsim import store as storemod
 
     running = [name for name, node in record.nodes.items() if not node.down]
     written = store.written_under(sorted({p for n in running for p in watched(record, n)}))
+    for prefix, revision in (at_least or {}).items():
+        written[prefix] = max(written.get(prefix, 0), revision)
     targets = {}
     for name in running:
         if wanted := {p: written[p] for p in watched(record, name) if written[p]}:

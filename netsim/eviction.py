@@ -32,9 +32,10 @@ def evict(cluster_name: str, node: str) -> list[str]:
     """Taint the node and make its Deployments' pods again elsewhere; the pods moved."""
     from netsim import cluster, topology
 
-    if not _mark(cluster_name, node, True):
-        return []
+    _mark(cluster_name, node, True)  # (marked already: an eviction that failed, again)
     record = state.load(cluster_name)
+    if record is None or node not in record.nodes or not record.nodes[node].evicted:
+        return []
     owned = sorted(p.name for p in record.pods_on(node) if p.pod.owner)
     if not owned:
         return []

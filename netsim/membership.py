@@ -17,10 +17,12 @@ import shutil
 import time
 from dataclasses import replace
 from ipaddress import IPv4Network
+from types import SimpleNamespace
 
 from netsim import agents, state, underlay
 from netsim import store as storemod
 from netsim.controller import LEASES
+from netsim.daemons.kubelet import KUBELET, POD_STATUS
 from netsim.errors import NetsimError
 from netsim.kernel import proc, sysctl
 from netsim.model import Cluster
@@ -98,6 +100,13 @@ def join(cluster: Cluster, record: Record, mode, store, tx: Transaction, joining
     brought up, leased, their daemons started (BIRD too, for BGP)."""
     cluster_dir = state.cluster_dir(cluster.name)
     plan = mode.plan_nodes(cluster, cluster_dir, [n.name for n in joining])
+    for node in joining:  # what planning claimed (Calico's blocks) goes if the join fails
+        tx.on_undo(
+            f"{node.name} in the store",
+            lambda n=node: mode.forget_node(
+                store, cluster, cluster_dir, SimpleNamespace(**vars(n), **plan[n.name])
+            ),
+        )
     made = []
     for node in joining:
         made.append(underlay.join(cluster, record.underlay, node, tx))
@@ -111,10 +120,6 @@ def join(cluster: Cluster, record: Record, mode, store, tx: Transaction, joining
         held = mode.lease(node)
         if held:
             tx.on_undo(f"lease of {node.name}", lambda k=held[0]: store.delete(k))
-        tx.on_undo(
-            f"{node.name} in the store",
-            lambda n=node: mode.forget_node(store, cluster, cluster_dir, n),
-        )
     agents.sync(record, [n.name for n in made])
     for node in made:
         mode.restart_node(cluster, record, cluster_dir, node)
@@ -137,6 +142,8 @@ def leave(cluster: Cluster, record: Record, mode, store, names: list[str]) -> No
             store.revoke(node.lease)
         store.delete(storemod.STATUS + name)
         store.delete(LEASES + name)
+        for prefix in (KUBELET, POD_STATUS):  # its pods are gone: no bindings are left there
+            store.delete(f"{prefix}{name}/", prefix=True)
         nsmod.remove(node.netns)
         shutil.rmtree(state.node_dir(cluster.name, name), ignore_errors=True)
         del record.nodes[name]

@@ -112,6 +112,7 @@ def bind(
         )
         for pod in pods
     }
+
     def unbound() -> None:  # the kubelets delete the pods
         store.delete_all(list(bound))
         agents.wait_applied(store, record)
@@ -122,6 +123,7 @@ def bind(
     progress(f"pods: {len(pods)} bound to {len(nodes)} node(s); their kubelets make them")
     agents.wait_applied(store, record)
     made = _statuses(store, pods)
+    _wait_for_new_blocks(store, record)
     failed = [(p, made[p.name]["error"]) for p in pods if made.get(p.name, {}).get("error")]
     missing = [p for p in pods if p.name not in made]
     if failed or missing:
@@ -145,6 +147,18 @@ def bind(
     progress(f"pods: {len(pods)} made")
 
 
+def _wait_for_new_blocks(store, record: Record) -> None:
+    """Calico: blocks the kubelets claimed for their new pods reach every node's felix (and
+    confd) before the pods count as made: the last block written is the revision to wait
+    for."""
+    from netsim import modes
+    from netsim.modes.calico import BLOCKS
+
+    if BLOCKS in modes.get(record.mode).watches:
+        written = [kv.mod_revision for kv in store.range(BLOCKS, prefix=True, keys_only=True)]
+        agents.wait_applied(store, record, at_least={BLOCKS: max(written, default=0)})
+
+
 def _statuses(store, pods: list[Pod]) -> dict[str, dict]:
     """What the pods' kubelets published: pod -> status."""
     from netsim.daemons.kubelet import POD_STATUS
@@ -161,10 +175,13 @@ def unbind(record: Record, store, removing: dict[str, PodRecord]) -> None:
     """The pods' bindings go and their kubelets delete them (CNI DEL), waited for. A stopped
     node's kubelet does so when it starts again; meanwhile its pods' namespaces are removed
     here (their veths go with them), so their names are free for their successors."""
+    from netsim.daemons.kubelet import POD_STATUS
+
     store.delete_all([binding(entry.pod) for entry in removing.values()])
-    for entry in removing.values():
-        if record.nodes[entry.node].down:
-            nsmod.remove(entry.netns)
+    down = [e for e in removing.values() if record.nodes[e.node].down]
+    for entry in down:
+        nsmod.remove(entry.netns)
+    store.delete_all([f"{POD_STATUS}{e.node}/{e.name}" for e in down])  # not theirs any more
     agents.wait_applied(store, record)
 
 
@@ -196,29 +213,3 @@ def agent_tunnels(cluster: Cluster, record: Record, mode: Mode) -> None:
         node = record.nodes[name]
         with Rtnl(node.netns) as rt:
             node.tunnel_index = rt.link(node.agent_tunnel.name)["index"]
-
-
-def remove(cluster: Cluster, record: Record, mode: Mode, removing: dict[str, PodRecord]) -> None:
-    """Delete the host veth first (synchronous, takes the peer with it), then the namespace,
-    then release the address."""
-    from netsim.cniconf import runtime
-    from netsim.kernel.netlink import Rtnl
-
-    by_node: dict[str, list[PodRecord]] = {}
-    for entry in removing.values():
-        by_node.setdefault(entry.node, []).append(entry)
-    for node_name, items in by_node.items():
-        node = record.nodes[node_name]
-        for entry in items:
-            if entry.via == "cni-exec":  # DEL through the chain, as it was added
-                runtime(record, node_name).delete(entry.name, nsmod.path(entry.netns))
-        with Rtnl(node.netns) as rt:
-            for entry in items:
-                if entry.via != "cni-exec":
-                    rt.link_delete(entry.ifindex, entry.veth)
-            rt.commit()
-        ipam = mode.ipam(cluster, state.cluster_dir(cluster.name), node)
-        with ipam.session():
-            for entry in items:
-                nsmod.remove(entry.netns)
-                ipam.release(entry.name, "eth0")

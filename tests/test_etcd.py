@@ -110,7 +110,8 @@ def test_a_short_lease_is_renewed_by_the_node_agent(cluster):
         15,
         "worker-1's agent taking its lease again",
     )
-    assert "taken again" in open(f"/run/netsim/{cluster.name}/nodes/worker-1/agent.log").read()
+    log = f"/run/netsim/{cluster.name}/nodes/worker-1/agent.log"
+    wait_for(lambda: "taken again" in open(log).read(), 5, "the agent's log of it")  # after the put
 
 
 def test_an_external_etcd_is_used_and_none_started(cluster, etcd):

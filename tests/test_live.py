@@ -228,8 +228,8 @@ def test_calico_nodes_join_and_leave_and_every_peer_follows(cluster, source):
     record = cluster.record()
     follows(record)
     store = storemod.of(record.cluster, record.spec.datastore)
-    left = [kv.key for kv in store.range("/calico/", prefix=True, keys_only=True)]
-    assert not [k for k in left if "worker-2" in k], left
+    left = store.range("/calico/", prefix=True)
+    assert not [kv.key for kv in left if "worker-2" in kv.key + kv.value.decode()], left
     from netsim import probe
 
     client = record.pods["web-0"].netns
@@ -462,6 +462,10 @@ def test_a_dead_nodes_deployment_pods_are_made_again_elsewhere_after_the_evictio
     assert f"evicted 1 pod(s), made again elsewhere: {lost}" in events, events
     cluster.netsim("node", "start", "worker-3", check=True)
     assert not cluster.record().nodes["worker-3"].evicted
+    # its kubelet deleted what it had of the pod, not the pod made again elsewhere
+    assert not os.listdir(f"/run/netsim/{cluster.name}/nodes/worker-3/pods")
+    moved = cluster.record().pods[lost]
+    assert probe.http_get(after.pods["web-0"].netns, moved.ip, 9376).body == lost
     cluster.netsim("scale", "deployment/web", "--replicas", "6", check=True)
     assert "worker-3" in {p.node for p in cluster.record().pods.values()}
 
@@ -489,9 +493,10 @@ def test_the_kubelet_makes_the_pods_bound_to_its_node_and_deletes_those_unbound(
     assert status["veth"] in links
     answer = probe.http_get(record.pods["web-0"].netns, status["ip"], 9376)
     assert answer.body == "byhand", answer
+    ipam = f"/run/netsim/{cluster.name}/nodes/worker-2/ipam/cbr0/{status['ip']}"
+    assert open(ipam).read().split()[0] == "byhand"  # host-local's file: the container ID
     store.delete("/netsim.dev/kubelet/worker-2/byhand")
     wait_for(lambda: store.get(status_key) is None, 10, "the kubelet deleting it")
     assert netns not in cluster.namespaces()
     assert status["veth"] not in {link["ifname"] for link in ip_json(node.netns, "link", "show")}
-    ipam = f"/run/netsim/{cluster.name}/nodes/worker-2/ipam/cbr0/{status['ip']}"
     assert not os.path.exists(ipam)

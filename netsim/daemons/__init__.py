@@ -21,11 +21,12 @@ def start(
     tunnel: Callable[[], object],
     proxy: Callable[[], object],
     serve: Callable[[dict], dict],
+    after=None,
 ):
     """Start the daemons this configuration (netsim.agents.daemons_config) calls for; the
     running informer. `tunnel` and `proxy` give the agent's userspace carrier (None until it
     runs) and its userspace proxy (made on first use); `serve` has the agent serve exactly the
-    pods the kubelet gives it."""
+    pods the kubelet gives it; `after`, the worker of the daemons these replace."""
     import msgspec
 
     from netsim import events, modes
@@ -73,6 +74,7 @@ def start(
             print(f"status: {exc}", flush=True)
 
     informer = Informer(store, daemons, report, lambda text: print(text, flush=True))
+    informer.after = after
     os.makedirs(node_dir, exist_ok=True)
     informer.start()
     threading.Thread(

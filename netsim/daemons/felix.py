@@ -94,6 +94,7 @@ class Confd:
 
     def __init__(self, node, directory: str, event: Callable[[str], None]):
         self.node, self.directory, self.event = node, directory, event
+        self.accepted = ""  # the config the running BIRD last took
 
     def sync(self, view: dict) -> None:
         from netsim.bgp import bird
@@ -102,16 +103,16 @@ class Confd:
         config = config_from_store(view[RESOURCES], view[BLOCKS], self.node.name)
         if config is None:  # the node's own resource is not in the store (yet)
             return
+        if config == self.accepted:
+            return
         path = os.path.join(self.directory, bird.CONF)
-        try:
-            with open(path) as fh:
-                if fh.read() == config:
-                    return
-        except FileNotFoundError:
-            pass
         if bird.answers(self.directory):
-            bird.reconfigure(self.directory, config)
-            self.event("rendered bird.cfg and BIRD re-read it (birdc configure)")
+            with open(path) as fh:
+                running = fh.read()
+            bird.reconfigure(self.directory, config)  # a failure: tried again at the next sync
+            self.accepted = config
+            if running != config:
+                self.event("rendered bird.cfg and BIRD re-read it (birdc configure)")
         else:
             os.makedirs(self.directory, exist_ok=True)
             bird.install(path, config, self.node.netns)

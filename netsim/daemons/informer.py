@@ -37,13 +37,17 @@ class Informer:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopped = threading.Event()
+        self.worker: threading.Thread | None = None
+        self.after: threading.Thread | None = None  # the worker of daemons this one replaces
 
     def start(self) -> None:
         for prefix in self.prefixes:
             threading.Thread(target=self._reflect, args=(prefix,), daemon=True).start()
-        threading.Thread(target=self._work, daemon=True, name="informer").start()
+        self.worker = threading.Thread(target=self._work, daemon=True, name="informer")
+        self.worker.start()
 
     def stop(self) -> None:
+        """Stop; a sync under way finishes (the daemons that follow wait for it: `after`)."""
         self.stopped.set()
         self.wake.set()
 
@@ -84,6 +88,8 @@ class Informer:
     # -- the worker ----------------------------------------------------------------------------
 
     def _work(self) -> None:
+        if self.after is not None:  # two kubelets must not make the same pods at once
+            self.after.join()
         failed: set[int] = set()  # daemons whose last sync failed: tried again soon
         while not self.stopped.is_set():
             self.wake.wait(1.0 if failed else None)

@@ -36,43 +36,53 @@ class Kubelet:
         self.dir = os.path.join(node_dir, "pods")
         self.cluster_dir = os.path.dirname(os.path.dirname(node_dir))
         self.running: dict[str, dict] | None = None  # pod -> its checkpoint; None: not read
+        self.status_prefix = f"{POD_STATUS}{node.name}/"
+        self.published: dict[str, str] = {}  # pod -> the status this node's kubelet published
 
     def sync(self, view: dict) -> None:
         prefix = self.prefixes[0]
         wanted = {kv.key[len(prefix) :]: kv.json() for kv in view[prefix].values()}
         if self.running is None:
             self.running = self._adopt()
+            self.published = {
+                kv.key[len(self.status_prefix) :]: kv.value.decode()
+                for kv in self.store.range(self.status_prefix, prefix=True)
+            }
         running = self.running
         gone = sorted(n for n, c in running.items() if wanted.get(n) != c["spec"])
-        statuses: dict[str, str | None] = {}
         if gone:
             self._serve({n: c for n, c in running.items() if n not in gone})
-            self._delete([running.pop(n) for n in gone])
-            statuses |= dict.fromkeys(gone, None)
+            deleted = self._delete([running[n] for n in gone])
+            self.event(f"deleted {_names(deleted)} (CNI DEL)")
         new = {n: s for n, s in sorted(wanted.items()) if n not in running}
-        error = ""
+        errors: dict[str, str] = {}
         if new:
             made, error = self._add(new)
             running |= made
-        self._serve(running)
-        for name in new:
-            value = {"error": error} if error else _status(running[name])
-            statuses[name] = json.dumps({"node": self.node.name, **value})
-        self._publish(statuses)
-        if gone:
-            self.event(f"deleted {_names(gone)} (CNI DEL)")
-        if new:
-            self.event(
-                f"could not make {_names(new)}: {error}"
-                if error
-                else f"made {_names(new)} (CNI ADD) and started their containers"
-            )
+            errors |= {n: error for n in new if n not in made}
+        errors |= self._serve(running)
+        self._publish(
+            {
+                name: json.dumps(
+                    {"node": self.node.name, "error": errors[name]}
+                    if name in errors
+                    else {"node": self.node.name, **_status(running[name])}
+                )
+                for name in wanted
+                if name in running or name in errors
+            }
+        )
+        made = [n for n in new if n not in errors]
+        if made:
+            self.event(f"made {_names(made)} (CNI ADD) and started their containers")
+        for name in sorted(set(new) & set(errors)):
+            self.event(f"could not make pod {name}: {errors[name]}")
 
     # -- the node's disk -----------------------------------------------------------------------
 
     def _adopt(self) -> dict[str, dict]:
-        """The pods a previous kubelet made (their checkpoints); their containers, which
-        outlived it, are ended: the agent starts them again with its servers."""
+        """The pods a previous kubelet made (their checkpoints). Containers that outlived
+        their agent (no longer its children) are ended: this agent starts them again."""
         from netsim.kernel import proc
 
         found = {}
@@ -80,8 +90,8 @@ class Kubelet:
             if entry.endswith(".json"):
                 with open(os.path.join(self.dir, entry)) as fh:
                     checkpoint = json.load(fh)
-                proc.stop([tuple(p) for p in checkpoint.get("pids", [])])
-                checkpoint["pids"] = []
+                orphans = [tuple(p) for p in checkpoint["pids"] if proc.parent(p[0]) != os.getpid()]
+                proc.stop(orphans)
                 found[checkpoint["name"]] = checkpoint
         return found
 
@@ -155,7 +165,7 @@ class Kubelet:
             attachments = []
             try:
                 for name, checkpoint in made.items():
-                    _create_netns(self.cluster.name, checkpoint["netns"])
+                    checkpoint["ino"] = _create_netns(self.cluster.name, checkpoint["netns"])
                     attachments.append(
                         Attachment(
                             checkpoint["netns"],
@@ -192,7 +202,7 @@ class Kubelet:
         from netsim.kernel.netlink import IFINDEX, Rtnl
         from netsim.services import NAMESPACE
 
-        _create_netns(self.cluster.name, spec["netns"])
+        ino = _create_netns(self.cluster.name, spec["netns"])
         runtime, path = self._runtime(), nsmod.path(spec["netns"])
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}"
         try:
@@ -220,38 +230,54 @@ class Kubelet:
             "ifindex": 0,
             "via": "cni-exec",
             "pids": [],
+            "ino": ino,
         }
 
-    def _delete(self, checkpoints: list[dict]) -> None:
+    def _delete(self, checkpoints: list[dict]) -> list[str]:
         """DEL: the host veth (it takes its peer), the namespace, then the address; what is
-        already gone is fine, as CNI's DEL wants."""
+        already gone is fine, as CNI's DEL wants. A namespace that is no longer the one this
+        kubelet made (the pod was made again elsewhere while this node was down, and its
+        namespace has its name) is left alone. The pods deleted (dropped from `running`)."""
         from netsim.kernel.netlink import Rtnl
 
         if not checkpoints:
-            return
-        executed = [c for c in checkpoints if c.get("via") == "cni-exec"]
-        for checkpoint in executed:
-            self._runtime().delete(checkpoint["name"], nsmod.path(checkpoint["netns"]))
+            return []
+        mine = {c["name"]: _inode(c["netns"]) == c.get("ino") for c in checkpoints}
+        done = []
+        for checkpoint in [c for c in checkpoints if c.get("via") == "cni-exec"]:
+            path = nsmod.path(checkpoint["netns"]) if mine[checkpoint["name"]] else ""
+            try:
+                self._runtime().delete(checkpoint["name"], path)
+            except Exception as exc:  # noqa: BLE001 -- kept, and tried again at the next sync
+                self.event(f"CNI DEL of pod {checkpoint['name']} failed: {exc}")
+                continue
+            done.append(checkpoint)
         with Rtnl(self.node.netns) as rt:
             for checkpoint in checkpoints:
-                if checkpoint not in executed and checkpoint.get("ifindex"):
+                if checkpoint.get("via") != "cni-exec" and checkpoint.get("ifindex"):
                     rt.link_delete(checkpoint["ifindex"], checkpoint["veth"])
+                    done.append(checkpoint)
             rt.commit()
         ipam = self.mode.ipam(self.cluster, self.cluster_dir, self.node)
         with ipam.session():
-            for checkpoint in checkpoints:
-                nsmod.remove(checkpoint["netns"])
-                if checkpoint not in executed:
+            for checkpoint in done:
+                if mine[checkpoint["name"]]:
+                    nsmod.remove(checkpoint["netns"])
+                if checkpoint.get("via") != "cni-exec":
                     ipam.release(checkpoint["name"], "eth0")
                 self._forget(checkpoint["name"])
+                if self.running is not None:
+                    self.running.pop(checkpoint["name"], None)
+        return [c["name"] for c in done]
 
     # -- the agent and the store ---------------------------------------------------------------
 
-    def _serve(self, running: dict[str, dict]) -> None:
-        """The agent serves exactly these pods; their containers' processes are noted."""
+    def _serve(self, running: dict[str, dict]) -> dict[str, str]:
+        """The agent serves exactly these pods; their containers' processes are noted. The
+        pods it could not start: pod -> why."""
         from netsim.kernel import proc
 
-        pids = self.serve(
+        reply = self.serve(
             {
                 n: {
                     "netns": c["netns"],
@@ -262,20 +288,25 @@ class Kubelet:
             }
         )
         for name, checkpoint in running.items():
-            now = [[p, proc.start_time(p) or 0] for p in pids.get(name, [])]
+            now = [[p, proc.start_time(p) or 0] for p in reply["pids"].get(name, [])]
             if now != checkpoint["pids"]:
                 checkpoint["pids"] = now
                 self._save(checkpoint)
+        return reply["errors"]
 
-    def _publish(self, statuses: dict[str, str | None]) -> None:
+    def _publish(self, statuses: dict[str, str]) -> None:
+        """Each pod's status as it is now; those of pods no longer bound here go."""
         from netsim.store.client import MAX_TXN_OPS, delete_op, put_op
 
         ops = [
-            put_op(key, v) if v is not None else delete_op(key)
-            for key, v in ((f"{POD_STATUS}{self.node.name}/{n}", v) for n, v in statuses.items())
+            put_op(self.status_prefix + n, v)
+            for n, v in statuses.items()
+            if self.published.get(n) != v
         ]
+        ops += [delete_op(self.status_prefix + n) for n in self.published if n not in statuses]
         for start in range(0, len(ops), MAX_TXN_OPS):
             self.store.txn([], ops[start : start + MAX_TXN_OPS])
+        self.published = statuses
 
 
 def _names(pods) -> str:
@@ -289,9 +320,19 @@ def _status(checkpoint: dict) -> dict:
     return status | {"pids": [pid for pid, _ in checkpoint["pids"]]}
 
 
-def _create_netns(cluster: str, name: str) -> None:
+def _create_netns(cluster: str, name: str) -> int:
+    """The pod's namespace; its inode, which says later whether the name still holds this
+    one."""
     from netsim import state
 
     prefix = state.netns_prefix(cluster)
     short = name[len(prefix) :] if name.startswith(prefix) else None
     nsmod.create(name, under=state.netns_dir(cluster), file=short)
+    return _inode(name)
+
+
+def _inode(netns: str) -> int | None:
+    try:
+        return os.stat(nsmod.path(netns)).st_ino
+    except FileNotFoundError:
+        return None
