@@ -152,11 +152,12 @@ def _wait_for_new_blocks(store, record: Record) -> None:
     confd) before the pods count as made: the last block written is the revision to wait
     for."""
     from netsim import modes
-    from netsim.modes.calico import BLOCKS
+    from netsim.modes.calico import AFFINITIES
 
-    if BLOCKS in modes.get(record.mode).watches:
-        written = [kv.mod_revision for kv in store.range(BLOCKS, prefix=True, keys_only=True)]
-        agents.wait_applied(store, record, at_least={BLOCKS: max(written, default=0)})
+    if AFFINITIES in modes.get(record.mode).watches:
+        claims = store.range(AFFINITIES, prefix=True, keys_only=True)
+        written = max((kv.mod_revision for kv in claims), default=0)
+        agents.wait_applied(store, record, at_least={AFFINITIES: written})
 
 
 def _statuses(store, pods: list[Pod]) -> dict[str, dict]:

@@ -3,7 +3,7 @@ blocks' blackholes; confd (BGP) renders BIRD's configuration from the store and 
 it.
 
 Both read what Calico's etcdv3 datastore holds: the v3 Node resources (each node's address,
-segment, tunnel address and VTEP MAC) and the IPAM blocks with their `host:<node>` affinity.
+segment, tunnel address and VTEP MAC) and the IPAM affinities (which blocks each node holds).
 felix owns the routes it marks with its protocol number (80): when it starts it removes those,
 and the VXLAN device's ARP and FDB entries (and the eBPF carrier's map entries), that no node in
 the store wants any more, so a restarted felix ends in the same kernel state and duplicates
@@ -16,12 +16,12 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from netsim.modes.calico import BLOCKS, RESOURCES, CalicoPeer, peers_of
+from netsim.modes.calico import AFFINITIES, RESOURCES, CalicoPeer, peers_of
 
 
 class Felix:
     name = "felix"
-    prefixes = (BLOCKS, RESOURCES)
+    prefixes = (AFFINITIES, RESOURCES)
 
     def __init__(self, mode, node, event: Callable[[str], None], tunnel=None):
         self.mode, self.node, self.event = mode, node, event
@@ -32,7 +32,7 @@ class Felix:
     def sync(self, view: dict) -> None:
         from netsim.kernel.netlink import Rtnl
 
-        peers, own = peers_of(view[RESOURCES], view[BLOCKS], self.node.name)
+        peers, own = peers_of(view[RESOURCES], view[AFFINITIES], self.node.name)
         node = self.node
         with Rtnl(node.netns, replace=True) as rt:
             if node.carrier in ("kernel", "userspace") and not node.tunnel_index:
@@ -90,7 +90,7 @@ class Confd:
     when it starts."""
 
     name = "confd"
-    prefixes = (BLOCKS, RESOURCES)
+    prefixes = (AFFINITIES, RESOURCES)
 
     def __init__(self, node, directory: str, event: Callable[[str], None]):
         self.node, self.directory, self.event = node, directory, event
@@ -100,7 +100,7 @@ class Confd:
         from netsim.bgp import bird
         from netsim.modes.calico_bgp import config_from_store
 
-        config = config_from_store(view[RESOURCES], view[BLOCKS], self.node.name)
+        config = config_from_store(view[RESOURCES], view[AFFINITIES], self.node.name)
         if config is None:  # the node's own resource is not in the store (yet)
             return
         if config == self.accepted:

@@ -21,7 +21,7 @@ RTPROT_FELIX = 80  # the protocol number Calico's felix marks its routes with
 CNI_NETWORK = "k8s-pod-network"  # the network name in Calico's CNI config
 RESOURCES = "/calico/resources/v3/projectcalico.org/"  # v3 resources in Calico's etcdv3 store
 NODES = RESOURCES + "nodes/"
-BLOCKS = "/calico/ipam/v2/assignment/ipv4/block/"  # IPAM blocks, each with its affinity
+AFFINITIES = "/calico/ipam/v2/host/"  # each node's claim on its IPAM blocks
 SEGMENT_LABEL = "netsim.io/segment"  # on Node resources: external BGP peers select by it
 
 
@@ -36,31 +36,44 @@ class CalicoPeer(NamedTuple):
     blocks: tuple[str, ...]
 
 
+_decoded: dict[str, tuple[int, dict]] = {}  # key -> (revision, value): felix syncs often
+
+
+def decoded(kv) -> dict:
+    """The key's value as JSON, decoded once per revision of it (a node's felix and confd
+    read every block and Node at each sync; only one of them changed)."""
+    held = _decoded.get(kv.key)
+    if held is None or held[0] != kv.mod_revision:
+        held = _decoded[kv.key] = (kv.mod_revision, kv.json())
+    return held[1]
+
+
 def block_order(block: str) -> tuple[int, ...]:
     return tuple(int(x) for x in block.replace("/", ".").split("."))
 
 
-def affine_blocks(blocks: dict) -> dict[str, list[str]]:
-    """node -> its blocks (in address order), from the IPAM block keys and their affinity."""
+def affine_blocks(affinities: dict) -> dict[str, list[str]]:
+    """node -> its blocks (in address order), from the IPAM affinity keys
+    (/calico/ipam/v2/host/<node>/ipv4/block/<net>-<len>, as confd's bird_aggr watches them):
+    small, and written only when a node claims or releases a block, unlike the blocks."""
     found: dict[str, list[str]] = {}
-    for kv in blocks.values():
-        data = kv.json()
-        affinity = data.get("affinity") or ""
-        if affinity.startswith("host:") and not data.get("deleted"):
-            found.setdefault(affinity[5:], []).append(data["cidr"])
+    for kv in affinities.values():
+        node, _, rest = kv.key[len(AFFINITIES) :].partition("/ipv4/block/")
+        if rest and decoded(kv).get("state", "confirmed") == "confirmed":
+            found.setdefault(node, []).append(rest.replace("-", "/"))
     return {node: sorted(b, key=block_order) for node, b in found.items()}
 
 
 def node_resources(resources: dict) -> dict[str, dict]:
     """name -> the v3 Node resource, from the store's resources."""
     return {
-        kv.key[len(NODES) :]: kv.json() for kv in resources.values() if kv.key.startswith(NODES)
+        kv.key[len(NODES) :]: decoded(kv) for kv in resources.values() if kv.key.startswith(NODES)
     }
 
 
-def peers_of(resources: dict, blocks: dict, me: str) -> tuple[dict[str, CalicoPeer], set[str]]:
+def peers_of(resources: dict, affinities: dict, me: str) -> tuple[dict[str, CalicoPeer], set[str]]:
     """(every other node with an address, as felix reaches it; this node's own blocks)."""
-    affine = affine_blocks(blocks)
+    affine = affine_blocks(affinities)
     peers = {}
     for name, node in node_resources(resources).items():
         spec = node.get("spec", {})
@@ -134,7 +147,7 @@ class CalicoBackend(Mode):
     daemon = "calico-node"
     cni_network = CNI_NETWORK
     encap_setting = ""  # the CalicoSpec field (ipip_mode, vxlan_mode) that decides encapsulation
-    watches = (BLOCKS, RESOURCES)  # felix and confd: the blocks' affinities, the Node resources
+    watches = (AFFINITIES, RESOURCES)  # felix and confd: block affinities, the Node resources
 
     # -- the cluster ---------------------------------------------------------------------------
 

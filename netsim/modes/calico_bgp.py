@@ -14,11 +14,12 @@ import shutil
 
 from netsim.errors import NetsimError
 from netsim.modes.calico import (
-    BLOCKS,
+    AFFINITIES,
     RESOURCES,
     SEGMENT_LABEL,
     CalicoBackend,
     affine_blocks,
+    decoded,
     node_resources,
 )
 
@@ -72,7 +73,7 @@ def config_from_store(resources: dict, blocks: dict, me: str) -> str | None:
         return None
     for kv in resources.values():
         rest = kv.key[len(RESOURCES) :]
-        spec = kv.json().get("spec", {})
+        spec = decoded(kv).get("spec", {})
         if rest == "bgpconfigurations/default":
             asn = int(spec.get("asNumber", asn))
         elif rest.startswith("ippools/"):
@@ -130,7 +131,7 @@ class CalicoBgp(CalicoBackend):
 
         store = storemod.of(record.cluster, record.spec.datastore)
         resources = {kv.key: kv for kv in store.range(RESOURCES, prefix=True)}
-        blocks = {kv.key: kv for kv in store.range(BLOCKS, prefix=True)}
+        blocks = {kv.key: kv for kv in store.range(AFFINITIES, prefix=True)}
         config = config_from_store(resources, blocks, node_name)
         if config is None:
             raise NetsimError(f"node {node_name} has no Calico Node resource in {store}")
