@@ -18,9 +18,6 @@ from collections.abc import Callable
 from netsim.store.client import Compacted, Event, KeyValue, Store, StoreError
 
 View = dict[str, dict[str, KeyValue]]  # prefix -> key -> value
-# a node reports what it applied at once, then at most this often while changes stream in (a
-# hundred nodes reporting each of a burst of events would be most of etcd's writes)
-REPORT_EVERY = 0.1
 
 
 class Informer:
@@ -99,19 +96,10 @@ class Informer:
             self.after.join()
         failed: set[int] = set()  # daemons whose last sync failed: tried again soon
         trimmed = True  # the heap trimmed since the last sync
-        unreported, last_report = False, 0.0
         while not self.stopped.is_set():
-            timeout = 1.0 if failed or not trimmed else None
-            if unreported:
-                due = max(0.0, last_report + REPORT_EVERY - time.monotonic())
-                timeout = due if timeout is None else min(timeout, due)
-            woke = self.wake.wait(timeout)
+            woke = self.wake.wait(1.0 if failed or not trimmed else None)
             if self.stopped.is_set():
                 return
-            if not woke and unreported and time.monotonic() >= last_report + REPORT_EVERY:
-                self.report(dict(self.applied))
-                unreported, last_report = False, time.monotonic()
-                continue
             if not woke and not failed:  # a second without news: the burst is over
                 _trim()
                 trimmed = True
@@ -137,10 +125,8 @@ class Informer:
                     self.log(f"{daemon.name}: sync failed:\n{traceback.format_exc()}")
             before = dict(self.applied)
             self.applied.update({p: r for p, r in seen.items() if p not in behind})
-            unreported |= self.applied != before
-            if unreported and time.monotonic() >= last_report + REPORT_EVERY:
+            if self.applied != before:
                 self.report(dict(self.applied))
-                unreported, last_report = False, time.monotonic()
             del view
             trimmed = False
 
