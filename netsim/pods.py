@@ -101,6 +101,8 @@ def bind(
 ) -> None:
     """Bind the pods to their nodes and wait for the kubelets to make them; their records
     from what the kubelets publish. Undone: the bindings go (the kubelets delete the pods)."""
+    from netsim.daemons.kubelet import KUBELET
+
     bound = {
         binding(pod): json.dumps(
             {
@@ -118,8 +120,9 @@ def bind(
         agents.wait_applied(store, record)
 
     tx.on_undo("the pods' bindings", unbound)
-    store.put_all(bound)
     nodes = sorted({p.node for p in pods})
+    for node in nodes:  # one write a node: its kubelet makes them in one batch
+        store.put_all({k: v for k, v in bound.items() if k.startswith(f"{KUBELET}{node}/")})
     progress(f"pods: {len(pods)} bound to {len(nodes)} node(s); their kubelets make them")
     agents.wait_applied(store, record)
     made = _statuses(store, pods)
