@@ -172,10 +172,11 @@ def apply(
             waited = sync.sync(cluster, record, store)
             revision = max(store.writes.values(), default=0)
             running = sum(not n.down for n in record.nodes.values())
-            progress(
-                f"store: revision {revision}; every node ({running}) reported it applied, "
-                f"{waited:.3f} s after the last write"
-            )
+            if revision:
+                progress(
+                    f"store: revision {revision}; every node ({running}) reported it applied, "
+                    f"{waited:.3f} s after the last write"
+                )
             record.cni_exec = cni_exec
             record.source = os.path.abspath(cluster.source) if cluster.source else ""
             record.overrides = overrides or {}  # apply -f: the file is the truth again

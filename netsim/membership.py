@@ -201,7 +201,7 @@ def start(cluster_name: str, name: str) -> float:
         underlay.set_port(record.underlay, node, up=True)
         tx = Transaction(cluster_name)
         agents.start(record, node, tx)
-        node.down = node.evicted = False
+        node.down = False  # a taint stays until the node controller sees it Ready again
         cluster = record.spec.cluster(record.cluster)
         mode.publish(store, cluster, record)  # flanneld at its start: take the lease again
         mode.restart_node(cluster, record, state.cluster_dir(cluster_name), node)

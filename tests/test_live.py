@@ -460,8 +460,10 @@ def test_a_dead_nodes_deployment_pods_are_made_again_elsewhere_after_the_evictio
     assert answered == set(after.pods), answered
     events = cluster.netsim("get", "events", check=True).stdout
     assert f"evicted 1 pod(s), made again elsewhere: {lost}" in events, events
+    assert "taint removed" not in events
     cluster.netsim("node", "start", "worker-3", check=True)
-    assert not cluster.record().nodes["worker-3"].evicted
+    wait_for(lambda: not cluster.record().nodes["worker-3"].evicted, 10, "the taint removed")
+    assert "Ready again: taint removed" in cluster.netsim("get", "events", check=True).stdout
     # its kubelet deleted what it had of the pod, not the pod made again elsewhere
     assert not os.listdir(f"/run/netsim/{cluster.name}/nodes/worker-3/pods")
     moved = cluster.record().pods[lost]

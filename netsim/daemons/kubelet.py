@@ -74,7 +74,8 @@ class Kubelet:
         )
         made = [n for n in new if n not in errors]
         if made:
-            self.event(f"made {_names(made)} (CNI ADD) and started their containers")
+            their = "their" if len(made) > 1 else "its"
+            self.event(f"made {_names(made)} (CNI ADD) and started {their} containers")
         for name in sorted(set(new) & set(errors)):
             self.event(f"could not make pod {name}: {errors[name]}")
 
