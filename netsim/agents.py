@@ -190,16 +190,19 @@ def wait_applied(
 
 def wait_reported(store, record: Record, name: str, since: float, timeout: float = 30.0) -> float:
     """Wait until the node's daemons report (after `since`, a wall-clock time) that they
-    applied what they listed; the seconds from `since`."""
+    applied what they listed, every prefix they watch; the seconds from `since`."""
     import time
 
     from netsim import store as storemod
 
     deadline = time.monotonic() + timeout
+    prefixes = watched(record, name)
     while time.monotonic() < deadline:
         status = store.get(storemod.STATUS + name)
-        if status is not None and status.json().get("time", 0) >= since:
-            return status.json()["time"] - since
+        report = status.json() if status is not None else {}
+        applied = report.get("applied", {})
+        if report.get("time", 0) >= since and all(applied.get(p) for p in prefixes):
+            return report["time"] - since
         time.sleep(0.005)
     raise NetsimError(
         f"node {name} has not reported within {timeout:.0f} s: see "

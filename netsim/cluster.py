@@ -153,7 +153,11 @@ def apply(
                 # a lease taken again: its node's agent renews the new one; a restarted agent
                 # gets its pods, tunnel and daemons (they list the store, then watch)
                 changed = [n for n, v in leases.items() if record.nodes[n].lease != v]
+                began = time.time()
                 agents.sync(record, sorted(set(changed) | set(revived)))
+                for name in revived:  # their daemons listed the store and caught up with it
+                    agents.wait_reported(store, record, name, began)
+                pods.refresh(store, record, revived)
                 joining, leaving = membership.changed_nodes(cluster, record)
                 if joining:
                     progress(f"nodes: {', '.join(n.name for n in joining)} joining")

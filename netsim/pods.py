@@ -150,6 +150,19 @@ def bind(
     progress(f"pods: {len(pods)} made")
 
 
+def refresh(store, record: Record, nodes: list[str]) -> None:
+    """The records of these nodes' pods as their kubelets publish them now (a restarted
+    kubelet that had to make a pod again gave it a new address, veth or containers)."""
+    if not nodes:
+        return
+    on = [entry for entry in record.pods.values() if entry.node in nodes]
+    for name, status in _statuses(store, [entry.pod for entry in on]).items():
+        if "error" not in status:
+            entry = record.pods[name]
+            entry.ip, entry.veth, entry.ifindex = status["ip"], status["veth"], status["ifindex"]
+            entry.netns, entry.via, entry.pids = status["netns"], status["via"], status["pids"]
+
+
 def _wait_for_new_blocks(store, record: Record) -> None:
     """Calico: blocks the kubelets claimed for their new pods reach every node's felix (and
     confd) before the pods count as made: the last block written is the revision to wait

@@ -502,3 +502,35 @@ def test_the_kubelet_makes_the_pods_bound_to_its_node_and_deletes_those_unbound(
     assert netns not in cluster.namespaces()
     assert status["veth"] not in {link["ifname"] for link in ip_json(node.netns, "link", "show")}
     assert not os.path.exists(ipam)
+
+
+def test_a_kubelet_killed_in_the_middle_of_an_add_leaves_nothing_its_successor_trips_on(cluster):
+    """A checkpoint still marked `making` (its kubelet died during the ADD, after the
+    namespace and veth were made): the restarted kubelet deletes what it left (veth,
+    namespace, address) and makes the pod again, which answers; one veth of it remains."""
+    import signal
+
+    from netsim import probe
+
+    cluster.apply()
+    record = cluster.record()
+    node = record.nodes["worker-2"]
+    pod = next(p for p in record.pods.values() if p.node == "worker-2")
+    os.kill(node.agent.pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{node.agent.pid}/status"), 5, "the agent to die")
+    path = f"/run/netsim/{cluster.name}/nodes/worker-2/pods/{pod.name}.json"
+    checkpoint = json.load(open(path))
+    with open(path, "w") as fh:
+        json.dump({**checkpoint, "making": True}, fh)
+    old_inode = os.stat(f"/run/netns/{pod.netns}").st_ino
+    cluster.netsim("apply", "-f", cluster.file, check=True)
+    assert "making" not in json.load(open(path))
+    assert os.stat(f"/run/netns/{pod.netns}").st_ino != old_inode  # made again
+    veths = [link["ifname"] for link in ip_json(node.netns, "link", "show")]
+    assert veths.count(pod.veth) == 1
+    after = cluster.record().pods[pod.name]  # as its kubelet published it again
+    answer = probe.http_get(record.pods["web-0"].netns, after.ip, 9376)
+    assert answer.body == pod.name, answer
+    ip = record.services["web"].cluster_ip  # and its Service's endpoints follow
+    answered = {probe.http_get(record.pods["web-0"].netns, ip, 80).body for _ in range(12)}
+    assert answered == set(record.pods), answered

@@ -86,14 +86,18 @@ class Kubelet:
         their agent (no longer its children) are ended: this agent starts them again."""
         from netsim.kernel import proc
 
-        found = {}
+        found, unfinished = {}, []
         for entry in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
             if entry.endswith(".json"):
                 with open(os.path.join(self.dir, entry)) as fh:
                     checkpoint = json.load(fh)
+                if checkpoint.get("making"):  # its ADD never finished: DEL what it left
+                    unfinished.append(checkpoint)
+                    continue
                 orphans = [tuple(p) for p in checkpoint["pids"] if proc.parent(p[0]) != os.getpid()]
                 proc.stop(orphans)
                 found[checkpoint["name"]] = checkpoint
+        self._abandon(unfinished)
         return found
 
     def _save(self, checkpoint: dict) -> None:
@@ -124,9 +128,30 @@ class Kubelet:
         or why it could not make them. ({pod: checkpoint}, "") or ({}, why)."""
         from netsim import store
         from netsim.kernel import proc
+        from netsim.services import NAMESPACE
 
         failure = os.path.join(self.dir, ".add-failed")
         os.makedirs(self.dir, exist_ok=True)
+        # intents first, as a runtime records a sandbox before it makes it: what a kubelet
+        # killed in the middle leaves, the next one finds and deletes (_adopt)
+        index = self._next_index()
+        intents = []
+        for name, spec in specs.items():
+            exec_ = spec.get("via") == "cni-exec"
+            intents.append(
+                {
+                    "name": name,
+                    "spec": spec,
+                    "netns": spec["netns"],
+                    "veth": "" if exec_ else self.mode.host_veth(NAMESPACE, name),
+                    "ifindex": 0 if exec_ else index,
+                    "via": spec.get("via", "in-process"),
+                    "pids": [],
+                    "making": True,
+                }
+            )
+            index += not exec_
+            self._save(intents[-1])
 
         def work() -> None:
             store.forget(self.cluster.name)  # the child's own etcd connections
@@ -138,17 +163,34 @@ class Kubelet:
         try:
             proc.in_child(work)
         except RuntimeError as exc:  # its traceback is in the agent's log
+            self._abandon(intents)
             return {}, str(exc)
         if os.path.exists(failure):
             with open(failure) as fh:
                 error = fh.read()
             os.unlink(failure)
+            self._abandon(intents)
             return {}, error
         made = {}
         for name in specs:
             with open(os.path.join(self.dir, f"{name}.json")) as fh:
                 made[name] = json.load(fh)
         return made, ""
+
+    def _abandon(self, intents: list[dict]) -> None:
+        """DEL what is left of pods whose ADD did not finish (their veths, addresses, and the
+        namespace each had made, known by its inode): their checkpoints still say `making`."""
+        left = []
+        for intent in intents:
+            path = os.path.join(self.dir, f"{intent['name']}.json")
+            try:
+                with open(path) as fh:
+                    saved = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if saved.get("making"):
+                left.append(saved)
+        self._delete(left)
 
     def _add_here(self, specs: dict[str, dict]) -> tuple[dict[str, dict], str]:
         """Make the pods; ({pod: checkpoint}, "") or ({}, why) with nothing of them left."""
@@ -199,6 +241,7 @@ class Kubelet:
             try:
                 for name, checkpoint in made.items():
                     checkpoint["ino"] = _create_netns(self.cluster.name, checkpoint["netns"])
+                    self._save({**checkpoint, "making": True})  # its namespace, by inode
                     attachments.append(
                         Attachment(
                             checkpoint["netns"],
@@ -236,6 +279,19 @@ class Kubelet:
         from netsim.services import NAMESPACE
 
         ino = _create_netns(self.cluster.name, spec["netns"])
+        self._save(
+            {
+                "name": name,
+                "spec": spec,
+                "netns": spec["netns"],
+                "veth": "",
+                "ifindex": 0,
+                "via": "cni-exec",
+                "pids": [],
+                "ino": ino,
+                "making": True,
+            }
+        )
         runtime, path = self._runtime(), nsmod.path(spec["netns"])
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}"
         try:
