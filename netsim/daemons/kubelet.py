@@ -128,30 +128,28 @@ class Kubelet:
         or why it could not make them. ({pod: checkpoint}, "") or ({}, why)."""
         from netsim import store
         from netsim.kernel import proc
-        from netsim.services import NAMESPACE
 
         failure = os.path.join(self.dir, ".add-failed")
         os.makedirs(self.dir, exist_ok=True)
         # intents first, as a runtime records a sandbox before it makes it: what a kubelet
-        # killed in the middle leaves, the next one finds and deletes (_adopt)
-        index = self._next_index()
-        intents = []
-        for name, spec in specs.items():
-            exec_ = spec.get("via") == "cni-exec"
-            intents.append(
-                {
-                    "name": name,
-                    "spec": spec,
-                    "netns": spec["netns"],
-                    "veth": "" if exec_ else self.mode.host_veth(NAMESPACE, name),
-                    "ifindex": 0 if exec_ else index,
-                    "via": spec.get("via", "in-process"),
-                    "pids": [],
-                    "making": True,
-                }
-            )
-            index += not exec_
-            self._save(intents[-1])
+        # killed in the middle leaves, the next one finds and deletes (_adopt). Kept to what
+        # needs no code beyond this module: each object the agent touches is a page of the
+        # zygote's it copies, in each of a hundred agents (the child adds veth and inode)
+        intents = [
+            {
+                "name": name,
+                "spec": spec,
+                "netns": spec["netns"],
+                "veth": "",
+                "ifindex": 0,
+                "via": spec.get("via", "in-process"),
+                "pids": [],
+                "making": True,
+            }
+            for name, spec in specs.items()
+        ]
+        for intent in intents:
+            self._save(intent)
 
         def work() -> None:
             store.forget(self.cluster.name)  # the child's own etcd connections
