@@ -277,7 +277,8 @@ def assert_nothing_left(cluster: ClusterUnderTest) -> None:
     from netsim import state
 
     assert cluster.namespaces() == []
-    assert agent_pids(cluster.name) == []
+    # a kubelet's or kube-proxy's child dies with its agent (PDEATHSIG), a moment after it
+    wait_for(lambda: agent_pids(cluster.name) == [], 5, "no process of the cluster left")
     assert etcd_pids(cluster.name) == []
     assert not os.path.exists(state.cluster_dir(cluster.name))
     with open("/proc/self/mountinfo") as fh:  # its tmpfs: the namespaces', the directory's

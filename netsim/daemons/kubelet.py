@@ -341,8 +341,9 @@ class Kubelet:
             done.append(checkpoint)
         with Rtnl(self.node.netns) as rt:
             for checkpoint in checkpoints:
-                if checkpoint.get("via") != "cni-exec" and checkpoint.get("ifindex"):
-                    rt.link_delete(checkpoint["ifindex"], checkpoint["veth"])
+                if checkpoint.get("via") != "cni-exec":
+                    if checkpoint.get("ifindex"):  # (an intent cut short has no veth yet)
+                        rt.link_delete(checkpoint["ifindex"], checkpoint["veth"])
                     done.append(checkpoint)
             rt.commit()
         ipam = self.mode.ipam(self.cluster, self.cluster_dir, self.node)
