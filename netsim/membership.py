@@ -157,14 +157,10 @@ def leave(cluster: Cluster, record: Record, mode, store, names: list[str]) -> No
 def _processes(record: Record, node: NodeRecord) -> list[tuple[int, int]]:
     """The node's agent and BIRD, and its pods' container processes (as its kubelet noted
     them on the node's disk)."""
-    import json
-    import os
+    from netsim.daemons.kubelet import container_pids
 
     found = [(p.pid, p.start) for p in (node.agent, node.bird) if p is not None]
-    pods = os.path.join(state.node_dir(record.cluster, node.name), "pods")
-    for entry in os.listdir(pods) if os.path.isdir(pods) else []:
-        with open(os.path.join(pods, entry)) as fh:
-            found += [tuple(p) for p in json.load(fh).get("pids", [])]
+    found += container_pids(state.node_dir(record.cluster, node.name))
     return [p for p in found if p[1]]
 
 

@@ -101,10 +101,10 @@ def bind(
 ) -> None:
     """Bind the pods to their nodes and wait for the kubelets to make them; their records
     from what the kubelets publish. Undone: the bindings go (the kubelets delete the pods)."""
-    from netsim.daemons.kubelet import KUBELET
 
-    bound = {
-        binding(pod): json.dumps(
+    by_node: dict[str, dict[str, str]] = {}
+    for pod in pods:
+        by_node.setdefault(pod.node, {})[binding(pod)] = json.dumps(
             {
                 "netns": naming.ns_name(cluster.name, "pod", pod.name),
                 "ports": list(pod.serve_ports),
@@ -112,17 +112,15 @@ def bind(
                 "via": via,
             }
         )
-        for pod in pods
-    }
 
     def unbound() -> None:  # the kubelets delete the pods
-        store.delete_all(list(bound))
+        store.delete_all([key for bound in by_node.values() for key in bound])
         agents.wait_applied(store, record)
 
     tx.on_undo("the pods' bindings", unbound)
-    nodes = sorted({p.node for p in pods})
+    nodes = sorted(by_node)
     for node in nodes:  # one write a node: its kubelet makes them in one batch
-        store.put_all({k: v for k, v in bound.items() if k.startswith(f"{KUBELET}{node}/")})
+        store.put_all(by_node[node])
     progress(f"pods: {len(pods)} bound to {len(nodes)} node(s); their kubelets make them")
     agents.wait_applied(store, record)
     made = _statuses(store, pods)
@@ -136,16 +134,7 @@ def bind(
             f"{state.node_dir(cluster.name, pod.node)}/agent.log)"
         )
     for pod in pods:
-        status = made[pod.name]
-        record.pods[pod.name] = PodRecord(
-            pod,
-            status["netns"],
-            status["ip"],
-            status["veth"],
-            status["ifindex"],
-            status["via"],
-            status["pids"],
-        )
+        record.pods[pod.name] = _made(pod, made[pod.name])
         tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record.pods.pop(p, None))
     progress(f"pods: {len(pods)} made")
 
@@ -158,9 +147,13 @@ def refresh(store, record: Record, nodes: list[str]) -> None:
     on = [entry for entry in record.pods.values() if entry.node in nodes]
     for name, status in _statuses(store, [entry.pod for entry in on]).items():
         if "error" not in status:
-            entry = record.pods[name]
-            entry.ip, entry.veth, entry.ifindex = status["ip"], status["veth"], status["ifindex"]
-            entry.netns, entry.via, entry.pids = status["netns"], status["via"], status["pids"]
+            record.pods[name] = _made(record.pods[name].pod, status)
+
+
+def _made(pod: Pod, status: dict) -> PodRecord:
+    """The record of a pod its kubelet made, from the status it published."""
+    keys = ("netns", "ip", "veth", "ifindex", "via", "pids")
+    return PodRecord(pod, *(status[k] for k in keys))
 
 
 def _wait_for_new_blocks(store, record: Record) -> None:

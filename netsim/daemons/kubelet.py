@@ -97,13 +97,12 @@ class Kubelet:
                 orphans = [tuple(p) for p in checkpoint["pids"] if proc.parent(p[0]) != os.getpid()]
                 proc.stop(orphans)
                 found[checkpoint["name"]] = checkpoint
-        self._abandon(unfinished)
+        self._delete(unfinished)
         return found
 
     def _save(self, checkpoint: dict) -> None:
         from netsim import state
 
-        os.makedirs(self.dir, exist_ok=True)
         state.write_file(
             os.path.join(self.dir, f"{checkpoint['name']}.json"), json.dumps(checkpoint)
         )
@@ -135,19 +134,7 @@ class Kubelet:
         # killed in the middle leaves, the next one finds and deletes (_adopt). Kept to what
         # needs no code beyond this module: each object the agent touches is a page of the
         # zygote's it copies, in each of a hundred agents (the child adds veth and inode)
-        intents = [
-            {
-                "name": name,
-                "spec": spec,
-                "netns": spec["netns"],
-                "veth": "",
-                "ifindex": 0,
-                "via": spec.get("via", "in-process"),
-                "pids": [],
-                "making": True,
-            }
-            for name, spec in specs.items()
-        ]
+        intents = [_checkpoint(name, spec, making=True) for name, spec in specs.items()]
         for intent in intents:
             self._save(intent)
 
@@ -222,16 +209,13 @@ class Kubelet:
             with ipam.session():
                 index = self._next_index()
                 for name, spec in specs.items():
-                    made[name] = {
-                        "name": name,
-                        "spec": spec,
-                        "ip": ipam.allocate(name, "eth0"),
-                        "netns": spec["netns"],
-                        "veth": mode.host_veth(NAMESPACE, name),
-                        "ifindex": index,
-                        "via": "in-process",
-                        "pids": [],
-                    }
+                    made[name] = _checkpoint(
+                        name,
+                        spec,
+                        ip=ipam.allocate(name, "eth0"),
+                        veth=mode.host_veth(NAMESPACE, name),
+                        ifindex=index,
+                    )
                     index += 1
             routes, prefixlen = mode.pod_routes(self.cluster, node), mode.pod_prefixlen(node)
             mtu = mode.pod_mtu(self.cluster.mtu)
@@ -277,19 +261,7 @@ class Kubelet:
         from netsim.services import NAMESPACE
 
         ino = _create_netns(self.cluster.name, spec["netns"])
-        self._save(
-            {
-                "name": name,
-                "spec": spec,
-                "netns": spec["netns"],
-                "veth": "",
-                "ifindex": 0,
-                "via": "cni-exec",
-                "pids": [],
-                "ino": ino,
-                "making": True,
-            }
-        )
+        self._save(_checkpoint(name, spec, ino=ino, making=True))
         runtime, path = self._runtime(), nsmod.path(spec["netns"])
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}"
         try:
@@ -308,17 +280,8 @@ class Kubelet:
             pod_rt.link_up(IFINDEX.LO, "lo")  # the runtime's loopback plugin
             pod_rt.commit()
         address = next(ip["address"] for ip in result["ips"])
-        return {
-            "name": name,
-            "spec": spec,
-            "ip": address.split("/")[0],
-            "netns": spec["netns"],
-            "veth": result["interfaces"][0]["name"],
-            "ifindex": 0,
-            "via": "cni-exec",
-            "pids": [],
-            "ino": ino,
-        }
+        veth = result["interfaces"][0]["name"]
+        return _checkpoint(name, spec, ip=address.split("/")[0], veth=veth, ino=ino)
 
     def _delete(self, checkpoints: list[dict]) -> list[str]:
         """DEL: the host veth (it takes its peer), the namespace, then the address; what is
@@ -395,6 +358,23 @@ class Kubelet:
         for start in range(0, len(ops), MAX_TXN_OPS):
             self.store.txn([], ops[start : start + MAX_TXN_OPS])
         self.published = statuses
+
+
+def _checkpoint(name: str, spec: dict, **facts) -> dict:
+    """What the kubelet keeps of a pod on the node's disk; `facts` as far as they are known
+    (an intent has none of the ADD's yet)."""
+    base = {"name": name, "spec": spec, "netns": spec["netns"], "veth": "", "ifindex": 0}
+    return base | {"via": spec.get("via", "in-process"), "pids": []} | facts
+
+
+def container_pids(node_dir: str) -> list[tuple[int, int]]:
+    """(pid, start time) of the node's pods' containers, as its kubelet noted them."""
+    found = []
+    pods = os.path.join(node_dir, "pods")
+    for entry in os.listdir(pods) if os.path.isdir(pods) else []:
+        with open(os.path.join(pods, entry)) as fh:
+            found += [tuple(p) for p in json.load(fh).get("pids", [])]
+    return found
 
 
 def _names(pods) -> str:
