@@ -17,6 +17,8 @@ the cluster's zygote (netsim/zygote.py), which has imported all of this once.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import queue
@@ -25,7 +27,11 @@ import signal
 import socket
 import subprocess
 import threading
+import time
+import traceback
+from collections.abc import Callable
 
+from netsim.containers import PodContainers
 from netsim.kernel import netns as nsmod
 
 HTTP_HEAD = (
@@ -50,6 +56,11 @@ class Agent:
         self.requests: queue.Queue = queue.Queue()
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self.wake_read, selectors.EVENT_READ, ("wake", None))
+        self.timers: list = []  # heap of (when, n, Timer)
+        self.counter = itertools.count()
+        self.exits: dict[int, int] = {}  # container pid -> its pidfd, watched for its exit
+        self.changed: Callable = lambda pod, status, pids: None  # the kubelet's, via serve
+        self.environment: Callable[[str], dict] = lambda pod: {}
 
     # -- pods ----------------------------------------------------------------------------------
 
@@ -120,15 +131,70 @@ class Agent:
             self.proxy.start()
         return self.proxy
 
-    def serve(self, wanted: dict[str, dict], timeout: float = 60.0) -> dict:
+    def serve(
+        self,
+        wanted: dict[str, dict],
+        changed: Callable[[str, dict, list[int]], None] | None = None,
+        environment: Callable[[str], dict] | None = None,
+        timeout: float = 60.0,
+    ) -> dict:
         """Serve exactly these pods (called by the kubelet, from its thread): {"pids": the
-        PIDs of each one's containers, "errors": pod -> why it could not start}."""
+        PIDs of each one's containers, "statuses": each one's status (phase, ready, container
+        statuses), "errors": pod -> why it could not start}. Later changes of a pod's status
+        are told to `changed(pod, status, pids)` (from the agent's loop: it must not wait);
+        `environment` gives a pod's containers the variables of the Services that exist when
+        they start."""
+        if changed is not None:
+            self.changed = changed
+        if environment is not None:
+            self.environment = environment
         done, box = threading.Event(), {}
-        self.requests.put((wanted, done, box))
-        os.write(self.wake_write, b"w")
+        self.post(lambda: box.update(reply=self.sync(wanted)) or done.set())
         if not done.wait(timeout):
             raise RuntimeError(f"the agent did not serve its pods within {timeout:.0f} s")
         return box["reply"]
+
+    def post(self, work: Callable[[], None]) -> None:
+        """Run this on the agent's loop (from any thread)."""
+        self.requests.put(work)
+        os.write(self.wake_write, b"w")
+
+    def later(self, delay: float, work: Callable[[], None]) -> Timer:
+        """Run this on the agent's loop after `delay` seconds (unless cancelled)."""
+        timer = Timer(work)
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.counter), timer))
+        return timer
+
+    def watch_exit(self, proc: subprocess.Popen, then: Callable[[int], None]) -> None:
+        """Call `then(returncode)` on the loop once the process exits."""
+        fd = os.pidfd_open(proc.pid)
+        self.exits[proc.pid] = fd
+        self.sel.register(fd, selectors.EVENT_READ, ("exit", (proc, then)))
+
+    def unwatch(self, proc: subprocess.Popen) -> None:
+        fd = self.exits.pop(proc.pid, None)
+        if fd is not None:
+            self.sel.unregister(fd)
+            os.close(fd)
+
+    def spawn(self, argv, env: dict, log_path: str, netns: str, hostname: str):
+        """A container's process: in the pod's namespaces (network, mount with its
+        resolv.conf, UTS with its name), output to its log."""
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd="/",
+                preexec_fn=lambda: nsmod.enter_as_container(netns, hostname),
+            )
+
+    def _on_exit(self, fd: int, data: tuple) -> None:
+        proc, then = data
+        self.unwatch(proc)
+        then(proc.wait())
 
     def _on_wake(self, fd: int, _: object) -> None:
         while True:
@@ -137,9 +203,7 @@ class Agent:
             except BlockingIOError:
                 break
         while not self.requests.empty():
-            wanted, done, box = self.requests.get()
-            box["reply"] = self.sync(wanted)
-            done.set()
+            self.requests.get()()
 
     def sync(self, wanted: dict[str, dict]) -> dict:
         for name in list(self.pods):
@@ -156,10 +220,57 @@ class Agent:
             "ok": not errors,
             "errors": errors,
             "serving": sorted(self.pods),
-            "pids": {n: [p.pid for p in p_["procs"]] for n, p_ in self.pods.items()},
+            "pids": {n: self.pids(n) for n in self.pods},
+            "statuses": {n: self.status(n) for n in self.pods},
         }
 
+    def pids(self, pod: str) -> list[int]:
+        containers = self.pods[pod]["containers"]
+        return containers.pids() if containers else []
+
+    def status(self, pod: str) -> dict:
+        """The pod's phase, readiness and container statuses."""
+        containers = self.pods[pod]["containers"]
+        if containers is not None:
+            return containers.pod_status()
+        started = self.pods[pod]["started"]
+        running = [
+            {
+                "name": name,
+                "state": {"running": {"startedAt": started}},
+                "lastState": {},
+                "restartCount": 0,
+                "ready": True,
+                "started": True,
+            }
+            for name in [c["name"] for c in self.pods[pod]["spec"].get("containers", [])]
+        ]
+        return {"phase": "Running", "ready": True, "containerStatuses": running}
+
     def _start_pod(self, name: str, spec: dict) -> None:
+        """The pod's built-in hostname server (its sockets, in the pod's namespace) and, when
+        it has any, its containers' processes (init containers first: the hostname server
+        opens when they are done)."""
+        from netsim.containers import timestamp
+
+        pod: dict = {"spec": spec, "socks": [], "containers": None, "started": timestamp()}
+        if spec.get("init") or any(c.get("argv") for c in spec.get("containers", [])):
+            pod["containers"] = PodContainers(
+                name,
+                spec,
+                os.path.join(self.log_dir, "logs", name),
+                self,
+                lambda pod: self.changed(pod, self.status(pod), self.pids(pod)),
+                lambda: self.environment(name),
+                lambda: self._serve_hostname(name, spec, pod),
+            )
+        else:
+            self._serve_hostname(name, spec, pod)
+        self.pods[name] = pod
+        if pod["containers"] is not None:
+            pod["containers"].start()
+
+    def _serve_hostname(self, name: str, spec: dict, pod: dict) -> None:
         socks = []
         body = name.encode()
         try:
@@ -181,31 +292,21 @@ class Agent:
         for s in socks:
             kind = "tcp-accept" if s.type == socket.SOCK_STREAM else "udp"
             self.sel.register(s, selectors.EVENT_READ, (kind, body))
-        procs = []
-        for command in spec.get("commands", []):
-            log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-            procs.append(
-                subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=lambda ns=spec["netns"]: nsmod.enter_for_exec(ns),
-                )
-            )
-            log.close()
-        self.pods[name] = {"spec": spec, "socks": socks, "procs": procs}
+        pod["socks"] = socks
 
     def _stop_pod(self, name: str) -> None:
         pod = self.pods.pop(name)
         for s in pod["socks"]:
             self.sel.unregister(s)
             s.close()
-        _end(pod["procs"])
+        if pod["containers"] is not None:
+            _end(pod["containers"].stop())
 
     def shutdown(self, *_: object) -> None:
         """Stop the pods' container processes; the kernel closes the sockets as we exit."""
-        _end([proc for pod in self.pods.values() for proc in pod["procs"]])
+        _end(
+            [p for pod in self.pods.values() if pod["containers"] for p in pod["containers"].stop()]
+        )
         os._exit(0)
 
     # -- event loop ----------------------------------------------------------------------------
@@ -213,12 +314,21 @@ class Agent:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.shutdown)
         while True:
-            for key, _ in self.sel.select():
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                try:
+                    heapq.heappop(self.timers)[2].fire()
+                except Exception:  # noqa: BLE001 -- as above
+                    traceback.print_exc()
+            wait = self.timers[0][0] - now if self.timers else None
+            for key, _ in self.sel.select(wait):
                 kind, data = key.data
                 try:
                     getattr(self, "_on_" + kind.replace("-", "_"))(key.fileobj, data)
                 except (BlockingIOError, ConnectionError):
                     pass
+                except Exception:  # noqa: BLE001 -- one pod's trouble must not end the node's agent
+                    traceback.print_exc()
 
     def _on_tcp_accept(self, listener: socket.socket, body: bytes) -> None:
         conn, _ = listener.accept()
@@ -256,6 +366,18 @@ class Agent:
                 reply = {"ok": not errors, "errors": errors}
                 stream.write(json.dumps(reply).encode() + b"\n")
                 stream.flush()
+
+
+class Timer:
+    def __init__(self, work: Callable[[], None]):
+        self.work: Callable[[], None] | None = work
+
+    def cancel(self) -> None:
+        self.work = None
+
+    def fire(self) -> None:
+        if self.work is not None:
+            self.work()
 
 
 class LeaseRenewer(threading.Thread):

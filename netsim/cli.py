@@ -367,10 +367,20 @@ def cmd_get(args) -> int:
                 r + [i["segment"], i["mode"], i["netns"]] for r, i in zip(rows, items, strict=True)
             ]
     elif what == "pods":
+        from netsim.daemons.kubelet import POD_STATUS
+        from netsim.podstatus import columns
+
+        published = {
+            kv.key.rsplit("/", 1)[1]: kv.json() for kv in store.range(POD_STATUS, prefix=True)
+        }
         items = []
         for obj in registry.listed(store, registry.PODS):
             n = obj["metadata"]["name"]
             local = record.pods.get(n)
+            status = published.get(n, {})
+            ready, shown, restarts = (
+                columns(status) if "phase" in status else ("0/1", "ContainerCreating", 0)
+            )
             items.append(
                 {
                     "name": n,
@@ -379,10 +389,19 @@ def cmd_get(args) -> int:
                     "netns": local.netns if local else "",
                     "veth": local.veth if local else "",
                     "labels": obj["metadata"].get("labels", {}),
+                    "ready": ready,
+                    "status": shown,
+                    "restarts": restarts,
+                    "phase": status.get("phase", "Pending"),
+                    "containerStatuses": status.get("containerStatuses", []),
+                    "initContainerStatuses": status.get("initContainerStatuses", []),
                 }
             )
-        header = ["NAME", "STATUS", "IP", "NODE"]
-        rows = [[i["name"], _status(i["netns"]), i["ip"], i["node"]] for i in items]
+        header = ["NAME", "READY", "STATUS", "RESTARTS", "IP", "NODE"]
+        rows = [
+            [i["name"], i["ready"], i["status"], str(i["restarts"]), i["ip"], i["node"]]
+            for i in items
+        ]
         if args.output == "wide":
             header += ["VETH", "NETNS"]
             rows = [r + [i["veth"], i["netns"]] for r, i in zip(rows, items, strict=True)]
@@ -432,10 +451,6 @@ def _node_status(local, obj: dict) -> str:
     if local is None or not nsmod.exists(local.netns):
         return "Lost"
     return "Ready" if is_ready(obj) else "NotReady"
-
-
-def _status(netns: str) -> str:
-    return "Ready" if netns and nsmod.exists(netns) else "Lost"
 
 
 def _internal_ip(node: dict) -> str:
@@ -503,15 +518,23 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def cmd_logs(args) -> int:
+    from netsim import logs
+
+    _, record = pick_cluster(args.cluster)
+    return logs.show(record, args.pod, args.container, args.previous, args.follow)
+
+
 def cmd_exec(args) -> int:
     _, record = pick_cluster(args.cluster)
-    _, netns, _ = resolve(record, args.target)
+    kind, netns, _ = resolve(record, args.target)
     if not netns:
         raise NetsimError(f"{args.target} is not a pod, node or client")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise NetsimError("give a command after --, e.g. netsim exec web-0 -- ip route")
-    nsmod.enter_for_exec(netns)
+    # as in the pod's containers: its resolv.conf and hosts, and its name as the hostname
+    nsmod.enter_as_container(netns, args.target if kind == "pod" else "")
     try:
         os.execvp(command[0], command)
     except FileNotFoundError:
@@ -833,6 +856,12 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("what")
     ds.add_argument("name", nargs="?")
     ds.set_defaults(func=cmd_describe)
+    lo = sub.add_parser("logs", help="what a pod's container printed")
+    lo.add_argument("pod")
+    lo.add_argument("-c", "--container", help="the container (default: the pod's first)")
+    lo.add_argument("-f", "--follow", action="store_true", help="keep printing what comes")
+    lo.add_argument("-p", "--previous", action="store_true", help="the run before the last")
+    lo.set_defaults(func=cmd_logs)
     e = sub.add_parser("exec", help="run a command in a pod's (or node's) namespace")
     e.add_argument("--fork", action="store_true", help=argparse.SUPPRESS)
     e.add_argument("target")

@@ -72,11 +72,40 @@ class Datastore:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A readinessProbe: httpGet (port, path) or exec (command), with Kubernetes' timings."""
+
+    kind: str  # httpGet | exec | tcpSocket
+    port: int | str = 0  # a number, or the name of a container port
+    path: str = "/"
+    command: tuple[str, ...] = ()
+    initial_delay: int = 0
+    period: int = 10
+    timeout: int = 1
+    success_threshold: int = 1
+    failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
 class Container:
     name: str
     ports: tuple[int, ...] = ()
-    command: tuple[str, ...] = ()  # empty: the built-in hostname server
+    command: tuple[str, ...] = ()  # Kubernetes' command: replaces the image's entrypoint
     port_names: tuple[tuple[str, int], ...] = ()  # (name, containerPort) for named ports
+    image: str = ""  # "": netsim's own hostname server
+    args: tuple[str, ...] = ()  # Kubernetes' args: replace the image's CMD
+    env: tuple[tuple[str, str], ...] = ()  # env: [{name, value}]
+    readiness: Probe | None = None
+
+    @property
+    def builtin(self) -> bool:
+        """Served by the agent's own hostname server rather than a process of its own."""
+        from netsim.images import workload
+
+        return workload(self).argv is None
+
+
+RESTART_POLICIES = ("Always", "OnFailure", "Never")
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,9 @@ class Pod:
     containers: tuple[Container, ...]
     node: str = ""  # nodeName, or the scheduler's choice
     owner: str = ""  # the Deployment that made it, if any
+    init_containers: tuple[Container, ...] = ()  # run one after another, to completion
+    restart_policy: str = "Always"
+    service_links: bool = True  # enableServiceLinks: the Services' environment variables
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -97,8 +129,13 @@ class Pod:
     @property
     def serve_ports(self) -> tuple[int, ...]:
         """Ports the built-in hostname server answers on for this pod."""
-        ports = [p for c in self.containers if not c.command for p in (c.ports or (HOSTNAME_PORT,))]
+        ports = [p for c in self.containers if c.builtin for p in (c.ports or (HOSTNAME_PORT,))]
         return tuple(sorted(set(ports)))
+
+    @property
+    def workload(self) -> tuple:
+        """What the kubelet runs: everything that makes a container differ."""
+        return (self.containers, self.init_containers, self.restart_policy, self.service_links)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def reconcile(
         n
         for n, r in recorded.items()
         if n not in desired
-        or (r.pod.node, r.pod.containers) != (desired[n].node, desired[n].containers)
+        or (r.pod.node, r.pod.workload) != (desired[n].node, desired[n].workload)
     ]
     new = [p for n, p in desired.items() if n not in recorded or n in stale]
     for name, pod in desired.items():
@@ -90,6 +90,51 @@ def binding(pod: Pod) -> str:
     return f"{KUBELET}{pod.node}/{pod.name}"
 
 
+def kubelet_spec(pod: Pod) -> dict:
+    """What the node's kubelet runs for the pod: the hostname server's ports, the init
+    containers and containers (the process each runs, its environment, its readiness
+    probe), the restart policy."""
+    from netsim.images import workload
+
+    def container(c) -> dict:
+        found: dict = {"name": c.name, "argv": workload(c).argv}
+        if c.env:
+            found["env"] = dict(c.env)
+        if c.readiness is not None:
+            found["readiness"] = probe(c.readiness, c)
+        return found
+
+    spec: dict = {
+        "ports": list(pod.serve_ports),
+        "containers": [container(c) for c in pod.containers],
+    }
+    if pod.init_containers:
+        spec["init"] = [container(c) for c in pod.init_containers]
+    if pod.restart_policy != "Always":
+        spec["restartPolicy"] = pod.restart_policy
+    if not pod.service_links:
+        spec["serviceLinks"] = False
+    return spec
+
+
+def probe(p, container) -> dict:
+    """A readiness probe as the kubelet runs it (a named port resolved in the container)."""
+    port = p.port
+    if isinstance(port, str):
+        port = next((n for name, n in container.port_names if name == port), 0)
+    return {
+        "kind": p.kind,
+        "port": port,
+        "path": p.path,
+        "command": list(p.command),
+        "initialDelaySeconds": p.initial_delay,
+        "periodSeconds": p.period,
+        "timeoutSeconds": p.timeout,
+        "successThreshold": p.success_threshold,
+        "failureThreshold": p.failure_threshold,
+    }
+
+
 def bind(
     cluster: Cluster,
     record: Record,
@@ -105,12 +150,7 @@ def bind(
     by_node: dict[str, dict[str, str]] = {}
     for pod in pods:
         by_node.setdefault(pod.node, {})[binding(pod)] = json.dumps(
-            {
-                "netns": naming.ns_name(cluster.name, "pod", pod.name),
-                "ports": list(pod.serve_ports),
-                "commands": [list(c.command) for c in pod.containers if c.command],
-                "via": via,
-            }
+            {"netns": naming.ns_name(cluster.name, "pod", pod.name), "via": via} | kubelet_spec(pod)
         )
 
     def unbound() -> None:  # the kubelets delete the pods

@@ -83,8 +83,10 @@ def http_get(netns: str, ip: str, port: int, path: str = "/", timeout: float = 2
 
 
 def parse_url(url: str) -> tuple[str, int, str]:
-    """host, port, path of http://HOST[:PORT][/PATH]; the scheme may be left out."""
+    """host, port, path (with its query) of http://HOST[:PORT][/PATH][?QUERY]; the scheme
+    may be left out."""
     parts = urlsplit(url if "://" in url else "http://" + url)
     if parts.scheme != "http" or not parts.hostname:
         raise NetsimError(f"cannot use URL {url!r}: write http://HOST[:PORT]/PATH")
-    return parts.hostname, parts.port or 80, parts.path or "/"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, parts.port or 80, path

@@ -28,6 +28,7 @@ from netsim import modes
 from netsim.errors import TopologyError
 from netsim.model import (
     HOSTNAME_PORT,
+    RESTART_POLICIES,
     CalicoSpec,
     Cluster,
     Container,
@@ -35,6 +36,7 @@ from netsim.model import (
     ExternalClient,
     Node,
     Pod,
+    Probe,
     Segment,
     Service,
     ServicePort,
@@ -139,6 +141,9 @@ _KNOWN = {
         "spec",
         "spec.nodeName",
         "spec.containers",
+        "spec.initContainers",
+        "spec.restartPolicy",
+        "spec.enableServiceLinks",
     },
     "Deployment": {
         "apiVersion",
@@ -156,6 +161,9 @@ _KNOWN = {
         "spec.template.spec",
         "spec.template.spec.nodeName",
         "spec.template.spec.containers",
+        "spec.template.spec.initContainers",
+        "spec.template.spec.restartPolicy",
+        "spec.template.spec.enableServiceLinks",
     },
     "Service": {
         "apiVersion",
@@ -174,7 +182,17 @@ _KNOWN = {
         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
     },
 }
-_CONTAINER_KEYS = {"name", "ports", "command", "args"}
+_CONTAINER_KEYS = {"name", "ports", "command", "args", "image", "env", "readinessProbe"}
+_PROBE_KEYS = {
+    "httpGet",
+    "tcpSocket",
+    "exec",
+    "initialDelaySeconds",
+    "periodSeconds",
+    "timeoutSeconds",
+    "successThreshold",
+    "failureThreshold",
+}
 IANA_FIX = (
     "use at most 15 lowercase letters, digits and '-', with a letter, no '-' at either "
     "end or twice in a row (IANA_SVC_NAME)"
@@ -1195,8 +1213,8 @@ def _labels(doc: _Doc, path: str) -> dict[str, str]:
     return result
 
 
-def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
-    raw = doc.get(path, [{"name": "hostname"}], list)
+def _containers(doc: _Doc, path: str, init: bool = False) -> tuple[Container, ...]:
+    raw = doc.get(path, [] if init else [{"name": "hostname"}], list)
     containers: list[Container] = []
     taken: set[str] = set()  # port names, unique in the pod
     for i, item in enumerate(raw):
@@ -1256,11 +1274,160 @@ def _containers(doc: _Doc, path: str) -> tuple[Container, ...]:
                     )
                 taken.add(port_name)
                 names.append((port_name, value))
-        command = [*(item.get("command") or []), *(item.get("args") or [])]
-        containers.append(Container(name, tuple(ports), tuple(command), tuple(names)))
-    if not containers:
+        image = item.get("image") if item.get("image") is not None else ""
+        if not isinstance(image, str):
+            raise doc.fail(f"{field}.image", f"{_show(image)} is not an image name")
+        container = Container(
+            name,
+            tuple(ports),
+            tuple(item.get("command") or ()),
+            tuple(names),
+            image,
+            tuple(item.get("args") or ()),
+            _env(doc, item, field),
+            _probe(doc, item, field),
+        )
+        from netsim.images import workload
+
+        notice = workload(container).notice
+        if notice:
+            doc.ignored.add(f"warning: {notice}")
+        containers.append(container)
+    if not containers and not init:
         raise doc.fail(path, "a pod needs at least one container", "add {name: hostname}")
     return tuple(containers)
+
+
+def _env(doc: _Doc, item: dict, field: str) -> tuple[tuple[str, str], ...]:
+    """env: [{name, value}] (valueFrom is not modelled: noted and left out)."""
+    raw = item.get("env") if item.get("env") is not None else []
+    if not isinstance(raw, list):
+        raise doc.fail(f"{field}.env", "expected a list of {name: ..., value: ...}")
+    found = []
+    for k, entry in enumerate(raw):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise doc.fail(f"{field}.env[{k}].name", "each variable needs a name")
+        if "valueFrom" in entry:
+            doc.ignored.add(f"{doc.kind}.{field.split('[')[0]}[].env[].valueFrom")
+            continue
+        value = entry.get("value", "")
+        if not isinstance(value, str):
+            raise doc.fail(
+                f"{field}.env[{k}].value",
+                f"values are strings, not {_show(value)}",
+                f'quote it: value: "{_short(value, 20)}"',
+            )
+        found.append((name, value))
+    return tuple(found)
+
+
+def _probe(doc: _Doc, item: dict, field: str) -> Probe | None:
+    """readinessProbe with httpGet, tcpSocket or exec, and Kubernetes' timings."""
+    raw = item.get("readinessProbe")
+    if raw is None:
+        return None
+    where = f"{field}.readinessProbe"
+    if not isinstance(raw, dict):
+        raise doc.fail(where, "expected a mapping with httpGet, tcpSocket or exec")
+    for key in raw:
+        if key not in _PROBE_KEYS:
+            doc.ignored.add(f"{doc.kind}.{field.split('[')[0]}[].readinessProbe.{_key(key)}")
+    kinds = [k for k in ("httpGet", "tcpSocket", "exec") if k in raw]
+    if len(kinds) != 1:
+        raise doc.fail(where, "a probe has exactly one of httpGet, tcpSocket and exec")
+    kind, body = kinds[0], raw[kinds[0]]
+    if not isinstance(body, dict):
+        raise doc.fail(f"{where}.{kind}", "expected a mapping")
+    timings = {}
+    for key, least in (
+        ("initialDelaySeconds", 0),
+        ("periodSeconds", 1),
+        ("timeoutSeconds", 1),
+        ("successThreshold", 1),
+        ("failureThreshold", 1),
+    ):
+        value = raw.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < least
+        ):
+            raise doc.fail(f"{where}.{key}", f"{_show(value)} is not a whole number >= {least}")
+        if value is not None:
+            timings[key] = value
+    probe = Probe(
+        kind,
+        initial_delay=timings.get("initialDelaySeconds", 0),
+        period=timings.get("periodSeconds", 10),
+        timeout=timings.get("timeoutSeconds", 1),
+        success_threshold=timings.get("successThreshold", 1),
+        failure_threshold=timings.get("failureThreshold", 3),
+    )
+    if kind == "exec":
+        command = body.get("command")
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(w, str) for w in command)
+        ):
+            raise doc.fail(f"{where}.exec.command", "expected a list of strings")
+        return replace(probe, command=tuple(command))
+    port = body.get("port")
+    valid = (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535) or (
+        isinstance(port, str) and IANA_SVC_NAME.fullmatch(port)
+    )
+    if not valid:
+        raise doc.fail(f"{where}.{kind}.port", f"{_show(port)} is not a port number or name")
+    if isinstance(port, str) and port not in {n for n, _ in _port_names(item)}:
+        raise doc.fail(
+            f"{where}.{kind}.port",
+            f"no port of this container is named {port!r}",
+            "name one of its ports so, or give the number",
+        )
+    path = body.get("path", "/")
+    if not isinstance(path, str):
+        raise doc.fail(f"{where}.{kind}.path", f"{_show(path)} is not a path")
+    return replace(probe, port=port, path=path)
+
+
+def _port_names(item: dict) -> list[tuple[str, int]]:
+    return [
+        (p["name"], p.get("containerPort"))
+        for p in item.get("ports") or []
+        if isinstance(p, dict) and isinstance(p.get("name"), str)
+    ]
+
+
+def _pod_spec(doc: _Doc, path: str) -> dict:
+    """initContainers, restartPolicy and enableServiceLinks of a pod spec, checked."""
+    init = _containers(doc, f"{path}.initContainers", init=True)
+    main = _containers(doc, f"{path}.containers")
+    clash = {c.name for c in init} & {c.name for c in main}
+    if clash:
+        raise doc.fail(
+            f"{path}.initContainers",
+            f"container name {sorted(clash)[0]!r} is used twice in the pod",
+            "give init containers and containers different names",
+        )
+    policy = doc.get(f"{path}.restartPolicy", "Always", str)
+    if policy not in RESTART_POLICIES:
+        raise doc.fail(
+            f"{path}.restartPolicy",
+            f"{_show(policy)} is not a restart policy",
+            "use Always, OnFailure or Never",
+        )
+    if doc.kind == "Deployment" and policy != "Always":
+        raise doc.fail(
+            f"{path}.restartPolicy",
+            f"a Deployment's pods restart Always, not {policy}",
+            "leave restartPolicy out, or use a Pod",
+        )
+    links = doc.get(f"{path}.enableServiceLinks", True, bool)
+    return {
+        "containers": main,
+        "init_containers": init,
+        "restart_policy": policy,
+        "service_links": links,
+    }
 
 
 def _node_name(doc: _Doc, path: str, cluster: Cluster) -> str:
@@ -1278,8 +1445,8 @@ def _pod(doc: _Doc, cluster: Cluster) -> Pod:
     return Pod(
         name=doc.name(doc.get("metadata.name"), "metadata.name"),
         labels=_labels(doc, "metadata.labels"),
-        containers=_containers(doc, "spec.containers"),
         node=_node_name(doc, "spec.nodeName", cluster),
+        **_pod_spec(doc, "spec"),
     )
 
 
@@ -1303,9 +1470,9 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
             f"not match the template labels {_show(labels, 120)}",
             "make spec.selector.matchLabels a subset of spec.template.metadata.labels",
         )
-    containers = _containers(doc, "spec.template.spec.containers")
+    spec = _pod_spec(doc, "spec.template.spec")
     node = _node_name(doc, "spec.template.spec.nodeName", cluster)
-    return [Pod(f"{name}-{i}", labels, containers, node, owner=name) for i in range(replicas)]
+    return [Pod(f"{name}-{i}", labels, node=node, owner=name, **spec) for i in range(replicas)]
 
 
 def _service(doc: _Doc, cluster: Cluster) -> Service:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 
 from netsim.kernel import netns as nsmod
@@ -38,8 +39,18 @@ class Kubelet:
         self.running: dict[str, dict] | None = None  # pod -> its checkpoint; None: not read
         self.status_prefix = f"{POD_STATUS}{node.name}/"
         self.published: dict[str, str] = {}  # pod -> the status this node's kubelet published
+        self.statuses: dict[str, dict] = {}  # pod -> phase, readiness, container statuses
+        self.lock = threading.Lock()  # a sync, or the publication of a container's change
+        self.changes: dict[str, tuple[dict, list[int]]] = {}  # from the agent, to publish
+        self.changes_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.publisher: threading.Thread | None = None
 
     def sync(self, view: dict) -> None:
+        with self.lock:
+            self._sync(view)
+
+    def _sync(self, view: dict) -> None:
         prefix = self.prefixes[0]
         wanted = {kv.key[len(prefix) :]: kv.json() for kv in view[prefix].values()}
         if self.running is None:
@@ -63,11 +74,9 @@ class Kubelet:
         errors |= self._serve(running)
         self._publish(
             {
-                name: json.dumps(
-                    {"node": self.node.name, "error": errors[name]}
-                    if name in errors
-                    else {"node": self.node.name, **_status(running[name])}
-                )
+                name: json.dumps({"node": self.node.name, "error": errors[name]})
+                if name in errors
+                else self._status_text(name)
                 for name in wanted
                 if name in running or name in errors
             }
@@ -326,24 +335,74 @@ class Kubelet:
     def _serve(self, running: dict[str, dict]) -> dict[str, str]:
         """The agent serves exactly these pods; their containers' processes are noted. The
         pods it could not start: pod -> why."""
-        from netsim.kernel import proc
 
         reply = self.serve(
-            {
-                n: {
-                    "netns": c["netns"],
-                    "ports": c["spec"].get("ports", []),
-                    "commands": c["spec"].get("commands", []),
-                }
-                for n, c in running.items()
-            }
+            {n: _served(c) for n, c in running.items()}, self._changed, self._environment
         )
+        self.statuses = reply["statuses"]
         for name, checkpoint in running.items():
-            now = [[p, proc.start_time(p) or 0] for p in reply["pids"].get(name, [])]
-            if now != checkpoint["pids"]:
-                checkpoint["pids"] = now
-                self._save(checkpoint)
+            self._note_pids(checkpoint, reply["pids"].get(name, []))
         return reply["errors"]
+
+    def _note_pids(self, checkpoint: dict, pids: list[int]) -> None:
+        from netsim.kernel import proc
+
+        now = [[p, proc.start_time(p) or 0] for p in pids]
+        if now != checkpoint["pids"]:
+            checkpoint["pids"] = now
+            self._save(checkpoint)
+
+    def _status_text(self, name: str) -> str:
+        status = _status(self.running[name]) | self.statuses.get(name, {})
+        return json.dumps({"node": self.node.name, **status})
+
+    def _changed(self, pod: str, status: dict, pids: list[int]) -> None:
+        """(The agent's loop.) A container started, ended or became ready: published by the
+        publisher thread, which waits for a sync under way."""
+        with self.changes_lock:
+            self.changes[pod] = (status, pids)
+            if self.publisher is None:
+                self.publisher = threading.Thread(target=self._publish_changes, daemon=True)
+                self.publisher.start()
+        self.wake.set()
+
+    def _publish_changes(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            with self.changes_lock:
+                changes, self.changes = self.changes, {}
+            with self.lock:
+                statuses = dict(self.published)
+                for pod, (status, pids) in changes.items():
+                    if self.running is None or pod not in self.running:
+                        continue
+                    self.statuses[pod] = status
+                    self._note_pids(self.running[pod], pids)
+                    statuses[pod] = self._status_text(pod)
+                try:
+                    self._publish(statuses)
+                except Exception as exc:  # noqa: BLE001 -- the store is away: the next change
+                    print(f"kubelet: publishing pod statuses: {exc}", flush=True)
+
+    def _environment(self, pod: str) -> dict[str, str]:
+        """(The agent's loop.) The variables of the Services that exist now, as the kubelet
+        gives a container that starts (netsim/envvars.py)."""
+        from netsim.envvars import service_env
+        from netsim.registry import SERVICES
+        from netsim.services import NAMESPACE
+
+        checkpoint = (self.running or {}).get(pod)
+        if checkpoint is None or not checkpoint["spec"].get("serviceLinks", True):
+            return {}
+        try:
+            services = [
+                kv.json() for kv in self.store.range(f"{SERVICES}{NAMESPACE}/", prefix=True)
+            ]
+        except Exception as exc:  # noqa: BLE001 -- the store is away: none, as a kubelet would
+            print(f"kubelet: reading Services for pod {pod}: {exc}", flush=True)
+            return {}
+        return service_env(services)
 
     def _publish(self, statuses: dict[str, str]) -> None:
         """Each pod's status as it is now; those of pods no longer bound here go."""
@@ -381,6 +440,14 @@ def _names(pods) -> str:
     pods = list(pods)
     shown = ", ".join(pods[:3]) + (f" and {len(pods) - 3} more" if len(pods) > 3 else "")
     return f"pod{'s' if len(pods) > 1 else ''} {shown}"
+
+
+def _served(checkpoint: dict) -> dict:
+    """What the agent needs to serve a pod: its namespace and address, the hostname
+    server's ports, its init containers and containers, its restart policy."""
+    spec = checkpoint["spec"]
+    served = {k: spec[k] for k in ("ports", "init", "containers", "restartPolicy") if k in spec}
+    return served | {"netns": checkpoint["netns"], "ip": checkpoint.get("ip", "")}
 
 
 def _status(checkpoint: dict) -> dict:

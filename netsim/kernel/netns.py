@@ -25,8 +25,9 @@ from netsim.errors import KernelError
 from netsim.kernel import tmpfs
 
 RUN_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
-MS_REC, MS_BIND = 0x4000, 0x1000
+ETC_DIR = "/etc/netns"  # <name>/resolv.conf, hosts: bound over /etc/* by `ip netns exec`
+CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS = 0x40000000, 0x00020000, 0x04000000
+MS_REC, MS_BIND, MS_SLAVE = 0x4000, 0x1000, 0x80000
 MS_SHARED, MNT_DETACH = tmpfs.MS_SHARED, tmpfs.MNT_DETACH
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -214,6 +215,23 @@ def enter_for_exec(name: str) -> None:
         _check(_libc.setns(fd, CLONE_NEWNET), f"enter netns {name}", None)
     finally:
         os.close(fd)
+
+
+def enter_as_container(name: str, hostname: str = "") -> None:
+    """A preexec hook for a pod's process: its network namespace, a mount namespace in which
+    the files of /etc/netns/<name>/ cover those of /etc (as `ip netns exec` binds them:
+    resolv.conf, hosts), and, given a hostname, a UTS namespace with that name (the pod's, as
+    a container runtime gives it)."""
+    enter_for_exec(name)
+    _check(_libc.unshare(CLONE_NEWNS | (CLONE_NEWUTS if hostname else 0)), "unshare", name)
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /", name)
+    etc = os.path.join(ETC_DIR, name)
+    for entry in os.listdir(etc) if os.path.isdir(etc) else []:
+        source, target = os.path.join(etc, entry).encode(), os.path.join("/etc", entry).encode()
+        _check(_libc.mount(source, target, None, MS_BIND, None), f"bind /etc/{entry}", name)
+    if hostname:
+        raw = hostname.encode()
+        _check(_libc.sethostname(raw, len(raw)), "sethostname", name)
 
 
 def open_fd(name: str) -> int:
