@@ -177,9 +177,9 @@ class Agent:
             self.sel.unregister(fd)
             os.close(fd)
 
-    def spawn(self, argv, env: dict, log_path: str, netns: str, hostname: str):
+    def spawn(self, argv, env: dict, log_path: str, netns: str, hostname: str, namespace: str):
         """A container's process: in the pod's namespaces (network, mount with its
-        resolv.conf, UTS with its name), output to its log."""
+        resolv.conf and service account, UTS with its name), output to its log."""
         with open(log_path, "ab") as log:
             return subprocess.Popen(
                 list(argv),
@@ -188,7 +188,7 @@ class Agent:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd="/",
-                preexec_fn=lambda: nsmod.enter_as_container(netns, hostname),
+                preexec_fn=lambda: nsmod.enter_as_container(netns, hostname, namespace),
             )
 
     def _on_exit(self, fd: int, data: tuple) -> None:
@@ -272,7 +272,7 @@ class Agent:
 
     def _serve_hostname(self, name: str, spec: dict, pod: dict) -> None:
         socks = []
-        body = name.encode()
+        body = spec.get("hostname", name).encode()
         try:
             with nsmod.entered(spec["netns"]):
                 for port in spec.get("ports", []):

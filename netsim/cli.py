@@ -14,7 +14,7 @@ from netsim import columns, probe, services, state, teardown, topology
 from netsim import store as storemod
 from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
-from netsim.model import HOSTNAME_PORT
+from netsim.model import HOSTNAME_PORT, object_key
 from netsim.record import Record
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "flannel-vxlan.yaml"
@@ -58,8 +58,19 @@ def _readable_clusters() -> dict[str, Record | None]:
     return found
 
 
+NAMESPACE = ["default"]  # the namespace the command names objects in (-n), set by main
+
+
+def key_of(record: Record, name: str) -> str:
+    """A name given on the command line as the record knows it: a pod or Service of the
+    namespace (-n) by its key (netsim.model.object_key), anything else as it is."""
+    key = object_key(NAMESPACE[0], name)
+    return key if key in record.pods or key in record.services else name
+
+
 def resolve(record: Record, target: str) -> tuple[str, str, str]:
     """A pod, node or external client name, or an IP -> (kind, netns, ip)."""
+    target = key_of(record, target)
     place = _present(record, target)
     if place:
         return place.kind, place.netns, place.ip
@@ -105,14 +116,49 @@ def cmd_cni_install(args) -> int:
     return 0
 
 
+def _objects_file(file: str) -> list | None:
+    """The documents of a file that holds Kubernetes objects but no Cluster (kubectl apply
+    -f of a Pod or Service into a cluster that runs); None for a topology file."""
+    bodies = topology.documents(file)
+    if any(isinstance(b, dict) and b.get("kind") == "Cluster" for b in bodies):
+        return None
+    if not bodies or any(topology.object_id(b) is None for b in bodies):
+        raise TopologyError(
+            file,
+            "file",
+            "",
+            "holds no Cluster document and not only named objects",
+            "apply a topology file (with its Cluster), or a file of Pods, Deployments, "
+            "Services and Namespaces, each with metadata.name",
+        )
+    return bodies
+
+
 def cmd_apply(args) -> int:
+    objects = _objects_file(args.file)
+    if objects is not None:
+        _, record = pick_cluster(args.cluster)
+        overrides = json.loads(json.dumps(record.overrides))
+        ids = {topology.object_id(b) for b in objects}
+        kept = [o for o in overrides.get("objects", []) if topology.object_id(o) not in ids]
+        overrides["objects"] = kept + objects
+        names = ", ".join(f"{k.lower()}/{n}" for k, _, n in map(topology.object_id, objects))
+        return _reapply(record, overrides, f"{names} applied from {args.file}")
     model, notes = topology.load(args.file)
-    for note in notes:
-        print(f"netsim: {note}", file=sys.stderr)
     try:
         known = state.load(model.name)
     except NetsimError:
         known = None
+    # objects applied from files of their own stay (scale and expose end with apply -f)
+    kept = (
+        {"objects": known.overrides["objects"]}
+        if known and known.overrides.get("objects")
+        else None
+    )
+    if kept:
+        model, notes = topology.load(args.file, kept)
+    for note in notes:
+        print(f"netsim: {note}", file=sys.stderr)
     if model.cni_plugins and args.cni != "exec" and not (known and known.cni_exec):
         print(
             "netsim: warning: spec.cni.plugins run only when pods are wired through the "
@@ -120,7 +166,7 @@ def cmd_apply(args) -> int:
             file=sys.stderr,
         )
     start = time.monotonic()
-    changes = clustermod.apply(model, progress, cni_exec=args.cni == "exec")
+    changes = clustermod.apply(model, progress, cni_exec=args.cni == "exec", overrides=kept)
     print(
         f"cluster/{model.name} {changes.summary()} ({model.mode}, "
         f"{len(model.nodes)} nodes, {len(model.pods)} pods) in "
@@ -236,6 +282,22 @@ def cmd_delete(args) -> int:
             "delete what? `netsim delete -f FILE` removes the cluster, "
             "`netsim delete pod NAME` one pod"
         )
+    objects = _objects_file(args.file) if args.file else None
+    if objects is not None:
+        _, record = pick_cluster(args.cluster)
+        overrides = json.loads(json.dumps(record.overrides))
+        ids = {topology.object_id(b) for b in objects}
+        held = [o for o in overrides.get("objects", []) if topology.object_id(o) in ids]
+        if not held:
+            raise NetsimError(
+                f"none of the objects of {args.file} was applied from a file of its own; "
+                "objects of the cluster's topology file go when it changes"
+            )
+        overrides["objects"] = [
+            o for o in overrides.get("objects", []) if topology.object_id(o) not in ids
+        ]
+        names = ", ".join(f"{k.lower()}/{n}" for k, _, n in map(topology.object_id, held))
+        return _reapply(record, overrides, f"{names} deleted")
     if args.file:
         name = topology.load(args.file)[0].name
     else:
@@ -263,8 +325,8 @@ def _delete_pod(args) -> int:
             f"cannot delete {' '.join(args.pod)!r}: use `netsim delete pod NAME`, or "
             "`netsim delete -f FILE` for the whole cluster"
         )
-    name = args.pod[1]
     _, record = pick_cluster(args.cluster)
+    name = key_of(record, args.pod[1])
     if name not in record.pods:
         raise NetsimError(
             f"no pod named {name!r} in cluster {record.cluster}; `netsim get pods` shows what runs"
@@ -332,10 +394,15 @@ def cmd_get(args) -> int:
         "ep": "endpoints",
         "ev": "events",
         "event": "events",
+        "ns": "namespaces",
+        "namespace": "namespaces",
     }.get(args.what, args.what)
     if what == "events":
         return _events(record, args.output)
     from netsim import registry
+
+    def shown(obj: dict) -> bool:
+        return args.all_namespaces or obj["metadata"].get("namespace") == args.namespace
 
     store = storemod.of(record.cluster, record.spec.datastore)  # the objects come from etcd
     if what == "nodes":
@@ -374,16 +441,18 @@ def cmd_get(args) -> int:
             kv.key.rsplit("/", 1)[1]: kv.json() for kv in store.range(POD_STATUS, prefix=True)
         }
         items = []
-        for obj in registry.listed(store, registry.PODS):
-            n = obj["metadata"]["name"]
-            local = record.pods.get(n)
-            status = published.get(n, {})
+        for obj in filter(shown, registry.listed(store, registry.PODS)):
+            n, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+            key = object_key(namespace, n)
+            local = record.pods.get(key)
+            status = published.get(key, {})
             ready, shown, restarts = (
                 columns(status) if "phase" in status else ("0/1", "ContainerCreating", 0)
             )
             items.append(
                 {
                     "name": n,
+                    "namespace": namespace,
                     "node": obj["spec"]["nodeName"],
                     "ip": obj["status"]["podIP"],
                     "netns": local.netns if local else "",
@@ -405,11 +474,24 @@ def cmd_get(args) -> int:
         if args.output == "wide":
             header += ["VETH", "NETNS"]
             rows = [r + [i["veth"], i["netns"]] for r, i in zip(rows, items, strict=True)]
-    elif what in ("services", "endpoints"):
-        held = {o["metadata"]["name"]: o for o in registry.listed(store, registry.ENDPOINTS)}
+    elif what == "namespaces":
         items = [
-            _service_item(obj, held.get(obj["metadata"]["name"]))
-            for obj in registry.listed(store, registry.SERVICES)
+            {"name": o["metadata"]["name"], "labels": o["metadata"].get("labels", {})}
+            for o in registry.listed(store, registry.NAMESPACES)
+        ]
+        header = ["NAME", "STATUS", "LABELS"]
+        rows = [
+            [i["name"], "Active", ",".join(f"{k}={v}" for k, v in sorted(i["labels"].items()))]
+            for i in items
+        ]
+    elif what in ("services", "endpoints"):
+        held = {
+            (o["metadata"]["namespace"], o["metadata"]["name"]): o
+            for o in registry.listed(store, registry.ENDPOINTS)
+        }
+        items = [
+            _service_item(obj, held.get((obj["metadata"]["namespace"], obj["metadata"]["name"])))
+            for obj in filter(shown, registry.listed(store, registry.SERVICES))
         ]
         if what == "services":
             header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
@@ -434,8 +516,12 @@ def cmd_get(args) -> int:
             ]
     else:
         raise NetsimError(
-            f"cannot get {args.what!r}: use nodes, pods, services, endpoints, events or clusters"
+            f"cannot get {args.what!r}: use nodes, pods, services, endpoints, namespaces, "
+            "events or clusters"
         )
+    if args.all_namespaces and what in ("pods", "services", "endpoints"):
+        header = ["NAMESPACE", *header]
+        rows = [[i["namespace"], *r] for r, i in zip(rows, items, strict=True)]
     if args.output == "json":
         print(json.dumps({"cluster": record.cluster, "items": items}, indent=2))
     else:
@@ -484,6 +570,7 @@ def _service_item(obj: dict, endpoints: dict | None) -> dict:
                 entry["ports"][index] = port["port"]
     return {
         "name": obj["metadata"]["name"],
+        "namespace": obj["metadata"].get("namespace", "default"),
         "type": spec.get("type", "ClusterIP"),
         "clusterIP": spec.get("clusterIP", ""),
         "ports": ports,
@@ -508,6 +595,7 @@ def cmd_describe(args) -> int:
         return 0
     if not args.name:
         raise NetsimError(f"describe {args.what} needs a name")
+    args.name = key_of(record, args.name)
     _present(record, args.name)
     if args.what in ("node", "no", "nodes"):
         print(describe.node(record, args.name))
@@ -522,7 +610,7 @@ def cmd_logs(args) -> int:
     from netsim import logs
 
     _, record = pick_cluster(args.cluster)
-    return logs.show(record, args.pod, args.container, args.previous, args.follow)
+    return logs.show(record, key_of(record, args.pod), args.container, args.previous, args.follow)
 
 
 def cmd_exec(args) -> int:
@@ -534,7 +622,10 @@ def cmd_exec(args) -> int:
     if not command:
         raise NetsimError("give a command after --, e.g. netsim exec web-0 -- ip route")
     # as in the pod's containers: its resolv.conf and hosts, and its name as the hostname
-    nsmod.enter_as_container(netns, args.target if kind == "pod" else "")
+    if kind == "pod":
+        nsmod.enter_as_container(netns, args.target, NAMESPACE[0])
+    else:
+        nsmod.enter_as_container(netns)
     try:
         os.execvp(command[0], command)
     except FileNotFoundError:
@@ -678,8 +769,8 @@ def cmd_trace(args) -> int:
     proto = "tcp" if args.tcp else "udp" if args.udp else args.proto
     result = trace.trace(
         record,
-        args.src,
-        args.dst,
+        key_of(record, args.src),
+        key_of(record, args.dst),
         proto=proto,
         port=args.tcp or args.udp,
         pcap=args.pcap,
@@ -805,6 +896,7 @@ def parser() -> argparse.ArgumentParser:
         "Calico, kube-proxy) built from Linux kernel objects.",
     )
     p.add_argument("--cluster", help="the cluster to act on (default: the only one)")
+    _namespace_flags(p, "default", False)
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     a = sub.add_parser("apply", help="create or converge a cluster from a topology file")
     a.add_argument("-f", "--file", required=True)
@@ -947,11 +1039,27 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="apply the default topology, ping, curl, delete")
     demo.add_argument("-f", "--file")
     demo.set_defaults(func=cmd_demo)
+    for verb in sub.choices.values():  # kubectl takes -n and -A after the verb too
+        _namespace_flags(verb, argparse.SUPPRESS, argparse.SUPPRESS)
     return p
+
+
+def _namespace_flags(p: argparse.ArgumentParser, namespace, all_namespaces) -> None:
+    p.add_argument(
+        "-n", "--namespace", default=namespace, help="the namespace of pods and Services named"
+    )
+    p.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        default=all_namespaces,
+        help="list the objects of every namespace",
+    )
 
 
 def main(argv: list[str] | None = None, exit: bool = True) -> int:
     args = parser().parse_args(argv)
+    NAMESPACE[0] = args.namespace
     if os.geteuid() != 0:
         print(
             "netsim: must run as root (it creates network namespaces): sudo netsim ...",

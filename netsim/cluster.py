@@ -112,7 +112,7 @@ def apply(
 ) -> Changes:
     """Converge the kernel to the topology. With cni_exec, new pods are wired by executing each
     node's CNI config list as a runtime would, instead of in-process."""
-    from netsim import modes
+    from netsim import addons, modes
     from netsim.kubeproxy import sync
 
     preflight(cluster)
@@ -127,6 +127,7 @@ def apply(
             storemod.forget(cluster.name)
         cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
         store = storemod.of(cluster.name, cluster.datastore)
+        cluster = addons.with_cluster_dns(cluster, tuple(store.endpoints))
         tx = Transaction(cluster.name)
         changes = Changes()
         joining, leaving = [], []
@@ -138,6 +139,7 @@ def apply(
                 # pods have addresses: every node's kube-proxy programs them while the pods are
                 # wired (nobody sends traffic to a cluster that is being built)
                 services.reconcile(cluster, record, changes)
+                record.namespaces = dict(cluster.namespaces)
                 alongside = functools.partial(registry.sync, store, record)
             else:
                 if _revive_etcd(record, tx, progress):
@@ -172,6 +174,7 @@ def apply(
                 state.save(record)  # they are gone: a later failure rolls back to this
             record.spec = spec_of(cluster)
             services.reconcile(cluster, record, changes)
+            record.namespaces = dict(cluster.namespaces)
             # the objects go to the store; the nodes' daemons apply them, and apply waits
             waited = sync.sync(cluster, record, store)
             revision = max(store.writes.values(), default=0)

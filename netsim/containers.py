@@ -74,6 +74,7 @@ class PodContainers:
             for c in [*self.init, *self.main]
         }
         self.stopped = False
+        self.namespace = spec.get("namespace", "default")
 
     # -- the lifecycle -------------------------------------------------------------------------
 
@@ -104,10 +105,13 @@ class PodContainers:
         stale = os.path.join(folder, f"{status['restartCount'] - 2}.log")
         if os.path.exists(stale):
             os.unlink(stale)
-        env = {"PATH": PATH, "HOME": "/root", "HOSTNAME": self.name}
+        hostname = self.spec.get("hostname", self.name)
+        env = {"PATH": PATH, "HOME": "/root", "HOSTNAME": hostname}
         env |= self.environment() | container.get("env", {})
         try:
-            proc = self.host.spawn(container["argv"], env, path, self.spec["netns"], self.name)
+            proc = self.host.spawn(
+                container["argv"], env, path, self.spec["netns"], hostname, self.namespace
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             with open(path, "a") as log:
                 log.write(f"failed to start container {name}: {exc}\n")
@@ -226,7 +230,9 @@ class PodContainers:
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                         timeout=timeout,
-                        preexec_fn=lambda: nsmod.enter_as_container(self.spec["netns"], self.name),
+                        preexec_fn=lambda: nsmod.enter_as_container(
+                            self.spec["netns"], self.spec.get("hostname", self.name), self.namespace
+                        ),
                     ).returncode
                     == 0
                 )

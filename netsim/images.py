@@ -17,6 +17,7 @@ from dataclasses import dataclass
 IMAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "agnhost": (("/agnhost",), ("pause",)),
     "pause": (("/pause",), ()),
+    "coredns": (("/coredns",), ()),
     "busybox": ((), ("sh",)),
     "alpine": ((), ("/bin/sh",)),
     "debian": ((), ("bash",)),
@@ -27,6 +28,7 @@ SERVED = {
     "/agnhost": ("-m", "netsim.agnhost"),
     "agnhost": ("-m", "netsim.agnhost"),
     "/pause": ("-m", "netsim.agnhost", "pause"),
+    "/coredns": ("-m", "netsim.dns"),  # the cluster DNS: netsim/dns
 }
 
 

@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 HOSTNAME_PORT = 9376  # agnhost serve-hostname's port
+DEFAULT_NAMESPACE = "default"
+# namespaces every cluster has (kube-node-lease holds the kubelets' heartbeats)
+SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+def object_key(namespace: str, name: str) -> str:
+    """How netsim tells namespaced objects apart (record keys, pods' namespace names, kubelet
+    bindings): the name in `default`, `<namespace>.<name>` elsewhere. Both are DNS-1123
+    labels, which have no dot, so the key is unambiguous and safe in file and netns names."""
+    return name if namespace == DEFAULT_NAMESPACE else f"{namespace}.{name}"
+
+
+KUBE_DNS = object_key("kube-system", "kube-dns")  # the cluster DNS Service (netsim/addons.py)
 DEFAULT_AFFINITY_TIMEOUT = 10800  # v1.DefaultClientIPServiceAffinitySeconds
 
 
@@ -118,9 +131,14 @@ class Pod:
     init_containers: tuple[Container, ...] = ()  # run one after another, to completion
     restart_policy: str = "Always"
     service_links: bool = True  # enableServiceLinks: the Services' environment variables
+    namespace: str = DEFAULT_NAMESPACE
 
     def __hash__(self) -> int:
-        return hash(self.name)
+        return hash(self.key)
+
+    @property
+    def key(self) -> str:
+        return object_key(self.namespace, self.name)
 
     def named_port(self, name: str) -> int | None:
         """The containerPort a Service's named targetPort means in this pod."""
@@ -156,9 +174,14 @@ class Service:
     cluster_ip: str = ""  # given in the file, or allocated
     session_affinity: str = "None"
     affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
+    namespace: str = DEFAULT_NAMESPACE
 
     def __hash__(self) -> int:
-        return hash(self.name)
+        return hash(self.key)
+
+    @property
+    def key(self) -> str:
+        return object_key(self.namespace, self.name)
 
 
 @dataclass
@@ -176,6 +199,7 @@ class Cluster:
     clients: list[ExternalClient] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # declared: labels
     calico: CalicoSpec | None = None  # for the calico-* modes
     proxy_mode: str = "nftables"  # kube-proxy's backend: nftables | userspace
     cni_version: str = "1.0.0"  # of the node's CNI config list

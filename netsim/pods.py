@@ -51,7 +51,7 @@ def reconcile(
     placed = {
         n: r.node for n, r in recorded.items() if not (record.nodes[r.node].evicted and r.pod.owner)
     }
-    desired = {p.name: p for p in schedule(cluster, placed, unschedulable)}
+    desired = {p.key: p for p in schedule(cluster, placed, unschedulable)}
     stale = [
         n
         for n, r in recorded.items()
@@ -77,7 +77,7 @@ def reconcile(
         state.save(record)  # removals are done: a later failure rolls back to this record
     if new:
         bind(cluster, record, store, tx, new, "cni-exec" if cni_exec else "in-process", progress)
-        changes.created += [f"pod {p.name}" for p in new]
+        changes.created += [f"pod {p.key}" for p in new]
         if alongside is not None:
             alongside()
         sync_blocks(cluster, record, mode)
@@ -87,7 +87,7 @@ def binding(pod: Pod) -> str:
     """The key of a pod bound to its node: what the node's kubelet watches."""
     from netsim.daemons.kubelet import KUBELET
 
-    return f"{KUBELET}{pod.node}/{pod.name}"
+    return f"{KUBELET}{pod.node}/{pod.key}"
 
 
 def kubelet_spec(pod: Pod) -> dict:
@@ -114,6 +114,8 @@ def kubelet_spec(pod: Pod) -> dict:
         spec["restartPolicy"] = pod.restart_policy
     if not pod.service_links:
         spec["serviceLinks"] = False
+    if pod.namespace != "default":
+        spec |= {"namespace": pod.namespace, "name": pod.name}
     return spec
 
 
@@ -150,7 +152,7 @@ def bind(
     by_node: dict[str, dict[str, str]] = {}
     for pod in pods:
         by_node.setdefault(pod.node, {})[binding(pod)] = json.dumps(
-            {"netns": naming.ns_name(cluster.name, "pod", pod.name), "via": via} | kubelet_spec(pod)
+            {"netns": naming.ns_name(cluster.name, "pod", pod.key), "via": via} | kubelet_spec(pod)
         )
 
     def unbound() -> None:  # the kubelets delete the pods
@@ -165,17 +167,17 @@ def bind(
     agents.wait_applied(store, record)
     made = _statuses(store, pods)
     _wait_for_new_blocks(store, record)
-    failed = [(p, made[p.name]["error"]) for p in pods if made.get(p.name, {}).get("error")]
-    missing = [p for p in pods if p.name not in made]
+    failed = [(p, made[p.key]["error"]) for p in pods if made.get(p.key, {}).get("error")]
+    missing = [p for p in pods if p.key not in made]
     if failed or missing:
         pod, why = failed[0] if failed else (missing[0], "it published no status")
         raise NetsimError(
-            f"the kubelet of node {pod.node} could not make pod {pod.name}: {why} (see "
+            f"the kubelet of node {pod.node} could not make pod {pod.key}: {why} (see "
             f"{state.node_dir(cluster.name, pod.node)}/agent.log)"
         )
     for pod in pods:
-        record.pods[pod.name] = _made(pod, made[pod.name])
-        tx.on_undo(f"record of {pod.name}", lambda p=pod.name: record.pods.pop(p, None))
+        record.pods[pod.key] = _made(pod, made[pod.key])
+        tx.on_undo(f"record of {pod.key}", lambda p=pod.key: record.pods.pop(p, None))
     progress(f"pods: {len(pods)} made")
 
 
@@ -213,7 +215,7 @@ def _statuses(store, pods: list[Pod]) -> dict[str, dict]:
     """What the pods' kubelets published: pod -> status."""
     from netsim.daemons.kubelet import POD_STATUS
 
-    wanted = {f"{POD_STATUS}{p.node}/{p.name}": p.name for p in pods}
+    wanted = {f"{POD_STATUS}{p.node}/{p.key}": p.key for p in pods}
     if len(wanted) > 256:  # many: one read of them all beats a request per 128
         found = {kv.key: kv for kv in store.range(POD_STATUS, prefix=True) if kv.key in wanted}
     else:

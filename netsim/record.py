@@ -104,7 +104,8 @@ class PodRecord:
 
     @property
     def name(self) -> str:
-        return self.pod.name
+        """The pod's key (netsim.model.object_key): its name in `default`."""
+        return self.pod.key
 
     @property
     def node(self) -> str:
@@ -203,6 +204,7 @@ class Record:
     clients: dict[str, ClientRecord] = field(default_factory=dict)
     pods: dict[str, PodRecord] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # declared: labels
     kube_proxy: KubeProxy | None = None
     master: Master | None = None  # netsim's own etcd; None when the user's etcd is used
     controller: Process | None = None  # the node lifecycle controller (netsim/controller.py)

@@ -3,6 +3,7 @@
 Endpoints. One read of /registry shows the cluster; `netsim get` lists from it.
 
     /registry/minions/<node>
+    /registry/namespaces/<namespace>
     /registry/pods/<namespace>/<pod>
     /registry/services/specs/<namespace>/<service>
     /registry/services/endpoints/<namespace>/<service>
@@ -16,16 +17,24 @@ import json
 
 from netsim import collector
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
+from netsim.model import SYSTEM_NAMESPACES
 from netsim.record import NodeRecord, PodRecord, Record
 from netsim.services import NAMESPACE, endpoints, ip_key, target_port
 
 PREFIX = "/registry/"
 NODES = "/registry/minions/"
+NAMESPACES = "/registry/namespaces/"
 PODS = "/registry/pods/"
 SERVICES = "/registry/services/specs/"
 ENDPOINTS = "/registry/services/endpoints/"
 SERVICES_ALL = "/registry/services/"  # kube-proxy watches both, in one stream
-MANAGED = (NODES, PODS, SERVICES, ENDPOINTS)  # what apply writes (not the kubelets' leases)
+MANAGED = (
+    NODES,
+    NAMESPACES,
+    PODS,
+    SERVICES,
+    ENDPOINTS,
+)  # what apply writes (not the kubelets' leases)
 
 
 def _text(obj: dict) -> str:
@@ -49,7 +58,7 @@ def node_object(node: NodeRecord) -> dict:
 
 
 def pod_object(pod: PodRecord, node_ip: str) -> dict:
-    meta: dict = {"name": pod.name, "namespace": NAMESPACE, "labels": dict(pod.labels)}
+    meta: dict = {"name": pod.pod.name, "namespace": pod.pod.namespace, "labels": dict(pod.labels)}
     if pod.pod.owner:
         meta["ownerReferences"] = [{"kind": "Deployment", "name": pod.pod.owner}]
     containers = []
@@ -77,8 +86,18 @@ def pod_object(pod: PodRecord, node_ip: str) -> dict:
     }
 
 
-def service_object(record: Record, name: str) -> dict:
-    svc = record.services[name]
+def namespace_object(name: str, labels: dict[str, str]) -> dict:
+    meta = {"name": name, "labels": {"kubernetes.io/metadata.name": name} | labels}
+    return {
+        "kind": "Namespace",
+        "apiVersion": "v1",
+        "metadata": meta,
+        "status": {"phase": "Active"},
+    }
+
+
+def service_object(record: Record, key: str) -> dict:
+    svc = record.services[key]
     ports = []
     for p in svc.ports:
         port: dict = {"protocol": p.protocol, "port": p.port, "targetPort": p.target_port}
@@ -100,20 +119,24 @@ def service_object(record: Record, name: str) -> dict:
     return {
         "kind": "Service",
         "apiVersion": "v1",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": svc.name, "namespace": svc.namespace},
         "spec": spec,
     }
 
 
-def endpoints_object(record: Record, name: str) -> dict:
+def endpoints_object(record: Record, key: str) -> dict:
     """One subset per Service port (the addresses whose pod resolves that port), as the
     endpoints controller groups addresses by the port set they share."""
-    svc = record.services[name]
+    svc = record.services[key]
     pods = endpoints(record, svc)
     subsets = []
     for port in svc.ports:
         addresses = [
-            {"ip": p.ip, "nodeName": p.node, "targetRef": {"kind": "Pod", "name": p.name}}
+            {
+                "ip": p.ip,
+                "nodeName": p.node,
+                "targetRef": {"kind": "Pod", "name": p.pod.name, "namespace": p.pod.namespace},
+            }
             for p in pods
             if target_port(p, port)
         ]
@@ -126,7 +149,7 @@ def endpoints_object(record: Record, name: str) -> dict:
     return {
         "kind": "Endpoints",
         "apiVersion": "v1",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": svc.name, "namespace": svc.namespace},
         "subsets": subsets,
     }
 
@@ -134,12 +157,15 @@ def endpoints_object(record: Record, name: str) -> dict:
 def objects(record: Record) -> dict[str, str]:
     """Every /registry key of the cluster and its value."""
     keys = {NODES + n.name: _text(node_object(n)) for n in record.nodes.values()}
+    for name, labels in [*((n, {}) for n in SYSTEM_NAMESPACES), *record.namespaces.items()]:
+        keys[NAMESPACES + name] = _text(namespace_object(name, labels))
     for pod in record.pods.values():
         node_ip = record.nodes[pod.node].ip if pod.node in record.nodes else ""
-        keys[f"{PODS}{NAMESPACE}/{pod.name}"] = _text(pod_object(pod, node_ip))
-    for name in record.services:
-        keys[f"{SERVICES}{NAMESPACE}/{name}"] = _text(service_object(record, name))
-        keys[f"{ENDPOINTS}{NAMESPACE}/{name}"] = _text(endpoints_object(record, name))
+        keys[f"{PODS}{pod.pod.namespace}/{pod.pod.name}"] = _text(pod_object(pod, node_ip))
+    for key, svc in record.services.items():
+        where = f"{svc.namespace}/{svc.name}"
+        keys[SERVICES + where] = _text(service_object(record, key))
+        keys[ENDPOINTS + where] = _text(endpoints_object(record, key))
     return keys
 
 
@@ -181,12 +207,14 @@ def sync(store, record: Record) -> int:
 
 def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[ProxyPort]:
     """Every Service port with its endpoints, read from the Service and Endpoints objects as
-    kube-proxy reads them (name -> object): what services.proxy_ports computes from the record,
-    in the same order."""
+    kube-proxy reads them (key -> object, netsim.model.object_key): what services.proxy_ports
+    computes from the record, in the same order. Headless Services have no part."""
     found = []
     for name in sorted(services):
         svc = services[name]
         spec = svc["spec"]
+        if spec.get("clusterIP") == "None":
+            continue
         namespace = svc["metadata"].get("namespace", NAMESPACE)
         affinity = None
         if spec.get("sessionAffinity") == "ClientIP":
@@ -207,7 +235,7 @@ def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[P
             found.append(
                 ProxyPort(
                     namespace,
-                    name,
+                    svc["metadata"]["name"],
                     pname,
                     proto,
                     spec["clusterIP"],

@@ -12,7 +12,7 @@ from netsim.record import PodRecord, Record
 from netsim.topology import NODE_PORT_RANGE, allocate_cluster_ips
 from netsim.transaction import Changes
 
-NAMESPACE = "default"  # every object lives here until namespaces arrive
+NAMESPACE = "default"  # where objects live when they do not say
 
 
 def ip_key(ip: str) -> tuple[int, ...]:
@@ -21,11 +21,15 @@ def ip_key(ip: str) -> tuple[int, ...]:
 
 
 def endpoints(record: Record, service: Service) -> list[PodRecord]:
-    """The pods the selector matches, ordered by IP as kube-proxy orders them."""
+    """The pods of its namespace the selector matches, ordered by IP as kube-proxy orders
+    them (a Service without a selector has none: its endpoints are managed by hand)."""
+    if not service.selector:
+        return []
     pods = [
         p
         for p in record.pods.values()
-        if all(p.labels.get(k) == v for k, v in service.selector.items())
+        if p.pod.namespace == service.namespace
+        and all(p.labels.get(k) == v for k, v in service.selector.items())
     ]
     return sorted(pods, key=lambda p: ip_key(p.ip))
 
@@ -40,15 +44,17 @@ def target_port(pod: PodRecord, port: ServicePort) -> int | None:
 def proxy_ports(record: Record) -> list[ProxyPort]:
     """Every Service port with its endpoints, as kube-proxy's sync sees them."""
     found = []
-    for name, svc in sorted(record.services.items()):
+    for _, svc in sorted(record.services.items()):
+        if svc.cluster_ip == "None":  # headless: DNS names its pods, kube-proxy has no part
+            continue
         eps = endpoints(record, svc)
         affinity = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
         for port in svc.ports:
             resolved = ((p.ip, target_port(p, port)) for p in eps)
             found.append(
                 ProxyPort(
-                    NAMESPACE,
-                    name,
+                    svc.namespace,
+                    svc.name,
                     port.name,
                     port.protocol,
                     svc.cluster_ip,
@@ -68,10 +74,10 @@ def reconcile(cluster: Cluster, record: Record, changes: Changes) -> None:
     wanted = {}
     for svc in cluster.services:
         ports = tuple(
-            replace(p, node_port=node_ports[(svc.name, i)]) if svc.type == "NodePort" else p
+            replace(p, node_port=node_ports[(svc.key, i)]) if svc.type == "NodePort" else p
             for i, p in enumerate(svc.ports)
         )
-        wanted[svc.name] = replace(svc, cluster_ip=ips[svc.name], ports=ports)
+        wanted[svc.key] = replace(svc, cluster_ip=ips[svc.key], ports=ports)
     for name in set(record.services) | set(wanted):
         before, after = record.services.get(name), wanted.get(name)
         if before != after:
@@ -88,7 +94,7 @@ def reconcile(cluster: Cluster, record: Record, changes: Changes) -> None:
 def _allocate_node_ports(cluster: Cluster, record: Record) -> dict[tuple[str, int], int]:
     """NodePorts: as written, else as before, else the lowest free of 30000-32767."""
     given = {
-        (s.name, i): p.node_port
+        (s.key, i): p.node_port
         for s in cluster.services
         if s.type == "NodePort"
         for i, p in enumerate(s.ports)
@@ -103,7 +109,7 @@ def _allocate_node_ports(cluster: Cluster, record: Record) -> dict[tuple[str, in
     result = dict(given)
     for svc in cluster.services:
         for i, _ in enumerate(svc.ports):
-            key = (svc.name, i)
+            key = (svc.key, i)
             if (
                 svc.type == "NodePort"
                 and key not in result
@@ -116,6 +122,6 @@ def _allocate_node_ports(cluster: Cluster, record: Record) -> dict[tuple[str, in
     )
     for svc in cluster.services:
         for i, _ in enumerate(svc.ports):
-            if svc.type == "NodePort" and (svc.name, i) not in result:
-                result[(svc.name, i)] = next(free)
+            if svc.type == "NodePort" and (svc.key, i) not in result:
+                result[(svc.key, i)] = next(free)
     return result

@@ -122,6 +122,9 @@ def _remove_everything(
     # the cluster's name, which gc finds
     before_namespaces()
     nsmod.remove_group(state.netns_dir(name))
+    for netns in nsmod.etc_names():  # the pods' resolv.conf and hosts (the kubelets')
+        if netns.startswith(prefix):
+            nsmod.remove_etc(netns)
     for netns in ipip_bpf.pinned_namespaces():  # eBPF pins outlive their namespace
         if netns.startswith(prefix) and ipip_bpf.remove_pins(netns):
             removed.append(f"bpf pins of {netns}")
@@ -139,6 +142,11 @@ def gc(only: str | None = None) -> dict[str, list[str]]:
         if n.startswith(state.PREFIX + ".") and n.count(".") >= 2
     }
     names |= set(nsmod.groups(state.netns_root()))  # only their mounts left
+    names |= {  # only their pods' files in /etc/netns left
+        n.split(".")[1]
+        for n in nsmod.etc_names()
+        if n.startswith(state.PREFIX + ".") and n.count(".") >= 2
+    }
     names.discard("probe")
     report: dict[str, list[str]] = {}
     for name in sorted(names):
@@ -173,5 +181,9 @@ def _collect_leftovers(name: str, record: Record) -> list[str]:
         if netns.startswith(state.netns_prefix(name)) and netns not in keep:
             nsmod.remove(netns)
             removed.append(f"netns {netns}")
+    for netns in nsmod.etc_names():
+        if netns.startswith(state.netns_prefix(name)) and netns not in keep:
+            nsmod.remove_etc(netns)
+            removed.append(f"/etc/netns/{netns}")
     state.save(record)  # clears the journal
     return removed

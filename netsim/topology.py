@@ -27,8 +27,11 @@ from cni.spec import VERSIONS as CNI_VERSIONS
 from netsim import modes
 from netsim.errors import TopologyError
 from netsim.model import (
+    DEFAULT_NAMESPACE,
     HOSTNAME_PORT,
+    KUBE_DNS,
     RESTART_POLICIES,
+    SYSTEM_NAMESPACES,
     CalicoSpec,
     Cluster,
     Container,
@@ -67,6 +70,7 @@ API_VERSIONS = {
     "Pod": "v1",
     "Service": "v1",
     "Deployment": "apps/v1",
+    "Namespace": "v1",
 }
 MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must be >= 12"
 # Ranges whose addresses cannot be a pod's, a Service's or a node's: the kernel treats them
@@ -90,6 +94,7 @@ MAX_DEPTH = 50  # lists and mappings nested in each other
 MAX_INT_DIGITS = 20  # an integer's digits; PyYAML would run int() on any length
 
 _KNOWN = {
+    "Namespace": {"apiVersion", "kind", "metadata", "metadata.name", "metadata.labels"},
     "Cluster": {
         "apiVersion",
         "kind",
@@ -137,6 +142,7 @@ _KNOWN = {
         "kind",
         "metadata",
         "metadata.name",
+        "metadata.namespace",
         "metadata.labels",
         "spec",
         "spec.nodeName",
@@ -150,6 +156,7 @@ _KNOWN = {
         "kind",
         "metadata",
         "metadata.name",
+        "metadata.namespace",
         "metadata.labels",
         "spec",
         "spec.replicas",
@@ -170,6 +177,7 @@ _KNOWN = {
         "kind",
         "metadata",
         "metadata.name",
+        "metadata.namespace",
         "metadata.labels",
         "spec",
         "spec.type",
@@ -540,7 +548,25 @@ def _noun(name: str) -> str:
 def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
     """Read and validate a topology file; return the cluster and the notes about ignored fields.
     `overrides` are what `netsim scale`, `expose` and `delete pod` changed on top of the
-    file."""
+    file, and the objects applied from files of their own (`objects`)."""
+    return parse(_text(file), file, overrides)
+
+
+def documents(file: str) -> list:
+    """The YAML documents of a file, read as a topology file is (limits, clear errors)."""
+    return _read_yaml(_text(file), file)
+
+
+def object_id(body: Any) -> tuple[str, str, str] | None:
+    """(kind, namespace, name) of a Kubernetes object document; None for anything else."""
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    namespace = meta.get("namespace") or DEFAULT_NAMESPACE
+    return str(body.get("kind")), str(namespace), meta["name"]
+
+
+def _text(file: str) -> str:
     try:
         with open(file, "rb") as fh:
             data = fh.read(MAX_BYTES + 1)
@@ -565,12 +591,12 @@ def load(file: str, overrides: dict | None = None) -> tuple[Cluster, list[str]]:
             f"is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}",
             "save the file as UTF-8",
         ) from None
-    return parse(text, file, overrides)
+    return text
 
 
 def with_overrides(bodies: list, overrides: dict | None) -> list:
-    """The documents with imperative changes on top: replicas per Deployment (scale) and
-    extra Service documents (expose)."""
+    """The documents with imperative changes on top: replicas per Deployment (scale), extra
+    Service documents (expose), objects applied from files without a Cluster document."""
     if not overrides:
         return bodies
 
@@ -589,7 +615,13 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
             if isinstance(body["spec"], dict):  # else the loader names the field
                 body["spec"]["replicas"] = overrides["replicas"][name(body, "Deployment")]
     names = {name(b, "Service") for b in bodies}
-    return bodies + [s for s in overrides.get("services", []) if s["metadata"]["name"] not in names]
+    bodies = bodies + [
+        s for s in overrides.get("services", []) if s["metadata"]["name"] not in names
+    ]
+    # objects applied from files of their own replace the file's of the same kind and name
+    applied = {object_id(o): o for o in overrides.get("objects", [])}
+    kept = [b for b in bodies if object_id(b) not in applied]
+    return kept + list(applied.values())
 
 
 def parse(
@@ -633,6 +665,7 @@ def parse(
             "a topology file holds exactly one Cluster document",
         )
     cluster = _cluster(clusters[0])
+    cluster.namespaces = _namespaces([d for d in docs if d.kind == "Namespace"])
     pods: list[tuple[Pod, _Doc]] = []
     for doc in docs:
         if doc.kind == "Pod":
@@ -641,34 +674,42 @@ def parse(
             pods.extend((p, doc) for p in _deployment(doc, cluster))
         elif doc.kind == "Service":
             cluster.services.append(_service(doc, cluster))
-    _unique([(p.name, d) for p, d in pods], "metadata.name", "pod")
-    pod_docs = {p.name: d for p, d in pods}
+    _unique([(p.key, d) for p, d in pods], "metadata.name", "pod")
+    pod_docs = {p.key: d for p, d in pods}
     pods = [p for p, _ in pods]
     deleted = set((overrides or {}).get("deleted_pods", []))  # `netsim delete pod`
-    cluster.pods = [p for p in pods if p.name not in deleted]
+    cluster.pods = [p for p in pods if p.key not in deleted]
     _check_pod_room(cluster, pod_docs)
     _unique(
         [
-            (s.name, d)
+            (s.key, d)
             for s, d in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True)
         ],
         "metadata.name",
         "service",
     )
     # pods with the same labels and containers match alike: one of each stands for all
-    alike = list({(frozenset(p.labels.items()), p.containers): p for p in pods}.values())
+    alike = list(
+        {(p.namespace, frozenset(p.labels.items()), p.containers): p for p in pods}.values()
+    )
     templates = [
         d.get("spec.template.metadata.labels", {}, dict) for d in docs if d.kind == "Deployment"
     ]  # a Deployment scaled to 0 still counts
     for svc, doc in zip(cluster.services, [d for d in docs if d.kind == "Service"], strict=True):
-        matched = [p for p in alike if all(p.labels.get(k) == v for k, v in svc.selector.items())]
-        if not matched and not any(
-            all(t.get(k) == v for k, v in svc.selector.items()) for t in templates
+        matched = [
+            p
+            for p in alike
+            if p.namespace == svc.namespace
+            and all(p.labels.get(k) == v for k, v in svc.selector.items())
+        ]
+        if (
+            svc.selector
+            and not matched
+            and not any(all(t.get(k) == v for k, v in svc.selector.items()) for t in templates)
         ):
-            raise doc.fail(
-                "spec.selector",
-                f"selector {_show(svc.selector, 120)} matches no pod",
-                "make it match the labels of a Pod or a Deployment's template",
+            ignored.add(
+                f"warning: the selector {_show(svc.selector, 120)} of Service {svc.name} "
+                "matches no pod: it has no endpoints"
             )
         for i, port in enumerate(svc.ports):
             if isinstance(port.target_port, str) and not any(
@@ -695,14 +736,48 @@ def parse(
 
 def _unique(items: list[tuple[str, _Doc]], field: str, what: str) -> None:
     seen: dict[str, _Doc] = {}
-    for name, doc in items:
-        if name in seen:
+    for key, doc in items:
+        if key in seen:
+            namespace, _, name = key.rpartition(".")
+            where = f" in namespace {namespace}" if namespace else ""
             raise doc.fail(
                 field,
-                f"duplicate {what} name {name!r} (also in {seen[name].label})",
+                f"duplicate {what} name {name!r}{where} (also in {seen[key].label})",
                 f"give each {what} its own name",
             )
-        seen[name] = doc
+        seen[key] = doc
+
+
+def _namespaces(docs: list[_Doc]) -> dict[str, dict[str, str]]:
+    """Namespace documents: name -> labels (with kubernetes.io/metadata.name, which the API
+    server sets on every namespace)."""
+    found: dict[str, dict[str, str]] = {}
+    for doc in docs:
+        name = doc.name(doc.get("metadata.name"), "metadata.name")
+        if name in found or name in SYSTEM_NAMESPACES:
+            raise doc.fail(
+                "metadata.name",
+                f"namespace {name!r} exists already"
+                + (" (every cluster has it)" if name in SYSTEM_NAMESPACES else ""),
+                "declare each namespace once; default and kube-system need no document",
+            )
+        found[name] = _labels(doc, "metadata.labels") | {"kubernetes.io/metadata.name": name}
+    return found
+
+
+def _namespace(doc: _Doc, cluster: Cluster) -> str:
+    """metadata.namespace of a Pod, Deployment or Service: one that exists."""
+    namespace = doc.get("metadata.namespace", DEFAULT_NAMESPACE, str)
+    namespace = doc.name(namespace, "metadata.namespace")
+    if namespace not in SYSTEM_NAMESPACES and namespace not in cluster.namespaces:
+        raise doc.fail(
+            "metadata.namespace",
+            f'namespaces "{namespace}" not found',
+            f"add a Namespace document (apiVersion: v1, kind: Namespace, metadata: "
+            f"{{name: {namespace}}}), or use one of: "
+            f"{_choices([*SYSTEM_NAMESPACES, *cluster.namespaces])}",
+        )
+    return namespace
 
 
 def _cluster(doc: _Doc) -> Cluster:
@@ -768,6 +843,12 @@ def _cluster(doc: _Doc) -> Cluster:
             "spec.serviceCIDR",
             f"{service_cidr} is larger than kube-apiserver accepts",
             f"use a /{MIN_SERVICE_PREFIX} or longer (the default is {DEFAULTS['service_cidr']})",
+        )
+    if service_cidr.prefixlen > 28:
+        raise doc.fail(
+            "spec.serviceCIDR",
+            f"{service_cidr} has no 10th address for kube-dns (the cluster DNS)",
+            f"use a /28 or larger (the default is {DEFAULTS['service_cidr']})",
         )
     mtu = doc.get("spec.underlay.mtu", DEFAULTS["mtu"], int)
     if not 1280 <= mtu <= 9000:
@@ -1446,6 +1527,7 @@ def _pod(doc: _Doc, cluster: Cluster) -> Pod:
         name=doc.name(doc.get("metadata.name"), "metadata.name"),
         labels=_labels(doc, "metadata.labels"),
         node=_node_name(doc, "spec.nodeName", cluster),
+        namespace=_namespace(doc, cluster),
         **_pod_spec(doc, "spec"),
     )
 
@@ -1472,7 +1554,11 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
         )
     spec = _pod_spec(doc, "spec.template.spec")
     node = _node_name(doc, "spec.template.spec.nodeName", cluster)
-    return [Pod(f"{name}-{i}", labels, node=node, owner=name, **spec) for i in range(replicas)]
+    namespace = _namespace(doc, cluster)
+    return [
+        Pod(f"{name}-{i}", labels, node=node, owner=name, namespace=namespace, **spec)
+        for i in range(replicas)
+    ]
 
 
 def _service(doc: _Doc, cluster: Cluster) -> Service:
@@ -1486,13 +1572,7 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
     kind = doc.get("spec.type", "ClusterIP", str)
     if kind not in ("ClusterIP", "NodePort"):
         raise doc.fail("spec.type", f"unsupported type {_show(kind)}", "use ClusterIP or NodePort")
-    selector = _labels(doc, "spec.selector")
-    if not selector:
-        raise doc.fail(
-            "spec.selector",
-            "a Service needs a selector (netsim has no manual Endpoints)",
-            "add spec.selector with the pods' labels",
-        )
+    selector = _labels(doc, "spec.selector")  # none: no endpoints (netsim makes none by hand)
     ports = []
     names: dict[str, int] = {}  # port name -> its index; "" (unnamed) is checked above
     numbers: dict[tuple[int, str], int] = {}
@@ -1586,14 +1666,13 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
         names[port_name] = numbers[port, protocol] = i
         ports.append(ServicePort(port, target, protocol, port_name, node_port))
     cluster_ip = doc.get("spec.clusterIP", "", str)
-    if cluster_ip == "None":
+    if cluster_ip == "None" and kind != "ClusterIP":
         raise doc.fail(
             "spec.clusterIP",
-            "headless Services (clusterIP: None) are not supported yet",
-            "remove clusterIP (netsim allocates one) or give an "
-            f"address from {cluster.service_cidr}",
+            f"a {kind} Service cannot be headless (clusterIP: None)",
+            "use type ClusterIP, or leave clusterIP out",
         )
-    if cluster_ip:
+    if cluster_ip and cluster_ip != "None":
         addr, net = doc.address(cluster_ip, "spec.clusterIP"), IPNetwork(cluster.service_cidr)
         if addr not in net:
             raise doc.fail(
@@ -1620,7 +1699,8 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
             f"{timeout} is out of range",
             "use 1 to 86400 seconds",
         )
-    return Service(name, selector, tuple(ports), kind, cluster_ip, affinity, timeout)
+    namespace = _namespace(doc, cluster)
+    return Service(name, selector, tuple(ports), kind, cluster_ip, affinity, timeout, namespace)
 
 
 def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
@@ -1660,6 +1740,14 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) ->
     before broadcast, see allocate_cluster_ips) holds the Services without one."""
     seen: dict[str, str] = {}
     for svc, doc in zip(cluster.services, docs, strict=True):
+        if svc.cluster_ip == "None":  # headless
+            continue
+        if svc.cluster_ip == dns_ip(cluster.service_cidr) and svc.key != KUBE_DNS:
+            raise doc.fail(
+                "spec.clusterIP",
+                f"{svc.cluster_ip} is kube-dns's, the 10th address of the service CIDR",
+                "pick another address or leave clusterIP out",
+            )
         if svc.cluster_ip and svc.cluster_ip in seen:
             raise doc.fail(
                 "spec.clusterIP",
@@ -1668,7 +1756,9 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) ->
             )
         seen[svc.cluster_ip] = svc.name
     first, last = _allocation_range(cluster.service_cidr)
-    written = {int(IPAddress(s.cluster_ip)) for s in cluster.services if s.cluster_ip}
+    written = {
+        int(IPAddress(s.cluster_ip)) for s in cluster.services if s.cluster_ip not in ("", "None")
+    }
     room = max(last - first + 1, 0) - len({a for a in written if first <= a <= last})
     auto = [s.name for s in cluster.services if not s.cluster_ip]
     if len(auto) > room:
@@ -1683,9 +1773,15 @@ def _check_cluster_ips(cluster: Cluster, docs: list[_Doc], cluster_doc: _Doc) ->
 
 
 def _allocation_range(service_cidr: str) -> tuple[int, int]:
-    """The addresses allocate_cluster_ips hands out, as integers: .10 to broadcast - 1."""
+    """The addresses allocate_cluster_ips hands out, as integers: .11 to broadcast - 1 (.10
+    is kube-dns's, as kubeadm reserves it)."""
     net = IPNetwork(service_cidr)
-    return net.first + 10, net.last - 1
+    return net.first + 11, net.last - 1
+
+
+def dns_ip(service_cidr: str) -> str:
+    """The kube-dns Service's ClusterIP: the 10th address of the service CIDR (kubeadm)."""
+    return str(IPNetwork(service_cidr).network + 10)
 
 
 def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
@@ -1730,7 +1826,7 @@ def _check_pod_room(cluster: Cluster, docs: dict[str, _Doc]) -> None:
                 "the Cluster document"
             )
         if full:
-            doc = docs[pod.name]
+            doc = docs[pod.key]
             field = (
                 "spec.replicas"
                 if doc.kind == "Deployment"
@@ -1749,44 +1845,44 @@ def schedule(
     load = dict.fromkeys(nodes, 0)
     result: dict[str, Pod] = {}
     for pod in cluster.pods:
-        node = pod.node or (placed.get(pod.name) if placed.get(pod.name) in load else "")
+        node = pod.node or (placed.get(pod.key) if placed.get(pod.key) in load else "")
         if node:
-            result[pod.name] = replace(pod, node=node)
+            result[pod.key] = replace(pod, node=node)
             load[node] += 1
     open_nodes = [n for n in nodes if n not in unschedulable] or nodes
     emptiest = [(load[node], i, node) for i, node in enumerate(open_nodes)]
     heapq.heapify(emptiest)  # (pods, node order): the least loaded first, ties by node order
     for pod in cluster.pods:
-        if pod.name not in result:
+        if pod.key not in result:
             count, i, node = heapq.heappop(emptiest)
-            result[pod.name] = replace(pod, node=node)
+            result[pod.key] = replace(pod, node=node)
             heapq.heappush(emptiest, (count + 1, i, node))
-    return [result[p.name] for p in cluster.pods]
+    return [result[p.key] for p in cluster.pods]
 
 
 def allocate_cluster_ips(cluster: Cluster, allocated: dict[str, str]) -> dict[str, str]:
-    """ClusterIPs: as written, else as before, else the next free from .10 of the CIDR."""
+    """ClusterIPs: as written, else as before, else the next free from .11 of the CIDR."""
     first, last = _allocation_range(cluster.service_cidr)
-    result = {s.name: s.cluster_ip for s in cluster.services if s.cluster_ip}
+    result = {s.key: s.cluster_ip for s in cluster.services if s.cluster_ip}
     for svc in cluster.services:
         if (
-            svc.name not in result
-            and allocated.get(svc.name)
-            and allocated[svc.name] not in result.values()
+            svc.key not in result
+            and allocated.get(svc.key)
+            and allocated[svc.key] not in result.values()
         ):
-            result[svc.name] = allocated[svc.name]
+            result[svc.key] = allocated[svc.key]
     used = set(result.values())
     candidates = (str(IPAddress(a)) for a in range(first, last + 1))
     for svc in cluster.services:
-        if svc.name not in result:
+        if svc.key not in result:
             ip = next((ip for ip in candidates if ip not in used), None)
             if ip is None:  # parse() checks the room; a record from elsewhere may not fit
                 raise TopologyError(
                     cluster.source or "<topology>",
                     "file",
                     "spec.serviceCIDR",
-                    f"{cluster.service_cidr} has no address left for Service {svc.name}",
+                    f"{cluster.service_cidr} has no address left for Service {svc.key}",
                     "use a larger serviceCIDR",
                 )
-            result[svc.name] = ip
+            result[svc.key] = ip
     return result

@@ -73,12 +73,19 @@ def test_flannel_config_leases_and_registry_as_etcdctl_reads_them(cluster):
         remaining = int(ttl.split("remaining(")[1].split("s)")[0])
         assert granted == 86400 and 86000 < remaining <= 86400, ttl
     pods = etcdctl(master, "get", "--prefix", "/registry/pods/", "--print-value-only").split()
-    stored = {json.loads(p)["metadata"]["name"]: json.loads(p) for p in pods}
+    from netsim.model import object_key
+
+    stored = {
+        object_key(p["metadata"]["namespace"], p["metadata"]["name"]): p
+        for p in map(json.loads, pods)
+    }
     assert {n: p["status"]["podIP"] for n, p in stored.items()} == {
         n: p.ip for n, p in record.pods.items()
     }
     listed = json.loads(cluster.netsim("get", "pods", "-o", "json", check=True).stdout)["items"]
-    assert {i["name"]: i["ip"] for i in listed} == {n: p.ip for n, p in record.pods.items()}
+    assert {i["name"]: i["ip"] for i in listed} == {
+        n: p.ip for n, p in record.pods.items() if p.pod.namespace == "default"
+    }
     etcd = record.master.etcd
     cluster.netsim("delete", "-f", cluster.file, check=True)
     assert etcd_pids(cluster.name) == [] and not proc.alive(etcd.pid, etcd.start)
@@ -121,7 +128,7 @@ def test_an_external_etcd_is_used_and_none_started(cluster, etcd):
     assert etcd_pids(cluster.name) == []
     keys = etcd.etcdctl("get", "--prefix", "/", "--keys-only").split()
     assert "/coreos.com/network/config" in keys
-    assert sum(k.startswith("/registry/pods/") for k in keys) == 2
+    assert sum(k.startswith("/registry/pods/default/") for k in keys) == 2
     assert (
         "the user's etcd at http://127.0.0.1:2379"
         in cluster.netsim("describe", "cluster", check=True).stdout
@@ -149,11 +156,12 @@ def test_etcd_stopped_mid_apply_then_the_next_apply_converges(cluster, etcd):
     failed = run_netsim("apply", "-f", cluster.file)
     assert failed.returncode != 0 and "not reachable" in failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr
-    assert sorted(cluster.record().pods) == ["web-0", "web-1"]  # undone, record unchanged
+    pods = sorted(p for p in cluster.record().pods if p.startswith("web"))
+    assert pods == ["web-0", "web-1"]  # undone, record unchanged
     assert not any(n.endswith(".pod.web-2") for n in cluster.namespaces())
     etcd.restart()
     run_netsim("apply", "-f", cluster.file, check=True)
-    keys = etcd.etcdctl("get", "--prefix", "/registry/pods/", "--keys-only").split()
+    keys = etcd.etcdctl("get", "--prefix", "/registry/pods/default/", "--keys-only").split()
     assert sorted(keys) == [f"/registry/pods/default/web-{i}" for i in range(3)]
     assert cluster.netsim("ping", "web-0", "web-2", "-c", "1").returncode == 0
 
@@ -168,7 +176,7 @@ def test_netsims_own_etcd_killed_comes_back_with_its_data(cluster):
     assert len(etcd_pids(cluster.name)) == 1
     keys = etcdctl(cluster.record().master.netns, "get", "--prefix", "/", "--keys-only").split()
     assert sum(k.startswith("/coreos.com/network/subnets/") for k in keys) == 3
-    assert sum(k.startswith("/registry/pods/") for k in keys) == 2
+    assert sum(k.startswith("/registry/pods/default/") for k in keys) == 2
     assert run_netsim("apply", "-f", cluster.file, check=True).stdout.count("unchanged") == 1
     # the nodes' daemons lost their watches with etcd, listed again and watch on: a change
     # reaches every node (the scale waits for every node's report)

@@ -326,7 +326,8 @@ def test_kube_proxy_table_has_kube_proxys_shape(services):
     # kube-proxy's prefix: base32 of the first five bytes of sha256("<ns>/<svc>/<proto>/<port>")
     prefix = base64.b32encode(hashlib.sha256(b"default/web/tcp/").digest()[:5]).decode()
     assert f"service-{prefix}-default/web/tcp/" in chains
-    assert sum(c.startswith("endpoint-") for c in chains) == 3 * 3 + 1  # web, web-aff, np; solo
+    # web, web-aff, np; solo; kube-dns's dns (UDP) and dns-tcp
+    assert sum(c.startswith("endpoint-") for c in chains) == 3 * 3 + 1 + 2
     sets = [o for kind, o in objects if kind == "set" and o["name"].startswith("affinity-")]
     assert len(sets) == 3 and all(s["timeout"] == 3 and "timeout" in s["flags"] for s in sets)
     text = subprocess.run(

@@ -228,12 +228,6 @@ CASES = [
         "holds 1 /24 subnets for 2 nodes",
     ),
     (
-        "service-selector-matches-nothing",
-        [put(SERVICE, {"spec.selector": {"app": "nope"}})],
-        "spec.selector",
-        "matches no pod",
-    ),
-    (
         "deployment-selector-mismatch",
         [put(DEPLOYMENT, {"spec.selector.matchLabels": {"app": "other"}})],
         "spec.selector.matchLabels",
@@ -303,12 +297,6 @@ CASES = [
         [put(SERVICE, {"spec.ports": [{"port": 80, "targetPort": "http"}]})],
         "spec.ports[0].targetPort",
         "no container of the selected pods declares a port named",
-    ),
-    (
-        "selector-less-service",
-        [put(SERVICE, {"spec.selector": {}})],
-        "spec.selector",
-        "a Service needs a selector",
     ),
     (
         "unknown-kube-proxy-mode",
@@ -401,9 +389,10 @@ def services(*names: str, **explicit: str) -> list[Service]:
     ]
 
 
-def test_cluster_ips_start_at_dot_ten():
+def test_cluster_ips_start_at_dot_eleven_after_kube_dns():
     cluster = cluster_of(services=services("a", "b"))
-    assert topology.allocate_cluster_ips(cluster, {}) == {"a": "10.96.0.10", "b": "10.96.0.11"}
+    assert topology.allocate_cluster_ips(cluster, {}) == {"a": "10.96.0.11", "b": "10.96.0.12"}
+    assert topology.dns_ip(cluster.service_cidr) == "10.96.0.10"
 
 
 def test_cluster_ips_keep_previous_allocations():
@@ -715,7 +704,7 @@ def test_duplicate_port_and_protocol_in_one_service():
     [
         ("10.96.0.0", "network address"),
         ("10.111.255.255", "broadcast address"),
-        ("None", "headless"),
+        ("10.96.0.10", "kube-dns"),
         ("10.96.0.010", "not an IPv4"),
         ("10.112.0.1", "not in the service CIDR"),
     ],
@@ -745,19 +734,19 @@ def services_in(cidr: str, count: int, **ips: str):
 
 
 def test_service_cidr_holds_its_services_exactly():
-    # a /28: netsim allocates from .10 to .14, five addresses
-    cluster = topology.parse(build(services_in("10.96.0.0/28", 5)), FILE)[0]
+    # a /28: netsim allocates from .11 to .14 (.10 is kube-dns's), four addresses
+    cluster = topology.parse(build(services_in("10.96.0.0/28", 4)), FILE)[0]
     assert sorted(topology.allocate_cluster_ips(cluster, {}).values()) == [
-        f"10.96.0.{i}" for i in range(10, 15)
+        f"10.96.0.{i}" for i in range(11, 15)
     ]
-    err = fail(build(services_in("10.96.0.0/28", 6)))
+    err = fail(build(services_in("10.96.0.0/28", 5)))
     one_line(err, "spec.serviceCIDR")
-    assert "room for 5" in err.problem and "Service web5 gets none" in err.problem
+    assert "room for 4" in err.problem and "Service web4 gets none" in err.problem
 
 
 def test_written_cluster_ips_count_against_the_room_only_inside_it():
-    topology.parse(build(services_in("10.96.0.0/28", 6, web5="10.96.0.2")), FILE)
-    fail(build(services_in("10.96.0.0/28", 6, web5="10.96.0.12")))
+    topology.parse(build(services_in("10.96.0.0/28", 5, web4="10.96.0.2")), FILE)
+    fail(build(services_in("10.96.0.0/28", 5, web4="10.96.0.12")))
 
 
 def test_a_service_cidr_with_no_room_at_all():
@@ -768,7 +757,7 @@ def test_allocate_cluster_ips_refuses_instead_of_stopping():
     """parse() refuses this; a Cluster made another way still gets an error, not a crash."""
     cluster = cluster_of(services=services(*"abcdef"))
     cluster.service_cidr = "10.96.0.0/28"
-    with pytest.raises(TopologyError, match="no address left for Service f"):
+    with pytest.raises(TopologyError, match="no address left for Service e"):
         topology.allocate_cluster_ips(cluster, {})
 
 
@@ -1112,3 +1101,30 @@ def test_bad_pod_specs(item, field):
 def test_a_deployment_restarts_always():
     item = {"spec.template.spec.restartPolicy": "Never"}
     one_line(fail(build(put(DEPLOYMENT, item))), "spec.template.spec.restartPolicy")
+
+
+def test_services_kubernetes_takes_without_pods_behind_them():
+    """A selector that matches nothing yet is a warning; no selector, or headless, is fine."""
+    cluster, notes = topology.parse(build(put(SERVICE, {"spec.selector": {"app": "nope"}})), FILE)
+    assert notes == [
+        "warning: the selector {'app': 'nope'} of Service web matches no pod: it has no endpoints"
+    ]
+    cluster, notes = topology.parse(build(put(SERVICE, {"spec.selector": {}})), FILE)
+    assert notes == [] and cluster.services[0].selector == {}
+    cluster, _ = topology.parse(build(put(SERVICE, {"spec.clusterIP": "None"})), FILE)
+    assert cluster.services[0].cluster_ip == "None"
+
+
+def test_namespaces_are_declared_and_names_are_unique_in_each():
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "x", "labels": {"team": "a"}},
+    }
+    text = build(put(POD, {"metadata.namespace": "x"}), lambda docs: docs.append(namespace))
+    cluster = topology.parse(text, FILE)[0]
+    assert cluster.namespaces == {"x": {"team": "a", "kubernetes.io/metadata.name": "x"}}
+    pod = cluster.pods[-1]
+    assert (pod.namespace, pod.key) == ("x", f"x.{pod.name}")
+    err = one_line(fail(build(put(POD, {"metadata.namespace": "y"}))), "metadata.namespace")
+    assert "not found" in err.problem and "Namespace" in err.fix

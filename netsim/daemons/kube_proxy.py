@@ -142,11 +142,14 @@ def _shared(directory: str, key: str, make: Callable[[], tuple]) -> tuple:
 def _ports(objects: dict[str, bytes]) -> list:
     import json
 
+    from netsim.model import object_key
+
     services, endpoints = {}, {}
     for key, value in objects.items():
         for prefix, into in ((registry.SERVICES, services), (registry.ENDPOINTS, endpoints)):
             if key.startswith(prefix):
-                into[key.rsplit("/", 1)[1]] = json.loads(value)
+                namespace, name = key[len(prefix) :].split("/", 1)
+                into[object_key(namespace, name)] = json.loads(value)
     return registry.proxy_ports(services, endpoints)
 
 

@@ -209,7 +209,6 @@ class Kubelet:
         netlink batch for the host ends and a small one inside each pod (cni.wiring)."""
         from cni.wiring import Attachment, wire
         from netsim.kernel.netlink import Rtnl
-        from netsim.services import NAMESPACE
 
         mode, node = self.mode, self.node
         ipam = mode.ipam(self.cluster, self.cluster_dir, node)
@@ -222,7 +221,7 @@ class Kubelet:
                         name,
                         spec,
                         ip=ipam.allocate(name, "eth0"),
-                        veth=mode.host_veth(NAMESPACE, name),
+                        veth=mode.host_veth(*_identity(name, spec)),
                         ifindex=index,
                     )
                     index += 1
@@ -233,6 +232,7 @@ class Kubelet:
                 for name, checkpoint in made.items():
                     checkpoint["ino"] = _create_netns(self.cluster.name, checkpoint["netns"])
                     self._save({**checkpoint, "making": True})  # its namespace, by inode
+                    self._etc(name, checkpoint)
                     attachments.append(
                         Attachment(
                             checkpoint["netns"],
@@ -267,12 +267,12 @@ class Kubelet:
         from cni.spec import CniError
         from netsim.errors import NetsimError
         from netsim.kernel.netlink import IFINDEX, Rtnl
-        from netsim.services import NAMESPACE
 
         ino = _create_netns(self.cluster.name, spec["netns"])
         self._save(_checkpoint(name, spec, ino=ino, making=True))
         runtime, path = self._runtime(), nsmod.path(spec["netns"])
-        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}"
+        namespace, pod = _identity(name, spec)
+        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
         try:
             result = runtime.add(name, path, "eth0", args)
         except CniError as exc:
@@ -290,7 +290,24 @@ class Kubelet:
             pod_rt.commit()
         address = next(ip["address"] for ip in result["ips"])
         veth = result["interfaces"][0]["name"]
-        return _checkpoint(name, spec, ip=address.split("/")[0], veth=veth, ino=ino)
+        made = _checkpoint(name, spec, ip=address.split("/")[0], veth=veth, ino=ino)
+        self._etc(name, made)
+        return made
+
+    def _etc(self, name: str, checkpoint: dict) -> None:
+        """The pod's resolv.conf and hosts, as the kubelet writes them, where `ip netns exec`
+        and the pod's containers find them (/etc/netns/<netns>/)."""
+        from netsim import addons
+
+        namespace, hostname = _identity(name, checkpoint["spec"])
+        folder = os.path.join(nsmod.ETC_DIR, checkpoint["netns"])
+        os.makedirs(folder, exist_ok=True)
+        for file, text in (
+            ("resolv.conf", addons.resolv_conf(self.cluster.service_cidr, namespace)),
+            ("hosts", addons.hosts(checkpoint["ip"], hostname)),
+        ):
+            with open(os.path.join(folder, file), "w") as fh:
+                fh.write(text)
 
     def _delete(self, checkpoints: list[dict]) -> list[str]:
         """DEL: the host veth (it takes its peer), the namespace, then the address; what is
@@ -323,6 +340,7 @@ class Kubelet:
             for checkpoint in done:
                 if mine[checkpoint["name"]]:
                     nsmod.remove(checkpoint["netns"])
+                    nsmod.remove_etc(checkpoint["netns"])
                 if checkpoint.get("via") != "cni-exec":
                     ipam.release(checkpoint["name"], "eth0")
                 self._forget(checkpoint["name"])
@@ -390,14 +408,14 @@ class Kubelet:
         gives a container that starts (netsim/envvars.py)."""
         from netsim.envvars import service_env
         from netsim.registry import SERVICES
-        from netsim.services import NAMESPACE
 
         checkpoint = (self.running or {}).get(pod)
         if checkpoint is None or not checkpoint["spec"].get("serviceLinks", True):
             return {}
+        namespace = _identity(pod, checkpoint["spec"])[0]
         try:
             services = [
-                kv.json() for kv in self.store.range(f"{SERVICES}{NAMESPACE}/", prefix=True)
+                kv.json() for kv in self.store.range(f"{SERVICES}{namespace}/", prefix=True)
             ]
         except Exception as exc:  # noqa: BLE001 -- the store is away: none, as a kubelet would
             print(f"kubelet: reading Services for pod {pod}: {exc}", flush=True)
@@ -442,12 +460,22 @@ def _names(pods) -> str:
     return f"pod{'s' if len(pods) > 1 else ''} {shown}"
 
 
+def _identity(key: str, spec: dict) -> tuple[str, str]:
+    """The pod's namespace and name (its binding's key is netsim.model.object_key)."""
+    return spec.get("namespace", "default"), spec.get("name", key)
+
+
 def _served(checkpoint: dict) -> dict:
     """What the agent needs to serve a pod: its namespace and address, the hostname
     server's ports, its init containers and containers, its restart policy."""
     spec = checkpoint["spec"]
     served = {k: spec[k] for k in ("ports", "init", "containers", "restartPolicy") if k in spec}
-    return served | {"netns": checkpoint["netns"], "ip": checkpoint.get("ip", "")}
+    hostname = _identity(checkpoint["name"], spec)[1]
+    return served | {
+        "netns": checkpoint["netns"],
+        "ip": checkpoint.get("ip", ""),
+        "hostname": hostname,
+    }
 
 
 def _status(checkpoint: dict) -> dict:

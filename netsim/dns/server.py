@@ -39,6 +39,7 @@ from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
 
 DEFAULT_PORT = 53
+CONFIG_ENV = "NETSIM_DNS_CONFIG"  # the coredns container's configuration, as JSON text
 UDP_PLAIN_SIZE = 512  # RFC 1035: without EDNS a UDP answer fits 512 bytes, or says TC
 TCP_IDLE = 10.0  # seconds a TCP connection may wait between queries (CoreDNS: 10 s)
 MAX_TCP = 128  # connections served at once; more are closed at once
@@ -57,16 +58,18 @@ class Config:
     store_netns: str = ""
 
 
-def load_config(path: str) -> Config:
-    """The configuration file, checked field by field: TopologyError (exit status 2) names
-    the first field that is wrong and how to fix it."""
+def load_config(path: str, text: str | None = None) -> Config:
+    """The configuration file (or its `text`, named `path`), checked field by field:
+    TopologyError (exit status 2) names the first field that is wrong and how to fix it."""
 
     def bad(name: str, problem: str, fix: str = "") -> TopologyError:
         return TopologyError(path, "dns config", name, problem, fix)
 
     try:
-        with open(path) as fh:
-            raw = json.load(fh)
+        if text is None:
+            with open(path) as fh:
+                text = fh.read()
+        raw = json.loads(text)
     except OSError as exc:
         raise bad("", f"cannot read it: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
@@ -350,8 +353,13 @@ class ClusterDns:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m netsim.dns CONFIG.json`: serve until SIGTERM (or SIGINT), then exit 0."""
+    """`python -m netsim.dns CONFIG.json`: serve until SIGTERM (or SIGINT), then exit 0. As
+    the coredns image's container (`-conf /etc/coredns/Corefile`, netsim/addons.py), the
+    configuration is the JSON text of $NETSIM_DNS_CONFIG."""
     argv = sys.argv[1:] if argv is None else argv
+    text = None
+    if argv[:1] == ["-conf"] and os.environ.get(CONFIG_ENV):
+        argv, text = [f"${CONFIG_ENV}"], os.environ[CONFIG_ENV]
     if len(argv) != 1:
         print("usage: python -m netsim.dns CONFIG.json", file=sys.stderr)
         return 2
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
-        config = load_config(argv[0])
+        config = load_config(argv[0], text)
         server = DnsServer(None, config.port, config.listen_netns or None, log=_log)
         server.start()
     except NetsimError as exc:

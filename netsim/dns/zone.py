@@ -214,6 +214,9 @@ class Zone:
         query, response = _decoded(query)
         if query is None or response.rcode() != dns.rcode.NOERROR:
             return response
+        # CoreDNS with kubeadm's Corefile forwards what is not its own, so it says recursion
+        # is available; resolvers (nslookup) complain when it is not
+        response.flags |= dns.flags.RA
         question = query.question[0]
         origin = self.origin(question.name) if question.rdclass == IN else None
         if origin is None or question.rdtype in (_RT.AXFR, _RT.IXFR):

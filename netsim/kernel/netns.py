@@ -217,11 +217,30 @@ def enter_for_exec(name: str) -> None:
         os.close(fd)
 
 
-def enter_as_container(name: str, hostname: str = "") -> None:
+SERVICE_ACCOUNT = "/run/secrets/kubernetes.io/serviceaccount"  # /var/run is /run
+
+
+def etc_names() -> list[str]:
+    """The namespaces that have files under /etc/netns."""
+    try:
+        return sorted(os.listdir(ETC_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def remove_etc(name: str) -> None:
+    """The namespace's files under /etc/netns (resolv.conf, hosts), if it has any."""
+    import shutil
+
+    shutil.rmtree(os.path.join(ETC_DIR, name), ignore_errors=True)
+
+
+def enter_as_container(name: str, hostname: str = "", namespace: str = "") -> None:
     """A preexec hook for a pod's process: its network namespace, a mount namespace in which
     the files of /etc/netns/<name>/ cover those of /etc (as `ip netns exec` binds them:
     resolv.conf, hosts), and, given a hostname, a UTS namespace with that name (the pod's, as
-    a container runtime gives it)."""
+    a container runtime gives it). Given its Kubernetes namespace, a /run of its own holding
+    the service account's `namespace` file, which manifests read."""
     enter_for_exec(name)
     _check(_libc.unshare(CLONE_NEWNS | (CLONE_NEWUTS if hostname else 0)), "unshare", name)
     _check(_libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /", name)
@@ -232,6 +251,11 @@ def enter_as_container(name: str, hostname: str = "") -> None:
     if hostname:
         raw = hostname.encode()
         _check(_libc.sethostname(raw, len(raw)), "sethostname", name)
+    if namespace:
+        _check(_libc.mount(b"tmpfs", b"/run", b"tmpfs", 0, b"mode=755"), "mount /run", name)
+        os.makedirs(SERVICE_ACCOUNT)
+        with open(os.path.join(SERVICE_ACCOUNT, "namespace"), "w") as fh:
+            fh.write(namespace)
 
 
 def open_fd(name: str) -> int:
