@@ -561,7 +561,7 @@ def _service_item(obj: dict, endpoints: dict | None) -> dict:
     for subset in (endpoints or {}).get("subsets", []):
         port = subset["ports"][0]
         index = next((i for i, p in enumerate(ports) if p["name"] == port.get("name", "")), None)
-        for address in subset["addresses"]:
+        for address in subset.get("addresses", []):
             pod = address.get("targetRef", {}).get("name", address["ip"])
             entry = by_pod.setdefault(
                 pod, {"pod": pod, "ip": address["ip"], "ports": [None] * len(ports)}

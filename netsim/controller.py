@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -80,17 +81,32 @@ def is_ready(node: dict) -> bool:
     return True
 
 
-def split_endpoints(obj: dict, not_ready: set[str]) -> dict:
-    """The Endpoints object with the addresses of pods on `not_ready` nodes in
-    notReadyAddresses and the others in addresses (the endpoints controller's view of pods
-    whose Ready condition went false with their node)."""
+def address_pod(address: dict) -> str:
+    """The key (netsim.model.object_key) of the pod an Endpoints address is."""
+    from netsim.model import object_key
+
+    ref = address.get("targetRef", {})
+    return object_key(ref.get("namespace", "default"), ref.get("name", ""))
+
+
+def split_endpoints(
+    obj: dict, not_ready: set[str] | frozenset[str], pods: set[str] | frozenset[str] = frozenset()
+) -> dict:
+    """The Endpoints object with the addresses of pods on `not_ready` nodes, and of the
+    `pods` that are not ready (keys), in notReadyAddresses and the others in addresses (the
+    endpoints controller's view: a pod serves once Running and ready, and stops with its
+    node)."""
     subsets = []
     for subset in obj.get("subsets", []):
         every = subset.get("addresses", []) + subset.get("notReadyAddresses", [])
         every.sort(key=lambda a: ip_key(a["ip"]))
         out = {k: v for k, v in subset.items() if k not in ("addresses", "notReadyAddresses")}
-        ready = [a for a in every if a.get("nodeName") not in not_ready]
-        waiting = [a for a in every if a.get("nodeName") in not_ready]
+
+        def waits(a: dict) -> bool:
+            return a.get("nodeName") in not_ready or (bool(pods) and address_pod(a) in pods)
+
+        ready = [a for a in every if not waits(a)]
+        waiting = [a for a in every if waits(a)]
         if ready:
             out["addresses"] = ready
         if waiting:
@@ -121,9 +137,12 @@ class Controller:
         self.cluster, self.eviction_timeout = cluster, eviction_timeout
         self.evicted = set(evicted or ())  # nodes tainted: their pods were made elsewhere
         self.first_seen: dict[str, float] = {}  # nodes with no lease yet: when first listed
-        # the NotReady nodes every Endpoints object was last split for (None: not yet); an
-        # apply meanwhile keeps the split itself (registry.sync)
-        self.split_for: set[str] | None = None
+        # the NotReady nodes and not-ready pods every Endpoints object was last split for,
+        # and the generation of the Endpoints objects then (None: not yet)
+        self.split_for: tuple | None = None
+        self.generation = 0  # counts the changes seen to Endpoints objects and pods' readiness
+        self.pods_not_ready: frozenset[str] = frozenset()  # from the kubelets' pod statuses
+        self.wake = threading.Event()
 
     def event(self, node: str, message: str) -> None:
         events.record(self.log_dir, node, "node-controller", message)
@@ -160,10 +179,12 @@ class Controller:
                     else f"node is NotReady: no heartbeat for {self.grace:.0f} s; its pods "
                     "leave every Service's endpoints",
                 )
-        if not_ready != self.split_for:  # else the Endpoints are as they should be
+        wanted = (frozenset(not_ready), self.pods_not_ready)
+        key = (wanted, self.generation)
+        if key != self.split_for:  # else the Endpoints are as they should be
             for kv in self.store.range(registry.ENDPOINTS, True):
                 obj = kv.json()
-                split = split_endpoints(obj, not_ready)
+                split = split_endpoints(obj, *wanted)
                 if split != obj:
                     text = json.dumps(split, separators=(",", ":"), sort_keys=True)
                     changed[kv.key] = (kv, text)
@@ -174,7 +195,7 @@ class Controller:
             # only if nobody (an apply) changed it since it was read: the next step sees theirs
             done &= self.store.txn([unchanged(kv)], [put_op(key, value)])["succeeded"]
         if done:
-            self.split_for = not_ready
+            self.split_for = key
 
     def evict(self, node: str) -> None:
         from netsim import eviction
@@ -203,14 +224,60 @@ class Controller:
             self.event(node, "Ready again: taint removed, pods may be scheduled to it")
 
     def run(self) -> None:
+        from netsim.daemons.informer import Informer
         from netsim.errors import NetsimError
 
+        Informer(self.store, [Readiness(self)], lambda applied: None, print).start()
         while True:
             try:
                 self.step(time.time())
             except NetsimError as exc:  # the store is away: try again
                 print(f"controller: {exc}", flush=True)
-            time.sleep(1.0)
+            self.wake.wait(1.0)
+            self.wake.clear()
+
+
+class Readiness:
+    """The endpoints controller's watch (an informer's daemon): which pods their kubelets
+    report not ready (init containers running, a readiness probe failing, ended), and any
+    change of an Endpoints object (an apply wrote it), so that the controller splits them
+    again at once."""
+
+    name = "endpoints-controller"
+
+    def __init__(self, controller: Controller):
+        from netsim.daemons.kubelet import POD_STATUS
+
+        self.controller = controller
+        self.prefixes = (POD_STATUS, registry.ENDPOINTS)
+        self.known: dict[str, tuple[int, bool]] = {}  # status key -> (its revision, ready)
+        self.endpoints = (0, 0)  # the Endpoints objects' newest revision and count
+
+    def sync(self, view: dict) -> None:
+        statuses = view[self.prefixes[0]]
+        known = {}
+        for key, kv in statuses.items():  # only what changed is decoded (10,000 pods)
+            held = self.known.get(key)
+            known[key] = (
+                held
+                if held and held[0] == kv.mod_revision
+                else (
+                    kv.mod_revision,
+                    _ready(kv.json()),
+                )
+            )
+        self.known = known
+        not_ready = frozenset(k.rsplit("/", 1)[1] for k, (_, ready) in known.items() if not ready)
+        objects = view[self.prefixes[1]]
+        endpoints = (max((kv.mod_revision for kv in objects.values()), default=0), len(objects))
+        if not_ready != self.controller.pods_not_ready or endpoints != self.endpoints:
+            self.controller.pods_not_ready, self.endpoints = not_ready, endpoints
+            self.controller.generation += 1  # split every Endpoints object again
+            self.controller.wake.set()
+
+
+def _ready(status: dict) -> bool:
+    return "error" not in status and status.get("ready", True)
 
 
 def main() -> None:

@@ -195,7 +195,7 @@ def refresh(store, record: Record, nodes: list[str]) -> None:
 def _made(pod: Pod, status: dict) -> PodRecord:
     """The record of a pod its kubelet made, from the status it published."""
     keys = ("netns", "ip", "veth", "ifindex", "via", "pids")
-    return PodRecord(pod, *(status[k] for k in keys))
+    return PodRecord(pod, *(status[k] for k in keys), ready=status.get("ready", True))
 
 
 def _wait_for_new_blocks(store, record: Record) -> None:

@@ -101,6 +101,7 @@ class PodRecord:
     ifindex: int = 0  # the host end's index (0: the kernel chose, by name)
     via: str = "in-process"  # or "cni-exec": wired by executing the node's CNI chain
     pids: list[int] = field(default_factory=list)  # of its container commands
+    ready: bool = True  # as its kubelet last reported it to apply (the controller follows it)
 
     @property
     def name(self) -> str:

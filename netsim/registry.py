@@ -171,9 +171,9 @@ def objects(record: Record) -> dict[str, str]:
 
 def sync(store, record: Record) -> int:
     """Make /registry hold exactly the record's objects: one range read, then puts and
-    deletes of what differs. The number of keys changed. The node lifecycle controller's
-    judgement is kept: a node's conditions as stored, and the pods of NotReady nodes in their
-    Endpoints' notReadyAddresses (netsim/controller.py)."""
+    deletes of what differs. The number of keys changed. The controller's judgement is kept:
+    a node's conditions as stored, and the pods of NotReady nodes and the pods not ready in
+    their Endpoints' notReadyAddresses (netsim/controller.py)."""
     from netsim.controller import is_ready, split_endpoints
 
     wanted = objects(record)
@@ -192,10 +192,13 @@ def sync(store, record: Record) -> int:
                 wanted[key] = _text(obj)
                 if not is_ready(obj):
                     not_ready.add(obj["metadata"]["name"])
-    if not_ready:
+    waiting = _not_ready_pods(
+        record, [json.loads(v) for k, v in held.items() if k.startswith(ENDPOINTS)]
+    )
+    if not_ready or waiting:
         for key in wanted:
             if key.startswith(ENDPOINTS):
-                wanted[key] = _text(split_endpoints(json.loads(wanted[key]), not_ready))
+                wanted[key] = _text(split_endpoints(json.loads(wanted[key]), not_ready, waiting))
     changed = {k: v for k, v in wanted.items() if held.get(k) != v}
     gone = [k for k in held if k not in wanted]
     if changed:
@@ -203,6 +206,24 @@ def sync(store, record: Record) -> int:
     if gone:
         store.delete_all(gone)
     return len(changed) + len(gone)
+
+
+def _not_ready_pods(record: Record, held: list[dict]) -> frozenset[str]:
+    """The pods the endpoints controller keeps out of `addresses` (netsim/controller.py):
+    those it holds so now, and new ones whose kubelet reported them not ready (init
+    containers, a readiness probe). A pod it holds as ready stays so: it is the judge."""
+    from netsim.controller import address_pod
+
+    ready, waiting = set(), set()
+    for obj in held:
+        for subset in obj.get("subsets", []):
+            ready |= {(address_pod(a), a["ip"]) for a in subset.get("addresses", [])}
+            waiting |= {(address_pod(a), a["ip"]) for a in subset.get("notReadyAddresses", [])}
+    return frozenset(
+        key
+        for key, pod in record.pods.items()
+        if (key, pod.ip) in waiting or (not pod.ready and (key, pod.ip) not in ready)
+    )
 
 
 def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[ProxyPort]:

@@ -33,7 +33,7 @@ def _service(name: str, selector: dict, ports: list, kind: str = "ClusterIP") ->
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}
 
 
-def documents(name: str, gate: str) -> list[dict]:
+def documents(name: str, gate: str, ready: str) -> list[dict]:
     cluster = {
         "apiVersion": "netsim.dev/v1alpha1",
         "kind": "Cluster",
@@ -141,6 +141,24 @@ def documents(name: str, gate: str) -> list[dict]:
             "crashing",
             {"containers": [{"name": "c", "image": "busybox", "command": ["false"]}]},
         ),
+        # ready only once the file exists: out of its Service's endpoints until then
+        _pod(
+            "gated",
+            {
+                "containers": [
+                    {
+                        "name": "agnhost",
+                        "image": AGNHOST,
+                        "args": ["serve-hostname"],
+                        "readinessProbe": {
+                            "exec": {"command": ["test", "-e", ready]},
+                            "periodSeconds": 1,
+                        },
+                    }
+                ]
+            },
+        ),
+        _service("gated", {"pod": "gated"}, [{"port": 80, "targetPort": 9376}]),
     ]
 
 
@@ -157,8 +175,8 @@ class Cluster(ClusterUnderTest):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("workloads"))
-    c.gate = str(c.dir / "gate")
-    Path(c.file).write_text(yaml.safe_dump_all(documents(c.name, c.gate), sort_keys=False))
+    c.gate, c.ready = str(c.dir / "gate"), str(c.dir / "ready")
+    Path(c.file).write_text(yaml.safe_dump_all(documents(c.name, c.gate, c.ready), sort_keys=False))
     try:
         run_netsim("apply", "-f", c.file, check=True)
         c.ips = {n: p["ip"] for n, p in c.pods().items()}
@@ -310,3 +328,22 @@ def test_a_container_gets_the_services_environment_and_its_hostname(live):
     assert found["NETEXEC_PORT_80_TCP_PORT"] == "80"
     assert found["NETEXEC_PORT_80_TCP_ADDR"] == ip
     assert "NETEXEC_NP_SERVICE_HOST" in found  # '-' becomes '_'
+
+
+def test_a_pod_serves_its_service_only_once_ready(live):
+    def endpoints() -> list:
+        listed = json.loads(live.netsim("get", "endpoints", "-o", "json").stdout)["items"]
+        return next(s["endpoints"] for s in listed if s["name"] == "gated")
+
+    def answers() -> bool:
+        ip = live.record().services["gated"].cluster_ip
+        return live.netsim("curl", "hostnames", f"http://{ip}:80/").returncode == 0
+
+    assert live.status("gated")[:2] == ("0/1", "Running")  # running, not ready
+    assert endpoints() == [] and not answers()
+    Path(live.ready).touch()
+    wait_for(lambda: live.status("gated")[0] == "1/1", 10, "the probe passed")
+    wait_for(lambda: [e["pod"] for e in endpoints()] == ["gated"], 10, "gated in its endpoints")
+    wait_for(answers, 10, "the Service answers")
+    Path(live.ready).unlink()  # three failures in a row: out again
+    wait_for(lambda: endpoints() == [], 15, "gated out of its endpoints")
