@@ -124,6 +124,15 @@ def service_object(record: Record, key: str) -> dict:
     }
 
 
+def _pod_ref(pod: PodRecord) -> dict:
+    """An address's targetRef. Its namespace is the Endpoints object's own, said only
+    outside `default`: ten thousand addresses in an object every node's kube-proxy holds."""
+    ref = {"kind": "Pod", "name": pod.pod.name}
+    if pod.pod.namespace != NAMESPACE:
+        ref["namespace"] = pod.pod.namespace
+    return ref
+
+
 def endpoints_object(record: Record, key: str) -> dict:
     """One subset per Service port (the addresses whose pod resolves that port), as the
     endpoints controller groups addresses by the port set they share."""
@@ -135,7 +144,7 @@ def endpoints_object(record: Record, key: str) -> dict:
             {
                 "ip": p.ip,
                 "nodeName": p.node,
-                "targetRef": {"kind": "Pod", "name": p.pod.name, "namespace": p.pod.namespace},
+                "targetRef": _pod_ref(p),
             }
             for p in pods
             if target_port(p, port)

@@ -27,6 +27,8 @@ PRELOAD = (
     "netsim.daemons",
     "netsim.daemons.informer",
     "netsim.daemons.flanneld",
+    "netsim.daemons.felix",
+    "netsim.daemons.kubelet",
     "netsim.daemons.kube_proxy",
     "netsim.kernel.netlink",
     "netsim.kernel.nft",

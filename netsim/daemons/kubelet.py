@@ -38,7 +38,9 @@ class Kubelet:
         self.cluster_dir = os.path.dirname(os.path.dirname(node_dir))
         self.running: dict[str, dict] | None = None  # pod -> its checkpoint; None: not read
         self.status_prefix = f"{POD_STATUS}{node.name}/"
-        self.published: dict[str, str] = {}  # pod -> the status this node's kubelet published
+        # pod -> hash of the status this node's kubelet published (a hundred texts in each of
+        # a hundred agents: the hash is enough to tell a change)
+        self.published: dict[str, int] = {}
         self.statuses: dict[str, dict] = {}  # pod -> phase, readiness, container statuses
         self.lock = threading.Lock()  # a sync, or the publication of a container's change
         self.changes: dict[str, tuple[dict, list[int]]] = {}  # from the agent, to publish
@@ -56,7 +58,7 @@ class Kubelet:
         if self.running is None:
             self.running = self._adopt()
             self.published = {
-                kv.key[len(self.status_prefix) :]: kv.value.decode()
+                kv.key[len(self.status_prefix) :]: hash(kv.value.decode())
                 for kv in self.store.range(self.status_prefix, prefix=True)
             }
         running = self.running
@@ -300,14 +302,11 @@ class Kubelet:
         from netsim import addons
 
         namespace, hostname = _identity(name, checkpoint["spec"])
-        folder = os.path.join(nsmod.ETC_DIR, checkpoint["netns"])
-        os.makedirs(folder, exist_ok=True)
-        for file, text in (
-            ("resolv.conf", addons.resolv_conf(self.cluster.service_cidr, namespace)),
-            ("hosts", addons.hosts(checkpoint["ip"], hostname)),
-        ):
-            with open(os.path.join(folder, file), "w") as fh:
-                fh.write(text)
+        files = {
+            "resolv.conf": addons.resolv_conf(self.cluster.service_cidr, namespace),
+            "hosts": addons.hosts(checkpoint["ip"], hostname),
+        }
+        nsmod.write_etc(checkpoint["netns"], files, os.path.join(self.cluster_dir, "etc"))
 
     def _delete(self, checkpoints: list[dict]) -> list[str]:
         """DEL: the host veth (it takes its peer), the namespace, then the address; what is
@@ -422,19 +421,21 @@ class Kubelet:
             return {}
         return service_env(services)
 
-    def _publish(self, statuses: dict[str, str]) -> None:
-        """Each pod's status as it is now; those of pods no longer bound here go."""
+    def _publish(self, statuses: dict[str, str | int]) -> None:
+        """Each pod's status as it is now (its text, or the hash of what was published, for
+        a pod that did not change); those of pods no longer bound here go."""
         from netsim.store.client import MAX_TXN_OPS, delete_op, put_op
 
+        hashes = {n: v if isinstance(v, int) else hash(v) for n, v in statuses.items()}
         ops = [
             put_op(self.status_prefix + n, v)
             for n, v in statuses.items()
-            if self.published.get(n) != v
+            if isinstance(v, str) and self.published.get(n) != hashes[n]
         ]
         ops += [delete_op(self.status_prefix + n) for n in self.published if n not in statuses]
         for start in range(0, len(ops), MAX_TXN_OPS):
             self.store.txn([], ops[start : start + MAX_TXN_OPS])
-        self.published = statuses
+        self.published = hashes
 
 
 def _checkpoint(name: str, spec: dict, **facts) -> dict:
@@ -470,12 +471,12 @@ def _served(checkpoint: dict) -> dict:
     server's ports, its init containers and containers, its restart policy."""
     spec = checkpoint["spec"]
     served = {k: spec[k] for k in ("ports", "init", "containers", "restartPolicy") if k in spec}
-    hostname = _identity(checkpoint["name"], spec)[1]
-    return served | {
-        "netns": checkpoint["netns"],
-        "ip": checkpoint.get("ip", ""),
-        "hostname": hostname,
-    }
+    served["netns"] = checkpoint["netns"]
+    if any(c.get("readiness") for c in spec.get("containers", [])):
+        served["ip"] = checkpoint.get("ip", "")  # the kubelet probes the pod's address
+    if "namespace" in spec:  # (a pod of `default` is served by its key, its name)
+        served |= {"hostname": spec["name"], "namespace": spec["namespace"]}
+    return served
 
 
 def _status(checkpoint: dict) -> dict:

@@ -228,11 +228,34 @@ def etc_names() -> list[str]:
         return []
 
 
+def write_etc(name: str, files: dict[str, str], under: str) -> None:
+    """Files `ip netns exec` binds over /etc for this namespace (resolv.conf, hosts): written
+    in `under`/<name>/ (a tmpfs: a cluster's ten thousand pods cost the disk nothing), with
+    /etc/netns/<name> a symlink to it."""
+    folder = os.path.join(under, name)
+    os.makedirs(folder, exist_ok=True)
+    for file, text in files.items():
+        with open(os.path.join(folder, file), "w") as fh:
+            fh.write(text)
+    os.makedirs(ETC_DIR, exist_ok=True)
+    link = os.path.join(ETC_DIR, name)
+    if os.path.islink(link) and os.readlink(link) == folder:
+        return
+    remove_etc(name)
+    os.symlink(folder, link)
+
+
 def remove_etc(name: str) -> None:
-    """The namespace's files under /etc/netns (resolv.conf, hosts), if it has any."""
+    """The namespace's /etc/netns entry and what it points to, if it has one."""
     import shutil
 
-    shutil.rmtree(os.path.join(ETC_DIR, name), ignore_errors=True)
+    link = os.path.join(ETC_DIR, name)
+    if os.path.islink(link):
+        shutil.rmtree(os.readlink(link), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+    else:
+        shutil.rmtree(link, ignore_errors=True)
 
 
 def enter_as_container(name: str, hostname: str = "", namespace: str = "") -> None:
