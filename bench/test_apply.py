@@ -52,7 +52,7 @@ def test_apply_netsim(benchmark, model):
 
     benchmark.pedantic(clustermod.apply, setup=setup, rounds=ROUNDS, iterations=1)
     record = state.load(model.name)
-    assert len(record.pods) == NODES * PODS_PER_NODE
+    assert sum(p.pod.namespace == "default" for p in record.pods.values()) == NODES * PODS_PER_NODE
     benchmark.extra_info["agents_pss_mib"] = round(scale.agents_pss_mib(record), 1)
     # the apply includes starting the cluster's etcd; how long etcd took to answer, apart
     benchmark.extra_info["etcd_started_s"] = record.master.etcd_started_s

@@ -2,8 +2,10 @@
 
 It serves every pod of its node: the built-in hostname server (like agnhost serve-hostname:
 each HTTP request and each UDP datagram on the pod's ports is answered with the pod's name) and
-the pod's own container commands, started inside the pod's namespace. A socket opened after
-entering a pod's namespace stays in that namespace, so one process serves all pods.
+the pod's init containers and containers, processes in the pod's namespaces run as the kubelet
+runs them (netsim/containers.py: order, restarts, probes, logs; this loop tells it of exits
+and timers). A socket opened after entering a pod's namespace stays in that namespace, so one
+process serves all pods.
 
 netsim talks to it over a unix socket in the node's state directory, one JSON line each way:
 {"tunnel": {...} | null, "lease": {...} | null, "daemons": {...} | null} makes the agent serve
@@ -234,7 +236,9 @@ class Agent:
         containers = self.pods[pod]["containers"]
         if containers is not None:
             return containers.pod_status()
-        return _served_status(tuple(c["name"] for c in self.pods[pod]["spec"]["containers"]))
+        return _served_status(
+            tuple(c["name"] for c in self.pods[pod]["spec"].get("containers", []))
+        )
 
     def _start_pod(self, name: str, spec: dict) -> None:
         """The pod's built-in hostname server (its sockets, in the pod's namespace) and, when
@@ -290,10 +294,11 @@ class Agent:
             _end(pod["containers"].stop())
 
     def shutdown(self, *_: object) -> None:
-        """Stop the pods' container processes; the kernel closes the sockets as we exit."""
-        _end(
-            [p for pod in self.pods.values() if pod["containers"] for p in pod["containers"].stop()]
-        )
+        """The node goes (netsim delete, node stop): its containers are killed with it, as a
+        power cut would; the kernel closes the sockets as we exit."""
+        for pod in self.pods.values():
+            for proc in pod["containers"].stop() if pod["containers"] else []:
+                proc.kill()
         os._exit(0)
 
     # -- event loop ----------------------------------------------------------------------------

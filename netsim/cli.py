@@ -187,18 +187,18 @@ def _reapply(record: Record, overrides: dict, what: str) -> int:
 
 
 def _deployment_doc(record: Record, name: str) -> dict:
+    """The Deployment of that name in the namespace (-n), from the cluster's file or the
+    objects applied from files of their own."""
     import yaml
 
     with open(record.source) as fh:
-        for body in yaml.safe_load_all(fh):
-            if (
-                isinstance(body, dict)
-                and body.get("kind") == "Deployment"
-                and (body.get("metadata") or {}).get("name") == name
-            ):
-                return body
+        bodies = [*yaml.safe_load_all(fh), *record.overrides.get("objects", [])]
+    for body in bodies:
+        if topology.object_id(body) == ("Deployment", NAMESPACE[0], name):
+            return body
     raise NetsimError(
-        f"no deployment named {name!r} in {record.source}; `netsim get pods` shows what runs"
+        f"no deployment named {name!r} in namespace {NAMESPACE[0]}; `netsim get pods` shows "
+        "what runs"
     )
 
 
@@ -216,7 +216,7 @@ def cmd_scale(args) -> int:
     _, record = pick_cluster(args.cluster)
     _deployment_doc(record, name)
     overrides = json.loads(json.dumps(record.overrides))
-    overrides.setdefault("replicas", {})[name] = args.replicas
+    overrides.setdefault("replicas", {})[object_key(NAMESPACE[0], name)] = args.replicas
     return _reapply(record, overrides, f"deployment/{name} scaled to {args.replicas}")
 
 
@@ -246,14 +246,14 @@ def cmd_expose(args) -> int:
     }
     if args.node_port:
         port["nodePort"] = args.node_port
-    if (args.name or name) in record.services:
+    if object_key(NAMESPACE[0], args.name or name) in record.services:
         raise NetsimError(
             f"service/{args.name or name} already exists: give the new one another name with --name"
         )
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": args.name or name},
+        "metadata": {"name": args.name or name, "namespace": NAMESPACE[0]},
         "spec": {
             "type": args.type,
             "selector": selector,
@@ -269,7 +269,7 @@ def cmd_expose(args) -> int:
     overrides["services"] = [
         s
         for s in overrides.get("services", [])
-        if s["metadata"]["name"] != service["metadata"]["name"]
+        if topology.object_id(s) != topology.object_id(service)
     ] + [service]
     return _reapply(record, overrides, f"service/{service['metadata']['name']} exposed")
 

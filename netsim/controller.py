@@ -142,6 +142,7 @@ class Controller:
         self.split_for: tuple | None = None
         self.generation = 0  # counts the changes seen to Endpoints objects and pods' readiness
         self.pods_not_ready: frozenset[str] = frozenset()  # from the kubelets' pod statuses
+        self.nodes_not_ready: frozenset[str] = frozenset()  # as the last step judged them
         self.wake = threading.Event()
 
     def event(self, node: str, message: str) -> None:
@@ -179,7 +180,8 @@ class Controller:
                     else f"node is NotReady: no heartbeat for {self.grace:.0f} s; its pods "
                     "leave every Service's endpoints",
                 )
-        wanted = (frozenset(not_ready), self.pods_not_ready)
+        self.nodes_not_ready = frozenset(not_ready)
+        wanted = (self.nodes_not_ready, self.pods_not_ready)
         key = (wanted, self.generation)
         if key != self.split_for:  # else the Endpoints are as they should be
             for kv in self.store.range(registry.ENDPOINTS, True):
@@ -251,29 +253,34 @@ class Readiness:
         self.controller = controller
         self.prefixes = (POD_STATUS, registry.ENDPOINTS)
         self.known: dict[str, tuple[int, bool]] = {}  # status key -> (its revision, ready)
-        self.endpoints = (0, 0)  # the Endpoints objects' newest revision and count
+        self.checked: dict[str, int] = {}  # Endpoints key -> the revision found well split
 
     def sync(self, view: dict) -> None:
         statuses = view[self.prefixes[0]]
         known = {}
         for key, kv in statuses.items():  # only what changed is decoded (10,000 pods)
             held = self.known.get(key)
-            known[key] = (
-                held
-                if held and held[0] == kv.mod_revision
-                else (
-                    kv.mod_revision,
-                    _ready(kv.json()),
-                )
-            )
+            fresh = held is None or held[0] != kv.mod_revision
+            known[key] = (kv.mod_revision, _ready(kv.json())) if fresh else held
         self.known = known
         not_ready = frozenset(k.rsplit("/", 1)[1] for k, (_, ready) in known.items() if not ready)
+        controller = self.controller
+        if not_ready != controller.pods_not_ready:
+            self.checked = {}  # every object is to be split again
+        controller.pods_not_ready = not_ready
+        # an Endpoints object written since it was last checked (an apply's, or the
+        # controller's own) is split as the controller would split it: a difference wakes it
         objects = view[self.prefixes[1]]
-        endpoints = (max((kv.mod_revision for kv in objects.values()), default=0), len(objects))
-        if not_ready != self.controller.pods_not_ready or endpoints != self.endpoints:
-            self.controller.pods_not_ready, self.endpoints = not_ready, endpoints
-            self.controller.generation += 1  # split every Endpoints object again
-            self.controller.wake.set()
+        wrong = False
+        for key, kv in objects.items():
+            if self.checked.get(key) != kv.mod_revision:
+                obj = kv.json()
+                wrong |= split_endpoints(obj, controller.nodes_not_ready, not_ready) != obj
+                self.checked[key] = kv.mod_revision
+        self.checked = {k: r for k, r in self.checked.items() if k in objects}
+        if wrong:
+            controller.generation += 1
+            controller.wake.set()
 
 
 def _ready(status: dict) -> bool:

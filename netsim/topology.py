@@ -43,6 +43,7 @@ from netsim.model import (
     Segment,
     Service,
     ServicePort,
+    object_key,
 )
 from netsim.modes import DEFAULT_MODE, MODES  # importing the modes does not load pyroute2
 
@@ -600,24 +601,17 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
     if not overrides:
         return bodies
 
-    def name(body: Any, kind: str) -> str | None:
-        meta = body.get("metadata") if isinstance(body, dict) and body.get("kind") == kind else None
-        return (
-            meta.get("name")
-            if isinstance(meta, dict) and isinstance(meta.get("name"), str)
-            else None
-        )
-
+    replicas = overrides.get("replicas", {})
     for body in bodies:
-        if name(body, "Deployment") in overrides.get("replicas", {}):
+        found = object_id(body)
+        key = object_key(found[1], found[2]) if found and found[0] == "Deployment" else None
+        if key in replicas:
             if body.get("spec") is None:
                 body["spec"] = {}
             if isinstance(body["spec"], dict):  # else the loader names the field
-                body["spec"]["replicas"] = overrides["replicas"][name(body, "Deployment")]
-    names = {name(b, "Service") for b in bodies}
-    bodies = bodies + [
-        s for s in overrides.get("services", []) if s["metadata"]["name"] not in names
-    ]
+                body["spec"]["replicas"] = replicas[key]
+    services = {object_id(b) for b in bodies}
+    bodies = bodies + [s for s in overrides.get("services", []) if object_id(s) not in services]
     # objects applied from files of their own replace the file's of the same kind and name
     applied = {object_id(o): o for o in overrides.get("objects", [])}
     kept = [b for b in bodies if object_id(b) not in applied]

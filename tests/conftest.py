@@ -286,6 +286,26 @@ def assert_nothing_left(cluster: ClusterUnderTest) -> None:
     assert f" {state.netns_dir(cluster.name)}" not in mounts
     assert f" {state.cluster_dir(cluster.name)} " not in mounts
     assert not os.path.exists(state.netns_dir(cluster.name))
+    from netsim.kernel import netns
+
+    assert not [n for n in netns.etc_names() if n.startswith(state.netns_prefix(cluster.name))]
+
+
+def cluster_document(name: str, nodes: list[str], clients: tuple[str, ...] = ()) -> dict:
+    """A flannel-vxlan Cluster document: these nodes and external clients on one segment."""
+    spec: dict = {
+        "cni": {"mode": "flannel-vxlan"},
+        "underlay": {"segments": [{"name": "underlay", "subnet": "172.18.0.0/24"}]},
+        "nodes": [{"name": n, "segment": "underlay"} for n in nodes],
+    }
+    if clients:
+        spec["externalClients"] = [{"name": c, "segment": "underlay"} for c in clients]
+    return {
+        "apiVersion": "netsim.dev/v1alpha1",
+        "kind": "Cluster",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def host_snapshot() -> dict[str, str]:

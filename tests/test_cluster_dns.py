@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ClusterUnderTest, run_netsim, wait_for
+from conftest import ClusterUnderTest, cluster_document, run_netsim, wait_for
 
 pytestmark = pytest.mark.skipif(
     __import__("os").geteuid() != 0, reason="netsim creates namespaces: needs root"
@@ -82,19 +82,7 @@ def documents(name: str) -> list[dict]:
         }
 
     return [
-        {
-            "apiVersion": "netsim.dev/v1alpha1",
-            "kind": "Cluster",
-            "metadata": {"name": name},
-            "spec": {
-                "cni": {"mode": "flannel-vxlan"},
-                "underlay": {"segments": [{"name": "underlay", "subnet": "172.18.0.0/24"}]},
-                "nodes": [
-                    {"name": "n1", "segment": "underlay"},
-                    {"name": "n2", "segment": "underlay"},
-                ],
-            },
-        },
+        cluster_document(name, ["n1", "n2"]),
         {
             "apiVersion": "v1",
             "kind": "Namespace",

@@ -497,7 +497,8 @@ def test_the_kubelet_makes_the_pods_bound_to_its_node_and_deletes_those_unbound(
     record = cluster.record()
     store = storemod.of(record.cluster, record.spec.datastore)
     netns = f"netsim.{cluster.name}.pod.byhand"
-    spec = {"netns": netns, "ports": [9376], "commands": [], "via": "in-process"}
+    hostname = {"name": "hostname", "argv": None}  # the agent's hostname server
+    spec = {"netns": netns, "ports": [9376], "containers": [hostname], "via": "in-process"}
     store.put("/netsim.dev/kubelet/worker-2/byhand", json.dumps(spec))
     status_key = "/netsim.dev/pods/worker-2/byhand"
     wait_for(lambda: store.get(status_key) is not None, 10, "the kubelet's status")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ClusterUnderTest, run_netsim, wait_for
+from conftest import ClusterUnderTest, cluster_document, run_netsim, wait_for
 
 from netsim.kernel import netns as nsmod
 
@@ -34,19 +34,8 @@ def _service(name: str, selector: dict, ports: list, kind: str = "ClusterIP") ->
 
 
 def documents(name: str, gate: str, ready: str) -> list[dict]:
-    cluster = {
-        "apiVersion": "netsim.dev/v1alpha1",
-        "kind": "Cluster",
-        "metadata": {"name": name},
-        "spec": {
-            "cni": {"mode": "flannel-vxlan"},
-            "underlay": {"segments": [{"name": "underlay", "subnet": "172.18.0.0/24"}]},
-            "nodes": [{"name": "n1", "segment": "underlay"}, {"name": "n2", "segment": "underlay"}],
-            "externalClients": [{"name": "client", "segment": "underlay"}],
-        },
-    }
     return [
-        cluster,
+        cluster_document(name, ["n1", "n2"], ("client",)),
         # test/e2e/network: the backends of service tests, args without command
         _pod(
             "hostnames",
