@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -843,7 +844,7 @@ def cmd_bgp_status(args) -> int:
 
 def cmd_demo(args) -> int:
     """The README's first command: apply, look (at the nodes, the pods, the cluster's etcd),
-    ping across nodes, curl a pod, delete."""
+    ping across nodes, curl a pod, look a Service up in the cluster DNS, delete."""
     file = args.file or str(DEFAULT_TOPOLOGY)
     model, _ = topology.load(file)
     steps = [
@@ -857,7 +858,7 @@ def cmd_demo(args) -> int:
         for step in steps:
             status |= _run_step(step)
         _, record = pick_cluster(model.name)
-        pods = list(record.pods.values())
+        pods = [p for p in record.pods.values() if p.pod.namespace == "default"]
         a = pods[0]
         b = next((p for p in pods if p.node != a.node), pods[-1])
         status |= _run_step(["--cluster", model.name, "ping", a.name, b.name])
@@ -875,6 +876,18 @@ def cmd_demo(args) -> int:
         status |= _run_step(
             ["--cluster", model.name, "exec", "--fork", a.name, "--", "ip", "route"]
         )
+        service = next((s.name for s in record.services.values() if s.namespace == "default"), "")
+        if service:  # the coredns pod's server starts with the cluster: give it a moment
+            lookup = ["getent", "hosts", service]
+            deadline = time.monotonic() + 15
+            while (
+                time.monotonic() < deadline
+                and subprocess.run(
+                    ["ip", "netns", "exec", a.netns, *lookup], capture_output=True
+                ).returncode
+            ):
+                time.sleep(0.3)
+            status |= _run_step(["--cluster", model.name, "exec", "--fork", a.name, "--", *lookup])
     finally:
         status |= _run_step(["delete", "-f", file])
     print("\ndemo " + ("passed" if status == 0 else "FAILED"))
