@@ -95,7 +95,8 @@ def pod(record: Record, name: str) -> str:
         raise NetsimError(f"no pod named {name!r}; `netsim get pods` lists them")
     side = modes.get(record.mode).pod_side.name
     head = [
-        f"Name:          {name}",
+        f"Name:          {entry.pod.name}",
+        f"Namespace:     {entry.pod.namespace}",
         f"Node:          {entry.node} ({record.nodes[entry.node].ip})",
         f"IP:            {entry.ip}",
         f"Netns:         {entry.netns}",
@@ -108,10 +109,45 @@ def pod(record: Record, name: str) -> str:
     return "\n\n".join(
         [
             "\n".join(head),
+            _containers(record, entry),
             _section("ip addr show eth0", _ip(entry.netns, "ip", "addr", "show", "eth0")),
             _section("ip route", _ip(entry.netns, "ip", "route")),
         ]
     )
+
+
+def _containers(record: Record, entry) -> str:
+    """Each container's state as its kubelet last published it (kubectl describe's
+    Containers and Init Containers)."""
+    from netsim import store as storemod
+    from netsim.daemons.kubelet import POD_STATUS
+    from netsim.podstatus import columns
+    from netsim.store.client import StoreError
+
+    try:
+        found = storemod.of(record.cluster, record.spec.datastore).get(
+            f"{POD_STATUS}{entry.node}/{entry.name}"
+        )
+    except StoreError as exc:
+        return f"Status:        unknown ({exc})"
+    status = found.json() if found is not None else {}
+    ready, shown, restarts = columns(status) if "phase" in status else ("0/1", "Pending", 0)
+    lines = [f"Status:        {shown} (phase {status.get('phase', 'Pending')}, ready {ready})"]
+    for title, key in (
+        ("Init Containers", "initContainerStatuses"),
+        ("Containers", "containerStatuses"),
+    ):
+        if status.get(key):
+            lines.append(f"{title}:")
+        for c in status.get(key, []):
+            state, detail = next(iter(c.get("state", {}).items()), ("unknown", {}))
+            why = detail.get("reason") or ""
+            code = f", exit code {detail['exitCode']}" if "exitCode" in detail else ""
+            lines.append(
+                f"  {c['name']}: {state.capitalize()}{' (' + why + code + ')' if why else ''}, "
+                f"ready {str(c.get('ready', False)).lower()}, restarts {c.get('restartCount', 0)}"
+            )
+    return "\n".join(lines)
 
 
 def cluster(record: Record) -> str:

@@ -267,6 +267,9 @@ def test_init_containers_run_in_order_retry_then_the_app_runs(live):
 def test_restart_policies_and_kubectl_status(live):
     wait_for(lambda: live.status("never")[1] == "Error", 10, "never: Error")
     assert live.status("never") == ("0/1", "Error", 0)
+    described = live.netsim("describe", "pod", "never", check=True).stdout
+    assert "Status:        Error (phase Failed, ready 0/1)" in described
+    assert "  c: Terminated (Error, exit code 3), ready false, restarts 0" in described
     wait_for(lambda: live.status("done")[1] == "Completed", 10, "done: Completed")
     assert live.status("done") == ("0/1", "Completed", 0)
     # Always: restarted at once the first time, then after a back-off of 10 s
