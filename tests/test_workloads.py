@@ -320,6 +320,22 @@ def test_a_container_gets_the_services_environment_and_its_hostname(live):
     assert found["NETEXEC_PORT_80_TCP_PORT"] == "80"
     assert found["NETEXEC_PORT_80_TCP_ADDR"] == ip
     assert "NETEXEC_NP_SERVICE_HOST" in found  # '-' becomes '_'
+    # -f: what is there, then what comes, until interrupted (^C ends it quietly)
+    import signal
+    import subprocess
+    import sys
+
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "netsim", "--cluster", live.name, "logs", "-f", "env"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = follow.stdout.readline()
+        assert "=" in first
+    finally:
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(10) == 0
 
 
 def test_a_pod_serves_its_service_only_once_ready(live):
