@@ -135,6 +135,22 @@ def _objects_file(file: str) -> list | None:
     return bodies
 
 
+def _check_objects(record: Record, objects: list, file: str) -> None:
+    """The objects alone, read as a topology file is, so that an error names their file and
+    document: after them the cluster's Cluster document and the namespaces it knows."""
+    import yaml
+
+    with open(record.source) as fh:
+        cluster = [b for b in yaml.safe_load_all(fh) if isinstance(b, dict)]
+    context = [b for b in cluster if b.get("kind") in ("Cluster", "Namespace")]
+    context += [o for o in record.overrides.get("objects", []) if o.get("kind") == "Namespace"]
+    mine = {topology.object_id(b) for b in objects}
+    context = [b for b in context if topology.object_id(b) not in mine]
+    _, notes = topology.parse(yaml.safe_dump_all([*objects, *context]), file)
+    for note in notes:
+        print(f"netsim: {note}", file=sys.stderr)
+
+
 def cmd_apply(args) -> int:
     objects = _objects_file(args.file)
     if objects is not None:
@@ -143,6 +159,7 @@ def cmd_apply(args) -> int:
         ids = {topology.object_id(b) for b in objects}
         kept = [o for o in overrides.get("objects", []) if topology.object_id(o) not in ids]
         overrides["objects"] = kept + objects
+        _check_objects(record, objects, args.file)
         names = ", ".join(f"{k.lower()}/{n}" for k, _, n in map(topology.object_id, objects))
         return _reapply(record, overrides, f"{names} applied from {args.file}")
     model, notes = topology.load(args.file)

@@ -209,3 +209,12 @@ def test_the_init_container_guide_runs_as_written(live):
     run_netsim("--cluster", live.name, "delete", "-f", str(services_file), check=True)
     names = [s["name"] for s in json.loads(live.netsim("get", "svc", "-o", "json").stdout)["items"]]
     assert "myservice" not in names and "web" in names
+
+
+def test_a_bad_objects_file_is_refused_naming_its_own_file(live):
+    bad = live.dir / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: lost, namespace: nope}\n")
+    out = run_netsim("--cluster", live.name, "apply", "-f", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{bad}: document 1 (Pod lost): metadata.namespace:" in out.stderr
+    assert 'namespaces "nope" not found' in out.stderr
