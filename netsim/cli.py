@@ -13,6 +13,7 @@ from pathlib import Path
 from netsim import cluster as clustermod
 from netsim import columns, probe, services, state, teardown, topology
 from netsim import store as storemod
+from netsim.containers import PATH
 from netsim.errors import NetsimError, TopologyError
 from netsim.kernel import netns as nsmod
 from netsim.model import HOSTNAME_PORT, object_key
@@ -632,20 +633,27 @@ def cmd_logs(args) -> int:
 
 
 def cmd_exec(args) -> int:
+    command = list(args.command)
+    while command[:1] in (["-n"], ["--namespace"]) and len(command) > 1:  # after the pod
+        NAMESPACE[0], command = command[1], command[2:]
+    command = command[1:] if command[:1] == ["--"] else command
     _, record = pick_cluster(args.cluster)
     kind, netns, _ = resolve(record, args.target)
     if not netns:
         raise NetsimError(f"{args.target} is not a pod, node or client")
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise NetsimError("give a command after --, e.g. netsim exec web-0 -- ip route")
-    # as in the pod's containers: its resolv.conf and hosts, and its name as the hostname
+    env = dict(os.environ)
+    # as in the pod's containers: its resolv.conf and hosts, its name as the hostname, and
+    # the environment a container starts with (not the caller's)
     if kind == "pod":
         nsmod.enter_as_container(netns, args.target, NAMESPACE[0])
+        env = {"PATH": PATH, "HOME": "/root", "HOSTNAME": args.target}
+        env |= {k: os.environ[k] for k in ("TERM", "LANG") if k in os.environ}
     else:
         nsmod.enter_as_container(netns)
     try:
-        os.execvp(command[0], command)
+        os.execvpe(command[0], command, env)
     except FileNotFoundError:
         raise NetsimError(f"command not found: {command[0]}") from None
 

@@ -170,15 +170,19 @@ class PodContainers:
             wait = self.delay.get(name, 0.0)
             self.delay[name] = min(BACKOFF_MAX, max(BACKOFF_START, wait * 2))
             status["lastState"] = status["state"]
-            status["restartCount"] += 1
             if wait:
                 message = f"back-off {wait:.0f}s restarting failed container={name} pod={self.name}"
                 status["state"] = _waiting("CrashLoopBackOff", message)
-                self.timers.append(self.host.later(wait, lambda: self._run(container)))
+                self.timers.append(self.host.later(wait, lambda: self._restart(container)))
             else:
-                self._run(container)
+                self._restart(container)
                 return
         self.changed(self.name)
+
+    def _restart(self, container: dict) -> None:
+        """Run it again: the restart counts once it happens, as the kubelet counts it."""
+        self.status[container["name"]]["restartCount"] += 1
+        self._run(container)
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -238,8 +242,18 @@ class PodContainers:
                 )
             except (OSError, subprocess.SubprocessError):
                 return False
-        try:  # httpGet and tcpSocket: from the node, to the pod's address, as the kubelet
-            with socket.create_connection((self.spec["ip"], probe["port"]), timeout) as sock:
+        from netsim.kernel import netns as nsmod
+
+        if not self.host.netns:  # never from the host's own namespace
+            return False
+        try:  # httpGet and tcpSocket: from the node's namespace to the pod's address, as the
+            # kubelet probes (the socket is made in the node's namespace and stays there; the
+            # agent's own threads are not in it)
+            with nsmod.entered(self.host.netns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            with sock:
+                sock.settimeout(timeout)
+                sock.connect((self.spec["ip"], probe["port"]))
                 if probe["kind"] != "httpGet":
                     return True
                 path = probe.get("path", "/")
@@ -248,7 +262,7 @@ class PodContainers:
                 )
                 head = sock.recv(64).split(b" ", 2)
                 return len(head) > 1 and head[1].isdigit() and 200 <= int(head[1]) < 400
-        except OSError:
+        except OSError:  # KernelError too: the node's namespace is gone
             return False
 
     # -- what the kubelet reads ----------------------------------------------------------------

@@ -640,7 +640,7 @@ def parse(
             raise doc.fail(
                 "kind",
                 f"unknown kind {_show(doc.body.get('kind'))}",
-                "netsim reads Cluster, Pod, Deployment and Service documents",
+                "netsim reads Cluster, Namespace, Pod, Deployment and Service documents",
             )
         version = doc.body.get("apiVersion")
         if version != API_VERSIONS[doc.kind]:

@@ -91,7 +91,7 @@ def documents(name: str) -> list[dict]:
         pod("client", "default", {"app": "client"}, "n1"),
         pod("web-0", "default", {"app": "web"}, "n1"),
         pod("web-1", "default", {"app": "web"}, "n2"),
-        pod("web-0", "x", {"app": "web"}, "n2"),  # the same name in another namespace
+        pod("web-0", "x", {"app": "web"}, "n1"),  # the same name in another namespace, same node
         service("web", "default", {"app": "web"}),
         service("web-headless", "default", {"app": "web"}, clusterIP="None"),
         service("web", "x", {"app": "web"}),

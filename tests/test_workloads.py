@@ -148,6 +148,30 @@ def documents(name: str, gate: str, ready: str) -> list[dict]:
             },
         ),
         _service("gated", {"pod": "gated"}, [{"port": 80, "targetPort": 9376}]),
+        # the kubelet's probes from the node: one that passes, one to a port nobody serves
+        _pod(
+            "probed",
+            {
+                "containers": [
+                    {
+                        "name": "agnhost",
+                        "image": AGNHOST,
+                        "args": ["netexec", "--http-port=8080"],
+                        "ports": [{"containerPort": 8080, "name": "http"}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/readyz", "port": "http"},
+                            "periodSeconds": 1,
+                        },
+                    },
+                    {
+                        "name": "closed",
+                        "image": AGNHOST,
+                        "args": ["pause"],
+                        "readinessProbe": {"tcpSocket": {"port": 9999}, "periodSeconds": 1},
+                    },
+                ]
+            },
+        ),
     ]
 
 
@@ -355,3 +379,13 @@ def test_a_pod_serves_its_service_only_once_ready(live):
     wait_for(answers, 10, "the Service answers")
     Path(live.ready).unlink()  # three failures in a row: out again
     wait_for(lambda: endpoints() == [], 15, "gated out of its endpoints")
+
+
+def test_http_and_tcp_probes_are_sent_from_the_node_to_the_pod(live):
+    def states() -> dict[str, bool]:
+        item = live.pods()["probed"]
+        return {c["name"]: c["ready"] for c in item["containerStatuses"]}
+
+    wait_for(lambda: states().get("agnhost"), 15, "the httpGet probe on /readyz passed")
+    assert states()["closed"] is False  # nothing listens on 9999 in the pod
+    assert live.status("probed")[0] == "1/2"

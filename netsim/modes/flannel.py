@@ -85,9 +85,12 @@ class FlannelBackend(Mode):
         )
 
     def host_veth(self, namespace: str, pod: str) -> str:
+        """From the container ID, as the bridge plugin's names come from it; netsim's
+        container ID is the pod's key, unique in the cluster (netsim.model.object_key)."""
         from cni.bridge import veth_name
+        from netsim.model import object_key
 
-        return veth_name(pod, "eth0")
+        return veth_name(object_key(namespace, pod), "eth0")
 
     def pod_routes(self, cluster, node) -> list[tuple[str, str | None]]:
         from cni.bridge import pod_routes
