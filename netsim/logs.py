@@ -53,7 +53,14 @@ def show(record: Record, pod: str, container: str | None, previous: bool, follow
             raise NetsimError(f'previous terminated container "{name}" in pod "{pod}" not found')
         done = done[:-1]
     if not done:
-        return 0  # not started yet, or served by the agent's hostname server: nothing printed
+        from netsim.images import workload
+
+        spec = record.pods[pod].pod
+        found = next(c for c in (*spec.containers, *spec.init_containers) if c.name == name)
+        if workload(found).argv is None:
+            return 0  # served by the agent's hostname server: it prints nothing
+        waiting = "PodInitializing" if spec.init_containers else "ContainerCreating"
+        raise NetsimError(f'container "{name}" in pod "{pod}" is waiting to start: {waiting}')
     log = os.path.join(path, f"{done[-1]}.log")
     with open(log, "rb") as fh:
         sys.stdout.buffer.write(fh.read())
