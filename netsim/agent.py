@@ -183,6 +183,16 @@ class Agent:
     def spawn(self, argv, env: dict, log_path: str, netns: str, hostname: str, namespace: str):
         """A container's process: in the pod's namespaces (network, mount with its
         resolv.conf and service account, UTS with its name), output to its log."""
+        from netsim.kernel.proc import die_with_parent
+
+        agent = os.getpid()
+
+        def enter() -> None:
+            # a container dies with its agent: a kubelet that starts again makes it again,
+            # and nothing of a deleted cluster can outlive it unrecorded
+            die_with_parent(agent)
+            nsmod.enter_as_container(netns, hostname, namespace)
+
         with open(log_path, "ab") as log:
             return subprocess.Popen(
                 list(argv),
@@ -191,7 +201,7 @@ class Agent:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd="/",
-                preexec_fn=lambda: nsmod.enter_as_container(netns, hostname, namespace),
+                preexec_fn=enter,
             )
 
     def _on_exit(self, fd: int, data: tuple) -> None:

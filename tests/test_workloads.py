@@ -390,3 +390,23 @@ def test_http_and_tcp_probes_are_sent_from_the_node_to_the_pod(live):
     wait_for(lambda: states().get("agnhost"), 15, "the httpGet probe on /readyz passed")
     assert states()["closed"] is False  # nothing listens on 9999 in the pod
     assert live.status("probed")[0] == "1/2"
+
+
+def test_containers_die_with_their_agent_and_come_back_with_it(live):
+    """kill -9 of a node's agent takes its pods' containers with it (nothing outlives it
+    unrecorded); the next apply starts the agent, whose kubelet starts them again."""
+    import os
+    import signal
+
+    from netsim.kernel import proc
+
+    before = live.pods()["netexec"]["containerStatuses"][0]
+    pids = live.record().pods["netexec"].pids
+    assert pids and before["state"].get("running")
+    agent = live.record().nodes["n2"].agent
+    os.kill(agent.pid, signal.SIGKILL)
+    wait_for(lambda: not any(proc.alive(p, proc.start_time(p) or 0) for p in pids), 5, "gone")
+    run_netsim("apply", "-f", live.file, check=True)
+    ip = live.ips["netexec"]
+    assert _http(live, "hostnames", f"http://{ip}:8080/hostname") == "netexec"
+    assert live.record().pods["netexec"].pids != pids

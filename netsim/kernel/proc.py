@@ -54,7 +54,7 @@ def in_child(work) -> None:
     if pid == 0:
         code = 0
         try:
-            _die_with_parent(parent)
+            die_with_parent(parent)
             work()
         except BaseException:
             import traceback
@@ -67,7 +67,7 @@ def in_child(work) -> None:
         raise RuntimeError(f"child {pid} failed (wait status {status}): see the log above")
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """SIGKILL this child when the thread that forked it ends (PR_SET_PDEATHSIG), as when its
     agent is stopped mid-sync: nothing of a cluster outlives it."""
     import ctypes
