@@ -136,6 +136,20 @@ def _objects_file(file: str) -> list | None:
     return bodies
 
 
+def _without(record: Record, objects: list) -> tuple[dict, list]:
+    """The cluster's overrides without these objects (by kind, namespace and name), and the
+    ones it held of them."""
+    overrides = json.loads(json.dumps(record.overrides))
+    ids = {topology.object_id(b) for b in objects}
+    held = overrides.get("objects", [])
+    overrides["objects"] = [o for o in held if topology.object_id(o) not in ids]
+    return overrides, [o for o in held if topology.object_id(o) in ids]
+
+
+def _named(objects: list) -> str:
+    return ", ".join(f"{k.lower()}/{n}" for k, _, n in map(topology.object_id, objects))
+
+
 def _check_objects(record: Record, objects: list, file: str) -> None:
     """The objects alone, read as a topology file is, so that an error names their file and
     document: after them the cluster's Cluster document and the namespaces it knows."""
@@ -156,13 +170,10 @@ def cmd_apply(args) -> int:
     objects = _objects_file(args.file)
     if objects is not None:
         _, record = pick_cluster(args.cluster)
-        overrides = json.loads(json.dumps(record.overrides))
-        ids = {topology.object_id(b) for b in objects}
-        kept = [o for o in overrides.get("objects", []) if topology.object_id(o) not in ids]
-        overrides["objects"] = kept + objects
+        overrides, _ = _without(record, objects)
+        overrides["objects"] += objects
         _check_objects(record, objects, args.file)
-        names = ", ".join(f"{k.lower()}/{n}" for k, _, n in map(topology.object_id, objects))
-        return _reapply(record, overrides, f"{names} applied from {args.file}")
+        return _reapply(record, overrides, f"{_named(objects)} applied from {args.file}")
     model, notes = topology.load(args.file)
     try:
         known = state.load(model.name)
@@ -304,19 +315,13 @@ def cmd_delete(args) -> int:
     objects = _objects_file(args.file) if args.file else None
     if objects is not None:
         _, record = pick_cluster(args.cluster)
-        overrides = json.loads(json.dumps(record.overrides))
-        ids = {topology.object_id(b) for b in objects}
-        held = [o for o in overrides.get("objects", []) if topology.object_id(o) in ids]
+        overrides, held = _without(record, objects)
         if not held:
             raise NetsimError(
                 f"none of the objects of {args.file} was applied from a file of its own; "
                 "objects of the cluster's topology file go when it changes"
             )
-        overrides["objects"] = [
-            o for o in overrides.get("objects", []) if topology.object_id(o) not in ids
-        ]
-        names = ", ".join(f"{k.lower()}/{n}" for k, _, n in map(topology.object_id, held))
-        return _reapply(record, overrides, f"{names} deleted")
+        return _reapply(record, overrides, f"{_named(held)} deleted")
     if args.file:
         name = topology.load(args.file)[0].name
     else:
@@ -465,9 +470,11 @@ def cmd_get(args) -> int:
             key = object_key(namespace, n)
             local = record.pods.get(key)
             status = published.get(key, {})
-            ready, shown, restarts = (
+            ready, state, restarts = (
                 columns(status) if "phase" in status else ("0/1", "ContainerCreating", 0)
             )
+            if local and not nsmod.exists(local.netns):  # removed behind netsim's back
+                state = "Lost"
             items.append(
                 {
                     "name": n,
@@ -478,7 +485,7 @@ def cmd_get(args) -> int:
                     "veth": local.veth if local else "",
                     "labels": obj["metadata"].get("labels", {}),
                     "ready": ready,
-                    "status": shown,
+                    "status": state,
                     "restarts": restarts,
                     "phase": status.get("phase", "Pending"),
                     "containerStatuses": status.get("containerStatuses", []),

@@ -201,9 +201,7 @@ def sync(store, record: Record) -> int:
                 wanted[key] = _text(obj)
                 if not is_ready(obj):
                     not_ready.add(obj["metadata"]["name"])
-    waiting = _not_ready_pods(
-        record, [json.loads(v) for k, v in held.items() if k.startswith(ENDPOINTS)]
-    )
+    waiting = _not_ready_pods(record, [v for k, v in held.items() if k.startswith(ENDPOINTS)])
     if not_ready or waiting:
         for key in wanted:
             if key.startswith(ENDPOINTS):
@@ -217,14 +215,20 @@ def sync(store, record: Record) -> int:
     return len(changed) + len(gone)
 
 
-def _not_ready_pods(record: Record, held: list[dict]) -> frozenset[str]:
+def _not_ready_pods(record: Record, held: list[str]) -> frozenset[str]:
     """The pods the endpoints controller keeps out of `addresses` (netsim/controller.py):
     those it holds so now, and new ones whose kubelet reported them not ready (init
-    containers, a readiness probe). A pod it holds as ready stays so: it is the judge."""
+    containers, a readiness probe). A pod it holds as ready stays so: it is the judge. (The
+    stored objects are decoded only when one holds a pod back or a pod is not ready: ten
+    thousand addresses are read at every apply otherwise.)"""
     from netsim.controller import address_pod
 
+    if all(p.ready for p in record.pods.values()) and not any(
+        "notReadyAddresses" in text for text in held
+    ):
+        return frozenset()
     ready, waiting = set(), set()
-    for obj in held:
+    for obj in map(json.loads, held):
         for subset in obj.get("subsets", []):
             ready |= {(address_pod(a), a["ip"]) for a in subset.get("addresses", [])}
             waiting |= {(address_pod(a), a["ip"]) for a in subset.get("notReadyAddresses", [])}

@@ -36,6 +36,7 @@ class Kubelet:
         self.prefixes = (f"{KUBELET}{node.name}/",)
         self.dir = os.path.join(node_dir, "pods")
         self.cluster_dir = os.path.dirname(os.path.dirname(node_dir))
+        self.etc = os.path.join(self.cluster_dir, "etc")  # the pods' resolv.conf and hosts
         self.running: dict[str, dict] | None = None  # pod -> its checkpoint; None: not read
         self.status_prefix = f"{POD_STATUS}{node.name}/"
         # pod -> hash of the status this node's kubelet published (a hundred texts in each of
@@ -108,6 +109,8 @@ class Kubelet:
                 orphans = [tuple(p) for p in checkpoint["pids"] if proc.parent(p[0]) != os.getpid()]
                 proc.stop(orphans)
                 found[checkpoint["name"]] = checkpoint
+                if os.path.isdir(os.path.join(self.etc, checkpoint["netns"])):
+                    nsmod.link_etc(checkpoint["netns"], self.etc)  # its agent died before it
         self._delete(unfinished)
         return found
 
@@ -141,6 +144,7 @@ class Kubelet:
 
         failure = os.path.join(self.dir, ".add-failed")
         os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.etc, exist_ok=True)
         # intents first, as a runtime records a sandbox before it makes it: what a kubelet
         # killed in the middle leaves, the next one finds and deletes (_adopt). Kept to what
         # needs no code beyond this module: each object the agent touches is a page of the
@@ -171,6 +175,9 @@ class Kubelet:
         for name in specs:
             with open(os.path.join(self.dir, f"{name}.json")) as fh:
                 made[name] = json.load(fh)
+            # linked here, not in the child: an agent that is killed links nothing more, a
+            # child may outlive it a moment (and its cluster's deletion)
+            nsmod.link_etc(made[name]["netns"], self.etc)
         return made, ""
 
     def _abandon(self, intents: list[dict]) -> None:
@@ -306,7 +313,7 @@ class Kubelet:
             "resolv.conf": addons.resolv_conf(self.cluster.service_cidr, namespace),
             "hosts": addons.hosts(checkpoint["ip"], hostname),
         }
-        nsmod.write_etc(checkpoint["netns"], files, os.path.join(self.cluster_dir, "etc"))
+        nsmod.write_etc(checkpoint["netns"], files, self.etc)
 
     def _delete(self, checkpoints: list[dict]) -> list[str]:
         """DEL: the host veth (it takes its peer), the namespace, then the address; what is

@@ -229,14 +229,20 @@ def etc_names() -> list[str]:
 
 
 def write_etc(name: str, files: dict[str, str], under: str) -> None:
-    """Files `ip netns exec` binds over /etc for this namespace (resolv.conf, hosts): written
-    in `under`/<name>/ (a tmpfs: a cluster's ten thousand pods cost the disk nothing), with
-    /etc/netns/<name> a symlink to it."""
+    """Files `ip netns exec` binds over /etc for this namespace (resolv.conf, hosts), in
+    `under`/<name>/ (a tmpfs: a cluster's ten thousand pods cost the disk nothing). `under`
+    must exist: a writer late for its cluster's deletion fails instead of making it again."""
     folder = os.path.join(under, name)
-    os.makedirs(folder, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder)
     for file, text in files.items():
         with open(os.path.join(folder, file), "w") as fh:
             fh.write(text)
+
+
+def link_etc(name: str, under: str) -> None:
+    """/etc/netns/<name> -> `under`/<name>, where write_etc put its files."""
+    folder = os.path.join(under, name)
     os.makedirs(ETC_DIR, exist_ok=True)
     link = os.path.join(ETC_DIR, name)
     if os.path.islink(link) and os.readlink(link) == folder:
