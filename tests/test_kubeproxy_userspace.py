@@ -6,6 +6,7 @@ retries, rejection without endpoints, UDP flows, and that sync()/close() release
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import socket
@@ -391,8 +392,11 @@ def test_dial_retry_skips_dead_endpoints(lab: Lab, proxy: Proxy) -> None:
     # Every endpoint refuses: the client is reset promptly and its binding dropped.
     proxy.sync({TCP_KEY: tcp_service(eps(REFUSING), "ClientIP")})
     started = time.monotonic()
-    with pytest.raises((ConnectionResetError, BrokenPipeError, AssertionError)):
+    # The reset may come before the send, the half-close (ENOTCONN) or the read.
+    with pytest.raises((OSError, AssertionError)) as reset:
         assert ask(lab, CLIENT_A) != ""  # b"" (closed) would also be a failure
+    if isinstance(reset.value, OSError):
+        assert reset.value.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
     assert time.monotonic() - started < 1
     stats = proxy.stats()[TCP_KEY]
     assert stats["failed"] == 1 and stats["affinity_clients"] == {}
