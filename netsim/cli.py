@@ -14,7 +14,7 @@ from netsim import cluster as clustermod
 from netsim import columns, probe, services, state, teardown, topology
 from netsim import store as storemod
 from netsim.containers import PATH
-from netsim.errors import NetsimError, TopologyError
+from netsim.errors import NetsimError, TopologyError, UsageError
 from netsim.kernel import netns as nsmod
 from netsim.model import HOSTNAME_PORT, object_key
 from netsim.record import Record
@@ -344,6 +344,20 @@ def _delete_pod(args) -> int:
     """`kubectl delete pod`: the pod's endpoints leave every node's Services, then it goes. A
     Deployment's pod is made again at once, as its ReplicaSet would (same name, fresh
     namespace); a bare Pod stays away until the next `apply -f`."""
+    from netsim import imperative
+
+    words = args.pod[0].split("/", 1) + args.pod[1:] if args.pod else []
+    if (
+        not args.file
+        and len(words) == 2
+        and imperative.KINDS.get(words[0])
+        in (
+            "Service",
+            "Deployment",
+        )
+    ):
+        return imperative.delete_object(args, imperative.KINDS[words[0]], words[1])
+    args.pod = words
     if args.file or len(args.pod) != 2 or args.pod[0] not in ("pod", "pods", "po"):
         raise NetsimError(
             f"cannot delete {' '.join(args.pod)!r}: use `netsim delete pod NAME`, or "
@@ -420,13 +434,22 @@ def cmd_get(args) -> int:
         "event": "events",
         "ns": "namespaces",
         "namespace": "namespaces",
+        "deploy": "deployments",
+        "deployment": "deployments",
+        "rs": "replicasets",
+        "replicaset": "replicasets",
     }.get(args.what, args.what)
     if what == "events":
         return _events(record, args.output)
-    from netsim import registry
+    from netsim import imperative, registry, selector
+
+    chosen = selector.parse(args.selector or "")
 
     def shown(obj: dict) -> bool:
-        return args.all_namespaces or obj["metadata"].get("namespace") == args.namespace
+        meta = obj["metadata"]
+        return (args.all_namespaces or meta.get("namespace") == args.namespace) and chosen(
+            meta.get("labels") or {}
+        )
 
     store = storemod.of(record.cluster, record.spec.datastore)  # the objects come from etcd
     if what == "nodes":
@@ -500,6 +523,26 @@ def cmd_get(args) -> int:
         if args.output == "wide":
             header += ["VETH", "NETNS"]
             rows = [r + [i["veth"], i["netns"]] for r, i in zip(rows, items, strict=True)]
+    elif what == "deployments":
+        items = imperative.deployment_items(store, record, shown)
+        header = ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+        rows = [
+            [
+                i["name"],
+                f"{i['ready']}/{i['replicas']}",
+                str(i["updated"]),
+                str(i["available"]),
+                _age(i["age"]),
+            ]
+            for i in items
+        ]
+    elif what == "replicasets":
+        items = imperative.replicaset_items(store, record, shown)
+        header = ["NAME", "DESIRED", "CURRENT", "READY", "AGE"]
+        rows = [
+            [i["name"], str(i["desired"]), str(i["current"]), str(i["ready"]), _age(i["age"])]
+            for i in items
+        ]
     elif what == "namespaces":
         items = [
             {"name": o["metadata"]["name"], "labels": o["metadata"].get("labels", {})}
@@ -541,11 +584,23 @@ def cmd_get(args) -> int:
                 for i in items
             ]
     else:
-        raise NetsimError(
-            f"cannot get {args.what!r}: use nodes, pods, services, endpoints, namespaces, "
-            "events or clusters"
+        raise UsageError(
+            f"cannot get {args.what!r}: use nodes, pods, services, endpoints, deployments, "
+            "replicasets, namespaces, events or clusters"
         )
-    if args.all_namespaces and what in ("pods", "services", "endpoints"):
+    if args.show_labels:
+        header.append("LABELS")
+        rows = [
+            r + [",".join(f"{k}={v}" for k, v in i.get("labels", {}).items()) or "<none>"]
+            for r, i in zip(rows, items, strict=True)
+        ]
+    if args.all_namespaces and what in (
+        "pods",
+        "services",
+        "endpoints",
+        "deployments",
+        "replicasets",
+    ):
         header = ["NAMESPACE", *header]
         rows = [[i["namespace"], *r] for r, i in zip(rows, items, strict=True)]
     if args.output == "json":
@@ -597,6 +652,7 @@ def _service_item(obj: dict, endpoints: dict | None) -> dict:
     return {
         "name": obj["metadata"]["name"],
         "namespace": obj["metadata"].get("namespace", "default"),
+        "labels": obj["metadata"].get("labels", {}),
         "type": spec.get("type", "ClusterIP"),
         "clusterIP": spec.get("clusterIP", ""),
         "ports": ports,
@@ -980,7 +1036,7 @@ def parser() -> argparse.ArgumentParser:
         "delete", help="remove the cluster a topology file names (-f), or one pod (delete pod NAME)"
     )
     d.add_argument("-f", "--file")
-    d.add_argument("pod", nargs="*", metavar="pod NAME")
+    d.add_argument("pod", nargs="*", metavar="pod|service|deployment NAME")
     d.set_defaults(func=cmd_delete, name=None)
     d = sub.add_parser("down", help="remove a cluster by name")
     d.add_argument("name")
@@ -988,6 +1044,8 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("get", help="list nodes, pods, services, endpoints, events or clusters")
     g.add_argument("what")
     g.add_argument("-o", "--output", choices=["wide", "json"])
+    g.add_argument("-l", "--selector", help="a label selector: k=v, k!=v, 'k in (a,b)', k, !k")
+    g.add_argument("--show-labels", action="store_true", help="a LABELS column")
     g.set_defaults(func=cmd_get)
     ds = sub.add_parser("describe", help="show the cluster (its etcd), a node or a pod in detail")
     ds.add_argument("what")
@@ -1081,12 +1139,77 @@ def parser() -> argparse.ArgumentParser:
     bgp_sub.add_parser("status", help="every BIRD's sessions (birdc show protocols)").set_defaults(
         func=cmd_bgp_status
     )
+    _imperative_parsers(sub)
     demo = sub.add_parser("demo", help="apply the default topology, ping, curl, delete")
     demo.add_argument("-f", "--file")
     demo.set_defaults(func=cmd_demo)
-    for verb in sub.choices.values():  # kubectl takes -n and -A after the verb too
-        _namespace_flags(verb, argparse.SUPPRESS, argparse.SUPPRESS)
+    _late_flags(p)
     return p
+
+
+def _late_flags(p: argparse.ArgumentParser) -> None:
+    """kubectl takes --cluster (its --context), -n and -A after the verb too, at any depth."""
+    for action in p._subparsers._group_actions if p._subparsers else ():
+        for verb in action.choices.values():
+            verb.add_argument("--cluster", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            _namespace_flags(verb, argparse.SUPPRESS, argparse.SUPPRESS)
+            _late_flags(verb)
+
+
+def _imperative_parsers(sub) -> None:
+    from netsim import imperative
+
+    st = sub.add_parser("set", help="set image deployment/NAME CONTAINER=IMAGE: a rolling update")
+    st.add_argument("what", metavar="image")
+    st.add_argument("words", nargs="+", metavar="deployment/NAME CONTAINER=IMAGE")
+    st.set_defaults(func=imperative.cmd_set)
+    ro = sub.add_parser("rollout", help="a Deployment's rollout: status, history, undo, ...")
+    ro_sub = ro.add_subparsers(dest="rollout_verb", required=True)
+    for verb, text in (
+        ("status", "wait until the rollout is done, printing its progress"),
+        ("history", "the revisions (--revision N: one's pod template)"),
+        ("undo", "roll back to the previous revision (or --to-revision N)"),
+        ("pause", "stop the rollout where it is"),
+        ("resume", "go on with a paused rollout"),
+        ("restart", "replace every pod, rolling"),
+    ):
+        v = ro_sub.add_parser(verb, help=text)
+        v.add_argument("words", nargs="+", metavar="deployment/NAME")
+        v.set_defaults(func=imperative.cmd_rollout, timeout=0.0, watch=True, revision=0)
+        v.set_defaults(to_revision=0)
+        if verb == "status":
+            v.add_argument("--timeout", type=float, default=0.0, help="seconds (0: no limit)")
+            v.add_argument("-w", "--watch", type=lambda t: t.lower() != "false", default=True)
+        elif verb == "history":
+            v.add_argument("--revision", type=int, default=0)
+        elif verb == "undo":
+            v.add_argument("--to-revision", type=int, default=0)
+    cr = sub.add_parser("create", help="create deployment NAME --image=IMAGE [-- COMMAND ...]")
+    cr.add_argument("what", metavar="deployment")
+    cr.add_argument("name")
+    cr.add_argument("--image", required=True)
+    cr.add_argument("--replicas", type=int, default=1)
+    cr.add_argument("--port", type=int)
+    cr.add_argument("command", nargs="*", help="after --: the container's command")
+    cr.set_defaults(func=imperative.cmd_create)
+    ru = sub.add_parser("run", help="run NAME --image=IMAGE [--port P] [-- ARGS ...]: a pod")
+    ru.add_argument("name")
+    ru.add_argument("--image", required=True)
+    ru.add_argument("--port", type=int)
+    ru.add_argument("--labels", "-l", help="k=v,k2=v2 (default run=NAME)")
+    ru.add_argument("--restart", choices=("Always", "OnFailure", "Never"), default="Always")
+    ru.add_argument(
+        "--command",
+        dest="as_command",
+        action="store_true",
+        help="the words after -- are the command",
+    )
+    ru.add_argument("command", nargs="*", help="after --: the container's args (or --command)")
+    ru.set_defaults(func=imperative.cmd_run)
+    la = sub.add_parser("label", help="label pod|deployment|service NAME k=v ... (k- removes)")
+    la.add_argument("words", nargs="+", metavar="KIND NAME k=v")
+    la.add_argument("--overwrite", action="store_true")
+    la.set_defaults(func=imperative.cmd_label)
 
 
 def _namespace_flags(p: argparse.ArgumentParser, namespace, all_namespaces) -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from netsim import agents, membership, pods, registry, services, state, underlay
+from netsim import agents, deployments, membership, pods, registry, services, state, underlay
 from netsim import store as storemod
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
@@ -127,6 +127,9 @@ def apply(
             storemod.forget(cluster.name)
         cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
         store = storemod.of(cluster.name, cluster.datastore)
+        cluster, rollouts, said = deployments.reconcile(
+            cluster, record, store, overrides or {}, time.time()
+        )
         cluster = addons.with_cluster_dns(cluster, tuple(store.endpoints))
         tx = Transaction(cluster.name)
         changes = Changes()
@@ -165,6 +168,12 @@ def apply(
                     progress(f"nodes: {', '.join(n.name for n in joining)} joining")
                     membership.join(cluster, record, mode, store, tx, joining)
                     changes.created += [f"node {n.name}" for n in joining]
+            if _rolled(record, cluster, rollouts):
+                changes.updated += [
+                    f"deployment {key}" for key in _rolled(record, cluster, rollouts)
+                ]
+            record.deployments = {d.key: d for d in cluster.deployments}
+            record.rollouts = rollouts
             pods.reconcile(cluster, record, mode, tx, progress, changes, store, cni_exec, alongside)
             if leaving:  # their pods are running elsewhere now
                 progress(f"nodes: {', '.join(leaving)} leaving")
@@ -189,6 +198,7 @@ def apply(
             record.overrides = overrides or {}  # apply -f: the file is the truth again
             if changes or fresh:
                 state.save(record)
+            deployments.report(cluster.name, said)
         except BaseException as exc:
             problems = tx.rollback()
             if fresh:
@@ -210,6 +220,36 @@ def apply(
                 ) from exc
             raise
         return changes
+
+
+def apply_recorded(name: str) -> Changes | None:
+    """Apply the cluster's own file again with its imperative changes on top, as its
+    controllers do (eviction, a rollout's next step); None if the cluster is gone."""
+    from netsim import topology
+
+    with state.locked(name):  # what the record says now, not before another apply
+        record = state.load(name)
+        if record is None:
+            return None
+        if not record.source:
+            raise NetsimError(f"cluster {name} has no topology file on record")
+        model, _ = topology.load(record.source, record.overrides)
+        return apply(model, overrides=record.overrides)
+
+
+def _rolled(record: Record, cluster: Cluster, rollouts: dict) -> list[str]:
+    """Deployments whose spec or ReplicaSets (revisions, sizes) this apply changed."""
+
+    def shape(state) -> list:
+        return [(rs.hash, rs.revision, rs.pods) for rs in state.replicasets] if state else []
+
+    wanted = {d.key: d for d in cluster.deployments}
+    return sorted(
+        key
+        for key in {*wanted, *record.deployments}
+        if wanted.get(key) != record.deployments.get(key)
+        or shape(rollouts.get(key)) != shape(record.rollouts.get(key))
+    )
 
 
 def _check_in_place(cluster: Cluster, record: Record, mode) -> None:

@@ -144,6 +144,8 @@ class Controller:
         self.pods_not_ready: frozenset[str] = frozenset()  # from the kubelets' pod statuses
         self.nodes_not_ready: frozenset[str] = frozenset()  # as the last step judged them
         self.wake = threading.Event()
+        self.rolling: frozenset[str] = frozenset()  # Deployments with rollout steps left
+        self.rollouts_wake = threading.Event()  # readiness changed while they roll
 
     def event(self, node: str, message: str) -> None:
         events.record(self.log_dir, node, "node-controller", message)
@@ -229,7 +231,10 @@ class Controller:
         from netsim.daemons.informer import Informer
         from netsim.errors import NetsimError
 
-        Informer(self.store, [Readiness(self)], lambda applied: None, print).start()
+        daemons = [Readiness(self), Rollouts(self)]
+        Informer(self.store, daemons, lambda applied: None, print).start()
+        if self.cluster:
+            threading.Thread(target=self.roll, daemon=True, name="deployments").start()
         while True:
             try:
                 self.step(time.time())
@@ -237,6 +242,48 @@ class Controller:
                 print(f"controller: {exc}", flush=True)
             self.wake.wait(1.0)
             self.wake.clear()
+
+    def roll(self) -> None:
+        """The Deployment controller's requeue: while a Deployment rolls, apply the cluster
+        again when its pods' readiness changed (or each second, for minReadySeconds and the
+        progress deadline): each apply takes the rollout's next step (netsim/rollout.py)."""
+        from netsim import cluster
+
+        while True:
+            self.rollouts_wake.wait(1.0)
+            self.rollouts_wake.clear()
+            if not self.rolling:
+                continue
+            try:
+                cluster.apply_recorded(self.cluster)
+            except Exception as exc:  # noqa: BLE001 -- reported, then tried again
+                print(f"deployment controller: {exc}", flush=True)
+                time.sleep(1.0)
+
+
+class Rollouts:
+    """The Deployment controller's watch: the Deployments whose rollout has steps left
+    (their new ReplicaSet is not yet of their size, or old pods are left) and not paused."""
+
+    name = "deployment-controller"
+
+    def __init__(self, controller: Controller):
+        self.controller = controller
+        self.prefixes = (registry.DEPLOYMENTS,)
+
+    def sync(self, view: dict) -> None:
+        rolling = set()
+        for key, kv in view[self.prefixes[0]].items():
+            obj = kv.json()
+            spec, status = obj["spec"], obj.get("status", {})
+            wanted = spec.get("replicas", 1)
+            if not spec.get("paused") and (
+                status.get("updatedReplicas") != wanted or status.get("replicas") != wanted
+            ):
+                rolling.add(key)
+        self.controller.rolling = frozenset(rolling)
+        if rolling:
+            self.controller.rollouts_wake.set()
 
 
 class Readiness:
@@ -268,6 +315,7 @@ class Readiness:
         if not_ready != controller.pods_not_ready:
             self.checked = {}  # every object is to be split again
         controller.pods_not_ready = not_ready
+        controller.rollouts_wake.set()  # a pod made, gone or ready: a rollout may go on
         # an Endpoints object written since it was last checked (an apply's, or the
         # controller's own) is split as the controller would split it: a difference wakes it
         objects = view[self.prefixes[1]]

@@ -9,6 +9,12 @@ class NetsimError(Exception):
     exit_code = 1
 
 
+class UsageError(NetsimError):
+    """A command line netsim cannot act on (what kubectl calls a usage error). Exit status 2."""
+
+    exit_code = 2
+
+
 class TopologyError(NetsimError):
     """Invalid input: names the file, the document, the field and the fix. Exit status 2."""
 

@@ -11,7 +11,6 @@ node tainted, as a ReplicaSet controller and the scheduler would, under the clus
 from __future__ import annotations
 
 from netsim import state
-from netsim.errors import NetsimError
 
 
 def _mark(cluster_name: str, node: str, evicted: bool) -> bool:
@@ -30,7 +29,7 @@ def _mark(cluster_name: str, node: str, evicted: bool) -> bool:
 
 def evict(cluster_name: str, node: str) -> list[str]:
     """Taint the node and make its Deployments' pods again elsewhere; the pods moved."""
-    from netsim import cluster, topology
+    from netsim import cluster
 
     _mark(cluster_name, node, True)  # (marked already: an eviction that failed, again)
     record = state.load(cluster_name)
@@ -39,10 +38,7 @@ def evict(cluster_name: str, node: str) -> list[str]:
     owned = sorted(p.name for p in record.pods_on(node) if p.pod.owner)
     if not owned:
         return []
-    if not record.source:
-        raise NetsimError(f"cluster {cluster_name} has no topology file on record")
-    model, _ = topology.load(record.source, record.overrides)
-    cluster.apply(model, overrides=record.overrides)
+    cluster.apply_recorded(cluster_name)
     after = state.load(cluster_name)
     return [name for name in owned if name in after.pods and after.pods[name].node != node]
 

@@ -156,6 +156,33 @@ class Pod:
         return (self.containers, self.init_containers, self.restart_policy, self.service_links)
 
 
+POD_NAMES = ("ReplicaSet", "Ordinal")  # spec.controlPlane.podNames
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A Deployment as written (its pods come from its ReplicaSets: netsim/rollout.py)."""
+
+    name: str
+    namespace: str
+    replicas: int
+    template: dict  # spec.template as written: hashed, and kept with its ReplicaSet
+    selector: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    strategy: str = "RollingUpdate"  # | Recreate
+    max_surge: int | str = "25%"
+    max_unavailable: int | str = "25%"
+    min_ready: int = 0  # minReadySeconds
+    history_limit: int = 10  # revisionHistoryLimit
+    progress_deadline: int = 600  # progressDeadlineSeconds
+    paused: bool = False
+    cause: str = ""  # metadata.annotations kubernetes.io/change-cause: a new ReplicaSet keeps it
+
+    @property
+    def key(self) -> str:
+        return object_key(self.namespace, self.name)
+
+
 @dataclass(frozen=True)
 class ServicePort:
     port: int
@@ -175,6 +202,7 @@ class Service:
     session_affinity: str = "None"
     affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
     namespace: str = DEFAULT_NAMESPACE
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -199,6 +227,7 @@ class Cluster:
     clients: list[ExternalClient] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
+    deployments: list[Deployment] = field(default_factory=list)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # declared: labels
     calico: CalicoSpec | None = None  # for the calico-* modes
     proxy_mode: str = "nftables"  # kube-proxy's backend: nftables | userspace
@@ -208,6 +237,7 @@ class Cluster:
     lease_ttl: int = 86400  # flannel's subnet lease TTL (flannel fixes it at 24 h)
     node_grace: int = 40  # kube-controller-manager's --node-monitor-grace-period, seconds
     eviction_timeout: int = 300  # NotReady this long: its Deployments' pods are made elsewhere
+    pod_names: str = "ReplicaSet"  # a Deployment's pods: <rs>-<5 chars>, or Ordinal <name>-<i>
     source: str = ""  # the file it came from
 
     def node(self, name: str) -> Node:

@@ -19,12 +19,14 @@ from netsim.model import (
     CalicoSpec,
     Cluster,
     Datastore,
+    Deployment,
     ExternalClient,
     Node,
     Pod,
     Segment,
     Service,
 )
+from netsim.rollout import RolloutState
 
 
 @dataclass
@@ -213,6 +215,8 @@ class Record:
     cni_exec: bool = False  # pods are wired by executing each node's CNI chain (--cni exec)
     source: str = ""  # the topology file, absolute
     overrides: dict = field(default_factory=dict)  # what scale, expose, delete pod changed
+    deployments: dict[str, Deployment] = field(default_factory=dict)  # as last applied
+    rollouts: dict[str, RolloutState] = field(default_factory=dict)  # their ReplicaSets
 
     @property
     def mode(self) -> str:

@@ -7,6 +7,8 @@ Endpoints. One read of /registry shows the cluster; `netsim get` lists from it.
     /registry/pods/<namespace>/<pod>
     /registry/services/specs/<namespace>/<service>
     /registry/services/endpoints/<namespace>/<service>
+    /registry/deployments/<namespace>/<deployment>
+    /registry/replicasets/<namespace>/<replicaset>
 
 Pure: the record in, key -> JSON text out; `sync` writes only what differs from the store.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from netsim import collector
+from netsim import collector, deployments
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
 from netsim.model import SYSTEM_NAMESPACES
 from netsim.record import NodeRecord, PodRecord, Record
@@ -27,6 +29,7 @@ NAMESPACES = "/registry/namespaces/"
 PODS = "/registry/pods/"
 SERVICES = "/registry/services/specs/"
 ENDPOINTS = "/registry/services/endpoints/"
+DEPLOYMENTS, REPLICASETS = deployments.DEPLOYMENTS, deployments.REPLICASETS
 SERVICES_ALL = "/registry/services/"  # kube-proxy watches both, in one stream
 MANAGED = (
     NODES,
@@ -34,6 +37,8 @@ MANAGED = (
     PODS,
     SERVICES,
     ENDPOINTS,
+    DEPLOYMENTS,
+    REPLICASETS,
 )  # what apply writes (not the kubelets' leases)
 
 
@@ -119,7 +124,8 @@ def service_object(record: Record, key: str) -> dict:
     return {
         "kind": "Service",
         "apiVersion": "v1",
-        "metadata": {"name": svc.name, "namespace": svc.namespace},
+        "metadata": {"name": svc.name, "namespace": svc.namespace}
+        | ({"labels": dict(svc.labels)} if svc.labels else {}),
         "spec": spec,
     }
 
@@ -175,6 +181,7 @@ def objects(record: Record) -> dict[str, str]:
         where = f"{svc.namespace}/{svc.name}"
         keys[SERVICES + where] = _text(service_object(record, key))
         keys[ENDPOINTS + where] = _text(endpoints_object(record, key))
+    keys |= {k: _text(v) for k, v in deployments.objects(record).items()}
     return keys
 
 

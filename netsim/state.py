@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,10 @@ def locked(cluster: str, wait: bool = True) -> Iterator[None]:
     cluster's directory is a tmpfs of its own from here on."""
     from netsim.kernel import tmpfs
 
+    held = _held.__dict__.setdefault("clusters", set())
+    if cluster in held:  # this thread holds it already (a controller's apply of the record)
+        yield
+        return
     directory = cluster_dir(cluster)
     tmpfs.mount(directory)
     fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -133,9 +138,16 @@ def locked(cluster: str, wait: bool = True) -> Iterator[None]:
             raise NetsimError(
                 f"cluster {cluster} is being changed by another netsim run; wait for it to finish"
             ) from None
-        yield
+        held.add(cluster)
+        try:
+            yield
+        finally:
+            held.discard(cluster)
     finally:
         os.close(fd)
+
+
+_held = threading.local()  # the clusters whose lock this thread holds
 
 
 def write_file(path: str, text: str) -> None:

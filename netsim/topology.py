@@ -24,18 +24,20 @@ import yaml
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from cni.spec import VERSIONS as CNI_VERSIONS
-from netsim import modes
+from netsim import modes, rollout
 from netsim.errors import TopologyError
 from netsim.model import (
     DEFAULT_NAMESPACE,
     HOSTNAME_PORT,
     KUBE_DNS,
+    POD_NAMES,
     RESTART_POLICIES,
     SYSTEM_NAMESPACES,
     CalicoSpec,
     Cluster,
     Container,
     Datastore,
+    Deployment,
     ExternalClient,
     Node,
     Pod,
@@ -137,6 +139,7 @@ _KNOWN = {
         "spec.controlPlane",
         "spec.controlPlane.nodeMonitorGracePeriod",
         "spec.controlPlane.podEvictionTimeout",
+        "spec.controlPlane.podNames",
     },
     "Pod": {
         "apiVersion",
@@ -160,12 +163,23 @@ _KNOWN = {
         "metadata.namespace",
         "metadata.labels",
         "spec",
+        "metadata.annotations",
         "spec.replicas",
         "spec.selector",
         "spec.selector.matchLabels",
+        "spec.strategy",
+        "spec.strategy.type",
+        "spec.strategy.rollingUpdate",
+        "spec.strategy.rollingUpdate.maxSurge",
+        "spec.strategy.rollingUpdate.maxUnavailable",
+        "spec.minReadySeconds",
+        "spec.revisionHistoryLimit",
+        "spec.progressDeadlineSeconds",
+        "spec.paused",
         "spec.template",
         "spec.template.metadata",
         "spec.template.metadata.labels",
+        "spec.template.metadata.annotations",
         "spec.template.spec",
         "spec.template.spec.nodeName",
         "spec.template.spec.containers",
@@ -614,8 +628,35 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
     bodies = bodies + [s for s in overrides.get("services", []) if object_id(s) not in services]
     # objects applied from files of their own replace the file's of the same kind and name
     applied = {object_id(o): o for o in overrides.get("objects", [])}
+    deleted = {tuple(i) for i in overrides.get("deleted", [])}  # `netsim delete KIND NAME`
     kept = [b for b in bodies if object_id(b) not in applied]
-    return kept + list(applied.values())
+    bodies = [b for b in kept + list(applied.values()) if object_id(b) not in deleted]
+    # `set image`, `rollout undo|restart|pause|resume`, `label`: on the objects as merged
+    changed = {key: overrides.get(key, {}) for key in ("templates", "paused", "labels")}
+    if any(changed.values()):
+        bodies = [_changed(b, changed) for b in bodies]
+    return bodies
+
+
+def _changed(body: Any, changed: dict) -> Any:
+    """A document with the imperative changes on top: a Deployment's template or pause, an
+    object's labels (a key with value None: the label removed, as `label k-` does)."""
+    found = object_id(body)
+    if found is None:
+        return body
+    body = json.loads(json.dumps(body))
+    key = object_key(found[1], found[2])
+    if found[0] == "Deployment" and isinstance(body.get("spec"), dict):
+        if key in changed["templates"]:
+            body["spec"]["template"] = changed["templates"][key]
+        if key in changed["paused"]:
+            body["spec"]["paused"] = changed["paused"][key]
+    labels = changed["labels"].get(f"{found[0]}/{key}")
+    if labels:
+        meta = body["metadata"]
+        merged = {**(meta.get("labels") or {}), **labels}
+        meta["labels"] = {k: v for k, v in merged.items() if v is not None}
+    return body
 
 
 def parse(
@@ -665,7 +706,9 @@ def parse(
         if doc.kind == "Pod":
             pods.append((_pod(doc, cluster), doc))
         elif doc.kind == "Deployment":
-            pods.extend((p, doc) for p in _deployment(doc, cluster))
+            deployment, made = _deployment(doc, cluster)
+            cluster.deployments.append(deployment)
+            pods.extend((p, doc) for p in made)
         elif doc.kind == "Service":
             cluster.services.append(_service(doc, cluster))
     _unique([(p.key, d) for p, d in pods], "metadata.name", "pod")
@@ -915,6 +958,14 @@ def _cluster(doc: _Doc) -> Cluster:
         node_grace=node_grace,
         eviction_timeout=eviction_timeout,
     )
+    cluster.pod_names = doc.get("spec.controlPlane.podNames", "ReplicaSet", str)
+    if cluster.pod_names not in POD_NAMES:
+        raise doc.fail(
+            "spec.controlPlane.podNames",
+            f"{_show(cluster.pod_names)} is not a way to name pods",
+            "use ReplicaSet (<replicaset>-<5 chars>, rolling updates) or Ordinal (<name>-0, "
+            "<name>-1, ...; a new template replaces the pods in place)",
+        )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")
     return cluster
@@ -1288,6 +1339,13 @@ def _labels(doc: _Doc, path: str) -> dict[str, str]:
     return result
 
 
+def parse_labels(labels: dict, where: str) -> dict[str, str]:
+    """Labels given on a command line, checked as a file's are."""
+    doc = _Doc(where, 0, {"kind": "", "metadata": {"labels": labels}}, set())
+    doc.label = "labels"
+    return _labels(doc, "metadata.labels")
+
+
 def _containers(doc: _Doc, path: str, init: bool = False) -> tuple[Container, ...]:
     raw = doc.get(path, [] if init else [{"name": "hostname"}], list)
     containers: list[Container] = []
@@ -1526,13 +1584,17 @@ def _pod(doc: _Doc, cluster: Cluster) -> Pod:
     )
 
 
-def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
+def _deployment(doc: _Doc, cluster: Cluster) -> tuple[Deployment, list[Pod]]:
+    """The Deployment, and its pods as they are once rolled out (apply's Deployment
+    controller makes them through ReplicaSets, netsim/deployments.py)."""
     name = doc.name(doc.get("metadata.name"), "metadata.name")
     replicas = doc.get("spec.replicas", 1, int)
-    if len(f"{name}-{max(replicas - 1, 0)}") > 63:
+    ordinal = cluster.pod_names == "Ordinal"
+    longest = f"{name}-{max(replicas - 1, 0)}" if ordinal else f"{name}-1234567890-xxxxx"
+    if len(longest) > 63:
         raise doc.fail(
             "metadata.name",
-            f"pod names {name}-N would be longer than 63 characters",
+            f"pod names like {longest} would be longer than 63 characters",
             "shorten the Deployment's name",
         )
     if not 0 <= replicas <= 10000:
@@ -1546,13 +1608,116 @@ def _deployment(doc: _Doc, cluster: Cluster) -> list[Pod]:
             f"not match the template labels {_show(labels, 120)}",
             "make spec.selector.matchLabels a subset of spec.template.metadata.labels",
         )
+    template = doc.get("spec.template", {}, dict)
+    _annotations(doc, "spec.template.metadata.annotations")
+    deployment = Deployment(
+        name,
+        _namespace(doc, cluster),
+        replicas,
+        json.loads(json.dumps(template)),
+        selector,
+        _labels(doc, "metadata.labels"),
+        *_strategy(doc),
+        min_ready=_count(doc, "spec.minReadySeconds", 0),
+        history_limit=_count(doc, "spec.revisionHistoryLimit", 10),
+        progress_deadline=_count(doc, "spec.progressDeadlineSeconds", 600),
+        paused=doc.get("spec.paused", False, bool),
+        cause=_annotations(doc, "metadata.annotations").get(rollout.CHANGE_CAUSE, ""),
+    )
+    if ordinal:
+        pods = template_pods(
+            cluster, deployment, template, [f"{name}-{i}" for i in range(replicas)], doc
+        )
+    else:
+        hash_ = rollout.template_hash(template)
+        names = rollout.pod_names(rollout.replicaset_name(name, hash_), replicas)
+        pods = template_pods(cluster, deployment, template, names, doc, hash_)
+    return deployment, pods
+
+
+def template_pods(
+    cluster: Cluster,
+    deployment: Deployment,
+    template: dict,
+    names: list[str],
+    doc: _Doc | None = None,
+    hash_: str = "",
+) -> list[Pod]:
+    """Pods of a Deployment's template (a ReplicaSet's, labelled with its pod-template-hash;
+    a template kept in the record is read as its file's was)."""
+    if doc is None:
+        body = {
+            "kind": "Deployment",
+            "metadata": {"name": deployment.name, "namespace": deployment.namespace},
+            "spec": {"template": template},
+        }
+        doc = _Doc(cluster.source or "<record>", 0, body, set())
+    labels = _labels(doc, "spec.template.metadata.labels")
+    if hash_:
+        labels = labels | {rollout.HASH_LABEL: hash_}
     spec = _pod_spec(doc, "spec.template.spec")
     node = _node_name(doc, "spec.template.spec.nodeName", cluster)
-    namespace = _namespace(doc, cluster)
     return [
-        Pod(f"{name}-{i}", labels, node=node, owner=name, namespace=namespace, **spec)
-        for i in range(replicas)
+        Pod(n, labels, node=node, owner=deployment.name, namespace=deployment.namespace, **spec)
+        for n in names
     ]
+
+
+def _count(doc: _Doc, field: str, default: int) -> int:
+    value = doc.get(field, default, int)
+    if value < 0:
+        raise doc.fail(field, f"{value} is negative", "use 0 or more")
+    return value
+
+
+def _annotations(doc: _Doc, path: str) -> dict[str, str]:
+    found = doc.get(path, {}, dict)
+    for key, value in found.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise doc.fail(
+                f"{path}.{_key(key)}",
+                f"annotations are strings, not {_show(value)}",
+                f'quote it: {_key(key)}: "{_short(value, 20)}"',
+            )
+    return found
+
+
+def _strategy(doc: _Doc) -> tuple[str, int | str, int | str]:
+    """spec.strategy: its type, and maxSurge / maxUnavailable as numbers or percentages."""
+    kind = doc.get("spec.strategy.type", "RollingUpdate", str)
+    if kind not in ("RollingUpdate", "Recreate"):
+        raise doc.fail(
+            "spec.strategy.type",
+            f"{_show(kind)} is not a strategy",
+            "use RollingUpdate or Recreate",
+        )
+    if kind == "Recreate" and doc.get("spec.strategy.rollingUpdate") is not None:
+        raise doc.fail(
+            "spec.strategy.rollingUpdate",
+            "may not be given when strategy type is 'Recreate'",
+            "remove rollingUpdate, or use type: RollingUpdate",
+        )
+    values = []
+    for part in ("maxSurge", "maxUnavailable"):
+        field = f"spec.strategy.rollingUpdate.{part}"
+        value = doc.get(field, "25%", (int, str))
+        if isinstance(value, str):
+            digits = value[:-1]
+            if not (value.endswith("%") and digits.isdigit() and int(digits) <= 100):
+                raise doc.fail(
+                    field, f"{_show(value)} is not a number or a percentage", "write e.g. 1 or 25%"
+                )
+        elif value < 0:
+            raise doc.fail(field, f"{value} is negative", "use 0 or more")
+        values.append(value)
+    surge, unavailable = values
+    if rollout.scaled(surge, 100, True) == 0 and rollout.scaled(unavailable, 100, False) == 0:
+        raise doc.fail(
+            "spec.strategy.rollingUpdate.maxUnavailable",
+            "may not be 0 when maxSurge is 0",
+            "let one of them be more than 0",
+        )
+    return kind, surge, unavailable
 
 
 def _service(doc: _Doc, cluster: Cluster) -> Service:
@@ -1694,7 +1859,10 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
             "use 1 to 86400 seconds",
         )
     namespace = _namespace(doc, cluster)
-    return Service(name, selector, tuple(ports), kind, cluster_ip, affinity, timeout, namespace)
+    labels = _labels(doc, "metadata.labels")
+    return Service(
+        name, selector, tuple(ports), kind, cluster_ip, affinity, timeout, namespace, labels
+    )
 
 
 def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
