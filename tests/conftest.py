@@ -101,6 +101,8 @@ def topology_text(source: str, name: str, replicas: int | None = None, **cluster
         if doc["kind"] == "Cluster":
             doc["metadata"]["name"] = name
             doc["spec"].update(cluster_spec)
+            # the tests name a Deployment's pods web-0, web-1 ... (ReplicaSet names: test_rollout)
+            doc["spec"].setdefault("controlPlane", {}).setdefault("podNames", "Ordinal")
         if doc["kind"] == "Deployment" and replicas is not None:
             doc["spec"]["replicas"] = replicas
     return yaml.safe_dump_all(docs, sort_keys=False)
@@ -297,6 +299,7 @@ def cluster_document(name: str, nodes: list[str], clients: tuple[str, ...] = ())
         "cni": {"mode": "flannel-vxlan"},
         "underlay": {"segments": [{"name": "underlay", "subnet": "172.18.0.0/24"}]},
         "nodes": [{"name": n, "segment": "underlay"} for n in nodes],
+        "controlPlane": {"podNames": "Ordinal"},  # pods web-0, web-1 ...
     }
     if clients:
         spec["externalClients"] = [{"name": c, "segment": "underlay"} for c in clients]
