@@ -676,7 +676,15 @@ def cmd_describe(args) -> int:
         print(describe.cluster(record))
         return 0
     if not args.name:
-        raise NetsimError(f"describe {args.what} needs a name")
+        raise UsageError(f"describe {args.what} needs a name")
+    from netsim import imperative
+
+    if args.what in ("deployment", "deployments", "deploy"):
+        print(imperative.describe_deployment(record, args.name))
+        return 0
+    if args.what in ("service", "services", "svc"):
+        print(imperative.describe_service(record, args.name))
+        return 0
     args.name = key_of(record, args.name)
     _present(record, args.name)
     if args.what in ("node", "no", "nodes"):
@@ -684,7 +692,9 @@ def cmd_describe(args) -> int:
     elif args.what in ("pod", "po", "pods"):
         print(describe.pod(record, args.name))
     else:
-        raise NetsimError(f"cannot describe {args.what!r}: use cluster, node or pod")
+        raise UsageError(
+            f"cannot describe {args.what!r}: use cluster, node, pod, service or deployment"
+        )
     return 0
 
 

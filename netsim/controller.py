@@ -261,6 +261,9 @@ class Controller:
                 time.sleep(1.0)
 
 
+REVISION = "deployment.kubernetes.io/revision"
+
+
 class Rollouts:
     """The Deployment controller's watch: the Deployments whose rollout has steps left
     (their new ReplicaSet is not yet of their size, or old pods are left) and not paused."""
@@ -277,8 +280,11 @@ class Rollouts:
             obj = kv.json()
             spec, status = obj["spec"], obj.get("status", {})
             wanted = spec.get("replicas", 1)
-            if not spec.get("paused") and (
-                status.get("updatedReplicas") != wanted or status.get("replicas") != wanted
+            managed = REVISION in obj["metadata"].get("annotations", {})  # has ReplicaSets
+            if (
+                managed
+                and not spec.get("paused")
+                and (status.get("updatedReplicas") != wanted or status.get("replicas") != wanted)
             ):
                 rolling.add(key)
         self.controller.rolling = frozenset(rolling)

@@ -184,6 +184,14 @@ def deployment_object(dep: Deployment, state: RolloutState | None, record: Recor
             "readyReplicas": _ready(record, dep.namespace, pods),
         }
         status["conditions"] = [_progressing(dep, state)]
+    else:  # pods by ordinal: made in place by each apply, nothing left to roll
+        made = [k for k, p in record.pods.items() if p.pod.owner == dep.name]
+        made = [k for k in made if record.pods[k].pod.namespace == dep.namespace]
+        status |= {
+            "replicas": len(made),
+            "updatedReplicas": len(made),
+            "readyReplicas": sum(record.pods[k].ready for k in made),
+        }
     return {
         "kind": "Deployment",
         "apiVersion": "apps/v1",

@@ -103,7 +103,7 @@ def pod(record: Record, name: str) -> str:
         f"Host veth:     {entry.veth} (on the node"
         + (", in cni0)" if side == "bridge" else ", proxy ARP)"),
         f"Labels:        {', '.join(f'{k}={v}' for k, v in entry.labels.items()) or '<none>'}",
-        f"Controlled By: {'Deployment/' + entry.pod.owner if entry.pod.owner else '<none>'}",
+        f"Controlled By: {_controller(entry.pod)}",
         f"Serving:       hostname on {', '.join(map(str, entry.pod.serve_ports)) or '<none>'}",
     ]
     return "\n\n".join(
@@ -114,6 +114,17 @@ def pod(record: Record, name: str) -> str:
             _section("ip route", _ip(entry.netns, "ip", "route")),
         ]
     )
+
+
+def _controller(pod) -> str:
+    """kubectl's Controlled By: a ReplicaSet's pods name it, ordinal pods their Deployment."""
+    from netsim.rollout import HASH_LABEL
+
+    if not pod.owner:
+        return "<none>"
+    if HASH_LABEL in pod.labels:
+        return f"ReplicaSet/{pod.owner}-{pod.labels[HASH_LABEL]}"
+    return f"Deployment/{pod.owner}"
 
 
 def _containers(record: Record, entry) -> str:

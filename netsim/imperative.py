@@ -511,3 +511,97 @@ def replicaset_items(store, record: Record, shown) -> list[dict]:
             }
         )
     return items
+
+
+# -- describe -------------------------------------------------------------------------------------
+
+
+def _pairs(labels: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items()) or "<none>"
+
+
+def describe_deployment(record: Record, name: str) -> str:
+    store = storemod.of(record.cluster, record.spec.datastore)
+    key = object_key(_namespace(), name)
+    found = deployment_status(store, record, key)
+    if found is None:
+        raise NetsimError(f'deployments.apps "{name}" not found')
+    dep, state_ = record.deployments[key], record.rollouts.get(key)
+    obj = found["object"]
+    new = state_.by_hash(rollout.template_hash(dep.template)) if state_ else None
+    strategy = dep.strategy
+    lines = [
+        f"Name:                   {dep.name}",
+        f"Namespace:              {dep.namespace}",
+        f"Labels:                 {_pairs(dep.labels)}",
+        "Annotations:            "
+        + (_pairs(obj["metadata"].get("annotations", {})).replace("=", ": ")),
+        f"Selector:               {_pairs(dep.selector)}",
+        f"Replicas:               {dep.replicas} desired | {found['updated']} updated | "
+        f"{found['total']} total | {found['available']} available | "
+        f"{max(dep.replicas - found['available'], 0)} unavailable",
+        f"StrategyType:           {strategy}",
+        f"MinReadySeconds:        {dep.min_ready}",
+    ]
+    if strategy == "RollingUpdate":
+        lines.append(
+            f"RollingUpdateStrategy:  {dep.max_unavailable} max unavailable, "
+            f"{dep.max_surge} max surge"
+        )
+    lines.append(pod_template(dep.template))
+    conditions = obj.get("status", {}).get("conditions", [])
+    lines.append("Conditions:")
+    lines.append("  Type           Status  Reason")
+    lines.append("  ----           ------  ------")
+    for c in conditions:
+        lines.append(f"  {c['type']:<14} {c['status']:<7} {c['reason']}")
+    old = [rs for rs in (state_.replicasets if state_ else []) if rs is not new and rs.replicas]
+
+    def rs_text(rs) -> str:
+        name = rollout.replicaset_name(dep.name, rs.hash)
+        return f"{name} ({rs.replicas}/{rs.replicas} replicas created)"
+
+    lines.append(f"OldReplicaSets:         {', '.join(map(rs_text, old)) or '<none>'}")
+    lines.append(f"NewReplicaSet:          {rs_text(new) if new else '<none>'}")
+    from netsim import events
+
+    said = [e for e in events.read(record.cluster) if e["node"] == f"deployment/{key}"]
+    lines.append("Events:" + ("" if said else "  <none>"))
+    now = time.time()
+    for e in said[-10:]:
+        lines.append(
+            f"  Normal  ScalingReplicaSet  {_cli()._age(now - e['time'])} ago  {e['message']}"
+        )
+    return "\n".join(lines)
+
+
+def describe_service(record: Record, name: str) -> str:
+    from netsim import registry
+
+    store = storemod.of(record.cluster, record.spec.datastore)
+    where = f"{_namespace()}/{name}"
+    held = store.get(registry.SERVICES + where)
+    if held is None:
+        raise NetsimError(f'services "{name}" not found')
+    obj = held.json()
+    ends = store.get(registry.ENDPOINTS + where)
+    item = _cli()._service_item(obj, ends.json() if ends else None)
+    spec = obj["spec"]
+    lines = [
+        f"Name:              {name}",
+        f"Namespace:         {_namespace()}",
+        f"Labels:            {_pairs(obj['metadata'].get('labels', {}))}",
+        f"Selector:          {_pairs(spec.get('selector', {}))}",
+        f"Type:              {spec.get('type', 'ClusterIP')}",
+        f"IP:                {spec.get('clusterIP', '')}",
+    ]
+    for i, port in enumerate(item["ports"]):
+        pname = port["name"] or "<unset>"
+        lines.append(f"Port:              {pname}  {port['port']}/{port['protocol']}")
+        lines.append(f"TargetPort:        {port['target_port']}/{port['protocol']}")
+        if port["node_port"]:
+            lines.append(f"NodePort:          {pname}  {port['node_port']}/{port['protocol']}")
+        addresses = [f"{e['ip']}:{e['ports'][i]}" for e in item["endpoints"] if e["ports"][i]]
+        lines.append(f"Endpoints:         {','.join(addresses) or '<none>'}")
+    lines.append(f"Session Affinity:  {spec.get('sessionAffinity', 'None')}")
+    return "\n".join(lines)
