@@ -1194,15 +1194,24 @@ def _imperative_parsers(sub) -> None:
             v.add_argument("--revision", type=int, default=0)
         elif verb == "undo":
             v.add_argument("--to-revision", type=int, default=0)
-    cr = sub.add_parser("create", help="create deployment NAME --image=IMAGE [-- COMMAND ...]")
+    cr = sub.add_parser(
+        "create",
+        help="create deployment NAME --image=IMAGE [-- COMMAND ...]",
+        usage="netsim create deployment NAME --image=IMAGE [--replicas N] [--port P] "
+        "[-- COMMAND ...]",
+    )
     cr.add_argument("what", metavar="deployment")
     cr.add_argument("name")
     cr.add_argument("--image", required=True)
     cr.add_argument("--replicas", type=int, default=1)
     cr.add_argument("--port", type=int)
-    cr.add_argument("command", nargs="*", help="after --: the container's command")
-    cr.set_defaults(func=imperative.cmd_create)
-    ru = sub.add_parser("run", help="run NAME --image=IMAGE [--port P] [-- ARGS ...]: a pod")
+    cr.set_defaults(func=imperative.cmd_create, command=[])
+    ru = sub.add_parser(
+        "run",
+        help="run NAME --image=IMAGE [--port P] [-- ARGS ...]: a pod",
+        usage="netsim run NAME --image=IMAGE [--port P] [--labels k=v,...] [--restart R] "
+        "[--command] [-- ARGS ...]",
+    )
     ru.add_argument("name")
     ru.add_argument("--image", required=True)
     ru.add_argument("--port", type=int)
@@ -1214,8 +1223,7 @@ def _imperative_parsers(sub) -> None:
         action="store_true",
         help="the words after -- are the command",
     )
-    ru.add_argument("command", nargs="*", help="after --: the container's args (or --command)")
-    ru.set_defaults(func=imperative.cmd_run)
+    ru.set_defaults(func=imperative.cmd_run, command=[])
     la = sub.add_parser("label", help="label pod|deployment|service NAME k=v ... (k- removes)")
     la.add_argument("words", nargs="+", metavar="KIND NAME k=v")
     la.add_argument("--overwrite", action="store_true")
@@ -1235,8 +1243,27 @@ def _namespace_flags(p: argparse.ArgumentParser, namespace, all_namespaces) -> N
     )
 
 
+def _container_words(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`create deployment NAME ... -- COMMAND` and `run NAME ... -- ARGS`: the words after
+    `--` are the container's, whatever they look like (argparse would read their flags)."""
+    if "--" not in argv:
+        return argv, None
+    words = iter(argv[: argv.index("--")])
+    for word in words:
+        if word in ("--cluster", "-n", "--namespace"):
+            next(words, None)
+        elif not word.startswith("-"):
+            if word in ("create", "run"):
+                return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+            break
+    return argv, None
+
+
 def main(argv: list[str] | None = None, exit: bool = True) -> int:
+    argv, container = _container_words(sys.argv[1:] if argv is None else list(argv))
     args = parser().parse_args(argv)
+    if container is not None:
+        args.command = container
     NAMESPACE[0] = args.namespace
     if os.geteuid() != 0:
         print(

@@ -615,15 +615,6 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
     if not overrides:
         return bodies
 
-    replicas = overrides.get("replicas", {})
-    for body in bodies:
-        found = object_id(body)
-        key = object_key(found[1], found[2]) if found and found[0] == "Deployment" else None
-        if key in replicas:
-            if body.get("spec") is None:
-                body["spec"] = {}
-            if isinstance(body["spec"], dict):  # else the loader names the field
-                body["spec"]["replicas"] = replicas[key]
     services = {object_id(b) for b in bodies}
     bodies = bodies + [s for s in overrides.get("services", []) if object_id(s) not in services]
     # objects applied from files of their own replace the file's of the same kind and name
@@ -632,21 +623,25 @@ def with_overrides(bodies: list, overrides: dict | None) -> list:
     kept = [b for b in bodies if object_id(b) not in applied]
     bodies = [b for b in kept + list(applied.values()) if object_id(b) not in deleted]
     # `set image`, `rollout undo|restart|pause|resume`, `label`: on the objects as merged
-    changed = {key: overrides.get(key, {}) for key in ("templates", "paused", "labels")}
+    changed = {key: overrides.get(key, {}) for key in ("replicas", "templates", "paused", "labels")}
     if any(changed.values()):
         bodies = [_changed(b, changed) for b in bodies]
     return bodies
 
 
 def _changed(body: Any, changed: dict) -> Any:
-    """A document with the imperative changes on top: a Deployment's template or pause, an
-    object's labels (a key with value None: the label removed, as `label k-` does)."""
+    """A document with the imperative changes on top: a Deployment's replicas, template or
+    pause, an object's labels (a key with value None: the label removed, as `label k-` does)."""
     found = object_id(body)
     if found is None:
         return body
     body = json.loads(json.dumps(body))
     key = object_key(found[1], found[2])
-    if found[0] == "Deployment" and isinstance(body.get("spec"), dict):
+    if found[0] == "Deployment" and key in changed["replicas"] and body.get("spec") is None:
+        body["spec"] = {}
+    if found[0] == "Deployment" and isinstance(body.get("spec"), dict):  # else the loader says
+        if key in changed["replicas"]:
+            body["spec"]["replicas"] = changed["replicas"][key]
         if key in changed["templates"]:
             body["spec"]["template"] = changed["templates"][key]
         if key in changed["paused"]:

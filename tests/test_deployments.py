@@ -37,7 +37,8 @@ class Cluster(ClusterUnderTest):
     def curl(self, src: str, url: str, count: int = 1) -> list[str]:
         out = self.netsim("curl", src, url, "--count", str(count))
         assert out.returncode == 0, out.stdout + out.stderr
-        return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        # with --count, each line is "<n>: <answer>"
+        return [line.split(": ", 1)[-1].strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_the_guides_walk(live):
     live.ok("expose", "deployment/hello", "--type=NodePort", "--port=8080")
     service = json.loads(live.ok("get", "services", "-o", "json"))["items"]
     node_port = next(s for s in service if s["name"] == "hello")["ports"][0]["node_port"]
-    node_ip = live.record()["nodes"]["n1"]["ip"]
+    node_ip = live.record().nodes["n1"].ip
     url = f"http://{node_ip}:{node_port}/hostname"
     wait_for(lambda: live.netsim("curl", "client", url).returncode == 0, 15, "NodePort answers")
     assert live.curl("client", url) == [pod]
