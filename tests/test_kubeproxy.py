@@ -91,7 +91,8 @@ def write(
     text = TOPOLOGY.read_text().replace("name: demo", f"name: {cluster.name}", 1)
     text = text.replace(
         "  serviceCIDR: 10.96.0.0/12",
-        f"  serviceCIDR: 10.96.0.0/12\n  kubeProxy: {{mode: {backend}}}",
+        f"  serviceCIDR: 10.96.0.0/12\n  kubeProxy: {{mode: {backend}}}\n"
+        "  controlPlane: {podNames: Ordinal}",
     )
     cluster.backend = backend
     text = text.replace("- containerPort: 9376", "- containerPort: 9376\n              name: http")

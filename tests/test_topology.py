@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,7 @@ BASE = [
             "serviceCIDR": "10.96.0.0/12",
             "underlay": {"segments": [{"name": "lan", "subnet": "172.18.0.0/24"}]},
             "nodes": [{"name": f"n{i}", "segment": "lan"} for i in (1, 2, 3)],
+            "controlPlane": {"podNames": "Ordinal"},
         },
     },
     {
@@ -116,7 +118,11 @@ def test_shipped_topology_parses(name):
     cluster, notes = topology.load(str(TOPOLOGIES / f"{name}.yaml"))
     assert cluster.mode == name
     assert [n.ip for n in cluster.nodes] == ["172.18.0.2", "172.18.0.3", "172.18.0.4"]
-    assert [p.name for p in cluster.pods] == ["web-0", "web-1", "web-2"]
+    (rs,) = {p.labels["pod-template-hash"] for p in cluster.pods}  # one ReplicaSet's pods
+    assert all(
+        re.fullmatch(rf"web-{rs}-[bcdfghjklmnpqrstvwxz2456789]{{5}}", p.name) for p in cluster.pods
+    )
+    assert len(cluster.pods) == 3
     assert [s.name for s in cluster.services] == ["web"]
     assert notes == []
 
