@@ -563,8 +563,11 @@ def cmd_get(args) -> int:
             for obj in filter(shown, registry.listed(store, registry.SERVICES))
         ]
         if what == "services":
-            header = ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]
-            rows = [[i["name"], i["type"], i["clusterIP"], _ports(i["ports"])] for i in items]
+            header = ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"]
+            rows = [
+                [i["name"], i["type"], i["clusterIP"], i["externalIP"], _ports(i["ports"])]
+                for i in items
+            ]
             if args.output == "wide":
                 header.append("SELECTOR")
                 rows = [
@@ -654,6 +657,13 @@ def _service_item(obj: dict, endpoints: dict | None) -> dict:
         "namespace": obj["metadata"].get("namespace", "default"),
         "labels": obj["metadata"].get("labels", {}),
         "type": spec.get("type", "ClusterIP"),
+        "externalIP": ",".join(
+            i["ip"] for i in obj.get("status", {}).get("loadBalancer", {}).get("ingress", [])
+        )
+        or ("<pending>" if spec.get("type") == "LoadBalancer" else "<none>"),
+        "externalTrafficPolicy": spec.get("externalTrafficPolicy", ""),
+        "internalTrafficPolicy": spec.get("internalTrafficPolicy", "Cluster"),
+        "healthCheckNodePort": spec.get("healthCheckNodePort"),
         "clusterIP": spec.get("clusterIP", ""),
         "ports": ports,
         "selector": spec.get("selector", {}),
@@ -1028,7 +1038,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--port", type=int, required=True)
     ex.add_argument("--target-port", type=int)
     ex.add_argument("--name")
-    ex.add_argument("--type", choices=("ClusterIP", "NodePort"), default="ClusterIP")
+    ex.add_argument(
+        "--type", choices=("ClusterIP", "NodePort", "LoadBalancer"), default="ClusterIP"
+    )
     ex.add_argument("--protocol", choices=("TCP", "UDP"), default="TCP")
     ex.add_argument("--node-port", type=int)
     ex.add_argument("--session-affinity", choices=("None", "ClientIP"), default="None")

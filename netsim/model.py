@@ -203,6 +203,15 @@ class Service:
     affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
     namespace: str = DEFAULT_NAMESPACE
     labels: dict[str, str] = field(default_factory=dict)
+    external_policy: str = "Cluster"  # externalTrafficPolicy (NodePort, LoadBalancer)
+    internal_policy: str = "Cluster"  # internalTrafficPolicy
+    load_balancer_ip: str = ""  # asked for (spec.loadBalancerIP), or given from the pool
+    health_check_node_port: int | None = None  # LoadBalancer with externalTrafficPolicy Local
+
+    @property
+    def node_ports(self) -> bool:
+        """NodePort and LoadBalancer Services are reached on every node's ports."""
+        return self.type in ("NodePort", "LoadBalancer")
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -237,6 +246,7 @@ class Cluster:
     lease_ttl: int = 86400  # flannel's subnet lease TTL (flannel fixes it at 24 h)
     node_grace: int = 40  # kube-controller-manager's --node-monitor-grace-period, seconds
     eviction_timeout: int = 300  # NotReady this long: its Deployments' pods are made elsewhere
+    lb_addresses: tuple[str, ...] = ()  # spec.loadBalancer.addresses: MetalLB's L2 pool
     pod_names: str = "ReplicaSet"  # a Deployment's pods: <rs>-<5 chars>, or Ordinal <name>-<i>
     source: str = ""  # the file it came from
 

@@ -121,12 +121,21 @@ def service_object(record: Record, key: str) -> dict:
     }
     if svc.session_affinity == "ClientIP":
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": svc.affinity_timeout}}
+    if svc.node_ports:
+        spec["externalTrafficPolicy"] = svc.external_policy
+    spec["internalTrafficPolicy"] = svc.internal_policy
+    if svc.health_check_node_port:
+        spec["healthCheckNodePort"] = svc.health_check_node_port
+    status: dict = {"loadBalancer": {}}
+    if svc.load_balancer_ip:  # MetalLB's L2 mode: the address is announced by one node
+        status["loadBalancer"]["ingress"] = [{"ip": svc.load_balancer_ip, "ipMode": "VIP"}]
     return {
         "kind": "Service",
         "apiVersion": "v1",
         "metadata": {"name": svc.name, "namespace": svc.namespace}
         | ({"labels": dict(svc.labels)} if svc.labels else {}),
         "spec": spec,
+        "status": status,
     }
 
 
@@ -246,10 +255,13 @@ def _not_ready_pods(record: Record, held: list[str]) -> frozenset[str]:
     )
 
 
-def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[ProxyPort]:
+def proxy_ports(
+    services: dict[str, dict], endpoints: dict[str, dict], node: str = ""
+) -> list[ProxyPort]:
     """Every Service port with its endpoints, read from the Service and Endpoints objects as
-    kube-proxy reads them (key -> object, netsim.model.object_key): what services.proxy_ports
-    computes from the record, in the same order. Headless Services have no part."""
+    kube-proxy reads them (key -> object, netsim.model.object_key), in key order; for a
+    Service with a Local traffic policy, also the endpoints on `node` (kube-proxy's own).
+    Headless Services have no part."""
     found = []
     for name in sorted(services):
         svc = services[name]
@@ -273,6 +285,25 @@ def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[P
                 ),
                 key=lambda e: ip_key(e.ip),
             )
+            external_local = spec.get("externalTrafficPolicy") == "Local"
+            internal_local = spec.get("internalTrafficPolicy") == "Local"
+            local = ()
+            if external_local or internal_local:
+                local = tuple(
+                    sorted(
+                        {
+                            Endpoint(address["ip"], entry["port"])
+                            for subset in subsets
+                            for entry in subset.get("ports", [])
+                            if entry.get("name", "") == pname
+                            and entry.get("protocol", "TCP") == proto
+                            for address in subset.get("addresses", [])
+                            if address.get("nodeName") == node
+                        },
+                        key=lambda e: ip_key(e.ip),
+                    )
+                )
+            ingress = svc.get("status", {}).get("loadBalancer", {}).get("ingress", [])
             found.append(
                 ProxyPort(
                     namespace,
@@ -284,6 +315,12 @@ def proxy_ports(services: dict[str, dict], endpoints: dict[str, dict]) -> list[P
                     port.get("nodePort"),
                     tuple(backends),
                     affinity,
+                    # kube-proxy programs the VIP addresses (ipMode unset or VIP), not Proxy ones
+                    tuple(i["ip"] for i in ingress if i.get("ipMode", "VIP") == "VIP"),
+                    external_local,
+                    internal_local,
+                    local,
+                    spec.get("healthCheckNodePort"),
                 )
             )
     return found

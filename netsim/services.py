@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from netsim.kubeproxy.ports import Endpoint, ProxyPort
 from netsim.model import Cluster, Service, ServicePort
 from netsim.record import PodRecord, Record
-from netsim.topology import NODE_PORT_RANGE, allocate_cluster_ips
+from netsim.topology import NODE_PORT_RANGE, allocate_cluster_ips, lb_pool
 from netsim.transaction import Changes
 
 NAMESPACE = "default"  # where objects live when they do not say
@@ -41,43 +40,24 @@ def target_port(pod: PodRecord, port: ServicePort) -> int | None:
     return pod.pod.named_port(port.target_port)
 
 
-def proxy_ports(record: Record) -> list[ProxyPort]:
-    """Every Service port with its endpoints, as kube-proxy's sync sees them."""
-    found = []
-    for _, svc in sorted(record.services.items()):
-        if svc.cluster_ip == "None":  # headless: DNS names its pods, kube-proxy has no part
-            continue
-        eps = endpoints(record, svc)
-        affinity = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
-        for port in svc.ports:
-            resolved = ((p.ip, target_port(p, port)) for p in eps)
-            found.append(
-                ProxyPort(
-                    svc.namespace,
-                    svc.name,
-                    port.name,
-                    port.protocol,
-                    svc.cluster_ip,
-                    port.port,
-                    port.node_port,
-                    tuple(Endpoint(ip, t) for ip, t in resolved if t),
-                    affinity,
-                )
-            )
-    return found
-
-
 def reconcile(cluster: Cluster, record: Record, changes: Changes) -> None:
     """Services with their ClusterIPs and node ports (kept across applies once given)."""
     ips = allocate_cluster_ips(cluster, {n: s.cluster_ip for n, s in record.services.items()})
     node_ports = _allocate_node_ports(cluster, record)
+    external = _allocate_lb_ips(cluster, record)
     wanted = {}
     for svc in cluster.services:
         ports = tuple(
-            replace(p, node_port=node_ports[(svc.key, i)]) if svc.type == "NodePort" else p
+            replace(p, node_port=node_ports[(svc.key, i)]) if svc.node_ports else p
             for i, p in enumerate(svc.ports)
         )
-        wanted[svc.key] = replace(svc, cluster_ip=ips[svc.key], ports=ports)
+        wanted[svc.key] = replace(
+            svc,
+            cluster_ip=ips[svc.key],
+            ports=ports,
+            load_balancer_ip=external.get(svc.key, ""),
+            health_check_node_port=node_ports.get((svc.key, "health")),
+        )
     for name in set(record.services) | set(wanted):
         before, after = record.services.get(name), wanted.get(name)
         if before != after:
@@ -91,37 +71,64 @@ def reconcile(cluster: Cluster, record: Record, changes: Changes) -> None:
     record.services = wanted
 
 
-def _allocate_node_ports(cluster: Cluster, record: Record) -> dict[tuple[str, int], int]:
-    """NodePorts: as written, else as before, else the lowest free of 30000-32767."""
-    given = {
-        (s.key, i): p.node_port
-        for s in cluster.services
-        if s.type == "NodePort"
-        for i, p in enumerate(s.ports)
-        if p.node_port
-    }
-    before = {
-        (n, i): p.node_port
-        for n, svc in record.services.items()
-        for i, p in enumerate(svc.ports)
-        if p.node_port
-    }
-    result = dict(given)
+def _wanted_ports(svc: Service) -> list:
+    """What a Service takes from the node port range: a port for each of its ports
+    (NodePort, LoadBalancer), and its health check port (LoadBalancer, Local)."""
+    wanted: list = list(range(len(svc.ports))) if svc.node_ports else []
+    if svc.type == "LoadBalancer" and svc.external_policy == "Local":
+        wanted.append("health")
+    return wanted
+
+
+def _allocate_node_ports(cluster: Cluster, record: Record) -> dict[tuple[str, int | str], int]:
+    """NodePorts (and health check node ports): as written, else as before, else the lowest
+    free of 30000-32767."""
+    result: dict = {}
+    for s in cluster.services:
+        for i in _wanted_ports(s):
+            given = s.health_check_node_port if i == "health" else s.ports[i].node_port
+            if given:
+                result[(s.key, i)] = given
+    before: dict = {}
+    for n, svc in record.services.items():
+        for i, p in enumerate(svc.ports):
+            if p.node_port:
+                before[(n, i)] = p.node_port
+        if svc.health_check_node_port:
+            before[(n, "health")] = svc.health_check_node_port
     for svc in cluster.services:
-        for i, _ in enumerate(svc.ports):
+        for i in _wanted_ports(svc):
             key = (svc.key, i)
-            if (
-                svc.type == "NodePort"
-                and key not in result
-                and before.get(key)
-                and before[key] not in result.values()
-            ):
+            if key not in result and before.get(key) and before[key] not in result.values():
                 result[key] = before[key]
     free = (
         p for p in range(NODE_PORT_RANGE[0], NODE_PORT_RANGE[1] + 1) if p not in result.values()
     )
     for svc in cluster.services:
-        for i, _ in enumerate(svc.ports):
-            if svc.type == "NodePort" and (svc.key, i) not in result:
+        for i in _wanted_ports(svc):
+            if (svc.key, i) not in result:
                 result[(svc.key, i)] = next(free)
+    return result
+
+
+def _allocate_lb_ips(cluster: Cluster, record: Record) -> dict[str, str]:
+    """LoadBalancer addresses from the cluster's pool, as MetalLB's controller assigns them:
+    as asked (spec.loadBalancerIP), else as before, else the first free. A Service the pool
+    has no room for gets none (kubectl shows it <pending>)."""
+    from ipaddress import IPv4Address
+
+    pool = [str(IPv4Address(a)) for a in lb_pool(cluster)]
+    balanced = [s for s in cluster.services if s.type == "LoadBalancer"]
+    result = {s.key: s.load_balancer_ip for s in balanced if s.load_balancer_ip}
+    for svc in balanced:
+        old = record.services.get(svc.key)
+        ip = old.load_balancer_ip if old else ""
+        if svc.key not in result and ip in pool and ip not in result.values():
+            result[svc.key] = ip
+    free = (ip for ip in pool if ip not in result.values())
+    for svc in balanced:
+        if svc.key not in result:
+            ip = next(free, None)
+            if ip is not None:
+                result[svc.key] = ip
     return result

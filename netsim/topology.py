@@ -140,6 +140,8 @@ _KNOWN = {
         "spec.controlPlane.nodeMonitorGracePeriod",
         "spec.controlPlane.podEvictionTimeout",
         "spec.controlPlane.podNames",
+        "spec.loadBalancer",
+        "spec.loadBalancer.addresses",
     },
     "Pod": {
         "apiVersion",
@@ -203,6 +205,10 @@ _KNOWN = {
         "spec.sessionAffinityConfig",
         "spec.sessionAffinityConfig.clientIP",
         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        "spec.externalTrafficPolicy",
+        "spec.internalTrafficPolicy",
+        "spec.healthCheckNodePort",
+        "spec.loadBalancerIP",
     },
 }
 _CONTAINER_KEYS = {"name", "ports", "command", "args", "image", "env", "readinessProbe"}
@@ -911,6 +917,7 @@ def _cluster(doc: _Doc) -> Cluster:
     datastore = _datastore(doc)
     master_ip = _assign_ips(doc, segments, nodes, clients, datastore.own)
     datastore = replace(datastore, master_ip=master_ip)
+    lb_addresses = _lb_addresses(doc, segments, [*nodes, *clients], master_ip)
     available = 2 ** (subnet_len - network.prefixlen) - 1  # flannel's SubnetMin skips the first
     if not calico and len(nodes) > available:
         raise doc.fail(
@@ -952,6 +959,7 @@ def _cluster(doc: _Doc) -> Cluster:
         lease_ttl=lease_ttl,
         node_grace=node_grace,
         eviction_timeout=eviction_timeout,
+        lb_addresses=lb_addresses,
     )
     cluster.pod_names = doc.get("spec.controlPlane.podNames", "ReplicaSet", str)
     if cluster.pod_names not in POD_NAMES:
@@ -1248,6 +1256,50 @@ def _assign_ips(
             if not group[i].ip:
                 group[i] = replace(group[i], ip=next(free))
     return master_ip
+
+
+def _lb_addresses(doc: _Doc, segments: list[Segment], hosts: list, master_ip: str) -> tuple:
+    """spec.loadBalancer.addresses, as MetalLB's IPAddressPool gives them (`a-b` ranges or
+    CIDRs): each on one underlay segment (L2 mode announces it there), none a host's."""
+    field = "spec.loadBalancer.addresses"
+    items = doc.get(field, [], list)
+    fix = "write ranges like 172.18.0.200-172.18.0.220 or CIDRs like 172.18.0.192/28"
+    taken = {h.ip: f"{type(h).__name__.lower()} {h.name}" for h in hosts}
+    if master_ip:
+        taken[master_ip] = "the master (etcd)"
+    for seg in segments:
+        taken[seg.router_ip] = f"segment {seg.name}'s router"
+    found = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]"
+        if not isinstance(item, str):
+            raise doc.fail(where, f"{_show(item)} is not an address range", fix)
+        try:
+            if "-" in item:
+                first, last = (IPAddress(a.strip(), 4) for a in item.split("-", 1))
+            else:
+                net = IPNetwork(item, version=4)
+                first, last = net.network, net.broadcast
+        except (AddrFormatError, ValueError):
+            raise doc.fail(where, f"{_show(item)} is not an address range", fix) from None
+        if first > last:
+            raise doc.fail(where, f"{item} ends before it begins", fix)
+        home = next(
+            (s for s in segments if first in IPNetwork(s.subnet) and last in IPNetwork(s.subnet)),
+            None,
+        )
+        if home is None:
+            raise doc.fail(
+                where,
+                f"{item} is not inside one underlay segment "
+                f"({', '.join(s.subnet for s in segments)})",
+                "take the addresses from a segment's subnet: one node answers ARP for them there",
+            )
+        for ip, who in taken.items():
+            if first <= IPAddress(ip) <= last:
+                raise doc.fail(where, f"{item} holds {ip}, the address of {who}", fix)
+        found.append(item)
+    return tuple(found)
 
 
 def _datastore(doc: _Doc) -> Datastore:
@@ -1724,8 +1776,12 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
             "begin the name with a lowercase letter",
         )
     kind = doc.get("spec.type", "ClusterIP", str)
-    if kind not in ("ClusterIP", "NodePort"):
-        raise doc.fail("spec.type", f"unsupported type {_show(kind)}", "use ClusterIP or NodePort")
+    if kind not in SERVICE_TYPES:
+        raise doc.fail(
+            "spec.type",
+            f"unsupported type {_show(kind)}",
+            "use ClusterIP, NodePort or LoadBalancer",
+        )
     selector = _labels(doc, "spec.selector")  # none: no endpoints (netsim makes none by hand)
     ports = []
     names: dict[str, int] = {}  # port name -> its index; "" (unnamed) is checked above
@@ -1771,11 +1827,11 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
         node_port = item.get("nodePort")
         node_port = None if node_port == 0 and not isinstance(node_port, bool) else node_port
         if node_port is not None:  # 0, as in Kubernetes, means "allocate one"
-            if kind != "NodePort":
+            if kind == "ClusterIP":
                 raise doc.fail(
                     f"{field}.nodePort",
                     "nodePort is set on a ClusterIP Service",
-                    "set spec.type: NodePort or remove nodePort",
+                    "set spec.type: NodePort (or LoadBalancer) or remove nodePort",
                 )
             low, high = NODE_PORT_RANGE
             if (
@@ -1856,8 +1912,90 @@ def _service(doc: _Doc, cluster: Cluster) -> Service:
     namespace = _namespace(doc, cluster)
     labels = _labels(doc, "metadata.labels")
     return Service(
-        name, selector, tuple(ports), kind, cluster_ip, affinity, timeout, namespace, labels
+        name,
+        selector,
+        tuple(ports),
+        kind,
+        cluster_ip,
+        affinity,
+        timeout,
+        namespace,
+        labels,
+        **_traffic(doc, kind, cluster),
     )
+
+
+def _traffic(doc: _Doc, kind: str, cluster: Cluster) -> dict:
+    """externalTrafficPolicy, internalTrafficPolicy, healthCheckNodePort, loadBalancerIP."""
+    found: dict = {}
+    for field, key in (
+        ("spec.externalTrafficPolicy", "external_policy"),
+        ("spec.internalTrafficPolicy", "internal_policy"),
+    ):
+        policy = doc.get(field, "Cluster", str)
+        if policy not in ("Cluster", "Local"):
+            raise doc.fail(
+                field, f"{_show(policy)} is not a traffic policy", "use Cluster or Local"
+            )
+        found[key] = policy
+    if found["external_policy"] == "Local" and kind == "ClusterIP":
+        raise doc.fail(
+            "spec.externalTrafficPolicy",
+            "may only be set when `type` is 'NodePort' or 'LoadBalancer'",
+            "remove it, or change spec.type",
+        )
+    health = doc.get("spec.healthCheckNodePort", None, int)
+    if health is not None:
+        low, high = NODE_PORT_RANGE
+        if kind != "LoadBalancer" or found["external_policy"] != "Local":
+            raise doc.fail(
+                "spec.healthCheckNodePort",
+                "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+                "remove it (it is allocated for such Services)",
+            )
+        if not low <= health <= high:
+            raise doc.fail(
+                "spec.healthCheckNodePort",
+                f"{health} is outside {low}-{high}",
+                f"pick a port from {low} to {high}",
+            )
+        found["health_check_node_port"] = health
+    wanted = doc.get("spec.loadBalancerIP", "", str)
+    if wanted:
+        if kind != "LoadBalancer":
+            raise doc.fail(
+                "spec.loadBalancerIP",
+                "is set on a Service that is not a LoadBalancer",
+                "set spec.type: LoadBalancer, or remove loadBalancerIP",
+            )
+        address = doc.address(wanted, "spec.loadBalancerIP")
+        if int(address) not in lb_pool(cluster):
+            raise doc.fail(
+                "spec.loadBalancerIP",
+                f"{wanted} is not in the cluster's pool (spec.loadBalancer.addresses of the "
+                f"Cluster document: {', '.join(cluster.lb_addresses) or 'none'})",
+                "pick an address of the pool, or leave loadBalancerIP out",
+            )
+        found["load_balancer_ip"] = wanted
+    return found
+
+
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+def lb_pool(cluster: Cluster) -> list[int]:
+    """The addresses of spec.loadBalancer.addresses, in order (each a range or a CIDR)."""
+    found: list[int] = []
+    for item in cluster.lb_addresses:
+        if "-" in item:
+            first, last = (int(IPAddress(a.strip())) for a in item.split("-", 1))
+        else:
+            net = IPNetwork(item)
+            first, last = int(net.network), int(net.broadcast)
+            if net.prefixlen < 31:  # a CIDR's network and broadcast addresses are not given
+                first, last = first + 1, last - 1
+        found += [a for a in range(first, last + 1) if a not in found]
+    return found
 
 
 def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
@@ -1868,7 +2006,7 @@ def _check_node_ports(cluster: Cluster, docs: list[_Doc]) -> None:
     for svc, doc in zip(cluster.services, docs, strict=True):
         for i, port in enumerate(svc.ports):
             if port.node_port is None:
-                if svc.type == "NodePort":
+                if svc.node_ports:
                     auto.append((doc, i))
                 continue
             key = (port.node_port, port.protocol)

@@ -414,7 +414,7 @@ def test_get_expose_and_curl_through_a_new_service(cluster):
     assert sorted(row[1].split(",")) == sorted(f"{ip}:9376" for ip in web)
     services = cluster.netsim("get", "services", check=True).stdout
     row = next(line.split() for line in services.splitlines() if line.startswith("web-np "))
-    assert row[1:] == ["NodePort", cip(record, "web-np"), "8080:30080/TCP"]
+    assert row[1:] == ["NodePort", cip(record, "web-np"), "<none>", "8080:30080/TCP"]
 
     taken = cluster.netsim("expose", "deployment/web", "--port", "8081")
     assert taken.returncode != 0 and "service/web already exists" in taken.stderr

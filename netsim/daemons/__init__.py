@@ -61,11 +61,17 @@ def start(
         from netsim.daemons.kube_proxy import KubeProxy
 
         plans = os.path.join(os.path.dirname(os.path.dirname(node_dir)), "kube-proxy-plans")
-        daemons.append(KubeProxy(node.netns, config["network"], recorder("kube-proxy"), plans))
+        daemons.append(
+            KubeProxy(node.netns, config["network"], recorder("kube-proxy"), plans, node.name)
+        )
     else:
         from netsim.daemons.kube_proxy import UserspaceKubeProxy
 
         daemons.append(UserspaceKubeProxy(node.netns, node.ip, proxy, recorder("kube-proxy")))
+
+    from netsim.daemons.speaker import Speaker  # MetalLB's, layer 2: idle without addresses
+
+    daemons.append(Speaker(node, recorder("speaker")))
 
     def report(applied: dict[str, int]) -> None:
         try:

@@ -28,10 +28,19 @@ class KubeProxy:
     name = "kube-proxy"
     prefixes = (registry.SERVICES_ALL,)
 
-    def __init__(self, netns: str, cluster_cidr: str, event: Callable[[str], None], plans: str):
+    def __init__(
+        self,
+        netns: str,
+        cluster_cidr: str,
+        event: Callable[[str], None],
+        plans: str,
+        node: str = "",
+    ):
         self.netns, self.cluster_cidr, self.event = netns, cluster_cidr, event
         self.plans = plans  # the directory of shared plans
+        self.node = node
         self.synced: dict[str, bytes] | None = None  # what the table holds; None: nothing yet
+        self.health = HealthChecks(netns)
 
     def sync(self, view: dict) -> None:
         from netsim.kernel import proc
@@ -42,14 +51,17 @@ class KubeProxy:
         previous = self.synced
         proc.in_child(lambda: self._program(previous, current))
         self.synced = current
+        self.health.sync(current, self.node)
 
     def _program(self, previous: dict | None, current: dict) -> None:
         """In the child: the plan (shared, or computed), then the node's table."""
         from netsim.kernel import nft
 
-        key = _digest(previous, current, self.cluster_cidr)
+        # a Service with a Local traffic policy is programmed per node: its own endpoints
+        node = self.node if _local(previous) or _local(current) else ""
+        key = _digest(previous, current, self.cluster_cidr + "/" + node)
         base, batch, summary = _shared(
-            self.plans, key, lambda: _plan(previous, current, self.cluster_cidr)
+            self.plans, key, lambda: _plan(previous, current, self.cluster_cidr, node)
         )
         if base is not None:
             nft.apply(self.netns, base)
@@ -85,16 +97,20 @@ class UserspaceKubeProxy:
         self.event(f"userspace proxy: {len(listen)} service ports")
 
 
-def _plan(previous: dict | None, current: dict, cluster_cidr: str) -> tuple:
+def _local(objects: dict | None) -> bool:
+    return any(b'TrafficPolicy":"Local"' in v for v in (objects or {}).values())
+
+
+def _plan(previous: dict | None, current: dict, cluster_cidr: str, node: str = "") -> tuple:
     """(the table's fixed part as nft -f text on a first sync, else None; the batch; what
     the sync did, in words)."""
     from netsim.kubeproxy import nftables as kp
 
-    ports = _ports(current)
+    ports = _ports(current, node)
     if previous is None:
         base, batch = kp.first_sync(ports, cluster_cidr)
         return base, batch, f"synced the table: {len(ports)} service ports"
-    before = _ports(previous)
+    before = _ports(previous, node)
     batch = kp.changes(before, ports, cluster_cidr)
     return None, batch, _summary(before, ports) if len(batch) else ""
 
@@ -139,7 +155,7 @@ def _shared(directory: str, key: str, make: Callable[[], tuple]) -> tuple:
     return plan
 
 
-def _ports(objects: dict[str, bytes]) -> list:
+def _ports(objects: dict[str, bytes], node: str = "") -> list:
     import json
 
     from netsim.model import object_key
@@ -150,7 +166,7 @@ def _ports(objects: dict[str, bytes]) -> list:
             if key.startswith(prefix):
                 namespace, name = key[len(prefix) :].split("/", 1)
                 into[object_key(namespace, name)] = json.loads(value)
-    return registry.proxy_ports(services, endpoints)
+    return registry.proxy_ports(services, endpoints, node)
 
 
 def _summary(before: list, after: list) -> str:
@@ -165,3 +181,75 @@ def _summary(before: list, after: list) -> str:
         if old[key] != new[key]:
             parts.append(f"updated {key} ({len(new[key].endpoints)} endpoints)")
     return "; ".join(parts[:5]) + (f" and {len(parts) - 5} more" if len(parts) > 5 else "")
+
+
+class HealthChecks:
+    """kube-proxy's health check node ports (pkg/proxy/healthcheck/service_health.go): for
+    each LoadBalancer Service with externalTrafficPolicy Local, an HTTP server on its
+    healthCheckNodePort in the node's namespace answering 200 while the node has endpoints
+    of it, else 503, so a load balancer sends traffic only to nodes that serve it."""
+
+    def __init__(self, netns: str):
+        self.netns = netns
+        self.servers: dict[int, object] = {}  # port -> its server
+        self.answers: dict[int, tuple[int, bytes]] = {}  # port -> (status, body)
+
+    def sync(self, objects: dict[str, bytes], node: str) -> None:
+        import json
+
+        wanted: dict[int, tuple[int, bytes]] = {}
+        for key, value in objects.items():
+            if not key.startswith(registry.SERVICES) or b"healthCheckNodePort" not in value:
+                continue
+            svc = json.loads(value)
+            port = svc["spec"].get("healthCheckNodePort")
+            if not port:
+                continue
+            where = key[len(registry.SERVICES) :]
+            ends = objects.get(registry.ENDPOINTS + where)
+            addresses = [
+                a
+                for subset in (json.loads(ends).get("subsets", []) if ends else [])
+                for a in subset.get("addresses", [])
+            ]
+            local = len({a["ip"] for a in addresses if a.get("nodeName") == node})
+            namespace, name = where.split("/", 1)
+            body = {
+                "service": {"namespace": namespace, "name": name},
+                "localEndpoints": local,
+                "serviceProxyHealthy": True,
+            }
+            wanted[port] = (200 if local else 503, json.dumps(body).encode())
+        self.answers = wanted
+        for port in [p for p in self.servers if p not in wanted]:
+            self.servers.pop(port).shutdown()
+        for port in wanted:
+            if port not in self.servers:
+                self.servers[port] = self._serve(port)
+
+    def _serve(self, port: int):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from netsim.kernel import netns as nsmod
+
+        checks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 -- http.server's name
+                status, body = checks.answers.get(port, (503, b"{}"))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        with nsmod.entered(self.netns):  # the listening socket lives in the node's namespace
+            server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True, name=f"healthz-{port}").start()
+        return server

@@ -34,7 +34,7 @@ NEWCHAIN, DELCHAIN, NEWRULE, DELRULE = 3, 5, 6, 8
 NEWSET, DELSET, NEWSETELEM, DELSETELEM = 9, 11, 12, 14
 
 # verdicts (signed, sent big-endian)
-JUMP, GOTO = -3, -4
+DROP, JUMP, GOTO = 0, -3, -4
 DATA_VERDICT = 0xFFFFFF00  # NFT_DATA_VERDICT: a map whose values are verdicts
 
 # set flags and key types
@@ -182,6 +182,15 @@ def dnat(addr_reg: int, proto_reg: int) -> bytes:
         _u32(5, proto_reg),
         _u32(7, NAT_RANGE_PROTO_SPECIFIED),
     )
+
+
+FIB_RESULT_ADDRTYPE, FIB_F_SADDR = 3, 1
+RTN_LOCAL = 2
+
+
+def fib_saddr_type(dreg: int = REG_1) -> bytes:
+    """`fib saddr type`: the route type of the packet's source address (local: this host)."""
+    return _expr("fib", _u32(1, dreg), _u32(2, FIB_RESULT_ADDRTYPE), _u32(3, FIB_F_SADDR))
 
 
 @functools.lru_cache(maxsize=1 << 15)

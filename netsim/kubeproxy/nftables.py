@@ -126,6 +126,14 @@ def endpoints_map(sp: ProxyPort) -> str:
     return f"endpoints-{_hash(sp.key)}-{sp.key}"
 
 
+def local_chain(sp: ProxyPort) -> str:
+    return f"local-{_hash(sp.key)}-{sp.key}"
+
+
+def local_endpoints_map(sp: ProxyPort) -> str:
+    return f"local-endpoints-{_hash(sp.key)}-{sp.key}"
+
+
 def affinity_set(sp: ProxyPort, ep: Endpoint) -> str:
     name = f"{sp.key}__{ep.ip}/{ep.port}"
     return f"affinity-{_hash(name)}-{name}"
@@ -183,19 +191,39 @@ def _l4proto(proto: str) -> bytes:
     return nftnl.meta(nftnl.META_L4PROTO) + nftnl.cmp(nftnl.CMP_EQ, bytes([PROTOCOLS[proto]]))
 
 
-def _saddr_outside(cidr: str) -> bytes:
-    """`ip saddr != CIDR`: nft compares the prefix's whole bytes, or masks when it is not
-    byte-aligned."""
+def _saddr_outside(cidr: str, op: int = nftnl.CMP_NEQ) -> bytes:
+    """`ip saddr != CIDR` (or `==`): nft compares the prefix's whole bytes, or masks when it
+    is not byte-aligned."""
     net = ipaddress.ip_network(cidr, strict=False)
     if net.prefixlen % 8 == 0:
         prefix = net.network_address.packed[: net.prefixlen // 8]
-        return nftnl.payload(nftnl.NETWORK_HEADER, 12, len(prefix)) + nftnl.cmp(
-            nftnl.CMP_NEQ, prefix
-        )
+        return nftnl.payload(nftnl.NETWORK_HEADER, 12, len(prefix)) + nftnl.cmp(op, prefix)
     return (
         nftnl.payload(nftnl.NETWORK_HEADER, 12, 4)
         + nftnl.bitwise(net.netmask.packed)
-        + nftnl.cmp(nftnl.CMP_NEQ, net.network_address.packed)
+        + nftnl.cmp(op, net.network_address.packed)
+    )
+
+
+def _from_pods(cidr: str, chain: str) -> Rule:
+    """kube-proxy's local-pod detector: traffic from the pod network short-circuits to the
+    service chain (externalTrafficPolicy does not apply to pods)."""
+    return Rule(
+        f"ip saddr {cidr} goto {chain}",
+        lambda: _saddr_outside(cidr, nftnl.CMP_EQ) + _jump("goto", chain),
+    )
+
+
+def _from_host(word: str, chain: str) -> Rule:
+    """Traffic the node itself sends (its own source address) is masqueraded and served by
+    any endpoint, as kube-proxy does for externalTrafficPolicy: Local."""
+    return Rule(
+        f"fib saddr type local {word} {chain}",
+        lambda: (
+            nftnl.fib_saddr_type()
+            + nftnl.cmp(nftnl.CMP_EQ, struct.pack("=I", nftnl.RTN_LOCAL))
+            + _jump(word, chain)
+        ),
     )
 
 
@@ -301,8 +329,11 @@ def _fragment(sp: ProxyPort, cluster_cidr: str) -> tuple:
     ip_key = f"{sp.cluster_ip} . {proto} . {sp.port}"
     np_key = f"{proto} . {sp.node_port}" if sp.node_port else None
     endpoints = sorted(sp.endpoints, key=lambda e: (tuple(map(int, e.ip.split("."))), e.port))
+    lb_keys = [f"{ip} . {proto} . {sp.port}" for ip in sp.external_ips]
     if not endpoints:
-        maps.append(("no-endpoint-services", {ip_key: "goto reject-chain"}))
+        maps.append(
+            ("no-endpoint-services", dict.fromkeys([ip_key, *lb_keys], "goto reject-chain"))
+        )
         if np_key:
             maps.append(("no-endpoint-nodeports", {np_key: "goto reject-chain"}))
         return chains, sets, maps, sp.cluster_ip
@@ -324,11 +355,38 @@ def _fragment(sp: ProxyPort, cluster_cidr: str) -> tuple:
     )
     rules.append(_round_robin(len(endpoints), choices))
     chains[chain] = tuple(rules)
-    maps.append(("service-ips", {ip_key: f"goto {chain}"}))
-    if np_key:
+    # a Local policy: this node's own endpoints only, and nothing when it has none
+    local = sorted(sp.local_endpoints, key=lambda e: (tuple(map(int, e.ip.split("."))), e.port))
+    to_local = "drop"
+    if (sp.internal_local or sp.external_local) and local:
+        to_local = f"goto {local_chain(sp)}"
+        own = local_endpoints_map(sp)
+        local_rules = []
+        if sp.affinity_timeout:
+            local_rules += [_affine(affinity_set(sp, ep), endpoint_chain(sp, ep)) for ep in local]
+        maps.append((own, {str(i): f"goto {endpoint_chain(sp, ep)}" for i, ep in enumerate(local)}))
+        local_rules.append(_round_robin(len(local), own))
+        chains[local_chain(sp)] = tuple(local_rules)
+    maps.append(("service-ips", {ip_key: to_local if sp.internal_local else f"goto {chain}"}))
+    if np_key or lb_keys:
         ext = external_chain(sp)
-        chains[ext] = (_bare("jump", "mark-for-masquerade"), _bare("goto", chain))
-        maps.append(("service-nodeports", {np_key: f"goto {ext}"}))
+        if sp.external_local and not local:
+            verdict = "drop"  # no endpoint on this node: external traffic is dropped
+        elif sp.external_local:
+            chains[ext] = (
+                _from_pods(cluster_cidr, chain),
+                _from_host("jump", "mark-for-masquerade"),
+                _from_host("goto", chain),
+                _bare("goto", local_chain(sp)),
+            )
+            verdict = f"goto {ext}"
+        else:
+            chains[ext] = (_bare("jump", "mark-for-masquerade"), _bare("goto", chain))
+            verdict = f"goto {ext}"
+        if np_key:
+            maps.append(("service-nodeports", {np_key: verdict}))
+        if lb_keys:
+            maps.append(("service-ips", dict.fromkeys(lb_keys, verdict)))
     return chains, sets, maps, sp.cluster_ip
 
 
@@ -385,7 +443,9 @@ def _key(map_name: str, key: str) -> bytes:
     return b"".join(parts)
 
 
-def _map_verdict(value: str) -> tuple[int, str]:
+def _map_verdict(value: str) -> tuple[int, str | None]:
+    if value == "drop":
+        return (nftnl.DROP, None)
     word, chain = value.split(" ", 1)
     return _verdict(word, chain)
 

@@ -26,6 +26,12 @@ class ProxyPort(NamedTuple):
     node_port: int | None
     endpoints: tuple[Endpoint, ...]
     affinity_timeout: int | None  # seconds with ClientIP affinity, None without
+    external_ips: tuple[str, ...] = ()  # the load balancer's addresses (status.loadBalancer)
+    external_local: bool = False  # externalTrafficPolicy: Local
+    internal_local: bool = False  # internalTrafficPolicy: Local
+    # with a Local policy: the endpoints on this node (each node's kube-proxy has its own)
+    local_endpoints: tuple[Endpoint, ...] = ()
+    health_check_port: int | None = None  # healthCheckNodePort: LoadBalancer + Local
 
     @property
     def key(self) -> str:
