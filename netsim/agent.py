@@ -174,15 +174,36 @@ class Agent:
         self.exits[proc.pid] = fd
         self.sel.register(fd, selectors.EVENT_READ, ("exit", (proc, then)))
 
+    def watch_fd(self, fd: int, then: Callable[[bool], None]) -> None:
+        """Call `then(True)` on the loop once a byte comes on fd, `then(False)` when it
+        closes first; the fd is closed after."""
+        self.sel.register(fd, selectors.EVENT_READ, ("signal", then))
+
+    def _on_signal(self, fd: int, then: Callable[[bool], None]) -> None:
+        self.sel.unregister(fd)
+        data = os.read(fd, 1)
+        os.close(fd)
+        then(bool(data))
+
     def unwatch(self, proc: subprocess.Popen) -> None:
         fd = self.exits.pop(proc.pid, None)
         if fd is not None:
             self.sel.unregister(fd)
             os.close(fd)
 
-    def spawn(self, argv, env: dict, log_path: str, netns: str, hostname: str, namespace: str):
+    def spawn(
+        self,
+        argv,
+        env: dict,
+        log_path: str,
+        netns: str,
+        hostname: str,
+        namespace: str,
+        keep: tuple[int, ...] = (),
+    ):
         """A container's process: in the pod's namespaces (network, mount with its
-        resolv.conf and service account, UTS with its name), output to its log."""
+        resolv.conf and service account, UTS with its name), output to its log; `keep`:
+        descriptors it inherits."""
         from netsim.kernel.proc import die_with_parent
 
         agent = os.getpid()
@@ -202,6 +223,7 @@ class Agent:
                 env=env,
                 cwd="/",
                 preexec_fn=enter,
+                pass_fds=keep,
             )
 
     def _on_exit(self, fd: int, data: tuple) -> None:

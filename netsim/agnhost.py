@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import sys
@@ -67,9 +68,12 @@ def serve_hostname(argv: list[str]) -> int:
         return 1
     hostname = socket.gethostname()
     if args.tcp:
-        threading.Thread(target=_tcp_hostname, args=(args.port, hostname), daemon=True).start()
+        listener = socket.create_server(("", args.port), reuse_port=False, backlog=128)
+        threading.Thread(target=_tcp_hostname, args=(listener, hostname), daemon=True).start()
     if args.udp:
-        threading.Thread(target=_udp_hostname, args=(args.port, hostname), daemon=True).start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("", args.port))
+        threading.Thread(target=_udp_hostname, args=(sock, hostname), daemon=True).start()
     if args.http:
         close = args.close
 
@@ -80,22 +84,33 @@ def serve_hostname(argv: list[str]) -> int:
         server = _Server(("", args.port), Hostname)
         threading.Thread(target=server.serve_forever, daemon=True).start()
     log(f"Serving on port {args.port}.")
+    started()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     log("Exiting.")
     return 0
 
 
-def _tcp_hostname(port: int, hostname: str) -> None:
-    listener = socket.create_server(("", port), reuse_port=False, backlog=128)
+def started() -> None:
+    """Tell the node agent the servers listen (agnhost, in Go, does so within a millisecond
+    of its start; this Python one takes a hundred): the container counts as started, and
+    ready without a readiness probe, from now on, not from its fork."""
+    fd = os.environ.pop("NETSIM_STARTED_FD", "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), b"1")
+            os.close(int(fd))
+        except OSError:
+            pass
+
+
+def _tcp_hostname(listener: socket.socket, hostname: str) -> None:
     while True:
         conn, _ = listener.accept()
         with conn:
             conn.sendall(hostname.encode())
 
 
-def _udp_hostname(port: int, hostname: str) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("", port))
+def _udp_hostname(sock: socket.socket, hostname: str) -> None:
     while True:
         _, peer = sock.recvfrom(2048)
         sock.sendto(hostname.encode(), peer)
@@ -198,6 +213,8 @@ def netexec(argv: list[str]) -> int:
     server = _Server(("", args.http_port), NetExec)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     log(f"Started HTTP server on port {args.http_port}")
+    udp_up.wait(5)
+    started()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     terminating.set()
     log("Exiting.")
@@ -273,6 +290,7 @@ def connect(argv: list[str]) -> int:
 
 
 def pause(_: list[str]) -> int:
+    started()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     return 0
 

@@ -108,26 +108,48 @@ class PodContainers:
         hostname = self.spec.get("hostname", self.name)
         env = {"PATH": PATH, "HOME": "/root", "HOSTNAME": hostname}
         env |= self.environment() | container.get("env", {})
+        # netsim's agnhost says when it listens (netsim/agnhost.py `started`)
+        signals = list(container["argv"][1:3]) == ["-m", "netsim.agnhost"]
+        keep: tuple[int, ...] = ()
+        if signals:
+            signal_read, signal_write = os.pipe()
+            env["NETSIM_STARTED_FD"] = str(signal_write)
+            keep = (signal_write,)
         try:
             proc = self.host.spawn(
-                container["argv"], env, path, self.spec["netns"], hostname, self.namespace
+                container["argv"], env, path, self.spec["netns"], hostname, self.namespace, keep
             )
         except (OSError, subprocess.SubprocessError) as exc:
             with open(path, "a") as log:
                 log.write(f"failed to start container {name}: {exc}\n")
             self._ended(container, 128, "StartError", time.time(), str(exc))
             return
+        finally:
+            if signals:
+                os.close(signal_write)
         self.procs[name], self.started[name] = proc, time.time()
+        ready = container.get("readiness") is None and container in self.main
         status |= {
             "state": {"running": {"startedAt": timestamp()}},
             "started": True,
-            "ready": container.get("readiness") is None and container in self.main,
+            "ready": ready and not signals,
         }
+        if signals:
+            self.host.watch_fd(
+                signal_read, lambda up, c=container, p=proc: self._up(c, p, up, ready)
+            )
         self.host.watch_exit(proc, lambda code, c=container: self._exited(c, code))
         if container.get("readiness") and container in self.main:
             self.probes[name] = [0, 0]
             self._later(container["readiness"].get("initialDelaySeconds", 0), container)
         self.changed(self.name)
+
+    def _up(self, container: dict, proc, up: bool, ready: bool) -> None:
+        """The container's program listens: ready now (without a readiness probe)."""
+        name = container["name"]
+        if up and ready and self.procs.get(name) is proc and not self.stopped:
+            self.status[name]["ready"] = True
+            self.changed(self.name)
 
     def _exited(self, container: dict, code: int) -> None:
         name = container["name"]
