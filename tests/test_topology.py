@@ -316,6 +316,87 @@ CASES = [
         "spec.cni.flannel.Network",
         "10.244.1.0/16 has host bits set",
     ),
+    (
+        "pod-names",
+        [put(CLUSTER, {"spec.controlPlane.podNames": "Random"})],
+        "spec.controlPlane.podNames",
+        "'Random' is not a way to name pods",
+    ),
+    (
+        "strategy-type",
+        [put(DEPLOYMENT, {"spec.strategy.type": "BlueGreen"})],
+        "spec.strategy.type",
+        "'BlueGreen' is not a strategy",
+    ),
+    (
+        "surge-and-unavailable-zero",
+        [put(DEPLOYMENT, {"spec.strategy.rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}})],
+        "spec.strategy.rollingUpdate.maxUnavailable",
+        "may not be 0 when maxSurge is 0",
+    ),
+    (
+        "surge-not-a-percentage",
+        [put(DEPLOYMENT, {"spec.strategy.rollingUpdate": {"maxSurge": "25"}})],
+        "spec.strategy.rollingUpdate.maxSurge",
+        "'25' is not a number or a percentage",
+    ),
+    (
+        "recreate-with-rolling-update",
+        [put(DEPLOYMENT, {"spec.strategy": {"type": "Recreate", "rollingUpdate": {}}})],
+        "spec.strategy.rollingUpdate",
+        "may not be given when strategy type is 'Recreate'",
+    ),
+    (
+        "min-ready-negative",
+        [put(DEPLOYMENT, {"spec.minReadySeconds": -1})],
+        "spec.minReadySeconds",
+        "-1 is negative",
+    ),
+    (
+        "lb-pool-outside-segments",
+        [put(CLUSTER, {"spec.loadBalancer.addresses": ["10.0.0.1-10.0.0.9"]})],
+        "spec.loadBalancer.addresses[0]",
+        "is not inside one underlay segment",
+    ),
+    (
+        "lb-pool-holds-a-node",
+        [put(CLUSTER, {"spec.loadBalancer.addresses": ["172.18.0.0/28"]})],
+        "spec.loadBalancer.addresses[0]",
+        "holds 172.18.0.2, the address of node n1",
+    ),
+    (
+        "lb-pool-backwards",
+        [put(CLUSTER, {"spec.loadBalancer.addresses": ["172.18.0.20-172.18.0.10"]})],
+        "spec.loadBalancer.addresses[0]",
+        "ends before it begins",
+    ),
+    (
+        "lb-ip-outside-pool",
+        [
+            put(CLUSTER, {"spec.loadBalancer.addresses": ["172.18.0.200-172.18.0.201"]}),
+            put(SERVICE, {"spec.type": "LoadBalancer", "spec.loadBalancerIP": "172.18.0.9"}),
+        ],
+        "spec.loadBalancerIP",
+        "172.18.0.9 is not in the cluster's pool",
+    ),
+    (
+        "etp-on-cluster-ip",
+        [put(SERVICE, {"spec.externalTrafficPolicy": "Local"})],
+        "spec.externalTrafficPolicy",
+        "may only be set when `type` is 'NodePort' or 'LoadBalancer'",
+    ),
+    (
+        "itp-unknown",
+        [put(SERVICE, {"spec.internalTrafficPolicy": "Nearest"})],
+        "spec.internalTrafficPolicy",
+        "'Nearest' is not a traffic policy",
+    ),
+    (
+        "health-check-port-without-local",
+        [put(SERVICE, {"spec.type": "LoadBalancer", "spec.healthCheckNodePort": 30500})],
+        "spec.healthCheckNodePort",
+        "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+    ),
 ]
 
 
@@ -1134,3 +1215,28 @@ def test_namespaces_are_declared_and_names_are_unique_in_each():
     assert (pod.namespace, pod.key) == ("x", f"x.{pod.name}")
     err = one_line(fail(build(put(POD, {"metadata.namespace": "y"}))), "metadata.namespace")
     assert "not found" in err.problem and "Namespace" in err.fix
+
+
+def test_load_balancer_services_take_pool_addresses_and_node_ports():
+    from netsim import services
+    from netsim.record import Record
+    from netsim.transaction import Changes
+
+    text = build(
+        put(CLUSTER, {"spec.loadBalancer.addresses": ["172.18.0.200-172.18.0.201"]}),
+        put(SERVICE, {"spec.type": "LoadBalancer", "spec.externalTrafficPolicy": "Local"}),
+        extra(SERVICE, {"metadata.name": "two", "spec.externalTrafficPolicy": "Cluster"}),
+        extra(SERVICE, {"metadata.name": "three", "spec.externalTrafficPolicy": "Cluster"}),
+    )
+    cluster, _ = topology.parse(text, FILE)
+    record = Record(cluster.name, None, None, None)
+    services.reconcile(cluster, record, Changes())
+    web, two, three = (record.services[n] for n in ("web", "two", "three"))
+    assert (web.load_balancer_ip, two.load_balancer_ip, three.load_balancer_ip) == (
+        "172.18.0.200",
+        "172.18.0.201",
+        "",  # no room left: <pending>, as MetalLB leaves it
+    )
+    assert web.ports[0].node_port and web.health_check_node_port
+    assert two.health_check_node_port is None  # Cluster policy: no health check port
+    assert len({web.ports[0].node_port, web.health_check_node_port, two.ports[0].node_port}) == 3

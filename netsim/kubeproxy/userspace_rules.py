@@ -1,5 +1,6 @@
 """The node's nftables for kube-proxy's userspace mode: each Service port's ClusterIP (and
-NodePort) traffic goes to the port the node agent's proxy listens on for it.
+NodePort, and load balancer address) traffic goes to the port the node agent's proxy listens
+on for it. The traffic policies (Local) came after this mode and were never part of it.
 
 kube-proxy's userspace mode used iptables REDIRECT for traffic arriving from containers and DNAT
 to the host's own IP for traffic the host sends. netsim DNATs both to the node's IP: Calico's
@@ -45,9 +46,8 @@ def ruleset(ports: list[ProxyPort], listen: dict[str, int], node_ip: str, fresh:
         if not target:
             continue
         proto = sp.protocol.lower()
-        rules.append(
-            f"    ip daddr {sp.cluster_ip} {proto} dport {sp.port} dnat to {node_ip}:{target}"
-        )
+        for ip in (sp.cluster_ip, *sp.external_ips):  # a load balancer's address too
+            rules.append(f"    ip daddr {ip} {proto} dport {sp.port} dnat to {node_ip}:{target}")
         if sp.node_port:
             rules.append(
                 f"    fib daddr type local {proto} dport {sp.node_port} dnat to {node_ip}:{target}"
