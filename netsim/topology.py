@@ -503,6 +503,13 @@ class _Doc:
             raise self.fail(path, f"expected {_noun(names)}, got {_show(node)}")
         return node
 
+    def choice(self, path: str, choices: tuple, default: str, problem: str, fix: str) -> str:
+        """A field that takes one of `choices`; `problem` names the value given at {}."""
+        value = self.get(path, default, str)
+        if value not in choices:
+            raise self.fail(path, problem.format(_show(value)), fix)
+        return value
+
     def name(self, value: Any, field: str) -> str:
         if not isinstance(value, str) or not DNS1123_LABEL.fullmatch(value):
             raise self.fail(
@@ -934,13 +941,13 @@ def _cluster(doc: _Doc) -> Cluster:
             "use a larger pool or a longer blockSize",
         )
     cni_version, plugins = _chain(doc)
-    proxy_mode = doc.get("spec.kubeProxy.mode", "nftables", str)
-    if proxy_mode not in ("nftables", "userspace"):
-        raise doc.fail(
-            "spec.kubeProxy.mode",
-            f"unknown kube-proxy mode {_show(proxy_mode)}",
-            "use nftables (the default) or userspace",
-        )
+    proxy_mode = doc.choice(
+        "spec.kubeProxy.mode",
+        ("nftables", "userspace"),
+        "nftables",
+        "unknown kube-proxy mode {}",
+        "use nftables (the default) or userspace",
+    )
     cluster = Cluster(
         name=name,
         mode=mode,
@@ -961,14 +968,14 @@ def _cluster(doc: _Doc) -> Cluster:
         eviction_timeout=eviction_timeout,
         lb_addresses=lb_addresses,
     )
-    cluster.pod_names = doc.get("spec.controlPlane.podNames", "ReplicaSet", str)
-    if cluster.pod_names not in POD_NAMES:
-        raise doc.fail(
-            "spec.controlPlane.podNames",
-            f"{_show(cluster.pod_names)} is not a way to name pods",
-            "use ReplicaSet (<replicaset>-<5 chars>, rolling updates) or Ordinal (<name>-0, "
-            "<name>-1, ...; a new template replaces the pods in place)",
-        )
+    cluster.pod_names = doc.choice(
+        "spec.controlPlane.podNames",
+        POD_NAMES,
+        "ReplicaSet",
+        "{} is not a way to name pods",
+        "use ReplicaSet (<replicaset>-<5 chars>, rolling updates) or Ordinal (<name>-0, "
+        "<name>-1, ...; a new template replaces the pods in place)",
+    )
     for warning in modes.get(mode).validate(cluster, doc.fail):
         doc.ignored.add(f"warning: {warning}")
     return cluster
@@ -1731,13 +1738,13 @@ def _annotations(doc: _Doc, path: str) -> dict[str, str]:
 
 def _strategy(doc: _Doc) -> tuple[str, int | str, int | str]:
     """spec.strategy: its type, and maxSurge / maxUnavailable as numbers or percentages."""
-    kind = doc.get("spec.strategy.type", "RollingUpdate", str)
-    if kind not in ("RollingUpdate", "Recreate"):
-        raise doc.fail(
-            "spec.strategy.type",
-            f"{_show(kind)} is not a strategy",
-            "use RollingUpdate or Recreate",
-        )
+    kind = doc.choice(
+        "spec.strategy.type",
+        ("RollingUpdate", "Recreate"),
+        "RollingUpdate",
+        "{} is not a strategy",
+        "use RollingUpdate or Recreate",
+    )
     if kind == "Recreate" and doc.get("spec.strategy.rollingUpdate") is not None:
         raise doc.fail(
             "spec.strategy.rollingUpdate",
@@ -1932,12 +1939,13 @@ def _traffic(doc: _Doc, kind: str, cluster: Cluster) -> dict:
         ("spec.externalTrafficPolicy", "external_policy"),
         ("spec.internalTrafficPolicy", "internal_policy"),
     ):
-        policy = doc.get(field, "Cluster", str)
-        if policy not in ("Cluster", "Local"):
-            raise doc.fail(
-                field, f"{_show(policy)} is not a traffic policy", "use Cluster or Local"
-            )
-        found[key] = policy
+        found[key] = doc.choice(
+            field,
+            ("Cluster", "Local"),
+            "Cluster",
+            "{} is not a traffic policy",
+            "use Cluster or Local",
+        )
     if found["external_policy"] == "Local" and kind == "ClusterIP":
         raise doc.fail(
             "spec.externalTrafficPolicy",
