@@ -251,7 +251,15 @@ def deployment_status(store, record: Record, key: str) -> dict | None:
     obj = held.json()
     state_ = record.rollouts.get(key)
     new = state_.by_hash(rollout.template_hash(dep.template)) if state_ else None
-    every = [p for rs in state_.replicasets for p in rs.pods] if state_ else []
+    if state_ is not None:
+        every = [p for rs in state_.replicasets for p in rs.pods]
+    else:  # pods by ordinal: all of them are the template's
+        every = [
+            e.pod.name
+            for e in record.pods.values()
+            if e.pod.owner == dep.name and e.pod.namespace == dep.namespace
+        ]
+        new = rollout.ReplicaSetState("", 0, dep.template, every)
     keys = [object_key(dep.namespace, p) for p in every]
     found = _statuses(store, [record.pods[k].pod for k in keys if k in record.pods])
     ready = {k for k, s in found.items() if "error" not in s and s.get("ready", True)}
@@ -259,7 +267,8 @@ def deployment_status(store, record: Record, key: str) -> dict | None:
 
     def available(pod: str) -> bool:
         k = object_key(dep.namespace, pod)
-        since = state_.ready_since.get(pod, now) if dep.min_ready else now
+        # ready since the controller saw it so, or (ready after its last step) since then
+        since = state_.ready_since.get(pod, state_.checked) if dep.min_ready and state_ else now
         return k in ready and now - since >= dep.min_ready
 
     status = obj.get("status", {})
