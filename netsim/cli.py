@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from netsim import cluster as clustermod
-from netsim import columns, probe, services, state, teardown, topology
+from netsim import columns, imperative, probe, services, state, teardown, topology
 from netsim import store as storemod
 from netsim.containers import PATH
 from netsim.errors import NetsimError, TopologyError, UsageError
@@ -344,8 +344,6 @@ def _delete_pod(args) -> int:
     """`kubectl delete pod`: the pod's endpoints leave every node's Services, then it goes. A
     Deployment's pod is made again at once, as its ReplicaSet would (same name, fresh
     namespace); a bare Pod stays away until the next `apply -f`."""
-    from netsim import imperative
-
     words = args.pod[0].split("/", 1) + args.pod[1:] if args.pod else []
     if (
         not args.file
@@ -441,7 +439,7 @@ def cmd_get(args) -> int:
     }.get(args.what, args.what)
     if what == "events":
         return _events(record, args.output)
-    from netsim import imperative, registry, selector
+    from netsim import registry, selector
 
     chosen = selector.parse(args.selector or "")
 
@@ -687,8 +685,6 @@ def cmd_describe(args) -> int:
         return 0
     if not args.name:
         raise UsageError(f"describe {args.what} needs a name")
-    from netsim import imperative
-
     if args.what in ("deployment", "deployments", "deploy"):
         print(imperative.describe_deployment(record, args.name))
         return 0
@@ -1179,8 +1175,6 @@ def _late_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _imperative_parsers(sub) -> None:
-    from netsim import imperative
-
     st = sub.add_parser("set", help="set image deployment/NAME CONTAINER=IMAGE: a rolling update")
     st.add_argument("what", metavar="image")
     st.add_argument("words", nargs="+", metavar="deployment/NAME CONTAINER=IMAGE")
