@@ -283,7 +283,12 @@ def cmd_expose(args) -> int:
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": args.name or name, "namespace": NAMESPACE[0]},
+        "metadata": {"name": args.name or name, "namespace": NAMESPACE[0]}
+        | (  # kubectl expose gives the Service the Deployment's labels
+            {"labels": deployment["metadata"]["labels"]}
+            if deployment["metadata"].get("labels")
+            else {}
+        ),
         "spec": {
             "type": args.type,
             "selector": selector,
@@ -457,6 +462,8 @@ def cmd_get(args) -> int:
             counts[p["spec"]["nodeName"]] = counts.get(p["spec"]["nodeName"], 0) + 1
         items = []
         for obj in registry.listed(store, registry.NODES):
+            if not chosen(obj["metadata"].get("labels") or {}):
+                continue
             n = obj["metadata"]["name"]
             local = record.nodes.get(n)
             items.append(
@@ -1194,7 +1201,12 @@ def _imperative_parsers(sub) -> None:
         v.set_defaults(func=imperative.cmd_rollout, timeout=0.0, watch=True, revision=0)
         v.set_defaults(to_revision=0)
         if verb == "status":
-            v.add_argument("--timeout", type=float, default=0.0, help="seconds (0: no limit)")
+            v.add_argument(
+                "--timeout",
+                type=imperative.duration,
+                default=0.0,
+                help="how long to wait: 90s, 2m, ... (0: no limit)",
+            )
             v.add_argument("-w", "--watch", type=lambda t: t.lower() != "false", default=True)
         elif verb == "history":
             v.add_argument("--revision", type=int, default=0)

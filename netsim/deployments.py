@@ -44,7 +44,8 @@ def reconcile(
     for dep in cluster.deployments:
         state = _copy(record.rollouts.get(dep.key)) if record else RolloutState()
         seen = _observe(dep, state, record, store, now)
-        rollout.observe(state, seen)
+        if seen.ready or rolling(dep, state):  # what was read (a rest keeps its clock)
+            rollout.observe(state, seen)
         strategy = rollout.Strategy(dep.strategy, dep.max_surge, dep.max_unavailable)
         sizes = {rs.hash: rs.replicas for rs in state.replicasets}
         rollout.step(
@@ -149,12 +150,6 @@ def objects(record: Record) -> dict[str, dict]:
     return found
 
 
-def _ready(record: Record, namespace: str, names: list[str]) -> int:
-    return sum(
-        record.pods[k].ready for k in (object_key(namespace, n) for n in names) if k in record.pods
-    )
-
-
 def deployment_object(dep: Deployment, state: RolloutState | None, record: Record) -> dict:
     spec: dict = {
         "replicas": dep.replicas,
@@ -175,23 +170,16 @@ def deployment_object(dep: Deployment, state: RolloutState | None, record: Recor
     meta: dict = {"name": dep.name, "namespace": dep.namespace, "labels": dict(dep.labels)}
     status: dict = {"observedGeneration": 1}
     if state is not None and state.replicasets:
-        new = state.by_hash(rollout.template_hash(dep.template)) or state.newest()
+        new = state.by_hash(rollout.template_hash(dep.template))
         meta["annotations"] = {rollout.REVISION: str(state.newest().revision)}
         pods = [p for rs in state.replicasets for p in rs.pods]
-        status |= {
-            "replicas": len(pods),
-            "updatedReplicas": new.replicas,
-            "readyReplicas": _ready(record, dep.namespace, pods),
-        }
+        # (ready and available pods are the kubelets' to say: `get deployments` reads them)
+        status |= {"replicas": len(pods), "updatedReplicas": new.replicas if new else 0}
         status["conditions"] = [_progressing(dep, state)]
     else:  # pods by ordinal: made in place by each apply, nothing left to roll
         made = [k for k, p in record.pods.items() if p.pod.owner == dep.name]
         made = [k for k in made if record.pods[k].pod.namespace == dep.namespace]
-        status |= {
-            "replicas": len(made),
-            "updatedReplicas": len(made),
-            "readyReplicas": sum(record.pods[k].ready for k in made),
-        }
+        status |= {"replicas": len(made), "updatedReplicas": len(made)}
     return {
         "kind": "Deployment",
         "apiVersion": "apps/v1",
@@ -240,10 +228,7 @@ def replicaset_object(dep: Deployment, rs: rollout.ReplicaSetState, record: Reco
             "selector": {"matchLabels": {**dep.selector, rollout.HASH_LABEL: rs.hash}},
             "template": rs.template,
         },
-        "status": {
-            "replicas": rs.replicas,
-            "readyReplicas": _ready(record, dep.namespace, rs.pods),
-        },
+        "status": {"replicas": rs.replicas},
     }
 
 

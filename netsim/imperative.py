@@ -152,6 +152,11 @@ def cmd_rollout(args) -> int:
     if verb == "history":
         return _history(state_, name, args.revision)
     if verb == "undo":
+        if record.deployments[key].paused:
+            raise NetsimError(
+                "you cannot rollback a paused deployment; resume it first with "
+                "`netsim rollout resume` and try again"
+            )
         revisions = sorted((rs.revision for rs in state_.replicasets), reverse=True)
         if args.to_revision:
             wanted = args.to_revision
@@ -239,8 +244,8 @@ def pod_template(template: dict, hash_: str = "") -> str:
 
 def deployment_status(store, record: Record, key: str) -> dict | None:
     """The Deployment's counts as `rollout status` and `get deployments` read them: the
-    stored object, and how many of its new ReplicaSet's pods their kubelets report ready
-    (for minReadySeconds: ready that long, by the controller's clock in the record)."""
+    stored object, and how many of its pods their kubelets report ready, and available (for
+    minReadySeconds: ready that long, by the controller's clock in the record)."""
     from netsim.deployments import DEPLOYMENTS
     from netsim.pods import _statuses
 
@@ -250,16 +255,14 @@ def deployment_status(store, record: Record, key: str) -> dict | None:
         return None
     obj = held.json()
     state_ = record.rollouts.get(key)
-    new = state_.by_hash(rollout.template_hash(dep.template)) if state_ else None
     if state_ is not None:
         every = [p for rs in state_.replicasets for p in rs.pods]
-    else:  # pods by ordinal: all of them are the template's
+    else:  # pods by ordinal
         every = [
             e.pod.name
             for e in record.pods.values()
             if e.pod.owner == dep.name and e.pod.namespace == dep.namespace
         ]
-        new = rollout.ReplicaSetState("", 0, dep.template, every)
     keys = [object_key(dep.namespace, p) for p in every]
     found = _statuses(store, [record.pods[k].pod for k in keys if k in record.pods])
     ready = {k for k, s in found.items() if "error" not in s and s.get("ready", True)}
@@ -278,7 +281,7 @@ def deployment_status(store, record: Record, key: str) -> dict | None:
         "updated": status.get("updatedReplicas", 0),
         "total": status.get("replicas", 0),
         "ready": len(ready),
-        "available": sum(map(available, new.pods)) if new else 0,
+        "available": sum(map(available, every)),  # old and new, as availableReplicas
         "reason": next(
             (c.get("reason") for c in status.get("conditions", []) if c["type"] == "Progressing"),
             "",
@@ -512,8 +515,11 @@ def replicaset_items(store, record: Record, shown) -> list[dict]:
                 "namespace": meta["namespace"],
                 "labels": meta.get("labels", {}),
                 "desired": obj["spec"]["replicas"],
-                "current": len(pods),
-                "ready": sum("error" not in s and s.get("ready", True) for s in found.values()),
+                "current": obj["status"]["replicas"],  # terminating pods are not counted
+                "ready": min(
+                    obj["status"]["replicas"],
+                    sum("error" not in s and s.get("ready", True) for s in found.values()),
+                ),
                 "revision": meta["annotations"].get(rollout.REVISION, ""),
                 "age": now - (rs.created if rs else now),
                 "object": obj,
@@ -613,4 +619,25 @@ def describe_service(record: Record, name: str) -> str:
         addresses = [f"{e['ip']}:{e['ports'][i]}" for e in item["endpoints"] if e["ports"][i]]
         lines.append(f"Endpoints:         {','.join(addresses) or '<none>'}")
     lines.append(f"Session Affinity:  {spec.get('sessionAffinity', 'None')}")
+    if spec.get("type") == "LoadBalancer":
+        lines.append(f"LoadBalancer Ingress:     {item['externalIP']} (VIP)")
+    if spec.get("externalTrafficPolicy"):
+        lines.append(f"External Traffic Policy:  {spec['externalTrafficPolicy']}")
+    lines.append(f"Internal Traffic Policy:  {spec.get('internalTrafficPolicy', 'Cluster')}")
+    if spec.get("healthCheckNodePort"):
+        lines.append(f"HealthCheck NodePort:     {spec['healthCheckNodePort']}")
     return "\n".join(lines)
+
+
+def duration(text: str) -> float:
+    """kubectl's durations for --timeout: 90, 90s, 2m, 1h, 1m30s."""
+    import argparse
+    import re
+
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: write e.g. 90s, 2m or 1m30s")
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)

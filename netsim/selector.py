@@ -46,6 +46,10 @@ def _term(found: re.Match) -> Callable[[Labels], bool]:
     if found["skey"]:
         key, negate = found["skey"], found["op"] == "notin"
         values = {v.strip() for v in found["values"].split(",") if v.strip()}
+        if not values:
+            raise NetsimError(
+                f"for 'in', 'notin' operators, values set can't be empty: {found.group(0)!r}"
+            )
         if negate:
             return lambda labels: labels.get(key) not in values
         return lambda labels: labels.get(key) in values

@@ -119,15 +119,20 @@ def _allocate_lb_ips(cluster: Cluster, record: Record) -> dict[str, str]:
 
     pool = [str(IPv4Address(a)) for a in lb_pool(cluster)]
     balanced = [s for s in cluster.services if s.type == "LoadBalancer"]
-    result = {s.key: s.load_balancer_ip for s in balanced if s.load_balancer_ip}
-    for svc in balanced:
+    result: dict[str, str] = {}
+    for svc in balanced:  # an address held stays with its Service (if it still wants it)
         old = record.services.get(svc.key)
         ip = old.load_balancer_ip if old else ""
-        if svc.key not in result and ip in pool and ip not in result.values():
+        if ip in pool and svc.load_balancer_ip in ("", ip):
             result[svc.key] = ip
+    asked = [s for s in balanced if s.key not in result and s.load_balancer_ip]
+    for svc in asked:  # asked for and free; taken by another: <pending>, as MetalLB leaves it
+        if svc.load_balancer_ip not in result.values():
+            result[svc.key] = svc.load_balancer_ip
+    taken = {s.key for s in asked}
     free = (ip for ip in pool if ip not in result.values())
     for svc in balanced:
-        if svc.key not in result:
+        if svc.key not in result and svc.key not in taken:
             ip = next(free, None)
             if ip is not None:
                 result[svc.key] = ip

@@ -1286,7 +1286,7 @@ def _lb_addresses(doc: _Doc, segments: list[Segment], hosts: list, master_ip: st
                 first, last = (IPAddress(a.strip(), 4) for a in item.split("-", 1))
             else:
                 net = IPNetwork(item, version=4)
-                first, last = net.network, net.broadcast
+                first, last = IPAddress(net.first), IPAddress(net.last)
         except (AddrFormatError, ValueError):
             raise doc.fail(where, f"{_show(item)} is not an address range", fix) from None
         if first > last:
@@ -1674,7 +1674,7 @@ def _deployment(doc: _Doc, cluster: Cluster) -> tuple[Deployment, list[Pod]]:
         *_strategy(doc),
         min_ready=_count(doc, "spec.minReadySeconds", 0),
         history_limit=_count(doc, "spec.revisionHistoryLimit", 10),
-        progress_deadline=_count(doc, "spec.progressDeadlineSeconds", 600),
+        progress_deadline=_deadline(doc),
         paused=doc.get("spec.paused", False, bool),
         cause=_annotations(doc, "metadata.annotations").get(rollout.CHANGE_CAUSE, ""),
     )
@@ -1717,6 +1717,19 @@ def template_pods(
     ]
 
 
+def _deadline(doc: _Doc) -> int:
+    """progressDeadlineSeconds: more than 0 and than minReadySeconds, as Kubernetes checks."""
+    deadline = _count(doc, "spec.progressDeadlineSeconds", 600)
+    min_ready = _count(doc, "spec.minReadySeconds", 0)
+    if deadline <= min_ready:
+        raise doc.fail(
+            "spec.progressDeadlineSeconds",
+            f"{deadline} must be greater than minReadySeconds ({min_ready})",
+            "make it longer than minReadySeconds, or leave it out (600)",
+        )
+    return deadline
+
+
 def _count(doc: _Doc, field: str, default: int) -> int:
     value = doc.get(field, default, int)
     if value < 0:
@@ -1757,10 +1770,12 @@ def _strategy(doc: _Doc) -> tuple[str, int | str, int | str]:
         value = doc.get(field, "25%", (int, str))
         if isinstance(value, str):
             digits = value[:-1]
-            if not (value.endswith("%") and digits.isdigit() and int(digits) <= 100):
+            if not (value.endswith("%") and digits.isdigit()):
                 raise doc.fail(
                     field, f"{_show(value)} is not a number or a percentage", "write e.g. 1 or 25%"
                 )
+            if part == "maxUnavailable" and int(digits) > 100:
+                raise doc.fail(field, f"{value} is more than 100%", "use at most 100%")
         elif value < 0:
             raise doc.fail(field, f"{value} is negative", "use 0 or more")
         values.append(value)
@@ -1999,7 +2014,7 @@ def lb_pool(cluster: Cluster) -> list[int]:
             first, last = (int(IPAddress(a.strip())) for a in item.split("-", 1))
         else:
             net = IPNetwork(item)
-            first, last = int(net.network), int(net.broadcast)
+            first, last = net.first, net.last
             if net.prefixlen < 31:  # a CIDR's network and broadcast addresses are not given
                 first, last = first + 1, last - 1
         found += [a for a in range(first, last + 1) if a not in found]

@@ -287,6 +287,10 @@ def _dnat(proto: str, ep: Endpoint) -> Rule:
     )
 
 
+def _drop() -> Rule:
+    return Rule("drop", lambda: nftnl.verdict(nftnl.DROP))
+
+
 def _bare(word: str, chain: str) -> Rule:
     return Rule(f"{word} {chain}", lambda: _jump(word, chain))
 
@@ -370,19 +374,19 @@ def _fragment(sp: ProxyPort, cluster_cidr: str) -> tuple:
     maps.append(("service-ips", {ip_key: to_local if sp.internal_local else f"goto {chain}"}))
     if np_key or lb_keys:
         ext = external_chain(sp)
-        if sp.external_local and not local:
-            verdict = "drop"  # no endpoint on this node: external traffic is dropped
-        elif sp.external_local:
+        if sp.external_local:
+            # pods and the node itself are served by any endpoint; the rest only by this
+            # node's own, and dropped where it has none
+            last = _bare("goto", local_chain(sp)) if local else _drop()
             chains[ext] = (
                 _from_pods(cluster_cidr, chain),
                 _from_host("jump", "mark-for-masquerade"),
                 _from_host("goto", chain),
-                _bare("goto", local_chain(sp)),
+                last,
             )
-            verdict = f"goto {ext}"
         else:
             chains[ext] = (_bare("jump", "mark-for-masquerade"), _bare("goto", chain))
-            verdict = f"goto {ext}"
+        verdict = f"goto {ext}"
         if np_key:
             maps.append(("service-nodeports", {np_key: verdict}))
         if lb_keys:
