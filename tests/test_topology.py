@@ -1240,3 +1240,23 @@ def test_load_balancer_services_take_pool_addresses_and_node_ports():
     assert web.ports[0].node_port and web.health_check_node_port
     assert two.health_check_node_port is None  # Cluster policy: no health check port
     assert len({web.ports[0].node_port, web.health_check_node_port, two.ports[0].node_port}) == 3
+
+
+def test_an_asked_address_held_by_another_service_stays_pending():
+
+    from netsim import services
+    from netsim.record import Record
+    from netsim.transaction import Changes
+
+    pool = put(CLUSTER, {"spec.loadBalancer.addresses": ["172.18.0.200/32", "172.18.0.201/32"]})
+    cluster, _ = topology.parse(build(pool, put(SERVICE, {"spec.type": "LoadBalancer"})), FILE)
+    record = Record(cluster.name, None, None, None)
+    services.reconcile(cluster, record, Changes())
+    assert record.services["web"].load_balancer_ip == "172.18.0.200"  # a /32 is one address
+    asking = extra(SERVICE, {"metadata.name": "two", "spec.loadBalancerIP": "172.18.0.200"})
+    cluster, _ = topology.parse(
+        build(pool, put(SERVICE, {"spec.type": "LoadBalancer"}), asking), FILE
+    )
+    services.reconcile(cluster, record, Changes())
+    assert record.services["web"].load_balancer_ip == "172.18.0.200"  # the holder keeps it
+    assert record.services["two"].load_balancer_ip == ""  # <pending>, as MetalLB leaves it

@@ -149,9 +149,12 @@ def test_source_address_with_local_and_cluster_policies(live):
         url = f"http://{live.rec.nodes[node].ip}:{node_port}"
         assert _get(live, "client", f"{url}/clientip")[1].split(":")[0] == client_ip
         assert _get(live, "client", f"{url}/hostname")[1] == pod  # its own endpoint only
-    # a node without an endpoint drops what comes to its node port
+    # a node without an endpoint drops what comes to its node port from outside; its pods
+    # are not subject to the policy (kube-proxy's short-circuit for pod traffic)
     url = f"http://{live.rec.nodes['worker-3'].ip}:{node_port}/hostname"
     assert _get(live, "client", url)[0] != 0
+    assert _get(live, "probe3", url)[1] in {"a", "b"}
+    assert _get(live, "probe3", f"http://{local_lb}/hostname")[1] in {"a", "b"}
     # the health check node port, as kube-proxy serves it
     health = live.services["web-local"]["healthCheckNodePort"]
     assert 30000 <= health <= 32767
