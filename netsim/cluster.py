@@ -54,6 +54,7 @@ SPEC_FIELDS = {
     "lease_ttl": "spec.cni.flannel.leaseTTL",
     "node_grace": "spec.controlPlane.nodeMonitorGracePeriod",
     "eviction_timeout": "spec.controlPlane.podEvictionTimeout",
+    "lb_addresses": "spec.loadBalancer.addresses",
 }
 
 
@@ -76,6 +77,7 @@ def spec_of(cluster: Cluster) -> ClusterSpec:
         cluster.lease_ttl,
         cluster.node_grace,
         cluster.eviction_timeout,
+        cluster.lb_addresses,
     )
 
 
@@ -123,6 +125,7 @@ def apply(
             cluster = membership.keep_addresses(cluster, record)
             _check_in_place(cluster, record, mode)
         fresh = record is None
+        pool_changed = not fresh and record.spec.lb_addresses != cluster.lb_addresses
         if fresh:
             storemod.forget(cluster.name)
         cni_exec = cni_exec or (record is not None and record.cni_exec)  # once chosen, kept
@@ -182,6 +185,8 @@ def apply(
                 record.spec = spec_of(cluster)
                 state.save(record)  # they are gone: a later failure rolls back to this
             record.spec = spec_of(cluster)
+            if pool_changed:  # the nodes' speakers start, or follow the pool
+                agents.sync(record, sorted(record.nodes))
             services.reconcile(cluster, record, changes)
             record.namespaces = dict(cluster.namespaces)
             # the objects go to the store; the nodes' daemons apply them, and apply waits
@@ -256,7 +261,8 @@ def _check_in_place(cluster: Cluster, record: Record, mode) -> None:
     """Refuse what a real cluster cannot change in place (mode, CIDRs, the underlay ...);
     nodes join and leave, since every node's daemons follow the store."""
     before, after = asdict(record.spec), asdict(spec_of(cluster))
-    before.pop("nodes"), after.pop("nodes")
+    for changes_in_place in ("nodes", "lb_addresses"):
+        before.pop(changes_in_place, None), after.pop(changes_in_place)
     changed = [SPEC_FIELDS[k] for k in after if before.get(k) != after[k]]
     if changed:
         raise NetsimError(

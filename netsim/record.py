@@ -171,6 +171,7 @@ class ClusterSpec:
     lease_ttl: int = 86400
     node_grace: int = 40
     eviction_timeout: int = 300
+    lb_addresses: tuple[str, ...] = ()  # changes in place: the agents' speakers follow
 
     def cluster(self, name: str) -> Cluster:
         """The cluster-level facts as a model Cluster (what the modes and the daemons read),

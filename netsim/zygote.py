@@ -30,7 +30,6 @@ PRELOAD = (
     "netsim.daemons.felix",
     "netsim.daemons.kubelet",
     "netsim.daemons.kube_proxy",
-    "netsim.daemons.speaker",
     "netsim.kernel.netlink",
     "netsim.kernel.nft",
     "netsim.kubeproxy.nftables",

@@ -69,9 +69,10 @@ def start(
 
         daemons.append(UserspaceKubeProxy(node.netns, node.ip, proxy, recorder("kube-proxy")))
 
-    from netsim.daemons.speaker import Speaker  # MetalLB's, layer 2: idle without addresses
+    if cluster.lb_addresses:  # MetalLB's speaker, layer 2: only where there is a pool
+        from netsim.daemons.speaker import Speaker
 
-    daemons.append(Speaker(node, recorder("speaker")))
+        daemons.append(Speaker(node, recorder("speaker")))
 
     def report(applied: dict[str, int]) -> None:
         try:
