@@ -21,9 +21,10 @@ the host's own namespace never gets a route to an emulated address.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -186,12 +187,13 @@ class Store:
                     client.get_url("watch"), json=body, stream=True, timeout=(self.timeout, None)
                 )
             with response:
-                for line in response.iter_lines(chunk_size=None):
+                for line in _lines(response.iter_content(chunk_size=READ_SIZE)):
                     if stopped.is_set():
                         return
                     if not line.strip():
                         continue
                     result = json.loads(line).get("result", {})
+                    del line  # (a watch waits with nothing of the last response held)
                     if int(result.get("compact_revision", 0)):
                         raise Compacted(int(result["compact_revision"]))
                     if result.get("canceled"):
@@ -199,8 +201,11 @@ class Store:
                     events = [
                         Event(e.get("type", "PUT"), _kv(e["kv"])) for e in result.get("events", [])
                     ]
+                    revision = int(result.get("header", {}).get("revision", 0))
+                    del result
                     if events:
-                        handle(int(result["header"]["revision"]), events)
+                        handle(revision, events)
+                        del events
                         if stopped.is_set():
                             return
         except requests.RequestException as exc:
@@ -386,3 +391,27 @@ def _reason(exc: Exception) -> str:
         if marker in text:
             return marker
     return text.splitlines()[0][:200]
+
+
+READ_SIZE = 65536
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The lines of a stream read in pieces, holding none it has given out while it waits for
+    the next piece: requests' iter_lines keeps the last piece and its lines, and a watch
+    response of an Endpoints object of 10,000 addresses is megabytes, held by every node's
+    agent between changes."""
+    parts: list[bytes] = []
+    for chunk in chunks:
+        pieces = chunk.split(b"\n")
+        del chunk
+        parts.append(pieces[0])
+        if len(pieces) == 1:
+            continue
+        ready = collections.deque([b"".join(parts), *pieces[1:-1]])
+        parts = [pieces[-1]] if pieces[-1] else []
+        del pieces
+        while ready:
+            yield ready.popleft()
+    if parts:
+        yield b"".join(parts)
