@@ -228,11 +228,20 @@ def etc_names() -> list[str]:
         return []
 
 
+def _etc_folder(name: str, under: str) -> str:
+    """`under`/<digest of name>: short, so that the /etc/netns symlink to it stays under 60
+    bytes, which ext4 keeps in the inode (a longer target takes a block of its own: the links
+    of a pod with a ReplicaSet's name cost twice as long to make and remove)."""
+    import hashlib
+
+    return os.path.join(under, hashlib.blake2b(name.encode(), digest_size=5).hexdigest())
+
+
 def write_etc(name: str, files: dict[str, str], under: str) -> None:
-    """Files `ip netns exec` binds over /etc for this namespace (resolv.conf, hosts), in
-    `under`/<name>/ (a tmpfs: a cluster's ten thousand pods cost the disk nothing). `under`
+    """Files `ip netns exec` binds over /etc for this namespace (resolv.conf, hosts), in a
+    folder of `under` (a tmpfs: a cluster's ten thousand pods cost the disk nothing). `under`
     must exist: a writer late for its cluster's deletion fails instead of making it again."""
-    folder = os.path.join(under, name)
+    folder = _etc_folder(name, under)
     with contextlib.suppress(FileExistsError):
         os.mkdir(folder)
     for file, text in files.items():
@@ -241,8 +250,8 @@ def write_etc(name: str, files: dict[str, str], under: str) -> None:
 
 
 def link_etc(name: str, under: str) -> None:
-    """/etc/netns/<name> -> `under`/<name>, where write_etc put its files."""
-    folder = os.path.join(under, name)
+    """/etc/netns/<name> -> the folder of `under` where write_etc put its files."""
+    folder = _etc_folder(name, under)
     os.makedirs(ETC_DIR, exist_ok=True)
     link = os.path.join(ETC_DIR, name)
     if os.path.islink(link) and os.readlink(link) == folder:
