@@ -227,3 +227,12 @@ def test_an_etcd_holding_another_clusters_state_is_refused(cluster, etcd):
     etcd.store.put("/registry/pods/default/x", "{}")
     result = run_netsim("apply", "-f", cluster.file)
     assert "already holds keys under /registry/" in result.stderr and cluster.namespaces() == []
+
+
+def test_a_watch_stream_is_cut_into_its_lines_across_pieces():
+    from netsim.store.client import _lines
+
+    pieces = [b'{"a":', b'1}\n{"b"', b":2}\n\n", b'{"c":3}\n{"d":4}']
+    assert list(_lines(iter(pieces))) == [b'{"a":1}', b'{"b":2}', b"", b'{"c":3}', b'{"d":4}']
+    assert list(_lines(iter([b"x\n"]))) == [b"x"]
+    assert list(_lines(iter([]))) == []
