@@ -216,35 +216,12 @@ def _reapply(record: Record, overrides: dict, what: str) -> int:
     return 0
 
 
-def _deployment_doc(record: Record, name: str) -> dict:
-    """The Deployment of that name in the namespace (-n), from the cluster's file or the
-    objects applied from files of their own."""
-    import yaml
-
-    with open(record.source) as fh:
-        bodies = [*yaml.safe_load_all(fh), *record.overrides.get("objects", [])]
-    for body in bodies:
-        if topology.object_id(body) == ("Deployment", NAMESPACE[0], name):
-            return body
-    raise NetsimError(
-        f"no deployment named {name!r} in namespace {NAMESPACE[0]}; `netsim get pods` shows "
-        "what runs"
-    )
-
-
-def _deployment_name(args_target: str) -> str:
-    kind, _, name = args_target.partition("/")
-    if kind not in ("deployment", "deployments", "deploy") or not name:
-        raise NetsimError(f"cannot use {args_target!r}: write deployment/NAME")
-    return name
-
-
 def cmd_scale(args) -> int:
-    name = _deployment_name(args.target)
+    name = imperative.target([args.target], imperative.DEPLOYMENT)[1]
     if not 0 <= args.replicas <= 10000:
         raise NetsimError(f"--replicas {args.replicas} is out of range: use 0 to 10000")
     _, record = pick_cluster(args.cluster)
-    _deployment_doc(record, name)
+    imperative.find(record, "Deployment", name)  # it exists, or say so
     overrides = json.loads(json.dumps(record.overrides))
     overrides.setdefault("replicas", {})[object_key(NAMESPACE[0], name)] = args.replicas
     return _reapply(record, overrides, f"deployment/{name} scaled to {args.replicas}")
@@ -252,7 +229,7 @@ def cmd_scale(args) -> int:
 
 def cmd_expose(args) -> int:
     """A Service for a Deployment's pods, as `kubectl expose deployment` makes it."""
-    name = _deployment_name(args.target)
+    name = imperative.target([args.target], imperative.DEPLOYMENT)[1]
     for flag, value in (("--port", args.port), ("--target-port", args.target_port)):
         if value is not None and not 1 <= value <= 65535:
             raise TopologyError(
@@ -267,7 +244,7 @@ def cmd_expose(args) -> int:
             "use lowercase letters, digits and '-'",
         )
     _, record = pick_cluster(args.cluster)
-    deployment = _deployment_doc(record, name)
+    deployment = imperative.find(record, "Deployment", name)
     selector = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
     port = {
         "port": args.port,

@@ -146,7 +146,7 @@ def objects(record: Record) -> dict[str, dict]:
         found[DEPLOYMENTS + where] = deployment_object(dep, state, record)
         for rs in state.replicasets if state else ():
             name = rollout.replicaset_name(dep.name, rs.hash)
-            found[f"{REPLICASETS}{dep.namespace}/{name}"] = replicaset_object(dep, rs, record)
+            found[f"{REPLICASETS}{dep.namespace}/{name}"] = replicaset_object(dep, rs)
     return found
 
 
@@ -195,19 +195,14 @@ def _progressing(dep: Deployment, state: RolloutState) -> dict:
         reason, status = "NewReplicaSetAvailable", "True"
     elif dep.paused:
         reason, status = "DeploymentPaused", "Unknown"
-    elif state.progressed + dep.progress_deadline < _now_of(state):
+    elif state.progressed + dep.progress_deadline < state.checked:  # the step's own time
         reason, status = "ProgressDeadlineExceeded", "False"
     else:
         reason, status = "ReplicaSetUpdated", "True"
     return {"type": "Progressing", "status": status, "reason": reason}
 
 
-def _now_of(state: RolloutState) -> float:
-    """The time of the step that produced this state (its newest ready time or progress)."""
-    return max([state.progressed, *state.ready_since.values(), state.checked])
-
-
-def replicaset_object(dep: Deployment, rs: rollout.ReplicaSetState, record: Record) -> dict:
+def replicaset_object(dep: Deployment, rs: rollout.ReplicaSetState) -> dict:
     labels = {**((rs.template.get("metadata") or {}).get("labels") or {})}
     labels[rollout.HASH_LABEL] = rs.hash
     name = rollout.replicaset_name(dep.name, rs.hash)

@@ -42,7 +42,8 @@ def current_bodies(record: Record) -> list:
     return topology.with_overrides(bodies, json.loads(json.dumps(record.overrides)))
 
 
-def _find(record: Record, kind: str, name: str) -> dict:
+def find(record: Record, kind: str, name: str) -> dict:
+    """The object of that kind and name in the namespace (-n), as the cluster holds it now."""
     for body in current_bodies(record):
         if topology.object_id(body) == (kind, _namespace(), name):
             return body
@@ -54,7 +55,7 @@ def _overrides(record: Record) -> dict:
     return json.loads(json.dumps(record.overrides))
 
 
-def _target(words: list[str], kinds: dict[str, str]) -> tuple[str, str, list[str]]:
+def target(words: list[str], kinds: dict[str, str]) -> tuple[str, str, list[str]]:
     """`KIND/NAME rest...` or `KIND NAME rest...` -> (Kind, name, rest)."""
     if not words:
         raise UsageError(f"name a {' or '.join(sorted(set(kinds.values())))}: KIND/NAME")
@@ -93,11 +94,11 @@ def cmd_set(args) -> int:
         raise UsageError(
             f"cannot set {args.what!r}: netsim sets image (set image deployment/NAME C=IMAGE)"
         )
-    _, name, pairs = _target(args.words, DEPLOYMENT)
+    _, name, pairs = target(args.words, DEPLOYMENT)
     if not pairs or any("=" not in p for p in pairs):
         raise UsageError("write CONTAINER=IMAGE after deployment/NAME (* for every container)")
     _, record = _cli().pick_cluster(args.cluster)
-    template = json.loads(json.dumps(_find(record, "Deployment", name)["spec"]["template"]))
+    template = json.loads(json.dumps(find(record, "Deployment", name)["spec"]["template"]))
     spec = template.setdefault("spec", {})
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
     for pair in pairs:
@@ -129,7 +130,7 @@ def _quiet_reapply(record: Record, overrides: dict) -> None:
 
 def _rollout_state(record: Record, name: str) -> rollout.RolloutState:
     key = object_key(_namespace(), name)
-    _find(record, "Deployment", name)
+    find(record, "Deployment", name)
     found = record.rollouts.get(key)
     if found is None:
         raise NetsimError(
@@ -140,7 +141,7 @@ def _rollout_state(record: Record, name: str) -> rollout.RolloutState:
 
 
 def cmd_rollout(args) -> int:
-    _, name, rest = _target(args.words, DEPLOYMENT)
+    _, name, rest = target(args.words, DEPLOYMENT)
     if rest:
         raise UsageError(f"unexpected {' '.join(rest)!r} after deployment/{name}")
     _, record = _cli().pick_cluster(args.cluster)
@@ -403,7 +404,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_label(args) -> int:
-    kind, name, pairs = _target(args.words, KINDS)
+    kind, name, pairs = target(args.words, KINDS)
     if not pairs:
         raise UsageError("write at least one label: k=v, or k- to remove it")
     _, record = _cli().pick_cluster(args.cluster)
@@ -414,7 +415,7 @@ def cmd_label(args) -> int:
             raise NetsimError(f'pods "{name}" not found')
         labels = dict(entry.pod.labels)
     else:
-        labels = dict((_find(record, kind, name).get("metadata") or {}).get("labels") or {})
+        labels = dict((find(record, kind, name).get("metadata") or {}).get("labels") or {})
     change: dict[str, str | None] = {}
     for pair in pairs:
         if pair.endswith("-") and "=" not in pair:
@@ -440,7 +441,7 @@ def cmd_label(args) -> int:
 def delete_object(args, kind: str, name: str) -> int:
     """`kubectl delete service|deployment NAME`: gone until the next `apply -f` of the file."""
     _, record = _cli().pick_cluster(args.cluster)
-    body = _find(record, kind, name)
+    body = find(record, kind, name)
     ident = topology.object_id(body)
     overrides = _overrides(record)
     overrides["objects"] = [
@@ -459,16 +460,20 @@ def delete_object(args, kind: str, name: str) -> int:
 # -- listings -------------------------------------------------------------------------------------
 
 
+def _stored(store, prefix: str, shown):
+    """The stored objects under the prefix that `get` shows (namespace, -l), with metadata."""
+    for kv in store.range(prefix, prefix=True):
+        obj = kv.json()
+        if shown(obj):
+            yield obj, obj["metadata"]
+
+
 def deployment_items(store, record: Record, shown) -> list[dict]:
     from netsim.deployments import DEPLOYMENTS
 
     items = []
     now = time.time()
-    for kv in store.range(DEPLOYMENTS, prefix=True):
-        obj = kv.json()
-        if not shown(obj):
-            continue
-        meta = obj["metadata"]
+    for obj, meta in _stored(store, DEPLOYMENTS, shown):
         key = object_key(meta["namespace"], meta["name"])
         found = deployment_status(store, record, key) or {}
         sets = record.rollouts.get(key)
@@ -495,11 +500,7 @@ def replicaset_items(store, record: Record, shown) -> list[dict]:
 
     items = []
     now = time.time()
-    for kv in store.range(REPLICASETS, prefix=True):
-        obj = kv.json()
-        if not shown(obj):
-            continue
-        meta = obj["metadata"]
+    for obj, meta in _stored(store, REPLICASETS, shown):
         dep = meta["ownerReferences"][0]["name"]
         sets = record.rollouts.get(object_key(meta["namespace"], dep))
         rs = sets.by_hash(meta["labels"][rollout.HASH_LABEL]) if sets else None

@@ -275,34 +275,22 @@ def proxy_ports(
         subsets = (endpoints.get(name) or {}).get("subsets", [])
         for port in spec.get("ports", []):
             pname, proto = port.get("name", ""), port.get("protocol", "TCP")
-            backends = sorted(
+            placed = sorted(  # (endpoint, its node), in address order
                 (
-                    Endpoint(address["ip"], entry["port"])
+                    (Endpoint(address["ip"], entry["port"]), address.get("nodeName"))
                     for subset in subsets
                     for entry in subset.get("ports", [])
                     if entry.get("name", "") == pname and entry.get("protocol", "TCP") == proto
                     for address in subset.get("addresses", [])
                 ),
-                key=lambda e: ip_key(e.ip),
+                key=lambda found: ip_key(found[0].ip),
             )
+            backends = [endpoint for endpoint, _ in placed]
             external_local = spec.get("externalTrafficPolicy") == "Local"
             internal_local = spec.get("internalTrafficPolicy") == "Local"
             local = ()
             if external_local or internal_local:
-                local = tuple(
-                    sorted(
-                        {
-                            Endpoint(address["ip"], entry["port"])
-                            for subset in subsets
-                            for entry in subset.get("ports", [])
-                            if entry.get("name", "") == pname
-                            and entry.get("protocol", "TCP") == proto
-                            for address in subset.get("addresses", [])
-                            if address.get("nodeName") == node
-                        },
-                        key=lambda e: ip_key(e.ip),
-                    )
-                )
+                local = tuple(dict.fromkeys(e for e, where in placed if where == node))
             ingress = svc.get("status", {}).get("loadBalancer", {}).get("ingress", [])
             found.append(
                 ProxyPort(

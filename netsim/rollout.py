@@ -272,14 +272,3 @@ def _cleanup(state: RolloutState, new: ReplicaSetState, history_limit: int) -> N
     extra = max(0, len(idle) - history_limit)
     drop = {id(rs) for rs in idle[:extra]}
     state.replicasets = [rs for rs in state.replicasets if id(rs) not in drop]
-
-
-def complete(state: RolloutState, replicas: int, template: dict, seen: Observed) -> bool:
-    """DeploymentComplete: every replica updated and available, no old pod left."""
-    new = state.by_hash(template_hash(template))
-    return (
-        new is not None
-        and new.replicas == replicas
-        and seen.available(state, new) == replicas
-        and all(not rs.replicas for rs in state.replicasets if rs is not new)
-    )

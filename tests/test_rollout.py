@@ -61,6 +61,17 @@ def test_first_sync_makes_one_replicaset_at_revision_1():
     assert (rs.revision, rs.replicas, rs.hash) == (1, 3, rollout.template_hash(V1))
 
 
+def _complete(state: RolloutState, replicas: int, template: dict, seen: Observed) -> bool:
+    """DeploymentComplete: every replica updated and available, no old pod left."""
+    new = state.by_hash(rollout.template_hash(template))
+    return (
+        new is not None
+        and new.replicas == replicas
+        and seen.available(state, new) == replicas
+        and all(not rs.replicas for rs in state.replicasets if rs is not new)
+    )
+
+
 def _roll(replicas, strategy, readiness, template=V2, state=None, ready=None):
     """Step until done; after each step, the pods `readiness` picks become ready. Yields
     (total pods, ready pods of the Deployment) after every step."""
@@ -74,7 +85,7 @@ def _roll(replicas, strategy, readiness, template=V2, state=None, ready=None):
         rollout.step(state, "web", replicas, template, strategy, seen)
         pods = _ready_all(state)
         yield len(pods), len(ready & pods), state
-        if rollout.complete(state, replicas, template, Observed(ready & pods, float(i))):
+        if _complete(state, replicas, template, Observed(ready & pods, float(i))):
             return
         ready = (ready & pods) | readiness(sorted(pods - ready), i)
     raise AssertionError("the rollout did not finish in 400 steps")
