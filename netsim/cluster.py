@@ -17,7 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from netsim import agents, deployments, membership, pods, registry, services, state, underlay
+from netsim import (
+    agents,
+    deployments,
+    membership,
+    netpol,
+    pods,
+    registry,
+    services,
+    state,
+    underlay,
+)
 from netsim import store as storemod
 from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
@@ -145,7 +155,7 @@ def apply(
                 # pods have addresses: every node's kube-proxy programs them while the pods are
                 # wired (nobody sends traffic to a cluster that is being built)
                 services.reconcile(cluster, record, changes)
-                record.namespaces = dict(cluster.namespaces)
+                _declared(cluster, record)
                 alongside = functools.partial(registry.sync, store, record)
             else:
                 if _revive_etcd(record, tx, progress):
@@ -188,7 +198,7 @@ def apply(
             if pool_changed:  # the nodes' speakers start, or follow the pool
                 agents.sync(record, sorted(record.nodes))
             services.reconcile(cluster, record, changes)
-            record.namespaces = dict(cluster.namespaces)
+            _declared(cluster, record)
             # the objects go to the store; the nodes' daemons apply them, and apply waits
             waited = sync.sync(cluster, record, store)
             revision = max(store.writes.values(), default=0)
@@ -225,6 +235,12 @@ def apply(
                 ) from exc
             raise
         return changes
+
+
+def _declared(cluster: Cluster, record: Record) -> None:
+    """The objects that are kept as declared: namespaces (their labels) and policies."""
+    record.namespaces = dict(cluster.namespaces)
+    record.policies = {netpol.key(p.kind, p.namespace, p.name): p for p in cluster.policies}
 
 
 def apply_recorded(name: str) -> Changes | None:

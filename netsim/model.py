@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
+from netsim.netpol import Policy
+
 HOSTNAME_PORT = 9376  # agnhost serve-hostname's port
 DEFAULT_NAMESPACE = "default"
 # namespaces every cluster has (kube-node-lease holds the kubelets' heartbeats)
@@ -109,6 +111,10 @@ class Container:
     args: tuple[str, ...] = ()  # Kubernetes' args: replace the image's CMD
     env: tuple[tuple[str, str], ...] = ()  # env: [{name, value}]
     readiness: Probe | None = None
+    protocols: tuple[tuple[int, str], ...] = ()  # (containerPort, UDP|SCTP): the ports not TCP
+
+    def protocol(self, port: int) -> str:
+        return dict(self.protocols).get(port, "TCP")
 
     @property
     def builtin(self) -> bool:
@@ -238,6 +244,7 @@ class Cluster:
     services: list[Service] = field(default_factory=list)
     deployments: list[Deployment] = field(default_factory=list)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # declared: labels
+    policies: list[Policy] = field(default_factory=list)  # NetworkPolicy, Calico's policies
     calico: CalicoSpec | None = None  # for the calico-* modes
     proxy_mode: str = "nftables"  # kube-proxy's backend: nftables | userspace
     cni_version: str = "1.0.0"  # of the node's CNI config list

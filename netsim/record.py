@@ -26,6 +26,7 @@ from netsim.model import (
     Segment,
     Service,
 )
+from netsim.netpol import Policy
 from netsim.rollout import RolloutState
 
 
@@ -209,6 +210,7 @@ class Record:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # declared: labels
+    policies: dict[str, Policy] = field(default_factory=dict)  # netpol.key -> as applied
     kube_proxy: KubeProxy | None = None
     master: Master | None = None  # netsim's own etcd; None when the user's etcd is used
     controller: Process | None = None  # the node lifecycle controller (netsim/controller.py)

@@ -9,6 +9,9 @@ Endpoints. One read of /registry shows the cluster; `netsim get` lists from it.
     /registry/services/endpoints/<namespace>/<service>
     /registry/deployments/<namespace>/<deployment>
     /registry/replicasets/<namespace>/<replicaset>
+    /registry/networkpolicies/<namespace>/<policy>
+    /calico/resources/v3/projectcalico.org/networkpolicies/<namespace>/<policy>
+    /calico/resources/v3/projectcalico.org/globalnetworkpolicies/<policy>
 
 Pure: the record in, key -> JSON text out; `sync` writes only what differs from the store.
 """
@@ -31,6 +34,10 @@ SERVICES = "/registry/services/specs/"
 ENDPOINTS = "/registry/services/endpoints/"
 DEPLOYMENTS, REPLICASETS = deployments.DEPLOYMENTS, deployments.REPLICASETS
 SERVICES_ALL = "/registry/services/"  # kube-proxy watches both, in one stream
+NETWORK_POLICIES = "/registry/networkpolicies/"
+CALICO_POLICIES = "/calico/resources/v3/projectcalico.org/networkpolicies/"
+GLOBAL_POLICIES = "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/"
+POLICY_PREFIXES = (NETWORK_POLICIES, CALICO_POLICIES, GLOBAL_POLICIES)
 MANAGED = (
     NODES,
     NAMESPACES,
@@ -39,6 +46,7 @@ MANAGED = (
     ENDPOINTS,
     DEPLOYMENTS,
     REPLICASETS,
+    *POLICY_PREFIXES,
 )  # what apply writes (not the kubelets' leases)
 
 
@@ -72,7 +80,10 @@ def pod_object(pod: PodRecord, node_ip: str) -> dict:
         container: dict = {"name": c.name}
         if c.ports:
             container["ports"] = [
-                {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in c.ports
+                {"containerPort": p}
+                | ({"name": names[p]} if p in names else {})
+                | ({"protocol": c.protocol(p)} if c.protocol(p) != "TCP" else {})
+                for p in c.ports
             ]
         if c.command:
             container["command"] = list(c.command)
@@ -191,7 +202,17 @@ def objects(record: Record) -> dict[str, str]:
         keys[SERVICES + where] = _text(service_object(record, key))
         keys[ENDPOINTS + where] = _text(endpoints_object(record, key))
     keys |= {k: _text(v) for k, v in deployments.objects(record).items()}
+    for policy in record.policies.values():
+        keys[policy_key(policy)] = _text(policy.body)
     return keys
+
+
+def policy_key(policy) -> str:
+    """Where a policy is kept: a Kubernetes one in /registry, Calico's in Calico's store."""
+    where = f"{policy.namespace}/{policy.name}" if policy.namespace else policy.name
+    if policy.kind == "NetworkPolicy":
+        return NETWORK_POLICIES + where
+    return (CALICO_POLICIES if policy.namespace else GLOBAL_POLICIES) + where
 
 
 def sync(store, record: Record) -> int:
@@ -204,7 +225,8 @@ def sync(store, record: Record) -> int:
     wanted = objects(record)
     held = {
         kv.key: kv.value.decode()
-        for kv in store.range(PREFIX, prefix=True)
+        for prefix in (PREFIX, CALICO_POLICIES, GLOBAL_POLICIES)
+        for kv in store.range(prefix, prefix=True)
         if kv.key.startswith(MANAGED)  # not the kubelets' node leases
     }
     not_ready = set()

@@ -24,7 +24,7 @@ import yaml
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from cni.spec import VERSIONS as CNI_VERSIONS
-from netsim import modes, rollout
+from netsim import modes, netpol, rollout
 from netsim.errors import TopologyError
 from netsim.model import (
     DEFAULT_NAMESPACE,
@@ -74,7 +74,10 @@ API_VERSIONS = {
     "Service": "v1",
     "Deployment": "apps/v1",
     "Namespace": "v1",
+    "NetworkPolicy": netpol.K8S,  # or Calico's projectcalico.org/v3
+    "GlobalNetworkPolicy": netpol.CALICO,
 }
+VERSIONS = {"NetworkPolicy": (netpol.K8S, netpol.CALICO)}  # kinds served by two groups
 MIN_SERVICE_PREFIX = 12  # kube-apiserver: "for 32-bit addresses, the mask must be >= 12"
 # Ranges whose addresses cannot be a pod's, a Service's or a node's: the kernel treats them
 # specially (loopback, multicast), or Calico uses them (169.254.1.1 is every pod's gateway).
@@ -211,6 +214,26 @@ _KNOWN = {
         "spec.loadBalancerIP",
     },
 }
+_POLICY_KEYS = {
+    "apiVersion",
+    "kind",
+    "metadata",
+    "metadata.name",
+    "metadata.namespace",
+    "spec",
+    "spec.podSelector",
+    "spec.podSelector.matchLabels",
+    "spec.podSelector.matchExpressions",
+    "spec.policyTypes",
+    "spec.ingress",
+    "spec.egress",
+    "spec.order",
+    "spec.selector",
+    "spec.namespaceSelector",
+    "spec.types",
+}
+_KNOWN["NetworkPolicy"] = _POLICY_KEYS
+_KNOWN["GlobalNetworkPolicy"] = _POLICY_KEYS - {"metadata.namespace"}
 _CONTAINER_KEYS = {"name", "ports", "command", "args", "image", "env", "readinessProbe"}
 _PROBE_KEYS = {
     "httpGet",
@@ -591,7 +614,10 @@ def object_id(body: Any) -> tuple[str, str, str] | None:
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         return None
     namespace = meta.get("namespace") or DEFAULT_NAMESPACE
-    return str(body.get("kind")), str(namespace), meta["name"]
+    kind = str(body.get("kind"))
+    if body.get("apiVersion") == netpol.CALICO and kind == "NetworkPolicy":
+        kind = "NetworkPolicy.projectcalico.org"  # not the Kubernetes policy of that name
+    return kind, str(namespace), meta["name"]
 
 
 def _text(file: str) -> str:
@@ -689,10 +715,11 @@ def parse(
             raise doc.fail(
                 "kind",
                 f"unknown kind {_show(doc.body.get('kind'))}",
-                "netsim reads Cluster, Namespace, Pod, Deployment and Service documents",
+                "netsim reads Cluster, Namespace, Pod, Deployment, Service, NetworkPolicy and "
+                "GlobalNetworkPolicy documents",
             )
         version = doc.body.get("apiVersion")
-        if version != API_VERSIONS[doc.kind]:
+        if version not in VERSIONS.get(doc.kind, (API_VERSIONS[doc.kind],)):
             raise doc.fail(
                 "apiVersion",
                 f"{doc.kind} is served as {API_VERSIONS[doc.kind]}, not {_show(version)}",
@@ -719,6 +746,8 @@ def parse(
             pods.extend((p, doc) for p in made)
         elif doc.kind == "Service":
             cluster.services.append(_service(doc, cluster))
+        elif doc.kind in netpol.KINDS:
+            cluster.policies.append(_policy(doc, cluster))
     _unique([(p.key, d) for p, d in pods], "metadata.name", "pod")
     pod_docs = {p.key: d for p, d in pods}
     pods = [p for p, _ in pods]
@@ -777,6 +806,25 @@ def parse(
         else []
     ) + warnings
     return cluster, notes
+
+
+def _policy(doc: _Doc, cluster: Cluster) -> netpol.Policy:
+    if doc.kind == "NetworkPolicy":
+        _namespace(doc, cluster)  # one that exists
+    policy = netpol.from_document(doc)
+    key = netpol.key(policy.kind, policy.namespace, policy.name)
+    if any(netpol.key(p.kind, p.namespace, p.name) == key for p in cluster.policies):
+        raise doc.fail(
+            "metadata.name",
+            f"duplicate {policy.title}",
+            "give each policy of a namespace its own name",
+        )
+    return policy
+
+
+def document(body: dict, file: str) -> _Doc:
+    """A document read as a topology file's would be (for objects the store holds)."""
+    return _Doc(file, 0, body, set())
 
 
 def _unique(items: list[tuple[str, _Doc]], field: str, what: str) -> None:
@@ -1418,7 +1466,7 @@ def _containers(doc: _Doc, path: str, init: bool = False) -> tuple[Container, ..
                 f"duplicate container name {name!r}",
                 "give each container of a pod its own name",
             )
-        ports, names = [], []
+        ports, names, protocols = [], [], []
         if not isinstance(item.get("ports") if item.get("ports") is not None else [], list):
             raise doc.fail(f"{field}.ports", "expected a list of {containerPort: N}")
         for key in ("command", "args"):
@@ -1445,6 +1493,15 @@ def _containers(doc: _Doc, path: str, init: bool = False) -> tuple[Container, ..
                     "use an integer from 1 to 65535",
                 )
             ports.append(value)
+            protocol = port.get("protocol") or "TCP"
+            if protocol not in ("TCP", "UDP", "SCTP"):
+                raise doc.fail(
+                    f"{field}.ports[{j}].protocol",
+                    f"{_show(protocol)} is not a protocol",
+                    "use TCP, UDP or SCTP",
+                )
+            if protocol != "TCP":
+                protocols.append((value, protocol))
             port_name = port.get("name")
             if port_name is not None and port_name != "":
                 if not isinstance(port_name, str) or not IANA_SVC_NAME.fullmatch(port_name):
@@ -1473,6 +1530,7 @@ def _containers(doc: _Doc, path: str, init: bool = False) -> tuple[Container, ..
             tuple(item.get("args") or ()),
             _env(doc, item, field),
             _probe(doc, item, field),
+            tuple(protocols),
         )
         from netsim.images import workload
 

@@ -57,6 +57,9 @@ def start(
         daemons.append(Felix(mode, node, recorder("felix"), carrier))
         if mode.bgp:
             daemons.append(Confd(node, os.path.join(node_dir, "bird"), recorder("confd")))
+    from netsim.daemons.policy import PolicyDaemon
+
+    daemons.append(PolicyDaemon(node, mode.workload_dispatch, store, recorder("felix")))
     if config["kube_proxy"] == "nftables":
         from netsim.daemons.kube_proxy import KubeProxy
 

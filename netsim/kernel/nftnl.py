@@ -34,22 +34,34 @@ NEWCHAIN, DELCHAIN, NEWRULE, DELRULE = 3, 5, 6, 8
 NEWSET, DELSET, NEWSETELEM, DELSETELEM = 9, 11, 12, 14
 
 # verdicts (signed, sent big-endian)
-DROP, JUMP, GOTO = 0, -3, -4
+DROP, ACCEPT, JUMP, GOTO, RETURN = 0, 1, -3, -4, -5
 DATA_VERDICT = 0xFFFFFF00  # NFT_DATA_VERDICT: a map whose values are verdicts
 
 # set flags and key types
 SET_MAP, SET_TIMEOUT, SET_EVAL = 0x8, 0x10, 0x20
-TYPE_INTEGER, TYPE_IPADDR = 4, 7
+TYPE_INTEGER, TYPE_IPADDR, TYPE_INET_PROTO, TYPE_INET_SERVICE, TYPE_IFNAME = 4, 7, 12, 13, 41
+IFNAMSIZ = 16
+
+
+def concat_type(*types: int) -> int:
+    """The key type nft gives a concatenation (`ipv4_addr . inet_proto . inet_service`)."""
+    value = 0
+    for kind in types:
+        value = (value << 6) | kind
+    return value
+
 
 # payload bases, meta keys, comparison operators
 NETWORK_HEADER, TRANSPORT_HEADER = 1, 2
-META_L4PROTO = 16
+META_MARK, META_IIFNAME, META_OIFNAME, META_L4PROTO, META_NFTRACE = 3, 6, 7, 16, 17
+CT_STATE = 0
 CMP_EQ, CMP_NEQ = 0, 1
 NAT_DNAT = 1
 NAT_RANGE_PROTO_SPECIFIED = 0x2
 DYNSET_OP_UPDATE = 1
 NG_INCREMENTAL = 0
 REG_VERDICT, REG_1, REG_2 = 0, 1, 2
+REG32_01, REG32_02 = 9, 10  # the 32-bit registers after reg 1's first word: concatenations
 
 
 _HEADER = struct.Struct("=HH").pack  # compiled once: tens of thousands of attributes a table
@@ -124,16 +136,42 @@ def _cmp(op: int, sreg: int, data: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def bitwise(mask: bytes, sreg: int = REG_1, dreg: int = REG_1) -> bytes:
-    zero = bytes(len(mask))
+def bitwise(mask: bytes, sreg: int = REG_1, dreg: int = REG_1, xor: bytes = b"") -> bytes:
+    """reg = (reg & mask) ^ xor, as nft writes `& m`, `| v` (mask ~v, xor v) and `^ v`."""
     return _expr(
         "bitwise",
         _u32(1, sreg),
         _u32(2, dreg),
         _u32(3, len(mask)),
         _nested(4, _attr(1, mask)),
-        _nested(5, _attr(1, zero)),
+        _nested(5, _attr(1, xor or bytes(len(mask)))),
     )
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def meta_set(key: int, sreg: int = REG_1) -> bytes:
+    """`meta KEY set <reg>`, e.g. the packet's mark."""
+    return _expr("meta", _u32(2, key), _u32(3, sreg))
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def ct(key: int, dreg: int = REG_1) -> bytes:
+    return _expr("ct", _u32(1, dreg), _u32(2, key))
+
+
+def range_eq(first: bytes, last: bytes, sreg: int = REG_1) -> bytes:
+    """`... first-last`: the register lies in the inclusive range."""
+    return _expr(
+        "range",
+        _u32(1, sreg),
+        _u32(2, CMP_EQ),
+        _nested(3, _attr(1, first)),
+        _nested(4, _attr(1, last)),
+    )
+
+
+def log(prefix: str) -> bytes:
+    return _expr("log", _str(2, prefix))
 
 
 @functools.lru_cache(maxsize=1 << 15)
@@ -230,13 +268,14 @@ class Batch:
     def delete_chain(self, name: str) -> None:
         self._add(DELCHAIN, 0, self._table_attr + _str(3, name), f"delete chain {name}")
 
-    def add_rule(self, chain: str, exprs: bytes, text: str = "") -> None:
-        self._add(
-            NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
-            self._table_attr + _str(2, chain) + _nested(4, exprs),
-            f"add rule {chain} {text}".rstrip(),
-        )
+    def add_rule(self, chain: str, exprs: bytes, text: str = "", comment: str = "") -> None:
+        """A rule at the chain's end; `comment` is kept as nft keeps one (the rule's user
+        data), so `nft list` and `nft monitor trace` print it."""
+        body = self._table_attr + _str(2, chain) + _nested(4, exprs)
+        if comment:
+            note = comment.encode()[:127] + b"\0"
+            body += _attr(7, bytes([0, len(note)]) + note)  # NFTA_RULE_USERDATA: TLV comment
+        self._add(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body, f"add rule {chain} {text}".rstrip())
 
     def add_set(
         self,

@@ -42,6 +42,9 @@ class Mode:
     # the store prefixes the node daemon watches to reach its peers (flanneld: the leases);
     # a mode with none has its peers programmed by apply
     watches: tuple[str, ...] = ()
+    # how Felix's policy finds a pod's packets: by its host-side interface where the pod is
+    # routed (Calico), by its address where it hangs on a bridge (netsim/policy_table.py)
+    workload_dispatch: str = "address"
 
     # -- this host -----------------------------------------------------------------------------
 

@@ -144,6 +144,7 @@ def resource(
 
 class CalicoBackend(Mode):
     family = "calico"
+    workload_dispatch = "iface"
     daemon = "calico-node"
     cni_network = CNI_NETWORK
     encap_setting = ""  # the CalicoSpec field (ipip_mode, vxlan_mode) that decides encapsulation
