@@ -155,7 +155,7 @@ def apply(
                 # pods have addresses: every node's kube-proxy programs them while the pods are
                 # wired (nobody sends traffic to a cluster that is being built)
                 services.reconcile(cluster, record, changes)
-                _declared(cluster, record)
+                _declared(cluster, record, changes)
                 alongside = functools.partial(registry.sync, store, record)
             else:
                 if _revive_etcd(record, tx, progress):
@@ -198,7 +198,7 @@ def apply(
             if pool_changed:  # the nodes' speakers start, or follow the pool
                 agents.sync(record, sorted(record.nodes))
             services.reconcile(cluster, record, changes)
-            _declared(cluster, record)
+            _declared(cluster, record, changes)
             # the objects go to the store; the nodes' daemons apply them, and apply waits
             waited = sync.sync(cluster, record, store)
             revision = max(store.writes.values(), default=0)
@@ -237,10 +237,17 @@ def apply(
         return changes
 
 
-def _declared(cluster: Cluster, record: Record) -> None:
+def _declared(cluster: Cluster, record: Record, changes: Changes) -> None:
     """The objects that are kept as declared: namespaces (their labels) and policies."""
     record.namespaces = dict(cluster.namespaces)
-    record.policies = {netpol.key(p.kind, p.namespace, p.name): p for p in cluster.policies}
+    policies = {netpol.key(p.kind, p.namespace, p.name): p for p in cluster.policies}
+    for key, policy in policies.items():
+        if key not in record.policies:
+            changes.created.append(policy.title.lower())
+        elif record.policies[key] != policy:
+            changes.updated.append(policy.title.lower())
+    changes.removed += [p.title.lower() for k, p in record.policies.items() if k not in policies]
+    record.policies = policies
 
 
 def apply_recorded(name: str) -> Changes | None:
