@@ -869,6 +869,35 @@ def cmd_trace(args) -> int:
     return 0 if result.delivered else 1
 
 
+def cmd_policy_check(args) -> int:
+    """One connection from SRC to DST, traced: allowed or denied, and which policy said so."""
+    from netsim import policy_check
+
+    _, record = pick_cluster(args.cluster)
+    if not 0 < args.timeout <= 30:
+        raise UsageError(f"--timeout {args.timeout:g}: give 0 < timeout <= 30 seconds")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: give a port from 1 to 65535")
+    result = policy_check.check(
+        record,
+        _qualified(record, args.src),
+        _qualified(record, args.dst),
+        args.port,
+        "UDP" if args.udp else "TCP",
+        args.timeout,
+    )
+    print(policy_check.describe(result))
+    return 0 if result.allowed else 1
+
+
+def _qualified(record: Record, word: str) -> str:
+    """NAMESPACE/NAME, or NAME in the namespace of -n, as the record's key."""
+    if "/" in word:
+        namespace, _, name = word.partition("/")
+        return object_key(namespace, name)
+    return key_of(record, word)
+
+
 def cmd_capture(args) -> int:
     """tcpdump on one interface of a node, pod or client, into a pcap Wireshark opens."""
     from netsim import trace
@@ -1163,6 +1192,17 @@ def _imperative_parsers(sub) -> None:
     st.add_argument("what", metavar="image")
     st.add_argument("words", nargs="+", metavar="deployment/NAME CONTAINER=IMAGE")
     st.set_defaults(func=imperative.cmd_set)
+    po = sub.add_parser("policy", help="network policies: check what they let through")
+    po_sub = po.add_subparsers(dest="policy_verb", required=True)
+    pc = po_sub.add_parser(
+        "check", help="is a connection from SRC to DST allowed, and by which policy (traced)"
+    )
+    pc.add_argument("src", help="a pod: NAME (in -n) or NAMESPACE/NAME")
+    pc.add_argument("dst", help="a pod or Service: NAME (in -n) or NAMESPACE/NAME")
+    pc.add_argument("--port", type=int, required=True)
+    pc.add_argument("--udp", action="store_true", help="UDP rather than TCP")
+    pc.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for an answer")
+    pc.set_defaults(func=cmd_policy_check)
     ro = sub.add_parser("rollout", help="a Deployment's rollout: status, history, undo, ...")
     ro_sub = ro.add_subparsers(dest="rollout_verb", required=True)
     for verb, text in (

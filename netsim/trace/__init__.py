@@ -30,6 +30,7 @@ from netsim.errors import NetsimError
 from netsim.kernel import netns as nsmod
 from netsim.model import Service
 from netsim.record import PodRecord, Record
+from netsim.trace import nftrace
 from netsim.trace.path import (
     HopSpec,
     dedupe,
@@ -121,6 +122,7 @@ class Trace:
     notes: list[str] = field(default_factory=list)
     pcap: str | None = None
     pids: list[int] = field(default_factory=list)  # the tcpdumps used, all stopped
+    rules: list[str] = field(default_factory=list)  # what nftables decided, traced
 
 
 # -- the probe ------------------------------------------------------------------------------
@@ -270,7 +272,10 @@ def trace(
         runs = [
             (ns, iface, os.path.join(tmp, f"{i}.pcap")) for i, (_, ns, iface) in enumerate(specs)
         ]
-        with running(runs) as dumps:
+        nodes = {n.name: n.netns for n in record.nodes.values() if n.netns in {s[1] for s in specs}}
+        word = {1: f"icmp id {marker.icmp_id}", 6: f"tcp sport {marker.sport}"}
+        match = f"ip saddr {src_ip} " + word.get(proto_num, f"udp sport {marker.sport}")
+        with running(runs) as dumps, nftrace.watching(record.cluster, nodes, match) as steps:
             pids = [d.proc.pid for d in dumps]
             _, reply, rtt, answered = _send_and_wait(source.netns, probe, dst_ip, marker, timeout)
             time.sleep(SETTLE)
@@ -335,7 +340,22 @@ def trace(
         pids,
     )
     result.verdict = _verdict(result, timeout)
+    result.rules = _rules(record, steps)
     return result
+
+
+def _rules(record: Record, steps: list[nftrace.Step]) -> list[str]:
+    """What nftables did to the probe, in words: Felix's verdict for each endpoint it
+    crossed, and any rule elsewhere (kube-proxy's) that dropped it."""
+    from netsim import policy_check, policy_table
+
+    lines = [
+        line.strip() for line in policy_check.decision_lines(policy_check.explain(record, steps))
+    ]
+    drop = nftrace.dropped([s for s in steps if s.table != policy_table.TABLE])
+    if drop is not None:
+        lines.append(f"dropped at {drop.node} by ip {drop.table} {drop.chain}: {drop.rule}")
+    return lines
 
 
 def _protocol(
@@ -498,6 +518,7 @@ def format_trace(t: Trace) -> str:
             line += f"  +{(hop.time - first) * 1000:.3f} ms"
         lines.append(line)
     lines.extend(f"  note: {n}" for n in t.notes)
+    lines.extend(f"  nftables: {r}" for r in t.rules)
     if t.pcap:
         lines.append(f"  pcap: {t.pcap} (every packet of every hop; the probe's are commented)")
     lines.append(f"  {t.verdict}")
