@@ -330,11 +330,7 @@ def _delete_pod(args) -> int:
     if (
         not args.file
         and len(words) == 2
-        and imperative.KINDS.get(words[0])
-        in (
-            "Service",
-            "Deployment",
-        )
+        and imperative.KINDS.get(words[0]) in ("Service", "Deployment", "NetworkPolicy")
     ):
         return imperative.delete_object(args, imperative.KINDS[words[0]], words[1])
     args.pod = words
@@ -418,6 +414,8 @@ def cmd_get(args) -> int:
         "deployment": "deployments",
         "rs": "replicasets",
         "replicaset": "replicasets",
+        "netpol": "networkpolicies",
+        "networkpolicy": "networkpolicies",
     }.get(args.what, args.what)
     if what == "events":
         return _events(record, args.output)
@@ -568,10 +566,24 @@ def cmd_get(args) -> int:
                 ]
                 for i in items
             ]
+    elif what == "networkpolicies":
+        items = [
+            {
+                "name": o["metadata"]["name"],
+                "namespace": o["metadata"]["namespace"],
+                "podSelector": _selector_text(o.get("spec", {}).get("podSelector") or {}),
+                "policyTypes": record.policies[
+                    f"NetworkPolicy/{o['metadata']['namespace']}/{o['metadata']['name']}"
+                ].types,
+            }
+            for o in filter(shown, registry.listed(store, registry.NETWORK_POLICIES))
+        ]
+        header = ["NAME", "POD-SELECTOR", "POLICY-TYPES"]
+        rows = [[i["name"], i["podSelector"], ",".join(i["policyTypes"])] for i in items]
     else:
         raise UsageError(
             f"cannot get {args.what!r}: use nodes, pods, services, endpoints, deployments, "
-            "replicasets, namespaces, events or clusters"
+            "replicasets, namespaces, networkpolicies, events or clusters"
         )
     if args.show_labels:
         header.append("LABELS")
@@ -585,6 +597,7 @@ def cmd_get(args) -> int:
         "endpoints",
         "deployments",
         "replicasets",
+        "networkpolicies",
     ):
         header = ["NAMESPACE", *header]
         rows = [[i["namespace"], *r] for r, i in zip(rows, items, strict=True)]
@@ -593,6 +606,19 @@ def cmd_get(args) -> int:
     else:
         print(table(rows, header))
     return 0
+
+
+def _selector_text(selector: dict) -> str:
+    """A LabelSelector as kubectl prints it: k=v,k in (a,b); <none> when it selects all."""
+    parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+    for e in selector.get("matchExpressions") or []:
+        op, values = e["operator"], ",".join(e.get("values") or [])
+        parts.append(
+            {"In": f"{e['key']} in ({values})", "NotIn": f"{e['key']} notin ({values})"}.get(
+                op, e["key"] if op == "Exists" else f"!{e['key']}"
+            )
+        )
+    return ",".join(parts) or "<none>"
 
 
 def _node_status(local, obj: dict) -> str:

@@ -105,6 +105,7 @@ def pod(record: Record, name: str) -> str:
         f"Labels:        {', '.join(f'{k}={v}' for k, v in entry.labels.items()) or '<none>'}",
         f"Controlled By: {_controller(entry.pod)}",
         f"Serving:       hostname on {', '.join(map(str, entry.pod.serve_ports)) or '<none>'}",
+        *_policies(record, entry),
     ]
     return "\n\n".join(
         [
@@ -114,6 +115,31 @@ def pod(record: Record, name: str) -> str:
             _section("ip route", _ip(entry.netns, "ip", "route")),
         ]
     )
+
+
+def _policies(record: Record, entry) -> list[str]:
+    """The policies that select the pod, per direction, in the order Felix evaluates them,
+    and the chain that holds them (netsim/policy_table.py)."""
+    from netsim import netpol, policy_table
+    from netsim.model import SYSTEM_NAMESPACES
+
+    if not record.policies:
+        return ["Policies:      <none> (no policy in the cluster: the pod is open)"]
+    spaces = {n: {"kubernetes.io/metadata.name": n} for n in SYSTEM_NAMESPACES}
+    spaces |= record.namespaces
+    info = netpol.PodInfo(entry.pod.namespace, entry.pod.name, entry.labels, entry.ip)
+    chosen = policy_table.selecting(list(record.policies.values()), info, spaces)
+    lines = []
+    for direction in netpol.TYPES:
+        mine = [p for p in chosen if direction in p.types]
+        chain = policy_table.endpoint_chain(entry.veth, direction)
+        names = ", ".join(
+            p.title + (f" (order {p.order:g})" if p.order is not None else "") for p in mine
+        )
+        word = direction.lower() + ":"
+        what = f"{names} [{chain}]" if mine else f"<none>: open [{chain}]"
+        lines.append(f"{'Policies:' if not lines else '':<15}{word:<9}{what}")
+    return lines
 
 
 def _controller(pod) -> str:

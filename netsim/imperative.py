@@ -47,8 +47,7 @@ def find(record: Record, kind: str, name: str) -> dict:
     for body in current_bodies(record):
         if topology.object_id(body) == (kind, _namespace(), name):
             return body
-    plural = {"Deployment": "deployments.apps", "Service": "services", "Pod": "pods"}[kind]
-    raise NetsimError(f'{plural} "{name}" not found in namespace {_namespace()}')
+    raise NetsimError(f'{PLURALS[kind]} "{name}" not found in namespace {_namespace()}')
 
 
 def _overrides(record: Record) -> dict:
@@ -83,6 +82,21 @@ KINDS = {
     "service": "Service",
     "services": "Service",
     "svc": "Service",
+    "networkpolicy": "NetworkPolicy",
+    "networkpolicies": "NetworkPolicy",
+    "netpol": "NetworkPolicy",
+}
+SINGULARS = {
+    "Deployment": "deployment.apps",
+    "Service": "service",
+    "Pod": "pod",
+    "NetworkPolicy": "networkpolicy.networking.k8s.io",
+}
+PLURALS = {
+    "Deployment": "deployments.apps",
+    "Service": "services",
+    "Pod": "pods",
+    "NetworkPolicy": "networkpolicies.networking.k8s.io",
 }
 
 
@@ -452,8 +466,7 @@ def delete_object(args, kind: str, name: str) -> int:
     ]
     overrides["deleted"] = [*overrides.get("deleted", []), list(ident)]
     _quiet_reapply(record, overrides)
-    plural = {"Deployment": "deployment.apps", "Service": "service", "Pod": "pod"}[kind]
-    print(f'{plural} "{name}" deleted')
+    print(f'{SINGULARS[kind]} "{name}" deleted')
     return 0
 
 
