@@ -161,7 +161,12 @@ def explain(record: Record, steps: list[Step]) -> list[Decision]:
             if last is None:
                 because = f"{entered} returned"
             elif last.chain.startswith(PROFILE_CHAINS):
-                because = f"no policy selects it; its namespace's profile allows ({last.chain})"
+                passed = [s.comment for s in decider if s.comment.endswith(": Pass")]
+                because = (
+                    f"passed to the profiles by {passed[-1]}; "
+                    if passed
+                    else "no policy selects it; "
+                ) + f"its namespace's profile allows ({last.chain})"
             else:
                 because = last.comment or last.chain
         decisions.append(

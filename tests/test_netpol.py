@@ -365,4 +365,65 @@ def test_calico_order_and_actions(model):
             return False
         return True  # x by the Kubernetes policy, z passed to the profile
 
-    _case(model, "calico", expect, gnp, passing, np, only_x)
+    path = _apply(model, "calico", gnp, passing, np, only_x)
+    try:
+        check(model, expect)
+        denied = model.netsim("policy", "check", "y/a", "x/b", "--port", "80").stdout
+        assert "GlobalNetworkPolicy deny-y-to-x ingress rule 2: Deny" in denied
+        passed = model.netsim("policy", "check", "z/a", "x/b", "--port", "80").stdout
+        assert "selected by GlobalNetworkPolicy pass-z; passed to the profiles by " in passed
+        assert "GlobalNetworkPolicy pass-z ingress rule 1: Pass" in passed
+    finally:
+        model.netsim("delete", "-f", path, check=True)
+
+
+def test_check_trace_describe_and_get_name_the_policy(model):
+    both = {
+        "namespaceSelector": {"matchLabels": {"ns": "y"}},
+        "podSelector": {"matchLabels": {"pod": "b"}},
+    }
+    allow = _policy("allow-y-b", "x", {"podSelector": A, "ingress": [{"from": [both]}]})
+    path = _apply(model, "allow-y-b", allow)
+    try:
+        ok = model.netsim("policy", "check", "y/b", "x/a", "--port", "80")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.startswith(f"y/b -> x/a ({model.pods['x/a'].ip}) TCP 80: allowed")
+        assert "NetworkPolicy x/allow-y-b ingress rule 1: Allow" in ok.stdout
+        no = model.netsim("policy", "check", "y/a", "x/s-x-a", "--port", "81", "--udp")
+        assert no.returncode == 1, no.stdout + no.stderr
+        assert no.stdout.startswith(f"y/a -> x/s-x-a ({model.service_ips['x/a']}) UDP 81: denied")
+        assert "ingress x/a" in no.stdout and "selected by NetworkPolicy x/allow-y-b" in no.stdout
+        assert "Drop if no policies passed packet" in no.stdout
+        traced = model.netsim("-n", "y", "trace", "a", "x.a", "--tcp", "80")
+        assert traced.returncode == 1
+        assert "nftables: ingress x/a" in traced.stdout and "denied" in traced.stdout
+        described = model.netsim("-n", "x", "describe", "pod", "a", check=True).stdout
+        assert "ingress: NetworkPolicy x/allow-y-b (order 1000) [cali-tw-" in described
+        assert "egress:  <none>: open [cali-fw-" in described
+        listed = model.netsim("get", "networkpolicies", "-A", check=True).stdout.split("\n")
+        assert listed[1].split() == ["x", "allow-y-b", "pod=a", "Ingress"]
+    finally:
+        model.netsim("delete", "-f", path, check=True)
+    gone = model.netsim("policy", "check", "y/a", "x/a", "--port", "80")
+    assert gone.returncode == 0 and "no policy exists" in gone.stdout
+
+
+def test_bad_policy_is_refused_and_changes_nothing(model):
+    bad = _policy(
+        "bad", "x", {"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}
+    )
+    path = f"{model.dir}/bad.yaml"
+    with open(path, "w") as fh:
+        yaml.safe_dump(bad, fh)
+    out = model.netsim("apply", "-f", path)
+    assert out.returncode == 2
+    assert (
+        "bad.yaml: document 1 (NetworkPolicy bad): spec.ingress[0].ports[0].endPort" in out.stderr
+    )
+    assert "Traceback" not in out.stderr
+    assert model.netsim("get", "netpol", "-A", check=True).stdout.count("\n") == 1  # a header
+    deleted = model.netsim("-n", "x", "delete", "netpol", "bad")
+    assert (
+        deleted.returncode != 0
+        and 'networkpolicies.networking.k8s.io "bad" not found' in deleted.stderr
+    )
