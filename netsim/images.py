@@ -23,6 +23,9 @@ IMAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "debian": ((), ("bash",)),
     "ubuntu": ((), ("/bin/bash",)),
 }
+# web servers' images that netsim's hostname server stands in for, on the port they listen on
+# (the Kubernetes guides create `--image=nginx` and expose its port 80)
+IMAGE_PORTS = {"nginx": 80, "httpd": 80}
 # programs of modelled images that netsim serves itself: argv[0] -> its module's argv
 SERVED = {
     "/agnhost": ("-m", "netsim.agnhost"),
@@ -54,7 +57,7 @@ def workload(container) -> Workload:
     if not argv:
         notice = ""
         if container.image:
-            ports = ", ".join(map(str, container.ports or (9376,)))
+            ports = ", ".join(map(str, container.served_ports))
             notice = (
                 f"image {container.image} of container {container.name} is not modelled and "
                 f"has no command: netsim's hostname server answers on port {ports}"

@@ -117,6 +117,14 @@ class Container:
         return dict(self.protocols).get(port, "TCP")
 
     @property
+    def served_ports(self) -> tuple[int, ...]:
+        """Where the built-in hostname server answers for this container: its ports, else
+        the port of the web server its image would run (nginx: 80), else agnhost's 9376."""
+        from netsim.images import IMAGE_PORTS, image_name
+
+        return self.ports or (IMAGE_PORTS.get(image_name(self.image), HOSTNAME_PORT),)
+
+    @property
     def builtin(self) -> bool:
         """Served by the agent's own hostname server rather than a process of its own."""
         from netsim.images import workload
@@ -153,7 +161,7 @@ class Pod:
     @property
     def serve_ports(self) -> tuple[int, ...]:
         """Ports the built-in hostname server answers on for this pod."""
-        ports = [p for c in self.containers if c.builtin for p in (c.ports or (HOSTNAME_PORT,))]
+        ports = [p for c in self.containers if c.builtin for p in c.served_ports]
         return tuple(sorted(set(ports)))
 
     @property

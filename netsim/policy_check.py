@@ -85,8 +85,8 @@ def check(
         sock.close()
     decisions = explain(record, steps)
     notes = []
-    if not any(s.table == policy_table.TABLE for s in steps):
-        notes.append("no policy table on these nodes: no policy exists, every pod is open")
+    if not record.policies:
+        notes.append("no policy exists in the cluster: every pod is open")
     rejected = [s for s in steps if s.table != policy_table.TABLE and s.verdict == "drop"]
     notes += [f"dropped by {s.table} {s.chain}: {s.rule}" for s in rejected]
     allowed = all(d.allowed for d in decisions) and not rejected

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import struct
 
 from netsim import netpol
 from netsim.kernel import nftnl
-from netsim.kernel.nfttable import IPV4, IPV4_PROTO_PORT, PROTOCOLS, Rule, SetType, Table
+from netsim.kernel.nfttable import IPV4, IPV4_PROTO_PORT, Rule, SetType, Table, addr_match, l4proto
 from netsim.netpol import Entity, PodInfo, Policy, PolicyRule
 
 TABLE = "calico"
@@ -47,16 +46,14 @@ MAX_NAME = 28  # Felix keeps chain names within iptables' limit
 
 
 def base(dispatch: str) -> str:
-    """The table's fixed part, as `nft -f` text (the first sync loads it)."""
+    """The policy's fixed part, as `nft -f` text (the first sync loads it, after `sweep`).
+    The table is Felix's in Calico's modes: natOutgoing's chain lives in it too."""
     key, src, dst = (
         ("ifname", "iifname", "oifname")
         if dispatch == "iface"
         else ("ipv4_addr", "ip saddr", "ip daddr")
     )
-    return f"""table ip {TABLE}
-delete table ip {TABLE}
-table ip {TABLE} {{
-  comment "Felix's policy (netsim)"
+    return f"""table ip {TABLE} {{
   map {FROM} {{ type {key} : verdict; }}
   map {TO} {{ type {key} : verdict; }}
   chain cali-FORWARD {{ type filter hook forward priority filter; policy accept;
@@ -70,6 +67,28 @@ table ip {TABLE} {{
   }}
 }}
 """
+
+
+NOT_POLICY = ("cali-nat-outgoing",)  # the table's chains that are not the policy's
+
+
+def sweep(netns: str) -> None:
+    """Remove every policy object from the node's table (a previous run's, or all of them
+    when the last policy went), in one batch: rules first, then maps and sets, then chains."""
+    from netsim.kernel import nft
+
+    chains, sets = nft.table_objects(netns, "ip", TABLE)
+    chains = [c for c in chains if c not in NOT_POLICY]
+    if not chains and not sets:
+        return
+    batch = nftnl.Batch(TABLE)
+    for chain in chains:
+        batch.flush_chain(chain)
+    for name in sets:
+        batch.delete_set(name)
+    for chain in chains:
+        batch.delete_chain(chain)
+    batch.commit(netns)
 
 
 def dispatch_maps(dispatch: str) -> dict[str, SetType]:
@@ -126,26 +145,6 @@ def _mark_set(bit: int) -> bytes:
 
 def _ct_state(mask: int) -> bytes:
     return nftnl.ct(nftnl.CT_STATE) + nftnl.bitwise(_u32(mask)) + nftnl.cmp(nftnl.CMP_NEQ, _u32(0))
-
-
-def addr_match(offset: int, cidr: str, op: int = nftnl.CMP_EQ) -> bytes:
-    """`ip saddr|daddr [!=] CIDR` (offset 12 or 16): nft compares the prefix's whole bytes, or
-    masks the address when the prefix is not byte-aligned."""
-    net = ipaddress.ip_network(cidr, strict=False)
-    if net.prefixlen % 8 == 0:
-        prefix = net.network_address.packed[: net.prefixlen // 8]
-        if not prefix:  # 0.0.0.0/0: every address
-            return b""
-        return nftnl.payload(nftnl.NETWORK_HEADER, offset, len(prefix)) + nftnl.cmp(op, prefix)
-    return (
-        nftnl.payload(nftnl.NETWORK_HEADER, offset, 4)
-        + nftnl.bitwise(net.netmask.packed)
-        + nftnl.cmp(op, net.network_address.packed)
-    )
-
-
-def l4proto(proto: str) -> bytes:
-    return nftnl.meta(nftnl.META_L4PROTO) + nftnl.cmp(nftnl.CMP_EQ, bytes([PROTOCOLS[proto]]))
 
 
 def _port(offset: int, first: int, last: int) -> bytes:

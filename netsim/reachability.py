@@ -7,6 +7,7 @@ the result prints as the e2e tests' truth table (`.` reached, `X` not)."""
 from __future__ import annotations
 
 import errno
+import itertools
 import selectors
 import socket
 import time
@@ -54,10 +55,23 @@ def run(probes: list[Probe], netns: dict[str, str], timeout: float = 1.0) -> dic
     return result
 
 
+_PORTS = itertools.cycle(range(20000, 60000))
+
+
 def _socket(probe: Probe) -> socket.socket:
+    """A probe's socket. A UDP one gets the next source port of a cycle: a flow conntrack
+    still holds as established (120 s after an answer) would pass any policy made since, so
+    matrices that follow each other never reuse one (a TCP flow starts anew with its SYN)."""
     kind = socket.SOCK_STREAM if probe.protocol == "TCP" else socket.SOCK_DGRAM
     sock = socket.socket(socket.AF_INET, kind)
     sock.setblocking(False)
+    if kind == socket.SOCK_DGRAM:
+        for _ in range(100):
+            try:
+                sock.bind(("0.0.0.0", next(_PORTS)))
+                break
+            except OSError:  # taken in this namespace: the next one
+                continue
     return sock
 
 

@@ -23,6 +23,7 @@ import json
 from netsim import collector, deployments
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
 from netsim.model import SYSTEM_NAMESPACES
+from netsim.modes.calico import RESOURCES
 from netsim.record import NodeRecord, PodRecord, Record
 from netsim.services import NAMESPACE, endpoints, ip_key, target_port
 
@@ -35,8 +36,9 @@ ENDPOINTS = "/registry/services/endpoints/"
 DEPLOYMENTS, REPLICASETS = deployments.DEPLOYMENTS, deployments.REPLICASETS
 SERVICES_ALL = "/registry/services/"  # kube-proxy watches both, in one stream
 NETWORK_POLICIES = "/registry/networkpolicies/"
-CALICO_POLICIES = "/calico/resources/v3/projectcalico.org/networkpolicies/"
-GLOBAL_POLICIES = "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/"
+CALICO_RESOURCES = RESOURCES  # Calico's v3 resources (felix watches all of them)
+CALICO_POLICIES = CALICO_RESOURCES + "networkpolicies/"
+GLOBAL_POLICIES = CALICO_RESOURCES + "globalnetworkpolicies/"
 POLICY_PREFIXES = (NETWORK_POLICIES, CALICO_POLICIES, GLOBAL_POLICIES)
 MANAGED = (
     NODES,

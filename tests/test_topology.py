@@ -1115,7 +1115,7 @@ def test_command_and_args_keep_their_kubernetes_meaning():
             {"name": "b", "image": agnhost},
             {"name": "c", "image": "busybox:1.28", "args": ["sleep", "5"]},
             {"name": "d", "image": "busybox", "command": ["echo"], "args": ["hi"]},
-            {"name": "e", "image": "nginx:1.27", "ports": [{"containerPort": 80}]},
+            {"name": "e", "image": "nginx:1.27"},  # nginx's port: 80, as the guides expose it
             {"name": "f"},
         ]
     }

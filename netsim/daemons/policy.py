@@ -23,7 +23,9 @@ from netsim.kernel.nfttable import Table, difference
 
 class PolicyDaemon:
     name = "felix-policy"
-    prefixes = registry.POLICY_PREFIXES
+    # Calico's policies are among its v3 resources, which calico-node's felix watches whole
+    # (one watch for both daemons in Calico's modes)
+    prefixes = (registry.NETWORK_POLICIES, registry.CALICO_RESOURCES)
 
     def __init__(self, node, dispatch: str, store, event: Callable[[str], None]):
         self.node, self.dispatch, self.store, self.event = node, dispatch, store, event
@@ -40,7 +42,11 @@ class PolicyDaemon:
             netpol.from_body(json.loads(kv.value))
             for prefix in self.prefixes
             for kv in view[prefix].values()
+            if kv.key.startswith(registry.POLICY_PREFIXES)
         ]
+        policies.sort(key=lambda p: (p.kind, p.namespace, p.name))
+        if self.policies == policies and (self.synced is not None or not policies):
+            return  # another Calico resource changed (a node, a pool)
         with self.lock:
             self.policies = policies
             if policies and self.pods is None:
@@ -75,12 +81,9 @@ class PolicyDaemon:
         with self.lock:
             if not self.policies:
                 if self.synced is not None:
-                    nft.apply(
-                        self.node.netns,
-                        f"table ip {policy_table.TABLE}\ndelete table ip {policy_table.TABLE}\n",
-                    )
+                    policy_table.sweep(self.node.netns)
                     self.synced = None
-                    self.event("no policy selects anything: removed the policy table")
+                    self.event("no policy is left: removed the policy chains")
                 return
             if self.view is None:
                 return
@@ -93,7 +96,8 @@ class PolicyDaemon:
             }
             table = policy_table.compute(self.policies, pods, spaces, local, self.dispatch)
             old = self.synced
-            if old is None:
+            if old is None:  # what a previous run left goes, then the fixed part
+                policy_table.sweep(self.node.netns)
                 nft.apply(self.node.netns, policy_table.base(self.dispatch))
                 old = Table(sets=policy_table.dispatch_maps(self.dispatch))
             batch = difference(policy_table.TABLE, old, table)

@@ -35,3 +35,22 @@ def ruleset(netns: str) -> str:
         preexec_fn=lambda: nsmod.enter_for_exec(netns),
     )
     return result.stdout
+
+
+def table_objects(netns: str, family: str, table: str) -> tuple[list[str], list[str]]:
+    """The chains and the sets (maps too) of a table in the namespace; none if it has no
+    such table."""
+    import json
+
+    result = subprocess.run(
+        [available() or "nft", "-j", "list", "table", family, table],
+        text=True,
+        capture_output=True,
+        preexec_fn=lambda: nsmod.enter_for_exec(netns),
+    )
+    if result.returncode != 0:
+        return [], []
+    items = json.loads(result.stdout)["nftables"]
+    chains = [i["chain"]["name"] for i in items if "chain" in i]
+    sets = [i[k]["name"] for i in items for k in ("set", "map") if k in i]
+    return chains, sets

@@ -6,6 +6,7 @@ way; each rule carries its nft text, its bytecode and a comment.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from collections.abc import Callable
@@ -49,6 +50,29 @@ class Table:
     chains: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     sets: dict[str, SetType] = field(default_factory=dict)
     elements: dict[str, dict[str, str | None]] = field(default_factory=dict)  # key -> verdict
+
+
+# -- expressions both tables use (the bytecode nft emits for the same text) -----------------
+
+
+def addr_match(offset: int, cidr: str, op: int = nftnl.CMP_EQ) -> bytes:
+    """`ip saddr|daddr [!=] CIDR` (offset 12 or 16): nft compares the prefix's whole bytes, or
+    masks the address when the prefix is not byte-aligned."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.prefixlen % 8 == 0:
+        prefix = net.network_address.packed[: net.prefixlen // 8]
+        if not prefix:  # 0.0.0.0/0: every address
+            return b""
+        return nftnl.payload(nftnl.NETWORK_HEADER, offset, len(prefix)) + nftnl.cmp(op, prefix)
+    return (
+        nftnl.payload(nftnl.NETWORK_HEADER, offset, 4)
+        + nftnl.bitwise(net.netmask.packed)
+        + nftnl.cmp(op, net.network_address.packed)
+    )
+
+
+def l4proto(proto: str) -> bytes:
+    return nftnl.meta(nftnl.META_L4PROTO) + nftnl.cmp(nftnl.CMP_EQ, bytes([PROTOCOLS[proto]]))
 
 
 def key_bytes(text: str, kind: SetType) -> bytes:

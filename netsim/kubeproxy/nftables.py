@@ -24,14 +24,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from netsim import collector
 from netsim.kernel import nftnl
+from netsim.kernel.nfttable import (
+    IPV4_PROTO_PORT,
+    Rule,
+    addr_match,
+    key_bytes,
+    l4proto,
+    verdict_of,
+)
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
 
 TABLE = "kube-proxy"
@@ -141,7 +147,6 @@ def affinity_set(sp: ProxyPort, ep: Endpoint) -> str:
 
 FIXED_MAPS = ("service-ips", "service-nodeports", "no-endpoint-services", "no-endpoint-nodeports")
 ENDPOINTS_MAP = "typeof numgen inc mod 2 : verdict;"
-PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 # the set metadata (libnftnl "udata" TLVs) nft 1.0 writes for these definitions, so that
 # `nft list` prints them as written: key byte order big-endian for an ipv4_addr set; for the
@@ -162,19 +167,6 @@ ENDPOINTS_UDATA = bytes.fromhex(
 )
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One rule: the text `nft list` prints, and (built when a netlink batch needs it) the
-    bytecode nft emits for that text."""
-
-    text: str
-    bytecode: Callable[[], bytes] = field(compare=False, repr=False)
-
-    @property
-    def code(self) -> bytes:
-        return self.bytecode()
-
-
 def _verdict(word: str, chain: str) -> tuple[int, str]:
     return (nftnl.GOTO if word == "goto" else nftnl.JUMP, chain)
 
@@ -187,30 +179,12 @@ def _eq(base: int, offset: int, value: bytes) -> bytes:
     return nftnl.payload(base, offset, len(value)) + nftnl.cmp(nftnl.CMP_EQ, value)
 
 
-def _l4proto(proto: str) -> bytes:
-    return nftnl.meta(nftnl.META_L4PROTO) + nftnl.cmp(nftnl.CMP_EQ, bytes([PROTOCOLS[proto]]))
-
-
-def _saddr_outside(cidr: str, op: int = nftnl.CMP_NEQ) -> bytes:
-    """`ip saddr != CIDR` (or `==`): nft compares the prefix's whole bytes, or masks when it
-    is not byte-aligned."""
-    net = ipaddress.ip_network(cidr, strict=False)
-    if net.prefixlen % 8 == 0:
-        prefix = net.network_address.packed[: net.prefixlen // 8]
-        return nftnl.payload(nftnl.NETWORK_HEADER, 12, len(prefix)) + nftnl.cmp(op, prefix)
-    return (
-        nftnl.payload(nftnl.NETWORK_HEADER, 12, 4)
-        + nftnl.bitwise(net.netmask.packed)
-        + nftnl.cmp(op, net.network_address.packed)
-    )
-
-
 def _from_pods(cidr: str, chain: str) -> Rule:
     """kube-proxy's local-pod detector: traffic from the pod network short-circuits to the
     service chain (externalTrafficPolicy does not apply to pods)."""
     return Rule(
         f"ip saddr {cidr} goto {chain}",
-        lambda: _saddr_outside(cidr, nftnl.CMP_EQ) + _jump("goto", chain),
+        lambda: addr_match(12, cidr) + _jump("goto", chain),
     )
 
 
@@ -234,9 +208,9 @@ def _masquerade_outside(sp: ProxyPort, proto: str, cidr: str) -> Rule:
         f"jump mark-for-masquerade",
         lambda: (
             _eq(nftnl.NETWORK_HEADER, 16, socket.inet_aton(sp.cluster_ip))
-            + _l4proto(proto)
+            + l4proto(proto)
             + _eq(nftnl.TRANSPORT_HEADER, 2, struct.pack("!H", sp.port))
-            + _saddr_outside(cidr)
+            + addr_match(12, cidr, nftnl.CMP_NEQ)
             + _jump("jump", "mark-for-masquerade")
         ),
     )
@@ -279,7 +253,7 @@ def _dnat(proto: str, ep: Endpoint) -> Rule:
     return Rule(
         f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}",
         lambda: (
-            _l4proto(proto)
+            l4proto(proto)
             + nftnl.immediate(socket.inet_aton(ep.ip), nftnl.REG_1)
             + nftnl.immediate(struct.pack("!H", ep.port), nftnl.REG_2)
             + nftnl.dnat(nftnl.REG_1, nftnl.REG_2)
@@ -436,22 +410,7 @@ def _key(map_name: str, key: str) -> bytes:
     in the fixed maps each part of a concatenation fills a 4-byte register."""
     if map_name not in FIXED_MAPS:
         return struct.pack("=I", int(key))
-    parts = []
-    for part in key.split(" . "):
-        if part in PROTOCOLS:
-            parts.append(struct.pack("=I", PROTOCOLS[part]))
-        elif "." in part:
-            parts.append(socket.inet_aton(part))
-        else:
-            parts.append(struct.pack("!H", int(part)) + b"\0\0")
-    return b"".join(parts)
-
-
-def _map_verdict(value: str) -> tuple[int, str | None]:
-    if value == "drop":
-        return (nftnl.DROP, None)
-    word, chain = value.split(" ", 1)
-    return _verdict(word, chain)
+    return key_bytes(key, IPV4_PROTO_PORT)
 
 
 def first_sync(ports: list[ProxyPort], cluster_cidr: str) -> tuple[str, nftnl.Batch]:
@@ -526,7 +485,7 @@ def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
         before = old.maps.get(mapname, {})
         added = [(k, v) for k, v in after.items() if before.get(k) != v]
         if added:
-            batch.add_elements(mapname, [(_key(mapname, k), _map_verdict(v)) for k, v in added])
+            batch.add_elements(mapname, [(_key(mapname, k), verdict_of(v)) for k, v in added])
     for name in changed:
         for rule in new.chains[name]:
             batch.add_rule(name, rule.code, rule.text)

@@ -362,12 +362,14 @@ class CalicoBackend(Mode):
             if cluster.calico.nat_outgoing
             else ""
         )
-        return f"""table ip calico
-delete table ip calico
+        # the table is Felix's: its policy chains live in it too (netsim/policy_table.py),
+        # so only this chain is made again
+        return f"""table ip calico {{
+  chain cali-nat-outgoing {{ type nat hook postrouting priority srcnat; policy accept; }}
+}}
+flush chain ip calico cali-nat-outgoing
 table ip calico {{
-  comment "netsim cluster {cluster.name}: calico natOutgoing"
   chain cali-nat-outgoing {{
-    type nat hook postrouting priority srcnat; policy accept;
     meta mark & 0x4000 == 0x4000 return comment "kube-proxy masquerades these"
     {rule}
   }}

@@ -68,8 +68,16 @@ def parse(node: str, text: str) -> list[Step]:
         elif (found["what"] or "").startswith("packet:"):
             packet = found["what"][len("packet:") :].strip()
             steps.append(Step(node, found["table"], found["chain"], "", "", "", packet, id_))
-    first = next((s.id for s in steps), None)  # the probe's first packet: what decided
-    return [s for s in steps if s.id == first]
+    # the probe's first packet: what decided. One packet may show under several trace ids
+    # (br_netfilter hands a bridged packet's copy to the forward hook): its ids are those
+    # whose packet looked the same (IP id, length, TCP flags)
+    signatures = {s.id: _signature(s.packet) for s in steps if s.packet}
+    first = next(iter(signatures.values()), None)
+    return [s for s in steps if signatures.get(s.id) == first]
+
+
+def _signature(packet: str) -> tuple:
+    return tuple(re.findall(r"ip id (\d+)|ip length (\d+)|flags == (\S+)", packet))
 
 
 @contextlib.contextmanager
@@ -94,8 +102,8 @@ def watching(cluster: str, nodes: dict[str, str], match: str) -> Iterator[list[S
             _nft(nft, netns, ruleset)
             made.append(netns)
             with nsmod.entered(netns):  # the monitor's netlink socket is the namespace's
-                monitors[name] = subprocess.Popen(
-                    [nft, "monitor", "trace"],
+                monitors[name] = subprocess.Popen(  # line-buffered: a pipe would keep its
+                    [*_line_buffered(), nft, "monitor", "trace"],  # tail when it is ended
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
                     text=True,
@@ -114,6 +122,11 @@ def watching(cluster: str, nodes: dict[str, str], match: str) -> Iterator[list[S
             steps.extend(parse(name, out or ""))
         for netns in made:
             _nft(nft, netns, f"delete table ip {table}\n", check=False)
+
+
+def _line_buffered() -> list[str]:
+    stdbuf = shutil.which("stdbuf")  # coreutils
+    return [stdbuf, "-oL"] if stdbuf else []
 
 
 def _nft(nft: str, netns: str, text: str, check: bool = True) -> None:
