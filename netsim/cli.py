@@ -137,12 +137,14 @@ def _objects_file(file: str) -> list | None:
 
 
 def _without(record: Record, objects: list) -> tuple[dict, list]:
-    """The cluster's overrides without these objects (by kind, namespace and name), and the
-    ones it held of them."""
+    """The cluster's overrides without these objects (by kind, namespace and name, nor their
+    deletion), and the ones it held of them."""
     overrides = json.loads(json.dumps(record.overrides))
     ids = {topology.object_id(b) for b in objects}
     held = overrides.get("objects", [])
     overrides["objects"] = [o for o in held if topology.object_id(o) not in ids]
+    # applied again after `delete KIND NAME`: no longer deleted
+    overrides["deleted"] = [d for d in overrides.get("deleted", []) if tuple(d) not in ids]
     return overrides, [o for o in held if topology.object_id(o) in ids]
 
 
@@ -217,7 +219,7 @@ def _reapply(record: Record, overrides: dict, what: str) -> int:
 
 
 def cmd_scale(args) -> int:
-    name = imperative.target([args.target], imperative.DEPLOYMENT)[1]
+    name = _one_deployment(args.target, "scale")
     if not 0 <= args.replicas <= 10000:
         raise NetsimError(f"--replicas {args.replicas} is out of range: use 0 to 10000")
     _, record = pick_cluster(args.cluster)
@@ -227,9 +229,17 @@ def cmd_scale(args) -> int:
     return _reapply(record, overrides, f"deployment/{name} scaled to {args.replicas}")
 
 
+def _one_deployment(words: list[str], verb: str) -> str:
+    """deployment/NAME or deployment NAME, as kubectl takes either."""
+    _, name, rest = imperative.target(words, imperative.DEPLOYMENT)
+    if rest:
+        raise UsageError(f"{verb} takes one deployment, not also {' '.join(rest)!r}")
+    return name
+
+
 def cmd_expose(args) -> int:
     """A Service for a Deployment's pods, as `kubectl expose deployment` makes it."""
-    name = imperative.target([args.target], imperative.DEPLOYMENT)[1]
+    name = _one_deployment(args.target, "expose")
     for flag, value in (("--port", args.port), ("--target-port", args.target_port)):
         if value is not None and not 1 <= value <= 65535:
             raise TopologyError(
@@ -277,7 +287,7 @@ def cmd_expose(args) -> int:
         service["spec"]["sessionAffinityConfig"] = {
             "clientIP": {"timeoutSeconds": args.affinity_timeout}
         }
-    overrides = json.loads(json.dumps(record.overrides))
+    overrides, _ = _without(record, [service])  # (and no longer deleted, if it was)
     overrides["services"] = [
         s
         for s in overrides.get("services", [])
@@ -1065,11 +1075,11 @@ def parser() -> argparse.ArgumentParser:
     )
     a.set_defaults(func=cmd_apply)
     sc = sub.add_parser("scale", help="set a Deployment's replicas (until the next apply -f)")
-    sc.add_argument("target", help="deployment/NAME")
+    sc.add_argument("target", nargs="+", help="deployment/NAME (or: deployment NAME)")
     sc.add_argument("--replicas", type=int, required=True)
     sc.set_defaults(func=cmd_scale)
     ex = sub.add_parser("expose", help="a Service for a Deployment (until the next apply -f)")
-    ex.add_argument("target", help="deployment/NAME")
+    ex.add_argument("target", nargs="+", help="deployment/NAME (or: deployment NAME)")
     ex.add_argument("--port", type=int, required=True)
     ex.add_argument("--target-port", type=int)
     ex.add_argument("--name")

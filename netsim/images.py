@@ -56,7 +56,7 @@ def workload(container) -> Workload:
         argv = (*entrypoint, *(container.args or cmd))
     if not argv:
         notice = ""
-        if container.image:
+        if container.image and image_name(container.image) not in IMAGE_PORTS:
             ports = ", ".join(map(str, container.served_ports))
             notice = (
                 f"image {container.image} of container {container.name} is not modelled and "

@@ -31,11 +31,15 @@ class Rule:
 
 @dataclass(frozen=True)
 class SetType:
-    """What a named set holds: its key type and length, and whether it maps to verdicts."""
+    """What a named set holds: its key type and length, whether it maps to verdicts, its
+    flags and timeout, and the metadata nft keeps with it (how `nft list` prints it)."""
 
     key_type: int
     key_len: int
     verdict_map: bool = False
+    flags: int = 0
+    timeout_ms: int | None = None
+    userdata: bytes = b""
 
 
 IPV4 = SetType(nftnl.TYPE_IPADDR, 4)
@@ -80,6 +84,8 @@ def key_bytes(text: str, kind: SetType) -> bytes:
     4-byte registers (an address; a protocol in host order; a port in network order)."""
     if kind.key_type == nftnl.TYPE_IFNAME:
         return text.encode().ljust(nftnl.IFNAMSIZ, b"\0")
+    if kind.key_type == nftnl.TYPE_INTEGER:  # e.g. numgen's value: host order
+        return struct.pack("=I", int(text))
     parts = []
     for part in text.split(" . "):
         if part in PROTOCOLS:
@@ -103,12 +109,19 @@ def difference(table: str, old: Table, new: Table) -> nftnl.Batch:
     refers (rules, map elements) goes before what it refers to is deleted, and what is
     referred to is made before what refers to it."""
     batch = nftnl.Batch(table)
-    changed = [n for n, rules in new.chains.items() if old.chains.get(n) != rules]
+    # a set whose type or timeout changed is made again, so the rules naming it go first
+    retyped = [n for n, t in new.sets.items() if n in old.sets and old.sets[n] != t]
+    naming = tuple(f"@{name} " for name in retyped)
+    changed = [
+        n
+        for n, rules in new.chains.items()
+        if old.chains.get(n) != rules
+        or (naming and any(ref in r.text + " " for r in rules for ref in naming))
+    ]
     removed = [n for n in old.chains if n not in new.chains]
     for name in changed + removed:
         if name in old.chains:
             batch.flush_chain(name)
-    retyped = [n for n, t in new.sets.items() if n in old.sets and old.sets[n] != t]
     for name, before in old.elements.items():
         if name in new.sets and name not in retyped:
             after = new.elements.get(name, {})
@@ -124,7 +137,15 @@ def difference(table: str, old: Table, new: Table) -> nftnl.Batch:
             batch.add_chain(name)
     for name, kind in new.sets.items():
         if name not in old.sets or name in retyped:
-            batch.add_set(name, kind.key_type, kind.key_len, verdict_map=kind.verdict_map)
+            batch.add_set(
+                name,
+                kind.key_type,
+                kind.key_len,
+                kind.flags,
+                kind.timeout_ms,
+                kind.verdict_map,
+                kind.userdata,
+            )
     for name, after in new.elements.items():
         fresh = name not in old.sets or name in retyped
         before = {} if fresh else old.elements.get(name, {})

@@ -29,14 +29,11 @@ import struct
 from dataclasses import dataclass, field
 
 from netsim import collector
-from netsim.kernel import nftnl
+from netsim.kernel import nftnl, nfttable
 from netsim.kernel.nfttable import (
-    IPV4_PROTO_PORT,
     Rule,
     addr_match,
-    key_bytes,
     l4proto,
-    verdict_of,
 )
 from netsim.kubeproxy.ports import Endpoint, ProxyPort
 
@@ -405,14 +402,6 @@ def full(rs: Ruleset) -> str:
     return "".join(out)
 
 
-def _key(map_name: str, key: str) -> bytes:
-    """A map key as the kernel holds it: an endpoints map's key is numgen's host-order u32;
-    in the fixed maps each part of a concatenation fills a 4-byte register."""
-    if map_name not in FIXED_MAPS:
-        return struct.pack("=I", int(key))
-    return key_bytes(key, IPV4_PROTO_PORT)
-
-
 def first_sync(ports: list[ProxyPort], cluster_cidr: str) -> tuple[str, nftnl.Batch]:
     """A node's first sync: the table's fixed part as `nft -f` text, then every Service as
     one batch (built once, it can go to every node: nft would parse the text in each)."""
@@ -436,62 +425,41 @@ def changes(
 
 
 def _difference(old: Ruleset, new: Ruleset) -> nftnl.Batch:
-    """The batch that turns `old` into `new`, touching only what differs. Order matters
-    within the transaction: references go (rules flushed, elements deleted) before what they
-    point at is deleted, and what is referenced is made before what refers to it."""
-    batch = nftnl.Batch(TABLE)
-    # an affinity set whose timeout changed is made again, so the rules naming it go first
-    redefined = [n for n, t in new.sets.items() if n in old.sets and old.sets[n] != t]
-    naming = tuple(f"@{name} " for name in redefined)
-    changed = [
-        n
-        for n, rules in new.chains.items()
-        if old.chains.get(n) != rules
-        or (naming and any(ref in r.text for r in rules for ref in naming))
-    ]
-    removed = [n for n in old.chains if n not in new.chains]
-    for name in changed + removed:
-        if name in old.chains:
-            batch.flush_chain(name)
-    for mapname, before in old.maps.items():
-        after = new.maps.get(mapname, {})
-        gone = [k for k, v in before.items() if after.get(k) != v]
-        if gone and mapname in new.maps:
-            batch.delete_elements(mapname, [_key(mapname, k) for k in gone])
-    for name in old.maps:
-        if name not in new.maps:
-            batch.delete_set(name)
-    for name in removed:
-        batch.delete_chain(name)
-    for name in [n for n in old.sets if n not in new.sets] + redefined:
-        batch.delete_set(name)
-    for name in changed:
-        if name not in old.chains:
-            batch.add_chain(name)
-    for name, timeout in new.sets.items():
-        if name not in old.sets or name in redefined:
-            batch.add_set(
-                name,
-                nftnl.TYPE_IPADDR,
-                4,
-                nftnl.SET_TIMEOUT | nftnl.SET_EVAL,
-                timeout_ms=timeout * 1000,
-                userdata=AFFINITY_UDATA,
-            )
-    for name in new.maps:
-        if name not in old.maps:
-            batch.add_set(name, nftnl.TYPE_INTEGER, 4, verdict_map=True, userdata=ENDPOINTS_UDATA)
-    for mapname, after in new.maps.items():
-        before = old.maps.get(mapname, {})
-        added = [(k, v) for k, v in after.items() if before.get(k) != v]
-        if added:
-            batch.add_elements(mapname, [(_key(mapname, k), verdict_of(v)) for k, v in added])
-    for name in changed:
-        for rule in new.chains[name]:
-            batch.add_rule(name, rule.code, rule.text)
-    gone_ips, new_ips = old.cluster_ips - new.cluster_ips, new.cluster_ips - old.cluster_ips
-    if gone_ips:
-        batch.delete_elements("cluster-ips", [socket.inet_aton(ip) for ip in sorted(gone_ips)])
-    if new_ips:
-        batch.add_elements("cluster-ips", [(socket.inet_aton(ip), None) for ip in sorted(new_ips)])
-    return batch
+    """The batch that turns `old` into `new`, touching only what differs."""
+    return nfttable.difference(TABLE, _table(old), _table(new))
+
+
+FIXED_TYPES = {
+    "service-ips": nfttable.SetType(
+        nftnl.concat_type(nftnl.TYPE_IPADDR, nftnl.TYPE_INET_PROTO, nftnl.TYPE_INET_SERVICE),
+        12,
+        True,
+    ),
+    "service-nodeports": nfttable.SetType(
+        nftnl.concat_type(nftnl.TYPE_INET_PROTO, nftnl.TYPE_INET_SERVICE), 8, True
+    ),
+    "cluster-ips": nfttable.IPV4,
+}
+FIXED_TYPES["no-endpoint-services"] = FIXED_TYPES["service-ips"]
+FIXED_TYPES["no-endpoint-nodeports"] = FIXED_TYPES["service-nodeports"]
+ENDPOINTS_TYPE = nfttable.SetType(nftnl.TYPE_INTEGER, 4, True, userdata=ENDPOINTS_UDATA)
+
+
+def _table(rs: Ruleset) -> nfttable.Table:
+    """The rule set as a table's changing part: its chains; its affinity sets (with their
+    timeouts), endpoints maps, the fixed maps and the ClusterIP set, with their elements (the
+    fixed ones are in every table: the table's fixed part made them)."""
+    table = nfttable.Table(chains=rs.chains, sets=dict(FIXED_TYPES))
+    for name, timeout in rs.sets.items():
+        table.sets[name] = nfttable.SetType(
+            nftnl.TYPE_IPADDR,
+            4,
+            flags=nftnl.SET_TIMEOUT | nftnl.SET_EVAL,
+            timeout_ms=timeout * 1000,
+            userdata=AFFINITY_UDATA,
+        )
+    for name, elements in rs.maps.items():
+        table.sets.setdefault(name, ENDPOINTS_TYPE)
+        table.elements[name] = elements
+    table.elements["cluster-ips"] = dict.fromkeys(rs.cluster_ips)
+    return table
