@@ -136,11 +136,14 @@ def _lasting(node: NodeRecord) -> NodeRecord:
 
 def watched(record: Record, node: str) -> list[str]:
     """The prefixes a node's daemons watch: its own pods (kubelet), its mode's (flannel's
-    leases; Calico's blocks and resources), Services and Endpoints (kube-proxy)."""
+    leases; Calico's blocks and resources), Services and Endpoints (kube-proxy), the network
+    policies (felix: Kubernetes' and Calico's, which are among Calico's resources)."""
     from netsim import modes, registry
     from netsim.daemons.kubelet import KUBELET
 
-    return [f"{KUBELET}{node}/", *modes.get(record.mode).watches, registry.SERVICES_ALL]
+    mode = modes.get(record.mode).watches
+    policies = [p for p in (registry.NETWORK_POLICIES, registry.CALICO_RESOURCES) if p not in mode]
+    return [f"{KUBELET}{node}/", *mode, registry.SERVICES_ALL, *policies]
 
 
 def wait_applied(
