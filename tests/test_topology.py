@@ -1117,19 +1117,20 @@ def test_command_and_args_keep_their_kubernetes_meaning():
             {"name": "d", "image": "busybox", "command": ["echo"], "args": ["hi"]},
             {"name": "e", "image": "nginx:1.27"},  # nginx's port: 80, as the guides expose it
             {"name": "f"},
+            {"name": "g", "image": "redis:7", "ports": [{"containerPort": 6379}]},
         ]
     }
     cluster, notes = topology.parse(build(put(POD, item)), FILE)
-    a, b, c, d, e, f = (workload(x) for x in cluster.pods[-1].containers)
+    a, b, c, d, e, f, g = (workload(x) for x in cluster.pods[-1].containers)
     assert a.argv[-4:] == ("netsim.agnhost", "serve-hostname", "--port", "80")
     assert b.argv[-2:] == ("netsim.agnhost", "pause")  # agnhost's CMD
     assert c.argv == ("sleep", "5")  # busybox has no ENTRYPOINT: args are the command
     assert d.argv == ("echo", "hi")
-    assert e.argv is None and f.argv is None  # the hostname server
-    assert cluster.pods[-1].serve_ports == (80, 9376)
-    assert notes == [
-        "warning: image nginx:1.27 of container e is not modelled and has no command: "
-        "netsim's hostname server answers on port 80"
+    assert e.argv is None and f.argv is None and g.argv is None  # the hostname server
+    assert cluster.pods[-1].serve_ports == (80, 6379, 9376)
+    assert notes == [  # (nginx's is modelled so: no notice)
+        "warning: image redis:7 of container g is not modelled and has no command: "
+        "netsim's hostname server answers on port 6379"
     ]
 
 
