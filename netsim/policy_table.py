@@ -9,9 +9,13 @@ changing part (netsim.kernel.nfttable.Table) out.
     cali-INPUT (hook input)       a workload's traffic to its node: its egress policy
     cali-tw-<iface> / cali-fw-<iface>   one per local pod and direction:
         ct state established,related accept; ct state invalid drop; clear the marks;
-        each selecting policy in order: jump cali-pi-<id> / cali-po-<id> unless a Pass mark
-        is set, return if it set the accept mark; "Drop if no policies passed packet";
-        then the namespace's profile cali-pri-kns.<ns> / cali-pro-kns.<ns> (allow).
+        jump to its group, return if the accept mark is set; then the namespace's profile
+        cali-pri-kns.<ns> / cali-pro-kns.<ns> (allow).
+    cali-gi-<id> / cali-go-<id>   one per group of pods alike (namespace and labels): each
+        selecting policy in order: jump cali-pi-<id> / cali-po-<id> while neither the accept
+        nor the pass mark is set (Felix returns after each policy that accepted: one rule per
+        policy instead of two, the same verdicts); then return if accepted; "Drop if no
+        policies passed packet" unless passed.
     cali-pi-<id> / cali-po-<id>   one per policy: its rules in order, each an nft rule per
         net and port, ending in its action (Allow: accept mark + return; Deny: drop;
         Pass: pass mark + return; Log: log).
@@ -31,6 +35,7 @@ as Kubernetes requires.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import struct
 
@@ -116,6 +121,16 @@ def endpoint_chain(iface: str, direction: str) -> str:
     return limited("cali-tw-" if direction == "Ingress" else "cali-fw-", iface)
 
 
+def group_chain(pod: PodInfo, direction: str) -> str:
+    """Felix's policy group chains (cali-gi-/cali-go-) gather the policies that endpoints
+    share. Here a group is the pods of one namespace with the same labels — every policy
+    selects them alike — so the group outlives policy changes: adding a policy that selects
+    a Deployment's pods rewrites its group's chain, not each pod's."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(pod.labels.items()))
+    prefix = "cali-gi-" if direction == "Ingress" else "cali-go-"
+    return limited(prefix, f"{pod.namespace}/{labels}")
+
+
 def profile_chain(namespace: str, direction: str) -> str:
     return limited("cali-pri-" if direction == "Ingress" else "cali-pro-", f"kns.{namespace}")
 
@@ -179,6 +194,10 @@ CLEAR = (
     + nftnl.meta_set(nftnl.META_MARK),
 )
 NO_PASS = (f"meta mark & 0x{PASS_MARK:08x} == 0x00000000", _mark_test(PASS_MARK, 0))
+UNDECIDED = (  # neither accepted nor passed yet: the next policy has its say
+    f"meta mark & 0x{ACCEPT_MARK | PASS_MARK:08x} == 0x00000000",
+    _mark_test(ACCEPT_MARK | PASS_MARK, 0),
+)
 ACCEPTED = (
     f"meta mark & 0x{ACCEPT_MARK:08x} == 0x{ACCEPT_MARK:08x}",
     _mark_test(ACCEPT_MARK, ACCEPT_MARK),
@@ -297,35 +316,59 @@ class _Builder:
             return [p for p in self.pods if netpol.selects(policy, p, self.namespaces)]
         return self.pods
 
-    def endpoint(self, pod: PodInfo, iface: str, direction: str, policies: list[Policy]) -> str:
-        chain = endpoint_chain(iface, direction)
-        rules = [_rule([ESTABLISHED]), _rule([INVALID]), _rule([CLEAR])]
-        if direction == "Egress":  # Felix drops tunnelled packets a workload sends
+    def group(self, pod: PodInfo, direction: str, policies: list[Policy]) -> str:
+        """The chain of the policies that select pods of this namespace with these labels
+        (every such pod is selected alike): each policy in order, then the tier's drop."""
+        chain = group_chain(pod, direction)
+        if chain in self.table.chains:
+            return chain
+        rules = []
+        for index, policy in enumerate(policies):  # until one accepts or passes
+            target = self.policy(policy, direction)
+            note = "Start of tier default" if index == 0 else ""
             rules.append(
-                _rule(
-                    [("meta l4proto udp", l4proto("udp")), ("th dport 4789", _port(2, 4789, 4789))]
-                    + [DROP],
-                    "Drop VXLAN encapped packets originating in workloads",
-                )
+                _rule([UNDECIDED, (f"jump {target}", nftnl.verdict(nftnl.JUMP, target))], note)
             )
         if policies:
-            for index, policy in enumerate(policies):
-                target = self.policy(policy, direction)
-                note = "Start of tier default" if index == 0 else ""
-                rules.append(
-                    _rule([NO_PASS, (f"jump {target}", nftnl.verdict(nftnl.JUMP, target))], note)
-                )
-                rules.append(_rule([ACCEPTED, RETURN], "Return if policy accepted"))
+            rules.append(_rule([ACCEPTED, RETURN], "Return if policy accepted"))
             rules.append(
                 _rule([NO_PASS, DROP], "End of tier default. Drop if no policies passed packet")
             )
-        profile = profile_chain(pod.namespace, direction)
-        self.table.chains[profile] = (_rule([ACTIONS["Allow"]], f"Profile kns.{pod.namespace}"),)
-        rules.append(_rule([(f"jump {profile}", nftnl.verdict(nftnl.JUMP, profile))]))
-        rules.append(_rule([ACCEPTED, RETURN], "Return if profile accepted"))
-        rules.append(_rule([DROP], "Drop if no profiles matched"))
         self.table.chains[chain] = tuple(rules)
         return chain
+
+    def endpoint(self, pod: PodInfo, iface: str, direction: str, policies: list[Policy]) -> str:
+        chain = endpoint_chain(iface, direction)
+        group = self.group(pod, direction, policies)
+        profile = profile_chain(pod.namespace, direction)
+        self.table.chains[profile] = _profile_rules(pod.namespace)
+        self.table.chains[chain] = _endpoint_rules(direction, group, profile)
+        return chain
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_rules(direction: str, group: str, profile: str) -> tuple[Rule, ...]:
+    """An endpoint chain's rules: the same for every pod of a group (made once, shared)."""
+    rules = [_rule([ESTABLISHED]), _rule([INVALID]), _rule([CLEAR])]
+    if direction == "Egress":  # Felix drops tunnelled packets a workload sends
+        rules.append(
+            _rule(
+                [("meta l4proto udp", l4proto("udp")), ("th dport 4789", _port(2, 4789, 4789))]
+                + [DROP],
+                "Drop VXLAN encapped packets originating in workloads",
+            )
+        )
+    rules.append(_rule([(f"jump {group}", nftnl.verdict(nftnl.JUMP, group))]))
+    rules.append(_rule([ACCEPTED, RETURN], "Return if policy accepted"))
+    rules.append(_rule([(f"jump {profile}", nftnl.verdict(nftnl.JUMP, profile))]))
+    rules.append(_rule([ACCEPTED, RETURN], "Return if profile accepted"))
+    rules.append(_rule([DROP], "Drop if no profiles matched"))
+    return tuple(rules)
+
+
+@functools.lru_cache(maxsize=1024)
+def _profile_rules(namespace: str) -> tuple[Rule, ...]:
+    return (_rule([ACTIONS["Allow"]], f"Profile kns.{namespace}"),)
 
 
 def _set_name(prefix: str, key: str) -> str:

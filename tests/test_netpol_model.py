@@ -304,8 +304,11 @@ def test_table_of_a_node():
     assert table.elements[named] == {"10.0.0.1 . tcp . 80": None}  # a's port named http
     a_in = [r.text for r in table.chains["cali-tw-caliA"]]
     assert a_in[0] == "ct state established,related accept"
-    assert any(f"jump {chain}" in t for t in a_in)
-    assert not any("cali-pi-" in r.text for r in table.chains["cali-tw-caliC"])  # c is open
+    group = policy_table.group_chain(a, "Ingress")  # a's namespace and labels
+    assert group.startswith("cali-gi-") and f"jump {group}" in a_in
+    assert any(f"jump {chain}" in r.text for r in table.chains[group])
+    assert table.chains[group][-1].comment.endswith("Drop if no policies passed packet")
+    assert table.chains[policy_table.group_chain(c, "Ingress")] == ()  # c is open
     assert "cali-pri-kns.x" in table.chains and "cali-pro-kns.x" in table.chains
     by_address = policy_table.compute([allow], [a, b, c], spaces, [(a, "vethA")], "address")
     assert by_address.elements[policy_table.FROM] == {"10.0.0.1": "jump cali-fw-vethA"}

@@ -36,6 +36,7 @@ class PolicyDaemon:
         self.listed = threading.Event()
         self.pods = None  # that informer, while there are policies
         self.synced: Table | None = None  # what the table holds; None: no table
+        self.decoded: dict[bytes, netpol.PodInfo] = {}  # each pod's stored value, decoded
 
     def sync(self, view: dict) -> None:
         policies = [
@@ -56,6 +57,7 @@ class PolicyDaemon:
         if not policies and self.pods is not None:
             self.pods.stop()
             self.pods, self.view = None, None
+            self.decoded.clear()
             self.listed.clear()
         self._program()
 
@@ -87,7 +89,7 @@ class PolicyDaemon:
                 return
             if self.view is None:
                 return
-            pods, local = _pods(self.view, self.own)
+            pods, local = _pods(self.view, self.own, self.decoded)
             spaces = {
                 kv.key[len(registry.NAMESPACES) :]: json.loads(kv.value)["metadata"].get(
                     "labels", {}
@@ -111,27 +113,21 @@ class PolicyDaemon:
             self.synced = table
 
 
-def _pods(view: dict, own: str) -> tuple[list[netpol.PodInfo], list[tuple[netpol.PodInfo, str]]]:
+def _pods(
+    view: dict, own: str, cache: dict
+) -> tuple[list[netpol.PodInfo], list[tuple[netpol.PodInfo, str]]]:
     """Every pod with an address, as Felix's workload endpoints; this node's with their
-    host-side interface (from its kubelet's status)."""
-    found = {}
+    host-side interface (from its kubelet's status). `cache` keeps each pod's decoding by
+    its stored value: a change decodes only the pods it touched, not all of them."""
+    found, seen = {}, {}
     for kv in view[registry.PODS].values():
-        obj = json.loads(kv.value)
-        meta, status = obj["metadata"], obj.get("status", {})
-        ports = tuple(
-            (p["name"], p.get("protocol", "TCP"), p["containerPort"])
-            for c in obj["spec"].get("containers", [])
-            for p in c.get("ports", [])
-            if p.get("name")
-        )
-        info = netpol.PodInfo(
-            meta.get("namespace", "default"),
-            meta["name"],
-            meta.get("labels", {}),
-            status.get("podIP", ""),
-            ports,
-        )
+        info = cache.get(kv.value)
+        if info is None:
+            info = _pod_info(json.loads(kv.value))
+        seen[kv.value] = info
         found[_object_key(info.namespace, info.name)] = info
+    cache.clear()
+    cache.update(seen)
     local = []
     for kv in view[own].values():
         status = json.loads(kv.value)
@@ -143,6 +139,23 @@ def _pods(view: dict, own: str) -> tuple[list[netpol.PodInfo], list[tuple[netpol
                 )
             local.append((info, status["veth"]))
     return list(found.values()), local
+
+
+def _pod_info(obj: dict) -> netpol.PodInfo:
+    meta, status = obj["metadata"], obj.get("status", {})
+    ports = tuple(
+        (p["name"], p.get("protocol", "TCP"), p["containerPort"])
+        for c in obj["spec"].get("containers", [])
+        for p in c.get("ports", [])
+        if p.get("name")
+    )
+    return netpol.PodInfo(
+        meta.get("namespace", "default"),
+        meta["name"],
+        meta.get("labels", {}),
+        status.get("podIP", ""),
+        ports,
+    )
 
 
 def _log(text: str) -> None:
