@@ -340,14 +340,16 @@ def _delete_pod(args) -> int:
     if (
         not args.file
         and len(words) == 2
-        and imperative.KINDS.get(words[0]) in ("Service", "Deployment", "NetworkPolicy")
+        and imperative.KINDS.get(words[0]) in imperative.SINGULARS
+        and imperative.KINDS.get(words[0]) != "Pod"
     ):
         return imperative.delete_object(args, imperative.KINDS[words[0]], words[1])
     args.pod = words
     if args.file or len(args.pod) != 2 or args.pod[0] not in ("pod", "pods", "po"):
-        raise NetsimError(
-            f"cannot delete {' '.join(args.pod)!r}: use `netsim delete pod NAME`, or "
-            "`netsim delete -f FILE` for the whole cluster"
+        raise UsageError(
+            f"cannot delete {' '.join(args.pod)!r}: use `netsim delete KIND NAME` (pod, "
+            "deployment, service, networkpolicy, globalnetworkpolicy), `netsim delete -f "
+            "FILE` for what a file applied, or `netsim down CLUSTER` for a whole cluster"
         )
     _, record = pick_cluster(args.cluster)
     name = key_of(record, args.pod[1])
@@ -426,6 +428,9 @@ def cmd_get(args) -> int:
         "replicaset": "replicasets",
         "netpol": "networkpolicies",
         "networkpolicy": "networkpolicies",
+        "gnp": "globalnetworkpolicies",
+        "globalnetworkpolicy": "globalnetworkpolicies",
+        "networkpolicy.projectcalico.org": "networkpolicies.projectcalico.org",
     }.get(args.what, args.what)
     if what == "events":
         return _events(record, args.output)
@@ -590,12 +595,27 @@ def cmd_get(args) -> int:
         ]
         header = ["NAME", "POD-SELECTOR", "POLICY-TYPES"]
         rows = [[i["name"], i["podSelector"], ",".join(i["policyTypes"])] for i in items]
+    elif what in ("globalnetworkpolicies", "networkpolicies.projectcalico.org"):
+        prefix = registry.GLOBAL_POLICIES if what[0] == "g" else registry.CALICO_POLICIES
+        items = [
+            {
+                "name": o["metadata"]["name"],
+                "namespace": o["metadata"].get("namespace", ""),
+                "order": o.get("spec", {}).get("order", ""),
+                "selector": o.get("spec", {}).get("selector", "all()"),
+            }
+            for o in registry.listed(store, prefix)
+            if what[0] == "g" or shown(o)
+        ]
+        header = ["NAME", "ORDER", "SELECTOR"]
+        rows = [[i["name"], str(i["order"]), i["selector"]] for i in items]
     else:
         raise UsageError(
             f"cannot get {args.what!r}: use nodes, pods, services, endpoints, deployments, "
-            "replicasets, namespaces, networkpolicies, events or clusters"
+            "replicasets, namespaces, networkpolicies (globalnetworkpolicies, "
+            "networkpolicies.projectcalico.org: Calico's), events or clusters"
         )
-    if args.show_labels:
+    if args.show_labels and "LABELS" not in header:
         header.append("LABELS")
         rows = [
             r + [",".join(f"{k}={v}" for k, v in i.get("labels", {}).items()) or "<none>"]
@@ -608,6 +628,7 @@ def cmd_get(args) -> int:
         "deployments",
         "replicasets",
         "networkpolicies",
+        "networkpolicies.projectcalico.org",
     ):
         header = ["NAMESPACE", *header]
         rows = [[i["namespace"], *r] for r, i in zip(rows, items, strict=True)]
@@ -894,8 +915,8 @@ def cmd_trace(args) -> int:
     proto = "tcp" if args.tcp else "udp" if args.udp else args.proto
     result = trace.trace(
         record,
-        key_of(record, args.src),
-        key_of(record, args.dst),
+        _qualified(record, args.src),
+        _qualified(record, args.dst),
         proto=proto,
         port=args.tcp or args.udp,
         pcap=args.pcap,

@@ -239,6 +239,9 @@ def apply(
 
 def _declared(cluster: Cluster, record: Record, changes: Changes) -> None:
     """The objects that are kept as declared: namespaces (their labels) and policies."""
+    for name, labels in cluster.namespaces.items():
+        if name in record.namespaces and record.namespaces[name] != labels:
+            changes.updated.append(f"namespace {name} (labels)")  # selectors may follow them
     record.namespaces = dict(cluster.namespaces)
     policies = {netpol.key(p.kind, p.namespace, p.name): p for p in cluster.policies}
     for key, policy in policies.items():

@@ -47,7 +47,8 @@ def find(record: Record, kind: str, name: str) -> dict:
     for body in current_bodies(record):
         if topology.object_id(body) == (kind, _namespace(), name):
             return body
-    raise NetsimError(f'{PLURALS[kind]} "{name}" not found in namespace {_namespace()}')
+    where = "" if kind == "GlobalNetworkPolicy" else f" in namespace {_namespace()}"
+    raise NetsimError(f'{PLURALS[kind]} "{name}" not found{where}')
 
 
 def _overrides(record: Record) -> dict:
@@ -85,18 +86,27 @@ KINDS = {
     "networkpolicy": "NetworkPolicy",
     "networkpolicies": "NetworkPolicy",
     "netpol": "NetworkPolicy",
+    "globalnetworkpolicy": "GlobalNetworkPolicy",
+    "globalnetworkpolicies": "GlobalNetworkPolicy",
+    "gnp": "GlobalNetworkPolicy",
+    "networkpolicy.projectcalico.org": "NetworkPolicy.projectcalico.org",
+    "networkpolicies.projectcalico.org": "NetworkPolicy.projectcalico.org",
 }
 SINGULARS = {
     "Deployment": "deployment.apps",
     "Service": "service",
     "Pod": "pod",
     "NetworkPolicy": "networkpolicy.networking.k8s.io",
+    "GlobalNetworkPolicy": "globalnetworkpolicy.projectcalico.org",
+    "NetworkPolicy.projectcalico.org": "networkpolicy.projectcalico.org",
 }
 PLURALS = {
     "Deployment": "deployments.apps",
     "Service": "services",
     "Pod": "pods",
     "NetworkPolicy": "networkpolicies.networking.k8s.io",
+    "GlobalNetworkPolicy": "globalnetworkpolicies.projectcalico.org",
+    "NetworkPolicy.projectcalico.org": "networkpolicies.projectcalico.org",
 }
 
 

@@ -68,6 +68,7 @@ class PolicyRule:
     protocol: str = ""  # "" any
     source: Entity = field(default_factory=Entity)
     destination: Entity = field(default_factory=Entity)
+    number: int = 1  # the rule's place in its list as written (1: the first)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def from_document(doc: Any) -> Policy:
 
 def _kubernetes(doc: Any, namespace: str, name: str) -> Policy:
     spec = doc.get("spec", {}, dict)
+    _known(doc, "spec", spec, ("podSelector", "policyTypes", "ingress", "egress"))
     selector = _label_selector(doc, "spec.podSelector")
     sections = {t: doc.get(f"spec.{t.lower()}", None, list) for t in TYPES}
     types = doc.get("spec.policyTypes", None, list)
@@ -215,7 +217,7 @@ def _kubernetes(doc: Any, namespace: str, name: str) -> Policy:
                 for protocol, port in protocols or [("", None)]:
                     target = Entity(ports=(port,)) if port else Entity()
                     if direction == "Ingress":
-                        rule = PolicyRule("Allow", protocol, source=entity, destination=target)
+                        rule = PolicyRule("Allow", protocol, entity, target, i + 1)
                     else:
                         rule = PolicyRule(
                             "Allow",
@@ -227,6 +229,7 @@ def _kubernetes(doc: Any, namespace: str, name: str) -> Policy:
                                 entity.not_nets,
                                 target.ports,
                             ),
+                            number=i + 1,
                         )
                     rules[direction].append(rule)
     return Policy(
@@ -241,10 +244,42 @@ def _kubernetes(doc: Any, namespace: str, name: str) -> Policy:
     )
 
 
+# Calico's fields netsim does not model: read past with a note (any other key is a mistake)
+CALICO_UNMODELLED = {
+    "tier",
+    "serviceAccountSelector",
+    "doNotTrack",
+    "preDNAT",
+    "applyOnForward",
+    "performanceHints",
+    "ipVersion",
+    "icmp",
+    "notICMP",
+    "notProtocol",
+    "http",
+    "metadata",
+    "notSelector",
+    "notPorts",
+    "serviceAccounts",
+    "services",
+}
+
+
 def _known(doc: Any, where: str, item: dict, keys: tuple) -> None:
+    """Every key of a policy's part is one the API has, as kubectl's strict field validation
+    requires: a misspelt field would otherwise leave a rule that selects everything or
+    nothing. Calico's fields that netsim does not model are noted and read past."""
     for k in item:
-        if k not in keys:
+        if k in keys:
+            continue
+        if doc.body.get("apiVersion") == CALICO and k in CALICO_UNMODELLED:
             doc.ignored.add(f"{doc.kind}.{where.split('[')[0]}[].{k}")
+            continue
+        raise doc.fail(
+            f"{where}.{k}",
+            f'unknown field "{k}"',
+            f"the fields here are {', '.join(keys)}",
+        )
 
 
 def _list(doc: Any, where: str, value: Any) -> list:
@@ -369,7 +404,12 @@ def _k8s_port(doc: Any, where: str, item: Any) -> tuple[str, PortRange | None]:
         return protocol, None
     if isinstance(port, str):
         if not _IANA.fullmatch(port):
-            raise doc.fail(f"{where}.port", f"{port!r} is not a port name", "use a number or name")
+            raise doc.fail(
+                f"{where}.port",
+                f"{port!r} is not a port name",
+                "use a number from 1 to 65535, or a container port's name (at most 15 "
+                "lowercase letters, digits and '-', with a letter)",
+            )
         if end is not None:
             raise doc.fail(
                 f"{where}.endPort",
@@ -397,6 +437,10 @@ def _number(doc: Any, where: str, value: Any) -> int:
 
 def _calico(doc: Any, namespace: str, name: str) -> Policy:
     kind = "CalicoNetworkPolicy" if doc.kind == "NetworkPolicy" else "GlobalNetworkPolicy"
+    fields = ("order", "selector", "types", "ingress", "egress")
+    if kind == "GlobalNetworkPolicy":
+        fields += ("namespaceSelector",)
+    _known(doc, "spec", doc.get("spec", {}, dict), fields)
     order = doc.get("spec.order", None, (int, float))
     selector = _selector(doc, "spec.selector", doc.get("spec.selector", "all()", str))
     spaces = ""
@@ -406,7 +450,7 @@ def _calico(doc: Any, namespace: str, name: str) -> Policy:
     for direction in TYPES:
         path = f"spec.{direction.lower()}"
         rules[direction] = tuple(
-            _calico_rule(doc, f"{path}[{i}]", item)
+            _calico_rule(doc, f"{path}[{i}]", item, i + 1)
             for i, item in enumerate(doc.get(path, [], list))
         )
     types = doc.get("spec.types", None, list)
@@ -439,7 +483,7 @@ def _selector(doc: Any, where: str, text: Any) -> str:
         raise doc.fail(where, str(exc)) from None
 
 
-def _calico_rule(doc: Any, where: str, item: Any) -> PolicyRule:
+def _calico_rule(doc: Any, where: str, item: Any, number: int) -> PolicyRule:
     if not isinstance(item, dict):
         raise doc.fail(where, "expected a rule mapping with action:")
     _known(doc, where, item, ("action", "protocol", "source", "destination"))
@@ -454,7 +498,7 @@ def _calico_rule(doc: Any, where: str, item: Any) -> PolicyRule:
     sides = [_calico_entity(doc, f"{where}.{s}", item.get(s)) for s in ("source", "destination")]
     if not protocol and any(e.ports for e in sides):
         raise doc.fail(f"{where}.protocol", "ports need a protocol", "add protocol: TCP or UDP")
-    return PolicyRule(action, protocol, sides[0], sides[1])
+    return PolicyRule(action, protocol, sides[0], sides[1], number)
 
 
 def _calico_entity(doc: Any, where: str, body: Any) -> Entity:
@@ -467,6 +511,12 @@ def _calico_entity(doc: Any, where: str, body: Any) -> Entity:
     for i, port in enumerate(_list(doc, f"{where}.ports", body.get("ports"))):
         if isinstance(port, str) and re.fullmatch(r"\d+:\d+", port):
             first, last = (_number(doc, f"{where}.ports[{i}]", int(p)) for p in port.split(":"))
+            if last < first:
+                raise doc.fail(
+                    f"{where}.ports[{i}]",
+                    f"range {port!r} ends before it starts",
+                    f"write {last}:{first}",
+                )
             ports.append(PortRange(first, last))
         elif isinstance(port, str):
             if not _IANA.fullmatch(port):

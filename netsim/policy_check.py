@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from netsim import netpol, policy_table, services
-from netsim.errors import NetsimError
+from netsim.errors import UsageError
 from netsim.kernel import netns as nsmod
 from netsim.record import PodRecord, Record
 from netsim.trace import nftrace
@@ -43,7 +43,7 @@ class Result:
     port: int
     protocol: str
     allowed: bool
-    reached: bool
+    outcome: str  # connected, answered, refused (nothing listens), no answer
     decisions: list[Decision]
     notes: list[str]
 
@@ -52,16 +52,19 @@ def check(
     record: Record, src: str, dst: str, port: int, protocol: str = "TCP", timeout: float = 1.0
 ) -> Result:
     source = record.pods.get(src)
-    if source is None:
-        raise NetsimError(f"no pod named {src}; `netsim get pods -A` lists them")
+    if source is None:  # (exit 2: 1 means denied)
+        raise UsageError(f"no pod named {src}; `netsim get pods -A` lists them")
     target = record.pods.get(dst)
     service = record.services.get(dst) if target is None else None
     if target is None and service is None:
-        raise NetsimError(f"no pod or Service named {dst}; `netsim get pods,services` lists them")
+        raise UsageError(
+            f"no pod or Service named {dst}; `netsim get pods -A` and "
+            "`netsim get services -A` list them"
+        )
     if service is not None:
         if not any(p.port == port and p.protocol == protocol for p in service.ports):
             offered = ", ".join(f"{p.port}/{p.protocol}" for p in service.ports)
-            raise NetsimError(f"Service {dst} has no port {port}/{protocol}: it has {offered}")
+            raise UsageError(f"Service {dst} has no port {port}/{protocol}: it has {offered}")
         address = service.cluster_ip
         behind = services.endpoints(record, service)
     else:
@@ -80,7 +83,7 @@ def check(
         sport = sock.getsockname()[1]
         match = f"ip saddr {source.ip} {protocol.lower()} sport {sport}"
         with nftrace.watching(record.cluster, nodes, match) as steps:
-            reached = _attempt(sock, address, port, protocol, timeout)
+            outcome = _attempt(sock, address, port, protocol, timeout)
     finally:
         sock.close()
     decisions = explain(record, steps)
@@ -91,10 +94,11 @@ def check(
     notes += [f"dropped by {s.table} {s.chain}: {s.rule}" for s in rejected]
     allowed = all(d.allowed for d in decisions) and not rejected
     shown = _name(target) if target else f"{service.namespace}/{service.name}"
-    return Result(_name(source), shown, address, port, protocol, allowed, reached, decisions, notes)
+    return Result(_name(source), shown, address, port, protocol, allowed, outcome, decisions, notes)
 
 
-def _attempt(sock: socket.socket, address: str, port: int, protocol: str, timeout: float) -> bool:
+def _attempt(sock: socket.socket, address: str, port: int, protocol: str, timeout: float) -> str:
+    """What one connection attempt came to: connected, answered, refused, no answer."""
     sock.setblocking(False)
     with selectors.DefaultSelector() as selector:
         sock.connect_ex((address, port))
@@ -104,23 +108,23 @@ def _attempt(sock: socket.socket, address: str, port: int, protocol: str, timeou
             try:
                 sock.send(b"hostname")
             except OSError:
-                return False
+                return "refused"
             selector.register(sock, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if selector.select(left):
                 if protocol == "TCP":
-                    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    return "connected" if code == 0 else "refused"
                 try:
-                    return bool(sock.recv(512))
+                    return "answered" if sock.recv(512) else "no answer"
                 except OSError:
-                    return False
-    return False
+                    return "refused"
+    return "no answer"
 
 
 def explain(record: Record, steps: list[Step]) -> list[Decision]:
     """Each endpoint chain the packet entered (from the dispatch maps), and what decided."""
-    chains = _policy_chains(record)
     pods = _pods_by_chain(record)
     decisions = []
     felix = [s for s in steps if s.table == policy_table.TABLE]
@@ -130,17 +134,15 @@ def explain(record: Record, steps: list[Step]) -> list[Decision]:
             ("cali-tw-", "cali-fw-")
         ):
             continue
-        ingress = entered.startswith("cali-tw-")
+        direction = "Ingress" if entered.startswith("cali-tw-") else "Egress"
         inside = []  # the steps until the endpoint chain returned or dropped
         for later in felix[i + 1 :]:
             if later.node != step.node or later.chain in ("cali-FORWARD", "cali-INPUT"):
                 break
             inside.append(later)
-        selected = [
-            chains.get(s.verdict.removeprefix("jump "), s.verdict)
-            for s in inside
-            if s.verdict.startswith("jump " + POLICY_CHAINS[0 if ingress else 1])
-        ]
+        pod = pods.get(entered)
+        selected = [p.title for p in _selecting(record, pod, direction)] if pod else []
+        logged = [s.comment for s in inside if s.comment.endswith(": Log")]
         drop = nftrace.dropped(inside)
         if drop is not None:
             allowed = False
@@ -169,10 +171,12 @@ def explain(record: Record, steps: list[Step]) -> list[Decision]:
                 ) + f"its namespace's profile allows ({last.chain})"
             else:
                 because = last.comment or last.chain
+        if logged:
+            because += "; logged by " + ", ".join(logged)
         decisions.append(
             Decision(
-                "ingress" if ingress else "egress",
-                pods.get(entered, entered),
+                direction.lower(),
+                _name(pod) if pod else entered,
                 step.node,
                 allowed,
                 because,
@@ -182,19 +186,22 @@ def explain(record: Record, steps: list[Step]) -> list[Decision]:
     return sorted(decisions, key=lambda d: d.direction != "egress")  # the way it went
 
 
-def _policy_chains(record: Record) -> dict[str, str]:
-    found = {}
-    for policy in record.policies.values():
-        for direction in netpol.TYPES:
-            found[policy_table.policy_chain(policy, direction)] = policy.title
-    return found
+def _selecting(record: Record, pod: PodRecord, direction: str) -> list:
+    """The policies that select the pod for this direction, in Felix's order."""
+    from netsim.model import SYSTEM_NAMESPACES
+
+    spaces = {n: {"kubernetes.io/metadata.name": n} for n in SYSTEM_NAMESPACES}
+    spaces |= record.namespaces
+    info = netpol.PodInfo(pod.pod.namespace, pod.pod.name, pod.labels, pod.ip)
+    chosen = policy_table.selecting(list(record.policies.values()), info, spaces)
+    return [p for p in chosen if direction in p.types]
 
 
-def _pods_by_chain(record: Record) -> dict[str, str]:
+def _pods_by_chain(record: Record) -> dict[str, PodRecord]:
     found = {}
     for pod in record.pods.values():
         for direction in netpol.TYPES:
-            found[policy_table.endpoint_chain(pod.veth, direction)] = _name(pod)
+            found[policy_table.endpoint_chain(pod.veth, direction)] = pod
     return found
 
 
@@ -204,12 +211,9 @@ def _name(pod: PodRecord) -> str:
 
 def describe(result: Result) -> str:
     verdict = "allowed" if result.allowed else "denied"
-    connected = "connected" if result.reached else "no connection"
-    if result.protocol == "UDP":
-        connected = "answered" if result.reached else "no answer"
     lines = [
         f"{result.src} -> {result.dst} ({result.address}) {result.protocol} {result.port}: "
-        f"{verdict} ({connected})"
+        f"{verdict} ({result.outcome})"
     ]
     lines += decision_lines(result.decisions)
     lines += [f"  note: {n}" for n in result.notes]

@@ -109,8 +109,7 @@ def limited(prefix: str, suffix: str) -> str:
     """hash.GetLengthLimitedID: prefix+suffix if it fits, else prefix_<hash of suffix>."""
     if len(prefix) + len(suffix) <= MAX_NAME:
         return prefix + suffix
-    digest = base64.urlsafe_b64encode(hashlib.sha256(suffix.encode()).digest()).decode()
-    return prefix + "_" + digest[: MAX_NAME - len(prefix) - 1]
+    return prefix + "_" + _digest(suffix, MAX_NAME - len(prefix) - 1)
 
 
 def policy_chain(policy: Policy, direction: str) -> str:
@@ -128,7 +127,7 @@ def group_chain(pod: PodInfo, direction: str) -> str:
     a Deployment's pods rewrites its group's chain, not each pod's."""
     labels = ",".join(f"{k}={v}" for k, v in sorted(pod.labels.items()))
     prefix = "cali-gi-" if direction == "Ingress" else "cali-go-"
-    return limited(prefix, f"{pod.namespace}/{labels}")
+    return prefix + _digest(f"{pod.namespace}/{labels}", MAX_NAME - len(prefix))
 
 
 def profile_chain(namespace: str, direction: str) -> str:
@@ -256,8 +255,8 @@ class _Builder:
         if chain in self.table.chains:
             return chain
         rules: list[Rule] = []
-        for index, rule in enumerate(policy.rules(direction), 1):
-            comment = f"{policy.title} {direction.lower()} rule {index}: {rule.action}"
+        for rule in policy.rules(direction):
+            comment = f"{policy.title} {direction.lower()} rule {rule.number}: {rule.action}"
             for parts in self.matches(policy, direction, rule):
                 rules.append(_rule(parts + [ACTIONS[rule.action]], comment))
         self.table.chains[chain] = tuple(rules)
@@ -372,8 +371,13 @@ def _profile_rules(namespace: str) -> tuple[Rule, ...]:
 
 
 def _set_name(prefix: str, key: str) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()).decode()
-    return prefix + digest[:22]
+    return prefix + _digest(key, 22)
+
+
+def _digest(text: str, length: int) -> str:
+    """Felix's hashes in names: base64url of sha256 (labels may hold characters nft's names
+    may not, such as '=')."""
+    return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).decode()[:length]
 
 
 def compute(

@@ -371,8 +371,17 @@ def test_calico_order_and_actions(model):
         denied = model.netsim("policy", "check", "y/a", "x/b", "--port", "80").stdout
         assert "GlobalNetworkPolicy deny-y-to-x ingress rule 2: Deny" in denied
         passed = model.netsim("policy", "check", "z/a", "x/b", "--port", "80").stdout
-        assert "selected by GlobalNetworkPolicy pass-z; passed to the profiles by " in passed
-        assert "GlobalNetworkPolicy pass-z ingress rule 1: Pass" in passed
+        assert "passed to the profiles by GlobalNetworkPolicy pass-z ingress rule 1: Pass" in passed
+        assert "selected by GlobalNetworkPolicy pass-z, GlobalNetworkPolicy deny-y-to-x" in passed
+        logged = model.netsim("policy", "check", "y/a", "x/b", "--port", "80", "--udp").stdout
+        assert "logged by GlobalNetworkPolicy deny-y-to-x ingress rule 1: Log" in logged
+        listed = model.netsim("get", "globalnetworkpolicies", check=True).stdout
+        assert [line.split()[:2] for line in listed.splitlines()[1:]] == [
+            ["deny-y-to-x", "10"],
+            ["pass-z", "5"],
+        ]
+        calico = model.netsim("get", "networkpolicies.projectcalico.org", "-A", check=True)
+        assert calico.stdout.splitlines()[1].split()[:3] == ["x", "deny-c", "100"]
     finally:
         model.netsim("delete", "-f", path, check=True)
 
@@ -427,6 +436,8 @@ def test_bad_policy_is_refused_and_changes_nothing(model):
         deleted.returncode != 0
         and 'networkpolicies.networking.k8s.io "bad" not found' in deleted.stderr
     )
+    typo = model.netsim("policy", "check", "x/a", "x/nosuch", "--port", "80")
+    assert typo.returncode == 2 and "no pod or Service named x.nosuch" in typo.stderr
 
 
 def test_a_restarted_agent_ends_with_the_same_policy_table(model):

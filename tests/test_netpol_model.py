@@ -74,6 +74,7 @@ def test_peers_times_ports_become_allow_rules_in_order_1000():
         ("TCP", "80"),
         ("UDP", "81-90"),
     ] * 2
+    assert {r.number for r in policy.ingress} == {1}  # one rule as written: its number
 
 
 def test_ip_block_and_named_port():
@@ -111,6 +112,31 @@ def test_a_kubernetes_and_a_calico_policy_may_share_a_name():
 
 
 REJECTED = [
+    (
+        "misspelt-field",
+        _k8s({"podSelector": {}, "ingres": [{}]}),
+        "spec.ingres",
+        'unknown field "ingres"',
+    ),
+    (
+        "misspelt-peer-field",
+        _k8s({"ingress": [{"from": [{"podSelectors": {}}]}]}),
+        "spec.ingress[0].from[0].podSelectors",
+        "unknown field",
+    ),
+    ("calico-misspelt", _calico({"selectr": "all()"}), "spec.selectr", "unknown field"),
+    (
+        "calico-reversed-range",
+        _calico(
+            {
+                "ingress": [
+                    {"action": "Allow", "protocol": "TCP", "destination": {"ports": ["90:80"]}}
+                ]
+            }
+        ),
+        "spec.ingress[0].destination.ports[0]",
+        "ends before it starts",
+    ),
     (
         "ipblock-and-selector",
         _k8s({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),

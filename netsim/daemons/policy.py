@@ -108,7 +108,7 @@ class PolicyDaemon:
                 selected = {c for c in table.chains if c.startswith(("cali-pi-", "cali-po-"))}
                 self.event(
                     f"programmed {len(self.policies)} policies: {len(local)} local endpoints, "
-                    f"{len(selected)} policy chains, {len(batch)} changes"
+                    f"{len(selected)} policy chains, {len(batch)} nf_tables messages"
                 )
             self.synced = table
 
