@@ -55,10 +55,11 @@ class PolicyDaemon:
         if policies and not self.listed.wait(10):
             raise RuntimeError("the pods were not listed within 10 s")
         if not policies and self.pods is not None:
-            self.pods.stop()
-            self.pods, self.view = None, None
-            self.decoded.clear()
-            self.listed.clear()
+            with self.lock:
+                self.pods.stop()
+                self.pods, self.view = None, None
+                self.decoded.clear()
+                self.listed.clear()
         self._program()
 
     def _watch_pods(self) -> None:
@@ -72,12 +73,15 @@ class PolicyDaemon:
 
             def sync(self, view: dict) -> None:
                 with daemon.lock:
+                    if daemon.pods is not informer:  # stopped with the last policy
+                        return
                     daemon.view = view
                 daemon.listed.set()
                 daemon._program()
 
-        self.pods = Informer(self.store, [Pods()], lambda applied: None, _log)
-        self.pods.start()
+        informer = Informer(self.store, [Pods()], lambda applied: None, _log)
+        self.pods = informer
+        informer.start()
 
     def _program(self) -> None:
         with self.lock:
