@@ -1231,17 +1231,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="apply the default topology, ping, curl, delete")
     demo.add_argument("-f", "--file")
     demo.set_defaults(func=cmd_demo)
-    _late_flags(p)
     return p
-
-
-def _late_flags(p: argparse.ArgumentParser) -> None:
-    """kubectl takes --cluster (its --context), -n and -A after the verb too, at any depth."""
-    for action in p._subparsers._group_actions if p._subparsers else ():
-        for verb in action.choices.values():
-            verb.add_argument("--cluster", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-            _namespace_flags(verb, argparse.SUPPRESS, argparse.SUPPRESS)
-            _late_flags(verb)
 
 
 def _imperative_parsers(sub) -> None:
@@ -1351,9 +1341,35 @@ def _container_words(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+GLOBAL_FLAGS = {"--cluster": 1, "-n": 1, "--namespace": 1, "-A": 0, "--all-namespaces": 0}
+
+
+def hoisted(argv: list[str], error=None) -> list[str]:
+    """kubectl takes --cluster (its --context), -n and -A anywhere before `--`, between a
+    kind and a name too (`describe pod -n y c`): they are moved before the command, where
+    the parser reads them."""
+    front, rest, words = [], [], iter(argv)
+    for word in words:
+        if word == "--":
+            rest += [word, *words]
+            break
+        flag = word.split("=", 1)[0] if word.startswith("--") else word
+        if flag in GLOBAL_FLAGS:
+            front.append(word)
+            if GLOBAL_FLAGS[flag] and "=" not in word:
+                value = next(words, None)
+                if value is None and error is not None:
+                    error(f"argument {flag}: expected one argument")
+                front.append(value or "")
+        else:
+            rest.append(word)
+    return front + rest
+
+
 def main(argv: list[str] | None = None, exit: bool = True) -> int:
     argv, container = _container_words(sys.argv[1:] if argv is None else list(argv))
-    args = parser().parse_args(argv)
+    reader = parser()
+    args = reader.parse_args(hoisted(argv, reader.error))
     if container is not None:
         args.command = container
     NAMESPACE[0] = args.namespace

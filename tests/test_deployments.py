@@ -226,3 +226,30 @@ def test_a_rollout_keeps_within_surge_and_unavailable_at_every_step(live):
     assert min(ready for _, ready in samples) >= 5
     assert max(total for total, _ in samples) > 6  # it did surge
     live.ok("delete", "-f", str(objects))
+
+
+def test_global_flags_are_read_anywhere_before_the_double_dash():
+    """kubectl's -n, -A and --context may sit between a kind and its name; after `--` every
+    word is the command's."""
+    from netsim.cli import hoisted
+
+    assert hoisted(["describe", "pod", "-n", "y", "c"]) == ["-n", "y", "describe", "pod", "c"]
+    assert hoisted(["get", "pods", "-A", "--cluster=demo"]) == [
+        "-A",
+        "--cluster=demo",
+        "get",
+        "pods",
+    ]
+    assert hoisted(["exec", "web", "-n", "x", "--", "ip", "-n", "z"]) == [
+        "-n",
+        "x",
+        "exec",
+        "web",
+        "--",
+        "ip",
+        "-n",
+        "z",
+    ]
+    missing = []
+    hoisted(["get", "pods", "-n"], missing.append)
+    assert missing == ["argument -n: expected one argument"]
