@@ -1345,13 +1345,14 @@ GLOBAL_FLAGS = {"--cluster": 1, "-n": 1, "--namespace": 1, "-A": 0, "--all-names
 
 
 def hoisted(argv: list[str], error=None) -> list[str]:
-    """kubectl takes --cluster (its --context), -n and -A anywhere before `--`, between a
-    kind and a name too (`describe pod -n y c`): they are moved before the command, where
-    the parser reads them."""
+    """kubectl takes --cluster (its --context), -n and -A anywhere before `--` (or the command
+    after `exec POD`), between a kind and a name too (`describe pod -n y c`): they are moved
+    before the command, where the parser reads them."""
     front, rest, words = [], [], iter(argv)
     for word in words:
-        if word == "--":
-            rest += [word, *words]
+        positional = [w for w in rest if not w.startswith("-")]
+        if word == "--" or positional[:1] == ["exec"] and len(positional) == 2:
+            rest += [word, *words]  # the command's words (exec's may follow its target)
             break
         flag = word.split("=", 1)[0] if word.startswith("--") else word
         if flag in GLOBAL_FLAGS:

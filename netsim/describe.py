@@ -121,17 +121,13 @@ def _policies(record: Record, entry) -> list[str]:
     """The policies that select the pod, per direction, in the order Felix evaluates them,
     and the chain that holds them (netsim/policy_table.py)."""
     from netsim import netpol, policy_table
-    from netsim.model import SYSTEM_NAMESPACES
+    from netsim.policy_check import selecting
 
     if not record.policies:
         return ["Policies:      <none> (no policy in the cluster: the pod is open)"]
-    spaces = {n: {"kubernetes.io/metadata.name": n} for n in SYSTEM_NAMESPACES}
-    spaces |= record.namespaces
-    info = netpol.PodInfo(entry.pod.namespace, entry.pod.name, entry.labels, entry.ip)
-    chosen = policy_table.selecting(list(record.policies.values()), info, spaces)
     lines = []
     for direction in netpol.TYPES:
-        mine = [p for p in chosen if direction in p.types]
+        mine = selecting(record, entry, direction)
         chain = policy_table.endpoint_chain(entry.veth, direction)
         names = ", ".join(
             p.title + (f" (order {p.order:g})" if p.order is not None else "") for p in mine

@@ -141,7 +141,7 @@ def explain(record: Record, steps: list[Step]) -> list[Decision]:
                 break
             inside.append(later)
         pod = pods.get(entered)
-        selected = [p.title for p in _selecting(record, pod, direction)] if pod else []
+        selected = [p.title for p in selecting(record, pod, direction)] if pod else []
         logged = [s.comment for s in inside if s.comment.endswith(": Log")]
         drop = nftrace.dropped(inside)
         if drop is not None:
@@ -186,7 +186,7 @@ def explain(record: Record, steps: list[Step]) -> list[Decision]:
     return sorted(decisions, key=lambda d: d.direction != "egress")  # the way it went
 
 
-def _selecting(record: Record, pod: PodRecord, direction: str) -> list:
+def selecting(record: Record, pod: PodRecord, direction: str) -> list:
     """The policies that select the pod for this direction, in Felix's order."""
     from netsim.model import SYSTEM_NAMESPACES
 

@@ -223,9 +223,7 @@ ACTIONS = {
 class _Builder:
     def __init__(self, pods: list[PodInfo], namespaces: dict[str, dict], dispatch: str):
         self.pods = [p for p in pods if p.ip]
-        self.namespaces = {
-            name: {**labels, "projectcalico.org/name": name} for name, labels in namespaces.items()
-        }
+        self.namespaces = _profile_labels(namespaces)
         self.table = Table(sets=dispatch_maps(dispatch), elements={FROM: {}, TO: {}})
 
     def ip_set(self, entity: Entity, scope: str) -> str:
@@ -409,5 +407,11 @@ def compute(
 
 def selecting(policies: list[Policy], pod: PodInfo, namespaces: dict[str, dict]) -> list[Policy]:
     """The policies that select a pod, in the order Felix evaluates them."""
-    spaces = {n: {**labels, "projectcalico.org/name": n} for n, labels in namespaces.items()}
+    spaces = _profile_labels(namespaces)
     return [p for p in sorted(policies, key=lambda p: p.sort_key) if netpol.selects(p, pod, spaces)]
+
+
+def _profile_labels(namespaces: dict[str, dict]) -> dict[str, dict]:
+    """Each namespace's labels as its Calico profile holds them (with projectcalico.org/name),
+    which namespace selectors read."""
+    return {name: {**labels, "projectcalico.org/name": name} for name, labels in namespaces.items()}

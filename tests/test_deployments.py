@@ -240,9 +240,16 @@ def test_global_flags_are_read_anywhere_before_the_double_dash():
         "get",
         "pods",
     ]
-    assert hoisted(["exec", "web", "-n", "x", "--", "ip", "-n", "z"]) == [
+    # after `exec POD` the words are the command's, `--` or not (exec reads a -n there itself)
+    assert hoisted(["exec", "web", "ping", "-n", "10.0.0.1"]) == [
+        "exec",
+        "web",
+        "ping",
         "-n",
-        "x",
+        "10.0.0.1",
+    ]
+    assert hoisted(["-A", "exec", "web", "--", "ip", "-n", "z"]) == [
+        "-A",
         "exec",
         "web",
         "--",

@@ -19,6 +19,7 @@ from netsim import netpol, policy_table, registry
 from netsim.daemons.kubelet import POD_STATUS
 from netsim.kernel import nft
 from netsim.kernel.nfttable import Table, difference
+from netsim.model import object_key
 
 
 class PolicyDaemon:
@@ -129,7 +130,7 @@ def _pods(
         if info is None:
             info = _pod_info(json.loads(kv.value))
         seen[kv.value] = info
-        found[_object_key(info.namespace, info.name)] = info
+        found[object_key(info.namespace, info.name)] = info
     cache.clear()
     cache.update(seen)
     local = []
@@ -164,9 +165,3 @@ def _pod_info(obj: dict) -> netpol.PodInfo:
 
 def _log(text: str) -> None:
     print(text, flush=True)
-
-
-def _object_key(namespace: str, name: str) -> str:
-    from netsim.model import object_key
-
-    return object_key(namespace, name)
