@@ -273,7 +273,7 @@ def _known(doc: Any, where: str, item: dict, keys: tuple) -> None:
         if k in keys:
             continue
         if doc.body.get("apiVersion") == CALICO and k in CALICO_UNMODELLED:
-            doc.ignored.add(f"{doc.kind}.{where.split('[')[0]}[].{k}")
+            doc.ignored.add(f"{doc.kind}.{re.sub(r'[0-9]+]', ']', where)}.{k}")
             continue
         raise doc.fail(
             f"{where}.{k}",

@@ -214,24 +214,8 @@ _KNOWN = {
         "spec.loadBalancerIP",
     },
 }
-_POLICY_KEYS = {
-    "apiVersion",
-    "kind",
-    "metadata",
-    "metadata.name",
-    "metadata.namespace",
-    "spec",
-    "spec.podSelector",
-    "spec.podSelector.matchLabels",
-    "spec.podSelector.matchExpressions",
-    "spec.policyTypes",
-    "spec.ingress",
-    "spec.egress",
-    "spec.order",
-    "spec.selector",
-    "spec.namespaceSelector",
-    "spec.types",
-}
+# a policy's spec is read, strictly, by netsim/netpol.py
+_POLICY_KEYS = {"apiVersion", "kind", "metadata", "metadata.name", "metadata.namespace", "spec"}
 _KNOWN["NetworkPolicy"] = _POLICY_KEYS
 _KNOWN["GlobalNetworkPolicy"] = _POLICY_KEYS - {"metadata.namespace"}
 _CONTAINER_KEYS = {"name", "ports", "command", "args", "image", "env", "readinessProbe"}
